@@ -1,0 +1,34 @@
+# Set-up and the two main jobs. Every target creates the environment if it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch lies on the development machines' disk; pinning it avoids a multi-GB CUDA download.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint env gpu-test clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[hf,eval,triton,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ssmtune demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x -p no:cacheprovider --timeout 900
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ssmtune tests benchmarks
+
+# On the GPU machine (torch and triton come with its image): the full kernel sweeps.
+gpu-test:
+	$(PYTHON) -m pytest -q -m gpu tests
+
+clean:
+	rm -rf $(VENV) runs
