@@ -1,0 +1,80 @@
+"""Hook points that the mixers expose to the PEFT methods.
+
+A mixer owns ``state_hooks`` (an ``nn.ModuleDict``); it is the only reader of them. Before each scan it calls
+``collect_state(mixer.state_hooks.values(), batch_size)`` and passes the merged tensors to the op by keyword, in the
+parallel path and in ``step()`` alike. Contributions of several hooks add up; a field nobody contributes stays None.
+
+Shapes (a leading batch axis is always allowed, so per-row adapters can be served side by side):
+    Mamba-1: initial_state [D, N]       state_offset [D, N]       output_offset [D]      initial_conv_state [D, K-1]
+    Mamba-2: initial_state [H, P, N]    state_offset [H, P, N]    output_offset [H, P]   initial_conv_state [D+2GN, K-1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class StateHook(nn.Module):
+    """Base class of the state-based methods. Override any of the four; each returns a tensor or None."""
+
+    def initial_state(self, batch_size: int) -> torch.Tensor | None:
+        return None
+
+    def initial_conv_state(self, batch_size: int) -> torch.Tensor | None:
+        return None
+
+    def state_offset(self) -> torch.Tensor | None:
+        return None
+
+    def output_offset(self) -> torch.Tensor | None:
+        return None
+
+
+@dataclass
+class MergedState:
+    h0: torch.Tensor | None = None
+    conv0: torch.Tensor | None = None
+    h_off: torch.Tensor | None = None
+    y_off: torch.Tensor | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.h0 is None and self.conv0 is None and self.h_off is None and self.y_off is None
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if b is None:
+        return a
+    return b if a is None else a + b
+
+
+def collect_state(hooks: Iterable[StateHook], batch_size: int) -> MergedState:
+    """Merge the contributions of all active hooks (hooks with ``active == False`` are skipped)."""
+    merged = MergedState()
+    for hook in hooks:
+        if not getattr(hook, "active", True):
+            continue
+        merged.h0 = _add(merged.h0, hook.initial_state(batch_size))
+        merged.conv0 = _add(merged.conv0, hook.initial_conv_state(batch_size))
+        merged.h_off = _add(merged.h_off, hook.state_offset())
+        merged.y_off = _add(merged.y_off, hook.output_offset())
+    return merged
+
+
+class InputHook(nn.Module):
+    """Edits the input embeddings (and the attention mask and labels) before the first block: Prompt Tuning.
+
+    ``forward(embeds [B, L, d_model], attention_mask [B, L] | None, labels [B, L] | None)`` returns the three, edited.
+    The LM drops the positions an input hook added (``num_added``) from its logits, so callers see [B, L, vocab].
+    """
+
+    num_added: int = 0
+
+    def forward(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        return embeds, attention_mask, labels

@@ -1,0 +1,319 @@
+"""Pure tensor ops for Mamba-1 (S6) and Mamba-2 (SSD), in mamba_ssm's layouts. No nn.Module, no configs.
+
+Glossary (METHODS.md §1): B batch, L sequence length, D inner channels (``d_inner``), N state size (``d_state``),
+H heads, P head dim, G groups sharing B_t/C_t, K conv width. Paper symbols: h_t state, h' state offset (State-offset
+Tuning h), y' output offset (State-offset Tuning y), h_0 initial state (Initial State Tuning).
+
+Each op has a ``backend`` argument:
+- ``"ref"``: the sequential fp32 reference (``*/naive.py``), every flag, any device;
+- ``"torch"``: a parallel/chunked pure-PyTorch path for CPU training;
+- ``"triton"``: fused Triton kernels (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``);
+- ``"auto"``: triton on CUDA when available, else torch; it warns once when it falls back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .conv import causal_conv1d, causal_conv1d_update
+from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
+from .ssd.naive import ssd_scan_ref, ssd_state_update_ref
+
+BACKENDS = ("auto", "ref", "torch", "triton")
+
+# op name -> backend -> "module:function" (imported lazily so that ops never require triton).
+_IMPLS: dict[str, dict[str, str]] = {
+    "selective_scan": {
+        "ref": "ssmtune.ops.selective_scan.naive:selective_scan_ref",
+        "torch": "ssmtune.ops.selective_scan.parallel:selective_scan_torch",
+        "triton": "ssmtune.ops.selective_scan.fused:selective_scan_triton",
+    },
+    "selective_state_update": {
+        "ref": "ssmtune.ops.selective_scan.naive:selective_state_update_ref",
+        "torch": "ssmtune.ops.selective_scan.naive:selective_state_update_ref",
+        "triton": "ssmtune.ops.selective_scan.fused:selective_state_update_triton",
+    },
+    "ssd_scan": {
+        "ref": "ssmtune.ops.ssd.naive:ssd_scan_ref",
+        "torch": "ssmtune.ops.ssd.chunk:ssd_scan_torch",
+        "triton": "ssmtune.ops.ssd.fused:ssd_scan_triton",
+    },
+    "ssd_state_update": {
+        "ref": "ssmtune.ops.ssd.naive:ssd_state_update_ref",
+        "torch": "ssmtune.ops.ssd.naive:ssd_state_update_ref",
+        "triton": "ssmtune.ops.ssd.fused:ssd_state_update_triton",
+    },
+}
+_cache: dict[tuple[str, str], Callable | None] = {}
+_warned: set[str] = set()
+
+
+def _load(op: str, backend: str) -> Callable | None:
+    key = (op, backend)
+    if key not in _cache:
+        mod, fn = _IMPLS[op][backend].split(":")
+        try:
+            _cache[key] = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError):
+            _cache[key] = None
+    return _cache[key]
+
+
+def _triton_usable(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(op: str, backend: str, device: torch.device) -> Callable:
+    """Return the implementation of ``op`` for ``backend`` on ``device``; ``auto`` falls back visibly."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        fn = _load(op, backend)
+        if fn is None:
+            raise ValueError(f"{op}: backend {backend!r} is not available (its module failed to import)")
+        return fn
+    order = ("triton", "torch", "ref") if device.type == "cuda" else ("torch", "ref")
+    for i, name in enumerate(order):
+        if name == "triton" and not _triton_usable(device):
+            continue
+        fn = _load(op, name)
+        if fn is not None:
+            if i > 0 and (op, order[0]) not in _warned:
+                _warned.add((op, order[0]))
+                warnings.warn(f"ssmtune.ops.{op}: backend {order[0]!r} unavailable, using {name!r}", stacklevel=3)
+            return fn
+    raise RuntimeError(f"{op}: no backend available")  # the reference always imports
+
+
+def _check(name: str, t: torch.Tensor | None, shapes: list[tuple], op: str) -> None:
+    """Raise ValueError unless ``t`` is None or has one of ``shapes`` (None entries match any size)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for s in shapes:
+        if t.dim() == len(s) and all(e is None or e == a for e, a in zip(s, t.shape)):
+            return
+    want = " or ".join(str(list(s)) for s in shapes)
+    raise ValueError(f"{op}: {name} must have shape {want}, got {list(t.shape)}")
+
+
+def _check_float(op: str, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    *,
+    initial_state: torch.Tensor | None = None,
+    state_offset: torch.Tensor | None = None,
+    y_offset: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-1 selective scan with initial state and state offsets (see ``selective_scan/naive.py`` for the maths).
+
+    Args:
+        u (torch.Tensor): shape [B, D, L]
+        delta (torch.Tensor): shape [B, D, L]
+        A (torch.Tensor): shape [D, N]
+        B (torch.Tensor): shape [B, N, L]
+        C (torch.Tensor): shape [B, N, L]
+        D (torch.Tensor | None): shape [D]
+        z (torch.Tensor | None): shape [B, D, L], gate: y · silu(z)
+        delta_bias (torch.Tensor | None): shape [D]
+        initial_state (torch.Tensor | None): shape [D, N] or [B, D, N]
+        state_offset (torch.Tensor | None): h', shape [D, N] or [B, D, N]
+        y_offset (torch.Tensor | None): y', shape [D] or [B, D]
+    Returns:
+        y [B, D, L] in u's dtype, and h_L [B, D, N] in fp32 when ``return_final_state``.
+    """
+    op = "selective_scan"
+    _check("u", u, [(None, None, None)], op)
+    b, d, seqlen = u.shape
+    _check("delta", delta, [(b, d, seqlen)], op)
+    _check("A", A, [(d, None)], op)
+    n = A.shape[1]
+    _check("B", B, [(b, n, seqlen)], op)
+    _check("C", C, [(b, n, seqlen)], op)
+    _check("D", D, [(d,)], op)
+    _check("z", z, [(b, d, seqlen)], op)
+    _check("delta_bias", delta_bias, [(d,)], op)
+    _check("initial_state", initial_state, [(d, n), (b, d, n)], op)
+    _check("state_offset", state_offset, [(d, n), (b, d, n)], op)
+    _check("y_offset", y_offset, [(d,), (b, d)], op)
+    _check_float(op, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
+    fn = resolve(op, backend, u.device)
+    return fn(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+        initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
+        return_final_state=return_final_state,
+    )  # fmt: skip
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    *,
+    state_offset: torch.Tensor | None = None,
+    y_offset: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One Mamba-1 decode step; ``state`` [B, D, N] (fp32) is updated in place, y [B, D] is returned.
+
+    x, dt, z [B, D]; A [D, N]; B, C [B, N]; D, dt_bias [D]; state_offset [D, N] or [B, D, N]; y_offset [D] or [B, D].
+    """
+    op = "selective_state_update"
+    _check("x", x, [(None, None)], op)
+    b, d = x.shape
+    _check("A", A, [(d, None)], op)
+    n = A.shape[1]
+    _check("state", state, [(b, d, n)], op)
+    _check("dt", dt, [(b, d)], op)
+    _check("B", B, [(b, n)], op)
+    _check("C", C, [(b, n)], op)
+    _check("z", z, [(b, d)], op)
+    _check("state_offset", state_offset, [(d, n), (b, d, n)], op)
+    _check("y_offset", y_offset, [(d,), (b, d)], op)
+    fn = resolve(op, backend, x.device)
+    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_offset=state_offset, y_offset=y_offset)
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    state_offset: torch.Tensor | None = None,
+    y_offset: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2 SSD scan with initial state and state offsets (see ``ssd/naive.py`` for the maths).
+
+    Args:
+        x (torch.Tensor): shape [B, L, H, P]
+        dt (torch.Tensor): shape [B, L, H]
+        A (torch.Tensor): shape [H]
+        B (torch.Tensor): shape [B, L, G, N], H divisible by G
+        C (torch.Tensor): shape [B, L, G, N]
+        chunk_size (int | None): chunk length of chunked backends (the reference ignores it)
+        D (torch.Tensor | None): shape [H] or [H, P]
+        z (torch.Tensor | None): shape [B, L, H, P]
+        dt_bias (torch.Tensor | None): shape [H]
+        initial_state (torch.Tensor | None): shape [H, P, N] or [B, H, P, N]
+        state_offset (torch.Tensor | None): h', shape [H, P, N] or [B, H, P, N]
+        y_offset (torch.Tensor | None): y', shape [H, P] or [B, H, P]
+    Returns:
+        y [B, L, H, P] in x's dtype, and h_L [B, H, P, N] in fp32 when ``return_final_state``.
+    """
+    op = "ssd_scan"
+    _check("x", x, [(None, None, None, None)], op)
+    b, seqlen, h, p = x.shape
+    _check("dt", dt, [(b, seqlen, h)], op)
+    _check("A", A, [(h,)], op)
+    _check("B", B, [(b, seqlen, None, None)], op)
+    g, n = B.shape[2], B.shape[3]
+    if g < 1 or h % g != 0:
+        raise ValueError(f"{op}: nheads ({h}) must be divisible by ngroups ({g})")
+    _check("C", C, [(b, seqlen, g, n)], op)
+    _check("D", D, [(h,), (h, p)], op)
+    _check("z", z, [(b, seqlen, h, p)], op)
+    _check("dt_bias", dt_bias, [(h,)], op)
+    _check("initial_state", initial_state, [(h, p, n), (b, h, p, n)], op)
+    _check("state_offset", state_offset, [(h, p, n), (b, h, p, n)], op)
+    _check("y_offset", y_offset, [(h, p), (b, h, p)], op)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be positive, got {chunk_size}")
+    _check_float(op, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
+    fn = resolve(op, backend, x.device)
+    return fn(
+        x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+        initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
+        return_final_state=return_final_state,
+    )  # fmt: skip
+
+
+def ssd_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    *,
+    state_offset: torch.Tensor | None = None,
+    y_offset: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One Mamba-2 decode step; ``state`` [B, H, P, N] (fp32) is updated in place, y [B, H, P] is returned.
+
+    x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H].
+    """
+    op = "ssd_state_update"
+    _check("x", x, [(None, None, None)], op)
+    b, h, p = x.shape
+    _check("B", B, [(b, None, None)], op)
+    g, n = B.shape[1], B.shape[2]
+    if g < 1 or h % g != 0:
+        raise ValueError(f"{op}: nheads ({h}) must be divisible by ngroups ({g})")
+    _check("state", state, [(b, h, p, n)], op)
+    _check("dt", dt, [(b, h)], op)
+    _check("A", A, [(h,)], op)
+    _check("C", C, [(b, g, n)], op)
+    _check("z", z, [(b, h, p)], op)
+    _check("state_offset", state_offset, [(h, p, n), (b, h, p, n)], op)
+    _check("y_offset", y_offset, [(h, p), (b, h, p)], op)
+    fn = resolve(op, backend, x.device)
+    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_offset=state_offset, y_offset=y_offset)
+
+
+__all__ = [
+    "BACKENDS",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "resolve",
+    "selective_scan",
+    "selective_scan_ref",
+    "selective_state_update",
+    "selective_state_update_ref",
+    "ssd_scan",
+    "ssd_scan_ref",
+    "ssd_state_update",
+    "ssd_state_update_ref",
+]

@@ -1,0 +1,136 @@
+"""Mamba-2 (SSD) scan: the fp32 sequential reference.
+
+Layout follows mamba_ssm's ``mamba_chunk_scan_combined`` (time-first):
+
+    x, z  [B, L, H, P]     dt  [B, L, H]     A  [H]     B, C  [B, L, G, N]     D  [H] or [H, P]     dt_bias  [H]
+    initial_state  [H, P, N] or [B, H, P, N]     state_offset  [H, P, N] or [B, H, P, N]
+    y_offset  [H, P] or [B, H, P]
+
+Head i reads group g(i) = i // (H / G) of B and C (contiguous blocks, repeat_interleave semantics).
+Per head, with Δ = softplus(dt + dt_bias) when asked (METHODS.md §3):
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ          h ∈ R^{P×N}
+    y_t = (h_t + h') C_t + D x_t + y'                  then y_t · silu(z_t) when z is given
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _batched(t: torch.Tensor | None, batch: int, ndim: int) -> torch.Tensor | None:
+    if t is None:
+        return None
+    t = t.float()
+    return t.unsqueeze(0).expand(batch, *t.shape) if t.dim() == ndim - 1 else t
+
+
+def _expand_groups(t: torch.Tensor, nheads: int, dim: int) -> torch.Tensor:
+    """[..., G, N] → [..., H, N]: every group serves H/G consecutive heads."""
+    ngroups = t.shape[dim]
+    return t.repeat_interleave(nheads // ngroups, dim=dim)
+
+
+def _skip(D: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """D [H] or [H, P] times x [..., H, P]."""
+    D = D.float()
+    return (D.unsqueeze(-1) if D.dim() == 1 else D) * x
+
+
+def ssd_scan_ref(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    state_offset: torch.Tensor | None = None,
+    y_offset: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sequential fp32 reference (``chunk_size`` is accepted and ignored). Returns y [B, L, H, P] in x's dtype
+    (and h_L [B, H, P, N] in fp32)."""
+    del chunk_size
+    out_dtype = x.dtype
+    batch, seqlen, nheads, headdim = x.shape
+    dstate = B.shape[-1]
+    xf, dt, A = x.float(), dt.float(), A.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    Bh = _expand_groups(B.float(), nheads, 2)  # [B, L, H, N]
+    Ch = _expand_groups(C.float(), nheads, 2)  # [B, L, H, N]
+    dA = torch.exp(dt * A)  # [B, L, H]
+    h = _batched(initial_state, batch, 4)
+    h = torch.zeros(batch, nheads, headdim, dstate, device=x.device) if h is None else h.clone()
+    ys = []
+    for t in range(seqlen):
+        dBx = (dt[:, t, :, None] * xf[:, t]).unsqueeze(-1) * Bh[:, t].unsqueeze(2)  # [B, H, P, N]
+        h = dA[:, t, :, None, None] * h + dBx
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, Ch[:, t]))
+    y = torch.stack(ys, dim=1) if seqlen > 0 else xf.new_zeros(batch, 0, nheads, headdim)  # [B, L, H, P]
+    h_off = _batched(state_offset, batch, 4)
+    if h_off is not None:
+        y = y + torch.einsum("bhpn,blhn->blhp", h_off, Ch)
+    if D is not None:
+        y = y + _skip(D, xf)
+    y_off = _batched(y_offset, batch, 3)
+    if y_off is not None:
+        y = y + y_off.unsqueeze(1)
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(out_dtype)
+    return (y, h) if return_final_state else y
+
+
+def ssd_state_update_ref(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    *,
+    state_offset: torch.Tensor | None = None,
+    y_offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step. ``state`` [B, H, P, N] is updated in place (un-offset); returns y [B, H, P] in x's dtype.
+
+    x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H].
+    """
+    out_dtype = x.dtype
+    batch, nheads, _ = x.shape
+    xf, dt = x.float(), dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    Bh = _expand_groups(B.float(), nheads, 1)  # [B, H, N]
+    Ch = _expand_groups(C.float(), nheads, 1)  # [B, H, N]
+    dA = torch.exp(dt * A.float())  # [B, H]
+    new_state = dA[:, :, None, None] * state.float() + (dt.unsqueeze(-1) * xf).unsqueeze(-1) * Bh.unsqueeze(2)
+    state.copy_(new_state)
+    h = new_state
+    h_off = _batched(state_offset, batch, 4)
+    if h_off is not None:
+        h = h + h_off
+    y = torch.einsum("bhpn,bhn->bhp", h, Ch)
+    if D is not None:
+        y = y + _skip(D, xf)
+    y_off = _batched(y_offset, batch, 3)
+    if y_off is not None:
+        y = y + y_off
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(out_dtype)
