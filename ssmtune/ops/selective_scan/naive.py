@@ -54,7 +54,7 @@ def selective_scan_ref(
         delta = F.softplus(delta)
     h = _batched(initial_state, batch, 3)
     h = torch.zeros(batch, dim, dstate, device=u.device) if h is None else h.clone()
-    deltaA = torch.exp(delta.unsqueeze(-1) * A)  # [B, D, L, N]
+    deltaA = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))  # [B, D, L, N]
     deltaBu = delta.unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1) * u.unsqueeze(-1)  # [B, D, L, N]
     ys = []
     for t in range(seqlen):
