@@ -1,0 +1,33 @@
+"""Mamba-1 / Mamba-2 models owned by ssmtune: configs, mixers, LMs, cache, generation, checkpoint I/O."""
+
+from .cache import InferenceCache, LayerCache
+from .config import Mamba2Config, MambaConfig, SSMConfig
+from .lm import (
+    CausalLMOutput,
+    Mamba2ForCausalLM,
+    MambaForCausalLM,
+    SequenceClassifierOutput,
+    SSMForCausalLM,
+    SSMForSequenceClassification,
+    causal_lm_for,
+)
+from .mamba import MambaMixer
+from .mamba2 import Mamba2Mixer, RMSNormGated
+
+__all__ = [
+    "CausalLMOutput",
+    "InferenceCache",
+    "LayerCache",
+    "Mamba2Config",
+    "Mamba2ForCausalLM",
+    "Mamba2Mixer",
+    "MambaConfig",
+    "MambaForCausalLM",
+    "MambaMixer",
+    "RMSNormGated",
+    "SSMConfig",
+    "SSMForCausalLM",
+    "SSMForSequenceClassification",
+    "SequenceClassifierOutput",
+    "causal_lm_for",
+]

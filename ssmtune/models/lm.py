@@ -1,0 +1,309 @@
+"""Embeddings → blocks → norm_f → head, for Mamba-1 and Mamba-2.
+
+The native state-dict layout is HF transformers' one: ``backbone.embeddings.weight``, ``backbone.layers.{i}.norm.weight``,
+``backbone.layers.{i}.mixer.*``, ``backbone.norm_f.weight``, ``lm_head.weight`` (tied to the embedding by default).
+Block: out = U + mixer(RMSNorm(U)), with the residual stream in fp32 when ``residual_in_fp32``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import InferenceCache
+from .config import Mamba2Config, MambaConfig, SSMConfig
+from .mamba import MambaMixer
+from .mamba2 import Mamba2Mixer
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32; the result is ``weight * normed.to(input dtype)`` (as transformers)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_mixer(config: SSMConfig, layer_idx: int) -> nn.Module:
+    if isinstance(config, Mamba2Config):
+        return Mamba2Mixer(config, layer_idx)
+    if isinstance(config, MambaConfig):
+        return MambaMixer(config, layer_idx)
+    raise TypeError(f"config must be a MambaConfig or Mamba2Config, got {type(config).__name__}")
+
+
+class Block(nn.Module):
+    def __init__(self, config: SSMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
+        self.mixer = make_mixer(config, layer_idx)
+
+    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None):
+        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        normed = self.norm(hidden_states.to(self.norm.weight.dtype))
+        return residual + self.mixer(normed, cache, attention_mask=attention_mask)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: SSMConfig) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.norm_f = RMSNorm(config.d_model, eps=config.norm_epsilon)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: InferenceCache | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds [B, L, d_model] → final hidden states [B, L, d_model] (fp32 with residual_in_fp32)."""
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, the model has {len(self.layers)}")
+        h = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            h = layer(h, None if cache is None else cache[i], attention_mask=attention_mask)
+        return self.norm_f(h)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    """[B, L, V] in fp32; positions added by input hooks are dropped."""
+    loss: torch.Tensor | None = None
+    """Shifted cross-entropy (ignore_index -100), when labels are given."""
+    cache: InferenceCache | None = None
+    """The cache passed in, advanced past the input."""
+
+
+@dataclass
+class SequenceClassifierOutput:
+    logits: torch.Tensor
+    """[B, num_labels] in fp32, pooled at the last non-pad position."""
+    loss: torch.Tensor | None = None
+    """Cross-entropy (MSE when num_labels == 1), when labels are given."""
+    cache: InferenceCache | None = None
+
+
+class SSMPreTrainedModel(nn.Module):
+    """Shared plumbing: config, backbone, input hooks, mixers(), backend, cache allocation, init, save."""
+
+    def __init__(self, config: SSMConfig) -> None:
+        super().__init__()
+        if not isinstance(config, (MambaConfig, Mamba2Config)):
+            raise TypeError(f"config must be a MambaConfig or Mamba2Config, got {type(config).__name__}")
+        self.config = config
+        self.backbone = Backbone(config)
+        self.input_hooks = nn.ModuleDict()
+        self.tokenizer = None
+
+    def mixers(self) -> Iterator[tuple[int, nn.Module]]:
+        """Yields (layer_idx, mixer) for every block."""
+        for i, layer in enumerate(self.backbone.layers):
+            yield i, layer.mixer
+
+    @property
+    def backend(self) -> str:
+        backends = {m.backend for _, m in self.mixers()}
+        return backends.pop() if len(backends) == 1 else "mixed"
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        from ..ops import BACKENDS
+
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        for _, mixer in self.mixers():
+            mixer.backend = value
+
+    def allocate_cache(
+        self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> InferenceCache:
+        """Zero cache for ``batch_size`` rows, shaped from the mixers' current parameters."""
+        return InferenceCache.allocate((m for _, m in self.mixers()), batch_size, dtype, device)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """mamba_ssm's from-scratch init: embeddings N(0, initializer_range), Linear biases 0 (except b_dt),
+        mixer parameters as in ``reset_parameters``, and out_proj divided by sqrt(n_layer) when asked."""
+        cfg = self.config
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", 0):
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.backbone.embeddings.weight, std=cfg.initializer_range)
+        for _, mixer in self.mixers():
+            if cfg.rescale_prenorm_residual:
+                nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
+                mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        cache: InferenceCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+        """Embedding lookup, then the input hooks (fresh cache only). Returns embeds, mask, labels, #added."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+            inputs_embeds = self.backbone.embeddings(input_ids)  # [B, L, d_model]
+        added = 0
+        if cache is None or cache.seqlen_offset == 0:
+            for hook in self.input_hooks.values():
+                if not getattr(hook, "active", True):
+                    continue
+                inputs_embeds, attention_mask, labels = hook(inputs_embeds, attention_mask, labels)
+                added += hook.num_added
+        return inputs_embeds, attention_mask, labels, added
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write config.json (HF transformers style) and model.safetensors, readable by transformers."""
+        from .loading import save_pretrained
+
+        save_pretrained(self, save_directory)
+
+
+class SSMForCausalLM(SSMPreTrainedModel):
+    """Causal LM for either architecture (the config's class picks the mixer)."""
+
+    def __init__(self, config: SSMConfig, *, init: bool = True) -> None:
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if init:
+            self.init_weights()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: InferenceCache | None = None,
+    ) -> CausalLMOutput:
+        """input_ids [B, L] (or inputs_embeds [B, L, d_model]) → logits [B, L, V]; loss when labels [B, L]."""
+        embeds, mask, hook_labels, added = self._embed(input_ids, inputs_embeds, attention_mask, labels, cache)
+        hidden = self.backbone(embeds, mask, cache)  # [B, L', d_model]
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()  # [B, L', V]
+        loss = None
+        if labels is not None:
+            if hook_labels is not None and hook_labels.shape[1] == logits.shape[1]:
+                loss = causal_lm_loss(logits, hook_labels)
+            else:
+                loss = causal_lm_loss(logits[:, added:], labels)
+        return CausalLMOutput(logits=logits[:, added:], loss=loss, cache=cache)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        """Greedy / sampling / beam search with the recurrent cache; see ``ssmtune.models.generate.generate``."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+
+class MambaForCausalLM(SSMForCausalLM):
+    """Mamba-1 causal LM."""
+
+    def __init__(self, config: MambaConfig, *, init: bool = True) -> None:
+        if not isinstance(config, MambaConfig):
+            raise TypeError(f"MambaForCausalLM needs a MambaConfig, got {type(config).__name__}")
+        super().__init__(config, init=init)
+
+
+class Mamba2ForCausalLM(SSMForCausalLM):
+    """Mamba-2 causal LM."""
+
+    def __init__(self, config: Mamba2Config, *, init: bool = True) -> None:
+        if not isinstance(config, Mamba2Config):
+            raise TypeError(f"Mamba2ForCausalLM needs a Mamba2Config, got {type(config).__name__}")
+        super().__init__(config, init=init)
+
+
+def causal_lm_for(config: SSMConfig, *, init: bool = True) -> SSMForCausalLM:
+    """The LM class matching the config."""
+    cls = Mamba2ForCausalLM if isinstance(config, Mamba2Config) else MambaForCausalLM
+    return cls(config, init=init)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF-style: position t predicts label t+1; -100 is ignored; mean over the counted tokens."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=-100)
+
+
+def last_token_index(attention_mask: torch.Tensor | None, batch: int, seqlen: int, device) -> torch.Tensor:
+    """Index of the last non-pad position per row (either padding side); the last position without a mask."""
+    if attention_mask is None:
+        return torch.full((batch,), seqlen - 1, dtype=torch.long, device=device)
+    pos = torch.arange(seqlen, device=attention_mask.device)
+    return (attention_mask.bool() * (pos + 1)).argmax(-1).to(device)
+
+
+class SSMForSequenceClassification(SSMPreTrainedModel):
+    """Backbone + ``score`` Linear pooled at the last non-pad token."""
+
+    def __init__(self, config: SSMConfig, num_labels: int, *, init: bool = True) -> None:
+        super().__init__(config)
+        if not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
+        self.num_labels = num_labels
+        self.score = nn.Linear(config.d_model, num_labels, bias=False)
+        if init:
+            self.init_weights()
+
+    @classmethod
+    def from_causal_lm(cls, lm: SSMForCausalLM, num_labels: int) -> SSMForSequenceClassification:
+        """A classifier sharing ``lm``'s backbone (weights, hooks) with a fresh ``score`` head."""
+        model = cls(lm.config, num_labels, init=False)
+        model.backbone = lm.backbone
+        model.input_hooks = lm.input_hooks
+        model.tokenizer = lm.tokenizer
+        nn.init.normal_(model.score.weight, std=lm.config.initializer_range)
+        return model.to(device=lm.lm_head.weight.device, dtype=lm.lm_head.weight.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: InferenceCache | None = None,
+    ) -> SequenceClassifierOutput:
+        """input_ids [B, L] → logits [B, num_labels]; labels [B] (long, or float when num_labels == 1)."""
+        embeds, mask, _, _ = self._embed(input_ids, inputs_embeds, attention_mask, None, cache)
+        hidden = self.backbone(embeds, mask, cache)  # [B, L', d_model]
+        batch, seqlen, _ = hidden.shape
+        idx = last_token_index(mask, batch, seqlen, hidden.device)
+        pooled = hidden[torch.arange(batch, device=hidden.device), idx]  # [B, d_model]
+        logits = self.score(pooled.to(self.score.weight.dtype)).float()  # [B, num_labels]
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                loss = F.cross_entropy(logits, labels.long())
+        return SequenceClassifierOutput(logits=logits, loss=loss, cache=cache)

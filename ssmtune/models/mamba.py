@@ -1,0 +1,157 @@
+"""Mamba-1 (S6) mixer (METHODS.md §2), with parameter names of HF transformers and mamba_ssm.
+
+Glossary: ``in_proj`` → x, z; ``conv1d`` → causal conv K; ``x_proj`` → δ (R), B_t, C_t (N each); ``dt_proj`` → Δ before
+softplus (holds b_dt); ``A_log`` → A = −exp(A_log) [D, N]; ``D`` → D_skip [D]; ``out_proj`` → d_model.
+
+The mixer calls its submodules (never passes a Linear's ``.weight`` into an op), so LoRA-style wrappers and
+``torch.nn.utils.parametrize`` act in every path. State sizes are read from the current parameter shapes, because
+Additional-scan extends ``A_log`` and the B/C rows of ``x_proj``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..core.hooks import MergedState, collect_state
+from .cache import LayerCache
+from .config import MambaConfig
+
+
+def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+def sample_dt(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
+    """Δ ~ logUniform[dt_min, dt_max], clamped below at ``floor``."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return dt.clamp(min=floor)
+
+
+def mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the activations at padded positions (as transformers does), so pads leave a zero state unchanged."""
+    if attention_mask is None:
+        return x
+    mask = attention_mask[:, -x.shape[1] :]  # [B, L]
+    return (x * mask[:, :, None]).to(x.dtype)
+
+
+class MambaMixer(nn.Module):
+    """Selective-scan mixer: ``forward(hidden_states [B, L, d_model], cache) -> [B, L, d_model]``."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        d, n, r, k = config.d_inner, config.d_state, config.dt_rank, config.d_conv
+        self.d_inner = d
+        self.in_proj = nn.Linear(config.d_model, 2 * d, bias=config.bias)
+        self.conv1d = nn.Conv1d(d, d, k, groups=d, padding=k - 1, bias=config.conv_bias)
+        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d, n))
+        self.D = nn.Parameter(torch.empty(d))
+        self.out_proj = nn.Linear(d, config.d_model, bias=config.bias)
+        self.state_hooks = nn.ModuleDict()
+        self.backend: str = "auto"
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba_ssm's init: dt_proj weight ±R^-0.5·dt_scale, b_dt = softplus⁻¹(Δ), A_log = log(1..N), D = 1."""
+        cfg = self.config
+        std = cfg.dt_rank**-0.5 * cfg.dt_scale
+        if cfg.dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        else:
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = sample_dt(self.d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+        self.dt_proj.bias.copy_(_inverse_softplus(dt))
+        self.dt_proj.bias._no_reinit = True
+        n = self.A_log.shape[-1]
+        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(self.d_inner, n))
+        self.D.fill_(1.0)
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+
+    @property
+    def d_state(self) -> int:
+        """Current state size N (Additional-scan may have extended it)."""
+        return self.A_log.shape[-1]
+
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        """(D, N): the per-row SSM state, initial state and state offset."""
+        return (self.d_inner, self.d_state)
+
+    @property
+    def conv_state_shape(self) -> tuple[int, int]:
+        """(D, K-1): the conv window before the next token."""
+        return (self.d_inner, self.conv1d.weight.shape[-1] - 1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache: LayerCache | None = None,
+        *,
+        use_state_hooks: bool = True,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, seqlen, _ = hidden_states.shape
+        fresh = cache is None or cache.fresh
+        if cache is not None and not fresh and cache.ssm_state is not None and cache.ssm_state.shape[0] != batch:
+            raise ValueError(f"cache holds batch {cache.ssm_state.shape[0]}, got hidden_states batch {batch}")
+        st = collect_state(self.state_hooks.values(), batch) if use_state_hooks and self.state_hooks else MergedState()
+        N = self.d_state
+
+        # 1. x, z = in_proj(u)
+        xz = self.in_proj(mask_padding(hidden_states, attention_mask))  # [B, L, 2D]
+        x, z = xz.chunk(2, dim=-1)  # [B, L, D] each
+        x = x.transpose(1, 2)  # [B, D, L]
+        weight, bias = self.conv1d.weight[:, 0, :], self.conv1d.bias  # [D, K]
+        step = not fresh and seqlen == 1
+
+        # 2. x = silu(conv(x)), from the cached window, the hook's conv0, or zero padding
+        if step:
+            x = ops.causal_conv1d_update(x[:, :, 0], cache.conv_state, weight, bias, activation="silu")[:, :, None]
+        else:
+            conv0 = st.conv0 if fresh else cache.conv_state
+            x, conv_last = ops.causal_conv1d(
+                x, weight, bias, initial_state=conv0, activation="silu", return_final_state=True
+            )  # [B, D, L], [B, D, K-1]
+        x = mask_padding(x.transpose(1, 2), attention_mask)  # [B, L, D]
+
+        # 3-4. δ, B_t, C_t = x_proj(x); Δ before softplus = dt_proj(δ) (holds b_dt)
+        x_dbl = self.x_proj(x)  # [B, L, R+2N]
+        dt, Bt, Ct = torch.split(x_dbl, [x_dbl.shape[-1] - 2 * N, N, N], dim=-1)
+        delta = self.dt_proj(dt)  # [B, L, D]
+        A = -torch.exp(self.A_log.float())  # [D, N]
+        Dskip = self.D.float()
+
+        # 5-8. scan (offsets before the gate), gate by silu(z)
+        if step:
+            y = ops.selective_state_update(
+                cache.ssm_state, x[:, 0], delta[:, 0], A, Bt[:, 0], Ct[:, 0], Dskip, z[:, 0], None, True,
+                state_offset=st.h_off, y_offset=st.y_off, backend=self.backend,
+            )[:, None]  # fmt: skip
+        else:
+            h0 = st.h0 if fresh else cache.ssm_state
+            out = ops.selective_scan(
+                x.transpose(1, 2), delta.transpose(1, 2), A, Bt.transpose(1, 2), Ct.transpose(1, 2), Dskip,
+                z.transpose(1, 2), None, True, initial_state=h0, state_offset=st.h_off, y_offset=st.y_off,
+                return_final_state=cache is not None, backend=self.backend,
+            )  # fmt: skip
+            if cache is not None:
+                y, h_last = out
+                cache.store(conv_last, h_last)
+            else:
+                y = out
+            y = y.transpose(1, 2)  # [B, L, D]
+        if cache is not None:
+            cache.seqlen_offset += seqlen
+
+        # 9. out_proj
+        return self.out_proj(y.to(hidden_states.dtype))

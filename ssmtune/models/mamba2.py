@@ -1,0 +1,174 @@
+"""Mamba-2 (SSD) mixer (METHODS.md §3), with parameter names of HF transformers and mamba_ssm.
+
+Glossary: ``in_proj`` → [z (D), xBC (D+2GN), dt (H)]; ``conv1d`` over the whole xBC; ``dt_bias`` [H];
+``A_log`` [H] (A = −exp(A_log), one scalar per head); ``D`` → D_skip [H] (or [D] with ``D_has_hdim``);
+``norm`` → gated RMSNorm RMSNorm(y ⊙ silu(z))·w in groups of D/G channels; ``out_proj`` → d_model.
+
+The scan runs without z; state offsets are added to y before the gated norm, as METHODS.md §4.1 prescribes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..core.hooks import MergedState, collect_state
+from .cache import LayerCache
+from .config import Mamba2Config
+from .mamba import _inverse_softplus, mask_padding, sample_dt
+
+
+class RMSNormGated(nn.Module):
+    """y = rmsnorm_grouped(y ⊙ silu(z)) · w (mamba_ssm ``norm_before_gate=False``), normalised per group of channels."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = y.dtype
+        y = y.float()
+        if z is not None:
+            y = y * F.silu(z.float())
+        shape = y.shape
+        yg = y.view(*shape[:-1], shape[-1] // self.group_size, self.group_size)
+        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * yg.view(shape).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
+
+
+class Mamba2Mixer(nn.Module):
+    """SSD mixer: ``forward(hidden_states [B, L, d_model], cache) -> [B, L, d_model]``."""
+
+    def __init__(self, config: Mamba2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        d, n, g, h, k = config.d_inner, config.d_state, config.ngroups, config.nheads, config.d_conv
+        self.d_inner = d
+        self.ngroups = g
+        self.headdim = config.headdim
+        self.chunk_size = config.chunk_size
+        conv_dim = d + 2 * g * n
+        self.in_proj = nn.Linear(config.d_model, d + conv_dim + h, bias=config.bias)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, k, groups=conv_dim, padding=k - 1, bias=config.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(h))
+        self.A_log = nn.Parameter(torch.empty(h))
+        self.D = nn.Parameter(torch.empty(d if config.D_has_hdim else h))
+        self.norm = RMSNormGated(d, group_size=d // g, eps=config.norm_epsilon)
+        self.out_proj = nn.Linear(d, config.d_model, bias=config.bias)
+        self.state_hooks = nn.ModuleDict()
+        self.backend: str = "auto"
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba_ssm's init: dt_bias = softplus⁻¹(Δ), A = uniform(A_init_range), D = 1."""
+        cfg = self.config
+        h = self.A_log.shape[0]
+        self.dt_bias.copy_(_inverse_softplus(sample_dt(h, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)))
+        lo, hi = cfg.A_init_range
+        self.A_log.copy_(torch.log(torch.empty(h).uniform_(lo, hi)))
+        self.D.fill_(1.0)
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+
+    @property
+    def nheads(self) -> int:
+        return self.A_log.shape[0]
+
+    @property
+    def conv_dim(self) -> int:
+        """D + 2GN, from the current conv weight."""
+        return self.conv1d.weight.shape[0]
+
+    @property
+    def d_state(self) -> int:
+        """Current state size N, from the conv width over xBC."""
+        return (self.conv_dim - self.d_inner) // (2 * self.ngroups)
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """(H, P, N): the per-row SSM state, initial state and state offset."""
+        h = self.nheads
+        return (h, self.d_inner // h, self.d_state)
+
+    @property
+    def conv_state_shape(self) -> tuple[int, int]:
+        """(D+2GN, K-1): the conv window over xBC before the next token."""
+        return (self.conv_dim, self.conv1d.weight.shape[-1] - 1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache: LayerCache | None = None,
+        *,
+        use_state_hooks: bool = True,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, seqlen, _ = hidden_states.shape
+        fresh = cache is None or cache.fresh
+        if cache is not None and not fresh and cache.ssm_state is not None and cache.ssm_state.shape[0] != batch:
+            raise ValueError(f"cache holds batch {cache.ssm_state.shape[0]}, got hidden_states batch {batch}")
+        st = collect_state(self.state_hooks.values(), batch) if use_state_hooks and self.state_hooks else MergedState()
+        d, g, n = self.d_inner, self.ngroups, self.d_state
+        h = self.nheads
+        p = d // h
+
+        # 1. z, xBC, dt = in_proj(u)
+        zxbcdt = self.in_proj(mask_padding(hidden_states, attention_mask))  # [B, L, 2D+2GN+H]
+        z, xBC, dt = torch.split(zxbcdt, [d, self.conv_dim, h], dim=-1)
+        weight, bias = self.conv1d.weight[:, 0, :], self.conv1d.bias  # [D+2GN, K]
+        step = not fresh and seqlen == 1
+
+        # 2. causal conv + silu over the whole xBC
+        xBC = xBC.transpose(1, 2)  # [B, D+2GN, L]
+        if step:
+            xBC = ops.causal_conv1d_update(xBC[:, :, 0], cache.conv_state, weight, bias, activation="silu")[:, :, None]
+        else:
+            conv0 = st.conv0 if fresh else cache.conv_state
+            xBC, conv_last = ops.causal_conv1d(
+                xBC, weight, bias, initial_state=conv0, activation="silu", return_final_state=True
+            )  # [B, D+2GN, L], [B, D+2GN, K-1]
+        xBC = mask_padding(xBC.transpose(1, 2), attention_mask)  # [B, L, D+2GN]
+
+        # 3. split into x [B, L, H, P], B_t, C_t [B, L, G, N]
+        x, Bt, Ct = torch.split(xBC, [d, g * n, g * n], dim=-1)
+        x = x.reshape(batch, seqlen, h, p)
+        Bt = Bt.reshape(batch, seqlen, g, n)
+        Ct = Ct.reshape(batch, seqlen, g, n)
+        A = -torch.exp(self.A_log.float())  # [H]
+        Dskip = self.D.float()
+        if Dskip.shape[0] != h:
+            Dskip = Dskip.view(h, p)
+
+        # 4-5. SSD scan without z; offsets land on y before the gated norm
+        if step:
+            y = ops.ssd_state_update(
+                cache.ssm_state, x[:, 0], dt[:, 0], A, Bt[:, 0], Ct[:, 0], Dskip, None, self.dt_bias, True,
+                state_offset=st.h_off, y_offset=st.y_off, backend=self.backend,
+            )[:, None]  # fmt: skip
+        else:
+            h0 = st.h0 if fresh else cache.ssm_state
+            out = ops.ssd_scan(
+                x, dt, A, Bt, Ct, chunk_size=self.chunk_size, D=Dskip, dt_bias=self.dt_bias, dt_softplus=True,
+                initial_state=h0, state_offset=st.h_off, y_offset=st.y_off, return_final_state=cache is not None,
+                backend=self.backend,
+            )  # fmt: skip
+            if cache is not None:
+                y, h_last = out
+                cache.store(conv_last, h_last)
+            else:
+                y = out
+        if cache is not None:
+            cache.seqlen_offset += seqlen
+
+        # 6-7. gated RMSNorm, out_proj
+        y = self.norm(y.reshape(batch, seqlen, d), z)
+        return self.out_proj(y.to(hidden_states.dtype))
