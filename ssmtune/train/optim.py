@@ -1,0 +1,62 @@
+"""Optimiser and learning-rate schedule (METHODS.md §7: HF Trainer defaults).
+
+AdamW with β = (0.9, 0.999), ε = 1e-8 and weight decay 0, then a linear decay of the learning rate to 0 after an
+optional linear warm-up (0 steps by default, as in the papers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Split trainable parameters into a decayed group and a no-decay group (biases, norms, 1-d tensors).
+
+    HF Trainer exempts biases and LayerNorm/RMSNorm weights from weight decay; with the default decay of 0 the split
+    changes nothing.
+    """
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``model``; raises ValueError when nothing is trainable."""
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    groups = param_groups(model.named_parameters(), weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters (did the adapter attach anything?)")
+    # foreach=False keeps the update order fixed, so a resumed run is bit-identical to an uninterrupted one.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
+
+
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over ``warmup_steps``, then linear decay to 0 at ``total_steps`` (HF ``linear``)."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
