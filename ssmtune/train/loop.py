@@ -234,7 +234,9 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = [
+            line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def reset(self) -> None:
@@ -337,7 +339,9 @@ def fit(
         last_eval = metrics
         log.write({"type": "eval", "step": step, "epoch": epoch, **metrics})
         if config.best_metric not in metrics:
-            raise ValueError(f"best_metric {config.best_metric!r} is not among the evaluation metrics {sorted(metrics)}")
+            raise ValueError(
+                f"best_metric {config.best_metric!r} is not among the evaluation metrics {sorted(metrics)}"
+            )
         value = metrics[config.best_metric]
         better = best_value is None or (value > best_value if config.maximize else value < best_value)
         if better and math.isfinite(value):
@@ -372,7 +376,9 @@ def fit(
                 raise NonFiniteLossError(msg)
             scaler.scale(loss).backward()
             loss_total += loss.item()
-            tokens_since += int(chunk["attention_mask"].sum()) if "attention_mask" in chunk else chunk["input_ids"].numel()
+            tokens_since += (
+                int(chunk["attention_mask"].sum()) if "attention_mask" in chunk else chunk["input_ids"].numel()
+            )
         scaler.unscale_(optimizer)
         clip = config.max_grad_norm if config.max_grad_norm else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
@@ -423,4 +429,3 @@ def fit(
 
 def write_json(path: str | Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
-

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import TinyLM, collate, make_dataset  # noqa: E402
+from tiny import TinyLM, collate, make_dataset
 
-from ssmtune.train import TrainConfig, fit  # noqa: E402
+from ssmtune.train import TrainConfig, fit
 
 torch.set_num_threads(1)
 out, kill_at = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
@@ -24,5 +24,12 @@ def on_step(step: int) -> None:
 torch.manual_seed(0)
 model = TinyLM()
 cfg = TrainConfig(epochs=3, batch_size=4, lr=3e-2, save_steps=4, keep_last=2, progress=False, log_steps=1, seed=7)
-fit(model, make_dataset(24), collate, config=cfg, out_dir=out, on_step=on_step,
-    eval_fn=lambda m: {"loss": float(m.adapter.abs().sum())})
+fit(
+    model,
+    make_dataset(24),
+    collate,
+    config=cfg,
+    out_dir=out,
+    on_step=on_step,
+    eval_fn=lambda m: {"loss": float(m.adapter.abs().sum())},
+)
