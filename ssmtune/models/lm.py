@@ -216,11 +216,31 @@ class SSMForCausalLM(SSMPreTrainedModel):
                 loss = causal_lm_loss(logits[:, added:], labels)
         return CausalLMOutput(logits=logits[:, added:], loss=loss, cache=cache)
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
-        """Greedy / sampling / beam search with the recurrent cache; see ``ssmtune.models.generate.generate``."""
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        min_new_tokens: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy / sampling / beam search with the recurrent cache; returns [B, prompt + new] token ids.
+        See ``ssmtune.models.generate.generate``."""
         from .generate import generate
 
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+        return generate(
+            self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            num_beams=num_beams, length_penalty=length_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            attention_mask=attention_mask, min_new_tokens=min_new_tokens, generator=generator,
+        )  # fmt: skip
 
 
 class MambaForCausalLM(SSMForCausalLM):

@@ -1,0 +1,204 @@
+"""Recurrent generation: prefill once with the cache, then one token per step (L = 1).
+
+Greedy, sampling (temperature, top-k, top-p) and length-normalised beam search. Rows of different prompt lengths
+(``attention_mask``, either padding side) are prefilled one by one on their real tokens and then decoded together,
+so every row gets what it would get alone: no pad token ever enters a state, and initial states of state hooks act
+at each row's first real token (METHODS.md §4.3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cache import InferenceCache
+
+
+def _eos_list(eos_token_id: int | list[int] | None) -> list[int]:
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+def prefill(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[InferenceCache, torch.Tensor]:
+    """Run the prompts through the model with a fresh cache. Returns the cache and the logits [B, V] at each row's
+    last real token. Rows whose mask is not all ones are prefilled one by one on their real tokens."""
+    n_layer = len(model.backbone.layers)
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        cache = InferenceCache(n_layer)
+        logits = model(input_ids, cache=cache).logits[:, -1]
+        return cache, logits
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    caches, logits = [], []
+    for row, mask in zip(input_ids, attention_mask.bool()):
+        ids = row[mask]
+        if ids.numel() == 0:
+            raise ValueError("attention_mask has a row with no real token")
+        cache = InferenceCache(n_layer)
+        logits.append(model(ids[None], cache=cache).logits[:, -1])
+        caches.append(cache)
+    return InferenceCache.cat(caches), torch.cat(logits, 0)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the smallest set with probability >= top_p."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p; the first one always stays
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    min_new_tokens: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` after ``input_ids`` [B, L]. Returns [B, L + new] (the prompts as given,
+    then the new tokens; rows that stopped early are filled with ``pad_token_id``, or the first EOS id).
+    Generation stops early when every row has produced an EOS."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if do_sample and num_beams > 1:
+        raise ValueError(f"sampling with beam search is not supported (do_sample=True, num_beams={num_beams})")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    eos = _eos_list(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    if max_new_tokens == 0:
+        return input_ids
+    cache, logits = prefill(model, input_ids, attention_mask)
+    if num_beams > 1:
+        new = beam_search(model, cache, logits, max_new_tokens, num_beams, length_penalty, eos, pad, min_new_tokens)
+        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+
+    batch = input_ids.shape[0]
+    eos_t = torch.tensor(eos, dtype=torch.long, device=logits.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        if step < min_new_tokens and eos:
+            logits[:, eos] = float("-inf")
+        if do_sample:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:
+            nxt = logits.argmax(-1)
+        if eos:
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            finished |= torch.isin(nxt, eos_t)
+        tokens.append(nxt)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        logits = model(nxt[:, None], cache=cache).logits[:, -1]
+    return torch.cat([input_ids, torch.stack(tokens, 1).to(input_ids.device)], dim=1)
+
+
+def beam_search(
+    model,
+    cache: InferenceCache,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    num_beams: int,
+    length_penalty: float = 1.0,
+    eos: list[int] | None = None,
+    pad: int = 0,
+    min_new_tokens: int = 0,
+) -> torch.Tensor:
+    """Beam search from a prefilled cache and the next-token logits [B, V]. Returns the new tokens [B, T].
+
+    Hypothesis score = sum of log-probabilities / (number of new tokens, EOS included) ** length_penalty. A row stops
+    when it holds ``num_beams`` finished hypotheses and no running beam can beat the worst of them (HF's
+    ``early_stopping=False`` rule)."""
+    eos = eos or []
+    batch, vocab = logits.shape
+    k = num_beams
+    device = logits.device
+    cache.reorder(torch.arange(batch, device=device).repeat_interleave(k))
+    beam_scores = torch.zeros(batch, k, device=device)
+    beam_scores[:, 1:] = float("-inf")  # the first step expands one beam per row
+    logprobs = logits.float().log_softmax(-1).repeat_interleave(k, 0)  # [B*K, V]
+    seqs = torch.zeros(batch * k, 0, dtype=torch.long, device=device)
+    hyps: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch)]
+    done = [False] * batch
+
+    def add(b: int, score: float, tokens: torch.Tensor) -> None:
+        hyps[b].append((score, tokens))
+        hyps[b].sort(key=lambda h: -h[0])
+        del hyps[b][k:]
+
+    for step in range(max_new_tokens):
+        if step < min_new_tokens and eos:
+            logprobs[:, eos] = float("-inf")
+        cand = (beam_scores.view(-1, 1) + logprobs).view(batch, k * vocab)
+        top_scores, top_idx = cand.topk(2 * k, dim=1)  # [B, 2K], sorted
+        next_scores = torch.zeros(batch, k, device=device)
+        next_tokens = torch.full((batch, k), pad, dtype=torch.long, device=device)
+        next_src = torch.arange(batch * k, device=device).view(batch, k).clone()
+        top_scores_l, top_idx_l = top_scores.tolist(), top_idx.tolist()
+        for b in range(batch):
+            if done[b]:
+                continue
+            j = 0
+            for rank, (score, idx) in enumerate(zip(top_scores_l[b], top_idx_l[b])):
+                src, tok = b * k + idx // vocab, idx % vocab
+                if tok in eos:
+                    if rank < k:
+                        tokens = torch.cat([seqs[src], seqs.new_tensor([tok])])
+                        add(b, score / (step + 1) ** length_penalty, tokens)
+                else:
+                    next_scores[b, j], next_tokens[b, j], next_src[b, j] = score, tok, src
+                    j += 1
+                if j == k:
+                    break
+            if len(hyps[b]) >= k:
+                best_running = next_scores[b].max().item() / (step + 1) ** length_penalty
+                done[b] = best_running <= hyps[b][-1][0]
+        src_flat = next_src.view(-1)
+        seqs = torch.cat([seqs[src_flat], next_tokens.view(-1, 1)], dim=1)
+        beam_scores = next_scores
+        if all(done) or step == max_new_tokens - 1:
+            break
+        cache.reorder(src_flat)
+        logprobs = model(next_tokens.view(-1, 1), cache=cache).logits[:, -1].float().log_softmax(-1)
+
+    for b in range(batch):
+        if not done[b]:
+            for j in range(k):
+                add(b, beam_scores[b, j].item() / seqs.shape[1] ** length_penalty, seqs[b * k + j])
+    best = [hyps[b][0][1] for b in range(batch)]
+    width = max(t.numel() for t in best)
+    out = torch.full((batch, width), pad, dtype=torch.long, device=device)
+    for b, t in enumerate(best):
+        out[b, : t.numel()] = t
+    return out
