@@ -19,3 +19,31 @@ __all__ = [
     "SSMForCausalLM",
     "SSMForSequenceClassification",
 ]
+
+from .core.config import AdapterConfig
+from .core.io import export_peft_lora, load_adapter, save_adapter
+from .core.peft_model import PeftModel, get_peft_model
+from .core.registry import known_methods, register_method
+from .methods import (
+    InitialStateConfig,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    StateOffsetConfig,
+)
+
+__all__ += [
+    "AdapterConfig",
+    "InitialStateConfig",
+    "LoraConfig",
+    "PeftModel",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "StateOffsetConfig",
+    "export_peft_lora",
+    "get_peft_model",
+    "known_methods",
+    "load_adapter",
+    "register_method",
+    "save_adapter",
+]

@@ -1,0 +1,214 @@
+"""Adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors`` (adapter tensors only).
+
+``adapter_config.json``::
+
+    {"format": "ssmtune-adapter", "ssmtune_version": "...", "adapter_name": "default",
+     "base_model": {"model_type": "mamba", "fingerprint": "<sha256[:16]>", "shape": {"d_model": 768, ...}},
+     "methods": [{"method": "state_offset", ...}, ...]}
+
+Loading refuses a base whose shape fingerprint differs, and missing, corrupt or mismatching tensors, with a ValueError.
+``export_peft_lora`` writes pure-LoRA adapters in Hugging Face peft's layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .peft_model import PeftModel, get_peft_model
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "ssmtune-adapter"
+
+# Config fields that fix parameter shapes (others, such as eps or init ranges, do not change what an adapter fits).
+SHAPE_FIELDS = (
+    "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "headdim", "ngroups", "D_has_hdim",
+    "conv_bias", "bias", "padded_vocab_size", "tie_embeddings",
+)  # fmt: skip
+
+
+def _version() -> str:
+    import ssmtune
+
+    return getattr(ssmtune, "__version__", "unknown")
+
+
+def base_signature(model: nn.Module) -> dict[str, Any]:
+    """model_type, shape fields and their hash for the base model's config."""
+    cfg = model.config
+    model_type = getattr(cfg, "model_type", "") or type(model).__name__
+    shape = {}
+    for key in SHAPE_FIELDS:
+        if hasattr(cfg, key):
+            value = getattr(cfg, key)
+            shape[key] = value if isinstance(value, (int, bool, str)) else str(value)
+    blob = json.dumps({"model_type": model_type, **shape}, sort_keys=True).encode()
+    return {"model_type": model_type, "fingerprint": hashlib.sha256(blob).hexdigest()[:16], "shape": shape}
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then ``os.replace`` (no half-written files)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_adapter(model: PeftModel, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Save one adapter of ``model`` (default: the single active one) to ``directory``."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"save_adapter needs a PeftModel, got {type(model).__name__}")
+    name = model._one_name(adapter_name)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in model.adapter_state_dict(name).items()}
+    meta = {
+        "format": FORMAT,
+        "ssmtune_version": _version(),
+        "adapter_name": name,
+        "base_model": base_signature(model.base_model),
+        "methods": [cfg.to_dict() for cfg in model.peft_config[name]],
+    }
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[dict[str, Any], list[AdapterConfig]]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"no {CONFIG_NAME} in {str(directory)!r}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not an ssmtune adapter config (format={meta.get('format')!r})")
+    return meta, [AdapterConfig.from_dict(d) for d in meta["methods"]]
+
+
+def check_base(meta: dict[str, Any], model: nn.Module, where: str) -> None:
+    """Refuse an adapter saved for a different architecture or size."""
+    saved, here = meta["base_model"], base_signature(model)
+    if saved["model_type"] != here["model_type"] or saved["fingerprint"] != here["fingerprint"]:
+        diff = {
+            k: (saved["shape"].get(k), here["shape"].get(k))
+            for k in sorted(set(saved["shape"]) | set(here["shape"]))
+            if saved["shape"].get(k) != here["shape"].get(k)
+        }
+        raise ValueError(
+            f"adapter in {where!r} was saved for a different base model: model_type {saved['model_type']!r} vs "
+            f"{here['model_type']!r}; differing fields (saved, this model): {diff}"
+        )
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ValueError(f"missing adapter weights {str(path)!r}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"corrupt adapter weights {str(path)!r}: {e}") from e
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    is_trainable: bool = False,
+) -> PeftModel:
+    """Attach the adapter saved in ``directory`` to ``model`` (a base model or a PeftModel) and return the PeftModel.
+
+    The loaded adapter becomes the active one; its tensors stay frozen unless ``is_trainable``.
+    """
+    meta, configs = read_adapter_config(directory)
+    base = model.base_model if isinstance(model, PeftModel) else model
+    check_base(meta, base, str(directory))
+    tensors = _read_tensors(Path(directory) / WEIGHTS_NAME)
+    if isinstance(model, PeftModel):
+        peft = model
+        peft.add_adapter(adapter_name, configs)
+    else:
+        peft = get_peft_model(model, configs, adapter_name=adapter_name)
+    try:
+        peft.load_adapter_state_dict(tensors, adapter_name)
+    except ValueError:
+        peft.delete_adapter(adapter_name)
+        raise
+    peft.set_adapter(adapter_name)
+    if not is_trainable:
+        for m in peft.adapter_modules(adapter_name).values():
+            for p in m.parameters():
+                p.requires_grad_(False)
+    return peft
+
+
+def export_peft_lora(model: PeftModel, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Write a LoRA adapter in Hugging Face peft's format (keys ``base_model.model.<path>.lora_A.weight``).
+
+    Only plain LoRA on whole modules can be expressed in peft: row-slice targets and DoRA raise ValueError.
+    """
+    from safetensors.torch import save_file
+
+    name = model._one_name(adapter_name)
+    configs = model.peft_config[name]
+    if len(configs) != 1 or configs[0].method != "lora":
+        raise ValueError(f"export_peft_lora: adapter {name!r} is not pure LoRA (methods {[c.method for c in configs]})")
+    cfg = configs[0]
+    slices = [t for t in cfg.target_modules if "." in t]
+    if slices or cfg.use_dora:
+        raise ValueError(
+            f"export_peft_lora: peft cannot express row-slice targets {slices} or DoRA (use_dora={cfg.use_dora})"
+        )
+    tensors = {}
+    modules = set()
+    for path, module in model.adapter_modules(name).items():
+        # path is "<module path>.lora"; peft keys carry the module path
+        mod_path = path.rsplit(".", 1)[0]
+        modules.add(mod_path.rsplit(".", 1)[-1])
+        tensors[f"base_model.model.{mod_path}.lora_A.weight"] = module.lora_A.detach().cpu().contiguous().clone()
+        tensors[f"base_model.model.{mod_path}.lora_B.weight"] = module.lora_B.detach().cpu().contiguous().clone()
+    peft_cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(modules),
+        "layers_to_transform": cfg.layers,
+        "layers_pattern": "layers" if cfg.layers is not None else None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_cfg, indent=2) + "\n"))

@@ -1,0 +1,237 @@
+"""``PeftModel``: freezes the base model, owns the adapter modules of each named adapter, switches and merges them.
+
+Adapters are attached in place (``core/inject.py``); ``PeftModel`` keeps, per adapter name, the dict returned by the
+methods' inject functions (logical path -> module). Trainability, counting and save/load use only that dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import inject as _inject
+from .config import AdapterConfig
+from .registry import spec_for
+
+
+def _as_list(config_or_list: AdapterConfig | Sequence[AdapterConfig]) -> list[AdapterConfig]:
+    configs = [config_or_list] if isinstance(config_or_list, AdapterConfig) else list(config_or_list)
+    if not configs:
+        raise ValueError("get_peft_model: got an empty list of configs")
+    for c in configs:
+        spec_for(c)  # validates type and registration
+    return configs
+
+
+class PeftModel(nn.Module):
+    """A base model with named adapters. Forward and ``generate`` delegate to the base model.
+
+    Example::
+
+        model = get_peft_model(base, [StateOffsetConfig(), LoraConfig(r=8, target_modules=["out_proj"])])
+        model.print_trainable_parameters()
+    """
+
+    def __init__(
+        self, model: nn.Module, configs: AdapterConfig | Sequence[AdapterConfig], adapter_name: str = "default"
+    ) -> None:
+        super().__init__()
+        if isinstance(model, PeftModel):
+            raise TypeError("the model is already a PeftModel; use add_adapter() to add another adapter")
+        self.base_model = model
+        self.peft_config: dict[str, list[AdapterConfig]] = {}
+        # name -> {logical path -> adapter module}; the modules are registered inside base_model, not here.
+        self._adapters: dict[str, dict[str, nn.Module]] = {}
+        self.active_adapters: list[str] = []
+        self._disabled = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, configs)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # --- adapters -------------------------------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self._adapters)
+
+    def adapter_modules(self, adapter_name: str | None = None) -> dict[str, nn.Module]:
+        """Logical path -> adapter module of one adapter (default: the single active one)."""
+        name = self._one_name(adapter_name)
+        return dict(self._adapters[name])
+
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Adapter tensors only, keyed ``<logical path>.<tensor name>`` (independent of the adapter name)."""
+        out = {}
+        for path, module in self.adapter_modules(adapter_name).items():
+            for key, t in module.state_dict().items():
+                out[f"{path}.{key}"] = t
+        return out
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
+        """Copy tensors into an adapter; missing, unexpected or mis-shaped keys raise ValueError."""
+        own = self.adapter_state_dict(adapter_name)
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"adapter tensors do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        bad = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if state[k].shape != own[k].shape]
+        if bad:
+            raise ValueError(f"adapter tensor shapes do not match (key, file, model): {bad[:5]}")
+        with torch.no_grad():
+            for k, t in own.items():
+                t.copy_(state[k])
+
+    def _one_name(self, adapter_name: str | None) -> str:
+        if adapter_name is None:
+            if len(self.active_adapters) != 1:
+                raise ValueError(f"pass adapter_name: active adapters are {self.active_adapters}")
+            return self.active_adapters[0]
+        if adapter_name not in self._adapters:
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {self.adapter_names}")
+        return adapter_name
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig | Sequence[AdapterConfig]) -> None:
+        """Inject a new named adapter (inactive and frozen until ``set_adapter``, except for the first one)."""
+        if adapter_name in self._adapters:
+            raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {self.adapter_names}")
+        _inject.adapter_key(adapter_name, "x")  # validates the name
+        configs = _as_list(config)
+        modules: dict[str, nn.Module] = {}
+        try:
+            for cfg in configs:
+                attached = spec_for(cfg).inject(self.base_model, cfg, adapter_name=adapter_name)
+                dup = sorted(set(attached) & set(modules))
+                if dup:
+                    raise ValueError(f"adapter {adapter_name!r}: two methods attach the same paths {dup[:3]}")
+                for m in attached.values():
+                    object.__setattr__(m, "_ssmtune_method", cfg.method)
+                modules.update(attached)
+        except Exception:
+            for m in modules.values():
+                _inject.detach(m)
+            raise
+        self._adapters[adapter_name] = modules
+        self.peft_config[adapter_name] = configs
+        for m in modules.values():
+            m.active = False
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make the given adapter(s) active and trainable; all others inactive and frozen."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            self._one_name(n)
+        for name, modules in self._adapters.items():
+            on = name in names
+            for m in modules.values():
+                m.active = on and not self._disabled
+                for p in m.parameters():
+                    p.requires_grad_(on)
+        self.active_adapters = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        name = self._one_name(adapter_name)
+        for m in self._adapters.pop(name).values():
+            _inject.detach(m)
+        del self.peft_config[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Context manager: inside it the model computes the base model's output."""
+        flags = [(m, m.active) for modules in self._adapters.values() for m in modules.values()]
+        self._disabled = True
+        try:
+            for m, _ in flags:
+                m.active = False
+            yield
+        finally:
+            self._disabled = False
+            for m, was in flags:
+                m.active = was
+
+    # --- merging --------------------------------------------------------------------------------------------------
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the active adapters into the base weights, drop all adapters and return the bare base model.
+
+        Only mergeable methods (LoRA/DoRA and parameter deltas) can be folded; state and input hooks cannot.
+        """
+        blockers = sorted(
+            {
+                cfg.method
+                for name in self.active_adapters
+                for cfg in self.peft_config[name]
+                if not self._method_mergeable(name, cfg.method)
+            }
+        )
+        if blockers:
+            raise ValueError(f"merge_and_unload: methods {blockers} cannot be merged into the base weights")
+        for name in list(self._adapters):
+            if name not in self.active_adapters:
+                self.delete_adapter(name)
+        for name in list(self.active_adapters):
+            for m in self._adapters.pop(name).values():
+                _inject.merge(m)
+            del self.peft_config[name]
+        self.active_adapters = []
+        return self.base_model
+
+    def _method_mergeable(self, adapter_name: str, method: str) -> bool:
+        modules = [m for m in self._adapters[adapter_name].values() if getattr(m, "_ssmtune_method", None) == method]
+        return all(_inject.is_mergeable(m) for m in modules)
+
+    # --- counting -------------------------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> int:
+        """Number of trainable scalars (the active adapters' tensors)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def num_parameters(self) -> int:
+        """All scalars, base and adapters (shared tensors counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        n, total = self.trainable_parameters(), self.num_parameters()
+        print(f"trainable params: {n:,d} || all params: {total:,d} || trainable%: {100 * n / max(total, 1):.4f}")
+
+    # --- delegation -----------------------------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter."""
+        from .io import save_adapter
+
+        save_adapter(self, directory, adapter_name=adapter_name)
+
+    def export_peft_lora(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Write a pure-LoRA adapter in Hugging Face peft's format (whole-module targets only)."""
+        from .io import export_peft_lora
+
+        export_peft_lora(self, directory, adapter_name=adapter_name)
+
+
+def get_peft_model(
+    model: nn.Module, config_or_list: AdapterConfig | Sequence[AdapterConfig], adapter_name: str = "default"
+) -> PeftModel:
+    """Freeze ``model``, attach the method(s) as adapter ``adapter_name`` and return the ``PeftModel``."""
+    return PeftModel(model, config_or_list, adapter_name=adapter_name)

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...core.hooks import StateHook
+from ...core.inject import adapter_key, add_state_hook
+from ...core.targets import iter_mixers
+from .config import InitialStateConfig
+
+
+class InitialState(StateHook):
+    """h0 [D, N] or [H, P, N] (+ conv0 [conv_dim, K-1]) of one mixer; fp32 parameters, zero init."""
+
+    def __init__(
+        self,
+        state_shape: tuple[int, ...],
+        conv_state_shape: tuple[int, int] | None = None,
+        *,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.h0 = nn.Parameter(torch.zeros(state_shape, device=device))
+        self.conv0 = None if conv_state_shape is None else nn.Parameter(torch.zeros(conv_state_shape, device=device))
+
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        return self.h0
+
+    def initial_conv_state(self, batch_size: int) -> torch.Tensor | None:
+        return self.conv0
+
+
+def inject(model: nn.Module, config: InitialStateConfig, *, adapter_name: str) -> dict[str, nn.Module]:
+    attached = {}
+    for t in iter_mixers(model, config.layers):
+        conv_shape = t.mixer.conv_state_shape if config.conv_state else None
+        hook = InitialState(t.mixer.state_shape, conv_shape, device=t.mixer.A_log.device)
+        attached[f"{t.path}.initial_state"] = add_state_hook(t.mixer, adapter_key(adapter_name, "initial_state"), hook)
+    return attached

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.inject import LinearDelta, adapter_key, wrap_linear
+from ...core.targets import is_mamba2, iter_mixers
+from .config import MAMBA1_TARGETS, MAMBA2_TARGETS, LoraConfig
+
+
+class LoraDelta(LinearDelta):
+    """Low-rank delta on rows [start, stop) of a Linear: y[..., rows] += (α/r)·B A dropout(x); optional DoRA.
+
+    Parameters are fp32 (``lora_A`` [r, in], ``lora_B`` [rows, r], ``magnitude`` [rows]); the forward casts them.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rows: tuple[int, int] | None,
+        *,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_dora: bool = False,
+    ) -> None:
+        super().__init__()
+        w = base.weight
+        self.rows = (0, w.shape[0]) if rows is None else rows
+        self.full = rows is None
+        n_rows = self.rows[1] - self.rows[0]
+        self.scale = alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, w.shape[1], device=w.device))  # [r, in]
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(n_rows, r, device=w.device))  # [rows, r]
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.use_dora = use_dora
+        self.magnitude = None
+        if use_dora:
+            self.magnitude = nn.Parameter(self._rows(w).detach().float().norm(dim=1))  # [rows]
+        self._merge_norm: torch.Tensor | None = None
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.full else t[self.rows[0] : self.rows[1]]
+
+    def delta_weight(self) -> torch.Tensor:
+        """(α/r)·B A, [rows, in] in fp32."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        xd = self.dropout(x)
+        lora = F.linear(F.linear(xd, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale  # [..., rows]
+        start, stop = self.rows
+        y_rows = y if self.full else y[..., start:stop]
+        if self.use_dora:
+            w = self._rows(base.weight)
+            # The norm is detached, as in peft's DoRA (DoRA paper §4.3): it saves memory and keeps merges exact.
+            norm = (w.float() + self.delta_weight()).norm(dim=1).detach()  # [rows]
+            mag = (self.magnitude / norm).to(x.dtype)  # [rows]
+            if isinstance(self.dropout, nn.Identity) or not self.training:
+                base_part = y_rows if base.bias is None else y_rows - self._rows(base.bias).to(y.dtype)
+            else:
+                base_part = F.linear(xd, w.to(x.dtype))
+            new_rows = y_rows + (mag - 1) * base_part + mag * lora
+        else:
+            new_rows = y_rows + lora
+        if self.full:
+            return new_rows
+        return torch.cat([y[..., :start], new_rows, y[..., stop:]], dim=-1)
+
+    @torch.no_grad()
+    def merge(self, base: nn.Linear) -> None:
+        w = self._rows(base.weight)
+        v = w.float() + self.delta_weight()  # [rows, in]
+        if self.use_dora:
+            norm = v.norm(dim=1)
+            self._merge_norm = norm
+            v = (self.magnitude / norm)[:, None] * v
+        w.copy_(v.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Linear) -> None:
+        w = self._rows(base.weight)
+        v = w.float()
+        if self.use_dora:
+            v = v * (self._merge_norm / self.magnitude)[:, None]
+        w.copy_((v - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+
+def slice_rows(mixer: nn.Module, target: str) -> tuple[str, tuple[int, int] | None]:
+    """(Linear attribute, output rows or None for the whole Linear) of a target name."""
+    name, _, part = target.partition(".")
+    if not part:
+        return name, None
+    d = mixer.d_inner
+    if is_mamba2(mixer):
+        gn = mixer.ngroups * mixer.d_state
+        h = mixer.nheads
+        sizes = {"z": d, "x": d, "B": gn, "C": gn, "dt": h}
+    elif name == "in_proj":
+        sizes = {"x": d, "z": d}
+    else:
+        n = mixer.d_state
+        sizes = {"dt": mixer.x_proj.out_features - 2 * n, "B": n, "C": n}
+    start = 0
+    for key, size in sizes.items():
+        if key == part:
+            return name, (start, start + size)
+        start += size
+    raise AssertionError(f"unhandled slice {target!r}")
+
+
+def inject(model: nn.Module, config: LoraConfig, *, adapter_name: str) -> dict[str, nn.Module]:
+    targets = iter_mixers(model, config.layers)
+    for t in targets:
+        valid = MAMBA2_TARGETS if is_mamba2(t.mixer) else MAMBA1_TARGETS
+        bad = [name for name in config.target_modules if name not in valid]
+        if bad:
+            arch = "Mamba-2" if is_mamba2(t.mixer) else "Mamba-1"
+            raise ValueError(f"LoraConfig.target_modules: {bad} are not {arch} targets; valid: {list(valid)}")
+    attached = {}
+    for t in targets:
+        for target in config.target_modules:
+            name, rows = slice_rows(t.mixer, target)
+            lin = getattr(t.mixer, name)
+            base = getattr(lin, "base_layer", lin)
+            delta = LoraDelta(
+                base, rows, r=config.r, alpha=config.alpha, dropout=config.dropout, use_dora=config.use_dora
+            )
+            tag = "lora" if rows is None else f"lora_{target.partition('.')[2]}"
+            wrap_linear(t.mixer, name, delta, key=adapter_key(adapter_name, tag))
+            attached[f"{t.path}.{target}.lora"] = delta
+    return attached

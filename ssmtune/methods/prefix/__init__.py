@@ -1,0 +1,9 @@
+"""Prefix-Tuning with real per-layer virtual tokens, served as (h0, conv0) (METHODS.md §4.4)."""
+
+from ...core.registry import register_method
+from .config import PrefixTuningConfig
+from .hook import PrefixStates, inject
+
+register_method(PrefixTuningConfig, inject)
+
+__all__ = ["PrefixStates", "PrefixTuningConfig", "inject"]

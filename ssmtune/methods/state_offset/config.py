@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from ...core.config import AdapterConfig
+
+
+@dataclass(kw_only=True)
+class StateOffsetConfig(AdapterConfig):
+    """State-offset Tuning [SOT] (METHODS.md §4.1-4.2): a constant offset on the read-out, before the gate.
+
+    ``variant="h"``: y_t += C_tᵀ h' with h' [D, N] (Mamba-2: [H, P, N]); h' never enters the recurrence.
+    ``variant="y"``: y_t += y' with y' [D] (Mamba-2: [H, P]). Zero init, so step 0 is the base model.
+    """
+
+    method: ClassVar[str] = "state_offset"
+
+    variant: Literal["h", "y"] = "h"
+    """Offset the state read-out (``"h"``, h') or the output (``"y"``, y')."""
+    rank: int | None = None
+    """Low-rank h' = B_r A_r with B_r [D/ρ, r] (zero init) and A_r [r, N·ρ] (Kaiming-uniform). ``None``: dense h'."""
+    r_ratio: int = 1
+    """ρ of the low-rank factorisation: the (D/ρ)×(N·ρ) product is reshaped to D×N. Must divide D."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant not in ("h", "y"):
+            raise ValueError(f"StateOffsetConfig.variant must be 'h' or 'y', got {self.variant!r}")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"StateOffsetConfig.rank must be a positive int or None, got {self.rank!r}")
+        if self.rank is not None and self.variant == "y":
+            raise ValueError(f"StateOffsetConfig.rank applies to variant 'h' only, got rank={self.rank!r} with 'y'")
+        if not isinstance(self.r_ratio, int) or self.r_ratio < 1:
+            raise ValueError(f"StateOffsetConfig.r_ratio must be a positive int, got {self.r_ratio!r}")
