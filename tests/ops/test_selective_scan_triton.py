@@ -1,0 +1,201 @@
+"""Triton Mamba-1 selective scan against the fp32 reference: outputs, final state and every gradient.
+
+On CPU the kernels run under the Triton interpreter (small shapes); ``-m gpu`` runs the published shapes on CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # must be set before the kernels are decorated, i.e. before fused.py is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from ssmtune.ops import selective_scan, selective_state_update
+from ssmtune.ops.selective_scan import fused
+from ssmtune.ops.selective_scan.naive import selective_scan_ref, selective_state_update_ref
+from ssmtune.ops.testing import assert_close
+
+if not torch.cuda.is_available() and "Interpreted" not in type(fused.selective_scan_fwd_kernel.fn).__name__:
+    # another module imported the kernels before TRITON_INTERPRET was set
+    fused = importlib.reload(fused)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# RMS-relative error against the fp32 reference; low-precision outputs and input grads are rounded at the end
+RATIO = {torch.float32: 5e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state", "state_offset", "y_offset")
+ALL = frozenset(NAMES[5:])
+
+# (id, B, D, L, N, dtype, optional inputs, per-row offsets, softplus)
+CASES = [
+    ("L1-D5-N3-all-shared-fp32", 2, 5, 1, 3, torch.float32, ALL, False, True),
+    ("L7-D5-N16-all-rowwise-fp32", 2, 5, 7, 16, torch.float32, ALL, True, True),
+    ("L33-D5-N3-bare-fp32", 2, 5, 33, 3, torch.float32, frozenset(), False, False),
+    ("L33-D5-N16-all-shared-bf16", 2, 5, 33, 16, torch.bfloat16, ALL, False, True),
+    (
+        "L33-D6-N3-h0-bias-nosoftplus-fp16",
+        1,
+        6,
+        33,
+        3,
+        torch.float16,
+        frozenset({"delta_bias", "initial_state"}),
+        True,
+        False,
+    ),
+    ("L20-D5-N3-offsets-z-fp32", 2, 5, 20, 3, torch.float32, frozenset({"z", "state_offset", "y_offset"}), True, True),
+]
+
+
+@pytest.fixture(autouse=True)
+def nan_poison(monkeypatch):
+    """Fill every torch.empty/empty_like allocation with NaN so that an unwritten output cannot pass."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))
+
+
+def make_inputs(b, d, seqlen, n, dtype, flags, per_batch, softplus=True, device=DEVICE) -> dict[str, torch.Tensor]:
+    """Activations in ``dtype``; parameters (A, D, bias, states, offsets) in fp32 as in the model."""
+    act = {"dtype": dtype, "device": device}
+    f32 = {"device": device}
+    lead = (b,) if per_batch else ()
+    ins = {
+        "u": torch.randn(b, d, seqlen, **act),
+        # without softplus, Δ is used as given and must stay positive for a stable recurrence
+        "delta": (0.5 * torch.randn(b, d, seqlen, **f32) if softplus else torch.rand(b, d, seqlen, **f32)).to(dtype),
+        "A": -torch.rand(d, n, **f32) * 2 - 0.1,
+        "B": torch.randn(b, n, seqlen, **act),
+        "C": torch.randn(b, n, seqlen, **act),
+        "D": torch.randn(d, **f32),
+        "z": torch.randn(b, d, seqlen, **act),
+        "delta_bias": 0.3 * (torch.randn(d, **f32) if softplus else torch.rand(d, **f32)),
+        "initial_state": torch.randn(*lead, d, n, **f32),
+        "state_offset": torch.randn(*lead, d, n, **f32),
+        # the y-offset takes the other layout, so a case mixes shared and per-row tensors
+        "y_offset": torch.randn(*(() if per_batch else (b,)), d, **f32),
+    }
+    return {k: v.requires_grad_() for k, v in ins.items() if k in NAMES[:5] or k in flags}
+
+
+def run(fn, ins: dict, gy: torch.Tensor, gh: torch.Tensor | None, softplus: bool) -> dict[str, torch.Tensor]:
+    """Forward with the final state, backward of <y, gy> (+ <h_L, gh>); returns outputs and every input gradient."""
+    ins = {k: v.detach().clone().requires_grad_() for k, v in ins.items()}
+    y, h_last = fn(**ins, delta_softplus=softplus, return_final_state=True)
+    loss = (y.float() * gy).sum()
+    if gh is not None:
+        loss = loss + (h_last * gh).sum()
+    loss.backward()
+    return {"y": y, "h_last": h_last} | {f"d{k}": v.grad for k, v in ins.items()}
+
+
+def check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus, final_grad=True) -> None:
+    ins = make_inputs(b, d, seqlen, n, dtype, flags, per_batch, softplus)
+    gy = torch.randn(b, d, seqlen, device=DEVICE)
+    gh = torch.randn(b, d, n, device=DEVICE) if final_grad else None
+    ref = run(selective_scan_ref, ins, gy, gh, softplus)
+    out = run(fused.selective_scan_triton, ins, gy, gh, softplus)
+    assert set(ref) == set(out)
+    for name in ref:
+        assert out[name].dtype == ref[name].dtype, name
+        assert_close(name, ref[name], out[name], RATIO[dtype])
+
+
+@pytest.mark.parametrize(("b", "d", "seqlen", "n", "dtype", "flags", "per_batch", "softplus"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])  # fmt: skip
+def test_selective_scan_triton(b, d, seqlen, n, dtype, flags, per_batch, softplus):
+    check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus)
+
+
+def test_multiple_channel_blocks_and_tiles(monkeypatch):
+    """Several channel blocks (partial dB/dC sums) and short tiles (many checkpoints), no final-state gradient."""
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 4, "BLOCK_D_FWD": 2, "BLOCK_D_BWD": 4})
+    check_case(2, 7, 13, 5, torch.float32, ALL, True, True, final_grad=False)
+
+
+def test_dispatcher_and_no_grad():
+    """backend="triton" through the dispatcher; without grad no checkpoints are kept and outputs are unchanged."""
+    ins = make_inputs(2, 5, 9, 3, torch.float32, ALL, False)
+    with torch.no_grad():
+        y, h = selective_scan(**ins, delta_softplus=True, return_final_state=True, backend="triton")
+        y_ref, h_ref = selective_scan_ref(**ins, delta_softplus=True, return_final_state=True)
+    assert_close("y", y_ref, y, RATIO[torch.float32])
+    assert_close("h_last", h_ref, h, RATIO[torch.float32])
+    assert not y.requires_grad
+
+
+def test_only_final_state_used():
+    """A loss on h_L alone: the output gradient is None inside backward."""
+    ins = make_inputs(1, 5, 11, 3, torch.float32, ALL, False)
+    grads = {}
+    for key, fn in (("ref", selective_scan_ref), ("triton", fused.selective_scan_triton)):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in ins.items()}
+        _, h = fn(**leaves, delta_softplus=True, return_final_state=True)
+        h.square().sum().backward()
+        grads[key] = {k: v.grad for k, v in leaves.items()}
+    for name in ("u", "delta", "A", "B", "initial_state"):
+        assert_close(f"d{name}", grads["ref"][name], grads["triton"][name], RATIO[torch.float32])
+    # C, h' and y' only reach the output, which carries no gradient here
+    assert grads["triton"]["C"].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("per_batch", [False, True], ids=["shared", "rowwise"])
+def test_state_update_matches_scan(dtype, per_batch):
+    """Decode steps (state in place, offsets in the read-out only) reproduce the scan and the reference step."""
+    b, d, seqlen, n = 2, 5, 4, 3
+    ins = {k: v.detach() for k, v in make_inputs(b, d, seqlen, n, dtype, ALL, per_batch).items()}
+    y_scan, h_scan = selective_scan_ref(**ins, delta_softplus=True, return_final_state=True)
+    state = ins["initial_state"].expand(b, d, n).clone()
+    state_ref = state.clone()
+    for t in range(seqlen):
+        step = {
+            "x": ins["u"][:, :, t], "dt": ins["delta"][:, :, t], "A": ins["A"], "B": ins["B"][:, :, t],
+            "C": ins["C"][:, :, t], "D": ins["D"], "z": ins["z"][:, :, t], "dt_bias": ins["delta_bias"],
+            "dt_softplus": True, "state_offset": ins["state_offset"], "y_offset": ins["y_offset"],
+        }  # fmt: skip
+        y_t = selective_state_update(state, **step, backend="triton")
+        y_ref = selective_state_update_ref(state_ref, **step)
+        assert y_t.dtype == dtype
+        assert_close(f"y[{t}]", y_ref, y_t, RATIO[dtype])
+        assert_close(f"y_scan[{t}]", y_scan[:, :, t], y_t, RATIO[dtype])
+    assert_close("state", state_ref, state, RATIO[torch.float32])
+    assert_close("state_vs_scan", h_scan, state, RATIO[torch.float32])
+
+
+def test_rejects_large_state():
+    ins = make_inputs(1, 2, 3, 257, torch.float32, frozenset(), False)
+    with pytest.raises(ValueError, match="257"):
+        fused.selective_scan_triton(**ins)
+
+
+GPU_CASES = [
+    ("D1536-L2064-all-shared-bf16", 2, 1536, 2064, 16, torch.bfloat16, ALL, False, True),
+    ("D4096-L2064-all-rowwise-bf16", 2, 4096, 2064, 16, torch.bfloat16, ALL, True, True),
+    ("D5120-L2064-all-shared-bf16", 2, 5120, 2064, 16, torch.bfloat16, ALL, False, True),
+    ("D1536-L2064-all-rowwise-fp32", 2, 1536, 2064, 16, torch.float32, ALL, True, True),
+    ("D4096-L1000-all-shared-fp16", 2, 4096, 1000, 16, torch.float16, ALL, False, True),
+    ("D1536-L1-all-fp32", 2, 1536, 1, 16, torch.float32, ALL, False, True),
+    ("D1536-L7-bare-bf16", 2, 1536, 7, 16, torch.bfloat16, frozenset(), False, False),
+    ("D1536-L257-D-z-bias-fp32", 2, 1536, 257, 16, torch.float32, frozenset({"D", "z", "delta_bias"}), False, True),
+    ("D1536-L511-h0-offsets-bf16", 2, 1536, 511, 16, torch.bfloat16, frozenset(NAMES[8:]), True, True),
+    ("D1000-L300-N64-all-fp32", 2, 1000, 300, 64, torch.float32, ALL, False, True),
+    ("D200-L129-N256-all-bf16", 1, 200, 129, 256, torch.bfloat16, ALL, True, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("b", "d", "seqlen", "n", "dtype", "flags", "per_batch", "softplus"),
+                         [c[1:] for c in GPU_CASES], ids=[c[0] for c in GPU_CASES])  # fmt: skip
+def test_selective_scan_triton_gpu(b, d, seqlen, n, dtype, flags, per_batch, softplus):
+    check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus)
