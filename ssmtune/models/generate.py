@@ -9,7 +9,6 @@ at each row's first real token (METHODS.md §4.3).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .cache import InferenceCache
 

@@ -1,0 +1,147 @@
+"""generate(): greedy == argmax loop without cache, beam search, mixed prompt lengths, EOS, sampling."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from ssmtune.core.hooks import StateHook
+from ssmtune.models import Mamba2Config, MambaConfig, causal_lm_for
+from ssmtune.models.generate import beam_search, filter_logits, prefill
+
+CONFIGS = {
+    "mamba": lambda v: MambaConfig(d_model=24, n_layer=2, vocab_size=v),
+    "mamba2": lambda v: Mamba2Config(d_model=24, n_layer=2, vocab_size=v, headdim=8, d_state=16, ngroups=2),
+}
+
+
+class InitStateHook(StateHook):
+    def __init__(self, mixer: nn.Module) -> None:
+        super().__init__()
+        self.h0 = nn.Parameter(torch.randn(mixer.state_shape))
+        self.h_off = nn.Parameter(torch.randn(mixer.state_shape) * 0.3)
+
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        return self.h0
+
+    def state_offset(self) -> torch.Tensor:
+        return self.h_off
+
+
+def make_model(arch: str, vocab: int = 64, hooks: bool = False):
+    model = causal_lm_for(CONFIGS[arch](vocab)).eval()
+    # a sharper output distribution than the tiny init gives, so argmax ties cannot occur
+    with torch.no_grad():
+        model.backbone.embeddings.weight.mul_(20)
+    if hooks:
+        for _, mixer in model.mixers():
+            mixer.state_hooks["h"] = InitStateHook(mixer)
+    return model
+
+
+def argmax_loop(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding by full forwards without a cache."""
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_greedy_equals_argmax_loop(arch: str) -> None:
+    model = make_model(arch, hooks=True)
+    ids = torch.randint(0, 64, (2, 5))
+    out = model.generate(ids, max_new_tokens=6)
+    assert out.shape == (2, 11)
+    assert torch.equal(out, argmax_loop(model, ids, 6))
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_beam_search_with_one_beam_is_greedy(arch: str) -> None:
+    model = make_model(arch)
+    ids = torch.randint(0, 64, (3, 4))
+    cache, logits = prefill(model, ids)
+    new = beam_search(model, cache, logits, max_new_tokens=5, num_beams=1)
+    assert torch.equal(torch.cat([ids, new], 1), model.generate(ids, max_new_tokens=5))
+
+
+def test_beam_search_with_all_beams_is_exhaustive() -> None:
+    # vocab 8 and 8 beams: after two steps every 2-token continuation has been scored
+    model = make_model("mamba", vocab=8)
+    ids = torch.randint(0, 8, (2, 3))
+    out = model.generate(ids, max_new_tokens=2, num_beams=8)
+    with torch.no_grad():
+        for b in range(2):
+            best, best_seq = -float("inf"), None
+            for t1, t2 in itertools.product(range(8), repeat=2):
+                seq = torch.cat([ids[b], torch.tensor([t1, t2])])[None]
+                lp = model(seq).logits.log_softmax(-1)[0]
+                score = (lp[2, t1] + lp[3, t2]).item()
+                if score > best:
+                    best, best_seq = score, seq[0]
+            assert torch.equal(out[b], best_seq)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_mixed_length_batch_equals_per_row(arch: str, side: str) -> None:
+    model = make_model(arch, hooks=True)
+    rows = [torch.randint(1, 64, (n,)) for n in (6, 3, 5)]
+    ids = torch.zeros(3, 6, dtype=torch.long)
+    mask = torch.zeros(3, 6, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(6 - len(r), 6) if side == "left" else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = r, 1
+    for kwargs in ({}, {"num_beams": 3}):
+        out = model.generate(ids, max_new_tokens=4, attention_mask=mask, **kwargs)
+        for i, r in enumerate(rows):
+            alone = model.generate(r[None], max_new_tokens=4, **kwargs)
+            assert torch.equal(out[i, 6:], alone[0, len(r) :]), (kwargs, i)
+            assert torch.equal(out[i, :6], ids[i])
+
+
+def test_eos_stops_and_min_new_tokens() -> None:
+    model = make_model("mamba2")
+    ids = torch.randint(0, 64, (1, 4))
+    greedy = model.generate(ids, max_new_tokens=5)
+    eos = int(greedy[0, 4])
+    stopped = model.generate(ids, max_new_tokens=5, eos_token_id=eos)
+    assert stopped.shape == (1, 5) and stopped[0, 4] == eos
+    forced = model.generate(ids, max_new_tokens=3, eos_token_id=eos, min_new_tokens=2)
+    assert forced.shape == (1, 7) and eos not in forced[0, 4:6].tolist()
+    # a finished row is padded while the other keeps going
+    two = torch.cat([ids, torch.randint(0, 64, (1, 4))])
+    out = model.generate(two, max_new_tokens=5, eos_token_id=eos, pad_token_id=63)
+    if out[1, 4] != eos:
+        assert out[0, 5:].tolist() == [63] * (out.shape[1] - 5)
+    beams = model.generate(ids, max_new_tokens=5, eos_token_id=eos, num_beams=2, min_new_tokens=1)
+    assert beams[0, 4] != eos
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy() -> None:
+    model = make_model("mamba")
+    ids = torch.randint(0, 64, (2, 4))
+    a = model.generate(ids, 6, do_sample=True, generator=torch.Generator().manual_seed(1), temperature=2.0)
+    b = model.generate(ids, 6, do_sample=True, generator=torch.Generator().manual_seed(1), temperature=2.0)
+    assert torch.equal(a, b)
+    g = model.generate(ids, 6, do_sample=True, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(g, model.generate(ids, 6))
+
+
+def test_filter_logits_top_p() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = filter_logits(logits, top_p=0.7).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+    assert filter_logits(logits, top_k=3).isfinite().sum() == 3
+
+
+def test_generate_rejects_bad_arguments() -> None:
+    model = make_model("mamba")
+    ids = torch.randint(0, 64, (1, 3))
+    with pytest.raises(ValueError, match="num_beams must be >= 1, got 0"):
+        model.generate(ids, num_beams=0)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(ids, do_sample=True, temperature=0.0)
