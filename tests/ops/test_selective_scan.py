@@ -27,7 +27,7 @@ def make_inputs(
     b: int, d: int, seqlen: int, n: int, *, dtype=torch.float32, per_batch=False, full=True
 ) -> dict[str, torch.Tensor]:
     """Activations in ``dtype``; parameters (A, D, bias, states, offsets) in fp32 as in the model. All leaves need grad."""
-    act = dict(dtype=dtype)
+    act = {"dtype": dtype}
     ins = {
         "u": torch.randn(b, d, seqlen, **act),
         "delta": (0.5 * torch.randn(b, d, seqlen)).to(dtype),
@@ -98,7 +98,10 @@ def oracle_fp64(ins: dict, softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
     decay = expo.masked_fill(~causal[..., None], float("-inf")).exp()
     inp = (delta * v["u"])[..., None] * v["B"].transpose(1, 2)[:, None]  # [B, D, s, N]
     h0 = v["initial_state"].expand(b, d, -1)
-    h = torch.einsum("bdtsn,bdsn->bdtn", decay, inp) + torch.exp(v["A"][None, :, None] * lam[..., None]) * h0[:, :, None]
+    h = (
+        torch.einsum("bdtsn,bdsn->bdtn", decay, inp)
+        + torch.exp(v["A"][None, :, None] * lam[..., None]) * h0[:, :, None]
+    )
     h_off = v["state_offset"].expand(b, d, -1)
     y = torch.einsum("bdtn,bnt->bdt", h + h_off[:, :, None], v["C"]) + v["D"][:, None] * v["u"]
     y = (y + v["y_offset"].expand(b, d)[..., None]) * F.silu(v["z"])
