@@ -16,11 +16,15 @@ Loop bounds are ``tl.constexpr`` (chunk count, chunk size, heads per program), s
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 _MIN_BLOCK = 16
+# The CPU interpreter's bf16 tl.dot returns garbage (numpy has no bf16), so interpreted dots run in fp32.
+_DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 def _pow2(n: int) -> int:
@@ -31,6 +35,13 @@ def _heads_per_program(nheads: int, ngroups: int, cap: int = 4) -> int:
     """Largest divisor of H/G not above ``cap``: programs loop over the heads of one group to sum dB, dC in place."""
     ratio = nheads // ngroups
     return max(d for d in range(1, min(cap, ratio) + 1) if ratio % d == 0)
+
+
+@triton.jit
+def _dot(a, b):
+    if _DOT_IN_FP32:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["dt_bias"] is not None})
@@ -120,7 +131,7 @@ def ssd_chunk_state_fwd_kernel(
                 other=0.0,
             )
             b_w = tl.exp(b_alast - tl.load(a_cs + i_bh * TP + o_t)) * tl.load(dt_p + i_bh * TP + o_t)  # [BK]
-            b_acc += tl.dot(b_xt, (b_B * b_w[:, None]).to(b_xt.dtype))
+            b_acc += _dot(b_xt, (b_B * b_w[:, None]).to(b_xt.dtype))
         b_s = b_s * tl.exp(b_alast) + b_acc
     tl.store(states + ((i_b * (NC + 1) + NC) * H + i_h) * P * N + o_pn, b_s, mask=m_pn)
 
@@ -185,10 +196,10 @@ def ssd_chunk_scan_fwd_kernel(
     m_np = m_n[:, None] & m_p[None, :]
     o_np = o_p[None, :] * N + o_n[:, None]
     b_s = tl.load(states + ((i_b * (NC + 1) + i_c) * H + i_h) * P * N + o_np, mask=m_np, other=0.0)  # [BN, BP]
-    b_acc = tl.dot((b_C * tl.exp(b_am)[:, None]).to(DT), b_s.to(DT))
+    b_acc = _dot((b_C * tl.exp(b_am)[:, None]).to(DT), b_s.to(DT))
     if USE_STATE_OFFSET:
         b_ho = tl.load(h_off + i_b * s_hob + i_h * P * N + o_np, mask=m_np, other=0.0)
-        b_acc += tl.dot(b_C, b_ho.to(DT))
+        b_acc += _dot(b_C, b_ho.to(DT))
     # intra-chunk: causal (C Bᵀ ∘ decay) Δ x over the key blocks up to the diagonal
     for k0 in range(0, CHUNK, BK):
         if k0 < (i_m + 1) * BM:
@@ -204,10 +215,10 @@ def ssd_chunk_scan_fwd_kernel(
             )
             b_ak = tl.load(a_cs + i_bh * TP + o_k)
             b_dtk = tl.load(dt_p + i_bh * TP + o_k)
-            b_cb = tl.dot(b_C, b_Bt.to(DT))  # [BM, BK]
+            b_cb = _dot(b_C, b_Bt.to(DT))  # [BM, BK]
             b_seg = tl.where(o_m[:, None] >= o_k[None, :], b_am[:, None] - b_ak[None, :], float("-inf"))
             b_cb = b_cb * tl.exp(b_seg) * b_dtk[None, :]
-            b_acc += tl.dot(b_cb.to(b_x.dtype), b_x)
+            b_acc += _dot(b_cb.to(b_x.dtype), b_x)
     m_mp = m_m[:, None] & m_p[None, :]
     o_y = ((i_b * T + o_m[:, None]) * H + i_h) * P + o_p[None, :]
     if HAS_D:
@@ -307,9 +318,9 @@ def ssd_chunk_state_bwd_kernel(
                 other=0.0,
             )
             b_a = tl.load(a_cs + i_bh * TP + o_t)
-            b_acc += tl.dot(b_dyt, (b_C * tl.exp(b_a)[:, None]).to(b_dyt.dtype))
+            b_acc += _dot(b_dyt, (b_C * tl.exp(b_a)[:, None]).to(b_dyt.dtype))
             if USE_STATE_OFFSET:
-                b_dho += tl.dot(b_dyt, b_C.to(b_dyt.dtype))
+                b_dho += _dot(b_dyt, b_C.to(b_dyt.dtype))
         b_ds = b_acc + tl.exp(b_alast) * b_ds
     tl.store(dh0 + i_bh * P * N + o_pn, b_ds, mask=m_pn)
     if USE_STATE_OFFSET:
@@ -382,9 +393,9 @@ def ssd_chunk_scan_bwd_dx_kernel(
             other=0.0,
         ).to(DT)  # [BP, BN]
         b_w = tl.exp(b_alast - b_ak)  # [BK]
-        b_GB = tl.dot(b_B, tl.trans(b_G))  # [BK, BP]
+        b_GB = _dot(b_B, tl.trans(b_G))  # [BK, BP]
         b_dx = b_GB * b_w[:, None]
-        b_dB += tl.dot(b_x.to(DT), b_G) * (b_w * b_dtk)[:, None]
+        b_dB += _dot(b_x.to(DT), b_G) * (b_w * b_dtk)[:, None]
         b_t = b_w * tl.sum(b_x.to(tl.float32) * b_GB, axis=1)
         b_ddt = b_t
         b_da = -b_t * b_dtk
@@ -406,13 +417,13 @@ def ssd_chunk_scan_bwd_dx_kernel(
                 b_aq = tl.load(a_cs + i_bh * TP + o_q)
                 b_seg = tl.where(o_q[None, :] >= o_k[:, None], b_aq[None, :] - b_ak[:, None], float("-inf"))
                 b_decay = tl.exp(b_seg)  # [BK, BQ]
-                b_S = tl.dot(b_B, tl.trans(b_C.to(DT))) * b_decay
-                b_dx += tl.dot(b_S.to(b_dy.dtype), b_dy)
-                b_gx = tl.dot(b_x, tl.trans(b_dy.to(b_x.dtype)))  # [BK, BQ]: x_k · dy_q
+                b_S = _dot(b_B, tl.trans(b_C.to(DT))) * b_decay
+                b_dx += _dot(b_S.to(b_dy.dtype), b_dy)
+                b_gx = _dot(b_x, tl.trans(b_dy.to(b_x.dtype)))  # [BK, BQ]: x_k · dy_q
                 b_Sg = tl.sum(b_S * b_gx, axis=1)
                 b_ddt += b_Sg
                 b_da -= b_Sg * b_dtk
-                b_dB += tl.dot((b_decay * b_gx * b_dtk[:, None]).to(DT), b_C.to(DT))
+                b_dB += _dot((b_decay * b_gx * b_dtk[:, None]).to(DT), b_C.to(DT))
         b_dx = b_dx * b_dtk[:, None]
         if HAS_D or NEED_DY_SUM:
             b_dyk = tl.load(dy + o_x, mask=m_kp, other=0.0).to(tl.float32)
@@ -486,13 +497,13 @@ def ssd_chunk_scan_bwd_dc_kernel(
         b_aq = tl.load(a_cs + i_bh * TP + o_q)
         # 1. inter-chunk term e^{a_q} s_c C_q, and the undecayed h' C_q
         b_s = tl.load(states + ((i_b * (NC + 1) + i_c) * H + i_h) * P * N + o_pn, mask=m_pn, other=0.0)
-        b_gs = tl.dot(b_dy.to(DT), b_s.to(DT))  # [BQ, BN]
+        b_gs = _dot(b_dy.to(DT), b_s.to(DT))  # [BQ, BN]
         b_eq = tl.exp(b_aq)
         b_dC += b_gs * b_eq[:, None]
         b_da = b_eq * tl.sum(b_gs * b_C.to(tl.float32), axis=1)
         if USE_STATE_OFFSET:
             b_ho = tl.load(h_off + i_b * s_hob + i_h * P * N + o_pn, mask=m_pn, other=0.0)
-            b_dC += tl.dot(b_dy.to(DT), b_ho.to(DT))
+            b_dC += _dot(b_dy.to(DT), b_ho.to(DT))
         # 2. intra-chunk: keys k <= q
         for k0 in range(0, CHUNK, BK):
             if k0 < (i_q + 1) * BQ:
@@ -511,10 +522,10 @@ def ssd_chunk_scan_bwd_dc_kernel(
                 b_ak = tl.load(a_cs + i_bh * TP + o_k)
                 b_dtk = tl.load(dt_p + i_bh * TP + o_k)
                 b_seg = tl.where(o_q[:, None] >= o_k[None, :], b_aq[:, None] - b_ak[None, :], float("-inf"))
-                b_gx = tl.dot(b_dy.to(b_x.dtype), tl.trans(b_x))  # [BQ, BK]
+                b_gx = _dot(b_dy.to(b_x.dtype), tl.trans(b_x))  # [BQ, BK]
                 b_W = tl.exp(b_seg) * b_gx * b_dtk[None, :]
-                b_dC += tl.dot(b_W.to(DT), b_B.to(DT))
-                b_cb = tl.dot(b_C, tl.trans(b_B.to(DT)))
+                b_dC += _dot(b_W.to(DT), b_B.to(DT))
+                b_cb = _dot(b_C, tl.trans(b_B.to(DT)))
                 b_da += tl.sum(b_cb * b_W, axis=1)
         tl.store(da + i_bh * TP + o_q, b_da)
     o_dC = ((i_b * T + o_q[:, None]) * G * NS + i_g * NS + i_s) * N + o_n[None, :]
