@@ -1,0 +1,253 @@
+"""Tokenised datasets, padding collate and a resumable, deterministic batch sampler.
+
+Sequences are `input ⧺ target` (+ EOS for generation tasks). `labels` are aligned with `input_ids` (not shifted):
+the loss shifts by one, as HF causal LMs do, so the logits at position t - 1 predict `labels[t]`. Input positions
+(the prompt) are -100. Batches are right-padded with the pad id (labels with -100) and carry an attention mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ssmtune.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizeStats:
+    """What tokenisation did to a split; `summary()` is a one-line report."""
+
+    num_examples: int = 0
+    """Examples given."""
+    num_kept: int = 0
+    """Examples in the dataset."""
+    num_truncated: int = 0
+    """Kept examples whose input was cut from the left to fit `max_length`."""
+    num_dropped_filter: int = 0
+    """Examples removed by the reference-style `length_filter`."""
+    num_dropped_too_long: int = 0
+    """Examples whose target alone does not fit `max_length` (targets are never cut)."""
+
+    def summary(self) -> str:
+        return (
+            f"{self.num_kept}/{self.num_examples} examples kept; {self.num_truncated} truncated (left), "
+            f"{self.num_dropped_filter} dropped by the length filter, "
+            f"{self.num_dropped_too_long} dropped because the target does not fit"
+        )
+
+
+class TokenizedDataset(Dataset):
+    """Token ids of a list of examples.
+
+    Each item: `input_ids` and `labels` (lists of the same length), `prompt_length` (number of input tokens; the
+    generation prompt is `input_ids[:prompt_length]`) and `example_index` (position in `examples`).
+    """
+
+    def __init__(self, items: list[dict], examples: list[dict], *, pad_token_id: int, stats: TokenizeStats) -> None:
+        self.items = items
+        self.examples = examples
+        self.pad_token_id = pad_token_id
+        self.stats = stats
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int) -> dict:
+        return self.items[idx]
+
+    def example(self, idx: int) -> dict:
+        """The source example of item `idx` (references, label, db_id, ...)."""
+        return self.examples[self.items[idx]["example_index"]]
+
+
+def tokenize_examples(
+    examples: list[dict],
+    tokenizer: Tokenizer,
+    *,
+    add_eos: bool,
+    max_length: int | None = None,
+    length_filter: int | None = None,
+    keep_prefix: bool = False,
+    encode_prefix_separately: bool = True,
+) -> TokenizedDataset:
+    """Tokenise examples into `input ⧺ target (+ EOS)` with labels masked on the input.
+
+    Args:
+        examples: dicts with `input`, `target` and optionally `prefix` (see `ssmtune.data.tasks`).
+        tokenizer: any ssmtune tokenizer.
+        add_eos: append EOS to the target (generation tasks); GLUE's digit labels take none.
+        max_length: longest sequence in tokens. A longer example has its input cut from the left (the target is
+            never cut); an example whose target (+ EOS) alone needs `max_length` tokens or more is dropped.
+        length_filter: drop examples whose input without its prefix + target (+ EOS) exceed this many tokens, as
+            the reference does for Spider (`max_seqlen=1536`; its count leaves the instruction prefix out).
+        keep_prefix: when truncating, cut just after the instruction prefix instead of at the very start.
+        encode_prefix_separately: tokenise `prefix` and the rest of the input separately and concatenate, as the
+            reference code does (BPE merges never cross the boundary); a no-op for the byte tokenizer.
+    """
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length!r}")
+    stats = TokenizeStats(num_examples=len(examples))
+    eos = [tokenizer.eos_token_id] if add_eos else []
+    prefix_cache: dict[str, list[int]] = {}
+    items = []
+    for i, ex in enumerate(examples):
+        for key in ("input", "target"):
+            if key not in ex:
+                raise ValueError(f"example {i} has no {key!r} field; its fields are {sorted(ex)}")
+        text, prefix = ex["input"], ex.get("prefix") or ""
+        if not (encode_prefix_separately and prefix and text.startswith(prefix)):
+            prefix = ""
+        if prefix not in prefix_cache:
+            prefix_cache[prefix] = tokenizer.encode(prefix) if prefix else []
+        prefix_ids = prefix_cache[prefix]
+        body_ids = tokenizer.encode(text[len(prefix) :])
+        target_ids = tokenizer.encode(ex["target"]) + eos
+        if not target_ids:
+            raise ValueError(f"example {i} has an empty target and no EOS, so it has nothing to learn")
+        if length_filter is not None and len(body_ids) + len(target_ids) > length_filter:
+            stats.num_dropped_filter += 1
+            continue
+        input_ids = prefix_ids + body_ids
+        if max_length is not None and len(input_ids) + len(target_ids) > max_length:
+            keep = max_length - len(target_ids)
+            if keep < 1:
+                stats.num_dropped_too_long += 1
+                continue
+            if keep_prefix and len(prefix_ids) < keep:
+                input_ids = prefix_ids + body_ids[len(body_ids) - (keep - len(prefix_ids)) :]
+            else:
+                input_ids = input_ids[-keep:]
+            stats.num_truncated += 1
+        items.append(
+            {
+                "input_ids": input_ids + target_ids,
+                "labels": [IGNORE_INDEX] * len(input_ids) + target_ids,
+                "prompt_length": len(input_ids),
+                "example_index": i,
+            }
+        )
+    stats.num_kept = len(items)
+    if stats.num_kept < stats.num_examples or stats.num_truncated:
+        logger.warning("tokenisation: %s", stats.summary())
+    return TokenizedDataset(items, examples, pad_token_id=tokenizer.pad_token_id, stats=stats)
+
+
+class Collator:
+    """Right-pads a list of items into `input_ids`, `labels`, `attention_mask` `[B, L]` plus per-row metadata."""
+
+    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(it["input_ids"]) for it in items)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(items)
+        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)  # [B, L]
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)  # [B, L]
+        for b, it in enumerate(items):
+            n = len(it["input_ids"])
+            input_ids[b, :n] = torch.tensor(it["input_ids"], dtype=torch.long)
+            labels[b, :n] = torch.tensor(it["labels"], dtype=torch.long)
+            attention_mask[b, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "prompt_lengths": torch.tensor([it["prompt_length"] for it in items], dtype=torch.long),  # [B]
+            "example_index": torch.tensor([it["example_index"] for it in items], dtype=torch.long),  # [B]
+        }
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Batches of indices in an order fixed by (seed, epoch), resumable from any (epoch, index) position.
+
+    Epoch e's order is `torch.randperm(n)` from a Generator seeded with `seed * 1_000_003 + e` (identity order
+    when `shuffle=False`). `index` counts the samples of the current epoch already handed out; iterating to the
+    end of an epoch advances `epoch` and resets `index`. `state_dict()` is exact for `num_workers=0` DataLoaders
+    (batches are drawn one at a time); with workers that prefetch, save `{"epoch": e, "index": steps * batch_size}`
+    from the training loop's own count instead.
+    """
+
+    def __init__(
+        self, num_examples: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if num_examples < 1:
+            raise ValueError(f"num_examples must be >= 1, got {num_examples!r}")
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.index = 0
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_examples))
+        gen = torch.Generator()
+        gen.manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+        return torch.randperm(self.num_examples, generator=gen).tolist()
+
+    def _end(self) -> int:
+        if self.drop_last:
+            return self.num_examples - self.num_examples % self.batch_size
+        return self.num_examples
+
+    def __iter__(self):
+        order = self.order(self.epoch)
+        end = self._end()
+        while self.index < end:
+            batch = order[self.index : min(self.index + self.batch_size, end)]
+            self.index += len(batch)
+            yield batch
+        self.epoch += 1
+        self.index = 0
+
+    def __len__(self) -> int:
+        """Batches in a full epoch."""
+        if self.drop_last:
+            return self.num_examples // self.batch_size
+        return (self.num_examples + self.batch_size - 1) // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.index = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if not 0 <= index <= self.num_examples:
+            raise ValueError(f"sampler index must lie in [0, {self.num_examples}], got {index!r}")
+        self.epoch, self.index = epoch, index
+
+
+def make_dataloader(
+    tokenized: TokenizedDataset,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = True,
+    num_workers: int = 0,
+    pad_to_multiple_of: int | None = None,
+) -> DataLoader:
+    """A DataLoader over a tokenised dataset; its `batch_sampler` is a `ResumableBatchSampler`.
+
+    Training follows the reference (shuffled, last incomplete batch dropped); for evaluation pass
+    `shuffle=False, drop_last=False`.
+    """
+    sampler = ResumableBatchSampler(len(tokenized), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    collate = Collator(tokenized.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+    return DataLoader(tokenized, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
