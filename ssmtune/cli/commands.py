@@ -1,0 +1,378 @@
+"""The CLI commands: each is a typed function of one argument dataclass (see ``ssmtune.cli.args``)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssmtune.cli.args import (
+    BenchArgs,
+    CompareArgs,
+    EvalCommandArgs,
+    GenerateArgs,
+    PretrainArgs,
+    TrainArgs,
+    dump_yaml,
+    flatten,
+    load_recipe,
+)
+
+FULL = "full"
+# Convenience names (used by the recipes' file names) for a registered method with fixed options.
+METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "state_offset_h": ("state_offset", {"variant": "h"}),
+    "state_offset_y": ("state_offset", {"variant": "y"}),
+}
+BYTE_TOKENIZER_MARKER = {"tokenizer_class": "ByteTokenizer"}
+
+
+def method_names() -> list[str]:
+    from ssmtune.core.registry import known_methods
+
+    return sorted({*known_methods(), *METHOD_ALIASES, FULL})
+
+
+def make_adapter_configs(method: str, method_args: dict[str, Any]) -> list | None:
+    """The adapter config list of a CLI method name (None for full fine-tuning)."""
+    if method == FULL:
+        if method_args:
+            raise ValueError(f"method 'full' takes no method_args, got {sorted(method_args)}")
+        return None
+    from ssmtune.core.registry import known_methods
+
+    name, preset = METHOD_ALIASES.get(method, (method, {}))
+    if name not in known_methods():
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(method_names())}")
+    from ssmtune.core.registry import get_method
+
+    cls = get_method(name).config_cls
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(method_args) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
+    return [cls(**{**preset, **method_args})]
+
+
+def validate_train_args(args: TrainArgs) -> None:
+    """Checks that need no model or data: the method and its options, the task name."""
+    from ssmtune.data import get_task
+
+    make_adapter_configs(args.method, args.method_args)
+    get_task(args.data.task)
+
+
+def load_base_model(spec: str, *, backend: str = "auto") -> nn.Module:
+    """A model folder or ``builtin:<name>`` through ``ssmtune.models.load_model``."""
+    from ssmtune.models import load_model
+
+    model = load_model(spec)
+    if backend != "auto" and hasattr(model, "backend"):
+        model.backend = backend
+    return model
+
+
+def load_tokenizer_for(tokenizer: str | None, model: str):
+    """The tokenizer given by ``--tokenizer``, else the model folder's (a byte-tokenizer marker counts)."""
+    from ssmtune.tokenizer import ByteTokenizer, load_tokenizer
+
+    if tokenizer is None and model.startswith("builtin:"):
+        from ssmtune.models import load_model  # noqa: F401  (builtin models use the byte tokenizer)
+
+        return ByteTokenizer()
+    folder = tokenizer or model
+    if folder == "byte":
+        return ByteTokenizer()
+    marker = Path(folder) / "tokenizer_config.json"
+    if marker.is_file():
+        cfg = json.loads(marker.read_text())
+        if cfg.get("tokenizer_class") == BYTE_TOKENIZER_MARKER["tokenizer_class"]:
+            return ByteTokenizer(add_sep_token=bool(cfg.get("add_sep_token", False)))
+    return load_tokenizer(folder)
+
+
+def _cast(model: nn.Module, precision: str, device: str) -> nn.Module:
+    from ssmtune.train.loop import DTYPES, resolve_device
+
+    model.to(resolve_device(device))
+    if precision != "fp32":
+        model.to(DTYPES[precision])
+    return model
+
+
+def _run_name(args: TrainArgs) -> str:
+    model = args.model.split(":", 1)[-1].rstrip("/")
+    raw = args.name or f"{Path(model).name}-{args.data.task}-{args.method}"
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", raw)
+
+
+def _trainable(model: nn.Module) -> tuple[int, int]:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
+def train(args: TrainArgs) -> dict[str, Any]:
+    """Fine-tune; writes runs/<name>/{config.yaml, metrics.jsonl, checkpoints/, best/, final/, results.json, *.png}."""
+    from ssmtune.core.peft_model import get_peft_model
+    from ssmtune.data import Collator, get_task, load_examples, tokenize_examples
+    from ssmtune.eval.evaluate import evaluate, load_eval_dataset
+    from ssmtune.train import fit
+    from ssmtune.train.plots import plot_run
+
+    validate_train_args(args)
+    run_dir = Path(args.out_dir) / _run_name(args)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(args, run_dir / "config.yaml")
+    task = get_task(args.data.task)
+    tokenizer = load_tokenizer_for(args.tokenizer, args.model)
+    examples = load_examples(args.data, "train")
+    train_ds = tokenize_examples(examples, tokenizer, add_eos=task.add_eos, max_length=args.max_length)
+
+    torch.manual_seed(args.train.seed)
+    model = load_base_model(args.model, backend=args.backend)
+    configs = make_adapter_configs(args.method, args.method_args)
+    if configs is None:
+        model.requires_grad_(True)
+    else:
+        model = get_peft_model(model, configs)
+    n_train, n_total = _trainable(model)
+
+    eval_fn = None
+    if args.eval.mode != "none":
+        eval_ds = load_eval_dataset(args.data, tokenizer, args.eval)
+
+        def eval_fn(m: nn.Module) -> dict[str, float]:
+            return evaluate(m, tokenizer, args.data, args.eval, dataset=eval_ds)
+
+    start = time.perf_counter()
+    result = fit(model, train_ds, Collator(tokenizer.pad_token_id), config=args.train, out_dir=run_dir, eval_fn=eval_fn)
+    from ssmtune.train.plots import read_metrics
+
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "eval"]
+    best_eval = next((r for r in evals if r["step"] == result.best_step), evals[-1] if evals else {})
+    summary = {
+        "run": run_dir.name,
+        "model": args.model,
+        "task": task.name,
+        "method": args.method,
+        "method_args": args.method_args,
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "steps": result.step,
+        "epochs": result.epoch,
+        "best_metric": result.best_metric,
+        "best_value": result.best_value,
+        "best_step": result.best_step,
+        "best_eval": {k: v for k, v in best_eval.items() if k not in ("type",)},
+        "last_eval": result.last_eval,
+        "resumed_from": result.resumed_from,
+        "train_time_s": time.perf_counter() - start,
+    }
+    (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_run(run_dir)
+    print(json.dumps({k: summary[k] for k in ("run", "trainable_params", "steps", "best_metric", "best_value")}))
+    return summary
+
+
+def eval(args: EvalCommandArgs) -> dict[str, Any]:
+    """Evaluate a model (+ adapter) and print the result JSON."""
+    from ssmtune.core.io import load_adapter
+    from ssmtune.data import get_task
+    from ssmtune.eval.evaluate import evaluate
+
+    get_task(args.data.task)
+    tokenizer = load_tokenizer_for(args.tokenizer, args.model)
+    model = load_base_model(args.model, backend=args.backend)
+    if args.adapter is not None:
+        model = load_adapter(model, args.adapter)
+    _cast(model, args.precision, args.device)
+    result = evaluate(model, tokenizer, args.data, args.eval)
+    result.update({"model": args.model, "adapter": args.adapter})
+    text = json.dumps(result, indent=2)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return result
+
+
+def generate(args: GenerateArgs) -> str:
+    """Print the completion of a prompt."""
+    from ssmtune.core.io import load_adapter
+    from ssmtune.eval.generation import generate_text
+
+    tokenizer = load_tokenizer_for(args.tokenizer, args.model)
+    model = load_base_model(args.model, backend=args.backend)
+    if args.adapter is not None:
+        model = load_adapter(model, args.adapter)
+    _cast(model, args.precision, args.device).eval()
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                         do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                         generator=gen)  # fmt: skip
+    print(text)
+    return text
+
+
+def _headline(row: dict[str, Any]) -> float | None:
+    ev = row.get("best_eval") or {}
+    return ev.get("score")
+
+
+def compare(args: CompareArgs) -> list[dict[str, Any]]:
+    """Train (or read) several runs and write compare.md, compare.csv and compare.png."""
+    from ssmtune.cli.args import (
+        _coerce,  # noqa: F401  (values are checked when the recipe is built)
+        build,
+    )
+    from ssmtune.train.plots import plot_comparison
+
+    if not args.recipes and not args.runs:
+        raise ValueError("compare needs --recipes and/or --runs")
+    overrides = flatten(_nest(args.overrides), TrainArgs, where="--overrides")
+    rows = []
+    for recipe in args.recipes:
+        targs = build(TrainArgs, {**load_recipe(recipe, TrainArgs), **overrides})
+        run_dir = Path(targs.out_dir) / _run_name(targs)
+        results = run_dir / "results.json"
+        if not results.is_file():
+            train(targs)
+        rows.append(json.loads(results.read_text()))
+    for run in args.runs:
+        results = Path(run) / "results.json"
+        if not results.is_file():
+            raise FileNotFoundError(f"run folder {run!r} has no results.json (did its training finish?)")
+        rows.append(json.loads(results.read_text()))
+    metric = args.metric or "score"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = []
+    for r in rows:
+        ev = r.get("best_eval") or {}
+        table.append({"run": r["run"], "task": r["task"], "method": r["method"],
+                      "trainable_params": r["trainable_params"], "steps": r["steps"],
+                      metric: ev.get(metric), "loss": ev.get("loss")})  # fmt: skip
+    cols = list(table[0])
+    with (out / "compare.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(table)
+    fmt = lambda v: (
+        f"{v:.4g}" if isinstance(v, float) else ("" if v is None else f"{v:,}" if isinstance(v, int) else str(v))
+    )
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(row[c]) for c in cols) + " |" for row in table]
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    scored = [row for row in table if isinstance(row[metric], (int, float))]
+    if scored:
+        plot_comparison([r["run"] for r in scored], [r["trainable_params"] for r in scored],
+                        [r[metric] for r in scored], metric=metric, path=out / "compare.png")  # fmt: skip
+    print("\n".join(lines))
+    return table
+
+
+def _nest(d: dict[str, Any]) -> dict[str, Any]:
+    """{"train.lr": 1} -> {"train": {"lr": 1}} (dotted keys in --overrides)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _read_corpus(path: Path) -> list[str]:
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"corpus folder {str(path)!r} holds no *.txt files")
+        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus {str(path)!r} does not exist")
+    return [path.read_text(encoding="utf-8", errors="replace")]
+
+
+def pretrain(args: PretrainArgs) -> Path:
+    """Train a model from scratch on packed byte-level sequences and save it with save_pretrained."""
+    from ssmtune.data import TokenizedDataset
+    from ssmtune.data.tokenize import Collator, TokenizeStats
+    from ssmtune.models import Mamba2Config, MambaConfig, causal_lm_for
+    from ssmtune.tokenizer import ByteTokenizer
+    from ssmtune.train import fit
+    from ssmtune.train.plots import plot_run
+
+    tok = ByteTokenizer()
+    ids: list[int] = []
+    for doc in _read_corpus(Path(args.corpus)):
+        ids += tok.encode(doc) + [tok.eos_token_id]
+    n_seq = len(ids) // args.seq_len
+    if n_seq < 2:
+        raise ValueError(
+            f"corpus {args.corpus!r} has {len(ids)} tokens, too few for 2 sequences of seq_len={args.seq_len}"
+        )
+    seqs = [ids[i * args.seq_len : (i + 1) * args.seq_len] for i in range(n_seq)]
+    n_val = max(1, int(round(n_seq * args.val_fraction)))
+    items = [{"input_ids": s, "labels": s, "prompt_length": 1, "example_index": i} for i, s in enumerate(seqs)]
+    train_ds = TokenizedDataset(items[n_val:], [], pad_token_id=tok.pad_token_id, stats=TokenizeStats())
+    val_items = items[:n_val]
+
+    shape = args.shape
+    common = {"d_model": shape.d_model, "n_layer": shape.n_layer, "d_state": shape.d_state,
+              "vocab_size": tok.vocab_size}  # fmt: skip
+    config = MambaConfig(**common) if shape.arch == "mamba" else Mamba2Config(**common, headdim=shape.headdim)
+    torch.manual_seed(args.train.seed)
+    model = causal_lm_for(config)
+    if args.backend != "auto":
+        model.backend = args.backend
+    collate = Collator(tok.pad_token_id)
+
+    def eval_fn(m: nn.Module) -> dict[str, float]:
+        from ssmtune.train.loop import token_loss
+
+        dev = next(m.parameters()).device
+        total, count = 0.0, 0
+        for j in range(0, len(val_items), 8):
+            b = collate(val_items[j : j + 8])
+            s, n = token_loss(m(b["input_ids"].to(dev)).logits, b["labels"].to(dev))
+            total, count = total + float(s), count + n
+        return {"loss": total / max(count, 1)}
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_yaml(args, out / "pretrain_config.yaml")
+    fit(model, train_ds, collate, config=args.train, out_dir=out / "training", eval_fn=eval_fn,
+        save_fn=lambda m, d: None)  # fmt: skip
+    model.save_pretrained(out)
+    (out / "tokenizer_config.json").write_text(json.dumps(BYTE_TOKENIZER_MARKER) + "\n")
+    plot_run(out / "training")
+    print(f"saved {sum(p.numel() for p in model.parameters()):,d}-parameter model to {out}")
+    return out
+
+
+def bench(args: BenchArgs) -> int:
+    """Run benchmarks/<script>.py with the given arguments."""
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    script = root / f"{args.script}.py"
+    if not script.is_file():
+        found = sorted(p.stem for p in root.glob("*.py")) if root.is_dir() else []
+        raise FileNotFoundError(f"no benchmark {args.script!r} ({script} does not exist); available: {found}")
+    return subprocess.call([sys.executable, str(script), *args.args])
+
+
+def demo(argv: list[str]) -> Any:
+    """The guided demo (owned by ssmtune.demo)."""
+    import inspect
+
+    from ssmtune.demo import main as demo_main
+
+    return demo_main(argv) if inspect.signature(demo_main).parameters else demo_main()
