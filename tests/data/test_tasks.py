@@ -317,3 +317,22 @@ def test_hub_without_datasets_is_a_clear_error():
             load_examples(TaskConfig(task="rte"), "train")
     else:
         pytest.skip("datasets is installed; the hub path needs a network")
+
+
+def test_hub_source_goes_through_datasets(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(hub_id, config, split):
+        calls.append((hub_id, config, split))
+        return [{"premise": split, "hypothesis": "h", "label": 2}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    exs = load_examples(TaskConfig(task="mnli"), "validation")
+    assert calls == [("nyu-mll/glue", "mnli", "validation_matched"), ("nyu-mll/glue", "mnli", "validation_mismatched")]
+    assert [e["input"] for e in exs] == [
+        GLUE_INSTRUCTIONS["mnli"] + "validation_matched###h###",
+        GLUE_INSTRUCTIONS["mnli"] + "validation_mismatched###h###",
+    ]
