@@ -213,12 +213,8 @@ def test_ssd_prefill_then_step_equals_scan():
     assert_close("y_step", y_full[:, -1], y_step, 1e-4)
 
 
-GPU_CASES = [
-    (seqlen, g, dtype)
-    for seqlen in (2048 + 16, 1031)
-    for g in (1, 8)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16)
-]
+# (L, G, dtype): 2048 + 16 with one group; an odd length with 8 groups and per-row states/offsets
+GPU_CASES = [(seqlen, g, dtype) for seqlen, g in ((2048 + 16, 1), (1031, 8)) for dtype in RATIO_GPU]
 
 
 @pytest.mark.gpu

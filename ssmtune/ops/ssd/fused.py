@@ -770,10 +770,10 @@ def _ssd_bwd(
     }
     ssd_chunk_scan_bwd_dx_kernel[grid](
         x, B, C, dt_p, a_cs, dy, dstates, D, dx, dB, ddt_direct, da_k, dD_part, dy_sum, T,
-        D_HAS_HDIM=D is not None and D.dim() == 2, **common,
+        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=8, **common,
     )  # fmt: skip
     ssd_chunk_scan_bwd_dc_kernel[grid](
-        x, B, C, dt_p, a_cs, dy, states, h_off, dC, da_q, _batch_stride(h_off, 4), T, **common
+        x, B, C, dt_p, a_cs, dy, states, h_off, dC, da_q, _batch_stride(h_off, 4), T, num_warps=8, **common
     )
     # 3. ∂a → ∂Δ, ∂A through the chunk cumsum, then through softplus and dt_bias
     ddt = torch.empty_like(dt)
