@@ -1,8 +1,8 @@
 """Spider text-to-SQL scores: execution accuracy on sqlite and a simplified exact-set match.
 
-These approximate the official evaluator. The reference for published numbers is the official evaluator
-(taoyds/spider `evaluation.py`, and test-suite-sql-eval for execution with test suites); use it for anything
-compared with papers.
+Both only APPROXIMATE the official evaluator. The reference for published numbers is the official evaluator,
+test-suite-sql-eval (taoyds/test-suite-sql-eval, successor of taoyds/spider `evaluation.py`): use it for any number
+compared with papers, and these functions for fast in-training monitoring.
 
 - Execution accuracy runs the gold and predicted SQL on `database/<db_id>/<db_id>.sqlite` (read-only, with a
   timeout) and compares the results as multisets of rows, or as ordered lists when the gold query has ORDER BY.
