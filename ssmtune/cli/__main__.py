@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if name == "train":
         try:
             epilog = "methods: " + ", ".join(commands.method_names())
-        except Exception as e:  # the registry is optional for --help
+        except (ImportError, ValueError) as e:  # the registry is optional for --help
             epilog = f"methods: unavailable ({e})"
         epilog += "\nexample: ssmtune train --recipe recipes/mamba-130m/rte/state_offset_h.yaml --train.epochs 1"
     args = parse(tp, rest, prog=f"ssmtune {name}", epilog=epilog)

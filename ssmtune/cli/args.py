@@ -11,6 +11,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import itertools
 import textwrap
 import types
 import typing
@@ -189,14 +190,17 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError):
             continue
         body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                if (
+        for node, nxt in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and (
                     isinstance(nxt, ast.Expr)
                     and isinstance(nxt.value, ast.Constant)
                     and isinstance(nxt.value.value, str)
-                ):
-                    docs[node.target.id] = " ".join(nxt.value.value.split())
+                )
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
 
@@ -336,7 +340,7 @@ def flatten(mapping: dict[str, Any], cls: type, *, where: str) -> dict[str, Any]
                 raise ValueError(f"unknown key {key!r} in {where}; valid keys: {', '.join(keys)}")
 
     if not isinstance(mapping, dict):
-        raise ValueError(f"{where} must hold a YAML mapping, got {type(mapping).__name__}")
+        raise ValueError(f"{where} must hold a YAML mapping, got {type(mapping).__name__}")  # noqa: TRY004
     walk(mapping, "")
     return out
 

@@ -75,21 +75,32 @@ def load_base_model(spec: str, *, backend: str = "auto") -> nn.Module:
     """A model folder or ``builtin:<name>`` through ``ssmtune.models.load_model``."""
     from ssmtune.models import load_model
 
-    model = load_model(spec)
+    model = load_model(resolve_model_path(spec))
     if backend != "auto" and hasattr(model, "backend"):
         model.backend = backend
     return model
+
+
+BUILTIN_MODELS = Path(__file__).resolve().parents[1] / "builtin" / "models"
+
+
+def resolve_model_path(spec: str) -> str:
+    """``builtin:<name>`` -> the packaged folder ``ssmtune/builtin/models/<name>``; other specs pass through."""
+    if not spec.startswith("builtin:"):
+        return spec
+    name = spec.split(":", 1)[1]
+    folder = BUILTIN_MODELS / name
+    if not folder.is_dir():
+        found = sorted(p.name for p in BUILTIN_MODELS.iterdir() if p.is_dir()) if BUILTIN_MODELS.is_dir() else []
+        raise FileNotFoundError(f"no built-in model {name!r}; available: {found}")
+    return str(folder)
 
 
 def load_tokenizer_for(tokenizer: str | None, model: str):
     """The tokenizer given by ``--tokenizer``, else the model folder's (a byte-tokenizer marker counts)."""
     from ssmtune.tokenizer import ByteTokenizer, load_tokenizer
 
-    if tokenizer is None and model.startswith("builtin:"):
-        from ssmtune.models import load_model  # noqa: F401  (builtin models use the byte tokenizer)
-
-        return ByteTokenizer()
-    folder = tokenizer or model
+    folder = tokenizer or resolve_model_path(model)
     if folder == "byte":
         return ByteTokenizer()
     marker = Path(folder) / "tokenizer_config.json"
@@ -321,7 +332,7 @@ def pretrain(args: PretrainArgs) -> Path:
             f"corpus {args.corpus!r} has {len(ids)} tokens, too few for 2 sequences of seq_len={args.seq_len}"
         )
     seqs = [ids[i * args.seq_len : (i + 1) * args.seq_len] for i in range(n_seq)]
-    n_val = max(1, int(round(n_seq * args.val_fraction)))
+    n_val = max(1, round(n_seq * args.val_fraction))
     items = [{"input_ids": s, "labels": s, "prompt_length": 1, "example_index": i} for i, s in enumerate(seqs)]
     train_ds = TokenizedDataset(items[n_val:], [], pad_token_id=tok.pad_token_id, stats=TokenizeStats())
     val_items = items[:n_val]

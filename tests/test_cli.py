@@ -1,0 +1,174 @@
+"""End to end: `ssmtune train / eval / generate / compare / pretrain` on a tiny model saved to tmp, and clear errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ssmtune.cli.__main__ import COMMANDS, arg_type, main
+from ssmtune.models import MambaConfig, causal_lm_for
+
+BYTE_MARKER = '{"tokenizer_class": "ByteTokenizer"}\n'
+
+
+def save_tiny(folder: Path, d_model: int = 16) -> Path:
+    torch.manual_seed(0)
+    model = causal_lm_for(MambaConfig(d_model=d_model, n_layer=2, d_state=4, vocab_size=264))
+    model.save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text(BYTE_MARKER)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    base = save_tiny(root / "base")
+    rte = root / "rte"
+    rte.mkdir()
+    words = ["cats sleep", "dogs run", "birds fly", "fish swim", "a b", "c d", "e f", "g h"]
+    for split, n in (("train", 16), ("validation", 4)):
+        rows = [{"sentence1": words[i % 8], "sentence2": words[(i * 3) % 8], "label": i % 2} for i in range(n)]
+        (rte / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gen = root / "gen"
+    gen.mkdir()
+    for split, n in (("train", 8), ("validation", 2)):
+        rows = [{"input": f"say {w}", "target": w} for w in words[:n]]
+        (gen / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "base": base, "rte": rte, "gen": gen, "runs": root / "runs"}
+
+
+def train_argv(env, name: str, *extra: str) -> list[str]:
+    return ["train", "--model", str(env["base"]), "--data.task", "rte", "--data.data_dir", str(env["rte"]),
+            "--train.epochs", "2", "--train.lr", "1e-2", "--train.save_steps", "2", "--train.progress", "false",
+            "--train.log_steps", "1", "--train.best_metric", "score", "--eval.batch_size", "4",
+            "--out_dir", str(env["runs"]), "--name", name, *extra]  # fmt: skip
+
+
+def test_commands_dict_matches_parsers():
+    assert set(COMMANDS) == {"train", "eval", "generate", "compare", "pretrain", "bench", "demo"}
+    for name, fn in COMMANDS.items():
+        tp = arg_type(fn)
+        assert tp == list[str] if name == "demo" else tp.__name__.endswith("Args"), name
+
+
+def test_train_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--recipe", "--model", "--method_args", "--data.task", "--data.data_dir", "--train.lr",
+                 "--train.micro_batch_size", "--train.precision", "--eval.num_beams", "Peak learning rate"):  # fmt: skip
+        assert flag in out, flag
+    assert "state_offset_h" in out and "full" in out  # the method list in the epilog
+
+
+def test_train_eval_generate(env, capsys):
+    assert main(train_argv(env, "soh")) == 0
+    run = env["runs"] / "soh"
+    for f in ("config.yaml", "metrics.jsonl", "results.json", "loss.png", "eval.png", "best/adapter_config.json",
+              "final/adapter_model.safetensors"):  # fmt: skip
+        assert (run / f).exists(), f
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["lr"] == 0.01 and config["method"] == "state_offset_h" and config["data"]["task"] == "rte"
+    results = json.loads((run / "results.json").read_text())
+    # h' of 2 layers x D=32 x N=4.
+    assert results["trainable_params"] == 2 * 32 * 4 and results["steps"] == 8
+    assert {"accuracy", "ref_accuracy", "out_of_class", "loss", "score"} <= set(results["best_eval"])
+    capsys.readouterr()
+
+    out_json = env["root"] / "eval.json"
+    argv = ["eval", "--model", str(env["base"]), "--adapter", str(run / "best"), "--data.task", "rte",
+            "--data.data_dir", str(env["rte"]), "--output", str(out_json)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out_json.read_text())
+    assert result["num_examples"] == 4 and result["mode"] == "classification"
+    assert result["accuracy"] == pytest.approx(results["best_eval"]["accuracy"])
+    capsys.readouterr()
+    argv = ["generate", "--model", str(env["base"]), "--adapter", str(run / "final"), "--prompt", "cats",
+            "--max_new_tokens", "3", "--num_beams", "2"]  # fmt: skip
+    assert main(argv) == 0
+
+
+def test_full_finetune_and_compare(env, capsys):
+    assert main(train_argv(env, "full", "--method", "full", "--train.epochs", "1", "--eval.mode", "loss")) == 0
+    final = env["runs"] / "full" / "final"
+    assert (final / "model.safetensors").exists() and (final / "config.json").exists()
+    # A generation recipe run by compare, next to the finished run above.
+    recipe = env["root"] / "gen_lora.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(env["base"]), "tokenizer": str(env["base"]), "method": "lora",
+        "method_args": {"r": 2, "target_modules": ["x_proj", "dt_proj"]},
+        "data": {"task": "jsonl", "data_dir": str(env["gen"])},
+        "train": {"epochs": 1, "lr": 1e-2, "progress": False, "save_steps": 0, "best_metric": "score"},
+        "eval": {"mode": "generation", "num_beams": 2, "max_new_tokens": 4, "min_new_tokens": 1},
+        "out_dir": str(env["runs"]), "name": "gen-lora",
+    }))  # fmt: skip
+    out = env["root"] / "cmp"
+    argv = ["compare", "--recipes", f"[{recipe}]", "--runs", f"[{env['runs'] / 'full'}]", "--out", str(out)]
+    assert main(argv) == 0
+    lines = (out / "compare.csv").read_text().splitlines()
+    assert lines[0].startswith("run,task,method,trainable_params") and len(lines) == 3
+    assert "gen-lora" in (out / "compare.md").read_text() and (out / "compare.png").exists()
+    gen = json.loads((env["runs"] / "gen-lora" / "results.json").read_text())
+    assert "rougeL" in gen["best_eval"] and gen["trainable_params"] > 0
+
+
+def test_pretrain_then_generate(env, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the cat sat on the mat. " * 20)
+    out = tmp_path / "model"
+    argv = ["pretrain", "--corpus", str(corpus), "--out", str(out), "--shape.d_model", "16", "--shape.n_layer", "1",
+            "--shape.d_state", "4", "--seq_len", "32", "--train.max_steps", "3", "--train.batch_size", "2",
+            "--train.progress", "false", "--train.warmup_steps", "0", "--val_fraction", "0.2"]  # fmt: skip
+    assert main(argv) == 0
+    assert (out / "model.safetensors").exists() and (out / "training" / "metrics.jsonl").exists()
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "the", "--max_new_tokens", "4"]) == 0
+
+
+def test_clear_errors(env, tmp_path, capsys):
+    # A missing dataset file.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = train_argv(env, "x")
+    argv[argv.index("--data.data_dir") + 1] = str(empty)
+    assert main(argv) == 2
+    assert "no dataset file in" in capsys.readouterr().err
+
+    # A recipe with an unknown key: the parser names it and lists the valid ones.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\ndata: {task: rte}\ntrain: {lrr: 1.0}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--recipe", str(bad)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'train.lrr'" in err and "valid keys:" in err and "train.lr," in err
+
+    # A recipe with an unknown method lists the methods.
+    bad.write_text(f"model: {env['base']}\nmethod: state_offsett\ndata: {{task: rte}}\n")
+    assert main(["train", "--recipe", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'state_offsett'" in err and "state_offset_h" in err and "lora" in err
+
+    # A model folder without a tokenizer.
+    bare = tmp_path / "bare"
+    shutil.copytree(env["base"], bare)
+    (bare / "tokenizer_config.json").unlink()
+    argv = train_argv(env, "y")
+    argv[argv.index("--model") + 1] = str(bare)
+    assert main(argv) == 2
+    assert "no tokenizer in" in capsys.readouterr().err
+
+    # An adapter trained for another base model.
+    other = save_tiny(tmp_path / "other", d_model=24)
+    adapter = env["runs"] / "soh" / "final"
+    if not adapter.exists():
+        assert main(train_argv(env, "soh")) == 0
+    argv = ["eval", "--model", str(other), "--adapter", str(adapter), "--data.task", "rte",
+            "--data.data_dir", str(env["rte"])]  # fmt: skip
+    assert main(argv) == 2
+    assert "different base model" in capsys.readouterr().err
