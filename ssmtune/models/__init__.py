@@ -11,6 +11,7 @@ from .lm import (
     SSMForSequenceClassification,
     causal_lm_for,
 )
+from .loading import load_model, save_pretrained
 from .mamba import MambaMixer
 from .mamba2 import Mamba2Mixer, RMSNormGated
 
@@ -30,4 +31,6 @@ __all__ = [
     "SSMForSequenceClassification",
     "SequenceClassifierOutput",
     "causal_lm_for",
+    "load_model",
+    "save_pretrained",
 ]

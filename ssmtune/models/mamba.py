@@ -25,9 +25,9 @@ def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
-def sample_dt(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
+def sample_dt(n: int, dt_min: float, dt_max: float, floor: float, device: torch.device | None = None) -> torch.Tensor:
     """Δ ~ logUniform[dt_min, dt_max], clamped below at ``floor``."""
-    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = torch.exp(torch.rand(n, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     return dt.clamp(min=floor)
 
 
@@ -68,11 +68,13 @@ class MambaMixer(nn.Module):
             nn.init.constant_(self.dt_proj.weight, std)
         else:
             nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = sample_dt(self.d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+        # explicit devices: the model may be built on the meta device before loading a checkpoint
+        dev = self.A_log.device
+        dt = sample_dt(self.d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, dev)
         self.dt_proj.bias.copy_(_inverse_softplus(dt))
         self.dt_proj.bias._no_reinit = True
         n = self.A_log.shape[-1]
-        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(self.d_inner, n))
+        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32, device=dev)).expand(self.d_inner, n))
         self.D.fill_(1.0)
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True

@@ -72,9 +72,10 @@ class Mamba2Mixer(nn.Module):
         """mamba_ssm's init: dt_bias = softplus⁻¹(Δ), A = uniform(A_init_range), D = 1."""
         cfg = self.config
         h = self.A_log.shape[0]
-        self.dt_bias.copy_(_inverse_softplus(sample_dt(h, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)))
+        dev = self.A_log.device
+        self.dt_bias.copy_(_inverse_softplus(sample_dt(h, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, dev)))
         lo, hi = cfg.A_init_range
-        self.A_log.copy_(torch.log(torch.empty(h).uniform_(lo, hi)))
+        self.A_log.copy_(torch.log(torch.empty(h, device=dev).uniform_(lo, hi)))
         self.D.fill_(1.0)
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True

@@ -73,16 +73,13 @@ def test_beam_search_with_all_beams_is_exhaustive() -> None:
     model = make_model("mamba", vocab=8)
     ids = torch.randint(0, 8, (2, 3))
     out = model.generate(ids, max_new_tokens=2, num_beams=8)
+    pairs = torch.tensor(list(itertools.product(range(8), repeat=2)))  # [64, 2]
     with torch.no_grad():
         for b in range(2):
-            best, best_seq = -float("inf"), None
-            for t1, t2 in itertools.product(range(8), repeat=2):
-                seq = torch.cat([ids[b], torch.tensor([t1, t2])])[None]
-                lp = model(seq).logits.log_softmax(-1)[0]
-                score = (lp[2, t1] + lp[3, t2]).item()
-                if score > best:
-                    best, best_seq = score, seq[0]
-            assert torch.equal(out[b], best_seq)
+            seqs = torch.cat([ids[b].expand(64, -1), pairs], 1)  # every 2-token continuation
+            lp = model(seqs).logits.log_softmax(-1)
+            scores = lp[:, 2].gather(1, pairs[:, :1])[:, 0] + lp[:, 3].gather(1, pairs[:, 1:])[:, 0]
+            assert torch.equal(out[b], seqs[scores.argmax()])
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
