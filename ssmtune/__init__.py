@@ -9,6 +9,7 @@ from .models import (
     MambaForCausalLM,
     SSMForCausalLM,
     SSMForSequenceClassification,
+    load_model,
 )
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "MambaForCausalLM",
     "SSMForCausalLM",
     "SSMForSequenceClassification",
+    "load_model",
 ]
 
 from .core.config import AdapterConfig
