@@ -85,7 +85,8 @@ class InferenceCache:
         mixers = list(mixers)
         cache = cls(len(mixers))
         for layer, mixer in zip(cache.layers, mixers):
-            ref = mixer.A_log
+            # the conv window holds activations: default to the conv weight's dtype (A_log stays fp32)
+            ref = mixer.conv1d.weight
             dev = ref.device if device is None else torch.device(device)
             layer.conv_state = torch.zeros(batch_size, *mixer.conv_state_shape, dtype=dtype or ref.dtype, device=dev)
             layer.ssm_state = torch.zeros(batch_size, *mixer.state_shape, dtype=torch.float32, device=dev)

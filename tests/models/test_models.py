@@ -275,3 +275,21 @@ def test_reorder_selects_rows() -> None:
     torch.testing.assert_close(cache[1].ssm_state, before[[2, 2, 0]])
     with pytest.raises(ValueError, match="cache holds batch 3"):
         model(ids[:2, :1], cache=cache)
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_bf16_weights_decode_close_to_forward(arch: str) -> None:
+    model = make_model(arch)
+    ids = torch.randint(0, 70, (2, 8))
+    ref = model(ids).logits
+    model = model.to(torch.bfloat16)
+    for _, mixer in model.mixers():
+        mixer.A_log.data, mixer.D.data = mixer.A_log.data.float(), mixer.D.data.float()
+    full = model(ids).logits
+    cache = model.allocate_cache(2)
+    assert cache[0].conv_state.dtype == torch.bfloat16 and cache[0].ssm_state.dtype == torch.float32
+    steps = [model(ids[:, :4], cache=cache).logits] + [
+        model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 8)
+    ]
+    torch.testing.assert_close(full, ref, rtol=0.05, atol=2e-2)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0.05, atol=2e-2)
