@@ -1,0 +1,145 @@
+"""Adapter folders: config round trip, refusal of a different base or a damaged file, peft LoRA export."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent / "methods"))
+from _peft_cases import CASES, perturb, tiny_model
+
+from ssmtune import AdapterConfig, LoraConfig, StateOffsetConfig, get_peft_model, load_adapter
+from ssmtune.core.registry import get_method
+
+
+def _saved(tmp_path: Path, arch: str = "m1", config=None) -> Path:
+    model = get_peft_model(tiny_model(arch), config or StateOffsetConfig())
+    perturb(model)
+    model.save_adapter(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_config_json_round_trip(case):
+    configs = case.make()
+    for cfg in configs if isinstance(configs, list) else [configs]:
+        data = json.loads(json.dumps(cfg.to_dict()))
+        assert AdapterConfig.from_dict(data) == cfg
+        assert type(cfg).from_dict(data) == cfg
+
+
+def test_files_and_metadata(tmp_path):
+    _saved(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["base_model"]["model_type"] == "mamba"
+    assert meta["methods"] == [{"method": "state_offset", "layers": None, "variant": "h", "rank": None, "r_ratio": 1}]
+    keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys == [f"backbone.layers.{i}.mixer.state_offset_h.h_off" for i in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("arch", "kw"),
+    [("m2", {}), ("m1", {"d_model": 24}), ("m1", {"n_layer": 3}), ("m1", {"d_state": 6})],
+    ids=["architecture", "d_model", "n_layer", "d_state"],
+)
+def test_wrong_base_refused(tmp_path, arch, kw):
+    _saved(tmp_path)
+    with pytest.raises(ValueError, match="different base model"):
+        load_adapter(tiny_model(arch, **kw), tmp_path)
+
+
+def test_corrupt_or_missing_weights_refused(tmp_path):
+    path = _saved(tmp_path) / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt adapter weights"):
+        load_adapter(tiny_model("m1"), tmp_path)
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="corrupt adapter weights"):
+        load_adapter(tiny_model("m1"), tmp_path)
+    path.unlink()
+    with pytest.raises(ValueError, match="missing adapter weights"):
+        load_adapter(tiny_model("m1"), tmp_path)
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        load_adapter(tiny_model("m1"), tmp_path / "nowhere")
+
+
+def test_mismatching_tensors_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = _saved(tmp_path) / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors["backbone.layers.0.mixer.state_offset_h.h_off"] = torch.zeros(3, 3)
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        load_adapter(tiny_model("m1"), tmp_path)
+    del tensors["backbone.layers.0.mixer.state_offset_h.h_off"]
+    save_file(tensors, path)
+    base = tiny_model("m1")
+    with pytest.raises(ValueError, match="missing"):
+        load_adapter(base, tmp_path)
+    assert not any(len(m.state_hooks) for _, m in base.mixers())  # a failed load leaves the model clean
+
+
+def test_load_into_existing_peft_model(tmp_path):
+    _saved(tmp_path)
+    model = get_peft_model(tiny_model("m1"), LoraConfig(r=2, target_modules=["out_proj"]))
+    model = load_adapter(model, tmp_path, adapter_name="offset")
+    assert model.adapter_names == ["default", "offset"] and model.active_adapters == ["offset"]
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    _saved(tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    import safetensors.torch
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    model = get_peft_model(tiny_model("m1"), StateOffsetConfig())
+    with pytest.raises(OSError, match="disk full"):
+        model.save_adapter(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_export_peft_lora(tmp_path):
+    model = get_peft_model(tiny_model("m1"), LoraConfig(r=2, alpha=4, target_modules=["in_proj", "x_proj"], layers=[1]))
+    perturb(model)
+    model.export_peft_lora(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 4
+    assert cfg["target_modules"] == ["in_proj", "x_proj"] and cfg["layers_to_transform"] == [1]
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(tensors) == [
+        f"base_model.model.backbone.layers.1.mixer.{m}.lora_{ab}.weight" for m in ("in_proj", "x_proj") for ab in "AB"
+    ]
+    lora = model.base_model.backbone.layers[1].mixer.in_proj.adapters["default__lora"]
+    assert torch.equal(tensors["base_model.model.backbone.layers.1.mixer.in_proj.lora_B.weight"], lora.lora_B)
+    assert tensors["base_model.model.backbone.layers.1.mixer.in_proj.lora_A.weight"].shape == (2, 16)
+
+
+def test_export_refuses_what_peft_cannot_express(tmp_path):
+    for config in (LoraConfig(target_modules=["x_proj.B"]), LoraConfig(use_dora=True), StateOffsetConfig()):
+        with pytest.raises(ValueError, match="export_peft_lora"):
+            get_peft_model(tiny_model("m1"), config).export_peft_lora(tmp_path)
+
+
+def test_unknown_names_are_listed():
+    with pytest.raises(ValueError, match=r"unknown PEFT method 'bogus'; known methods: \[.*'state_offset'"):
+        get_method("bogus")
+    with pytest.raises(ValueError, match=r"unknown targets \['q_proj'\].*x_proj.B"):
+        LoraConfig(target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"\['x_proj.B'\] are not Mamba-2 targets"):
+        get_peft_model(tiny_model("m2"), LoraConfig(target_modules=["x_proj.B"]))
+    with pytest.raises(ValueError, match=r"layer indices \[5\] out of range"):
+        get_peft_model(tiny_model("m1"), StateOffsetConfig(layers=[5]))
+    with pytest.raises(ValueError, match="variant must be 'h' or 'y', got 'z'"):
+        StateOffsetConfig(variant="z")
