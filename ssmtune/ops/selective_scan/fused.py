@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 # Optional override of the launch configuration, e.g. {"BLOCK_L": 32, "BLOCK_D_FWD": 8}; used by the benchmark.
 CONFIG_OVERRIDE: dict[str, int] = {}
@@ -70,7 +70,7 @@ def selective_scan_fwd_kernel(
     stride_yoff_b,
     L,
     NT,
-    DIM: tl.constexpr,
+    DIM,
     N: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -198,7 +198,7 @@ def selective_scan_bwd_kernel(
     L,
     NT,
     B_SIZE,
-    DIM: tl.constexpr,
+    DIM,
     N: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -377,7 +377,7 @@ def selective_state_update_fwd_kernel(
     y,
     stride_hoff_b,
     stride_yoff_b,
-    DIM: tl.constexpr,
+    DIM,
     N: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr,
