@@ -9,9 +9,9 @@ from typing import ClassVar
 
 import pytest
 import torch
+from _peft_cases import VOCAB, decode_logits, perturb, tiny_model
 from torch import nn
 
-from _peft_cases import VOCAB, decode_logits, perturb, tiny_model
 from ssmtune import AdapterConfig, get_peft_model, load_adapter, register_method
 from ssmtune.core.inject import ParamDelta, parametrize_param
 from ssmtune.core.targets import iter_mixers
