@@ -81,19 +81,11 @@ def load_base_model(spec: str, *, backend: str = "auto") -> nn.Module:
     return model
 
 
-BUILTIN_MODELS = Path(__file__).resolve().parents[1] / "builtin" / "models"
-
-
 def resolve_model_path(spec: str) -> str:
     """``builtin:<name>`` -> the packaged folder ``ssmtune/builtin/models/<name>``; other specs pass through."""
-    if not spec.startswith("builtin:"):
-        return spec
-    name = spec.split(":", 1)[1]
-    folder = BUILTIN_MODELS / name
-    if not folder.is_dir():
-        found = sorted(p.name for p in BUILTIN_MODELS.iterdir() if p.is_dir()) if BUILTIN_MODELS.is_dir() else []
-        raise FileNotFoundError(f"no built-in model {name!r}; available: {found}")
-    return str(folder)
+    from ssmtune.models.loading import BUILTIN_PREFIX, resolve_builtin
+
+    return str(resolve_builtin(spec)) if spec.startswith(BUILTIN_PREFIX) else spec
 
 
 def load_tokenizer_for(tokenizer: str | None, model: str):

@@ -37,7 +37,23 @@ WEIGHT_FILES = (
 FP32_PARAMS = ("A_log", "D")
 
 
+BUILTIN_MODELS = Path(__file__).resolve().parents[1] / "builtin" / "models"
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_builtin(spec: str) -> Path:
+    """``builtin:<name>`` -> the packaged folder ``ssmtune/builtin/models/<name>`` (docs/base-models.md)."""
+    name = spec[len(BUILTIN_PREFIX) :]
+    folder = BUILTIN_MODELS / name
+    if not name or not (folder / "config.json").is_file():
+        found = sorted(p.name for p in BUILTIN_MODELS.iterdir() if p.is_dir()) if BUILTIN_MODELS.is_dir() else []
+        raise FileNotFoundError(f"no built-in model {name!r}; available: {found}")
+    return folder
+
+
 def _resolve_folder(path_or_hub_id: str | os.PathLike) -> Path:
+    if str(path_or_hub_id).startswith(BUILTIN_PREFIX):
+        return resolve_builtin(str(path_or_hub_id))
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -107,6 +123,14 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _load_tokenizer(folder: Path) -> Any:
+    marker = folder / "tokenizer_config.json"
+    if marker.is_file() and not (folder / "tokenizer.json").is_file():
+        # models pretrained here use the built-in byte tokenizer and mark it so
+        cfg = json.loads(marker.read_text())
+        if cfg.get("tokenizer_class") == "ByteTokenizer":
+            from ..tokenizer import ByteTokenizer
+
+            return ByteTokenizer(add_sep_token=bool(cfg.get("add_sep_token", False)))
     if not (folder / "tokenizer.json").is_file():
         return None
     try:
