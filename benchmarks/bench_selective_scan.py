@@ -40,10 +40,11 @@ VARIANTS = {
 # uses the one with the fastest forward + backward.
 CONFIGS = [
     {},
-    {"BLOCK_D_FWD": 8, "BLOCK_D_BWD": 4},
-    {"BLOCK_D_FWD": 16, "WARPS_FWD": 8, "BLOCK_D_BWD": 4, "WARPS_BWD": 8},
-    {"BLOCK_D_FWD": 8, "WARPS_FWD": 8, "BLOCK_D_BWD": 8, "WARPS_BWD": 8},
-    {"BLOCK_L": 32, "BLOCK_D_FWD": 8, "WARPS_FWD": 8, "BLOCK_D_BWD": 4, "WARPS_BWD": 8},
+    {"BLOCK_D_FWD": 4, "BLOCK_D_BWD": 4, "WARPS_FWD": 2, "WARPS_BWD": 2},
+    {"BLOCK_D_FWD": 8, "BLOCK_D_BWD": 4, "WARPS_FWD": 2, "WARPS_BWD": 2},
+    {"BLOCK_L": 8, "BLOCK_D_FWD": 16, "BLOCK_D_BWD": 8},
+    {"BLOCK_D_FWD": 4, "BLOCK_D_BWD": 2, "WARPS_FWD": 4, "WARPS_BWD": 2},
+    {"BLOCK_L": 32, "BLOCK_D_FWD": 4, "BLOCK_D_BWD": 2, "WARPS_FWD": 4, "WARPS_BWD": 4},
 ]
 
 

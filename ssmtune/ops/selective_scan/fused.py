@@ -237,11 +237,12 @@ def selective_scan_bwd_kernel(
         b_lam = tl.load(dht + i_b * DIM * N + o_dn, mask=m_dn, other=0.0).to(tl.float32)
     else:
         b_lam = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    b_dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    b_dhoff_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    b_dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    b_dyoff_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    b_ddb_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # sums over time are accumulated per tile position and reduced once after the loop (no per-tile cross-lane sums)
+    b_dA_acc = tl.zeros([BLOCK_D, BLOCK_N, BLOCK_L], dtype=tl.float32)
+    b_dhoff_acc = tl.zeros([BLOCK_D, BLOCK_N, BLOCK_L], dtype=tl.float32)
+    b_dD_acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    b_dyoff_acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    b_ddb_acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
 
     p_x = i_b * DIM * L + o_d[:, None].to(tl.int64) * L  # [BLOCK_D, 1]
     p_bc = i_b * N * L + o_n[:, None].to(tl.int64) * L  # [BLOCK_N, 1]
@@ -311,17 +312,17 @@ def selective_scan_bwd_kernel(
         b_du = b_dt * b_lB
         if HAS_D:
             b_du += b_g * b_D[:, None]
-            b_dD_acc += tl.sum(b_g * b_u, axis=1)
-        b_dA_acc += tl.sum(b_term * b_dt[:, None, :], axis=2)
+            b_dD_acc += b_g * b_u
+        b_dA_acc += b_term * b_dt[:, None, :]
         if DELTA_SOFTPLUS:
             b_ddt = b_ddt * tl.sigmoid(b_dtr)
         b_ddt = tl.where(m_x, b_ddt, 0.0)
         if HAS_DELTA_BIAS:
-            b_ddb_acc += tl.sum(b_ddt, axis=1)
+            b_ddb_acc += b_ddt
         if USE_STATE_OFFSET:
-            b_dhoff_acc += tl.sum(b_mu, axis=2)
+            b_dhoff_acc += b_mu
         if USE_Y_OFFSET:
-            b_dyoff_acc += tl.sum(b_g, axis=1)
+            b_dyoff_acc += b_g
         tl.store(du + p_x + o_t[None, :], b_du.to(du.dtype.element_ty), mask=m_x)
         tl.store(ddelta + p_x + o_t[None, :], b_ddt.to(ddelta.dtype.element_ty), mask=m_x)
         # per-channel-block partial sums of dB and dC, reduced over blocks by the launcher
@@ -331,7 +332,7 @@ def selective_scan_bwd_kernel(
         tl.store(dC + p_dbc + o_t[None, :], b_dC, mask=m_bc)
         i_t -= 1
 
-    tl.store(dA + i_b * DIM * N + o_dn, b_dA_acc, mask=m_dn)
+    tl.store(dA + i_b * DIM * N + o_dn, tl.sum(b_dA_acc, axis=2), mask=m_dn)
     if STORE_INITIAL_STATE_GRADIENT:
         # ∂L/∂h_0 = Ā_1 ⊙ λ_1 (METHODS §5.1); Ā_1 = 1 when L = 0
         m_d0 = (m_d & (tl.zeros_like(o_d) < L))[:, None]
@@ -343,13 +344,13 @@ def selective_scan_bwd_kernel(
         b_dt0 = tl.where(m_d0, b_dt0, 0.0)
         tl.store(dh0 + i_b * DIM * N + o_dn, tl.exp2(b_dt0 * b_A2) * b_lam, mask=m_dn)
     if USE_STATE_OFFSET:
-        tl.store(dh_off + i_b * DIM * N + o_dn, b_dhoff_acc, mask=m_dn)
+        tl.store(dh_off + i_b * DIM * N + o_dn, tl.sum(b_dhoff_acc, axis=2), mask=m_dn)
     if HAS_D:
-        tl.store(dD + i_b * DIM + o_d, b_dD_acc, mask=m_d)
+        tl.store(dD + i_b * DIM + o_d, tl.sum(b_dD_acc, axis=1), mask=m_d)
     if USE_Y_OFFSET:
-        tl.store(dy_off + i_b * DIM + o_d, b_dyoff_acc, mask=m_d)
+        tl.store(dy_off + i_b * DIM + o_d, tl.sum(b_dyoff_acc, axis=1), mask=m_d)
     if HAS_DELTA_BIAS:
-        tl.store(ddelta_bias + i_b * DIM + o_d, b_ddb_acc, mask=m_d)
+        tl.store(ddelta_bias + i_b * DIM + o_d, tl.sum(b_ddb_acc, axis=1), mask=m_d)
 
 
 @triton.heuristics(
@@ -428,8 +429,9 @@ def _config(dim: int, dstate: int) -> dict[str, int]:
     """Tile sizes: BLOCK_D · BLOCK_N · BLOCK_L elements per [D, N, L] register tile."""
     block_n = triton.next_power_of_2(max(dstate, 1))
     block_l = CONFIG_OVERRIDE.get("BLOCK_L", 16 if block_n <= 64 else 8)
-    tile_fwd = CONFIG_OVERRIDE.get("TILE_FWD", 4096)
-    tile_bwd = CONFIG_OVERRIDE.get("TILE_BWD", 2048)
+    # measured on an H100 (docs/kernels-mamba1.md): small tiles with 4 warps beat larger ones
+    tile_fwd = CONFIG_OVERRIDE.get("TILE_FWD", 2048)
+    tile_bwd = CONFIG_OVERRIDE.get("TILE_BWD", 1024)
     cap = triton.next_power_of_2(max(dim, 1))
     cfg = {
         "BLOCK_N": block_n,
