@@ -429,8 +429,8 @@ def _config(dim: int, dstate: int) -> dict[str, int]:
     """Tile sizes: BLOCK_D · BLOCK_N · BLOCK_L elements per [D, N, L] register tile."""
     block_n = triton.next_power_of_2(max(dstate, 1))
     block_l = CONFIG_OVERRIDE.get("BLOCK_L", 16 if block_n <= 64 else 8)
-    # measured on an H100 (docs/kernels-mamba1.md): small tiles with 4 warps beat larger ones
-    tile_fwd = CONFIG_OVERRIDE.get("TILE_FWD", 2048)
+    # H100 sweep (docs/kernels-mamba1.md): small tiles on 2 warps beat larger tiles and more warps
+    tile_fwd = CONFIG_OVERRIDE.get("TILE_FWD", 1024)
     tile_bwd = CONFIG_OVERRIDE.get("TILE_BWD", 1024)
     cap = triton.next_power_of_2(max(dim, 1))
     cfg = {
@@ -438,8 +438,8 @@ def _config(dim: int, dstate: int) -> dict[str, int]:
         "BLOCK_L": block_l,
         "BLOCK_D_FWD": min(cap, max(1, tile_fwd // (block_n * block_l))),
         "BLOCK_D_BWD": min(cap, max(1, tile_bwd // (block_n * block_l))),
-        "WARPS_FWD": 4,
-        "WARPS_BWD": 4,
+        "WARPS_FWD": 2,
+        "WARPS_BWD": 2,
     }
     cfg.update({k: v for k, v in CONFIG_OVERRIDE.items() if k in cfg})
     return cfg
