@@ -80,12 +80,19 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(
-    root: str | Path, *, step: int, model: nn.Module, state: dict[str, Any], keep_last: int = 2
+    root: str | Path,
+    *,
+    step: int,
+    model: nn.Module,
+    state: dict[str, Any],
+    keep_last: int = 2,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically under ``root`` and prune all but the last ``keep_last``.
 
     ``state`` holds everything except the weights (optimizer, scheduler, trainer and sampler state); the RNG states
-    are added here.
+    are added here. ``tensors`` replaces ``trainable_state_dict(model)`` when the weights were gathered elsewhere
+    (FSDP: the full trainable tensors on rank 0).
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last!r}")
@@ -96,7 +103,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
+    save_file(trainable_state_dict(model) if tensors is None else tensors, str(tmp / "trainable.safetensors"))
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
     _fsync_dir(tmp)
     if final.exists():

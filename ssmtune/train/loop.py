@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssmtune.train import distributed as D
 from ssmtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from ssmtune.train.optim import build_optimizer, linear_schedule
 
@@ -85,6 +86,10 @@ class TrainConfig:
     """`auto` (cuda when available), `cpu`, `cuda`, `cuda:1`, ..."""
     progress: bool = True
     """Show a tqdm progress bar (loss, lr, tokens/s)."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Multi-process training (under torchrun / accelerate launch): `ddp` (replicated model, only trainable
+    gradients all-reduced), `fsdp` (FSDP2, one shard unit per Mamba block), or `auto`: DDP for PEFT, FSDP for full
+    fine-tuning. Ignored in a single process. batch_size is the global batch and must divide by the world size."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 and not self.max_steps:
@@ -94,6 +99,8 @@ class TrainConfig:
         mbs = self.micro_batch_size
         if mbs is not None and (mbs < 1 or self.batch_size % mbs):
             raise ValueError(f"micro_batch_size must divide batch_size={self.batch_size}, got {mbs!r}")
+        if self.strategy not in D.STRATEGIES:
+            raise ValueError(f"strategy must be one of {D.STRATEGIES}, got {self.strategy!r}")
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {self.precision!r}")
         for name in ("eval_steps", "save_steps", "warmup_steps", "log_steps"):
@@ -224,6 +231,16 @@ def save_model(model: nn.Module, out_dir: str | Path) -> Path:
     return out_dir
 
 
+class _NoLog:
+    """Stands in for MetricsLog on ranks other than 0: only rank 0 writes files."""
+
+    def truncate_after(self, step: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+
 class MetricsLog:
     """JSON lines at ``<run>/metrics.jsonl``; on resume, records after the checkpoint's step are dropped."""
 
@@ -237,10 +254,10 @@ class MetricsLog:
         kept = [
             line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
         ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        D.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def reset(self) -> None:
-        self.path.write_text("")
+        D.atomic_write_text(self.path, "")
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -265,8 +282,12 @@ def fit(
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     save_fn: Callable[[nn.Module, Path], Any] = save_model,
     on_step: Callable[[int], None] | None = None,
+    dist: D.DistContext | None = None,
 ) -> TrainResult:
     """Train the parameters of ``model`` that require grad on ``dataset``.
+
+    Under torchrun / accelerate launch (``WORLD_SIZE > 1``) every rank calls ``fit`` with the same arguments: each
+    trains on its slice of every global batch (DDP or FSDP, see ``config.strategy``) and only rank 0 writes files.
 
     Args:
         model: a PeftModel (only adapters train) or a bare LM (full fine-tuning); ``model(input_ids,
@@ -279,45 +300,65 @@ def fit(
         eval_fn: returns a dict of metrics (``loss``, ``accuracy``, ...); called in eval mode under no_grad.
         save_fn: how to save the trained model to a folder (default: save_adapter / save_pretrained).
         on_step: called with the step number after each optimizer step (and its checkpoint).
+        dist: the process context; default: :func:`ssmtune.train.distributed.init_distributed` (which reads the
+            launcher's environment and is a single process without one).
 
     Raises:
         NonFiniteLossError: the loss or the gradient norm is NaN/inf.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
+    ctx = D.init_distributed(config.device) if dist is None else dist
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    device = ctx.device if ctx.enabled else resolve_device(config.device)
     seed_everything(config.seed)
     model.to(device)
-    apply_precision(model, config.precision)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    strategy = D.resolve_strategy(config.strategy, model, ctx)
+    if strategy == "fsdp" and config.precision == "fp16":
+        raise ValueError("precision 'fp16' is not supported with strategy 'fsdp' (use bf16), got 'fp16'")
+    if strategy != "fsdp":
+        # FSDP keeps one dtype per shard unit: it casts to the compute dtype in its all-gather instead.
+        apply_precision(model, config.precision)
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (did the adapter attach anything?)")
     # Trainable parameters live in fp32 (no bf16 optimiser state: METHODS.md §8 pitfall 6, fixed deliberately).
-    for p in trainable:
-        if p.dtype != torch.float32:
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
 
-    sampler = EpochSampler(len(dataset), config.batch_size, seed=config.seed)
-    steps_per_epoch = len(sampler)
+    global_sampler = EpochSampler(len(dataset), config.batch_size, seed=config.seed)
+    sampler = D.ShardedSampler(global_sampler, ctx.rank, ctx.world_size)
+    steps_per_epoch = len(global_sampler)
     if steps_per_epoch == 0:
         raise ValueError(f"the training set has {len(dataset)} examples, fewer than batch_size={config.batch_size}")
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps) if config.epochs >= 1 else config.max_steps
+
+    log = MetricsLog(out_dir / "metrics.jsonl") if ctx.is_main else _NoLog()
+    ckpt_root = out_dir / "checkpoints"
+    step, best_value, best_step, resumed_from = 0, None, None, None
+    last_eval: dict[str, float] = {}
+    # Rank 0 picks the checkpoint so that every rank resumes from the same one.
+    latest = ctx.broadcast(latest_checkpoint(ckpt_root) if config.resume else None)
+    state = None
+    if latest is not None:
+        # Full (unsharded) weights go into the plain model before it is wrapped: any world size can resume.
+        state = load_checkpoint(latest, model)
+
+    skeleton = D.meta_skeleton(model) if strategy == "fsdp" and ctx.is_main else None
+    train_model = D.wrap_model(model, strategy, ctx, mixed_precision=DTYPES[config.precision]
+                               if strategy == "fsdp" and config.precision != "fp32" else None)  # fmt: skip
+    # DDP averages gradients over ranks and so does FSDP; the loss is scaled back to a sum over the global batch.
+    grad_scale = float(ctx.world_size) if strategy != "none" else 1.0
+    trainable = [p for p in train_model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = linear_schedule(optimizer, total_steps=total_steps, warmup_steps=config.warmup_steps)
     use_scaler = config.precision == "fp16"
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     autocast_dtype = DTYPES[config.precision]
-
-    log = MetricsLog(out_dir / "metrics.jsonl")
-    ckpt_root = out_dir / "checkpoints"
-    step, best_value, best_step, resumed_from = 0, None, None, None
-    last_eval: dict[str, float] = {}
-    latest = latest_checkpoint(ckpt_root) if config.resume else None
-    if latest is not None:
-        state = load_checkpoint(latest, model)
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        D.load_optimizer_state(model, optimizer, state["optimizer"], strategy)
         scheduler.load_state_dict(state["scheduler"])
         if use_scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -329,12 +370,17 @@ def fit(
     else:
         log.reset()
 
+    def save(target: Path) -> Any:
+        return D.save_unsharded(train_model, strategy, ctx, save_fn, target, skeleton)
+
     def evaluate(epoch: float) -> None:
         nonlocal best_value, best_step, last_eval
         was_training = model.training
         model.eval()
         with torch.no_grad():
+            # Every rank evaluates (FSDP needs all ranks in the forward); rank 0's numbers decide for all.
             metrics = {k: float(v) for k, v in eval_fn(model).items() if isinstance(v, (int, float))}
+        metrics = ctx.broadcast(metrics)
         model.train(was_training)
         last_eval = metrics
         log.write({"type": "eval", "step": step, "epoch": epoch, **metrics})
@@ -346,12 +392,16 @@ def fit(
         better = best_value is None or (value > best_value if config.maximize else value < best_value)
         if better and math.isfinite(value):
             best_value, best_step = value, step
-            save_fn(model, out_dir / "best")
+            save(out_dir / "best")
 
-    bar = _progress(total_steps, step, config.progress)
+    def stop(msg: str, epoch: int) -> NonFiniteLossError:
+        log.write({"type": "error", "step": step + 1, "epoch": epoch, "message": msg})
+        return NonFiniteLossError(msg)
+
+    bar = _progress(total_steps, step, config.progress and ctx.is_main)
     model.train()
-    accum = config.accumulation_steps
-    micro = config.batch_size // accum
+    local_batch = sampler.local_batch_size
+    micro = min(config.batch_size // config.accumulation_steps, local_batch)
     tokens_since, time_since = 0, time.perf_counter()
     last_eval_step = step if resumed_from is not None else -1
     while step < total_steps:
@@ -359,33 +409,42 @@ def fit(
         examples = [dataset[i] for i in sampler.batch(epoch, index)]
         chunks = [collate_fn(examples[j : j + micro]) for j in range(0, len(examples), micro)]
         n_targets = sum(count_targets(c["labels"]) for c in chunks)
+        if ctx.enabled:
+            n_targets = int(ctx.all_reduce_sum([n_targets])[0])
         if n_targets == 0:
             raise ValueError(f"batch {index} of epoch {epoch} has no target tokens (labels are all {IGNORE_INDEX})")
         loss_total = 0.0
-        for chunk in chunks:
+        for c, chunk in enumerate(chunks):
             chunk = {k: v.to(device) if torch.is_tensor(v) else v for k, v in chunk.items()}
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-                out = model(chunk["input_ids"], attention_mask=chunk.get("attention_mask"))
-            loss_sum, _ = token_loss(out.logits, chunk["labels"])
-            loss = loss_sum / n_targets
-            if not torch.isfinite(loss):
-                lr = scheduler.get_last_lr()[0]
-                msg = (f"non-finite training loss ({loss.item()}) at step {step + 1} (epoch {epoch}, lr {lr:.3g}); "
-                       "training stopped. Try a lower --train.lr, --train.precision fp32, or check the data.")  # fmt: skip
-                log.write({"type": "error", "step": step + 1, "epoch": epoch, "message": msg})
-                raise NonFiniteLossError(msg)
-            scaler.scale(loss).backward()
+            with D.grad_sync(train_model, strategy, sync=c == len(chunks) - 1):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+                    out = train_model(chunk["input_ids"], attention_mask=chunk.get("attention_mask"))
+                loss_sum, _ = token_loss(out.logits, chunk["labels"])
+                loss = loss_sum / n_targets
+                # One process stops at once; with several, all ranks must agree first (after the step's loop).
+                if not ctx.enabled and not torch.isfinite(loss):
+                    lr = scheduler.get_last_lr()[0]
+                    raise stop(f"non-finite training loss ({loss.item()}) at step {step + 1} (epoch {epoch}, "
+                               f"lr {lr:.3g}); training stopped. Try a lower --train.lr, --train.precision fp32, "
+                               "or check the data.", epoch)  # fmt: skip
+                scaler.scale(loss * grad_scale if grad_scale != 1.0 else loss).backward()
             loss_total += loss.item()
             tokens_since += (
                 int(chunk["attention_mask"].sum()) if "attention_mask" in chunk else chunk["input_ids"].numel()
             )
+        if ctx.enabled:
+            loss_total = ctx.all_reduce_sum([loss_total])[0]
+            if not math.isfinite(loss_total):
+                lr = scheduler.get_last_lr()[0]
+                raise stop(f"non-finite training loss ({loss_total}) at step {step + 1} (epoch {epoch}, lr {lr:.3g}); "
+                           "training stopped. Try a lower --train.lr, --train.precision fp32, or check the data.",
+                           epoch)  # fmt: skip
         scaler.unscale_(optimizer)
         clip = config.max_grad_norm if config.max_grad_norm else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+        grad_norm = D.as_float(torch.nn.utils.clip_grad_norm_(trainable, clip))
         if not math.isfinite(grad_norm) and not use_scaler:
-            msg = f"non-finite gradient norm ({grad_norm}) at step {step + 1} (epoch {epoch}); training stopped."
-            log.write({"type": "error", "step": step + 1, "epoch": epoch, "message": msg})
-            raise NonFiniteLossError(msg)
+            raise stop(f"non-finite gradient norm ({grad_norm}) at step {step + 1} (epoch {epoch}); training stopped.",
+                       epoch)  # fmt: skip
         lr = scheduler.get_last_lr()[0]
         scaler.step(optimizer)
         scaler.update()
@@ -396,7 +455,8 @@ def fit(
         epoch_float = step / steps_per_epoch
         if config.log_steps and (step % config.log_steps == 0 or step == total_steps):
             elapsed = max(time.perf_counter() - time_since, 1e-9)
-            rate = tokens_since / elapsed
+            tokens = ctx.all_reduce_sum([tokens_since])[0] if ctx.enabled else tokens_since
+            rate = tokens / elapsed
             log.write({"type": "train", "step": step, "epoch": epoch_float, "loss": loss_total, "lr": lr,
                        "grad_norm": grad_norm, "tokens_per_s": rate})  # fmt: skip
             tokens_since, time_since = 0, time.perf_counter()
@@ -410,18 +470,24 @@ def fit(
                 evaluate(epoch_float)
                 last_eval_step = step
         if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if use_scaler else None, "best_value": best_value,
-                     "best_step": best_step, "last_eval": last_eval, "sampler": {"epoch": epoch, "next_batch": index + 1},
-                     "config": asdict(config)}  # fmt: skip
-            save_checkpoint(ckpt_root, step=step, model=model, state=state, keep_last=config.keep_last)
+            tensors = D.trainable_tensors(train_model, strategy) if strategy == "fsdp" else None
+            optim_state = D.optimizer_state(model, optimizer, strategy)
+            if ctx.is_main:
+                state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict() if use_scaler else None, "best_value": best_value,
+                         "best_step": best_step, "last_eval": last_eval,
+                         "sampler": {"epoch": epoch, "next_batch": index + 1}, "config": asdict(config),
+                         "world_size": ctx.world_size}  # fmt: skip
+                save_checkpoint(ckpt_root, step=step, model=D.unwrap(model), state=state, keep_last=config.keep_last,
+                                tensors=tensors)  # fmt: skip
+            ctx.barrier()
         if on_step is not None:
             on_step(step)
     if bar is not None:
         bar.close()
     if eval_fn is not None and last_eval_step != step:
         evaluate(step / steps_per_epoch)
-    final_dir = save_fn(model, out_dir / "final")
+    final_dir = save(out_dir / "final")
     return TrainResult(step=step, epoch=step / steps_per_epoch, best_metric=config.best_metric, best_value=best_value,
                        best_step=best_step, final_dir=Path(final_dir) if final_dir else out_dir / "final",
                        last_eval=last_eval, resumed_from=resumed_from)  # fmt: skip
