@@ -27,20 +27,31 @@ from .core.io import export_peft_lora, load_adapter, save_adapter
 from .core.peft_model import PeftModel, get_peft_model
 from .core.registry import known_methods, register_method
 from .methods import (
+    AdditionalScanConfig,
+    BitFitConfig,
+    FullConfig,
     InitialStateConfig,
     LoraConfig,
+    PartialConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
+    SDLoraConfig,
     StateOffsetConfig,
+    sdt_select,
 )
 
 __all__ += [
     "AdapterConfig",
+    "AdditionalScanConfig",
+    "BitFitConfig",
+    "FullConfig",
     "InitialStateConfig",
     "LoraConfig",
+    "PartialConfig",
     "PeftModel",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "SDLoraConfig",
     "StateOffsetConfig",
     "export_peft_lora",
     "get_peft_model",
@@ -48,4 +59,5 @@ __all__ += [
     "load_adapter",
     "register_method",
     "save_adapter",
+    "sdt_select",
 ]

@@ -125,6 +125,9 @@ def parametrize_param(module: nn.Module, name: str, parametrization: ParamDelta)
     if not isinstance(getattr(module, name, None), torch.Tensor):
         raise TypeError(f"parametrize_param: {type(module).__name__} has no tensor {name!r}")
     _mark(parametrization, ("param", module, name, None))
+    if not hasattr(module, "_ssmtune_param_order"):
+        # remove_parametrizations re-registers a tensor last; detach restores this order (stable state_dict keys)
+        object.__setattr__(module, "_ssmtune_param_order", list(module._parameters))
     parametrize.register_parametrization(module, name, parametrization, unsafe=True)
     return parametrization
 
@@ -196,6 +199,12 @@ def detach(module: nn.Module) -> None:
         del plist[idx]
         if len(plist) == 0:
             parametrize.remove_parametrizations(parent, name, leave_parametrized=False)
+            order = getattr(parent, "_ssmtune_param_order", None)
+            if order is not None and name in order:
+                params = dict(parent._parameters)
+                parent._parameters.clear()
+                for key in sorted(params, key=lambda k: order.index(k) if k in order else len(order)):
+                    parent._parameters[key] = params[key]
     elif kind == "state":
         del parent.state_hooks[name]
     elif kind == "input":

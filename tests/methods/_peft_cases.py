@@ -8,7 +8,18 @@ from dataclasses import dataclass
 import torch
 
 from ssmtune.core.config import AdapterConfig
-from ssmtune.methods import InitialStateConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, StateOffsetConfig
+from ssmtune.methods import (
+    AdditionalScanConfig,
+    BitFitConfig,
+    FullConfig,
+    InitialStateConfig,
+    LoraConfig,
+    PartialConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    SDLoraConfig,
+    StateOffsetConfig,
+)
 from ssmtune.models import InferenceCache, Mamba2Config, MambaConfig, causal_lm_for
 
 VOCAB = 37
@@ -79,6 +90,23 @@ CASES = [
     Case("lora_m2_slices", lambda: LoraConfig(r=2, target_modules=M2_LORA_ALL), mergeable=True, arches=("m2",)),
     Case("dora", lambda: LoraConfig(r=2, use_dora=True, target_modules=["in_proj.z", "out_proj"]), mergeable=True),
     Case("so_h+lora", lambda: [StateOffsetConfig(), LoraConfig(r=2, target_modules=["out_proj"])]),
+    Case("bitfit", lambda: BitFitConfig(), mergeable=True),
+    Case("partial_default", lambda: PartialConfig(), mergeable=True),
+    Case(
+        "partial_norms",
+        lambda: PartialConfig(parameters=["D", "re:layers\\.\\d+\\.norm\\.weight", "norm_f.*"], layers=[1]),
+        mergeable=True,
+    ),
+    Case("full", lambda: FullConfig(), mergeable=True),
+    Case("additional_scan", lambda: AdditionalScanConfig(n_states=3), arches=("m1",)),
+    # tiny sizes: D=32 (M2: H=4), N=5 (M2: G·N=12); the paper's β=0.99 would leave no channel
+    Case("sdlora", lambda: SDLoraConfig(state_freeze=0.6, channel_freeze=0.85, r=2), mergeable=True),
+    Case(
+        "sdlora+bitfit",
+        lambda: [SDLoraConfig(channel_freeze=0.9, r=2, lora_targets=["x_proj.B"]), BitFitConfig()],
+        mergeable=True,
+        arches=("m1",),
+    ),
 ]
 
 PARAMS = [(c, a) for c in CASES for a in c.arches]
