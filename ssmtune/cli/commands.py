@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from ssmtune.cli.args import (
     flatten,
     load_recipe,
 )
+
+if TYPE_CHECKING:
+    from ssmtune.train.distributed import DistContext
 
 FULL = "full"
 # Convenience names (used by the recipes' file names) for a registered method with fixed options.
@@ -124,16 +127,29 @@ def _trainable(model: nn.Module) -> tuple[int, int]:
 
 def train(args: TrainArgs) -> dict[str, Any]:
     """Fine-tune; writes runs/<name>/{config.yaml, metrics.jsonl, checkpoints/, best/, final/, results.json, *.png}."""
+    from ssmtune.train.distributed import init_distributed, shutdown
+
+    # Under torchrun / accelerate launch every rank runs this; only rank 0 writes files.
+    ctx = init_distributed(args.train.device)
+    try:
+        return _train(args, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     from ssmtune.core.peft_model import get_peft_model
     from ssmtune.data import Collator, get_task, load_examples, tokenize_examples
     from ssmtune.eval.evaluate import evaluate, load_eval_dataset
     from ssmtune.train import fit
+    from ssmtune.train.distributed import atomic_write_text
     from ssmtune.train.plots import plot_run
 
     validate_train_args(args)
     run_dir = Path(args.out_dir) / _run_name(args)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(args, run_dir / "config.yaml")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(args, run_dir / "config.yaml")
     task = get_task(args.data.task)
     tokenizer = load_tokenizer_for(args.tokenizer, args.model)
     examples = load_examples(args.data, "train")
@@ -156,7 +172,10 @@ def train(args: TrainArgs) -> dict[str, Any]:
             return evaluate(m, tokenizer, args.data, args.eval, dataset=eval_ds)
 
     start = time.perf_counter()
-    result = fit(model, train_ds, Collator(tokenizer.pad_token_id), config=args.train, out_dir=run_dir, eval_fn=eval_fn)
+    result = fit(model, train_ds, Collator(tokenizer.pad_token_id), config=args.train, out_dir=run_dir, eval_fn=eval_fn,
+                 dist=ctx)  # fmt: skip
+    if not ctx.is_main:
+        return {"run": run_dir.name, "steps": result.step, "world_size": ctx.world_size}
     from ssmtune.train.plots import read_metrics
 
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "eval"]
@@ -178,8 +197,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
         "last_eval": result.last_eval,
         "resumed_from": result.resumed_from,
         "train_time_s": time.perf_counter() - start,
+        "world_size": ctx.world_size,
     }
-    (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
     plot_run(run_dir)
     print(json.dumps({k: summary[k] for k in ("run", "trainable_params", "steps", "best_metric", "best_value")}))
     return summary
