@@ -354,12 +354,17 @@ def save_unsharded(
     model: nn.Module,
     strategy: str,
     ctx: DistContext,
-    save_fn: Callable[[nn.Module, Path], Any],
+    save_fn: Callable[[nn.Module, Path], Any] | None,
     path: Path,
     skeleton: nn.Module | None = None,
 ) -> Any:
-    """``save_fn(model, path)`` on rank 0 with full (unsharded) weights; every rank must call it under FSDP."""
+    """``save_fn(model, path)`` on rank 0 with full (unsharded) weights; every rank must call it under FSDP.
+
+    ``save_fn=None`` saves nothing (and gathers nothing), e.g. in benchmarks.
+    """
     result = None
+    if save_fn is None:
+        return None
     if strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 

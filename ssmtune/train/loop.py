@@ -280,7 +280,7 @@ def fit(
     config: TrainConfig,
     out_dir: str | Path,
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-    save_fn: Callable[[nn.Module, Path], Any] = save_model,
+    save_fn: Callable[[nn.Module, Path], Any] | None = save_model,
     on_step: Callable[[int], None] | None = None,
     dist: D.DistContext | None = None,
 ) -> TrainResult:
@@ -298,7 +298,7 @@ def fit(
         out_dir: run folder: ``metrics.jsonl``, ``checkpoints/``, ``best/`` (best by ``config.best_metric``) and
             ``final/`` (the adapter, or the whole model for full fine-tuning).
         eval_fn: returns a dict of metrics (``loss``, ``accuracy``, ...); called in eval mode under no_grad.
-        save_fn: how to save the trained model to a folder (default: save_adapter / save_pretrained).
+        save_fn: how to save the trained model to a folder (default: save_adapter / save_pretrained); None: never.
         on_step: called with the step number after each optimizer step (and its checkpoint).
         dist: the process context; default: :func:`ssmtune.train.distributed.init_distributed` (which reads the
             launcher's environment and is a single process without one).
