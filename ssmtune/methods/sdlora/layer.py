@@ -106,10 +106,11 @@ class SparseDelta(ParamDelta):
         self.target = target
         self.layer_path = layer_path
         self.layout = layout
-        self._checked = False
+        # inject arms the placeholder check once attached (registration itself evaluates the parametrization)
+        self._checked = True
 
     def transform(self, X: torch.Tensor) -> torch.Tensor:
-        if self.training and not self._checked:
+        if self.training and not self._checked and self.selected.device.type != "meta":
             self._checked = True
             if not bool(self.selected.item()):
                 warnings.warn(
@@ -130,7 +131,6 @@ class SparseDelta(ParamDelta):
         self.index.copy_(index)
         self.delta.zero_()
         self.selected.fill_(1)
-        self._checked = False
 
 
 def targets_for(mixer: nn.Module, config: SDLoraConfig) -> tuple[list[str], list[str]]:
@@ -174,6 +174,7 @@ def inject(model: nn.Module, config: SDLoraConfig, *, adapter_name: str) -> dict
             )  # fmt: skip
             delta.train(t.mixer.training)
             deltas[f"{t.path}.{target}.sdt"] = parametrize_param(module, name, delta)
+            delta._checked = False
         for target in lora:
             name, rows = slice_rows(t.mixer, target)
             lin = getattr(t.mixer, name)

@@ -169,8 +169,9 @@ def sdt_select(
         for p, _ in params:
             p.requires_grad_(False)
     targets = iter_mixers(model.base_model, config.layers)
+    layouts = {t.path: Layout.of(t.mixer) for t in targets}
     warm: dict[str, dict[str, nn.Module]] = {}
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     try:
         for t in targets:
             warm[t.path] = _attach_warmup(t.mixer, t.path, targets_for(t.mixer, config)[1], config)
@@ -206,11 +207,12 @@ def sdt_select(
             m.active = active
             for p, rg in params:
                 p.requires_grad_(rg)
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
     out: dict[str, SDTSelection] = {}
     for t in targets:
-        layout = Layout.of(t.mixer)
+        layout = layouts[t.path]
         k_c, k_s = layout.sizes(config)
         g = grads[t.path]
         if layout.mamba2:
