@@ -162,6 +162,7 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         model.requires_grad_(True)
     else:
         model = get_peft_model(model, configs)
+        _sdt_warmup(model, configs, train_ds, tokenizer, args)
     n_train, n_total = _trainable(model)
 
     eval_fn = None
@@ -203,6 +204,31 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     plot_run(run_dir)
     print(json.dumps({k: summary[k] for k in ("run", "trainable_params", "steps", "best_metric", "best_value")}))
     return summary
+
+
+def _sdt_warmup(model: nn.Module, configs: list, train_ds, tokenizer, args: TrainArgs) -> None:
+    """SDLoRA phase 1 (METHODS.md §4.10): the warm-up that selects channels and states, before the main run."""
+    from ssmtune.data import Collator
+    from ssmtune.methods.sdlora import SDLoraConfig, sdt_select
+    from ssmtune.train.loop import resolve_device
+
+    sdl = [c for c in configs if isinstance(c, SDLoraConfig)]
+    if not sdl:
+        return
+    device = resolve_device(args.train.device)
+    model.to(device)
+    collate = Collator(tokenizer.pad_token_id)
+    gen = torch.Generator().manual_seed(args.train.seed)
+    bs = args.train.micro_batch_size or args.train.batch_size
+
+    def batches():
+        while True:
+            order = torch.randperm(len(train_ds), generator=gen).tolist()
+            for i in range(0, len(order) - bs + 1, bs):
+                batch = collate([train_ds[j] for j in order[i : i + bs]])
+                yield {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+
+    sdt_select(model, batches(), lr=args.train.lr, steps=sdl[0].warmup_steps, max_grad_norm=args.train.max_grad_norm)
 
 
 def eval(args: EvalCommandArgs) -> dict[str, Any]:

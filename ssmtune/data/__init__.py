@@ -45,3 +45,6 @@ __all__ = [
     "tokenize_examples",
     "train_val_split",
 ]
+
+# registers the built-in WordNet tasks
+from ssmtune.data import builtin as _builtin  # noqa: E402, F401

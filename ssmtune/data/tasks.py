@@ -161,16 +161,20 @@ _TASKS: dict[str, Task] = {}
 
 def register_task(task: Task) -> Task:
     """Add a task instance to the registry under `task.name` (replacing any previous one)."""
-    _TASKS[task.name] = task
+    _TASKS[_key(task.name)] = task
     return task
 
 
+def _key(name: str) -> str:
+    return name.lower().replace("-", "")
+
+
 def list_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return sorted(t.name for t in _TASKS.values())
 
 
 def get_task(name: str) -> Task:
-    key = name.lower().replace("-", "")
+    key = _key(name)
     if key not in _TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {list_tasks()}")
     return _TASKS[key]
