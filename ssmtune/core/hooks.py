@@ -53,7 +53,17 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def collect_state(hooks: Iterable[StateHook], batch_size: int) -> MergedState:
-    """Merge the contributions of all active hooks (hooks with ``active == False`` are skipped)."""
+    """Merge the contributions of all active hooks (hooks with ``active == False`` are skipped).
+
+    Under ``PeftModel.route`` (a routing attached to the hooks) each field is gathered per row from the row's adapter
+    instead, as [batch_size, ...] tensors (``core/routing.py``).
+    """
+    hooks = list(hooks)
+    from .routing import routed_state, routing_of
+
+    routing = routing_of(hooks)
+    if routing is not None:
+        return routed_state(hooks, batch_size, routing)
     merged = MergedState()
     for hook in hooks:
         if not getattr(hook, "active", True):

@@ -15,7 +15,9 @@ from torch import nn
 
 from . import inject as _inject
 from .config import AdapterConfig
+from .hooks import StateHook
 from .registry import spec_for
+from .routing import ROUTING_ATTR, RoutedLM, Routing
 
 
 def _as_list(config_or_list: AdapterConfig | Sequence[AdapterConfig]) -> list[AdapterConfig]:
@@ -118,6 +120,7 @@ class PeftModel(nn.Module):
                     raise ValueError(f"adapter {adapter_name!r}: two methods attach the same paths {dup[:3]}")
                 for m in attached.values():
                     object.__setattr__(m, "_ssmtune_method", cfg.method)
+                    object.__setattr__(m, "_ssmtune_adapter", adapter_name)
                 modules.update(attached)
         except Exception:
             for m in modules.values():
@@ -143,6 +146,21 @@ class PeftModel(nn.Module):
                     p.requires_grad_(on)
         self.active_adapters = names
 
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str, *, is_trainable: bool = False) -> None:
+        """Add the adapter saved in ``directory`` under ``adapter_name``; the active adapters stay as they are
+        (``is_trainable`` matters once it is made active with ``set_adapter``)."""
+        from .io import load_adapter
+
+        active = list(self.active_adapters)
+        load_adapter(self, directory, adapter_name, is_trainable=is_trainable)
+        if active:
+            self.set_adapter(active)
+
+    def load_adapters(self, adapters: dict[str, str | os.PathLike], *, is_trainable: bool = False) -> None:
+        """``load_adapter`` for many: ``{adapter_name: directory}``, e.g. to serve them side by side."""
+        for name, directory in adapters.items():
+            self.load_adapter(directory, name, is_trainable=is_trainable)
+
     def delete_adapter(self, adapter_name: str) -> None:
         name = self._one_name(adapter_name)
         for m in self._adapters.pop(name).values():
@@ -163,6 +181,49 @@ class PeftModel(nn.Module):
             self._disabled = False
             for m, was in flags:
                 m.active = was
+
+    # --- per-row routing ------------------------------------------------------------------------------------------
+
+    def routable(self, adapter_name: str) -> bool:
+        """True when every module of the adapter is a state hook, so its rows can share a batch with other adapters."""
+        return all(isinstance(m, StateHook) for m in self._adapters[self._one_name(adapter_name)].values())
+
+    @contextlib.contextmanager
+    def route(self, adapter_names: Sequence[str | None]) -> Iterator[Routing]:
+        """Context manager: inside it, batch row b uses adapter ``adapter_names[b]`` (``None``: the base model).
+
+        State-based adapters (State-offset h/y, Initial State, Prefix) mix freely: each state hook contributes to its
+        rows only. Any other adapter (LoRA, prompt, parameter deltas, ...) changes shared weights or inputs, so it
+        may only appear in a batch whose rows all name it; otherwise ValueError names the adapters that cannot mix.
+        """
+        routing = Routing(adapter_names)
+        for n in routing.adapters:
+            self._one_name(n)
+        if any(getattr(m, ROUTING_ATTR, None) is not None for mods in self._adapters.values() for m in mods.values()):
+            raise ValueError("route(): the model is already inside a route() block")
+        distinct = set(routing.names)
+        fixed = [n for n in routing.adapters if not self.routable(n)]
+        if fixed and len(distinct) > 1:
+            methods = {n: sorted({c.method for c in self.peft_config[n]}) for n in fixed}
+            raise ValueError(
+                f"adapters {methods} cannot be mixed with other rows in one batch: only state-based adapters "
+                f"(state_offset, initial_state, prefix) are routed per row; got adapter_names={routing.names}"
+            )
+        flags = [(m, m.active) for mods in self._adapters.values() for m in mods.values()]
+        try:
+            for name, mods in self._adapters.items():
+                used = name in distinct and not self._disabled
+                for m in mods.values():
+                    # a non-state module is only used by a batch that is all its adapter (checked above)
+                    m.active = used
+                    if isinstance(m, StateHook):
+                        object.__setattr__(m, ROUTING_ATTR, routing)
+            yield routing
+        finally:
+            for m, was in flags:
+                m.active = was
+                if isinstance(m, StateHook):
+                    object.__setattr__(m, ROUTING_ATTR, None)
 
     # --- merging --------------------------------------------------------------------------------------------------
 
@@ -211,11 +272,21 @@ class PeftModel(nn.Module):
 
     # --- delegation -----------------------------------------------------------------------------------------------
 
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """The base model's forward; ``adapter_names`` (one per batch row, None for the bare base) routes rows."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self.route(adapter_names):
+            return self.base_model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """The base model's ``generate``; with ``adapter_names`` each row (and its beams) decodes with its adapter."""
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        from ..models.generate import generate
+
+        with self.route(adapter_names) as routing:
+            return generate(RoutedLM(self.base_model, routing), *args, **kwargs)
 
     def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter."""

@@ -1,0 +1,176 @@
+"""Per-row adapters: one batch in which every row uses its own state-based adapter (or none).
+
+``PeftModel.route(adapter_names)`` attaches a ``Routing`` to the state hooks of every adapter; ``collect_state`` then
+calls ``routed_state`` instead of summing the hooks: each field (h0, conv0, h', y') becomes a [B, ...] tensor whose
+row b holds the contribution of the adapter named for row b, zeros for ``None`` rows. The ops take a leading batch
+axis on all four, so nothing else changes: the mixers, the kernels and the cache are the ones of a plain forward.
+
+``Routing.rows`` maps the rows of the current forward to the routed rows. It is ``None`` for a forward over the whole
+batch; ``RoutedLM`` sets it for the row-by-row prefill and the beam expansion of ``models.generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .hooks import MergedState, StateHook, _add
+
+# Attribute names set on hooks (plain attributes, never submodules).
+ADAPTER_ATTR = "_ssmtune_adapter"
+ROUTING_ATTR = "_ssmtune_routing"
+_FIELDS = ("h0", "conv0", "h_off", "y_off")
+
+
+class Routing:
+    """Adapter name per batch row (``None``: the bare base model for that row)."""
+
+    def __init__(self, adapter_names: Sequence[str | None]) -> None:
+        self.names: list[str | None] = list(adapter_names)
+        if not self.names:
+            raise ValueError("adapter_names is empty: give one adapter name (or None) per batch row")
+        # slot 0 is "no adapter"; adapters get slots in order of first appearance
+        self.adapters: list[str] = list(dict.fromkeys(n for n in self.names if n is not None))
+        slot = {n: i + 1 for i, n in enumerate(self.adapters)}
+        self.slots = torch.tensor([0 if n is None else slot[n] for n in self.names], dtype=torch.long)  # [B]
+        self.rows: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @contextlib.contextmanager
+    def select(self, rows: torch.Tensor | Sequence[int] | None) -> Iterator[None]:
+        """Within the block, forward row i is routed row ``rows[i]`` (e.g. one row of a row-by-row prefill)."""
+        prev = self.rows
+        self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        try:
+            yield
+        finally:
+            self.rows = prev
+
+    def slot_index(self, batch_size: int) -> torch.Tensor:
+        """Slot of each row of the current forward, [batch_size] (CPU)."""
+        idx = self.slots if self.rows is None else self.slots[self.rows]
+        if idx.numel() != batch_size:
+            raise ValueError(
+                f"the batch has {batch_size} rows but {idx.numel()} adapter names are routed "
+                f"(adapter_names={self.names if self.rows is None else [self.names[i] for i in self.rows.tolist()]})"
+            )
+        return idx
+
+
+def _expected_shape(hook: nn.Module, field: str) -> tuple[int, ...] | None:
+    """Unbatched shape of a field, from the mixer the hook hangs on (None when unknown)."""
+    info = getattr(hook, "_ssmtune_attach", None)
+    mixer = info[1] if info else None
+    if mixer is None or not hasattr(mixer, "state_shape"):
+        return None
+    if field in ("h0", "h_off"):
+        return tuple(mixer.state_shape)
+    if field == "y_off":
+        return tuple(mixer.state_shape[:-1])
+    return tuple(mixer.conv_state_shape)
+
+
+def _gather(values: dict[int, torch.Tensor], shape: tuple[int, ...] | None, idx: torch.Tensor) -> torch.Tensor:
+    """[B, *shape]: row b takes ``values[idx[b]]`` (its row b when batched), zeros where idx[b] has no value."""
+    ref = next(iter(values.values()))
+    dtype = ref.dtype
+    for v in values.values():
+        dtype = torch.promote_types(dtype, v.dtype)
+    if shape is None:
+        shape = tuple(ref.shape)
+    batch = idx.numel()
+    idx = idx.to(ref.device)
+    if all(tuple(v.shape) == shape for v in values.values()):
+        # the usual case (per-adapter parameters): one stacked table, one gather
+        top = max(values) + 1
+        table = [values[s].to(dtype) if s in values else ref.new_zeros(shape, dtype=dtype) for s in range(top)]
+        table.append(ref.new_zeros(shape, dtype=dtype))
+        safe = torch.where(idx < top, idx, torch.full_like(idx, top))
+        return torch.stack(table).index_select(0, safe)  # [B, *shape]
+    out = ref.new_zeros((batch, *shape), dtype=dtype)
+    for s, v in values.items():
+        mask = (idx == s).view(batch, *([1] * len(shape)))
+        out = torch.where(mask, v.to(dtype), out)
+    return out
+
+
+def routed_state(hooks: Sequence[StateHook], batch_size: int, routing: Routing) -> MergedState:
+    """``collect_state`` under a routing: per-row [B, ...] tensors gathered from each row's adapter."""
+    idx = routing.slot_index(batch_size)  # [B]
+    present = set(idx.tolist())
+    slot = {n: i + 1 for i, n in enumerate(routing.adapters)}
+    per_slot: dict[int, MergedState] = {}
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    shared = MergedState()
+    for hook in hooks:
+        if not getattr(hook, "active", True):
+            continue
+        name = getattr(hook, ADAPTER_ATTR, None)
+        if name is None:
+            # a hook outside any named adapter acts on every row, as in a plain forward
+            target = shared
+        elif slot.get(name) in present:
+            target = per_slot.setdefault(slot[name], MergedState())
+        else:
+            continue
+        target.h0 = _add(target.h0, hook.initial_state(batch_size))
+        target.conv0 = _add(target.conv0, hook.initial_conv_state(batch_size))
+        target.h_off = _add(target.h_off, hook.state_offset())
+        target.y_off = _add(target.y_off, hook.output_offset())
+        for f in _FIELDS:
+            if f not in shapes and getattr(target, f) is not None:
+                shapes[f] = _expected_shape(hook, f)
+    merged = MergedState()
+    for f in _FIELDS:
+        values = {s: getattr(ms, f) for s, ms in per_slot.items() if getattr(ms, f) is not None}
+        routed = _gather(values, shapes.get(f), idx) if values else None
+        setattr(merged, f, _add(routed, getattr(shared, f)))
+    return merged
+
+
+def routing_of(hooks: Sequence[StateHook]) -> Routing | None:
+    for hook in hooks:
+        r = getattr(hook, ROUTING_ATTR, None)
+        if r is not None:
+            return r
+    return None
+
+
+class RoutedLM:
+    """A causal LM seen through a routing, for ``models.generate.generate``.
+
+    It sets ``Routing.rows`` from each call, following ``generate``'s row order: a batch of all B rows is routed as
+    is; a fresh one-row cache while B > 1 is the next row of the row-by-row prefill (rows in order); B·K rows are K
+    beams per row (beam search only reorders beams within a row). Everything else is delegated to the model.
+    """
+
+    def __init__(self, model: nn.Module, routing: Routing) -> None:
+        self.model = model
+        self.routing = routing
+        self._next_row = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids: torch.Tensor | None = None, *, cache=None, **kwargs):
+        x = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+        n, b = len(self.routing), x.shape[0]
+        fresh = cache is None or cache.seqlen_offset == 0
+        if b == n:
+            rows = None
+        elif fresh and b == 1:
+            if self._next_row >= n:
+                raise ValueError(f"RoutedLM: more one-row prefills than the {n} routed rows")
+            rows = [self._next_row]
+            self._next_row += 1
+        elif b % n == 0:
+            rows = torch.arange(n).repeat_interleave(b // n)
+        else:
+            raise ValueError(f"RoutedLM: a batch of {b} rows cannot follow {n} routed rows")
+        with self.routing.select(rows):
+            return self.model(input_ids, cache=cache, **kwargs)
