@@ -317,6 +317,9 @@ def run_group(vs: list[Variant], args: argparse.Namespace, device: torch.device,
             if v.stack == "mamba_ssm" and (missing := mamba_ssm_missing()):
                 row.status = missing
                 continue
+            if time.perf_counter() > deadline:
+                row.status = "skipped (budget: --max-seconds reached while building its group)"
+                continue
             mem0 = torch.cuda.memory_allocated(device) if cuda else 0
             model = step = None
             try:
@@ -325,6 +328,8 @@ def run_group(vs: list[Variant], args: argparse.Namespace, device: torch.device,
                     row.detail = "; ".join(filter(None, [row.detail, "triton" if cuda else "torch"]))
                 step, row.trainable_params = make_step(v, model, ids)
                 for i in range(warmup):
+                    if i > 0 and time.perf_counter() > deadline:
+                        break
                     row.warmup_ms.append(1e3 * timed(step, device, row if i == 0 else None))
                 resident = torch.cuda.memory_allocated(device) - mem0 if cuda else 0
                 live.append([row, model, step, resident])
@@ -352,12 +357,14 @@ def run_group(vs: list[Variant], args: argparse.Namespace, device: torch.device,
                     _error(row, e)
                     live = [x for x in live if x is not item]
                     del item[:]
+                    step = None  # the closure holds the model: drop it before freeing
                     free_memory(device)
         for row in rows:
             if row.status == "ok" and row.ms_all:
                 row.ms_step = statistics.median(row.ms_all)
                 row.tokens_per_s = row.variant.batch * row.variant.seqlen / (row.ms_step / 1e3)
     finally:
+        step = None
         live.clear()
         free_memory(device)
     return rows
