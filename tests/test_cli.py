@@ -48,7 +48,7 @@ def train_argv(env, name: str, *extra: str) -> list[str]:
 
 
 def test_commands_dict_matches_parsers():
-    assert set(COMMANDS) == {"train", "eval", "generate", "compare", "pretrain", "bench", "demo"}
+    assert set(COMMANDS) == {"train", "eval", "generate", "compare", "pretrain", "bench", "demo", "serve"}
     for name, fn in COMMANDS.items():
         tp = arg_type(fn)
         assert tp == list[str] if name == "demo" else tp.__name__.endswith("Args"), name

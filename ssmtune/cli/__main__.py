@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ssmtune.cli import commands
+from ssmtune.serve import cli as serve_cli
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "train": commands.train,
@@ -20,6 +21,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "compare": commands.compare,
     "pretrain": commands.pretrain,
     "bench": commands.bench,
+    "serve": serve_cli.serve,
     "demo": commands.demo,
 }
 

@@ -166,6 +166,61 @@ class PretrainArgs:
 
 
 @dataclass(kw_only=True)
+class ServeArgs:
+    """ssmtune serve: an HTTP server that answers prompts for many adapters, batched side by side."""
+
+    model: str
+    """Base model folder or `builtin:<name>`."""
+    adapter: list[str] = field(default_factory=list, metadata={"repeatable": True})
+    """An adapter to serve, as `name=folder`; repeat the flag for more (`--adapter a=runs/a/best --adapter b=...`)."""
+    tokenizer: str | None = None
+    """Tokenizer folder, or `byte`. Default: the model folder's tokenizer."""
+    host: str = "127.0.0.1"
+    """Address to bind (loopback by default; `0.0.0.0` to accept other machines)."""
+    port: int = 8000
+    """TCP port."""
+    max_batch: int = 16
+    """Most rows decoded together."""
+    batch_wait_ms: float = 5.0
+    """When idle, how long to collect requests arriving together into the first batch."""
+    max_queue: int = 256
+    """Most requests waiting; more get HTTP 503."""
+    max_prompt_tokens: int = 1024
+    """Longest prompt accepted (HTTP 400 beyond)."""
+    max_new_tokens: int = 256
+    """Largest `max_new_tokens` a request may ask for (HTTP 400 beyond)."""
+    device: str = "auto"
+    """`auto`, `cpu` or `cuda[:i]`."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """dtype of the model weights."""
+    backend: str = "auto"
+    """Scan backend."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapter, str):
+            self.adapter = [self.adapter]
+        for item in self.adapter:
+            name, sep, folder = str(item).partition("=")
+            if not sep or not name or not folder:
+                raise ValueError(f"--adapter must be name=folder, got {item!r}")
+        names = [str(a).partition("=")[0] for a in self.adapter]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"--adapter names must be unique, got {dup} more than once")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {self.port!r}")
+        for flag in ("max_batch", "max_queue", "max_prompt_tokens", "max_new_tokens"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {getattr(self, flag)!r}")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"--batch_wait_ms must be >= 0, got {self.batch_wait_ms!r}")
+
+    def adapters(self) -> dict[str, str]:
+        """{name: folder} of the --adapter flags."""
+        return dict(str(a).split("=", 1) for a in self.adapter)
+
+
+@dataclass(kw_only=True)
 class BenchArgs:
     """ssmtune bench: run a script of benchmarks/ (kernel and method timings)."""
 
@@ -296,6 +351,15 @@ def build_parser(cls: type, *, prog: str, epilog: str = "") -> argparse.Argument
     return parser
 
 
+class _Extend(argparse.Action):
+    """A list flag that may be repeated (fields with ``metadata={"repeatable": True}``); a YAML list adds many."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = list(getattr(namespace, self.dest, None) or [])
+        items.extend(values if isinstance(values, list) else [values])
+        setattr(namespace, self.dest, items)
+
+
 def _add_fields(parser, group, cls: type, prefix: str, parent_default: Any) -> None:
     hints, docs = _hints(cls), field_docs(cls)
     nested = []
@@ -312,6 +376,8 @@ def _add_fields(parser, group, cls: type, prefix: str, parent_default: Any) -> N
             kwargs["metavar"] = "{" + ",".join(map(str, kwargs["choices"])) + "}"
         else:
             kwargs["metavar"] = getattr(inner, "__name__", "VALUE").upper()
+        if f.metadata.get("repeatable"):
+            kwargs["action"] = _Extend
         doc = docs.get(f.name, "")
         shown = "" if "Default:" in doc else f" ({_show(default)})"
         kwargs["help"] = f"{doc}{shown}".replace("%", "%%")

@@ -1,0 +1,200 @@
+"""The HTTP API (FastAPI): one base model, many adapters, concurrent requests batched by ``BatchEngine``.
+
+Endpoints:
+    GET  /health          {"status": "ok", "adapters": [...], "active_rows": n, "queued": n}
+    GET  /v1/adapters     {"adapters": [{"name", "methods", "mixable"}]}
+    POST /v1/generate     {"prompt", "adapter", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                           "seed", "stream"}
+
+With ``"stream": true`` (the default) the answer is server-sent events, one ``data: <json>`` line per event:
+``{"token": id, "text": "<new text>"}`` per token (a trailing incomplete UTF-8 character is held back; a last
+``{"text": ...}`` event without a token flushes it), then ``{"done": true, "finish_reason": "eos" | "length",
+"text": "<all>", "tokens": [...], "adapter": ...}``, or ``{"error": "..."}``. Without streaming the final object is
+the JSON body. Errors are JSON ``{"error": "..."}`` with status 400 (prompt too long, setting over a server limit),
+404 (unknown adapter), 422 (malformed body or setting), 503 (queue full).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.peft_model import PeftModel
+from .batching import BatchEngine, GenerationRequest, GenerationSettings, QueueFullError
+
+
+class GenerateBody(BaseModel):
+    """The body of POST /v1/generate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="The prompt text.")
+    adapter: str | None = Field(None, description="Adapter name; null for the bare base model.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Longest continuation (EOS included); null: 32, or the server's limit if lower."
+    )
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature.")
+    top_k: int | None = Field(None, ge=1, description="Keep the k most likely tokens when sampling.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling threshold.")
+    seed: int | None = Field(None, ge=0, description="Seed of the sampling generator.")
+    stream: bool = Field(True, description="Stream server-sent events; false: one JSON answer at the end.")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class _TextStream:
+    """Token ids -> text deltas. A trailing U+FFFD may be an incomplete UTF-8 character (a byte tokenizer emits one
+    byte per token) that later tokens complete, so it is held back; every earlier character is final."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.text
+        return self._send(text.removesuffix("\ufffd"))
+
+    def flush(self) -> str:
+        return self._send(self.text)
+
+    def _send(self, stable: str) -> str:
+        delta, self.sent = stable[len(self.sent) :], stable
+        return delta
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens)
+
+
+def create_app(
+    engine: BatchEngine,
+    tokenizer,
+    *,
+    max_prompt_tokens: int = 1024,
+    max_new_tokens: int = 256,
+) -> FastAPI:
+    """The FastAPI app around a (not yet started) engine; the app starts and stops it with its lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="ssmtune serve", lifespan=lifespan)
+    model = engine.model
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}{got}")
+        return _error(422, "; ".join(parts))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "adapters": engine.adapters,
+            "active_rows": engine.active_rows,
+            "queued": engine.pending,
+        }
+
+    @app.get("/v1/adapters")
+    async def adapters() -> dict[str, Any]:
+        out = []
+        if isinstance(model, PeftModel):
+            for name in model.adapter_names:
+                methods = [c.method for c in model.peft_config[name]]
+                out.append({"name": name, "methods": methods, "mixable": model.routable(name)})
+        return {"adapters": out}
+
+    @app.post("/v1/generate", response_model=None)
+    async def generate(body: GenerateBody) -> JSONResponse | StreamingResponse:
+        if body.adapter is not None and body.adapter not in engine.adapters:
+            return _error(404, f"unknown adapter {body.adapter!r}; adapters: {engine.adapters}")
+        if body.max_new_tokens is None:
+            body.max_new_tokens = min(32, max_new_tokens)
+        if body.max_new_tokens > max_new_tokens:
+            return _error(400, f"max_new_tokens={body.max_new_tokens} is over this server's limit of {max_new_tokens}")
+        ids = tokenizer.encode(body.prompt)
+        if len(ids) > max_prompt_tokens:
+            return _error(400, f"the prompt has {len(ids)} tokens, over this server's limit of {max_prompt_tokens}")
+        settings = GenerationSettings(
+            max_new_tokens=body.max_new_tokens, do_sample=body.do_sample, temperature=body.temperature,
+            top_k=body.top_k, top_p=body.top_p, seed=body.seed,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def emit(event: dict[str, Any]) -> None:
+            # called from the engine thread; the loop may be gone if the server is stopping
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        req = GenerationRequest(prompt_ids=ids, adapter=body.adapter, settings=settings, emit=emit)
+        try:
+            engine.submit(req)
+        except QueueFullError as e:
+            return _error(503, str(e))
+        text = _TextStream(tokenizer)
+
+        def final(event: dict[str, Any]) -> dict[str, Any]:
+            return {
+                "done": True, "finish_reason": event["finish_reason"], "text": text.text, "tokens": text.tokens,
+                "adapter": body.adapter,
+            }  # fmt: skip
+
+        if not body.stream:
+            try:
+                while True:
+                    event = await events.get()
+                    if "token" in event:
+                        text.add(event["token"])
+                    elif "error" in event:
+                        return _error(500, event["error"])
+                    else:
+                        return JSONResponse(final(event))
+            finally:
+                req.cancelled.set()
+
+        async def sse() -> AsyncIterator[str]:
+            try:
+                while True:
+                    event = await events.get()
+                    if "token" in event:
+                        out = {"token": event["token"], "text": text.add(event["token"])}
+                    elif "error" in event:
+                        yield f"data: {json.dumps(event)}\n\n"
+                        return
+                    else:
+                        rest = text.flush()
+                        if rest:
+                            yield f"data: {json.dumps({'text': rest})}\n\n"
+                        yield f"data: {json.dumps(final(event))}\n\n"
+                        return
+                    yield f"data: {json.dumps(out)}\n\n"
+            finally:
+                # a client that went away frees its row at the next step
+                req.cancelled.set()
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app

@@ -1,0 +1,296 @@
+"""Continuous batching of generation requests, each row with its own adapter.
+
+One worker thread owns the model. Requests wait in a queue; when the engine is idle it collects the requests that
+arrive within ``batch_wait_s`` (up to ``max_batch``), and while it is decoding it admits new requests at every step
+boundary. A new row is prefilled alone (its own fresh cache, its adapter routed, no padding anywhere) and its cache
+is concatenated to the running batch: an SSM's state is a fixed-size tensor per row, so rows of different lengths
+and ages decode together with no padding. Each step runs one forward over all live rows, with
+``adapter_names=[adapter of each row]`` (``PeftModel.route``); rows that finish are dropped from the cache.
+
+Rows of state-based adapters (and of no adapter) mix freely. A request for another kind of adapter (LoRA, prompt,
+parameter deltas) only joins a batch whose rows all use that same adapter; it waits otherwise, and so do the requests
+behind it (first come, first served).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.peft_model import PeftModel
+from ..models.cache import InferenceCache
+from ..models.generate import filter_logits
+
+
+@dataclass(kw_only=True)
+class GenerationSettings:
+    """Per-request decoding settings (validated by the caller)."""
+
+    max_new_tokens: int = 32
+    """Longest continuation, EOS included."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_k: int | None = None
+    """Keep the k most likely tokens when sampling."""
+    top_p: float | None = None
+    """Nucleus sampling threshold in (0, 1]."""
+    seed: int | None = None
+    """Seed of this request's sampling generator. Default: `None`, a random seed."""
+
+
+@dataclass(kw_only=True)
+class GenerationRequest:
+    """One prompt for one adapter. ``emit`` is called from the worker thread with each event (a dict):
+    ``{"token": id}``, then ``{"done": True, "finish_reason": "eos" | "length"}``, or ``{"error": message}``."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    settings: GenerationSettings
+    emit: Callable[[dict[str, Any]], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class QueueFullError(RuntimeError):
+    """The engine has ``max_queue`` requests waiting."""
+
+
+@dataclass
+class _Row:
+    req: GenerationRequest
+    generator: torch.Generator | None
+    last: int = 0
+    produced: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Counters for monitoring and tests."""
+
+    requests: int = 0
+    """Requests admitted into a batch."""
+    steps: int = 0
+    """Batched decode steps."""
+    max_rows: int = 0
+    """Most rows decoded together in one step."""
+    max_adapters: int = 0
+    """Most distinct adapters (None included) in one step."""
+    errors: int = 0
+    """Batches that failed with an exception (their rows got an error event)."""
+
+
+class BatchEngine:
+    """Runs ``GenerationRequest``s on ``model`` (a ``PeftModel`` or a bare causal LM) in one worker thread."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eos_token_id: int | None,
+        max_batch: int = 16,
+        batch_wait_s: float = 0.005,
+        max_queue: int = 256,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
+        if batch_wait_s < 0:
+            raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s!r}")
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        self.max_queue = max_queue
+        self.stats = EngineStats()
+        self._queue: queue.Queue[GenerationRequest] = queue.Queue()
+        self._deferred: list[GenerationRequest] = []
+        self._rows: list[_Row] = []
+        self._cache: InferenceCache | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.device = next(model.parameters()).device
+        self.n_layer = len(model.backbone.layers)
+
+    # --- public -----------------------------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        return self.model.adapter_names if isinstance(self.model, PeftModel) else []
+
+    def routable(self, adapter: str | None) -> bool:
+        """Whether rows of this adapter can share a batch with rows of other adapters."""
+        return adapter is None or self.model.routable(adapter)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() + len(self._deferred)
+
+    @property
+    def active_rows(self) -> int:
+        return len(self._rows)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="ssmtune-serve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; requests still waiting or running get an error event."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for row in self._rows:
+            row.req.emit({"error": "the server is shutting down"})
+        self._rows, self._cache = [], None
+        while True:
+            try:
+                self._queue.get_nowait().emit({"error": "the server is shutting down"})
+            except queue.Empty:
+                break
+        for req in self._deferred:
+            req.emit({"error": "the server is shutting down"})
+        self._deferred = []
+
+    def submit(self, req: GenerationRequest) -> None:
+        if self._thread is None:
+            raise RuntimeError("the engine is not running (call start())")
+        if self.pending >= self.max_queue:
+            raise QueueFullError(f"{self.pending} requests are waiting (max_queue={self.max_queue}); retry later")
+        self._queue.put(req)
+
+    # --- worker -----------------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    self._admit()
+                    if self._rows:
+                        self._step()
+                # keep serving: a failure fails the rows of this batch only
+                except Exception as e:  # noqa: BLE001
+                    self.stats.errors += 1
+                    for row in self._rows:
+                        row.req.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+                    self._rows, self._cache = [], None
+
+    def _collect(self) -> list[GenerationRequest]:
+        """Requests to consider now: the deferred ones first, then new ones from the queue."""
+        new: list[GenerationRequest] = []
+        room = self.max_batch - len(self._rows)
+        if not self._rows and not self._deferred:
+            # idle: wait for a first request, then a few ms for the ones that arrive with it
+            try:
+                new.append(self._queue.get(timeout=0.05))
+            except queue.Empty:
+                return []
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(new) < room:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    new.append(self._queue.get(timeout=remaining))
+                except queue.Empty:
+                    break
+        while len(self._deferred) + len(new) < room:
+            try:
+                new.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        out, self._deferred = self._deferred + new, []
+        return out
+
+    def _admit(self) -> None:
+        names = {r.req.adapter for r in self._rows}
+        admitted: list[GenerationRequest] = []
+        blocked = False
+        for req in self._collect():
+            if req.cancelled.is_set():
+                continue
+            joined = names | {req.adapter}
+            fits = len(self._rows) + len(admitted) < self.max_batch
+            mixable = len(joined) == 1 or all(self.routable(n) for n in joined)
+            if blocked or not fits or not mixable:
+                # first come, first served: nothing overtakes a waiting request
+                blocked = True
+                self._deferred.append(req)
+                continue
+            names = joined
+            admitted.append(req)
+        for req in admitted:
+            self._prefill(req)
+
+    def _forward(self, ids: torch.Tensor, cache: InferenceCache, adapters: list[str | None]) -> torch.Tensor:
+        """Logits [B, V] at the last position, each row with its adapter."""
+        if isinstance(self.model, PeftModel):
+            out = self.model(ids, cache=cache, adapter_names=adapters)
+        else:
+            out = self.model(ids, cache=cache)
+        return out.logits[:, -1].float()
+
+    def _prefill(self, req: GenerationRequest) -> None:
+        self.stats.requests += 1
+        try:
+            gen = None
+            if req.settings.do_sample:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(req.settings.seed if req.settings.seed is not None else torch.seed())
+            row = _Row(req, gen)
+            cache = InferenceCache(self.n_layer)
+            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # [1, L]
+            logits = self._forward(ids, cache, [req.adapter])  # [1, V]
+        except Exception as e:  # noqa: BLE001
+            self.stats.errors += 1
+            req.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+            return
+        if self._emit(row, logits[0]):
+            self._cache = cache if self._cache is None else InferenceCache.cat([self._cache, cache])
+            self._rows.append(row)
+
+    def _step(self) -> None:
+        rows = self._rows
+        adapters = [r.req.adapter for r in rows]
+        self.stats.steps += 1
+        self.stats.max_rows = max(self.stats.max_rows, len(rows))
+        self.stats.max_adapters = max(self.stats.max_adapters, len(set(adapters)))
+        ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # [B, 1]
+        logits = self._forward(ids, self._cache, adapters)  # [B, V]
+        keep = [i for i, row in enumerate(rows) if self._emit(row, logits[i])]
+        if len(keep) < len(rows):
+            self._rows = [rows[i] for i in keep]
+            if keep:
+                self._cache.reorder(torch.tensor(keep, device=self.device))
+            else:
+                self._cache = None
+
+    def _emit(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Pick and send the next token of a row; False when the row is finished (or cancelled)."""
+        if row.req.cancelled.is_set():
+            return False
+        s = row.req.settings
+        if s.do_sample:
+            probs = filter_logits((logits / s.temperature)[None], s.top_k, s.top_p).softmax(-1)  # [1, V]
+            tok = int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
+        else:
+            tok = int(logits.argmax(-1))
+        row.produced += 1
+        row.last = tok
+        if self.eos_token_id is not None and tok == self.eos_token_id:
+            row.req.emit({"done": True, "finish_reason": "eos"})
+            return False
+        row.req.emit({"token": tok})
+        if row.produced >= s.max_new_tokens:
+            row.req.emit({"done": True, "finish_reason": "length"})
+            return False
+        return True

@@ -1,0 +1,42 @@
+"""`ssmtune serve`: load a base model and its adapters, then run the HTTP server (uvicorn) until interrupted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ssmtune.cli.args import ServeArgs
+
+
+def build_app(args: ServeArgs) -> tuple[Any, Any]:
+    """(FastAPI app, BatchEngine) for the arguments: the model, its adapters and the limits."""
+    from ssmtune.cli.commands import _cast, load_base_model, load_tokenizer_for
+    from ssmtune.core.io import load_adapter
+
+    from .app import create_app
+    from .batching import BatchEngine
+
+    tokenizer = load_tokenizer_for(args.tokenizer, args.model)
+    model = load_base_model(args.model, backend=args.backend)
+    for i, (name, folder) in enumerate(args.adapters().items()):
+        if i == 0:
+            model = load_adapter(model, folder, name)
+        else:
+            model.load_adapter(folder, name)
+    _cast(model, args.precision, args.device).eval()
+    engine = BatchEngine(
+        model, eos_token_id=tokenizer.eos_token_id, max_batch=args.max_batch,
+        batch_wait_s=args.batch_wait_ms / 1000, max_queue=args.max_queue,
+    )  # fmt: skip
+    app = create_app(engine, tokenizer, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
+    return app, engine
+
+
+def serve(args: ServeArgs) -> int:
+    """Serve a model and many adapters over HTTP (batched, streaming)."""
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ImportError(f"ssmtune serve needs the serve extra: pip install 'ssmtune[serve]' ({e})") from e
+    app, _ = build_app(args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

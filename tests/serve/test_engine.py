@@ -1,0 +1,118 @@
+"""BatchEngine without HTTP: joining rows, batch limits, LoRA rows kept apart, failures that do not stop it."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+import torch
+
+from ssmtune import InitialStateConfig, LoraConfig, StateOffsetConfig, get_peft_model
+from ssmtune.models import MambaConfig, causal_lm_for
+from ssmtune.serve import BatchEngine, GenerationRequest, GenerationSettings
+
+pytestmark = pytest.mark.timeout(60)
+EOS = 99  # outside the tiny vocabulary (48): every row runs to its max_new_tokens
+
+
+def _peft():
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=16, n_layer=2, vocab_size=48, d_state=4, dt_rank=2, pad_vocab_size_multiple=1)
+    peft = get_peft_model(causal_lm_for(cfg).eval(), StateOffsetConfig(), adapter_name="h")
+    peft.add_adapter("h0", InitialStateConfig())
+    peft.add_adapter("lora", LoraConfig(r=2, target_modules=["out_proj"]))
+    with torch.no_grad():
+        for n in peft.adapter_names:
+            for p in peft.adapter_state_dict(n).values():
+                p.add_(torch.randn(p.shape) * 0.5)
+    return peft
+
+
+def _run(engine, jobs, timeout=20.0):
+    """Submit (prompt_ids, adapter, max_new_tokens) jobs; return per job (tokens, final event)."""
+    qs = []
+    for ids, adapter, n in jobs:
+        q: queue.Queue = queue.Queue()
+        engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, settings=GenerationSettings(max_new_tokens=n),
+                                        emit=q.put))  # fmt: skip
+        qs.append(q)
+    out = []
+    deadline = time.monotonic() + timeout
+    for q in qs:
+        tokens = []
+        while True:
+            event = q.get(timeout=max(deadline - time.monotonic(), 0.01))
+            if "token" in event:
+                tokens.append(event["token"])
+            else:
+                out.append((tokens, event))
+                break
+    return out
+
+
+def test_rows_join_and_match_generate_alone():
+    peft = _peft()
+    jobs = [([1, 2, 3], "h", 9), ([4], "h0", 3), ([5, 6], None, 7), ([7, 8, 9, 10], "h", 5), ([3, 3], "h0", 8)]
+    want = []
+    for ids, adapter, n in jobs:
+        gen = peft.generate(torch.tensor([ids]), max_new_tokens=n, adapter_names=[adapter], eos_token_id=EOS)
+        want.append(gen[0, len(ids) :].tolist())
+    engine = BatchEngine(peft, eos_token_id=EOS, max_batch=3, batch_wait_s=0.05)
+    engine.start()
+    try:
+        got = _run(engine, jobs)
+    finally:
+        engine.stop()
+    for (tokens, final), ref in zip(got, want):
+        assert final == {"done": True, "finish_reason": "length"}
+        assert tokens == ref
+    assert engine.stats.max_rows == 3  # the batch limit holds, and is reached
+    assert engine.stats.requests == len(jobs)
+
+
+def test_lora_rows_wait_for_their_own_batch():
+    peft = _peft()
+    engine = BatchEngine(peft, eos_token_id=EOS, max_batch=8, batch_wait_s=0.05)
+    seen = []
+    step = engine._step
+
+    def spy():
+        seen.append({r.req.adapter for r in engine._rows})
+        step()
+
+    engine._step = spy
+    engine.start()
+    try:
+        got = _run(engine, [([1, 2], "h", 4), ([1, 2], "lora", 4), ([3], "h0", 4), ([2], "lora", 4)])
+    finally:
+        engine.stop()
+    assert all(final["done"] for _, final in got)
+    # lora never shares a step with another adapter, and the h0 request behind it waited (first come, first served)
+    assert {"lora"} in seen and all(s == {"lora"} or "lora" not in s for s in seen)
+    assert {"h", "h0"} not in seen
+    ref = peft.generate(torch.tensor([[1, 2]]), max_new_tokens=4, adapter_names=["lora"], eos_token_id=EOS)
+    assert got[1][0] == ref[0, 2:].tolist()
+
+
+def test_a_failing_request_does_not_stop_the_engine():
+    peft = _peft()
+    engine = BatchEngine(peft, eos_token_id=EOS, batch_wait_s=0.0)
+    engine.start()
+    try:
+        (tokens, bad), = _run(engine, [([10**6], "h", 3)])  # fmt: skip
+        (tokens_ok, good), = _run(engine, [([1, 2], "h", 3)])  # fmt: skip
+    finally:
+        engine.stop()
+    assert tokens == [] and "IndexError" in bad["error"]
+    assert good["done"] and len(tokens_ok) == 3
+    assert engine.stats.errors == 1
+
+
+def test_submit_needs_a_running_engine():
+    engine = BatchEngine(_peft(), eos_token_id=EOS)
+    req = GenerationRequest(prompt_ids=[1], adapter=None, settings=GenerationSettings(), emit=lambda e: None)
+    with pytest.raises(RuntimeError, match="not running"):
+        engine.submit(req)
+    with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
+        BatchEngine(_peft(), eos_token_id=EOS, max_batch=0)

@@ -1,0 +1,212 @@
+"""The HTTP server on loopback: concurrent requests for several adapters, streaming, bad requests, staying up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from ssmtune import InitialStateConfig, LoraConfig, PrefixTuningConfig, StateOffsetConfig, get_peft_model
+from ssmtune.cli.args import ServeArgs
+from ssmtune.models import MambaConfig, causal_lm_for
+from ssmtune.serve.cli import build_app
+from ssmtune.tokenizer import ByteTokenizer
+
+pytestmark = pytest.mark.timeout(60)
+
+ADAPTERS = {
+    "h": StateOffsetConfig(),
+    "y": StateOffsetConfig(variant="y"),
+    "h0": InitialStateConfig(conv_state=True),
+    "prefix": PrefixTuningConfig(num_virtual_tokens=2),
+    "lora": LoraConfig(r=2, target_modules=["out_proj"]),
+}
+MAX_PROMPT = 40
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny byte-level model and five adapters saved to disk, served through `ssmtune serve`'s app builder."""
+    tmp = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=264, d_state=8, dt_rank=4, pad_vocab_size_multiple=8)
+    base = causal_lm_for(cfg).eval()
+    with torch.no_grad():
+        for _, mixer in base.mixers():
+            mixer.dt_proj.bias.add_(2.0)
+    base.save_pretrained(tmp / "model")
+    (tmp / "model" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ByteTokenizer"}))
+    g = torch.Generator().manual_seed(5)
+    flags = []
+    for name, config in ADAPTERS.items():
+        copy = causal_lm_for(cfg, init=False).eval()
+        copy.load_state_dict(base.state_dict())
+        peft = get_peft_model(copy, config, adapter_name=name)
+        with torch.no_grad():
+            for p in peft.adapter_state_dict(name).values():
+                p.add_(torch.randn(p.shape, generator=g) * (3.0 if name == "lora" else 0.5))
+        peft.save_adapter(tmp / name)
+        flags.append(f"{name}={tmp / name}")
+    args = ServeArgs(
+        model=str(tmp / "model"), adapter=flags, max_prompt_tokens=MAX_PROMPT, max_new_tokens=MAX_NEW,
+        batch_wait_ms=30, max_batch=16, device="cpu",
+    )  # fmt: skip
+    app, engine = build_app(args)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        assert thread.is_alive(), "the server thread died"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+    assert not thread.is_alive()
+
+
+def _reference(engine, prompt: str, adapter: str | None, max_new_tokens: int) -> list[int]:
+    """Greedy tokens of one prompt alone, through PeftModel.generate (the engine thread must be idle)."""
+    _wait_idle(engine)
+    tok, model = ByteTokenizer(), engine.model
+    ids = torch.tensor([tok.encode(prompt)])
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                             adapter_names=[adapter])[0, ids.shape[1] :].tolist()  # fmt: skip
+    return out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+
+
+def _wait_idle(engine, timeout: float = 10.0) -> None:
+    """Rows leave the batch right after their last event; wait for the worker to get there."""
+    deadline = time.monotonic() + timeout
+    while engine.active_rows or engine.pending:
+        assert time.monotonic() < deadline, f"{engine.active_rows} rows still decoding, {engine.pending} waiting"
+        time.sleep(0.01)
+
+
+async def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        return await asyncio.gather(*(client.post("/v1/generate", json=b) for b in bodies))
+
+
+def _sse(response: httpx.Response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+
+
+def test_concurrent_adapters_match_each_alone(served):
+    url, engine = served
+    cases = [
+        ("the cat", "h"), ("a dog ran", "y"), ("x", None), ("the cat", "h0"), ("hello there", "prefix"),
+        ("the cat", "y"), ("zz top", "h"), ("the cat", None), ("lorem", "lora"), ("ipsum", "lora"),
+    ]  # fmt: skip
+    want = [_reference(engine, p, a, 16) for p, a in cases]
+    # the same prompt answers differently per adapter, so routing mistakes show
+    assert len({tuple(want[i]) for i in (0, 3, 5, 7)}) == 4
+    before = engine.stats.steps
+    bodies = [{"prompt": p, "adapter": a, "max_new_tokens": 16, "stream": i % 2 == 0} for i, (p, a) in enumerate(cases)]
+    responses = asyncio.run(_post_all(url, bodies))
+    for (prompt, adapter), body, r, ref in zip(cases, bodies, responses, want):
+        assert r.status_code == 200, r.text
+        final = _sse(r)[-1] if body["stream"] else r.json()
+        assert final["done"] and final["adapter"] == adapter
+        assert final["tokens"] == ref, (prompt, adapter)
+        assert final["finish_reason"] == ("eos" if len(ref) < 16 else "length")
+    # rows of several adapters were decoded in the same steps
+    assert engine.stats.steps > before
+    assert engine.stats.max_adapters >= 3 and engine.stats.max_rows >= 4
+    _wait_idle(engine)
+
+
+def test_streaming_events_add_up(served):
+    url, engine = served
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/generate", json={"prompt": "stream me", "adapter": "prefix", "max_new_tokens": 12})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _sse(r)
+    tokens = [e["token"] for e in events[:-1] if "token" in e]
+    assert tokens == events[-1]["tokens"] == _reference(engine, "stream me", "prefix", 12)
+    assert all("token" in e for e in events[:-2])  # only the last one before "done" may be a text flush
+    assert "".join(e["text"] for e in events[:-1]) == events[-1]["text"] == ByteTokenizer().decode(tokens)
+
+
+def test_sampling_is_seeded(served):
+    url, _ = served
+    body = {"prompt": "abc", "adapter": "y", "do_sample": True, "temperature": 1.5, "top_k": 50, "top_p": 0.95,
+            "seed": 7, "max_new_tokens": 10, "stream": False}  # fmt: skip
+    a, b, c = asyncio.run(_post_all(url, [body, body, {**body, "seed": 8}]))
+    assert a.status_code == b.status_code == c.status_code == 200
+    assert a.json()["tokens"] == b.json()["tokens"] != c.json()["tokens"]
+
+
+BAD = [
+    ({"prompt": "hi", "adapter": "nope"}, 404, "unknown adapter 'nope'"),
+    ({"prompt": "x" * (MAX_PROMPT + 1)}, 400, f"41 tokens, over this server's limit of {MAX_PROMPT}"),
+    ({"prompt": "hi", "max_new_tokens": MAX_NEW + 1}, 400, "max_new_tokens=25 is over"),
+    ({"prompt": "hi", "max_new_tokens": 0}, 422, "max_new_tokens"),
+    ({"prompt": "hi", "temperature": -1}, 422, "temperature"),
+    ({"prompt": "hi", "top_p": 2}, 422, "top_p"),
+    ({"prompt": "hi", "top_k": 0}, 422, "top_k"),
+    ({"prompt": ""}, 422, "prompt"),
+    ({"adapter": "h"}, 422, "prompt: Field required"),
+    ({"prompt": "hi", "beams": 3}, 422, "beams"),
+    ({"prompt": 5}, 422, "prompt"),
+]
+
+
+def test_bad_requests_get_clear_errors_and_the_server_stays_up(served):
+    url, engine = served
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for body, status, message in BAD:
+            r = client.post("/v1/generate", json=body)
+            assert r.status_code == status, (body, r.text)
+            assert message in r.json()["error"], (body, r.json())
+        r = client.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "error" in r.json()
+        assert client.get("/v1/nothing").status_code == 404
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and sorted(health["adapters"]) == sorted(ADAPTERS)
+        listed = {a["name"]: a["mixable"] for a in client.get("/v1/adapters").json()["adapters"]}
+        assert listed == {"h": True, "y": True, "h0": True, "prefix": True, "lora": False}
+        r = client.post("/v1/generate", json={"prompt": "still here", "adapter": "h0", "stream": False,
+                                              "max_new_tokens": 6})  # fmt: skip
+    assert r.status_code == 200
+    assert r.json()["tokens"] == _reference(engine, "still here", "h0", 6)
+
+
+def test_client_going_away_frees_its_row(served):
+    url, engine = served
+    with httpx.Client(base_url=url, timeout=30) as client:
+        body = {"prompt": "long one", "adapter": "h", "max_new_tokens": MAX_NEW}
+        with client.stream("POST", "/v1/generate", json=body) as r:
+            first = next(r.iter_lines())
+            assert first.startswith("data: ")
+    _wait_idle(engine)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/health").json()["active_rows"] == 0
+
+
+def test_serve_args_validation():
+    with pytest.raises(ValueError, match="name=folder"):
+        ServeArgs(model="m", adapter=["justafolder"])
+    with pytest.raises(ValueError, match=r"unique.*\['a'\]"):
+        ServeArgs(model="m", adapter=["a=x", "a=y"])
+    with pytest.raises(ValueError, match="max_batch"):
+        ServeArgs(model="m", max_batch=0)
+    assert ServeArgs(model="m", adapter=["a=x", "b=y=z"]).adapters() == {"a": "x", "b": "y=z"}
