@@ -228,8 +228,8 @@ class BatchEngine:
                 continue
             names = joined
             admitted.append(req)
-        for req in admitted:
-            self._prefill(req)
+        if admitted:
+            self._prefill(admitted)
 
     def _forward(self, ids: torch.Tensor, cache: InferenceCache, adapters: list[str | None]) -> torch.Tensor:
         """Logits [B, V] at the last position, each row with its adapter."""
@@ -239,24 +239,39 @@ class BatchEngine:
             out = self.model(ids, cache=cache)
         return out.logits[:, -1].float()
 
-    def _prefill(self, req: GenerationRequest) -> None:
-        self.stats.requests += 1
-        try:
-            gen = None
-            if req.settings.do_sample:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(req.settings.seed if req.settings.seed is not None else torch.seed())
-            row = _Row(req, gen)
-            cache = InferenceCache(self.n_layer)
-            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # [1, L]
-            logits = self._forward(ids, cache, [req.adapter])  # [1, V]
-        except Exception as e:  # noqa: BLE001
-            self.stats.errors += 1
-            req.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
-            return
-        if self._emit(row, logits[0]):
-            self._cache = cache if self._cache is None else InferenceCache.cat([self._cache, cache])
-            self._rows.append(row)
+    def _prefill(self, reqs: list[GenerationRequest]) -> None:
+        """Prefill new rows, those of one prompt length together (no padding), and append them to the batch."""
+        by_len: dict[int, list[GenerationRequest]] = {}
+        for req in reqs:
+            by_len.setdefault(len(req.prompt_ids), []).append(req)
+        caches = [] if self._cache is None else [self._cache]
+        for group in by_len.values():
+            self.stats.requests += len(group)
+            try:
+                cache = InferenceCache(self.n_layer)
+                ids = torch.tensor([r.prompt_ids for r in group], dtype=torch.long, device=self.device)  # [b, L]
+                logits = self._forward(ids, cache, [r.adapter for r in group])  # [b, V]
+            except Exception as e:  # noqa: BLE001
+                self.stats.errors += 1
+                for req in group:
+                    req.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+                continue
+            rows = [_Row(req, self._generator(req.settings)) for req in group]
+            keep = [i for i, alive in enumerate(self._emit_all(rows, logits)) if alive]
+            if keep:
+                if len(keep) < len(rows):
+                    cache.reorder(torch.tensor(keep, device=self.device))
+                caches.append(cache)
+                self._rows.extend(rows[i] for i in keep)
+        if caches:
+            self._cache = caches[0] if len(caches) == 1 else InferenceCache.cat(caches)
+
+    def _generator(self, s: GenerationSettings) -> torch.Generator | None:
+        if not s.do_sample:
+            return None
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(s.seed if s.seed is not None else torch.seed())
+        return gen
 
     def _step(self) -> None:
         rows = self._rows
@@ -266,7 +281,7 @@ class BatchEngine:
         self.stats.max_adapters = max(self.stats.max_adapters, len(set(adapters)))
         ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # [B, 1]
         logits = self._forward(ids, self._cache, adapters)  # [B, V]
-        keep = [i for i, row in enumerate(rows) if self._emit(row, logits[i])]
+        keep = [i for i, alive in enumerate(self._emit_all(rows, logits)) if alive]
         if len(keep) < len(rows):
             self._rows = [rows[i] for i in keep]
             if keep:
@@ -274,8 +289,15 @@ class BatchEngine:
             else:
                 self._cache = None
 
-    def _emit(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Pick and send the next token of a row; False when the row is finished (or cancelled)."""
+    def _emit_all(self, rows: list[_Row], logits: torch.Tensor) -> list[bool]:
+        """Next token of every row (greedy rows in one argmax); False for the rows that are finished."""
+        greedy = logits.argmax(-1).tolist()  # [B], one device sync
+        return [
+            self._emit(row, logits[i], None if row.req.settings.do_sample else greedy[i]) for i, row in enumerate(rows)
+        ]
+
+    def _emit(self, row: _Row, logits: torch.Tensor, greedy: int | None) -> bool:
+        """Pick (sample, or take ``greedy``) and send the next token of a row; False when it is finished."""
         if row.req.cancelled.is_set():
             return False
         s = row.req.settings
@@ -283,7 +305,7 @@ class BatchEngine:
             probs = filter_logits((logits / s.temperature)[None], s.top_k, s.top_p).softmax(-1)  # [1, V]
             tok = int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
         else:
-            tok = int(logits.argmax(-1))
+            tok = greedy
         row.produced += 1
         row.last = tok
         if self.eos_token_id is not None and tok == self.eos_token_id:
