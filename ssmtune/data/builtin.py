@@ -1,7 +1,7 @@
 """The built-in offline tasks (ssmtune/builtin/tasks/, built from WordNet 3.0 by scripts/build_builtin_data.py).
 
-Registered as "wn-category" (10-way gloss classification, accuracy), "wn-define" (word -> gloss, ROUGE-L) and
-"wn-category-long" (classification of the last of 4-24 glosses). They read the packaged files unless `data_dir` or
+Registered as "wn-pos" (gloss -> part of speech, 4 classes, accuracy), "wn-category" (10-way gloss classification),
+"wn-define" (word -> gloss, ROUGE-L) and "wn-pos-long" (part of speech of the last of 4-24 glosses). They read the packaged files unless `data_dir` or
 `data_files` point elsewhere, and have a fixed train/validation/test split.
 """
 
@@ -45,9 +45,13 @@ class WordNetDefine(BuiltinTask):
     metrics = ("rouge",)
 
 
-class WordNetCategoryLong(WordNetCategory):
-    name = "wn-category-long"
+class WordNetPos(WordNetCategory):
+    name = "wn-pos"
 
 
-for _task in (WordNetCategory(), WordNetDefine(), WordNetCategoryLong()):
+class WordNetPosLong(WordNetCategory):
+    name = "wn-pos-long"
+
+
+for _task in (WordNetPos(), WordNetCategory(), WordNetDefine(), WordNetPosLong()):
     register_task(_task)

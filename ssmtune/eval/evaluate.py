@@ -128,6 +128,9 @@ def evaluate(
                 result.update(glue_score(task_name, preds, labels))
             else:
                 result["accuracy"] = sum(p == str(g) for p, g in zip(preds, labels)) / max(len(labels), 1)
+                # strict scoring: an answer outside the label set is wrong; say how many there were
+                label_set = {str(g) for g in labels}
+                result["out_of_class"] = sum(p not in label_set for p in preds)
                 result["score"] = result["accuracy"]
             samples = [{"prediction": p, "label": g} for p, g in zip(preds[:num_samples], labels)]
         elif mode == "generation":
