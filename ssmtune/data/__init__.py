@@ -47,4 +47,4 @@ __all__ = [
 ]
 
 # registers the built-in WordNet tasks
-from ssmtune.data import builtin as _builtin  # noqa: E402, F401
+from ssmtune.data import builtin as _builtin  # noqa: F401

@@ -50,7 +50,7 @@ _IMPLS: dict[str, dict[str, str]] = {
     },
 }
 _cache: dict[tuple[str, str], Callable | None] = {}
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()
 
 
 def _load(op: str, backend: str) -> Callable | None:
@@ -95,7 +95,8 @@ def _check(name: str, t: torch.Tensor | None, shapes: list[tuple], op: str) -> N
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        # one exception type for every bad argument of a public op (STYLE.md rule 9)
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004
     for s in shapes:
         if t.dim() == len(s) and all(e is None or e == a for e, a in zip(s, t.shape)):
             return
