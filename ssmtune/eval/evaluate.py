@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -59,7 +60,7 @@ class EvalConfig:
             raise ValueError(f"eval.max_examples must be >= 1, got {self.max_examples!r}")
 
 
-HEADLINE = {"dart": "bleu", "samsum": "rougeL", "spider": "rougeL", "jsonl": "rougeL"}
+HEADLINE = {"dart": "bleu", "samsum": "rougeL", "spider": "execution_accuracy", "jsonl": "rougeL"}
 
 
 def resolve_mode(task: str, mode: str) -> str:
@@ -144,6 +145,13 @@ def evaluate(
                 ex = dataset.example(i)
                 refs.append(ex.get("references") or [ex["target"]])
             scores = generation_scores(task_name, preds, refs)
+            if task_name == "spider":
+                # execution accuracy and exact-set match against the released SQL, on the example's sqlite file
+                from ssmtune.eval.spider import spider_scores
+
+                exs = [dataset.example(i) for i in range(len(dataset))]
+                db_dir = Path(exs[0]["db_path"]).parent.parent
+                scores.update(spider_scores(preds, [e["gold_sql"] for e in exs], [e["db_id"] for e in exs], db_dir))
             result.update(scores)
             head = HEADLINE.get(task_name, "rougeL")
             result["score"] = scores.get(head) if scores.get(head) is not None else next(iter(scores.values()))
