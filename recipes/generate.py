@@ -97,6 +97,8 @@ def render(model: str, task: str, method: str) -> str:
             note = NOT_PUBLISHED if k in ("r", "alpha", "num_virtual_tokens") else ""
             lines.append(f"  {k}: {value}{note}")
     lines += ["data:", f"  task: {task}", f"  data_dir: data/{task}  # local files: train/validation[/test]"]
+    if task == "spider":
+        lines += ["  length_filter: 1536  # the reference drops longer examples from train and dev (METHODS.md §8.3)"]
     lines += [
         "train:",
         f"  epochs: {epochs}",

@@ -153,7 +153,9 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     task = get_task(args.data.task)
     tokenizer = load_tokenizer_for(args.tokenizer, args.model)
     examples = load_examples(args.data, "train")
-    train_ds = tokenize_examples(examples, tokenizer, add_eos=task.add_eos, max_length=args.max_length)
+    train_ds = tokenize_examples(
+        examples, tokenizer, add_eos=task.add_eos, max_length=args.max_length, length_filter=args.data.length_filter
+    )
 
     torch.manual_seed(args.train.seed)
     model = load_base_model(args.model, backend=args.backend)

@@ -52,8 +52,11 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return b if a is None else a + b
 
 
-def collect_state(hooks: Iterable[StateHook], batch_size: int) -> MergedState:
+def collect_state(hooks: Iterable[StateHook], batch_size: int, *, initial: bool = True) -> MergedState:
     """Merge the contributions of all active hooks (hooks with ``active == False`` are skipped).
+
+    ``initial=False`` skips ``initial_state`` / ``initial_conv_state``: a mixer continuing from a cache does not use
+    them, and computing them can cost a forward pass (Prefix-Tuning runs its virtual tokens through the layer).
 
     Under ``PeftModel.route`` (a routing attached to the hooks) each field is gathered per row from the row's adapter
     instead, as [batch_size, ...] tensors (``core/routing.py``).
@@ -63,13 +66,14 @@ def collect_state(hooks: Iterable[StateHook], batch_size: int) -> MergedState:
 
     routing = routing_of(hooks)
     if routing is not None:
-        return routed_state(hooks, batch_size, routing)
+        return routed_state(hooks, batch_size, routing, initial=initial)
     merged = MergedState()
     for hook in hooks:
         if not getattr(hook, "active", True):
             continue
-        merged.h0 = _add(merged.h0, hook.initial_state(batch_size))
-        merged.conv0 = _add(merged.conv0, hook.initial_conv_state(batch_size))
+        if initial:
+            merged.h0 = _add(merged.h0, hook.initial_state(batch_size))
+            merged.conv0 = _add(merged.conv0, hook.initial_conv_state(batch_size))
         merged.h_off = _add(merged.h_off, hook.state_offset())
         merged.y_off = _add(merged.y_off, hook.output_offset())
     return merged

@@ -99,7 +99,7 @@ def _gather(values: dict[int, torch.Tensor], shape: tuple[int, ...] | None, idx:
     return out
 
 
-def routed_state(hooks: Sequence[StateHook], batch_size: int, routing: Routing) -> MergedState:
+def routed_state(hooks: Sequence[StateHook], batch_size: int, routing: Routing, *, initial: bool = True) -> MergedState:
     """``collect_state`` under a routing: per-row [B, ...] tensors gathered from each row's adapter."""
     idx = routing.slot_index(batch_size)  # [B]
     present = set(idx.tolist())
@@ -118,8 +118,9 @@ def routed_state(hooks: Sequence[StateHook], batch_size: int, routing: Routing) 
             target = per_slot.setdefault(slot[name], MergedState())
         else:
             continue
-        target.h0 = _add(target.h0, hook.initial_state(batch_size))
-        target.conv0 = _add(target.conv0, hook.initial_conv_state(batch_size))
+        if initial:
+            target.h0 = _add(target.h0, hook.initial_state(batch_size))
+            target.conv0 = _add(target.conv0, hook.initial_conv_state(batch_size))
         target.h_off = _add(target.h_off, hook.state_offset())
         target.y_off = _add(target.y_off, hook.output_offset())
         for f in _FIELDS:

@@ -76,7 +76,9 @@ def load_eval_dataset(task_cfg: TaskConfig, tokenizer, config: EvalConfig) -> To
     if config.max_examples is not None:
         examples = examples[: config.max_examples]
     task = get_task(task_cfg.task)
-    return tokenize_examples(examples, tokenizer, add_eos=task.add_eos, max_length=config.max_length)
+    return tokenize_examples(
+        examples, tokenizer, add_eos=task.add_eos, max_length=config.max_length, length_filter=task_cfg.length_filter
+    )
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -117,7 +117,11 @@ class Mamba2Mixer(nn.Module):
         fresh = cache is None or cache.fresh
         if cache is not None and not fresh and cache.ssm_state is not None and cache.ssm_state.shape[0] != batch:
             raise ValueError(f"cache holds batch {cache.ssm_state.shape[0]}, got hidden_states batch {batch}")
-        st = collect_state(self.state_hooks.values(), batch) if use_state_hooks and self.state_hooks else MergedState()
+        st = (
+            collect_state(self.state_hooks.values(), batch, initial=fresh)
+            if use_state_hooks and self.state_hooks
+            else MergedState()
+        )
         d, g, n = self.d_inner, self.ngroups, self.d_state
         h = self.nheads
         p = d // h
