@@ -30,6 +30,13 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+# torch.device("meta") recognises factory functions by identity from a set built on first use: build it now, from the
+# real torch.empty, so that the wrapper below does not defeat meta-device model construction.
+import torch.utils._device
+
+torch.utils._device._device_constructors()
+
+
 @pytest.fixture(autouse=True)
 def _poison_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "empty", _nan_poisoned(torch.empty))
