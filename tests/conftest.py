@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.utils._device
 
 
 def _nan_poisoned(alloc):
@@ -32,8 +33,6 @@ def _seed() -> None:
 
 # torch.device("meta") recognises factory functions by identity from a set built on first use: build it now, from the
 # real torch.empty, so that the wrapper below does not defeat meta-device model construction.
-import torch.utils._device
-
 torch.utils._device._device_constructors()
 
 
