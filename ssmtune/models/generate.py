@@ -160,8 +160,10 @@ def beam_search(
         if step < min_new_tokens and eos:
             logprobs[:, eos] = float("-inf")
         cand = (beam_scores.view(-1, 1) + logprobs).view(batch, k * vocab)
-        top_scores, top_idx = cand.topk(2 * k, dim=1)  # [B, 2K], sorted
-        next_scores = torch.zeros(batch, k, device=device)
+        # enough candidates that K of them are not EOS even if every EOS id ranks first
+        top_scores, top_idx = cand.topk(min((len(eos) + 1) * k, k * vocab), dim=1)  # sorted
+        # slots left unfilled (too few finite candidates) must never win: -inf, not 0
+        next_scores = torch.full((batch, k), float("-inf"), device=device)
         next_tokens = torch.full((batch, k), pad, dtype=torch.long, device=device)
         next_src = torch.arange(batch * k, device=device).view(batch, k).clone()
         top_scores_l, top_idx_l = top_scores.tolist(), top_idx.tolist()
@@ -194,7 +196,8 @@ def beam_search(
     for b in range(batch):
         if not done[b]:
             for j in range(k):
-                add(b, beam_scores[b, j].item() / seqs.shape[1] ** length_penalty, seqs[b * k + j])
+                if beam_scores[b, j].item() > float("-inf") or not hyps[b]:
+                    add(b, beam_scores[b, j].item() / seqs.shape[1] ** length_penalty, seqs[b * k + j])
     best = [hyps[b][0][1] for b in range(batch)]
     width = max(t.numel() for t in best)
     out = torch.full((batch, width), pad, dtype=torch.long, device=device)

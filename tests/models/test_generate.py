@@ -142,3 +142,22 @@ def test_generate_rejects_bad_arguments() -> None:
         model.generate(ids, num_beams=0)
     with pytest.raises(ValueError, match="temperature"):
         model.generate(ids, do_sample=True, temperature=0.0)
+
+
+def test_beam_search_with_more_eos_ids_than_beams_never_returns_padding():
+    """With 3 EOS ids ranking first and 2 beams, the 2K candidates hold too few non-EOS tokens; unfilled beam slots
+    must not win (they used to keep score 0 and return a pad-only hypothesis)."""
+    from types import SimpleNamespace
+
+    from ssmtune.models.cache import InferenceCache
+    from ssmtune.models.generate import beam_search
+
+    lp = torch.tensor([[5.0, 5.0, 5.0, -1.0, -2.0, -3.0]]).log_softmax(-1)
+
+    class Constant:
+        def __call__(self, ids, cache=None):
+            return SimpleNamespace(logits=lp.expand(ids.shape[0], -1)[:, None, :].clone())
+
+    out = beam_search(Constant(), InferenceCache(0), lp.clone(), max_new_tokens=4, num_beams=2, eos=[0, 1, 2], pad=9)
+    assert 9 not in out.tolist()[0]
+    assert out[0, -1].item() in (0, 1, 2)
