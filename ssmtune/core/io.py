@@ -154,11 +154,11 @@ def load_adapter(
     except ValueError:
         peft.delete_adapter(adapter_name)
         raise
+    if is_trainable:
+        peft._frozen.discard(adapter_name)
+    else:
+        peft._frozen.add(adapter_name)
     peft.set_adapter(adapter_name)
-    if not is_trainable:
-        for m in peft.adapter_modules(adapter_name).values():
-            for p in m.parameters():
-                p.requires_grad_(False)
     return peft
 
 

@@ -50,6 +50,8 @@ class PeftModel(nn.Module):
         self._adapters: dict[str, dict[str, nn.Module]] = {}
         self.active_adapters: list[str] = []
         self._disabled = False
+        # adapters loaded with is_trainable=False stay frozen whenever they are active
+        self._frozen: set[str] = set()
         for p in model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, configs)
@@ -143,7 +145,7 @@ class PeftModel(nn.Module):
             for m in modules.values():
                 m.active = on and not self._disabled
                 for p in m.parameters():
-                    p.requires_grad_(on)
+                    p.requires_grad_(on and name not in self._frozen)
         self.active_adapters = names
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str, *, is_trainable: bool = False) -> None:
@@ -166,6 +168,7 @@ class PeftModel(nn.Module):
         for m in self._adapters.pop(name).values():
             _inject.detach(m)
         del self.peft_config[name]
+        self._frozen.discard(name)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     @contextlib.contextmanager
@@ -242,6 +245,9 @@ class PeftModel(nn.Module):
         )
         if blockers:
             raise ValueError(f"merge_and_unload: methods {blockers} cannot be merged into the base weights")
+        if self._disabled:
+            # merging skips inactive deltas, so merging here would silently drop the adapters
+            raise ValueError("merge_and_unload: adapters are disabled (inside disable_adapters()); merge outside it")
         for name in list(self._adapters):
             if name not in self.active_adapters:
                 self.delete_adapter(name)

@@ -62,6 +62,14 @@ def inject(model: nn.Module, config: AdditionalScanConfig, *, adapter_name: str)
                 "AdditionalScanConfig: Mamba-2 is not supported (A is one scalar per head, and neither paper has a "
                 f"Mamba-2 Additional-scan; METHODS.md §4.8), got a {type(t.mixer).__name__} at {t.path!r}"
             )
+        # Extending N moves the C rows of x_proj and changes the state shape: adapters attached earlier (LoRA row
+        # slices or whole-x_proj deltas, [D, N] state hooks) would silently act on the wrong rows or fail later.
+        deltas = getattr(getattr(t.mixer.x_proj, "adapters", None), "keys", lambda: [])()
+        if list(deltas) or len(t.mixer.state_hooks):
+            raise ValueError(
+                f"AdditionalScanConfig: {t.path} already has adapters ({list(deltas) + list(t.mixer.state_hooks)}); "
+                "attach Additional-scan first, before LoRA on x_proj or state-based methods"
+            )
     attached = {}
     for t in targets:
         mixer = t.mixer

@@ -106,7 +106,8 @@ def slice_rows(mixer: nn.Module, target: str) -> tuple[str, tuple[int, int] | No
         sizes = {"x": d, "z": d}
     else:
         n = mixer.d_state
-        sizes = {"dt": mixer.x_proj.out_features - 2 * n, "B": n, "C": n}
+        # R from dt_proj: x_proj.out_features is the static Linear size, stale once Additional-scan extends N
+        sizes = {"dt": mixer.dt_proj.in_features, "B": n, "C": n}
     start = 0
     for key, size in sizes.items():
         if key == part:

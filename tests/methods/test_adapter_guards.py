@@ -1,0 +1,47 @@
+"""Guards on adapter state: frozen loads stay frozen, no silent merges, no Additional-scan over earlier adapters."""
+
+import pytest
+import torch
+
+from ssmtune import AdditionalScanConfig, LoraConfig, StateOffsetConfig, get_peft_model, load_adapter
+from ssmtune.models import MambaConfig, MambaForCausalLM
+
+
+def _base(seed: int = 0) -> MambaForCausalLM:
+    torch.manual_seed(seed)
+    return MambaForCausalLM(MambaConfig(d_model=16, n_layer=2, vocab_size=50, d_state=4))
+
+
+def test_adapter_loaded_frozen_stays_frozen_after_set_adapter(tmp_path):
+    m = get_peft_model(_base(), StateOffsetConfig())
+    m.save_adapter(tmp_path)
+    m.load_adapter(tmp_path, "b", is_trainable=False)
+    m.set_adapter("b")
+    assert m.trainable_parameters() == 0
+    m.set_adapter("default")
+    assert m.trainable_parameters() > 0
+    assert load_adapter(_base(), tmp_path, is_trainable=True).trainable_parameters() > 0
+
+
+def test_merge_inside_disable_adapters_is_refused():
+    m = get_peft_model(_base(), LoraConfig(r=2, target_modules=["out_proj"]))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.requires_grad:
+                p.normal_()
+    with m.disable_adapters(), pytest.raises(ValueError, match="disabled"):
+        m.merge_and_unload()
+
+
+@pytest.mark.parametrize("first", [LoraConfig(r=2, target_modules=["x_proj.C"]), StateOffsetConfig()])
+def test_additional_scan_refuses_to_extend_under_earlier_adapters(first):
+    with pytest.raises(ValueError, match="attach Additional-scan first"):
+        get_peft_model(_base(), [first, AdditionalScanConfig(n_states=2)])
+
+
+def test_additional_scan_first_then_lora_slice_targets_the_extended_rows():
+    m = get_peft_model(_base(), [AdditionalScanConfig(n_states=2), LoraConfig(r=2, target_modules=["x_proj.C"])])
+    mixer = m.base_model.backbone.layers[0].mixer
+    r, n = mixer.dt_proj.in_features, mixer.d_state
+    lora = next(v for k, v in m.adapter_modules().items() if "lora" in k)
+    assert n == 6 and tuple(lora.rows) == (r + n, r + 2 * n)
