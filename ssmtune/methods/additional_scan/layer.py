@@ -64,7 +64,7 @@ def inject(model: nn.Module, config: AdditionalScanConfig, *, adapter_name: str)
             )
         # Extending N moves the C rows of x_proj and changes the state shape: adapters attached earlier (LoRA row
         # slices or whole-x_proj deltas, [D, N] state hooks) would silently act on the wrong rows or fail later.
-        deltas = getattr(getattr(t.mixer.x_proj, "adapters", None), "keys", lambda: [])()
+        deltas = getattr(getattr(t.mixer.x_proj, "adapters", None), "keys", list)()
         if list(deltas) or len(t.mixer.state_hooks):
             raise ValueError(
                 f"AdditionalScanConfig: {t.path} already has adapters ({list(deltas) + list(t.mixer.state_hooks)}); "
