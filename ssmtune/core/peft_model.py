@@ -94,9 +94,18 @@ class PeftModel(nn.Module):
         bad = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if state[k].shape != own[k].shape]
         if bad:
             raise ValueError(f"adapter tensor shapes do not match (key, file, model): {bad[:5]}")
+        kinds = [(k, str(state[k].dtype), str(t.dtype)) for k, t in own.items()
+                 if state[k].is_floating_point() != t.is_floating_point()]  # fmt: skip
+        if kinds:
+            raise ValueError(f"adapter tensor dtypes do not match (key, file, model): {kinds[:5]}")
         with torch.no_grad():
             for k, t in own.items():
                 t.copy_(state[k])
+        # modules holding indices (SDLoRA) check that what was loaded addresses real entries
+        for m in self._adapters[self._one_name(adapter_name)].values():
+            for sub in m.modules():
+                if hasattr(sub, "validate_loaded"):
+                    sub.validate_loaded()
 
     def _one_name(self, adapter_name: str | None) -> str:
         if adapter_name is None:

@@ -45,3 +45,18 @@ def test_additional_scan_first_then_lora_slice_targets_the_extended_rows():
     r, n = mixer.dt_proj.in_features, mixer.d_state
     lora = next(v for k, v in m.adapter_modules().items() if "lora" in k)
     assert n == 6 and tuple(lora.rows) == (r + n, r + 2 * n)
+
+
+def test_corrupt_sdlora_index_is_refused_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ssmtune import SDLoraConfig
+
+    m = get_peft_model(_base(), SDLoraConfig(channel_freeze=0.5, state_freeze=0.5))
+    m.save_adapter(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("index"))
+    tensors[key] = torch.full_like(tensors[key], 10**9)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="index out of range"):
+        load_adapter(_base(), tmp_path)

@@ -104,6 +104,7 @@ class SparseDelta(ParamDelta):
         self.register_buffer("index", index.to(device=like.device, dtype=torch.long))
         self.register_buffer("selected", torch.zeros(1, dtype=torch.uint8, device=like.device))
         self.target = target
+        self.numel = like.numel()
         self.layer_path = layer_path
         self.layout = layout
         # inject arms the placeholder check once attached (registration itself evaluates the parametrization)
@@ -122,6 +123,17 @@ class SparseDelta(ParamDelta):
         # the sum is formed in fp32 and rounded once, as with an fp32 master copy of a bf16 weight
         vals = (flat[self.index].float() + self.delta).to(X.dtype)
         return flat.index_put((self.index,), vals).view_as(X)
+
+    def validate_loaded(self) -> None:
+        """After loading a file: the indices must be distinct entries of the target tensor."""
+        idx = self.index
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.numel):
+            raise ValueError(
+                f"SDLoRA {self.layer_path}.{self.target}: index out of range [0, {self.numel}): "
+                f"min {int(idx.min())}, max {int(idx.max())}"
+            )
+        if idx.unique().numel() != idx.numel():
+            raise ValueError(f"SDLoRA {self.layer_path}.{self.target}: the saved index repeats entries")
 
     @torch.no_grad()
     def set_selection(self, channels: torch.Tensor, states: torch.Tensor) -> None:
