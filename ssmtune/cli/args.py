@@ -45,8 +45,8 @@ class TrainArgs:
     """The task and where its data lives."""
     max_length: int | None = None
     """Cut training inputs from the left so that prompt + target fit this many tokens. Default: `None`, no limit."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimisation."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(best_metric="score"))
+    """Optimisation. The best adapter is kept by the task's headline `score` (accuracy, MCC, ROUGE-L, BLEU, ...)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation during and after training."""
     out_dir: str = "runs"
@@ -124,7 +124,7 @@ class CompareArgs:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Options applied on top of every recipe, as a YAML mapping with dotted keys, e.g. `{train.max_steps: 10}`."""
     metric: str | None = None
-    """Score column of the plot. Default: `None`, the first headline metric of the first run."""
+    """Score column of the plot. Default: `None`, meaning `score` (each run's headline metric)."""
     out: str = "runs/compare"
     """Folder for compare.md, compare.csv and compare.png."""
 

@@ -63,6 +63,11 @@ def make_adapter_configs(method: str, method_args: dict[str, Any]) -> list | Non
     unknown = sorted(set(method_args) - set(valid))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    missing = [n for n in required if n not in {**preset, **method_args}]
+    if missing:
+        raise ValueError(f"method {method!r} needs option(s) {missing} in --method_args, e.g. '{{{missing[0]}: 16}}'")
     return [cls(**{**preset, **method_args})]
 
 
@@ -221,7 +226,7 @@ def _sdt_warmup(model: nn.Module, configs: list, train_ds, tokenizer, args: Trai
     model.to(device)
     collate = Collator(tokenizer.pad_token_id)
     gen = torch.Generator().manual_seed(args.train.seed)
-    bs = args.train.micro_batch_size or args.train.batch_size
+    bs = args.train.batch_size
 
     def batches():
         while True:
@@ -230,7 +235,12 @@ def _sdt_warmup(model: nn.Module, configs: list, train_ds, tokenizer, args: Trai
                 batch = collate([train_ds[j] for j in order[i : i + bs]])
                 yield {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
 
-    sdt_select(model, batches(), lr=args.train.lr, steps=sdl[0].warmup_steps, max_grad_norm=args.train.max_grad_norm)
+    # the main run's optimiser: its batch size and its linear decay planned over the whole run (METHODS.md §4.10)
+    total = args.train.epochs * (len(train_ds) // args.train.batch_size)
+    if args.train.max_steps:
+        total = min(total, args.train.max_steps) if args.train.epochs >= 1 else args.train.max_steps
+    sdt_select(model, batches(), lr=args.train.lr, steps=sdl[0].warmup_steps, total_steps=max(total, 1),
+               max_grad_norm=args.train.max_grad_norm)  # fmt: skip
 
 
 def eval(args: EvalCommandArgs) -> dict[str, Any]:
@@ -271,11 +281,6 @@ def generate(args: GenerateArgs) -> str:
                          generator=gen)  # fmt: skip
     print(text)
     return text
-
-
-def _headline(row: dict[str, Any]) -> float | None:
-    ev = row.get("best_eval") or {}
-    return ev.get("score")
 
 
 def compare(args: CompareArgs) -> list[dict[str, Any]]:

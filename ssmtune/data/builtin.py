@@ -36,6 +36,7 @@ class WordNetCategory(BuiltinTask):
     kind = "classification"
     add_eos = False
     metrics = ("accuracy",)
+    num_labels: ClassVar[int] = 10
 
 
 class WordNetDefine(BuiltinTask):
@@ -47,9 +48,10 @@ class WordNetDefine(BuiltinTask):
 
 class WordNetPos(WordNetCategory):
     name = "wn-pos"
+    num_labels = 4
 
 
-class WordNetPosLong(WordNetCategory):
+class WordNetPosLong(WordNetPos):
     name = "wn-pos-long"
 
 

@@ -132,7 +132,8 @@ def evaluate(
             else:
                 result["accuracy"] = sum(p == str(g) for p, g in zip(preds, labels)) / max(len(labels), 1)
                 # strict scoring: an answer outside the label set is wrong; say how many there were
-                label_set = {str(g) for g in labels}
+                label_set = {str(i) for i in range(num_labels)} if (num_labels := getattr(get_task(task_name),
+                             "num_labels", None)) else {str(g) for g in labels}  # fmt: skip
                 result["out_of_class"] = sum(p not in label_set for p in preds)
                 result["score"] = result["accuracy"]
             samples = [{"prediction": p, "label": g} for p, g in zip(preds[:num_samples], labels)]

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -369,6 +370,11 @@ def fit(
         log.truncate_after(step)
     else:
         log.reset()
+        if ctx.is_main:
+            # a fresh run: an earlier run's checkpoints and best adapter must not be resumed or reported later
+            for stale in (ckpt_root, out_dir / "best"):
+                if stale.exists():
+                    shutil.rmtree(stale)
 
     def save(target: Path) -> Any:
         return D.save_unsharded(train_model, strategy, ctx, save_fn, target, skeleton)

@@ -133,3 +133,14 @@ def test_kill9_resume_is_exact(tmp_path):
     assert (tmp_path / "ref" / "metrics.jsonl").read_text().count('"train"') == 18
     steps = [r["step"] for r in records(tmp_path / "run", "train")]
     assert steps == list(range(1, 19))
+
+
+def test_fresh_run_removes_an_earlier_runs_checkpoints(tmp_path):
+    """`resume=False` (or no checkpoint) starts over: the earlier run's checkpoints and best adapter must go, or a
+    later rerun would resume from them."""
+    torch.manual_seed(0)
+    fit(TinyLM(), make_dataset(32), collate, config=cfg(epochs=2, save_steps=4), out_dir=tmp_path,
+        eval_fn=lambda m: {"loss": 1.0})  # fmt: skip
+    assert [c.name for c in list_checkpoints(tmp_path / "checkpoints")] and (tmp_path / "best").exists()
+    fit(TinyLM(), make_dataset(32), collate, config=cfg(epochs=1, save_steps=0, resume=False), out_dir=tmp_path)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "best").exists()

@@ -1,4 +1,4 @@
-"""`evaluate` on Spider scores generated SQL by execution on the example's sqlite database."""
+"""`evaluate`: Spider generation is scored by execution; classification counts answers outside the task labels."""
 
 import importlib.util
 from pathlib import Path
@@ -32,3 +32,14 @@ def test_spider_execution_accuracy(tmp_path, monkeypatch, prediction, expected):
                       EvalConfig(split="validation", mode="generation", num_beams=1, max_new_tokens=4))  # fmt: skip
     assert result["execution_accuracy"] == expected
     assert result["score"] == expected
+
+
+def test_out_of_class_uses_the_task_label_set(monkeypatch):
+    """A valid class that is absent from the evaluated subset is not "out of class"; a non-class answer is."""
+    model = MambaForCausalLM(MambaConfig(d_model=16, n_layer=1, vocab_size=264))
+    cfg = EvalConfig(split="test", mode="classification", max_examples=3)
+    # the first 3 test labels are 3, 0, 2: "1" is a valid class missing from them
+    for answer, expected in (("1", 0), ("7", 3)):
+        monkeypatch.setattr(evaluate_mod, "teacher_forced", lambda m, ds, bs, a=answer: (0.0, [ord(a)] * len(ds)))
+        result = evaluate(model, ByteTokenizer(), TaskConfig(task="wn-pos"), cfg)
+        assert result["out_of_class"] == expected
