@@ -172,3 +172,29 @@ def test_clear_errors(env, tmp_path, capsys):
             "--data.data_dir", str(env["rte"])]  # fmt: skip
     assert main(argv) == 2
     assert "different base model" in capsys.readouterr().err
+
+
+def test_sdlora_selects_once_and_resume_keeps_the_selection(env):
+    """`--method sdlora` runs the warm-up selection before training; checkpoints carry the selected indices, so a
+    resumed run neither repeats the warm-up nor changes the selection."""
+    from safetensors.torch import load_file
+
+    from ssmtune.train.checkpoint import list_checkpoints
+
+    argv = train_argv(env, "sdl", "--method", "sdlora", "--method_args",
+                      "{warmup_steps: 2, channel_freeze: 0.5, state_freeze: 0.5}", "--train.batch_size", "4",
+                      "--train.max_steps", "3", "--eval.mode", "none")  # fmt: skip
+    assert main(argv) == 0
+    ckpt = list_checkpoints(env["runs"] / "sdl" / "checkpoints")[-1]
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    index_keys = [k for k in saved if k.endswith(".index")]
+    selected = [k for k in saved if k.endswith(".selected")]
+    assert index_keys and all(int(saved[k]) == 1 for k in selected)  # the warm-up wrote a real selection
+    final = load_file(str(env["runs"] / "sdl" / "final" / "adapter_model.safetensors"))
+    assert any(k.endswith("index") for k in final)
+    # rerunning the same command resumes from the step-2 checkpoint: no new warm-up, the same selection
+    shutil.rmtree(env["runs"] / "sdl" / "final")
+    assert main(argv) == 0
+    again = load_file(str(env["runs"] / "sdl" / "final" / "adapter_model.safetensors"))
+    assert all(torch.equal(again[k], final[k]) for k in final if k.endswith("index"))
+    assert json.loads((env["runs"] / "sdl" / "results.json").read_text())["resumed_from"] == 2

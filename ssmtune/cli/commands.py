@@ -222,6 +222,10 @@ def _sdt_warmup(model: nn.Module, configs: list, train_ds, tokenizer, args: Trai
     sdl = [c for c in configs if isinstance(c, SDLoraConfig)]
     if not sdl:
         return
+    from ssmtune.train.checkpoint import latest_checkpoint
+
+    if args.train.resume and latest_checkpoint(Path(args.out_dir) / _run_name(args) / "checkpoints") is not None:
+        return  # the checkpoint holds the selection (its index buffers); fit() restores it
     device = resolve_device(args.train.device)
     model.to(device)
     collate = Collator(tokenizer.pad_token_id)

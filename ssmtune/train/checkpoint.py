@@ -27,8 +27,14 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name, detached and contiguous (safetensors refuses views)."""
-    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters by name, detached and contiguous (safetensors refuses views), plus the buffers of
+    the modules that own them (e.g. SDLoRA's selected indices, which a resumed run must not recompute)."""
+    out = {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for prefix, m in model.named_modules():
+        if any(p.requires_grad for p in m.parameters(recurse=False)):
+            for b, t in m.named_buffers(recurse=False):
+                out[f"{prefix}.{b}" if prefix else b] = t.detach().contiguous().clone()
+    return out
 
 
 def rng_state() -> dict[str, Any]:
@@ -129,8 +135,9 @@ def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
     path = Path(path)
     tensors = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
-    unknown = [n for n in tensors if n not in params]
+    unknown = [n for n in tensors if n not in params and n not in buffers]
     if missing or unknown:
         raise ValueError(
             f"checkpoint {str(path)!r} does not match the model: missing {missing[:5]}, unexpected {unknown[:5]} "
@@ -138,7 +145,7 @@ def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
         )
     with torch.no_grad():
         for n, t in tensors.items():
-            params[n].copy_(t)
+            (params[n] if n in params else buffers[n]).copy_(t)
     return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
 
 
