@@ -111,6 +111,9 @@ def save_checkpoint(
     tmp.mkdir()
     save_file(trainable_state_dict(model) if tensors is None else tensors, str(tmp / "trainable.safetensors"))
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
+    # file contents reach the disk before the rename publishes them (a power loss must not leave empty files)
+    for f in ("trainable.safetensors", "state.pt"):
+        _fsync_file(tmp / f)
     _fsync_dir(tmp)
     if final.exists():
         # The same step again (a resumed run that re-saves): replace the old folder as a whole.
@@ -147,6 +150,11 @@ def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
         for n, t in tensors.items():
             (params[n] if n in params else buffers[n]).copy_(t)
     return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
