@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..models.loading import atomic_write
 from .config import AdapterConfig
 from .peft_model import PeftModel, get_peft_model
 
@@ -55,19 +55,6 @@ def base_signature(model: nn.Module) -> dict[str, Any]:
     return {"model_type": model_type, "fingerprint": hashlib.sha256(blob).hexdigest()[:16], "shape": shape}
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` (no half-written files)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_adapter(model: PeftModel, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
     """Save one adapter of ``model`` (default: the single active one) to ``directory``."""
     from safetensors.torch import save_file
@@ -85,8 +72,8 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike, adapter_name: s
         "base_model": base_signature(model.base_model),
         "methods": [cfg.to_dict() for cfg in model.peft_config[name]],
     }
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
 
 
 def read_adapter_config(directory: str | os.PathLike) -> tuple[dict[str, Any], list[AdapterConfig]]:
@@ -210,5 +197,5 @@ def export_peft_lora(model: PeftModel, directory: str | os.PathLike, adapter_nam
     }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_cfg, indent=2) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_cfg, indent=2) + "\n"))

@@ -186,7 +186,10 @@ def load_model(
     return model.eval()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then ``os.replace`` (no half-written files).
+
+    ``write(tmp_path)`` writes the content; checkpoints, models and adapters all go through here."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -216,10 +219,10 @@ def save_pretrained(model: SSMForCausalLM, save_directory: str | os.PathLike) ->
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     dtype = model.backbone.embeddings.weight.dtype
     hf_config = config_to_hf(config, dtype)
-    _atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2) + "\n"))
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2) + "\n"))
     tok = getattr(model, "tokenizer", None)
     # a raw tokenizers.Tokenizer, or ssmtune's wrapper around one
     save = getattr(tok, "save", None) or getattr(getattr(tok, "_tok", None), "save", None)
     if callable(save):
-        _atomic_write(folder / "tokenizer.json", lambda tmp: save(tmp))
+        atomic_write(folder / "tokenizer.json", lambda tmp: save(tmp))

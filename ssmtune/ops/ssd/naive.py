@@ -17,12 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _batched(t: torch.Tensor | None, batch: int, ndim: int) -> torch.Tensor | None:
-    if t is None:
-        return None
-    t = t.float()
-    return t.unsqueeze(0).expand(batch, *t.shape) if t.dim() == ndim - 1 else t
+from ..selective_scan.naive import _batched
 
 
 def _expand_groups(t: torch.Tensor, nheads: int, dim: int) -> torch.Tensor:
