@@ -116,10 +116,18 @@ def test_selective_scan_triton(b, d, seqlen, n, dtype, flags, per_batch, softplu
     check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus)
 
 
-def test_multiple_channel_blocks_and_tiles(monkeypatch):
-    """Several channel blocks (partial dB/dC sums) and short tiles (many checkpoints), no final-state gradient."""
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 4, "BLOCK_D_FWD": 2, "BLOCK_D_BWD": 4})
+@pytest.mark.parametrize("algo", [0, 1], ids=["tile", "nloop"])
+def test_multiple_channel_blocks_and_tiles(monkeypatch, algo):
+    """Several channel blocks (dB/dC summed over them) and short tiles (many checkpoints), no final-state gradient."""
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"ALGO": algo, "BLOCK_L": 4, "BLOCK_D_FWD": 2, "BLOCK_D_BWD": 4})
     check_case(2, 7, 13, 5, torch.float32, ALL, True, True, final_grad=False)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=[CASES[1][0], CASES[3][0]])
+def test_tile_kernels(monkeypatch, case):
+    """The tile kernels (ALGO 0), kept selectable beside the default n-loop kernels."""
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"ALGO": 0})
+    check_case(*case[1:])
 
 
 def test_dispatcher_and_no_grad():
