@@ -15,7 +15,11 @@ Peers on the same device: HF transformers' MambaForCausalLM / Mamba2ForCausalLM 
 peft LoRA r 8 (Mamba-1: in_proj, x_proj, dt_proj, since peft refuses out_proj; Mamba-2: in_proj). Without mamba_ssm
 transformers runs its torch path (a Python loop over L for Mamba-1), so the peer gets fewer timed steps and its
 (8, 2048) row is skipped when the estimate from its (4, 512) row (time and memory scaled by tokens) is too large.
-``--mamba-ssm`` also tries the authors' stack (mamba_ssm ``MambaLMHeadModel``, unfused path, bare step).
+``--mamba-ssm`` also tries the authors' stack (mamba_ssm ``MambaLMHeadModel``, unfused path, bare step; it needs the
+compiled extension, e.g. ``PYTHONPATH=/tmp/mamba_site:.`` after ``benchmarks/build_mamba_ssm.sh``). ``--only-stack``
+runs a subset of the stacks (``--only-stack mamba_ssm`` after the extension's build); ``--compare main.json`` merges
+the rows of an earlier run, so that one table shows ours, the peers and mamba_ssm side by side, with the columns
+"x mamba_ssm" (tokens/s over mamba_ssm's bare step at the same model and size) and "mem / mamba_ssm".
 
 Timing: the methods of one (model, backend, B, L) are built together and each gets ``--warmup`` untimed steps
 (Triton compilation, allocator); then ``--iters`` interleaved rounds of one step per method, each step bracketed by
@@ -44,7 +48,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -63,6 +67,7 @@ MAMBA2_EXTRA = {"130m": {"headdim": 64, "d_state": 128}, "tiny": {"headdim": 16,
 SIZES = {"130m": [(4, 512), (8, 2048)], "tiny": [(2, 64), (4, 128)]}
 METHODS = ("none", "state_offset_h", "state_offset_y", "initial_state", "lora", "prefix")
 MODELS = ("mamba", "mamba2")
+STACKS = ("ssmtune", "hf+peft", "mamba_ssm")
 # ssmtune LoRA targets (the first that attach); peft's targets for the peer (peft refuses out_proj on Mamba)
 LORA_TARGETS = {"mamba": ["in_proj", "x_proj", "dt_proj", "out_proj"], "mamba2": ["in_proj", "out_proj"]}
 PEER_TARGETS = {"mamba": ["in_proj", "x_proj", "dt_proj"], "mamba2": ["in_proj"]}
@@ -306,7 +311,8 @@ def run_group(vs: list[Variant], args: argparse.Namespace, device: torch.device,
     its own step above what was allocated before it, plus its own resident bytes (weights, optimizer state)."""
     builders = {"ssmtune": build_ssmtune, "hf+peft": build_hf_peft, "mamba_ssm": build_mamba_ssm}
     rows = [Row(v) for v in vs]
-    peer = vs[0].stack != "ssmtune"
+    # the HF torch path is slow: fewer steps; mamba_ssm's CUDA path is as fast as ours and gets as many
+    peer = vs[0].stack == "hf+peft"
     warmup, iters = (args.peer_warmup, args.peer_iters) if peer else (args.warmup, args.iters)
     cuda = device.type == "cuda"
     live: list[list] = []  # [row, model, step, resident bytes]
@@ -386,6 +392,8 @@ def schedule(args: argparse.Namespace) -> list[list[Variant]]:
     for be in rest:
         for b, seqlen in sizes:
             out += [[Variant("ssmtune", m, meth, be, b, seqlen) for meth in args.methods] for m in args.models]
+    if args.only_stack:
+        out = [g for g in out if g[0].stack in args.only_stack]
     return out
 
 
@@ -413,18 +421,38 @@ def peer_estimate(v: Variant, rows: list[Row], max_step_s: float, mem_gib: float
     return row
 
 
+def load_rows(path: Path, skip_stacks: set[str]) -> list[Row]:
+    """Rows of an earlier run's JSON (merged rows of its own included), less the stacks this run measures again."""
+    names = {f.name for f in fields(Variant)}
+    row_names = {f.name for f in fields(Row)} - {"variant"}
+    out = []
+    for d in json.loads(path.read_text())["rows"]:
+        if d.get("stack") in skip_stacks:
+            continue
+        out.append(Row(Variant(**{k: d[k] for k in names}), **{k: d[k] for k in row_names if k in d}))
+    return out
+
+
 def _key(r: Row) -> tuple:
     return r.variant.model, r.variant.batch, r.variant.seqlen
 
 
 def add_ratios(rows: list[Row]) -> list[dict]:
-    """JSON rows with vs_bare (ms / bare ms), vs_peer (tokens/s over the peer's) and mem_vs_peer (peak / peer's)."""
+    """JSON rows with vs_bare (ms / bare ms), vs_peer (tokens/s over the peer's), mem_vs_peer (peak / peer's), and
+    vs_mamba_ssm / mem_vs_mamba_ssm (the same against mamba_ssm's bare step of the same model and size)."""
     bare = {(*_key(r), r.variant.backend): r for r in rows
             if r.status == "ok" and r.variant.stack == "ssmtune" and r.variant.method == "none"}  # fmt: skip
     peer = {_key(r): r for r in rows if r.variant.stack == "hf+peft"}
+    msm = {_key(r): r for r in rows if r.variant.stack == "mamba_ssm" and r.status == "ok" and r.tokens_per_s}
     out = []
     for r in rows:
         d = r.to_json()
+        m = msm.get(_key(r))
+        d["vs_mamba_ssm"] = d["mem_vs_mamba_ssm"] = None
+        if r.tokens_per_s and m is not None and r.variant.stack != "mamba_ssm":
+            d["vs_mamba_ssm"] = r.tokens_per_s / m.tokens_per_s
+            if r.peak_gib and m.peak_gib:
+                d["mem_vs_mamba_ssm"] = r.peak_gib / m.peak_gib
         b = bare.get((*_key(r), r.variant.backend))
         d["vs_bare"] = r.ms_step / b.ms_step if r.ms_step and b and r.variant.stack == "ssmtune" else None
         p = peer.get(_key(r))
@@ -474,9 +502,10 @@ def targets_report(rows: list[dict]) -> list[str]:
 
 
 def markdown(rows: list[dict]) -> str:
+    msm = any(d.get("vs_mamba_ssm") is not None for d in rows)  # the two mamba_ssm columns only when they have data
     lines = [("| model | stack | method | backend | B | L | ms/step | tokens/s | peak GiB | x bare | x HF+peft LoRA "
-             "| mem / HF+peft |"),
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| mem / HF+peft |" + (" x mamba_ssm | mem / mamba_ssm |" if msm else "")),
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if msm else "")]  # fmt: skip
     for d in rows:
         method = d["method"] + (f" ({d['dead_params']} tensors without grad)" if d.get("dead_params") else "")
         head = f"| {d['model']} | {d['stack']} | {method} | {d['backend']} | {d['batch']} | {d['seqlen']} |"
@@ -486,12 +515,13 @@ def markdown(rows: list[dict]) -> str:
                 note += f": est. {d['est_ms_step'] / 1e3:.1f} s/step"
                 if d.get("est_peak_gib"):
                     note += f", {d['est_peak_gib']:.0f} GiB"
-            lines.append(f"{head} {note[:140]} | | | | | |")
+            lines.append(f"{head} {note[:140]} | | | | | |" + (" | |" if msm else ""))
             continue
         est = "~" if d["vs_peer_estimated"] else ""
+        tail = f" {_f(d.get('vs_mamba_ssm'), '.3f')} | {_f(d.get('mem_vs_mamba_ssm'), '.3f')} |" if msm else ""
         lines.append(f"{head} {d['ms_step']:.2f} | {d['tokens_per_s']:,.0f} | {_f(d['peak_gib'], '.2f')} | "
                      f"{_f(d['vs_bare'], '.3f')} | {_f(d['vs_peer'], '.1f', est)} | "
-                     f"{_f(d['mem_vs_peer'], '.3f', est)} |")  # fmt: skip
+                     f"{_f(d['mem_vs_peer'], '.3f', est)} |" + tail)  # fmt: skip
     return "\n".join(lines)
 
 
@@ -535,9 +565,25 @@ def main() -> None:
     )
     ap.add_argument("--no-peers", action="store_true", help="skip the HF transformers + peft peer")
     ap.add_argument("--mamba-ssm", action="store_true", help="also try mamba_ssm's MambaLMHeadModel (unfused path)")
+    ap.add_argument(
+        "--only-stack",
+        nargs="+",
+        choices=STACKS,
+        default=None,
+        help="run only these stacks' rows (mamba_ssm implies --mamba-ssm, hf+peft ignores --no-peers)",
+    )
+    ap.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="merge the rows of an earlier run's JSON (e.g. ours + HF) into this run's table and ratios",
+    )
     ap.add_argument("--max-seconds", type=float, default=270.0, help="start no variant after this many seconds")
     ap.add_argument("--out", type=Path, default=Path("bench_train_step.json"))
     args = ap.parse_args()
+    if args.only_stack:
+        args.mamba_ssm = args.mamba_ssm or "mamba_ssm" in args.only_stack
+        args.no_peers = args.no_peers and "hf+peft" not in args.only_stack
     for name in ("warmup", "iters", "peer_warmup", "peer_iters"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)!r}")
@@ -559,6 +605,18 @@ def main() -> None:
 
     rows: list[Row] = []
     info = meta(args, device)
+    merged: list[Row] = []
+    if args.compare is not None:
+        merged = load_rows(args.compare, skip_stacks=set(args.only_stack or STACKS))
+        info["merged_from"] = str(args.compare)
+        print(f"merged {len(merged)} rows of {args.compare} (stacks not run here)", flush=True)
+
+    def table_rows() -> list[dict]:
+        table = add_ratios(merged + rows)
+        for d in table[: len(merged)]:
+            d["source"] = str(args.compare)
+        return table
+
     for group in schedule(args):
         elapsed = time.perf_counter() - t_start
         v = group[0]
@@ -575,8 +633,8 @@ def main() -> None:
             print(f"[{time.perf_counter() - t_start:6.1f} s] {x.stack} {x.model} {x.method} {x.backend} "
                   f"B{x.batch} L{x.seqlen}: {r.status} {_f(r.ms_step, '.2f')} ms {_f(r.peak_gib, '.2f')} GiB",
                   flush=True)  # fmt: skip
-        args.out.write_text(json.dumps({"meta": info, "rows": add_ratios(rows)}, indent=1) + "\n")
-    table = add_ratios(rows)
+        args.out.write_text(json.dumps({"meta": info, "rows": table_rows()}, indent=1) + "\n")
+    table = table_rows()
     info["total_s"] = time.perf_counter() - t_start
     args.out.write_text(json.dumps({"meta": info, "rows": table}, indent=1) + "\n")
     print()

@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Build mamba_ssm's CUDA extension (selective_scan_cuda) from its sdist on the GPU machine, for sm_90 only, into a
+# --target folder, so that benchmarks can time the authors' kernels. Meant to run in the background:
+#
+#   bash benchmarks/build_mamba_ssm.sh .whl/sdist /tmp/mamba_site > $OUT/build.log 2>&1 &
+#   ...                                  # other GPU work meanwhile
+#   cat /tmp/mamba_site.status           # written when done: "status=ok ..." or "status=fail ..."
+#   PYTHONPATH=/tmp/mamba_site:. python3 benchmarks/bench_selective_scan.py --only mamba_ssm
+#
+# Arguments: <sdist-dir or .tar.gz> <target-dir>. With --patch-only first: extract and patch into <target-dir>
+# (a source tree), print the diff, build nothing (works on a CPU machine without nvcc).
+#
+# Build levels, tried in order until one builds and imports (MAMBA_BUILD_LEVELS, default "lean real full"):
+#   full  setup.py's gencode list cut to arch=compute_90,code=sm_90 (the recipe of ECOSYSTEM.md §9: 186 s)
+#   real  + no complex-weight kernels: the three *_complex.cu files leave the sources list, the complex instantiations
+#         leave the three forward .cu files, and the weight-type dispatch in selective_scan.cpp loses its complex
+#         branch (complex A then fails with "not implemented for weight type"); fp32/fp16/bf16 inputs all stay
+#   lean  + variable B and C only (B, C of shape [B, N, L] or [B, G, N, L], as every Mamba block passes them): the
+#         is_variable_B / is_variable_C switches of the fwd and bwd launchers become a TORCH_CHECK, so each .cu file
+#         instantiates 4x fewer kernels; the kernels that remain are the same code as in the full build
+# Env: MAMBA_BUILD_LEVELS, MAX_JOBS (16), MAMBA_GENCODE (arch=compute_90,code=sm_90), MAMBA_BUILD_MARKER
+# (<target>.status), MAMBA_BUILD_LOG (optional: also append all output to this file), PYTHON (python3).
+set -u -o pipefail
+
+patch_only=0
+if [ "${1:-}" = "--patch-only" ]; then
+    patch_only=1
+    shift
+fi
+if [ $# -ne 2 ]; then
+    echo "usage: $0 [--patch-only] <sdist-dir-or-tar.gz> <target-dir>" >&2
+    exit 2
+fi
+src_arg=$1
+target=$(realpath -m "$2")
+PY=$(command -v "${PYTHON:-python3}") || { echo "no ${PYTHON:-python3}" >&2; exit 2; }
+PY=$(realpath -s "$PY")  # absolute: pip runs after a cd
+levels=${MAMBA_BUILD_LEVELS:-lean real full}
+marker=${MAMBA_BUILD_MARKER:-$target.status}
+if [ -n "${MAMBA_BUILD_LOG:-}" ]; then
+    exec > >(tee -a "$MAMBA_BUILD_LOG") 2>&1
+fi
+t0=$SECONDS
+ts() { printf '[%s +%ds] build_mamba_ssm: %s\n' "$(date +%H:%M:%S)" $((SECONDS - t0)) "$*"; }
+
+src_arg=$(realpath -m "$src_arg")
+if [ -d "$src_arg" ]; then
+    sdist=$(ls "$src_arg"/mamba_ssm-*.tar.gz 2>/dev/null | sort | tail -n 1)
+else
+    sdist=$src_arg
+fi
+if [ -z "$sdist" ] || [ ! -f "$sdist" ]; then
+    ts "no mamba_ssm-*.tar.gz at $src_arg"
+    [ $patch_only = 1 ] || echo "status=fail reason=no-sdist seconds=0" >"$marker"
+    exit 2
+fi
+
+# patch_tree DIR LEVEL: edit an extracted source tree in place (python: exact anchors, each asserted)
+patch_tree() {
+    "$PY" - "$1" "$2" "${MAMBA_GENCODE:-arch=compute_90,code=sm_90}" <<'PYEOF'
+import re
+import sys
+from pathlib import Path
+
+root, level, gencode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+assert level in ("full", "real", "lean"), level
+
+
+def edit(rel, fn):
+    p = root / rel
+    old = p.read_text()
+    new = fn(old)
+    assert new != old, f"{rel}: patch changed nothing"
+    p.write_text(new)
+
+
+def setup_py(s):
+    anchor = "    # HACK: The compiler flag -D_GLIBCXX_USE_CXX11_ABI"
+    assert s.count(anchor) == 1, "setup.py: gencode anchor not found"
+    cut = ("    if not HIP_BUILD:  # ssmtune benchmark build: one GPU architecture only\n"
+           f"        cc_flag = [\"-gencode\", \"{gencode}\"]\n\n")
+    s = s.replace(anchor, cut + anchor)
+    if level != "full":
+        lines = s.splitlines(keepends=True)
+        keep = [ln for ln in lines if not re.match(r'\s*"csrc/selective_scan/selective_scan_bwd_\w+_complex\.cu",\s*$', ln)]
+        assert len(lines) - len(keep) == 3, "setup.py: expected 3 complex sources"
+        s = "".join(keep)
+    return s
+
+
+edit("setup.py", setup_py)
+
+if level != "full":
+    for t in ("fp32", "fp16", "bf16"):
+        def fwd(s):
+            pat = r"template void selective_scan_fwd_cuda<[\w:]+, complex_t>\(SSMParamsBase &params, cudaStream_t stream\);\n?"
+            s2, k = re.subn(pat, "", s)
+            assert k == 1, f"selective_scan_fwd_{t}.cu: {k} complex instantiations"
+            return s2
+        edit(f"csrc/selective_scan/selective_scan_fwd_{t}.cu", fwd)
+
+    def cpp(s):
+        pat = (r"[ \t]*\} else if \(WTYPE == at::ScalarType::ComplexFloat\) \{[ \t]*\\\n"
+               r"[ \t]*using weight_t = c10::complex<float>;[ \t]*\\\n"
+               r"[ \t]*__VA_ARGS__\(\);[ \t]*\\\n")
+        s2, k = re.subn(pat, "", s)
+        assert k == 1, f"selective_scan.cpp: {k} complex dispatch branches"
+        return s2
+    edit("csrc/selective_scan/selective_scan.cpp", cpp)
+
+if level == "lean":
+    def switch_h(s):
+        return s.rstrip("\n") + "\n\n" + "\n".join([
+            "// ssmtune benchmark build: a switch whose condition must hold (TORCH_CHECK), instantiating only `true`",
+            "#define TRUE_ONLY_SWITCH(COND, CONST_NAME, ...)                                      \\",
+            "    [&] {                                                                            \\",
+            "        TORCH_CHECK((COND), \"this selective_scan_cuda build (ssmtune benchmarks) supports only \" \\",
+            "                    #CONST_NAME \" = true\");                                           \\",
+            "        constexpr bool CONST_NAME = true;                                            \\",
+            "        return __VA_ARGS__();                                                        \\",
+            "    }()",
+            "",
+        ])
+    edit("csrc/selective_scan/static_switch.h", switch_h)
+    for kind in ("fwd", "bwd"):
+        def cuh(s):
+            for flag in ("B", "C"):
+                old = f"BOOL_SWITCH(params.is_variable_{flag}, kIsVariable{flag}, [&] {{"
+                assert s.count(old) == 1, f"{kind}: {old!r} not found once"
+                s = s.replace(old, "TRUE_ONLY_SWITCH" + old[len("BOOL_SWITCH"):])
+            return s
+        edit(f"csrc/selective_scan/selective_scan_{kind}_kernel.cuh", cuh)
+print(f"patched {root} for level {level}")
+PYEOF
+}
+
+# extract SDIST DEST: a fresh tree at DEST (the sdist's top folder stripped); prints nothing
+extract() {
+    rm -rf "$2" && mkdir -p "$2" && tar -xzf "$1" -C "$2" --strip-components=1
+}
+
+if [ $patch_only = 1 ]; then
+    level=${levels%% *}
+    orig=$target.orig
+    extract "$sdist" "$orig" && extract "$sdist" "$target" || exit 1
+    patch_tree "$target" "$level" || exit 1
+    diff -ru "$orig" "$target"
+    ts "patched tree for level $level at $target (original at $orig)"
+    exit 0
+fi
+
+status=fail
+used=none
+write_marker() {
+    echo "status=$status level=$used seconds=$((SECONDS - t0)) target=$target" >"$marker.tmp" && mv "$marker.tmp" "$marker"
+}
+trap write_marker EXIT
+rm -f "$marker"
+
+ts "sdist $sdist -> $target; levels: $levels; MAX_JOBS=${MAX_JOBS:-16}"
+ts "$("$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -n 1)"
+ts "nvcc: $(command -v nvcc || echo 'not on PATH') $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || true)"
+for level in $levels; do
+    tl=$SECONDS
+    work=/tmp/mamba_ssm_build_$level
+    ts "level $level: extract + patch in $work"
+    if ! extract "$sdist" "$work" || ! patch_tree "$work" "$level"; then
+        ts "level $level: patch failed"
+        continue
+    fi
+    rm -rf "$target.partial"
+    ts "+ (cd $work && MAMBA_FORCE_BUILD=TRUE MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -v --no-build-isolation --no-deps --no-index --no-cache-dir --target $target.partial .)"
+    (cd "$work" && MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=FALSE MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=9.0 \
+        "$PY" -m pip install -v --no-build-isolation --no-deps --no-index --no-cache-dir --target "$target.partial" .)
+    rc=$?
+    ts "level $level: pip exited $rc after $((SECONDS - tl)) s"
+    if [ $rc -ne 0 ]; then
+        continue
+    fi
+    if ! PYTHONPATH=$target.partial "$PY" -c 'import torch, selective_scan_cuda; print("selective_scan_cuda:", selective_scan_cuda.__file__)'; then
+        ts "level $level: built but selective_scan_cuda does not import"
+        continue
+    fi
+    PYTHONPATH=$target.partial "$PY" -c 'from mamba_ssm.ops.selective_scan_interface import selective_scan_fn; import mamba_ssm; print("mamba_ssm", mamba_ssm.__version__, "imports")' \
+        || ts "level $level: note: the full mamba_ssm package does not import (the scan interface may still)"
+    rm -rf "$target" && mv "$target.partial" "$target"
+    status=ok
+    used=$level
+    ts "level $level: OK in $((SECONDS - tl)) s; total $((SECONDS - t0)) s; PYTHONPATH=$target"
+    break
+done
+[ $status = ok ] || ts "FAILED: no level built (total $((SECONDS - t0)) s)"
+[ $status = ok ]
