@@ -1,19 +1,41 @@
-"""The method study on the built-in base models and tasks (issue #7): every method, every task, seeds, LRs.
+"""The method study on the built-in base models and tasks (issue #7): every method, model and task, an LR sweep, seeds.
 
-    PYTHONPATH=. python3 scripts/study.py --out runs/study --tasks wn-pos,wn-pos-long --seeds 0 --max-seconds 280
+    PYTHONPATH=. python3 scripts/study.py --out runs/study --workers 12 --max-seconds 480 --hard-seconds 540
 
-Each run goes through `ssmtune train` (validation accuracy every epoch, best epoch kept), then its final adapter is
-scored on the test split. Results: <out>/study.jsonl (one line per run) and a Markdown table printed last.
+Two phases per cell (model, task, method): phase 1 trains the first seed at each LR of the sweep (the method's
+default LR times --lr-scales); as soon as a cell's phase-1 runs are done, phase 2 trains the other seeds at the LR
+with the best validation score. Runs are handed out by priority: tasks in --tasks order (wn-pos, wn-pos-long,
+wn-category, wn-define), within a task the models in --models order, then phase, then method, so a truncated study
+still has whole, seeded cells for the first tasks. --workers processes share the one GPU (the tiny models leave it
+mostly idle: a single process is bound by Python overhead).
+
+Each run goes through `ssmtune train` (validation score every epoch, best epoch kept), then the kept adapter is scored
+on the test split. Run folders live in a temporary folder and are deleted after each run. Results: one JSON line per
+finished run appended to <out>/study.jsonl (flushed at once, so a killed study keeps what finished; its first line is
+the plan), then the summary of scripts/summarize_study.py. --max-seconds: no run starts later (nor one that the
+(model, task)'s slowest run so far says would end after --hard-seconds); --hard-seconds: runs still going are
+abandoned, the summary is printed and the script exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-# method label -> (registered method, options, learning rate)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import summarize_study  # (the summary table and the best-LR rule are shared with the summary script)
+
+# method label -> (registered method, options, default learning rate). The pilot's LRs (docs/results.md): the papers'
+# values scaled for a few-epoch run; the sweep multiplies them by --lr-scales.
 METHODS: dict[str, tuple[str, dict, float]] = {
     "state_offset_h": ("state_offset_h", {}, 2e-3),
     "state_offset_y": ("state_offset_y", {}, 4e-3),
@@ -27,22 +49,46 @@ METHODS: dict[str, tuple[str, dict, float]] = {
     "sdlora": ("sdlora", {"warmup_steps": 40}, 2e-3),
     "full": ("full", {}, 5e-4),
 }
+# Mamba-2 has no x_proj / dt_proj, and its A is one scalar per head: these two methods do not exist there.
+MAMBA1_ONLY = {"lora_s6", "additional_scan"}
+
+# task -> epochs, evaluation examples (validation and test; None: all) and decoding options. Classification evaluation
+# is one teacher-forced pass (cheap); wn-define decodes one prompt at a time, so it gets one epoch, 50 examples and
+# greedy decoding (96 new bytes cover ~90% of its glosses, mean 54).
+TASKS: dict[str, dict] = {
+    "wn-pos": {"epochs": 3, "eval_examples": None},
+    "wn-pos-long": {"epochs": 3, "eval_examples": None},
+    "wn-category": {"epochs": 3, "eval_examples": None},
+    "wn-define": {"epochs": 1, "eval_examples": 50, "num_beams": 1, "max_new_tokens": 96},
+}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/study")
-    ap.add_argument("--model", default="builtin:mamba-tiny")
-    ap.add_argument("--tasks", default="wn-pos,wn-pos-long")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--lr-scales", default="1", help="each method's LR times these factors (a small sweep)")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-examples", type=int, default=None, help="training examples per task (smoke tests)")
-    ap.add_argument("--eval-examples", type=int, default=None)
-    ap.add_argument("--max-seconds", type=float, default=1e9, help="start no new run after this")
-    opts = ap.parse_args()
+def is_mamba2(model: str) -> bool:
+    from ssmtune.cli.commands import resolve_model_path
+
+    config = Path(resolve_model_path(model)) / "config.json"
+    if config.exists():
+        return json.loads(config.read_text()).get("model_type") == "mamba2"
+    return "mamba2" in model
+
+
+def make_plan(models: list[str], tasks: list[str], methods: list[str], mamba2: dict[str, bool]) -> list[tuple]:
+    """The cells (model, task, method) in priority order: task first, then model, then method."""
+    return [(m, t, k) for t in tasks for m in models for k in methods if not (mamba2[m] and k in MAMBA1_ONLY)]
+
+
+def priority(cell_rank: dict, cell: tuple, phase: int, index: int) -> tuple:
+    """Lower runs first: phase 2 of a cell goes before phase 1 of the next (model, task), so truncation keeps seeds."""
+    task_rank, model_rank, method_rank = cell_rank[cell]
+    return (task_rank, model_rank, phase, method_rank, index)
+
+
+# ---------------------------------------------------------------------------------------------------------------- worker
+
+
+def run_one(job: dict, opts: dict, tokenizers: dict) -> dict:
+    """Train one run and score its kept adapter on the test split; returns the result row."""
+    import torch
 
     from ssmtune.cli.args import TrainArgs, build
     from ssmtune.cli.commands import load_base_model, load_tokenizer_for, train
@@ -50,65 +96,247 @@ def main() -> None:
     from ssmtune.data import TaskConfig
     from ssmtune.eval.evaluate import EvalConfig, evaluate
 
+    model, task, label = job["model"], job["task"], job["method"]
+    method, margs, _ = METHODS[label]
+    spec = TASKS.get(task, {})
+    epochs = opts["epochs"] or spec.get("epochs", 3)
+    if method == "sdlora" and opts["max_examples"]:  # smoke runs are shorter than SDLoRA's 40 warm-up steps
+        steps = math.ceil(opts["max_examples"] / opts["batch_size"]) * epochs
+        margs = {**margs, "warmup_steps": min(margs["warmup_steps"], max(1, steps // 2))}
+    n_eval = opts["eval_examples"] or spec.get("eval_examples")
+    decode = {f"eval.{k}": spec[k] for k in ("num_beams", "max_new_tokens") if k in spec}
+    name = f"{model.split(':')[-1]}-{task}-{label}-x{job['scale']:g}-s{job['seed']}"
+    run_dir = Path(opts["run_dir"]) / name
+    values = {
+        "model": model, "method": method, "method_args": margs, "data.task": task,
+        "data.max_examples": opts["max_examples"], "eval.max_examples": n_eval, **decode,
+        "train.lr": job["lr"], "train.epochs": epochs, "train.batch_size": opts["batch_size"],
+        "train.seed": job["seed"], "train.save_steps": 0, "train.progress": False, "train.resume": False,
+        "train.best_metric": "score", "eval.split": "validation", "eval.batch_size": 32,
+        "out_dir": opts["run_dir"], "name": name,
+    }  # fmt: skip
+    try:
+        summary = train(build(TrainArgs, values))
+        kept = run_dir / "best" if (run_dir / "best").exists() else run_dir / "final"
+        if method == "full":
+            from ssmtune.models import load_model
+
+            tuned = load_model(kept)
+        else:
+            tuned = load_adapter(load_base_model(model), kept)
+        if model not in tokenizers:
+            tokenizers[model] = load_tokenizer_for(None, model)
+        config = EvalConfig(split="test", batch_size=32, max_examples=n_eval, **{k[5:]: v for k, v in decode.items()})
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        test = evaluate(tuned.to(device), tokenizers[model], TaskConfig(task=task), config)
+        return {"trainable": summary["trainable_params"], "total": summary["total_params"], "epochs": epochs,
+                "steps": summary["steps"], "val": summary["best_value"], "test": test["score"]}  # fmt: skip
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)  # only the JSON line is kept
+
+
+def fake_one(job: dict, opts: dict) -> dict:
+    """--fake: a deterministic made-up result after a short sleep (tests the scheduler without torch)."""
+    import zlib
+
+    time.sleep(opts["fake_seconds"])
+    h = zlib.crc32(f"{job['model']}{job['task']}{job['method']}".encode()) % 1000 / 1000
+    noise = zlib.crc32(f"{job['seed']}{job['scale']}".encode()) % 100 / 2000
+    val = 0.3 + 0.4 * h - 0.05 * abs(math.log(job["scale"])) + noise
+    if job["method"] == "bitfit" and job["scale"] > 1:
+        raise FloatingPointError("made-up divergence")  # exercises error rows
+    return {"trainable": 1000 + int(h * 1e5), "total": 10**6, "epochs": 1, "steps": 1, "val": val, "test": val - 0.01}
+
+
+def worker(wid: int, jobs: mp.Queue, results: mp.Queue, opts: dict) -> None:
+    # 1-2 threads each: N workers must not oversubscribe the cores (the GPU work is tiny; Python is the bottleneck).
+    os.environ["OMP_NUM_THREADS"] = str(opts["threads"])
+    tokenizers: dict = {}
+    if not opts["fake"]:
+        import torch
+
+        torch.set_num_threads(opts["threads"])
+        import ssmtune.train.plots
+
+        # train() draws two PNGs per run with matplotlib; the study never looks at them, and they cost ~1 s a run.
+        ssmtune.train.plots.plot_run = lambda run_dir: []
+    while (job := jobs.get()) is not None:
+        t0 = time.perf_counter()
+        try:
+            row = fake_one(job, opts) if opts["fake"] else run_one(job, opts, tokenizers)
+        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+            row = {"error": repr(e)[:300]}
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        results.put((wid, job["id"], row))
+
+
+# ---------------------------------------------------------------------------------------------------------------- main
+
+
+class Study:
+    """The scheduler: holds the ready runs by priority, hands one to each idle worker, queues phase 2 when ready."""
+
+    def __init__(self, opts: argparse.Namespace, cells: list[tuple]) -> None:
+        self.opts = opts
+        self.scales = [float(s) for s in opts.lr_scales.split(",")]
+        self.seeds = [int(s) for s in opts.seeds.split(",")]
+        models, tasks, methods = ([c[i] for c in cells] for i in range(3))
+        self.rank = {c: (tasks.index(c[1]), models.index(c[0]), methods.index(c[2])) for c in cells}
+        self.ready: list[dict] = []
+        self.phase1: dict[tuple, list[dict]] = {c: [] for c in cells}
+        self.rows: list[dict] = []
+        self.next_id = 0
+        for cell in cells:
+            lr0 = METHODS[cell[2]][2]
+            for i, s in enumerate(self.scales):
+                self.add(cell, 1, i, lr0 * s, s, self.seeds[0])
+
+    def add(self, cell: tuple, phase: int, index: int, lr: float, scale: float, seed: int) -> None:
+        model, task, method = cell
+        self.ready.append({"id": self.next_id, "model": model, "task": task, "method": method, "phase": phase,
+                           "lr": lr, "scale": scale, "seed": seed, "prio": priority(self.rank, cell, phase, index)})  # fmt: skip
+        self.next_id += 1
+        self.ready.sort(key=lambda j: j["prio"])
+
+    def finished(self, job: dict, row: dict) -> None:
+        """Record a result; when it completes a cell's phase 1, queue phase 2 at the best validation LR."""
+        self.rows.append(row)
+        cell = (job["model"], job["task"], job["method"])
+        if job["phase"] != 1:
+            return
+        self.phase1[cell].append(row)
+        if len(self.phase1[cell]) == len(self.scales) and len(self.seeds) > 1:
+            best = summarize_study.best_lr(self.phase1[cell])
+            if best is not None:
+                for i, seed in enumerate(self.seeds[1:]):
+                    self.add(cell, 2, i, best["lr"], best["scale"], seed)
+
+    def take(self, elapsed: float, slowest: dict) -> dict | None:
+        """The first ready run that is expected to end before the hard deadline (slowest finished run of its kind)."""
+        for job in self.ready:
+            if elapsed + 1.1 * slowest.get((job["model"], job["task"]), 0.0) < self.opts.hard_seconds:
+                self.ready.remove(job)
+                return job
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/study", help="folder of study.jsonl (run folders go to --run-dir)")
+    ap.add_argument("--run-dir", default=None, help="where run folders live while they run (default: a temp folder)")
+    ap.add_argument("--models", default="builtin:mamba-tiny,builtin:mamba2-tiny")
+    ap.add_argument("--tasks", default=",".join(TASKS), help="in priority order")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2", help="the first in phase 1 (LR sweep), the others in phase 2")
+    ap.add_argument("--lr-scales", default="0.3,1,3", help="each method's default LR times these (phase 1)")
+    ap.add_argument("--epochs", type=int, default=None, help="default: per task (TASKS)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-examples", type=int, default=None, help="training examples per task (smoke tests)")
+    ap.add_argument("--eval-examples", type=int, default=None, help="validation and test examples (default: per task)")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes sharing the GPU")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--max-seconds", type=float, default=1e9, help="start no run after this many seconds")
+    ap.add_argument("--hard-seconds", type=float, default=None, help="abandon running runs (default: max + 60)")
+    ap.add_argument("--fake", action="store_true", help="made-up results, no training (tests the scheduler)")
+    ap.add_argument("--fake-seconds", type=float, default=0.05)
+    opts = ap.parse_args()
+    start = time.perf_counter()
+    if opts.hard_seconds is None:
+        opts.hard_seconds = opts.max_seconds + 60
+    models, tasks, methods = (s.split(",") for s in (opts.models, opts.tasks, opts.methods))
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r}; known: {', '.join(METHODS)}")
+    cells = make_plan(models, tasks, methods, {m: is_mamba2(m) for m in models})
+    study = Study(opts, cells)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer_for(None, opts.model)
-    start = time.perf_counter()
-    rows = []
-    for task in opts.tasks.split(","):
-        for label in opts.methods.split(","):
-            method, margs, lr0 = METHODS[label]
-            for scale in [float(s) for s in opts.lr_scales.split(",")]:
-                for seed in [int(s) for s in opts.seeds.split(",")]:
-                    if time.perf_counter() - start > opts.max_seconds:
-                        print(f"budget spent: skipping {task}/{label}/x{scale}/seed{seed}", flush=True)
-                        continue
-                    name = f"{task}-{label}-x{scale:g}-s{seed}"
-                    values = {
-                        "model": opts.model, "method": method, "method_args": margs, "data.task": task, "data.max_examples": opts.max_examples,
-                        "eval.max_examples": opts.eval_examples,
-                        "train.lr": lr0 * scale, "train.epochs": opts.epochs, "train.batch_size": opts.batch_size,
-                        "train.seed": seed, "train.save_steps": 0, "train.progress": False, "train.resume": False,
-                        "train.best_metric": "accuracy", "eval.split": "validation", "eval.batch_size": 32,
-                        "out_dir": str(out), "name": name,
-                    }  # fmt: skip
-                    t0 = time.perf_counter()
-                    try:
-                        summary = train(build(TrainArgs, values))
-                        best = out / name / "best"
-                        if method == "full":
-                            from ssmtune.models import load_model
+    run_dir = opts.run_dir or tempfile.mkdtemp(prefix="ssmtune-study-")
+    jsonl = open(out / "study.jsonl", "a")  # noqa: SIM115 - open for the whole study, one flushed line per run
 
-                            tuned = load_model(best if best.exists() else out / name / "final")
-                        else:
-                            tuned = load_adapter(
-                                load_base_model(opts.model), best if best.exists() else out / name / "final"
-                            )
-                        dev = "cuda" if __import__("torch").cuda.is_available() else "cpu"
-                        test = evaluate(
-                            tuned.to(dev),
-                            tok,
-                            TaskConfig(task=task),
-                            EvalConfig(split="test", batch_size=32, max_examples=opts.eval_examples),
-                        )
-                        row = {"task": task, "method": label, "lr": lr0 * scale, "seed": seed,
-                               "trainable": summary["trainable_params"], "total": summary["total_params"],
-                               "val": summary["best_value"], "test": test["score"], "seconds": time.perf_counter() - t0}  # fmt: skip
-                    except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
-                        row = {"task": task, "method": label, "lr": lr0 * scale, "seed": seed, "error": repr(e)[:300]}
-                    rows.append(row)
-                    with open(out / "study.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    print(json.dumps(row), flush=True)
-    print("\n| task | method | lr | seed | trainable | val acc | test acc | s |\n|---|---|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['seed']} | error: {r['error'][:80]} | | | |")
-        else:
-            print(
-                f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['seed']} | {r['trainable']:,d} | {r['val']:.3f} | "
-                f"{r['test']:.3f} | {r['seconds']:.0f} |"
-            )
+    def write(row: dict) -> None:
+        jsonl.write(json.dumps(row) + "\n")
+        jsonl.flush()
+        os.fsync(jsonl.fileno())
+
+    write({"type": "plan", "cells": cells, "seeds": study.seeds, "lr_scales": study.scales, "runs":
+           len(cells) * (len(study.scales) + len(study.seeds) - 1)})  # fmt: skip
+    print(f"plan: {len(cells)} cells, {len(study.ready)} phase-1 runs + up to "
+          f"{len(cells) * (len(study.seeds) - 1)} phase-2 runs; {opts.workers} workers", flush=True)  # fmt: skip
+
+    wopts = {k: getattr(opts, k) for k in ("epochs", "eval_examples", "max_examples", "batch_size", "threads", "fake",
+                                           "fake_seconds")} | {"run_dir": run_dir}  # fmt: skip
+    os.environ["OMP_NUM_THREADS"] = str(opts.threads)  # inherited by the workers before they import torch
+    ctx = mp.get_context("spawn")  # CUDA cannot be forked
+    results: mp.Queue = ctx.Queue()
+    workers: dict[int, tuple] = {}  # id -> (process, its job queue)
+
+    def spawn(wid: int) -> None:
+        jobs = ctx.Queue()
+        p = ctx.Process(target=worker, args=(wid, jobs, results, wopts), daemon=True)
+        p.start()
+        workers[wid] = (p, jobs)
+
+    for wid in range(opts.workers):
+        spawn(wid)
+    busy: dict[int, tuple[dict, float]] = {}  # worker id -> (job, time handed out)
+    slowest: dict[tuple, float] = {}  # (model, task) -> the longest run so far, to not start one that cannot end
+
+    def finish(job: dict, row: dict) -> None:
+        row = {"type": "run"} | {k: job[k] for k in ("model", "task", "method", "phase", "scale", "lr", "seed")} | row
+        write(row)
+        print(json.dumps(row), flush=True)
+        study.finished(job, row)
+
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed > opts.hard_seconds:
+            for wid, (job, _) in busy.items():
+                print(f"hard deadline: abandoning {job['model']} {job['task']} {job['method']} "
+                      f"lr={job['lr']:g} seed={job['seed']}", flush=True)  # fmt: skip
+                workers[wid][0].terminate()
+            busy.clear()
+            break
+        if elapsed < opts.max_seconds:
+            for wid in [w for w in workers if w not in busy]:
+                if (job := study.take(elapsed, slowest)) is None:
+                    break
+                workers[wid][1].put({k: v for k, v in job.items() if k != "prio"})
+                busy[wid] = (job, time.perf_counter())
+        if not busy:
+            break
+        try:
+            wid, _, row = results.get(timeout=0.5)
+        except queue.Empty:
+            for wid in list(busy):  # a worker that died (e.g. killed for memory) fails its run; a new one replaces it
+                if not workers[wid][0].is_alive():
+                    job, _ = busy.pop(wid)
+                    finish(job, {"error": f"worker died (exit code {workers[wid][0].exitcode})"})
+                    spawn(wid)
+            continue
+        job, _ = busy.pop(wid)
+        if "error" not in row:  # the run's own time (a worker's start-up is paid once, not per run)
+            key = (job["model"], job["task"])
+            slowest[key] = max(slowest.get(key, 0.0), row["seconds"])
+        finish(job, row)
+
+    for wid, (p, jobs) in workers.items():
+        if p.is_alive():
+            jobs.put(None)
+    stop = time.perf_counter() + 10  # one shared wait: idle workers exit at once; a stuck one must not hold the exit
+    for p, _ in workers.values():
+        p.join(timeout=max(0.1, stop - time.perf_counter()))
+        if p.is_alive():
+            p.terminate()
+    jsonl.close()
+    if not opts.run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    planned = len(cells) * (len(study.scales) + len(study.seeds) - 1)
+    print(
+        f"\n{len(study.rows)} of {planned} planned runs finished in {time.perf_counter() - start:.0f} s\n", flush=True
+    )
+    plan, rows = summarize_study.load([out / "study.jsonl"])
+    print(summarize_study.table(summarize_study.summarize(rows), plan), flush=True)
 
 
 if __name__ == "__main__":
