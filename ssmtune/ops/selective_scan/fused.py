@@ -826,10 +826,10 @@ def selective_scan_fwd(
     ht = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32) if output_final_state else None
     h_ckpt = torch.empty(batch, dim, nt, dstate, device=u.device, dtype=torch.float32) if store_checkpoints else None
     grid = (triton.cdiv(dim, cfg["BLOCK_D_FWD"]), batch)
-    common = dict(
-        DIM=dim, N=dstate, DELTA_SOFTPLUS=delta_softplus,
-        BLOCK_D=cfg["BLOCK_D_FWD"], BLOCK_N=cfg["BLOCK_N"], BLOCK_L=cfg["BLOCK_L"], num_warps=cfg["WARPS_FWD"],
-    )  # fmt: skip
+    common = {
+        "DIM": dim, "N": dstate, "DELTA_SOFTPLUS": delta_softplus,
+        "BLOCK_D": cfg["BLOCK_D_FWD"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_L": cfg["BLOCK_L"], "num_warps": cfg["WARPS_FWD"],
+    }  # fmt: skip
     strides = (_batch_stride(initial_state, 3), _batch_stride(state_offset, 3), _batch_stride(y_offset, 2))
     y_pre = None
     if cfg["ALGO"] == 1:
@@ -881,10 +881,10 @@ def selective_scan_bwd(
     dh_off = torch.empty(batch, dim, dstate, **f32) if state_offset is not None else None
     dy_off = torch.empty(batch, dim, **f32) if y_offset is not None else None
     grid = (nblocks, batch)
-    common = dict(
-        DIM=dim, N=dstate, DELTA_SOFTPLUS=delta_softplus,
-        BLOCK_D=cfg["BLOCK_D_BWD"], BLOCK_N=cfg["BLOCK_N"], BLOCK_L=cfg["BLOCK_L"], num_warps=cfg["WARPS_BWD"],
-    )  # fmt: skip
+    common = {
+        "DIM": dim, "N": dstate, "DELTA_SOFTPLUS": delta_softplus,
+        "BLOCK_D": cfg["BLOCK_D_BWD"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_L": cfg["BLOCK_L"], "num_warps": cfg["WARPS_BWD"],
+    }  # fmt: skip
     if cfg["ALGO"] == 1:
         # summed over channel programs by atomic adds
         dB = torch.zeros(batch, dstate, seqlen, **f32)
