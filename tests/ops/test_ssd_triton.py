@@ -139,6 +139,36 @@ def test_ssd_scan_triton(b, seqlen, h, p, n, g, dtype, flags, per_row, d_per_cha
     check(inputs, softplus, chunk_size=16, ratio=RATIO_CPU[dtype] if DEVICE == "cpu" else RATIO_GPU[dtype])
 
 
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_state_offset_grad_gemm(split, dtype, monkeypatch):
+    """dh' as one GEMM over L (off the serial loop): ragged tiles over R = (H/G)·P = 72 and N = 136 (two blocks each),
+    split L ranges with a ragged last one."""
+    b, seqlen, h, p, n, g = 2, 150, 12, 12, 136, 2
+    dy = torch.randn(b, seqlen, h, p, device=DEVICE, dtype=dtype)
+    C = torch.randn(b, seqlen, g, n, device=DEVICE, dtype=dtype)
+    monkeypatch.setitem(fused.CONFIG_OVERRIDE, "DH_OFF_SPLIT", split)
+    out = fused._state_offset_grad(dy, C, h)
+    ref = torch.einsum("blhp,blhn->bhpn", dy.float(), C.float().repeat_interleave(h // g, dim=2))
+    assert out.shape == (b, h, p, n) and out.dtype == torch.float32
+    assert_close("dh_off", ref, out, 1e-5 if DEVICE == "cpu" else RATIO_GPU[dtype])
+
+
+OFFSET_PATHS = {"gemm": {}, "gemm-split2": {"DH_OFF_SPLIT": 2}, "in-loop": {"DH_OFF_IN_LOOP": 1, "H_OFF_FP32": 1}}
+
+
+@pytest.mark.parametrize("path", list(OFFSET_PATHS))
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "rowwise"])
+def test_ssd_scan_triton_state_offset_paths(path, per_row, monkeypatch):
+    """Both dh' paths (GEMM after the serial loop, the previous in-loop one) at odd P, N, H/G, against the reference."""
+    for k, v in OFFSET_PATHS[path].items():
+        monkeypatch.setitem(fused.CONFIG_OVERRIDE, k, v)
+    flags = frozenset({"D", "z", "dt_bias", "state_offset", "y_offset"})
+    seqlen = 150 if "split" in path else 45
+    inputs = make_inputs(2, seqlen, 6, 12, 20, 3, torch.float32, flags, per_row)
+    check(inputs, softplus=True, chunk_size=16, ratio=RATIO_CPU[torch.float32] if DEVICE == "cpu" else 5e-3)
+
+
 def test_ssd_scan_triton_offsets_change_output():
     """Guards the test above against a kernel that ignores h' or y' (the reference would then differ anyway)."""
     inputs = make_inputs(1, 20, 4, 8, 16, 2, torch.float32, frozenset({"state_offset", "y_offset"}), False)
