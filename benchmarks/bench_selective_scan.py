@@ -53,11 +53,10 @@ VARIANTS = {
 # that the current fused.py does not read is reported and skipped (see override_keys).
 CONFIGS = [
     {},
-    {"BLOCK_D_FWD": 4, "BLOCK_D_BWD": 4, "WARPS_FWD": 2, "WARPS_BWD": 2},
-    {"BLOCK_D_FWD": 8, "BLOCK_D_BWD": 4, "WARPS_FWD": 2, "WARPS_BWD": 2},
-    {"BLOCK_L": 8, "BLOCK_D_FWD": 16, "BLOCK_D_BWD": 8},
-    {"BLOCK_D_FWD": 4, "BLOCK_D_BWD": 2, "WARPS_FWD": 4, "WARPS_BWD": 2},
-    {"BLOCK_L": 32, "BLOCK_D_FWD": 4, "BLOCK_D_BWD": 2, "WARPS_FWD": 4, "WARPS_BWD": 4},
+    {"ALGO": 0},
+    {"ALGO": 1, "BLOCK_L": 128, "WARPS_FWD": 1, "WARPS_BWD": 1},
+    {"ALGO": 1, "BLOCK_L": 128, "WARPS_FWD": 2, "WARPS_BWD": 2},
+    {"ALGO": 1, "BLOCK_L": 512, "WARPS_FWD": 4, "WARPS_BWD": 4},
 ]
 
 
