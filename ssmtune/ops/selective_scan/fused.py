@@ -761,15 +761,16 @@ def _config(dim: int, dstate: int, seqlen: int = 1 << 30) -> dict[str, int]:
     cap = triton.next_power_of_2(max(dim, 1))
     if algo == 1:
         # BLOCK_L: the sequence (rounded up to a power of two) up to a cap; one compiled kernel per BLOCK_L.
-        # H100 sweep (docs/kernels-mamba1.md): short tiles on 2 warps, one channel per program, won
-        block_l = min(CONFIG_OVERRIDE.get("BLOCK_L", 256), max(16, triton.next_power_of_2(max(seqlen, 1))))
-        warps = 2
+        # H100 sweep (docs/kernels-mamba1.md): short tiles on one warp, one channel per program, won
+        block_l = min(CONFIG_OVERRIDE.get("BLOCK_L", 128), max(16, triton.next_power_of_2(max(seqlen, 1))))
+        warps = 1
+        # forward and backward tiles are independent except for BLOCK_L (the checkpoints sit at tile starts)
         cfg = {
             "ALGO": 1,
             "BLOCK_N": block_n,
             "BLOCK_L": block_l,
             "BLOCK_D_FWD": 1,
-            "BLOCK_D_BWD": 1,
+            "BLOCK_D_BWD": 2,
             "WARPS_FWD": warps,
             "WARPS_BWD": warps,
         }
