@@ -117,6 +117,27 @@ class TrainConfig:
         return self.greater_is_better if self.greater_is_better is not None else "loss" not in self.best_metric
 
 
+# Settings that define the optimisation trajectory: a resumed run must use the same ones (the others, e.g. eval_steps,
+# save_steps, strategy and the world size, may change between runs).
+RESUME_FIXED = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_steps", "max_grad_norm", "seed",
+                "precision", "best_metric", "greater_is_better")  # fmt: skip
+
+
+def check_resume_config(saved: dict[str, Any], config: TrainConfig, n_train: int, where: Path) -> None:
+    """Refuse to continue a checkpoint written with other optimisation settings or another training set size."""
+    now = asdict(config)
+    diffs = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in RESUME_FIXED if k in saved and saved[k] != now[k]]
+    old_n = saved.get("_n_train")
+    if old_n is not None and old_n != n_train:
+        diffs.append(f"training examples: {old_n} -> {n_train}")
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {str(where)!r}: it was written with other settings ({'; '.join(diffs)}). "
+            "Restore them, or start a fresh run with resume=False (`--train.resume false`), which deletes these "
+            "checkpoints."
+        )
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; training stopped."""
 
@@ -359,6 +380,7 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     autocast_dtype = DTYPES[config.precision]
     if state is not None:
+        check_resume_config(state.get("config") or {}, config, len(dataset), latest)
         D.load_optimizer_state(model, optimizer, state["optimizer"], strategy)
         scheduler.load_state_dict(state["scheduler"])
         if use_scaler and state.get("scaler"):
@@ -482,7 +504,8 @@ def fit(
                 state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict() if use_scaler else None, "best_value": best_value,
                          "best_step": best_step, "last_eval": last_eval,
-                         "sampler": {"epoch": epoch, "next_batch": index + 1}, "config": asdict(config),
+                         "sampler": {"epoch": epoch, "next_batch": index + 1},
+                         "config": {**asdict(config), "_n_train": len(dataset)},
                          "world_size": ctx.world_size}  # fmt: skip
                 save_checkpoint(ckpt_root, step=step, model=D.unwrap(model), state=state, keep_last=config.keep_last,
                                 tensors=tensors)  # fmt: skip

@@ -144,3 +144,16 @@ def test_fresh_run_removes_an_earlier_runs_checkpoints(tmp_path):
     assert [c.name for c in list_checkpoints(tmp_path / "checkpoints")] and (tmp_path / "best").exists()
     fit(TinyLM(), make_dataset(32), collate, config=cfg(epochs=1, save_steps=0, resume=False), out_dir=tmp_path)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "best").exists()
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    """A checkpoint written with another learning rate, seed or training set is not silently continued."""
+    torch.manual_seed(0)
+    fit(TinyLM(), make_dataset(32), collate, config=cfg(epochs=1, save_steps=4), out_dir=tmp_path)
+    assert list_checkpoints(tmp_path / "checkpoints")
+    with pytest.raises(ValueError, match=r"lr: 0\.\d+ -> 0\.5"):
+        fit(TinyLM(), make_dataset(32), collate, config=cfg(epochs=1, save_steps=4, lr=0.5), out_dir=tmp_path)
+    with pytest.raises(ValueError, match="training examples: 32 -> 40"):
+        fit(TinyLM(), make_dataset(40), collate, config=cfg(epochs=1, save_steps=4), out_dir=tmp_path)
+    # settings that do not change the trajectory may differ
+    fit(TinyLM(), make_dataset(32), collate, config=cfg(epochs=1, save_steps=2, log_steps=3), out_dir=tmp_path)
