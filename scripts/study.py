@@ -15,6 +15,20 @@ finished run appended to <out>/study.jsonl (flushed at once, so a killed study k
 the plan), then the summary of scripts/summarize_study.py. --max-seconds: no run starts later (nor one that the
 (model, task)'s slowest run so far says would end after --hard-seconds); --hard-seconds: runs still going are
 abandoned, the summary is printed and the script exits.
+
+Continuing a study (e.g. in the next GPU call): --resume reads earlier study.jsonl files and does not repeat their
+successful runs (same model, task, method, LR and seed; error rows are run again). Their rows are copied to the new
+<out>/study.jsonl, whose plan covers their cells too, so that file alone is the whole study so far. Phase 1 runs only
+the missing LRs; phase 2 uses the best LR over the earlier and new phase-1 results, and starts at once for a cell
+whose phase 1 an earlier file completed. The settings that change results (--epochs, --batch-size, --max-examples,
+--eval-examples, --fake, the TASKS entries) must match the earlier plan's, else the script refuses. --tasks /
+--models / --methods select what runs now (the copied rows stay). The next call after docs/img/study-gpu.jsonl:
+
+    PYTHONPATH=. python3 scripts/study.py --resume docs/img/study-gpu.jsonl --out $OUT/study --workers 12 \
+        --threads 1 --max-seconds 440 --hard-seconds 490 > $OUT/study.log 2>&1; \
+    python3 scripts/summarize_study.py $OUT/study/study.jsonl --plot $OUT/study.png --claims > $OUT/summary.md
+
+(add e.g. --tasks wn-pos-long,wn-category to run those first; the call after that resumes from its study.jsonl.)
 """
 
 from __future__ import annotations
@@ -75,6 +89,46 @@ def is_mamba2(model: str) -> bool:
 def make_plan(models: list[str], tasks: list[str], methods: list[str], mamba2: dict[str, bool]) -> list[tuple]:
     """The cells (model, task, method) in priority order: task first, then model, then method."""
     return [(m, t, k) for t in tasks for m in models for k in methods if not (mamba2[m] and k in MAMBA1_ONLY)]
+
+
+# The options that change what a run computes (with each task's TASKS entry): a resumed study must match them.
+# Plans written before they were recorded (docs/img/study-gpu.jsonl) ran with these, the defaults of then.
+SETTINGS = ("epochs", "batch_size", "max_examples", "eval_examples", "fake")
+OLD_DEFAULTS = {"epochs": None, "batch_size": 16, "max_examples": None, "eval_examples": None, "fake": False}
+
+
+def run_key(model: str, task: str, method: str, lr: float, seed: int) -> tuple:
+    """A run's identity across files (the LR rounded: it is recomputed as default x scale)."""
+    return (model, task, method, float(f"{lr:.9g}"), int(seed))
+
+
+def read_resume(paths: list[str], settings: dict, task_specs: dict) -> tuple[list[dict], list[dict]]:
+    """(the plan lines, the successful run rows, first of each identity) of earlier study.jsonl files; SystemExit
+    when a file has no plan or was run with other settings (its results would not be comparable)."""
+    plans, done = [], {}
+    for path in paths:
+        lines = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+        if not lines or lines[0].get("type") != "plan":
+            raise SystemExit(f"--resume {path}: the first line is not a study plan")
+        plan = lines[0]
+        theirs = plan.get("settings", OLD_DEFAULTS)
+        for k in SETTINGS:
+            if theirs.get(k, OLD_DEFAULTS[k]) != settings[k]:
+                raise SystemExit(f"--resume {path}: its runs used {k}={theirs.get(k, OLD_DEFAULTS[k])!r}, this study "
+                                 f"{k}={settings[k]!r}; pass the same value or start a new study")  # fmt: skip
+        for task, spec in plan.get("task_specs", {}).items():
+            if task in task_specs and spec != task_specs[task]:
+                raise SystemExit(f"--resume {path}: task {task} was run with {spec}, TASKS now says "
+                                 f"{task_specs[task]}; start a new study")  # fmt: skip
+        plans.append(plan)
+        for r in lines[1:]:
+            if r.get("type") != "run" or not summarize_study._ok(r):
+                continue  # error rows: run again
+            epochs = settings["epochs"] or TASKS.get(r["task"], {}).get("epochs", 3)
+            if r.get("epochs", epochs) != epochs:  # catches a changed epoch count even in plans without settings
+                raise SystemExit(f"--resume {path}: a {r['task']} run has epochs={r['epochs']}, this study {epochs}")
+            done.setdefault(run_key(r["model"], r["task"], r["method"], r["lr"], r["seed"]), r)
+    return plans, list(done.values())
 
 
 def priority(cell_rank: dict, cell: tuple, phase: int, index: int) -> tuple:
@@ -145,7 +199,9 @@ def fake_one(job: dict, opts: dict) -> dict:
     val = 0.3 + 0.4 * h - 0.05 * abs(math.log(job["scale"])) + noise
     if job["method"] == "bitfit" and job["scale"] > 1:
         raise FloatingPointError("made-up divergence")  # exercises error rows
-    return {"trainable": 1000 + int(h * 1e5), "total": 10**6, "epochs": 1, "steps": 1, "val": val, "test": val - 0.01}
+    epochs = opts["epochs"] or TASKS.get(job["task"], {}).get("epochs", 3)
+    return {"trainable": 1000 + int(h * 1e5), "total": 10**6, "epochs": epochs, "steps": 1, "val": val,
+            "test": val - 0.01}  # fmt: skip
 
 
 def worker(wid: int, jobs: mp.Queue, results: mp.Queue, opts: dict) -> None:
@@ -176,20 +232,28 @@ def worker(wid: int, jobs: mp.Queue, results: mp.Queue, opts: dict) -> None:
 class Study:
     """The scheduler: holds the ready runs by priority, hands one to each idle worker, queues phase 2 when ready."""
 
-    def __init__(self, opts: argparse.Namespace, cells: list[tuple]) -> None:
+    def __init__(self, opts: argparse.Namespace, cells: list[tuple], done: list[dict]) -> None:
         self.opts = opts
         self.scales = [float(s) for s in opts.lr_scales.split(",")]
         self.seeds = [int(s) for s in opts.seeds.split(",")]
         models, tasks, methods = ([c[i] for c in cells] for i in range(3))
         self.rank = {c: (tasks.index(c[1]), models.index(c[0]), methods.index(c[2])) for c in cells}
         self.ready: list[dict] = []
-        self.phase1: dict[tuple, list[dict]] = {c: [] for c in cells}
+        self.done = {run_key(r["model"], r["task"], r["method"], r["lr"], r["seed"]): r for r in done}  # --resume
+        self.phase1: dict[tuple, list[dict]] = {c: [] for c in cells}  # the cell's phase-1 rows, earlier or new
         self.rows: list[dict] = []
+        self.reused = 0  # runs of this plan found done in the --resume files
         self.next_id = 0
         for cell in cells:
             lr0 = METHODS[cell[2]][2]
             for i, s in enumerate(self.scales):
-                self.add(cell, 1, i, lr0 * s, s, self.seeds[0])
+                if (row := self.done.get(run_key(*cell, lr0 * s, self.seeds[0]))) is not None:
+                    self.phase1[cell].append(row)
+                    self.reused += 1
+                else:
+                    self.add(cell, 1, i, lr0 * s, s, self.seeds[0])
+            if len(self.phase1[cell]) == len(self.scales):  # phase 1 done in an earlier file: phase 2 can start
+                self.queue_phase2(cell)
 
     def add(self, cell: tuple, phase: int, index: int, lr: float, scale: float, seed: int) -> None:
         model, task, method = cell
@@ -198,6 +262,17 @@ class Study:
         self.next_id += 1
         self.ready.sort(key=lambda j: j["prio"])
 
+    def queue_phase2(self, cell: tuple) -> None:
+        """The other seeds at the best validation LR of the cell's phase 1, less those an earlier file has."""
+        best = summarize_study.best_lr(self.phase1[cell])
+        if best is None:
+            return
+        for i, seed in enumerate(self.seeds[1:]):
+            if run_key(*cell, best["lr"], seed) in self.done:
+                self.reused += 1
+            else:
+                self.add(cell, 2, i, best["lr"], best["scale"], seed)
+
     def finished(self, job: dict, row: dict) -> None:
         """Record a result; when it completes a cell's phase 1, queue phase 2 at the best validation LR."""
         self.rows.append(row)
@@ -205,11 +280,8 @@ class Study:
         if job["phase"] != 1:
             return
         self.phase1[cell].append(row)
-        if len(self.phase1[cell]) == len(self.scales) and len(self.seeds) > 1:
-            best = summarize_study.best_lr(self.phase1[cell])
-            if best is not None:
-                for i, seed in enumerate(self.seeds[1:]):
-                    self.add(cell, 2, i, best["lr"], best["scale"], seed)
+        if len(self.phase1[cell]) == len(self.scales):
+            self.queue_phase2(cell)
 
     def take(self, elapsed: float, slowest: dict) -> dict | None:
         """The first ready run that is expected to end before the hard deadline (slowest finished run of its kind)."""
@@ -235,7 +307,11 @@ def main() -> None:
     ap.add_argument("--eval-examples", type=int, default=None, help="validation and test examples (default: per task)")
     ap.add_argument("--workers", type=int, default=1, help="worker processes sharing the GPU")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--resume", nargs="+", default=[], metavar="FILE",
+                    help="earlier study.jsonl files: their successful runs are copied to <out>/study.jsonl and not run "
+                    "again (their settings must match)")  # fmt: skip
     ap.add_argument("--max-seconds", type=float, default=1e9, help="start no run after this many seconds")
+    ap.add_argument("--max-runs", type=int, default=None, help="start at most this many runs (tests, short calls)")
     ap.add_argument("--hard-seconds", type=float, default=None, help="abandon running runs (default: max + 60)")
     ap.add_argument("--fake", action="store_true", help="made-up results, no training (tests the scheduler)")
     ap.add_argument("--fake-seconds", type=float, default=0.05)
@@ -247,22 +323,46 @@ def main() -> None:
     for m in methods:
         if m not in METHODS:
             ap.error(f"unknown method {m!r}; known: {', '.join(METHODS)}")
-    cells = make_plan(models, tasks, methods, {m: is_mamba2(m) for m in models})
-    study = Study(opts, cells)
+    settings = {k: getattr(opts, k) for k in SETTINGS}
+    task_specs = {t: TASKS.get(t, {}) for t in tasks}
+    old_plans, done = read_resume(opts.resume, settings, task_specs)
+    # --fake goes by the name: reading a model's config imports torch (2 s, most of a fake study's time)
+    cells = make_plan(models, tasks, methods, {m: "mamba2" in m if opts.fake else is_mamba2(m) for m in models})
+    study = Study(opts, cells, done)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     run_dir = opts.run_dir or tempfile.mkdtemp(prefix="ssmtune-study-")
-    jsonl = open(out / "study.jsonl", "a")  # noqa: SIM115 - open for the whole study, one flushed line per run
+    # The file's plan covers the earlier files' cells too (the summary lists what is still missing), then this one's.
+    all_cells = list(dict.fromkeys([tuple(c) for p in old_plans for c in p["cells"]] + cells))
+    for p in old_plans:
+        task_specs = p.get("task_specs", {}) | task_specs
+    plan = {"type": "plan", "cells": all_cells, "seeds": study.seeds, "lr_scales": study.scales,
+            "runs": len(all_cells) * (len(study.scales) + len(study.seeds) - 1), "settings": settings,
+            "task_specs": task_specs, "resumed_from": opts.resume, "resumed_runs": len(done)}  # fmt: skip
+    path = out / "study.jsonl"
+    if opts.resume and path.exists() and not any(path.samefile(f) for f in opts.resume):
+        raise SystemExit(f"{path} exists and is not one of the --resume files: it would be replaced; add it to them")
+    if opts.resume:  # a new file, complete on its own (it may replace one of the --resume files: write, then rename)
+        tmp = path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in [plan, *done])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    jsonl = open(path, "a")  # noqa: SIM115 - open for the whole study, one flushed line per run
 
     def write(row: dict) -> None:
         jsonl.write(json.dumps(row) + "\n")
         jsonl.flush()
         os.fsync(jsonl.fileno())
 
-    write({"type": "plan", "cells": cells, "seeds": study.seeds, "lr_scales": study.scales, "runs":
-           len(cells) * (len(study.scales) + len(study.seeds) - 1)})  # fmt: skip
-    print(f"plan: {len(cells)} cells, {len(study.ready)} phase-1 runs + up to "
-          f"{len(cells) * (len(study.seeds) - 1)} phase-2 runs; {opts.workers} workers", flush=True)  # fmt: skip
+    if not opts.resume:
+        write(plan)
+    planned = len(cells) * (len(study.scales) + len(study.seeds) - 1)
+    n_p2 = sum(j["phase"] == 2 for j in study.ready)
+    print(f"plan: {len(cells)} cells, {planned} runs: {study.reused} done in --resume files ({len(done)} rows copied), "
+          f"{len(study.ready) - n_p2} phase-1 + {n_p2} phase-2 runs ready, more phase-2 runs as phase 1 ends; "
+          f"{opts.workers} workers", flush=True)  # fmt: skip
 
     wopts = {k: getattr(opts, k) for k in ("epochs", "eval_examples", "max_examples", "batch_size", "threads", "fake",
                                            "fake_seconds")} | {"run_dir": run_dir}  # fmt: skip
@@ -281,6 +381,10 @@ def main() -> None:
         spawn(wid)
     busy: dict[int, tuple[dict, float]] = {}  # worker id -> (job, time handed out)
     slowest: dict[tuple, float] = {}  # (model, task) -> the longest run so far, to not start one that cannot end
+    for r in done:  # the earlier calls' times: a first run that cannot end before the deadline is not started
+        key = (r["model"], r["task"])
+        slowest[key] = max(slowest.get(key, 0.0), r.get("seconds", 0.0))
+    started = 0
 
     def finish(job: dict, row: dict) -> None:
         row = {"type": "run"} | {k: job[k] for k in ("model", "task", "method", "phase", "scale", "lr", "seed")} | row
@@ -299,10 +403,11 @@ def main() -> None:
             break
         if elapsed < opts.max_seconds:
             for wid in [w for w in workers if w not in busy]:
-                if (job := study.take(elapsed, slowest)) is None:
+                if started == opts.max_runs or (job := study.take(elapsed, slowest)) is None:
                     break
                 workers[wid][1].put({k: v for k, v in job.items() if k != "prio"})
                 busy[wid] = (job, time.perf_counter())
+                started += 1
         if not busy:
             break
         try:
@@ -331,10 +436,8 @@ def main() -> None:
     jsonl.close()
     if not opts.run_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
-    planned = len(cells) * (len(study.scales) + len(study.seeds) - 1)
-    print(
-        f"\n{len(study.rows)} of {planned} planned runs finished in {time.perf_counter() - start:.0f} s\n", flush=True
-    )
+    print(f"\n{study.reused + len(study.rows)} of {planned} planned runs finished ({len(study.rows)} in "
+          f"{time.perf_counter() - start:.0f} s, {study.reused} earlier)\n", flush=True)  # fmt: skip
     plan, rows = summarize_study.load([out / "study.jsonl"])
     print(summarize_study.table(summarize_study.summarize(rows), plan), flush=True)
 

@@ -8,7 +8,8 @@ score at the best LR, mean ± std over its seeds. Cells of the study's plan (the
 listed as not run. --plot: test score against trainable parameters (log x), one panel per model and task.
 --claims: the two papers' qualitative claims, each checked per model and task: "supports" when the difference of the
 means exceeds the combined std sqrt(sd_a² + sd_b²), "contradicts" when the opposite difference does, else "cannot
-tell" (also with fewer than 2 seeds on a side). Older files (no plan, no model field) work too.
+tell" (also with fewer than 2 seeds on a side). Older files (no plan, no model field) work too. A file written by
+`study.py --resume` (its plan covers the earlier cells) works alone or together with the files it resumed.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ NAMES = {
 
 
 def load(paths: list) -> tuple[dict | None, list[dict]]:
-    """(the plan, merged over the files' plan lines, or None; the run rows)."""
-    plan, rows = None, []
+    """(the plan, merged over the files' plan lines, or None; the run rows, each once: a study resumed with
+    `study.py --resume` copies the earlier file's rows, so passing both files must not count them twice)."""
+    plan, rows, seen = None, [], set()
     for path in paths:
         with open(path) as f:
             for line in f:
@@ -42,7 +44,8 @@ def load(paths: list) -> tuple[dict | None, list[dict]]:
                         plan = {**r, "cells": cells}
                     else:
                         plan["cells"] += [c for c in cells if c not in plan["cells"]]
-                else:
+                elif (key := json.dumps(r, sort_keys=True)) not in seen:
+                    seen.add(key)
                     rows.append(r)
     return plan, rows
 

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import study
 import summarize_study as S
 
 
@@ -49,6 +50,67 @@ def test_study_truncated_says_what_was_not_run(tmp_path: Path) -> None:
     stdout, lines = _study(tmp_path, "--tasks", "wn-pos", "--models", "builtin:mamba-tiny", "--max-seconds", "0")
     assert len(lines) == 1  # the plan only
     assert "0 of 55 planned runs finished" in stdout and "No result for 11 of 11 cells" in stdout
+
+
+def _key(r: dict) -> tuple:
+    return r["model"], r["task"], r["method"], r["lr"], r["seed"]
+
+
+def test_study_resume_continues_without_repeating(tmp_path: Path) -> None:
+    sel = ("--tasks", "wn-pos,wn-pos-long", "--models", "builtin:mamba-tiny")
+    _, a = _study(tmp_path / "a", *sel, "--max-runs", "40")  # wn-pos phase 1 (33 runs) and a few phase-2 runs
+    ok_a = [r for r in a[1:] if "error" not in r]
+    assert len(a) == 41 and any("error" in r for r in a) and not any(r["task"] == "wn-pos-long" for r in a[1:])
+    # Make another LR the best of a cell whose phase 1 file a completed: phase 2 must follow file a's results.
+    full = [r for r in ok_a if r["method"] == "full"]
+    assert len(full) == 3
+    target = next(r for r in full if r["lr"] != S.best_lr(full)["lr"])
+    target["val"] = 2.0
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [a[0], *a[1:]]))
+
+    # b: only wn-pos-long now; c: the rest. Each file starts with the plan and the earlier successful rows.
+    _, b = _study(tmp_path / "b", *sel, "--tasks", "wn-pos-long", "--resume", str(tmp_path / "a.jsonl"))
+    assert b[1 : 1 + len(ok_a)] == ok_a and b[0]["settings"]["batch_size"] == 16
+    assert {tuple(c) for c in b[0]["cells"]} == {tuple(c) for c in a[0]["cells"]}  # the wn-pos cells stay planned
+    new_b = b[1 + len(ok_a) :]
+    assert new_b and all(r["task"] == "wn-pos-long" for r in new_b)
+    ok_b = [r for r in b[1:] if "error" not in r]
+    stdout, c = _study(tmp_path / "c", *sel, "--resume", str(tmp_path / "b/study.jsonl"))
+    new_c = c[1 + len(ok_b) :]
+    assert c[1 : 1 + len(ok_b)] == ok_b and new_c and all(r["task"] == "wn-pos" for r in new_c if "error" not in r)
+    ok = [r for r in c[1:] if "error" not in r]
+    assert len({_key(r) for r in ok}) == len(ok)  # no successful run was repeated
+    # --fake fails bitfit at 3x LR each time: error rows are not copied but run again, once per call
+    errors = [(r["task"], r["method"], r["scale"]) for r in a[1:] + new_b + new_c if "error" in r]
+    assert sorted(errors) == [("wn-pos", "bitfit", 3.0)] * 2 + [("wn-pos-long", "bitfit", 3.0)] * 2
+    # every cell complete: 3 LRs on seed 0, seeds 1 and 2 at the best LR
+    summary = S.summarize(ok)
+    assert len(summary) == 22 and all(e["n"] == 3 and len(e["sweep"]) in (2, 3) for e in summary.values())
+    phase2 = {r["lr"] for r in ok if r["method"] == "full" and r["task"] == "wn-pos" and r["seed"] > 0}
+    assert phase2 == {target["lr"]}  # the best LR per file a (its tampered row), not a rerun
+    assert "110 of 110 planned runs finished" in stdout and "No result" not in stdout
+    both = S.load([tmp_path / "a.jsonl", tmp_path / "c/study.jsonl"])[1]
+    assert len([r for r in both if "error" not in r]) == len(ok)  # rows copied from a, passed twice, count once
+
+    # other settings: refused, nothing run
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/study.py"), "--out", str(tmp_path / "d"), "--fake",
+                          "--epochs", "2", "--resume", str(tmp_path / "a.jsonl")],
+                         capture_output=True, text=True, env=env, timeout=60, check=False)  # fmt: skip
+    assert bad.returncode != 0 and "epochs=None, this study epochs=2" in bad.stderr
+    assert not (tmp_path / "d/study.jsonl").exists()
+
+
+def test_resume_reads_the_gpu_study_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    # its plan predates the settings field: the defaults of then are assumed; its rows say how many epochs they ran
+    gpu = [ROOT / "docs/img/study-gpu.jsonl"]
+    plans, done = study.read_resume(gpu, dict(study.OLD_DEFAULTS), {})
+    assert len(plans) == 1 and len(done) == 124
+    with pytest.raises(SystemExit, match="fake=False, this study fake=True"):
+        study.read_resume(gpu, {**study.OLD_DEFAULTS, "fake": True}, {})
+    monkeypatch.setitem(study.TASKS, "wn-pos", {"epochs": 2, "eval_examples": None})
+    with pytest.raises(SystemExit, match="a wn-pos run has epochs=3, this study 2"):
+        study.read_resume(gpu, dict(study.OLD_DEFAULTS), {})
 
 
 def _rows(method: str, task: str, tests: list[float], model: str = "m", lr: float = 1e-3) -> list[dict]:
