@@ -1,11 +1,11 @@
 """Mamba-2 SSD scan: ssmtune's Triton kernels (bare / + h0 / + h' and y') against mamba_ssm and torch chunked paths.
 
-Run on a CUDA machine (one H100: about 2 minutes; ``--budget-s`` stops starting new shapes after that many seconds):
+Run on a CUDA machine (one H100: ~150 s with the default ``--budget-s 140``, which no variant is started past):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/mamba_ssm*.whl
-    PYTHONPATH=/tmp/site:. python3 benchmarks/bench_ssd.py --out $OUT/bench_ssd.json
+    PYTHONPATH=/tmp/site:. timeout -k 5 170 python3 benchmarks/bench_ssd.py --out $OUT/bench_ssd.json
 
-CPU smoke test (Triton interpreter, one tiny shape, wall-clock timings that mean nothing):
+CPU smoke test (Triton interpreter, one tiny shape, wall-clock timings that mean nothing, ~30 s):
 
     PYTHONPATH=. python3 benchmarks/bench_ssd.py --tiny --out /tmp/bench_ssd.json
 
@@ -17,27 +17,49 @@ chunk loop, h' loaded in fp32); peers mamba_ssm+h0 (``mamba_chunk_scan_combined`
 importable), torch+h0 (ssmtune's ``ssd_scan_torch``) and hf-torch+h0 (transformers' ``mamba2_chunk_scan`` torch path,
 gate applied outside, when the installed transformers has it); the two torch peers only at L = 2048 (slow, memory).
 
-Times are medians of ``triton.testing.do_bench`` (best of two interleaved rounds) after a warm-up fwd+bwd of every
-variant. Before timing, ``--prewarm-procs`` subprocesses run every variant once at batch 1 on the same shapes, so the
-Triton compilations (which do not depend on the batch) happen in parallel and land in the on-disk cache. "peak" is
-the peak allocated memory of one fwd+bwd above the inputs. Per shape, the gradients of the new and old h' paths are
-compared (``check`` in the JSON). The JSON is rewritten after every shape, so a run cut short still leaves its rows.
+Order: pass 1 runs ours on every shape, pass 2 the peers, so a run cut short has ours everywhere. Each variant prints
+its row when measured (first call timed as ``warm_s``, one ``do_bench`` median, peak allocated memory of one fwd+bwd
+above the inputs) and the JSON is rewritten; a second round per shape, interleaved over its variants, keeps the best
+median. Per shape, the gradients of the new and old h' paths are compared (``checks``).
+
+Compilation is most of the cost (each shape has its own constexprs; mamba_ssm autotunes ~140 configs, compiled
+serially on its first call). ``Prewarm`` compiles in parallel subprocesses while pass 1 runs: one job per shape for
+ours, in shape order (pass 1 waits only for its shape's job), then jobs that compile disjoint slices of mamba_ssm's
+configs; see ``_mamba_ssm_loader.set_mamba_autotune`` for what is patched. ``--budget-s`` is checked before every
+variant against ``EST_S`` and enforced inside it by SIGALRM (which cannot cut a call blocked in C++).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib
 import inspect
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def _die_with_parent() -> None:
+    """In a prewarm child: get SIGKILL when the parent dies, however it dies (Linux prctl PR_SET_PDEATHSIG)."""
+    parent = int(os.environ.get("BENCH_SSD_PARENT", "0"))
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent and os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+if "--warm-only" in sys.argv:
+    _die_with_parent()  # before the slow imports, so that a parent killed meanwhile takes us along
 
 import torch
 
@@ -112,45 +134,44 @@ def _hf_chunk_scan():
     return inspect.unwrap(fn), None  # skip the hub-kernel / mamba_ssm dispatch wrapper
 
 
-def variants(t, chunk_size: int, notes: list[str], peers: bool = True) -> dict:
+def ours_variants(t, chunk_size: int) -> dict:
     """name -> (fn, CONFIG_OVERRIDE to hold during its forward)."""
     common = {"D": t["D"], "z": t["z"], "dt_bias": t["dt_bias"], "dt_softplus": True}
     pos = (t["x"], t["dt"], t["A"], t["B"], t["C"])
-    b, seqlen = t["x"].shape[:2]
     offsets = {"state_offset": t["h_off"], "y_offset": t["y_off"]}
-    out = {
+    return {
         "ours": (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, **common), {}),
         "ours+h0": (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, initial_state=t["h0"], **common), {}),
         NEW_NAME: (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, **offsets, **common), {}),
         OLD_NAME: (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, **offsets, **common), OLD_PATH),
     }
-    if not peers:
-        return out
-    h0_rows = t["h0"].unsqueeze(0).expand(b, -1, -1, -1)
-    if t["x"].is_cuda:
-        try:
-            from _mamba_ssm_loader import load_mamba_chunk_scan_combined
 
-            mamba = load_mamba_chunk_scan_combined()
-            out["mamba_ssm+h0"] = (lambda: mamba(*pos, chunk_size, initial_states=h0_rows, **common), {})
-        except Exception as e:  # noqa: BLE001 - optional peer
-            notes.append(f"mamba_ssm unavailable: {type(e).__name__}: {str(e)[:120]}")
-    if seqlen > TORCH_PEER_MAX_L:
-        notes.append(f"L={seqlen}: torch peers skipped (only L <= {TORCH_PEER_MAX_L}: slow, memory)")
-        return out
+
+def mamba_variant(t, chunk_size: int, mamba) -> tuple:
+    common = {"D": t["D"], "z": t["z"], "dt_bias": t["dt_bias"], "dt_softplus": True}
+    pos = (t["x"], t["dt"], t["A"], t["B"], t["C"])
+    h0_rows = t["h0"].unsqueeze(0).expand(t["x"].shape[0], -1, -1, -1)
+    return (lambda: mamba(*pos, chunk_size, initial_states=h0_rows, **common), {})
+
+
+def torch_variants(t, chunk_size: int, notes: list[str]) -> dict:
+    """ssmtune's torch chunked path and transformers' (when it has a standalone one), both + h0."""
     from ssmtune.ops.ssd.chunk import ssd_scan_torch
 
-    out["torch+h0"] = (lambda: ssd_scan_torch(*pos, chunk_size=chunk_size, initial_state=t["h0"], **common), {})
+    common = {"D": t["D"], "z": t["z"], "dt_bias": t["dt_bias"], "dt_softplus": True}
+    pos = (t["x"], t["dt"], t["A"], t["B"], t["C"])
+    out = {"torch+h0": (lambda: ssd_scan_torch(*pos, chunk_size=chunk_size, initial_state=t["h0"], **common), {})}
     hf, why = _hf_chunk_scan()
     if hf is None:
         notes.append(f"hf-torch+h0 skipped: {why}")
-    else:
+        return out
+    h0_rows = t["h0"].unsqueeze(0).expand(t["x"].shape[0], -1, -1, -1)
 
-        def hf_fn():
-            y = hf(*pos, chunk_size, D=t["D"], dt_bias=t["dt_bias"], initial_states=h0_rows, dt_softplus=True)
-            return (y * torch.nn.functional.silu(t["z"].float())).to(t["x"].dtype)
+    def hf_fn():
+        y = hf(*pos, chunk_size, D=t["D"], dt_bias=t["dt_bias"], initial_states=h0_rows, dt_softplus=True)
+        return (y * torch.nn.functional.silu(t["z"].float())).to(t["x"].dtype)
 
-        out["hf-torch+h0"] = (hf_fn, {})
+    out["hf-torch+h0"] = (hf_fn, {})
     return out
 
 
@@ -171,48 +192,78 @@ def _timer(cuda: bool):
     return wall
 
 
-def measure_all(fns: dict, t, cuda: bool, rep: int, rounds: int = 2) -> dict[str, dict]:
-    """Warm up every variant first (compile/autotune), then time them in interleaved rounds; keep the best median."""
-    leaves = list(t.values())
-    dy = torch.randn_like(t["x"])
+class BudgetExceeded(Exception):
+    pass
 
-    def with_cfg(fn, cfg):
-        def run():
+
+@contextlib.contextmanager
+def deadline(t_end: float):
+    """Raise BudgetExceeded in the main thread at t_end. Python code only: a call blocked in C++ (a Triton compile,
+    the autograd engine running a backward) is interrupted when it returns, so the budget estimates still matter."""
+
+    def fire(signum, frame):
+        raise BudgetExceeded
+
+    left = t_end - time.time()
+    if left <= 0:
+        raise BudgetExceeded
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, left)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+class Case:
+    """One shape's inputs and the fwd / fwd+bwd closures of its variants, timed one variant at a time."""
+
+    def __init__(self, t: dict, cuda: bool, rep: int):
+        self.t, self.cuda, self.rep = t, cuda, rep
+        self.leaves = list(t.values())
+        self.dy = torch.randn_like(t["x"])
+        self.bench = _timer(cuda)
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def closures(self, fn, cfg):
+        def fwd():
             with override(cfg):
                 return fn()
 
-        return run
+        def fwd_bwd():
+            return torch.autograd.grad(fwd(), self.leaves, self.dy, allow_unused=True)
 
-    fwd = {n: with_cfg(fn, cfg) for n, (fn, cfg) in fns.items()}
-    fwd_bwd = {n: (lambda f=f: torch.autograd.grad(f(), leaves, dy, allow_unused=True)) for n, f in fwd.items()}
-    res: dict[str, dict] = {}
-    for name in fns:
-        try:
-            fwd_bwd[name]()
-        except Exception as e:  # noqa: BLE001 - record the failure and keep benchmarking
-            res[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    bench = _timer(cuda)
-    ok = [n for n in fns if n not in res]
-    for n in ok:
-        res[n] = {"fwd_ms": float("inf"), "fwd_bwd_ms": float("inf")}
-    for _ in range(rounds):
-        for n in ok:
-            with torch.no_grad():
-                res[n]["fwd_ms"] = min(res[n]["fwd_ms"], bench(fwd[n], rep))
-            res[n]["fwd_bwd_ms"] = min(res[n]["fwd_bwd_ms"], bench(fwd_bwd[n], rep))
-    for n in ok:
-        if not cuda:
-            res[n]["peak_gib"] = float("nan")
-            continue
-        sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fwd_bwd[n]()
-        sync()
-        res[n]["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return res
+        return fwd, fwd_bwd
+
+    def measure(self, fn, cfg) -> dict:
+        """First call (compile / autotune, timed as warm_s), one timing round, peak memory of one fwd+bwd."""
+        fwd_bwd = self.closures(fn, cfg)[1]
+        t0 = time.perf_counter()
+        fwd_bwd()
+        self.sync()
+        res = {"warm_s": round(time.perf_counter() - t0, 2), "rounds": 0}
+        self.retime(fn, cfg, res)
+        if self.cuda:
+            self.sync()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fwd_bwd()
+            self.sync()
+            res["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        else:
+            res["peak_gib"] = float("nan")
+        return res
+
+    def retime(self, fn, cfg, res: dict) -> None:
+        """One more timing round; keep the best median (rounds are interleaved over the variants of a shape)."""
+        fwd, fwd_bwd = self.closures(fn, cfg)
+        with torch.no_grad():
+            f = self.bench(fwd, self.rep)
+        fb = self.bench(fwd_bwd, self.rep)
+        res["fwd_ms"] = min(res.get("fwd_ms", f), f)
+        res["fwd_bwd_ms"] = min(res.get("fwd_bwd_ms", fb), fb)
+        res["rounds"] += 1
 
 
 def check_paths(t, chunk_size: int) -> dict:
@@ -235,51 +286,100 @@ def check_paths(t, chunk_size: int) -> dict:
     return out
 
 
-def prewarm(shapes, chunk_size: int, procs: int, timeout_s: float, peers: bool, tiny: bool) -> list[str]:
-    """Compile every variant at batch 1 in parallel subprocesses; the kernels land in Triton's on-disk cache.
+class Prewarm:
+    """Compile in parallel subprocesses while the parent measures; the kernels land in Triton's on-disk cache.
 
-    One job per shape for ssmtune's variants, plus one job for mamba_ssm's autotuned kernels (its autotune keys hold no
-    batch, length or head count, so one shape compiles them all), started first because it is the longest.
+    Jobs: "ours:I" runs ssmtune's four variants once on shape I at batch 2 (none of our kernel arguments depends on
+    the batch; 2, not 1, because Triton specializes integer arguments equal to 1, e.g. mamba_ssm's ``batch``), in
+    shape order, so that shape 0 is ready first; then "mamba:J" jobs, each compiling mamba_ssm's autotune configs
+    J, J + K, ... (K jobs) by running fwd+bwd with one config per kernel over every shape. The children stay in our
+    process group (so that gpu_call.sh's group kill reaches them), ask the kernel to SIGKILL them when we die
+    (PR_SET_PDEATHSIG, which also covers our SIGKILL) and are killed by ``kill_all`` at exit or on SIGTERM/SIGINT.
     """
-    script = str(Path(__file__).resolve())
-    todo = ([("mamba", 0)] if peers else []) + [("ours", i) for i in range(len(shapes))]
-    running: list[tuple[tuple[str, int], subprocess.Popen, object]] = []
-    failures, t0 = [], time.time()
-    while todo or running:
-        while todo and len(running) < procs:
-            job = todo.pop(0)
-            cmd = [sys.executable, script, "--warm-only", f"{job[0]}:{job[1]}", "--chunk-size", str(chunk_size)]
-            cmd += ["--tiny"] if tiny else []
-            err = tempfile.TemporaryFile()  # noqa: SIM115 - closed below; not a pipe, a chatty child must not block
-            running.append((job, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err), err))
-        time.sleep(0.2)
-        for item in list(running):
-            job, p, err = item
-            if p.poll() is not None:
-                running.remove(item)
-                if p.returncode:
-                    err.seek(0)
-                    failures.append(f"prewarm {job} rc {p.returncode}: {err.read().decode(errors='replace')[-300:]}")
-                err.close()
-            elif time.time() - t0 > timeout_s:
+
+    def __init__(self, jobs: list[str], procs: int, chunk_size: int, tiny: bool):
+        self.todo, self.procs, self.chunk_size, self.tiny = list(jobs), procs, chunk_size, tiny
+        self.running: dict[str, tuple[subprocess.Popen, object, float]] = {}
+        self.done: dict[str, dict] = {}
+        atexit.register(self.kill_all)
+
+    def poll(self) -> None:
+        for job, (p, err, t0) in list(self.running.items()):
+            if p.poll() is None:
+                continue
+            del self.running[job]
+            info = {"rc": p.returncode, "s": round(time.time() - t0, 1)}
+            if p.returncode:
+                err.seek(0)
+                info["stderr"] = err.read().decode(errors="replace")[-300:]
+            err.close()
+            self.done[job] = info
+            print(f"prewarm {job}: rc {info['rc']} after {info['s']} s", flush=True)
+        while self.todo and len(self.running) < self.procs:
+            job = self.todo.pop(0)
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--warm-only",
+                job,
+                "--chunk-size",
+                str(self.chunk_size),
+            ]
+            cmd += ["--tiny"] if self.tiny else []
+            err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in poll; a file, a chatty child must not block
+            env = {**os.environ, "BENCH_SSD_PARENT": str(os.getpid())}
+            self.running[job] = (
+                subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env),
+                err,
+                time.time(),
+            )
+
+    def wait(self, jobs: list[str], t_end: float) -> bool:
+        """Wait until the jobs are done (True when all exited 0) or t_end."""
+        while True:
+            self.poll()
+            if all(j in self.done for j in jobs):
+                return all(self.done[j]["rc"] == 0 for j in jobs)
+            if time.time() >= t_end:
+                return False
+            time.sleep(0.1)
+
+    def ok(self, job: str) -> bool:
+        return self.done.get(job, {}).get("rc") == 0
+
+    def kill_all(self) -> None:
+        self.todo.clear()
+        for job, (p, err, _) in list(self.running.items()):
+            if p.poll() is None:
                 p.kill()
                 p.wait()
-                running.remove(item)
-                err.close()
-                failures.append(f"prewarm {job} killed after {timeout_s:.0f} s")
-    return failures
+                self.done[job] = {"rc": "killed"}
+            err.close()
+        self.running.clear()
 
 
 def warm_only(job: str, chunk_size: int, tiny: bool) -> None:
     what, index = job.split(":")
-    _, seqlen, h, p, n, g = (TINY_SHAPES if tiny else SHAPES)[int(index)]
-    t = make(1, seqlen, h, p, n, g, torch.bfloat16, "cpu" if tiny else "cuda")
-    leaves = list(t.values())
-    for name, (fn, cfg) in variants(t, chunk_size, [], peers=what == "mamba").items():
-        if name.startswith(what):
-            with override(cfg):
-                y = fn()
-            torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
+    shapes = TINY_SHAPES if tiny else SHAPES
+    device = "cpu" if tiny else "cuda"
+    if what == "ours":
+        _, seqlen, h, p, n, g = shapes[int(index)]
+        t = make(2, seqlen, h, p, n, g, torch.bfloat16, device)
+        case = Case(t, not tiny, 1)
+        for fn, cfg in ours_variants(t, chunk_size).values():
+            case.closures(fn, cfg)[1]()
+    else:
+        from _mamba_ssm_loader import load_mamba_chunk_scan_combined, max_mamba_configs, set_mamba_autotune
+
+        mamba = load_mamba_chunk_scan_combined()
+        set_mamba_autotune("full")
+        j, k = (int(v) for v in index.split("/"))
+        for i in range(j, max_mamba_configs(), k):
+            set_mamba_autotune(f"pick:{i}")
+            for _, seqlen, h, p, n, g in shapes:
+                t = make(2, seqlen, h, p, n, g, torch.bfloat16, device)
+                with contextlib.suppress(Exception):  # a config out of resources: the autotuner skips it too
+                    Case(t, True, 1).closures(*mamba_variant(t, chunk_size, mamba))[1]()
     if not tiny:
         torch.cuda.synchronize()
 
@@ -322,15 +422,25 @@ def print_table(meta: dict, rows: list[dict], notes: list[str]) -> None:
         )
 
 
+# Conservative wall-clock estimates (H100) of one variant on one shape: first call + one timing round + peak memory;
+# a variant starts only when its estimate fits in what is left of --budget-s. "cold": its compilations not prewarmed
+# (ours: ~10 kernels per variant at ~1-2 s each; mamba_ssm: ~140 autotune configs compiled serially).
+EST_S = {"ours": 3.0, "ours_cold": 25.0, "retime": 1.0, "mamba_first": 25.0, "mamba": 4.0, "mamba_cold": 150.0}
+EST_S |= {"torch": 8.0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench_ssd.json"))
     ap.add_argument("--chunk-size", type=int, default=256)
-    ap.add_argument("--budget-s", type=float, default=150.0, help="stop starting new shapes after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=140.0, help="start no variant that would not end by then")
     ap.add_argument("--shapes", type=int, default=len(SHAPES), help="run only the first K shapes")
     ap.add_argument("--rep-ms", type=int, default=100, help="do_bench rep (ms) per timing")
+    ap.add_argument("--rounds", type=int, default=2, help="timing rounds per variant (best median kept)")
+    ap.add_argument("--prewarm-procs", type=int, default=None, help="parallel compile subprocesses (0: none)")
+    ap.add_argument("--mamba-jobs", type=int, default=6, help="prewarm jobs splitting mamba_ssm's autotune configs")
     ap.add_argument(
-        "--prewarm-procs", type=int, default=None, help="parallel compile subprocesses (0: none; default 9, --tiny 1)"
+        "--mamba-autotune", default="quick", choices=["quick", "full", "one"], help="see _mamba_ssm_loader.py"
     )
     ap.add_argument("--no-peers", action="store_true", help="only ssmtune's variants")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test under the Triton interpreter, one tiny shape")
@@ -342,56 +452,179 @@ def main() -> None:
     if args.warm_only is not None:
         warm_only(args.warm_only, args.chunk_size, not cuda)
         return
-    if args.prewarm_procs is None:
-        args.prewarm_procs = 9 if cuda else 1
+    t_start = time.time()
+    t_end = t_start + args.budget_s
+
+    def on_signal(signum, frame):  # SIGTERM from `timeout`: exit through atexit, which kills the prewarm children
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # `timeout` signals us and then our group: one exit is enough
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     shapes = SHAPES[: args.shapes] if cuda else TINY_SHAPES
     dtype = torch.bfloat16
-    from _mamba_ssm_loader import mamba_ssm_version
+    from _mamba_ssm_loader import mamba_ssm_available, mamba_ssm_version
 
+    with_mamba = cuda and not args.no_peers and mamba_ssm_available()
     meta = {
         "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "mamba_ssm": mamba_ssm_version(),
+        "mamba_autotune": args.mamba_autotune if with_mamba else None,
         "python": platform.python_version(),
         "dtype": str(dtype)[6:],
         "chunk_size": args.chunk_size,
         "rep_ms": args.rep_ms,
+        "budget_s": args.budget_s,
         "command": " ".join(sys.argv),
     }
-    t_start = time.time()
+    rows: list[dict] = []
+    checks: list[dict] = []
     notes: list[str] = []
-    if args.prewarm_procs > 0:
-        notes += prewarm(
-            shapes, args.chunk_size, args.prewarm_procs, 0.6 * args.budget_s, cuda and not args.no_peers, not cuda
-        )
-        meta["prewarm_s"] = round(time.time() - t_start, 1)
-        print(f"prewarm: {meta['prewarm_s']} s", flush=True)
-    rows, checks = [], []
-    for b, seqlen, h, p, n, g in shapes:
-        if time.time() - t_start > args.budget_s:
-            notes.append(f"budget {args.budget_s:.0f} s reached: L={seqlen} H={h} G={g} not measured")
-            continue
-        t = make(b, seqlen, h, p, n, g, dtype, "cuda" if cuda else "cpu")
-        shape_notes: list[str] = []
-        fns = variants(t, args.chunk_size, shape_notes, peers=not args.no_peers)
-        notes += shape_notes
-        for name, r in measure_all(fns, t, cuda, args.rep_ms).items():
-            row = {"B": b, "L": seqlen, "H": h, "P": p, "N": n, "G": g, "impl": name, **r}
-            row["tokens_per_s_fwd_bwd"] = b * seqlen / row["fwd_bwd_ms"] * 1e3 if "fwd_bwd_ms" in row else None
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        chk = {"L": seqlen, "H": h, "G": g, "rel_rms_new_vs_old": check_paths(t, args.chunk_size)}
-        checks.append(chk)
-        print(json.dumps(chk), flush=True)
+    if not args.no_peers and cuda and not with_mamba:
+        notes.append("mamba_ssm not importable: its rows skipped")
+    if args.prewarm_procs is None:
+        args.prewarm_procs = max(1, min(14, (os.cpu_count() or 2) - 2)) if cuda else 1
+    jobs = [f"ours:{i}" for i in range(len(shapes))]
+    if with_mamba and args.mamba_autotune != "one":
+        jobs += [f"mamba:{j}/{args.mamba_jobs}" for j in range(args.mamba_jobs)]
+    pool = Prewarm(jobs if args.prewarm_procs > 0 else [], args.prewarm_procs, args.chunk_size, not cuda)
+    pool.poll()
+
+    def save() -> None:
         meta["elapsed_s"] = round(time.time() - t_start, 1)
+        meta["prewarm"] = dict(pool.done)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "checks": checks, "notes": notes}, indent=1))
-        del t, fns
+        doc = {"meta": meta, "rows": rows, "checks": checks, "notes": notes}
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(args.out)  # atomic: a kill mid-write leaves the previous version
+
+    def fits(est: float, what: str) -> bool:
+        pool.poll()
+        if time.time() + est <= t_end:
+            return True
+        notes.append(f"budget {args.budget_s:.0f} s: {what} not measured (needs ~{est:.0f} s)")
+        print(f"skip {what}: budget", flush=True)
+        return False
+
+    def out_of_time(e: Exception) -> bool:
+        # the alarm's exception may come back wrapped (the Triton interpreter re-raises it as InterpreterError)
+        return isinstance(e, BudgetExceeded) or time.time() >= t_end
+
+    def run_variant(case: Case, shape: tuple, name: str, fn_cfg: tuple, est: float) -> dict | None:
+        b, seqlen, h, p, n, g = shape
+        label = f"L={seqlen} H={h} G={g} {name}"
+        if not fits(est, label):
+            return None
+        row = {"B": b, "L": seqlen, "H": h, "P": p, "N": n, "G": g, "impl": name}
+        try:
+            with deadline(t_end):
+                row |= case.measure(*fn_cfg)
+        except Exception as e:  # noqa: BLE001 - record the failure and keep benchmarking
+            if out_of_time(e):
+                notes.append(f"budget {args.budget_s:.0f} s ran out during {label}")
+                print(f"budget ran out during {label}", flush=True)
+                return None
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        if "fwd_bwd_ms" in row:
+            row["tokens_per_s_fwd_bwd"] = b * seqlen / row["fwd_bwd_ms"] * 1e3
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save()
+        return row
+
+    def more_rounds(case: Case, done: list[tuple[dict, tuple]]) -> None:
+        """Rounds 2.. interleaved over the variants just measured on this shape (drift hits them alike)."""
+        for _ in range(args.rounds - 1):
+            for row, fn_cfg in done:
+                if "error" in row or not fits(EST_S["retime"], f"round 2+ of L={row['L']} {row['impl']}"):
+                    continue
+                try:
+                    with deadline(t_end):
+                        case.retime(*fn_cfg, row)
+                except Exception as e:
+                    if out_of_time(e):
+                        return
+                    raise
+                row["tokens_per_s_fwd_bwd"] = row["B"] * row["L"] / row["fwd_bwd_ms"] * 1e3
+                print(f"  round {row['rounds']}: {row['impl']} fwd {row['fwd_ms']:.3f} f+b {row['fwd_bwd_ms']:.3f}")
+        save()
+
+    def new_case(shape: tuple) -> Case:
+        b, seqlen, h, p, n, g = shape
         if cuda:
             torch.cuda.empty_cache()
-    meta["elapsed_s"] = round(time.time() - t_start, 1)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "checks": checks, "notes": notes}, indent=1))
+        return Case(make(b, seqlen, h, p, n, g, dtype, "cuda" if cuda else "cpu"), cuda, args.rep_ms)
+
+    # pass 1: ours on every shape, each shape as soon as its prewarm job is done
+    for i, shape in enumerate(shapes):
+        warmed = pool.wait([f"ours:{i}"], t_end - EST_S["ours"]) if jobs and args.prewarm_procs > 0 else False
+        case = new_case(shape)
+        done = []
+        for k, (name, fn_cfg) in enumerate(ours_variants(case.t, args.chunk_size).items()):
+            est = EST_S["ours"] if warmed or k else EST_S["ours_cold"]
+            row = run_variant(case, shape, name, fn_cfg, est)
+            if row is not None:
+                done.append((row, fn_cfg))
+        more_rounds(case, done)
+        if sum("fwd_ms" in r for r, _ in done) >= 3 and time.time() + EST_S["retime"] < t_end:
+            try:
+                with deadline(t_end):
+                    chk = {
+                        "L": shape[1],
+                        "H": shape[2],
+                        "G": shape[5],
+                        "rel_rms_new_vs_old": check_paths(case.t, args.chunk_size),
+                    }
+                checks.append(chk)
+                print(json.dumps(chk), flush=True)
+                save()
+            except Exception as e:
+                if not out_of_time(e):
+                    raise
+        del case
+    meta["pass1_s"] = round(time.time() - t_start, 1)
+    print(f"pass 1 (ours) done at {meta['pass1_s']} s", flush=True)
+
+    # pass 2: the peers
+    mamba, mamba_warm = None, False
+    if with_mamba:
+        from _mamba_ssm_loader import load_mamba_chunk_scan_combined, set_mamba_autotune
+
+        mamba_jobs = [j for j in jobs if j.startswith("mamba:")]
+        mamba_warm = pool.wait(mamba_jobs, t_end - EST_S["mamba_first"]) if mamba_jobs else True
+        try:
+            mamba = load_mamba_chunk_scan_combined()
+            meta["mamba_autotuners"] = set_mamba_autotune(args.mamba_autotune)
+        except Exception as e:  # noqa: BLE001 - optional peer
+            notes.append(f"mamba_ssm unavailable: {type(e).__name__}: {str(e)[:120]}")
+    pool.kill_all()  # whatever still compiles would only disturb the timings
+    mamba_first = True
+    for shape in shapes:
+        if time.time() >= t_end:
+            break
+        case = new_case(shape)
+        done = []
+        if mamba is not None:
+            est = EST_S["mamba_first" if mamba_warm else "mamba_cold"] if mamba_first else EST_S["mamba"]
+            row = run_variant(case, shape, "mamba_ssm+h0", mamba_variant(case.t, args.chunk_size, mamba), est)
+            if row is not None:
+                mamba_first = False
+                done.append((row, mamba_variant(case.t, args.chunk_size, mamba)))
+                meta.setdefault("mamba_first_call_s", row.get("warm_s"))
+        if not args.no_peers and shape[1] <= TORCH_PEER_MAX_L:
+            for name, fn_cfg in torch_variants(case.t, args.chunk_size, notes).items():
+                row = run_variant(case, shape, name, fn_cfg, EST_S["torch"])
+                if row is not None:
+                    done.append((row, fn_cfg))
+        elif not args.no_peers:
+            notes.append(f"L={shape[1]}: torch peers skipped (only L <= {TORCH_PEER_MAX_L}: slow, memory)")
+        more_rounds(case, done)
+        del case
+    save()
     worst = max((v for c in checks for v in c["rel_rms_new_vs_old"].values()), default=float("nan"))
     notes.append(f"new vs old h' path, worst gradient rel. RMS difference over shapes and inputs: {worst:.2e}")
     print_table(meta, rows, notes)

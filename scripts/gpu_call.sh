@@ -5,19 +5,24 @@
 #
 #   bash scripts/gpu_call.sh                     # everything, < 570 s
 #   STEPS="build scan scanpeer" bash scripts/gpu_call.sh
+#   STEPS=ssd bash scripts/gpu_call.sh            # bench_ssd alone: ~155 s (140 s budget + start and exit)
 #
 # Steps, in this order (STEPS picks a subset; the order stays):
 #   build      benchmarks/build_mamba_ssm.sh .whl/sdist /tmp/mamba_site in the background   -> $OUT/build.log
 #   gputest    python3 -m pytest -q -m gpu tests (what `make gpu-test` runs)
 #   scan       benchmarks/bench_selective_scan.py (ours; mamba_ssm from constants)    -> bench_selective_scan.json
-#   ssd        benchmarks/bench_ssd.py (mamba_ssm's Triton SSD from the pure wheel)   -> bench_ssd.json
+#   ssd        benchmarks/bench_ssd.py --budget-s CAP-10 (ours on all shapes first, then mamba_ssm's Triton SSD
+#              from the pure wheel and the torch peers; rows print and the JSON is rewritten as they come;
+#              default cap 150 s)                                                   -> bench_ssd.json
 #   scanpeer   waits for the build, then bench_selective_scan.py --only mamba_ssm     -> bench_selective_scan_mamba_ssm.json
 #   train      benchmarks/bench_train_step.py, ours + HF transformers/peft            -> bench_train_step.json
 #   trainpeer  bench_train_step.py --only-stack mamba_ssm --compare bench_train_step.json
 #                                                                                     -> bench_train_step_mamba_ssm.json
 # Every step runs under `timeout`, capped at CAP_<STEP> seconds (defaults below) and at what is left before
 # DEADLINE_S (555 s from the start); a step with less than MIN_STEP_S (20) left is skipped; a failing step does not
-# stop the others. All output also goes to $OUT/call.log; a summary table prints last. Files in $OUT: at most 7.
+# stop the others. Each step runs in its own process group (setsid), killed as a whole when the step ends or times
+# out, so that no orphan of one step (a compile worker, a background child) loads the CPUs during the next. All
+# output also goes to $OUT/call.log; a summary table prints last. Files in $OUT: at most 7.
 # Env: STEPS, DEADLINE_S, CAP_GPUTEST, CAP_SCAN, CAP_SSD, CAP_SCANPEER, CAP_TRAIN, CAP_TRAINPEER, BUILD_WAIT_UNTIL_S
 # (the latest elapsed second scanpeer/trainpeer wait for the build until, 330), GPU_TEST_ARGS ("tests"),
 # SCAN_ARGS, SSD_ARGS, TRAIN_ARGS, TRAINPEER_ARGS (extra arguments), MAMBA_SITE (/tmp/mamba_site), SDIST_DIR
@@ -32,7 +37,7 @@ DEADLINE_S=${DEADLINE_S:-555}
 MIN_STEP_S=${MIN_STEP_S:-20}
 CAP_GPUTEST=${CAP_GPUTEST:-110}
 CAP_SCAN=${CAP_SCAN:-100}
-CAP_SSD=${CAP_SSD:-80}
+CAP_SSD=${CAP_SSD:-150}
 CAP_SCANPEER=${CAP_SCANPEER:-45}
 CAP_TRAIN=${CAP_TRAIN:-150}
 CAP_TRAINPEER=${CAP_TRAINPEER:-75}
@@ -57,9 +62,25 @@ grant() {
     if [ "$1" -lt "$l" ]; then echo "$1"; else echo "$l"; fi
 }
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$SUMMARY"; }
-# step NAME SECONDS CMD: run CMD (a bash string, echoed first) under timeout; record rc and duration
+# kill_group PGID: TERM the step's process group, KILL what is left after 3 s
+kill_group() {
+    local pg=$1 i n
+    kill -0 -- "-$pg" 2>/dev/null || return 0
+    n=$(pgrep -g "$pg" 2>/dev/null | wc -l)
+    log "killing ${n:-?} leftover process(es) of the step (group $pg)"
+    kill -TERM -- "-$pg" 2>/dev/null
+    for i in 1 2 3 4 5 6; do
+        kill -0 -- "-$pg" 2>/dev/null || return 0
+        sleep 0.5
+    done
+    kill -KILL -- "-$pg" 2>/dev/null
+    return 0
+}
+# step NAME SECONDS CMD: run CMD (a bash string, echoed first) under timeout in its own session / process group,
+# record rc and duration, then kill whatever of that group is still alive (background children, a python whose
+# bash was killed by timeout): orphans of one step must not load the CPU during the next one.
 step() {
-    local name=$1 t=$2 cmd=$3 s rc
+    local name=$1 t=$2 cmd=$3 s rc pgf pg
     if [ "$t" -lt "$MIN_STEP_S" ]; then
         log "SKIP $name: only ${t} s left before DEADLINE_S=$DEADLINE_S"
         record "$name" skip 0 "budget"
@@ -67,8 +88,14 @@ step() {
     fi
     log "+ timeout ${t}s: $cmd"
     s=$SECONDS
-    timeout -k 10 "$t" bash -c "$cmd"
+    pgf=$(mktemp /tmp/gpu_call_pgid.XXXXXX)
+    # setsid makes the bash below a session and group leader, so its $$ is the group id of everything the step starts
+    # (timeout only signals its own child and its own group, which the step has left)
+    timeout -k 5 "$t" setsid bash -c 'echo $$ >"$0"; bash -c "$1"' "$pgf" "$cmd"
     rc=$?
+    pg=$(cat "$pgf" 2>/dev/null)
+    rm -f "$pgf"
+    [ -n "$pg" ] && kill_group "$pg"
     local note=ok
     [ $rc -eq 0 ] || note="rc=$rc"
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && note="timed out at ${t}s"
@@ -123,7 +150,7 @@ if want scan; then
 fi
 if want ssd; then
     t=$(grant "$CAP_SSD")
-    step ssd "$t" "PYTHONPATH=$PURE_SITE:. $PY benchmarks/bench_ssd.py --out $OUT/bench_ssd.json --budget-s $((t - 30 > 10 ? t - 30 : 10)) ${SSD_ARGS:-}"
+    step ssd "$t" "PYTHONPATH=$PURE_SITE:. $PY benchmarks/bench_ssd.py --out $OUT/bench_ssd.json --budget-s $((t - 10 > 10 ? t - 10 : 10)) ${SSD_ARGS:-}"
 fi
 # 4. the selective-scan peer rows (the build should be done by now)
 if want scanpeer; then
