@@ -116,10 +116,11 @@ def test_selective_scan_triton(b, d, seqlen, n, dtype, flags, per_batch, softplu
     check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus)
 
 
-@pytest.mark.parametrize("algo", [0, 1], ids=["tile", "nloop"])
-def test_multiple_channel_blocks_and_tiles(monkeypatch, algo):
+@pytest.mark.parametrize(("algo", "unroll"), [(0, 0), (1, 0), (1, 1)], ids=["tile", "nloop", "nloop-unrolled"])
+def test_multiple_channel_blocks_and_tiles(monkeypatch, algo, unroll):
     """Several channel blocks (dB/dC summed over them) and short tiles (many checkpoints), no final-state gradient."""
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"ALGO": algo, "BLOCK_L": 4, "BLOCK_D_FWD": 2, "BLOCK_D_BWD": 4})
+    cfg = {"ALGO": algo, "BLOCK_L": 4, "BLOCK_D_FWD": 2, "BLOCK_D_BWD": 4, "UNROLL_FWD": unroll, "UNROLL_BWD": unroll}
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", cfg)
     check_case(2, 7, 13, 5, torch.float32, ALL, True, True, final_grad=False)
 
 

@@ -353,6 +353,63 @@ def selective_scan_bwd_kernel(
         tl.store(ddelta_bias + i_b * DIM + o_d, tl.sum(b_ddb_acc, axis=1), mask=m_d)
 
 
+@triton.jit
+def _fwd_nloop_state(
+    i_n, b_h, b_hn, b_y, b_dt, b_dtu, b_Bn, b_Cn, A, h_off, o_d, o_n, o_l, m_d, off_hoff,
+    N: tl.constexpr, BLOCK_L: tl.constexpr, USE_STATE_OFFSET: tl.constexpr,
+):  # fmt: skip
+    """State n of one forward tile: scan h_n from the carried state, add C_n (h_n + h'_n) to y, keep the last h_n."""
+    m_sel = (o_n == i_n)[None, :]  # [1, BLOCK_N]
+    b_An = tl.load(A + o_d * N + i_n, mask=m_d, other=0.0).to(tl.float32) * LOG2E  # [BLOCK_D]
+    b_pA, b_hs = tl.associative_scan(
+        (tl.exp2(b_dt * b_An[:, None]), b_dtu * b_Bn.to(tl.float32)), axis=1, combine_fn=_scan_combine
+    )
+    b_hs += b_pA * tl.sum(tl.where(m_sel, b_h, 0.0), axis=1)[:, None]
+    b_last = tl.sum(tl.where(o_l[None, :] == BLOCK_L - 1, b_hs, 0.0), axis=1)  # [BLOCK_D]
+    b_hn = tl.where(m_sel, b_last[:, None], b_hn)
+    if USE_STATE_OFFSET:
+        b_hs += tl.load(h_off + off_hoff + o_d * N + i_n, mask=m_d, other=0.0)[:, None]
+    b_y += b_hs * b_Cn.to(tl.float32)
+    return b_hn, b_y
+
+
+@triton.jit
+def _bwd_nloop_state(
+    i_n, b_lam, b_lam_new, b_lB, b_lhA, b_dA_acc, b_dhoff_acc, b_dt, b_dtn, b_dtu, b_g, b_Bn, b_Cn,
+    A, h_off, h_start, dB, dC, p_bc, o_t, m_t, o_d, o_n, o_l, m_d, off_hoff,
+    L, N: tl.constexpr, USE_STATE_OFFSET: tl.constexpr,
+):  # fmt: skip
+    """State n of one backward tile: recompute h_n, run the adjoint λ_n, accumulate the local gradients."""
+    m_sel = (o_n == i_n)[None, :]
+    b_An = tl.load(A + o_d * N + i_n, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
+    b_An2 = b_An * LOG2E
+    b_h = tl.load(h_start + i_n, mask=m_d, other=0.0)  # [BLOCK_D] state before the tile
+    # 1. recompute h_n inside the tile
+    b_dBu = b_dtu * b_Bn
+    b_pA, b_hs = tl.associative_scan((tl.exp2(b_dt * b_An2[:, None]), b_dBu), axis=1, combine_fn=_scan_combine)
+    b_hs += b_pA * b_h[:, None]
+    # 2. adjoint λ_t = Ā_{t+1} λ_{t+1} + ĝ_t C_t, carried in from the tile to the right
+    b_mu = b_g * b_Cn
+    b_pAr, b_lams = tl.associative_scan(
+        (tl.exp2(b_dtn * b_An2[:, None]), b_mu), axis=1, combine_fn=_scan_combine, reverse=True
+    )
+    b_lams += b_pAr * tl.sum(tl.where(m_sel, b_lam, 0.0), axis=1)[:, None]
+    b_first = tl.sum(tl.where(o_l[None, :] == 0, b_lams, 0.0), axis=1)
+    b_lam_new = tl.where(m_sel, b_first[:, None], b_lam_new)
+    # 3. local gradients; λ_t ⊙ Ā_t h_{t-1} = λ_t ⊙ (h_t - B̄_t u_t)
+    b_term = b_lams * (b_hs - b_dBu)
+    b_lB += b_lams * b_Bn
+    b_lhA += b_term * b_An[:, None]
+    b_dA_acc = tl.where(m_sel, b_dA_acc + tl.sum(b_term * b_dt, axis=1)[:, None], b_dA_acc)
+    if USE_STATE_OFFSET:
+        b_hs += tl.load(h_off + off_hoff + o_d * N + i_n, mask=m_d, other=0.0)[:, None]
+        b_dhoff_acc = tl.where(m_sel, b_dhoff_acc + tl.sum(b_mu, axis=1)[:, None], b_dhoff_acc)
+    p_dbc = p_bc + i_n * L + o_t
+    tl.atomic_add(dB + p_dbc, tl.sum(b_lams * b_dtu, axis=0), mask=m_t, sem="relaxed")
+    tl.atomic_add(dC + p_dbc, tl.sum(b_hs * b_g, axis=0), mask=m_t, sem="relaxed")
+    return b_lB, b_lhA, b_lam_new, b_dA_acc, b_dhoff_acc
+
+
 @triton.heuristics(
     {
         "HAS_D": lambda args: args["D"] is not None,
@@ -403,6 +460,7 @@ def selective_scan_fwd_nloop_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     STORE_CHECKPOINTS: tl.constexpr,
     STORE_Y_PRE: tl.constexpr,
+    UNROLL_N: tl.constexpr = False,
 ):
     # Same semantics as selective_scan_fwd_kernel, other work split: a long [BLOCK_D, BLOCK_L] time tile and a loop
     # over the N states, one 2-D scan per state (mamba_ssm's order). The carried states live in a [BLOCK_D, BLOCK_N]
@@ -450,25 +508,28 @@ def selective_scan_fwd_nloop_kernel(
         b_dtu = b_dt * b_u
         b_y = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
         b_hn = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-        # B_n, C_n of the next state are loaded before the current one is used, so the loads overlap the scan
-        b_Bn = tl.load(B + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
-        b_Cn = tl.load(C + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
-        for i_n in range(N):
-            m_sel = (o_n == i_n)[None, :]  # [1, BLOCK_N]
-            m_next = m_t[None, :] & (i_n + 1 < N)
-            b_Bx = tl.load(B + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
-            b_Cx = tl.load(C + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
-            b_An = tl.load(A + o_d * N + i_n, mask=m_d, other=0.0).to(tl.float32) * LOG2E  # [BLOCK_D]
-            b_pA, b_hs = tl.associative_scan(
-                (tl.exp2(b_dt * b_An[:, None]), b_dtu * b_Bn.to(tl.float32)), axis=1, combine_fn=_scan_combine
-            )
-            b_hs += b_pA * tl.sum(tl.where(m_sel, b_h, 0.0), axis=1)[:, None]
-            b_last = tl.sum(tl.where(o_l[None, :] == BLOCK_L - 1, b_hs, 0.0), axis=1)  # [BLOCK_D]
-            b_hn = tl.where(m_sel, b_last[:, None], b_hn)
-            if USE_STATE_OFFSET:
-                b_hs += tl.load(h_off + i_b * stride_hoff_b + o_d * N + i_n, mask=m_d, other=0.0)[:, None]
-            b_y += b_hs * b_Cn.to(tl.float32)
-            b_Bn, b_Cn = b_Bx, b_Cx
+        if UNROLL_N:
+            # every state's loads and scan in one straight-line block: the compiler may interleave them
+            for i_n in tl.static_range(N):
+                b_Bn = tl.load(B + p_bc + i_n * L + o_t[None, :], mask=m_t[None, :], other=0.0)
+                b_Cn = tl.load(C + p_bc + i_n * L + o_t[None, :], mask=m_t[None, :], other=0.0)
+                b_hn, b_y = _fwd_nloop_state(
+                    i_n, b_h, b_hn, b_y, b_dt, b_dtu, b_Bn, b_Cn, A, h_off, o_d, o_n, o_l, m_d,
+                    i_b * stride_hoff_b, N, BLOCK_L, USE_STATE_OFFSET,
+                )  # fmt: skip
+        else:
+            # B_n, C_n of the next state are loaded before the current one is used, so the loads overlap the scan
+            b_Bn = tl.load(B + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
+            b_Cn = tl.load(C + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
+            for i_n in range(N):
+                m_next = m_t[None, :] & (i_n + 1 < N)
+                b_Bx = tl.load(B + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
+                b_Cx = tl.load(C + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
+                b_hn, b_y = _fwd_nloop_state(
+                    i_n, b_h, b_hn, b_y, b_dt, b_dtu, b_Bn, b_Cn, A, h_off, o_d, o_n, o_l, m_d,
+                    i_b * stride_hoff_b, N, BLOCK_L, USE_STATE_OFFSET,
+                )  # fmt: skip
+                b_Bn, b_Cn = b_Bx, b_Cx
         b_h = b_hn
         if HAS_D:
             b_y += b_D[:, None] * b_u
@@ -542,6 +603,7 @@ def selective_scan_bwd_nloop_kernel(
     USE_Y_OFFSET: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr,
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
+    UNROLL_N: tl.constexpr = False,
 ):
     # Backward of selective_scan_fwd_nloop_kernel: tiles in reverse, and per tile a loop over the N states that
     # recomputes h_n from the checkpoint and runs the adjoint λ_n as a reverse scan (formulas: selective_scan_bwd_kernel).
@@ -607,41 +669,30 @@ def selective_scan_bwd_nloop_kernel(
         b_lB = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # Σ_n λ_n B_n
         b_lhA = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # Σ_n A_n λ_n (h_n - B̄_n u)
         b_lam_new = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-        b_Bx = tl.load(B + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
-        b_Cx = tl.load(C + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
-        for i_n in range(N):
-            m_sel = (o_n == i_n)[None, :]
-            b_Bn, b_Cn = b_Bx.to(tl.float32), b_Cx.to(tl.float32)
-            # prefetch the next state's B_n, C_n (see the forward)
-            m_next = m_t[None, :] & (i_n + 1 < N)
-            b_Bx = tl.load(B + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
-            b_Cx = tl.load(C + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
-            b_An = tl.load(A + o_d * N + i_n, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
-            b_An2 = b_An * LOG2E
-            b_h = tl.load(h_ckpt + p_ck + i_t * N + i_n, mask=m_d, other=0.0)  # [BLOCK_D] state before the tile
-            # 1. recompute h_n inside the tile
-            b_dBu = b_dtu * b_Bn
-            b_pA, b_hs = tl.associative_scan((tl.exp2(b_dt * b_An2[:, None]), b_dBu), axis=1, combine_fn=_scan_combine)
-            b_hs += b_pA * b_h[:, None]
-            # 2. adjoint λ_t = Ā_{t+1} λ_{t+1} + ĝ_t C_t, carried in from the tile to the right
-            b_mu = b_g * b_Cn
-            b_pAr, b_lams = tl.associative_scan(
-                (tl.exp2(b_dtn * b_An2[:, None]), b_mu), axis=1, combine_fn=_scan_combine, reverse=True
-            )
-            b_lams += b_pAr * tl.sum(tl.where(m_sel, b_lam, 0.0), axis=1)[:, None]
-            b_first = tl.sum(tl.where(o_l[None, :] == 0, b_lams, 0.0), axis=1)
-            b_lam_new = tl.where(m_sel, b_first[:, None], b_lam_new)
-            # 3. local gradients; λ_t ⊙ Ā_t h_{t-1} = λ_t ⊙ (h_t - B̄_t u_t)
-            b_term = b_lams * (b_hs - b_dBu)
-            b_lB += b_lams * b_Bn
-            b_lhA += b_term * b_An[:, None]
-            b_dA_acc = tl.where(m_sel, b_dA_acc + tl.sum(b_term * b_dt, axis=1)[:, None], b_dA_acc)
-            if USE_STATE_OFFSET:
-                b_hs += tl.load(h_off + i_b * stride_hoff_b + o_d * N + i_n, mask=m_d, other=0.0)[:, None]
-                b_dhoff_acc = tl.where(m_sel, b_dhoff_acc + tl.sum(b_mu, axis=1)[:, None], b_dhoff_acc)
-            p_dbc = p_bc + i_n * L + o_t
-            tl.atomic_add(dB + p_dbc, tl.sum(b_lams * b_dtu, axis=0), mask=m_t, sem="relaxed")
-            tl.atomic_add(dC + p_dbc, tl.sum(b_hs * b_g, axis=0), mask=m_t, sem="relaxed")
+        p_ck_t = p_ck + i_t * N
+        if UNROLL_N:
+            for i_n in tl.static_range(N):
+                b_Bn = tl.load(B + p_bc + i_n * L + o_t[None, :], mask=m_t[None, :], other=0.0).to(tl.float32)
+                b_Cn = tl.load(C + p_bc + i_n * L + o_t[None, :], mask=m_t[None, :], other=0.0).to(tl.float32)
+                b_lB, b_lhA, b_lam_new, b_dA_acc, b_dhoff_acc = _bwd_nloop_state(
+                    i_n, b_lam, b_lam_new, b_lB, b_lhA, b_dA_acc, b_dhoff_acc, b_dt, b_dtn, b_dtu, b_g, b_Bn, b_Cn,
+                    A, h_off, h_ckpt + p_ck_t, dB, dC, p_bc, o_t, m_t, o_d, o_n, o_l, m_d, i_b * stride_hoff_b,
+                    L, N, USE_STATE_OFFSET,
+                )  # fmt: skip
+        else:
+            b_Bx = tl.load(B + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
+            b_Cx = tl.load(C + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
+            for i_n in range(N):
+                b_Bn, b_Cn = b_Bx.to(tl.float32), b_Cx.to(tl.float32)
+                # prefetch the next state's B_n, C_n (see the forward)
+                m_next = m_t[None, :] & (i_n + 1 < N)
+                b_Bx = tl.load(B + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
+                b_Cx = tl.load(C + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
+                b_lB, b_lhA, b_lam_new, b_dA_acc, b_dhoff_acc = _bwd_nloop_state(
+                    i_n, b_lam, b_lam_new, b_lB, b_lhA, b_dA_acc, b_dhoff_acc, b_dt, b_dtn, b_dtu, b_g, b_Bn, b_Cn,
+                    A, h_off, h_ckpt + p_ck_t, dB, dC, p_bc, o_t, m_t, o_d, o_n, o_l, m_d, i_b * stride_hoff_b,
+                    L, N, USE_STATE_OFFSET,
+                )  # fmt: skip
         b_lam = b_lam_new
         b_ddt = b_u * b_lB + b_lhA
         b_du = b_dt * b_lB
@@ -773,6 +824,10 @@ def _config(dim: int, dstate: int, seqlen: int = 1 << 30) -> dict[str, int]:
             "BLOCK_D_BWD": 2,
             "WARPS_FWD": warps,
             "WARPS_BWD": warps,
+            # unrolled state loops (straight-line code per state): more registers, more independent work per warp;
+            # only for small N, where the code stays small. Off until a GPU sweep says otherwise.
+            "UNROLL_FWD": int(bool(CONFIG_OVERRIDE.get("UNROLL_FWD", 0)) and block_n <= 32),
+            "UNROLL_BWD": int(bool(CONFIG_OVERRIDE.get("UNROLL_BWD", 0)) and block_n <= 32),
         }
     else:
         block_l = CONFIG_OVERRIDE.get("BLOCK_L", 16 if block_n <= 64 else 8)
@@ -788,7 +843,8 @@ def _config(dim: int, dstate: int, seqlen: int = 1 << 30) -> dict[str, int]:
             "WARPS_FWD": 2,
             "WARPS_BWD": 2,
         }
-    cfg.update({k: v for k, v in CONFIG_OVERRIDE.items() if k in cfg and k not in ("ALGO", "BLOCK_L")})
+    resolved = ("ALGO", "BLOCK_L", "UNROLL_FWD", "UNROLL_BWD")  # taken from the override above, with their limits
+    cfg.update({k: v for k, v in CONFIG_OVERRIDE.items() if k in cfg and k not in resolved})
     cfg["BLOCK_D_FWD"] = min(cap, cfg["BLOCK_D_FWD"])
     cfg["BLOCK_D_BWD"] = min(cap, cfg["BLOCK_D_BWD"])
     return cfg
@@ -837,7 +893,7 @@ def selective_scan_fwd(
         y_pre = torch.empty_like(u) if (z is not None and store_checkpoints) else None
         selective_scan_fwd_nloop_kernel[grid](
             u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, y, y_pre, ht, h_ckpt,
-            *strides, seqlen, nt, **common,
+            *strides, seqlen, nt, UNROLL_N=bool(cfg["UNROLL_FWD"]), **common,
         )  # fmt: skip
     else:
         selective_scan_fwd_kernel[grid](
@@ -893,7 +949,8 @@ def selective_scan_bwd(
         selective_scan_bwd_nloop_kernel[grid](
             u, delta, A, B, C, D, z, delta_bias, state_offset, y_offset, h_ckpt, y_pre, dy, dht,
             du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dh_off, dy_off,
-            _batch_stride(state_offset, 3), _batch_stride(y_offset, 2), seqlen, nt, **common,
+            _batch_stride(state_offset, 3), _batch_stride(y_offset, 2), seqlen, nt, UNROLL_N=bool(cfg["UNROLL_BWD"]),
+            **common,
         )  # fmt: skip
     else:
         # per-channel-block partial sums, reduced here (deterministic)
