@@ -53,10 +53,13 @@ VARIANTS = {
 # that the current fused.py does not read is reported and skipped (see override_keys).
 CONFIGS = [
     {},
+    {"UNROLL_FWD": 1},
+    {"UNROLL_FWD": 1, "UNROLL_BWD": 1},
+    {"ALGO": 1, "BLOCK_L": 256, "WARPS_FWD": 1, "WARPS_BWD": 1},
     {"ALGO": 0},
-    {"ALGO": 1, "BLOCK_L": 128, "WARPS_FWD": 1, "WARPS_BWD": 1},
-    {"ALGO": 1, "BLOCK_L": 128, "WARPS_FWD": 2, "WARPS_BWD": 2},
-    {"ALGO": 1, "BLOCK_L": 512, "WARPS_FWD": 4, "WARPS_BWD": 4},
+    # the tile kernels with one channel per program and long tiles: all N states scanned at once
+    {"ALGO": 0, "BLOCK_L": 128, "TILE_FWD": 2048, "TILE_BWD": 2048, "WARPS_FWD": 4, "WARPS_BWD": 4},
+    {"ALGO": 0, "BLOCK_L": 64, "TILE_FWD": 1024, "TILE_BWD": 1024, "WARPS_FWD": 2, "WARPS_BWD": 2},
 ]
 
 
