@@ -365,6 +365,11 @@ def fit(
     latest = ctx.broadcast(latest_checkpoint(ckpt_root) if config.resume else None)
     state = None
     if latest is not None:
+        # The settings are checked before any weight is loaded: a refused resume leaves the caller's model untouched
+        # (mmap: only the pickled settings are read here, not the optimizer's tensors).
+        saved = torch.load(Path(latest) / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+        check_resume_config(saved.get("config") or {}, config, len(dataset), latest)
+        del saved
         # Full (unsharded) weights go into the plain model before it is wrapped: any world size can resume.
         state = load_checkpoint(latest, model)
 
@@ -380,7 +385,6 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     autocast_dtype = DTYPES[config.precision]
     if state is not None:
-        check_resume_config(state.get("config") or {}, config, len(dataset), latest)
         D.load_optimizer_state(model, optimizer, state["optimizer"], strategy)
         scheduler.load_state_dict(state["scheduler"])
         if use_scaler and state.get("scaler"):

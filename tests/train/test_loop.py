@@ -157,3 +157,31 @@ def test_resume_refuses_other_settings(tmp_path):
         fit(TinyLM(), make_dataset(40), collate, config=cfg(epochs=1, save_steps=4), out_dir=tmp_path)
     # settings that do not change the trajectory may differ
     fit(TinyLM(), make_dataset(32), collate, config=cfg(epochs=1, save_steps=2, log_steps=3), out_dir=tmp_path)
+
+
+def test_refused_resume_leaves_the_model_untouched(tmp_path):
+    """The settings are checked before the checkpoint's weights are loaded: a caller that catches the error and
+    starts afresh (resume=False) must not train from the refused checkpoint's weights."""
+    torch.manual_seed(0)
+    fit(TinyLM(), make_dataset(32), collate, config=cfg(epochs=1, save_steps=4), out_dir=tmp_path)
+    model = TinyLM()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot resume"):
+        fit(model, make_dataset(32), collate, config=cfg(epochs=1, save_steps=4, lr=0.5), out_dir=tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_resume_from_a_checkpoint_without_the_training_set_size(tmp_path):
+    """Checkpoints written before the size was recorded (no `_n_train`) still resume; their settings still count."""
+    torch.manual_seed(0)
+    fit(TinyLM(), make_dataset(32), collate, config=cfg(epochs=1, save_steps=4), out_dir=tmp_path)
+    path = list_checkpoints(tmp_path / "checkpoints")[-1] / "state.pt"
+    assert path.parent.name == "step-00000004"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["_n_train"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"lr: 0\.\d+ -> 0\.5"):
+        fit(TinyLM(), make_dataset(32), collate, config=cfg(epochs=1, save_steps=4, lr=0.5), out_dir=tmp_path)
+    res = fit(TinyLM(), make_dataset(32), collate, config=cfg(epochs=1, save_steps=4), out_dir=tmp_path)
+    assert res.resumed_from == 4 and res.step == 8
