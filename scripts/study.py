@@ -12,9 +12,9 @@ mostly idle: a single process is bound by Python overhead).
 Each run goes through `ssmtune train` (validation score every epoch, best epoch kept), then the kept adapter is scored
 on the test split. Run folders live in a temporary folder and are deleted after each run. Results: one JSON line per
 finished run appended to <out>/study.jsonl (flushed at once, so a killed study keeps what finished; its first line is
-the plan), then the summary of scripts/summarize_study.py. --max-seconds: no run starts later (nor one that the
-(model, task)'s slowest run so far says would end after --hard-seconds); --hard-seconds: runs still going are
-abandoned, the summary is printed and the script exits.
+the plan; an existing file is continued only through --resume), then the summary of scripts/summarize_study.py.
+--max-seconds: no run starts later (nor one that the (model, task)'s slowest run so far says would end after
+--hard-seconds); --hard-seconds: runs still going are abandoned, the summary is printed and the script exits.
 
 Continuing a study (e.g. in the next GPU call): --resume reads earlier study.jsonl files and does not repeat their
 successful runs (same model, task, method, LR and seed; error rows are run again). Their rows are copied to the new
@@ -342,6 +342,9 @@ def main() -> None:
     path = out / "study.jsonl"
     if opts.resume and path.exists() and not any(path.samefile(f) for f in opts.resume):
         raise SystemExit(f"{path} exists and is not one of the --resume files: it would be replaced; add it to them")
+    if not opts.resume and path.exists() and path.stat().st_size > 0:
+        # appending would mix two studies in one file (a second plan line, every run counted twice in the summary)
+        raise SystemExit(f"{path} holds an earlier study: continue it with --resume {path}, or choose another --out")
     if opts.resume:  # a new file, complete on its own (it may replace one of the --resume files: write, then rename)
         tmp = path.with_suffix(".jsonl.tmp")
         with open(tmp, "w") as f:

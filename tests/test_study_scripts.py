@@ -52,6 +52,21 @@ def test_study_truncated_says_what_was_not_run(tmp_path: Path) -> None:
     assert "0 of 55 planned runs finished" in stdout and "No result for 11 of 11 cells" in stdout
 
 
+def test_study_refuses_to_append_to_an_earlier_study(tmp_path: Path) -> None:
+    """Without --resume, an existing study.jsonl is neither appended to (two plans, each run counted twice by the
+    summary, since the rows differ in their times) nor replaced."""
+    sel = ("--tasks", "wn-pos", "--models", "builtin:mamba-tiny", "--methods", "state_offset_h")
+    _study(tmp_path, *sel)
+    before = (tmp_path / "study.jsonl").read_text()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    again = subprocess.run([sys.executable, str(ROOT / "scripts/study.py"), "--out", str(tmp_path), "--fake", *sel],
+                           capture_output=True, text=True, env=env, timeout=60, check=False)  # fmt: skip
+    assert again.returncode != 0 and "holds an earlier study" in again.stderr and "--resume" in again.stderr
+    assert (tmp_path / "study.jsonl").read_text() == before
+    _, lines = _study(tmp_path, *sel, "--resume", str(tmp_path / "study.jsonl"))  # the way to continue it
+    assert [r["type"] for r in lines].count("plan") == 1 and len(lines) == 1 + 5
+
+
 def _key(r: dict) -> tuple:
     return r["model"], r["task"], r["method"], r["lr"], r["seed"]
 
