@@ -187,6 +187,50 @@ def test_rejects_large_state():
         fused.selective_scan_triton(**ins)
 
 
+def test_nloop_default_blocks_across_tiles_with_final_state_grad(monkeypatch):
+    """The default n-loop kernels at their default channel blocks (1 forward, 2 backward: odd D leaves half a block),
+    several tiles of a short BLOCK_L with a ragged last one, and a final-state gradient that λ carries across all of
+    them (the other multi-tile test has none); batch of 1, N not a power of two."""
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 4})
+    assert fused._config(3, 6, 13)["BLOCK_D_BWD"] == 2
+    check_case(1, 3, 13, 6, torch.float32, ALL, True, True, final_grad=True)
+
+
+def test_empty_sequence():
+    """L = 0: y is empty, h_L = h_0, ∂L/∂h_0 = ∂L/∂h_L, and every other gradient is zero (not left unwritten)."""
+    ins = make_inputs(2, 3, 0, 5, torch.float32, ALL, True)
+    gh = torch.randn(2, 3, 5, device=DEVICE)
+    out = run(fused.selective_scan_triton, ins, torch.randn(2, 3, 0, device=DEVICE), gh, True)
+    assert out["y"].shape == (2, 3, 0)
+    assert torch.equal(out["h_last"], ins["initial_state"].detach())
+    assert torch.equal(out["dinitial_state"], gh)
+    for name in ("dA", "dD", "ddelta_bias", "dstate_offset", "dy_offset"):
+        assert out[name].shape == ins[name[1:]].shape and not out[name].any(), name
+
+
+@pytest.mark.parametrize("with_grad", [True, False], ids=["others-need-grad", "no-grad"])
+def test_gate_without_its_gradient(with_grad):
+    """z given but not trained (the pre-gate output is then saved for the other gradients only), and z under
+    no_grad (no checkpoints, no pre-gate output)."""
+    ins = make_inputs(2, 5, 9, 3, torch.float32, ALL, True)
+    ins["z"] = ins["z"].detach()
+    gy = torch.randn(2, 5, 9, device=DEVICE)
+    if not with_grad:
+        with torch.no_grad():
+            y = fused.selective_scan_triton(**ins, delta_softplus=True)
+        assert_close("y", selective_scan_ref(**ins, delta_softplus=True), y, RATIO[torch.float32])
+        return
+    grads = {}
+    for key, fn in (("ref", selective_scan_ref), ("triton", fused.selective_scan_triton)):
+        leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in ins.items()}
+        (fn(**leaves, delta_softplus=True) * gy).sum().backward()
+        grads[key] = {k: v.grad for k, v in leaves.items()}
+    assert grads["triton"]["z"] is None
+    for name, g in grads["ref"].items():
+        if g is not None:
+            assert_close(f"d{name}", g, grads["triton"][name], RATIO[torch.float32])
+
+
 GPU_CASES = [
     ("D1536-L2064-all-shared-bf16", 2, 1536, 2064, 16, torch.bfloat16, ALL, False, True),
     ("D4096-L2064-all-rowwise-bf16", 2, 4096, 2064, 16, torch.bfloat16, ALL, True, True),
