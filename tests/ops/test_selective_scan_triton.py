@@ -250,3 +250,17 @@ GPU_CASES = [
                          [c[1:] for c in GPU_CASES], ids=[c[0] for c in GPU_CASES])  # fmt: skip
 def test_selective_scan_triton_gpu(b, d, seqlen, n, dtype, flags, per_batch, softplus):
     check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus)
+
+
+def test_backward_uses_the_forward_configuration(monkeypatch):
+    """Changing CONFIG_OVERRIDE between forward and backward must not misalign checkpoints or saved tensors."""
+    ins = make_inputs(2, 5, 13, 3, torch.float32, ALL, False)
+    gy = torch.randn(2, 5, 13, device=DEVICE)
+    ref = run(selective_scan_ref, ins, gy, None, True)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in ins.items()}
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"ALGO": 1, "BLOCK_L": 4})
+    y = fused.selective_scan_triton(**leaves, delta_softplus=True)
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"ALGO": 0, "BLOCK_L": 8})
+    (y.float() * gy).sum().backward()
+    for k, v in leaves.items():
+        assert_close(f"d{k}", ref[f"d{k}"], v.grad, RATIO[torch.float32])

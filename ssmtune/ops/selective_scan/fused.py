@@ -872,12 +872,13 @@ def selective_scan_fwd(
     y_offset: torch.Tensor | None,
     output_final_state: bool,
     store_checkpoints: bool,
+    cfg: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the forward kernel. Returns y [B, D, L], h_L [B, D, N] (fp32) or None, checkpoints [B, D, NT, N] or
     None, and the pre-gate output [B, D, L] (n-loop kernels with z and checkpoints only) or None."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    cfg = _config(dim, dstate, seqlen)
+    cfg = cfg or _config(dim, dstate, seqlen)
     nt = triton.cdiv(seqlen, cfg["BLOCK_L"])
     y = torch.empty_like(u)  # [B, D, L]
     ht = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32) if output_final_state else None
@@ -920,11 +921,13 @@ def selective_scan_bwd(
     y_offset: torch.Tensor | None,
     h_ckpt: torch.Tensor,
     y_pre: torch.Tensor | None = None,
+    cfg: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Launch the backward kernel and reduce the partial sums (over channel blocks for dB/dC, over batch otherwise)."""
+    """Launch the backward kernel and reduce the partial sums (over channel blocks for dB/dC, over batch otherwise).
+    ``cfg`` must be the forward's configuration (its checkpoints and saved tensors depend on it)."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    cfg = _config(dim, dstate, seqlen)
+    cfg = cfg or _config(dim, dstate, seqlen)
     nt = h_ckpt.shape[2]
     nblocks = triton.cdiv(dim, cfg["BLOCK_D_BWD"])
     f32 = {"device": u.device, "dtype": torch.float32}
@@ -994,9 +997,11 @@ class SelectiveScanFunction(torch.autograd.Function):
         ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
         return_final_state,
     ):  # fmt: skip
+        # the backward must use the forward's configuration even if CONFIG_OVERRIDE changes in between
+        ctx.cfg = _config(u.shape[1], A.shape[1], u.shape[2])
         y, ht, h_ckpt, y_pre = selective_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
-            output_final_state=return_final_state, store_checkpoints=True,
+            output_final_state=return_final_state, store_checkpoints=True, cfg=ctx.cfg,
         )  # fmt: skip
         ctx.save_for_backward(
             u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, h_ckpt, y_pre
@@ -1012,7 +1017,7 @@ class SelectiveScanFunction(torch.autograd.Function):
             dy = torch.zeros_like(u)
         grads = selective_scan_bwd(
             dy.contiguous(), _contig(dht), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
-            initial_state, state_offset, y_offset, h_ckpt, y_pre,
+            initial_state, state_offset, y_offset, h_ckpt, y_pre, cfg=ctx.cfg,
         )  # fmt: skip
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dh_off, dy_off = grads
         return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dh0, dh_off, dy_off, None
