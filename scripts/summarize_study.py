@@ -44,8 +44,14 @@ def load(paths: list) -> tuple[dict | None, list[dict]]:
                         plan = {**r, "cells": cells}
                     else:
                         plan["cells"] += [c for c in cells if c not in plan["cells"]]
-                elif (key := json.dumps(r, sort_keys=True)) not in seen:
-                    seen.add(key)
+                else:
+                    # a run is identified by what it trained, not by its timing: two studies resumed from one file
+                    # that both ran the same missing run must not count it twice (the first successful row wins)
+                    key = (r.get("model"), r.get("task"), r.get("method"), r.get("lr"), r.get("seed"))
+                    if key in seen and "error" not in r:
+                        continue
+                    if "error" not in r:
+                        seen.add(key)
                     rows.append(r)
     return plan, rows
 
