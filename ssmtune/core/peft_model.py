@@ -17,7 +17,7 @@ from . import inject as _inject
 from .config import AdapterConfig
 from .hooks import StateHook
 from .registry import spec_for
-from .routing import ROUTING_ATTR, RoutedLM, Routing
+from .routing import ADAPTER_ATTR, ROUTING_ATTR, RoutedLM, Routing
 
 
 def _as_list(config_or_list: AdapterConfig | Sequence[AdapterConfig]) -> list[AdapterConfig]:
@@ -27,6 +27,13 @@ def _as_list(config_or_list: AdapterConfig | Sequence[AdapterConfig]) -> list[Ad
     for c in configs:
         spec_for(c)  # validates type and registration
     return configs
+
+
+def _routes_rows(module: nn.Module) -> bool:
+    """A module that honours a ``Routing``: a state hook, or a Linear delta that adapts its own rows (unmerged)."""
+    if isinstance(module, StateHook):
+        return True
+    return getattr(module, "routes_rows", False) and not getattr(module, "merged", False)
 
 
 class PeftModel(nn.Module):
@@ -131,7 +138,7 @@ class PeftModel(nn.Module):
                     raise ValueError(f"adapter {adapter_name!r}: two methods attach the same paths {dup[:3]}")
                 for m in attached.values():
                     object.__setattr__(m, "_ssmtune_method", cfg.method)
-                    object.__setattr__(m, "_ssmtune_adapter", adapter_name)
+                    object.__setattr__(m, ADAPTER_ATTR, adapter_name)
                 modules.update(attached)
         except Exception:
             for m in modules.values():
@@ -197,16 +204,22 @@ class PeftModel(nn.Module):
     # --- per-row routing ------------------------------------------------------------------------------------------
 
     def routable(self, adapter_name: str) -> bool:
-        """True when every module of the adapter is a state hook, so its rows can share a batch with other adapters."""
-        return all(isinstance(m, StateHook) for m in self._adapters[self._one_name(adapter_name)].values())
+        """True when every module of the adapter is routed per row (state hooks, unmerged LoRA/DoRA), so its rows
+        can share a batch with rows of other adapters."""
+        return all(_routes_rows(m) for m in self._adapters[self._one_name(adapter_name)].values())
+
+    def _merged(self) -> list[str]:
+        return [n for n, mods in self._adapters.items() if any(getattr(m, "merged", False) for m in mods.values())]
 
     @contextlib.contextmanager
     def route(self, adapter_names: Sequence[str | None]) -> Iterator[Routing]:
         """Context manager: inside it, batch row b uses adapter ``adapter_names[b]`` (``None``: the base model).
 
-        State-based adapters (State-offset h/y, Initial State, Prefix) mix freely: each state hook contributes to its
-        rows only. Any other adapter (LoRA, prompt, parameter deltas, ...) changes shared weights or inputs, so it
-        may only appear in a batch whose rows all name it; otherwise ValueError names the adapters that cannot mix.
+        State-based adapters (State-offset h/y, Initial State, Prefix) and LoRA/DoRA mix freely: each state hook
+        contributes to its rows only, each LoRA delta adds its low-rank product to its rows only. Any other adapter
+        (prompt, BitFit, partial, SDLoRA, Additional-scan) changes shared weights or inputs, so it may only appear in
+        a batch whose rows all name it; otherwise ValueError names the adapters that cannot mix. So do LoRA weights
+        merged into the base Linears (``LoraDelta.merge``): they act on every row.
         """
         routing = Routing(adapter_names)
         for n in routing.adapters:
@@ -214,27 +227,34 @@ class PeftModel(nn.Module):
         if any(getattr(m, ROUTING_ATTR, None) is not None for mods in self._adapters.values() for m in mods.values()):
             raise ValueError("route(): the model is already inside a route() block")
         distinct = set(routing.names)
+        merged = self._merged()
+        if merged and len(distinct) > 1:
+            raise ValueError(
+                f"adapters {merged} have weights merged into the base model, which every row would see: unmerge "
+                f"them before mixing rows of different adapters in one batch; got adapter_names={routing.names}"
+            )
         fixed = [n for n in routing.adapters if not self.routable(n)]
         if fixed and len(distinct) > 1:
             methods = {n: sorted({c.method for c in self.peft_config[n]}) for n in fixed}
             raise ValueError(
                 f"adapters {methods} cannot be mixed with other rows in one batch: only state-based adapters "
-                f"(state_offset, initial_state, prefix) are routed per row; got adapter_names={routing.names}"
+                f"(state_offset, initial_state, prefix) and LoRA/DoRA are routed per row; got adapter_names="
+                f"{routing.names}"
             )
         flags = [(m, m.active) for mods in self._adapters.values() for m in mods.values()]
         try:
             for name, mods in self._adapters.items():
                 used = name in distinct and not self._disabled
                 for m in mods.values():
-                    # a non-state module is only used by a batch that is all its adapter (checked above)
+                    # a module that is not routed is only used by a batch that is all its adapter (checked above)
                     m.active = used
-                    if isinstance(m, StateHook):
+                    if _routes_rows(m):
                         object.__setattr__(m, ROUTING_ATTR, routing)
             yield routing
         finally:
             for m, was in flags:
                 m.active = was
-                if isinstance(m, StateHook):
+                if getattr(m, ROUTING_ATTR, None) is not None:
                     object.__setattr__(m, ROUTING_ATTR, None)
 
     # --- merging --------------------------------------------------------------------------------------------------

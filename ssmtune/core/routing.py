@@ -1,12 +1,21 @@
-"""Per-row adapters: one batch in which every row uses its own state-based adapter (or none).
+"""Per-row adapters: one batch in which every row uses its own adapter (or none).
 
-``PeftModel.route(adapter_names)`` attaches a ``Routing`` to the state hooks of every adapter; ``collect_state`` then
-calls ``routed_state`` instead of summing the hooks: each field (h0, conv0, h', y') becomes a [B, ...] tensor whose
-row b holds the contribution of the adapter named for row b, zeros for ``None`` rows. The ops take a leading batch
-axis on all four, so nothing else changes: the mixers, the kernels and the cache are the ones of a plain forward.
+``PeftModel.route(adapter_names)`` attaches a ``Routing`` to the routable modules of every adapter: the state hooks
+and the LoRA/DoRA deltas.
+
+- State hooks: ``collect_state`` calls ``routed_state`` instead of summing the hooks: each field (h0, conv0, h', y')
+  becomes a [B, ...] tensor whose row b holds the contribution of the adapter named for row b, zeros for ``None``
+  rows. The ops take a leading batch axis on all four, so the mixers, the kernels and the cache are the ones of a
+  plain forward.
+- LoRA/DoRA (``methods/lora``): each delta asks ``Routing.rows_of`` for the rows of its adapter and adapts only
+  those (its low-rank product on ``x[rows]``, copied back into ``y[rows]``); other rows keep the base output.
+
+A batch may mix both kinds and ``None``. Methods that change shared weights or inputs otherwise (BitFit, partial /
+full, SDLoRA's sparse part, Additional-scan, prompt tuning), and merged LoRA weights, are not routed per row.
 
 ``Routing.rows`` maps the rows of the current forward to the routed rows. It is ``None`` for a forward over the whole
-batch; ``RoutedLM`` sets it for the row-by-row prefill and the beam expansion of ``models.generate``.
+batch; ``RoutedLM`` sets it for the row-by-row prefill and the beam expansion of ``models.generate``, and
+``routed_state`` for the one-row pass of a Prefix adapter over its virtual tokens (``Routing.as_adapter``).
 """
 
 from __future__ import annotations
@@ -37,6 +46,9 @@ class Routing:
         slot = {n: i + 1 for i, n in enumerate(self.adapters)}
         self.slots = torch.tensor([0 if n is None else slot[n] for n in self.names], dtype=torch.long)  # [B]
         self.rows: torch.Tensor | None = None
+        self._slot = slot
+        # (adapter, batch size, device) -> rows_of's answer, valid until ``rows`` changes
+        self._rows_cache: dict[tuple[str, int, torch.device], torch.Tensor | None] = {}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -46,10 +58,16 @@ class Routing:
         """Within the block, forward row i is routed row ``rows[i]`` (e.g. one row of a row-by-row prefill)."""
         prev = self.rows
         self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        self._rows_cache = {}
         try:
             yield
         finally:
             self.rows = prev
+            self._rows_cache = {}
+
+    def as_adapter(self, adapter: str) -> contextlib.AbstractContextManager[None]:
+        """Within the block, a one-row forward is routed to ``adapter`` (a Prefix adapter's pass over its tokens)."""
+        return self.select([self.names.index(adapter)])
 
     def slot_index(self, batch_size: int) -> torch.Tensor:
         """Slot of each row of the current forward, [batch_size] (CPU)."""
@@ -60,6 +78,15 @@ class Routing:
                 f"(adapter_names={self.names if self.rows is None else [self.names[i] for i in self.rows.tolist()]})"
             )
         return idx
+
+    def rows_of(self, adapter: str, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        """Rows of the current forward routed to ``adapter``, as indices on ``device``; None when it is all of them."""
+        key = (adapter, batch_size, device)
+        if key not in self._rows_cache:
+            mine = self.slot_index(batch_size) == self._slot.get(adapter, -1)
+            # every row: the caller takes its plain path (no gather, no copy)
+            self._rows_cache[key] = None if bool(mine.all()) else mine.nonzero().squeeze(1).to(device)
+        return self._rows_cache[key]
 
 
 def _expected_shape(hook: nn.Module, field: str) -> tuple[int, ...] | None:
@@ -119,8 +146,11 @@ def routed_state(hooks: Sequence[StateHook], batch_size: int, routing: Routing, 
         else:
             continue
         if initial:
-            target.h0 = _add(target.h0, hook.initial_state(batch_size))
-            target.conv0 = _add(target.conv0, hook.initial_conv_state(batch_size))
+            # a Prefix hook runs its mixer on one row of virtual tokens: the LoRA deltas of its own adapter (only)
+            # must apply there, as when that adapter is active alone
+            with contextlib.nullcontext() if name is None else routing.as_adapter(name):
+                target.h0 = _add(target.h0, hook.initial_state(batch_size))
+                target.conv0 = _add(target.conv0, hook.initial_conv_state(batch_size))
         target.h_off = _add(target.h_off, hook.state_offset())
         target.y_off = _add(target.y_off, hook.output_offset())
         for f in _FIELDS:

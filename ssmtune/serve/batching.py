@@ -7,9 +7,9 @@ is concatenated to the running batch: an SSM's state is a fixed-size tensor per 
 and ages decode together with no padding. Each step runs one forward over all live rows, with
 ``adapter_names=[adapter of each row]`` (``PeftModel.route``); rows that finish are dropped from the cache.
 
-Rows of state-based adapters (and of no adapter) mix freely. A request for another kind of adapter (LoRA, prompt,
-parameter deltas) only joins a batch whose rows all use that same adapter; it waits otherwise, and so do the requests
-behind it (first come, first served).
+Rows of state-based adapters, of LoRA/DoRA adapters (per-row low-rank products) and of no adapter mix freely. A request
+for another kind of adapter (prompt, BitFit, partial, SDLoRA, Additional-scan) only joins a batch whose rows all use
+that same adapter; it waits otherwise, and so do the requests behind it (first come, first served).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""BatchEngine without HTTP: joining rows, batch limits, LoRA rows kept apart, failures that do not stop it."""
+"""BatchEngine without HTTP: joining rows, batch limits, LoRA rows mixed in, BitFit rows kept apart, failures that do not
+stop it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 import pytest
 import torch
 
-from ssmtune import InitialStateConfig, LoraConfig, StateOffsetConfig, get_peft_model
+from ssmtune import BitFitConfig, InitialStateConfig, LoraConfig, StateOffsetConfig, get_peft_model
 from ssmtune.models import MambaConfig, causal_lm_for
 from ssmtune.serve import BatchEngine, GenerationRequest, GenerationSettings
 
@@ -22,6 +23,8 @@ def _peft():
     peft = get_peft_model(causal_lm_for(cfg).eval(), StateOffsetConfig(), adapter_name="h")
     peft.add_adapter("h0", InitialStateConfig())
     peft.add_adapter("lora", LoraConfig(r=2, target_modules=["out_proj"]))
+    peft.add_adapter("lora2", LoraConfig(r=3, target_modules=["in_proj", "x_proj.B"], use_dora=True))
+    peft.add_adapter("bias", BitFitConfig())
     with torch.no_grad():
         for n in peft.adapter_names:
             for p in peft.adapter_state_dict(n).values():
@@ -71,9 +74,8 @@ def test_rows_join_and_match_generate_alone():
     assert engine.stats.requests == len(jobs)
 
 
-def test_lora_rows_wait_for_their_own_batch():
-    peft = _peft()
-    engine = BatchEngine(peft, eos_token_id=EOS, max_batch=8, batch_wait_s=0.05)
+def _spy_steps(engine) -> list[set]:
+    """The adapters of the live rows at every decode step."""
     seen = []
     step = engine._step
 
@@ -82,16 +84,42 @@ def test_lora_rows_wait_for_their_own_batch():
         step()
 
     engine._step = spy
+    return seen
+
+
+def test_lora_rows_share_steps_with_other_adapters():
+    peft = _peft()
+    jobs = [([1, 2], "h", 5), ([1, 2], "lora", 5), ([3], "lora2", 4), ([1, 2], None, 5), ([4, 5, 6], "lora", 3)]
+    want = []
+    for ids, adapter, n in jobs:
+        gen = peft.generate(torch.tensor([ids]), max_new_tokens=n, adapter_names=[adapter], eos_token_id=EOS)
+        want.append(gen[0, len(ids) :].tolist())
+    assert want[0] != want[1] != want[3]  # the LoRA adapter changes the tokens
+    engine = BatchEngine(peft, eos_token_id=EOS, max_batch=8, batch_wait_s=0.05)
+    seen = _spy_steps(engine)
     engine.start()
     try:
-        got = _run(engine, [([1, 2], "h", 4), ([1, 2], "lora", 4), ([3], "h0", 4), ([2], "lora", 4)])
+        got = _run(engine, jobs)
+    finally:
+        engine.stop()
+    assert [tokens for tokens, _ in got] == want
+    assert any({"h", "lora", "lora2", None} <= s for s in seen)
+
+
+def test_non_mixable_rows_wait_for_their_own_batch():
+    peft = _peft()
+    engine = BatchEngine(peft, eos_token_id=EOS, max_batch=8, batch_wait_s=0.05)
+    seen = _spy_steps(engine)
+    engine.start()
+    try:
+        got = _run(engine, [([1, 2], "h", 4), ([1, 2], "bias", 4), ([3], "lora", 4), ([2], "bias", 4)])
     finally:
         engine.stop()
     assert all(final["done"] for _, final in got)
-    # lora never shares a step with another adapter, and the h0 request behind it waited (first come, first served)
-    assert {"lora"} in seen and all(s == {"lora"} or "lora" not in s for s in seen)
-    assert {"h", "h0"} not in seen
-    ref = peft.generate(torch.tensor([[1, 2]]), max_new_tokens=4, adapter_names=["lora"], eos_token_id=EOS)
+    # bias never shares a step with another adapter, and the lora request behind it waited (first come, first served)
+    assert {"bias"} in seen and all(s == {"bias"} or "bias" not in s for s in seen)
+    assert {"h", "lora"} not in seen
+    ref = peft.generate(torch.tensor([[1, 2]]), max_new_tokens=4, adapter_names=["bias"], eos_token_id=EOS)
     assert got[1][0] == ref[0, 2:].tolist()
 
 

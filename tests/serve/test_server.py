@@ -15,7 +15,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from ssmtune import InitialStateConfig, LoraConfig, PrefixTuningConfig, StateOffsetConfig, get_peft_model
+from ssmtune import BitFitConfig, InitialStateConfig, LoraConfig, PrefixTuningConfig, StateOffsetConfig, get_peft_model
 from ssmtune.cli.args import ServeArgs
 from ssmtune.models import MambaConfig, causal_lm_for
 from ssmtune.serve.cli import build_app
@@ -29,6 +29,8 @@ ADAPTERS = {
     "h0": InitialStateConfig(conv_state=True),
     "prefix": PrefixTuningConfig(num_virtual_tokens=2),
     "lora": LoraConfig(r=2, target_modules=["out_proj"]),
+    "lora_m": LoraConfig(r=3, target_modules=["x_proj.B", "dt_proj"]),
+    "bias": BitFitConfig(),
 }
 MAX_PROMPT = 40
 MAX_NEW = 24
@@ -36,7 +38,7 @@ MAX_NEW = 24
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A tiny byte-level model and five adapters saved to disk, served through `ssmtune serve`'s app builder."""
+    """A tiny byte-level model and seven adapters saved to disk, served through `ssmtune serve`'s app builder."""
     tmp = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
     cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=264, d_state=8, dt_rank=4, pad_vocab_size_multiple=8)
@@ -54,7 +56,7 @@ def served(tmp_path_factory):
         peft = get_peft_model(copy, config, adapter_name=name)
         with torch.no_grad():
             for p in peft.adapter_state_dict(name).values():
-                p.add_(torch.randn(p.shape, generator=g) * (3.0 if name == "lora" else 0.5))
+                p.add_(torch.randn(p.shape, generator=g) * (3.0 if name.startswith("lora") else 0.5))
         peft.save_adapter(tmp / name)
         flags.append(f"{name}={tmp / name}")
     args = ServeArgs(
@@ -115,10 +117,11 @@ def test_concurrent_adapters_match_each_alone(served):
     cases = [
         ("the cat", "h"), ("a dog ran", "y"), ("x", None), ("the cat", "h0"), ("hello there", "prefix"),
         ("the cat", "y"), ("zz top", "h"), ("the cat", None), ("lorem", "lora"), ("ipsum", "lora"),
+        ("the cat", "lora_m"), ("lorem", "bias"),
     ]  # fmt: skip
     want = [_reference(engine, p, a, 16) for p, a in cases]
     # the same prompt answers differently per adapter, so routing mistakes show
-    assert len({tuple(want[i]) for i in (0, 3, 5, 7)}) == 4
+    assert len({tuple(want[i]) for i in (0, 3, 5, 7, 10)}) == 5
     before = engine.stats.steps
     bodies = [{"prompt": p, "adapter": a, "max_new_tokens": 16, "stream": i % 2 == 0} for i, (p, a) in enumerate(cases)]
     responses = asyncio.run(_post_all(url, bodies))
@@ -183,7 +186,7 @@ def test_bad_requests_get_clear_errors_and_the_server_stays_up(served):
         health = client.get("/health").json()
         assert health["status"] == "ok" and sorted(health["adapters"]) == sorted(ADAPTERS)
         listed = {a["name"]: a["mixable"] for a in client.get("/v1/adapters").json()["adapters"]}
-        assert listed == {"h": True, "y": True, "h0": True, "prefix": True, "lora": False}
+        assert listed == {"h": True, "y": True, "h0": True, "prefix": True, "lora": True, "lora_m": True, "bias": False}
         r = client.post("/v1/generate", json={"prompt": "still here", "adapter": "h0", "stream": False,
                                               "max_new_tokens": 6})  # fmt: skip
     assert r.status_code == 200

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.inject import LinearDelta, adapter_key, wrap_linear
+from ...core.routing import ADAPTER_ATTR, ROUTING_ATTR
 from ...core.targets import is_mamba2, iter_mixers
 from .config import MAMBA1_TARGETS, MAMBA2_TARGETS, LoraConfig
 
@@ -15,7 +16,11 @@ class LoraDelta(LinearDelta):
     """Low-rank delta on rows [start, stop) of a Linear: y[..., rows] += (α/r)·B A dropout(x); optional DoRA.
 
     Parameters are fp32 (``lora_A`` [r, in], ``lora_B`` [rows, r], ``magnitude`` [rows]); the forward casts them.
+    Under ``PeftModel.route`` only the batch rows routed to this delta's adapter are adapted (``core/routing.py``).
     """
+
+    # PeftModel.route may attach a Routing to it: its forward then adapts its adapter's rows only
+    routes_rows = True
 
     def __init__(
         self,
@@ -51,6 +56,18 @@ class LoraDelta(LinearDelta):
         return self.scale * (self.lora_B @ self.lora_A)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        routing = getattr(self, ROUTING_ATTR, None)
+        if routing is None:
+            return self._adapt(x, y, base)
+        rows = routing.rows_of(getattr(self, ADAPTER_ATTR), x.shape[0], x.device)  # x, y: [B, ..., features]
+        if rows is None:
+            return self._adapt(x, y, base)
+        if rows.numel() == 0:
+            return y
+        # the whole adapted rows (not only the low-rank term), so DoRA's rescaling of the base rows is routed too
+        return y.index_copy(0, rows, self._adapt(x[rows], y[rows], base))
+
+    def _adapt(self, x: torch.Tensor, y: torch.Tensor, base: nn.Linear) -> torch.Tensor:
         xd = self.dropout(x)
         lora = F.linear(F.linear(xd, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale  # [..., rows]
         start, stop = self.rows
