@@ -198,3 +198,16 @@ def test_sdlora_selects_once_and_resume_keeps_the_selection(env):
     again = load_file(str(env["runs"] / "sdl" / "final" / "adapter_model.safetensors"))
     assert all(torch.equal(again[k], final[k]) for k in final if k.endswith("index"))
     assert json.loads((env["runs"] / "sdl" / "results.json").read_text())["resumed_from"] == 2
+
+
+def test_refused_resume_keeps_config_yaml(env, capsys):
+    """Rerunning a run with another learning rate is refused before anything in the run folder is rewritten."""
+    argv = train_argv(env, "lrchange", "--train.max_steps", "3", "--eval.mode", "none")
+    assert main(argv) == 0
+    before = (env["runs"] / "lrchange" / "config.yaml").read_text()
+    capsys.readouterr()
+    changed = [a if a != "1e-2" else "5e-2" for a in argv]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "lr: 0.01 -> 0.05" in err
+    assert (env["runs"] / "lrchange" / "config.yaml").read_text() == before

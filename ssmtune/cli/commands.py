@@ -148,19 +148,23 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     from ssmtune.eval.evaluate import evaluate, load_eval_dataset
     from ssmtune.train import fit
     from ssmtune.train.distributed import atomic_write_text
+    from ssmtune.train.loop import check_resume
     from ssmtune.train.plots import plot_run
 
     validate_train_args(args)
     run_dir = Path(args.out_dir) / _run_name(args)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(args, run_dir / "config.yaml")
     task = get_task(args.data.task)
     tokenizer = load_tokenizer_for(args.tokenizer, args.model)
     examples = load_examples(args.data, "train")
     train_ds = tokenize_examples(
         examples, tokenizer, add_eos=task.add_eos, max_length=args.max_length, length_filter=args.data.length_filter
     )
+
+    if ctx.is_main:
+        # a refused resume must not leave config.yaml describing settings its checkpoints were not written with
+        check_resume(run_dir, args.train, len(train_ds))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(args, run_dir / "config.yaml")
 
     torch.manual_seed(args.train.seed)
     model = load_base_model(args.model, backend=args.backend)

@@ -138,6 +138,20 @@ def check_resume_config(saved: dict[str, Any], config: TrainConfig, n_train: int
         )
 
 
+def check_checkpoint_settings(checkpoint: str | Path, config: TrainConfig, n_train: int) -> None:
+    """``check_resume_config`` against a checkpoint folder (mmap: only the pickled settings are read, not the
+    optimizer's tensors)."""
+    saved = torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+    check_resume_config(saved.get("config") or {}, config, n_train, Path(checkpoint))
+
+
+def check_resume(out_dir: str | Path, config: TrainConfig, n_train: int) -> None:
+    """Raise now (before anything is written) if ``fit(..., out_dir=out_dir)`` would refuse to resume."""
+    latest = latest_checkpoint(Path(out_dir) / "checkpoints") if config.resume else None
+    if latest is not None:
+        check_checkpoint_settings(latest, config, n_train)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; training stopped."""
 
@@ -365,11 +379,8 @@ def fit(
     latest = ctx.broadcast(latest_checkpoint(ckpt_root) if config.resume else None)
     state = None
     if latest is not None:
-        # The settings are checked before any weight is loaded: a refused resume leaves the caller's model untouched
-        # (mmap: only the pickled settings are read here, not the optimizer's tensors).
-        saved = torch.load(Path(latest) / "state.pt", map_location="cpu", weights_only=True, mmap=True)
-        check_resume_config(saved.get("config") or {}, config, len(dataset), latest)
-        del saved
+        # The settings are checked before any weight is loaded: a refused resume leaves the caller's model untouched.
+        check_checkpoint_settings(latest, config, len(dataset))
         # Full (unsharded) weights go into the plain model before it is wrapped: any world size can resume.
         state = load_checkpoint(latest, model)
 
