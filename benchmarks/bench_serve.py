@@ -2,8 +2,9 @@
 
 Workload: ``--requests`` prompts of ``--prompt-len`` random tokens, each asking for exactly ``--new-tokens`` greedy
 tokens (no EOS, so every row does the same work); request i uses adapter i mod A, for A in ``--adapters`` (1, 4, 16).
-The adapters are State-offset h, State-offset y and Initial State in turn (all routable), with random non-zero
-tensors, on a random base model of ``--shape`` (tiny: d_model 64, 2 layers; 130m: d_model 768, 24 layers).
+The adapters cycle through ``--kinds``: ``state`` = State-offset h, State-offset y, Initial State; ``lora`` = LoRA r 8
+on in_proj + out_proj; ``mixed`` = both lists interleaved (all routable per row), with random non-zero tensors, on a
+random base model of ``--shape`` (tiny: d_model 64, 2 layers; 130m: d_model 768, 24 layers).
 
 Modes (each timed ``--repeats`` times, median reported):
 - ``engine``: ``ssmtune.serve.BatchEngine`` (what ``ssmtune serve`` runs, without HTTP): all requests submitted at
@@ -34,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssmtune import InitialStateConfig, StateOffsetConfig, get_peft_model
+from ssmtune import InitialStateConfig, LoraConfig, StateOffsetConfig, get_peft_model
 from ssmtune.models import Mamba2Config, MambaConfig, causal_lm_for
 from ssmtune.serve import BatchEngine, GenerationRequest, GenerationSettings
 
@@ -42,7 +43,13 @@ SHAPES = {
     "tiny": {"d_model": 64, "n_layer": 2, "vocab_size": 264},
     "130m": {"d_model": 768, "n_layer": 24, "vocab_size": 50280},
 }
-KINDS = [StateOffsetConfig(), StateOffsetConfig(variant="y"), InitialStateConfig()]
+STATE_KINDS = [StateOffsetConfig(), StateOffsetConfig(variant="y"), InitialStateConfig()]
+LORA_KINDS = [LoraConfig(r=8)]
+KINDS = {
+    "state": STATE_KINDS,
+    "lora": LORA_KINDS,
+    "mixed": [STATE_KINDS[0], LORA_KINDS[0], STATE_KINDS[1], LORA_KINDS[0], STATE_KINDS[2], LORA_KINDS[0]],
+}
 
 
 def build(args, n_adapters: int):
@@ -59,9 +66,10 @@ def build(args, n_adapters: int):
         for _, mixer in base.mixers():
             mixer.A_log.data = mixer.A_log.data.float()
     names = [f"a{i}" for i in range(n_adapters)]
-    peft = get_peft_model(base, KINDS[0], adapter_name=names[0])
+    kinds = KINDS[args.kinds]
+    peft = get_peft_model(base, kinds[0], adapter_name=names[0])
     for i, n in enumerate(names[1:], start=1):
-        peft.add_adapter(n, KINDS[i % len(KINDS)])
+        peft.add_adapter(n, kinds[i % len(kinds)])
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n in names:
@@ -135,6 +143,7 @@ def main() -> None:
     ap.add_argument("--arch", choices=["mamba", "mamba2"], default="mamba")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--kinds", choices=sorted(KINDS), default="state", help="which adapter methods to cycle through")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=16)

@@ -18,12 +18,15 @@
 #   train      benchmarks/bench_train_step.py, ours + HF transformers/peft            -> bench_train_step.json
 #   trainpeer  bench_train_step.py --only-stack mamba_ssm --compare bench_train_step.json
 #                                                                                     -> bench_train_step_mamba_ssm.json
+#   serve      benchmarks/bench_serve.py, 130m shape, 1/4/16 adapters (SERVE_ARGS, e.g. "--kinds mixed")
+#              (not in the default STEPS)                                            -> bench_serve.json
 # Every step runs under `timeout`, capped at CAP_<STEP> seconds (defaults below) and at what is left before
 # DEADLINE_S (555 s from the start); a step with less than MIN_STEP_S (20) left is skipped; a failing step does not
 # stop the others. Each step runs in its own process group (setsid), killed as a whole when the step ends or times
 # out, so that no orphan of one step (a compile worker, a background child) loads the CPUs during the next. All
-# output also goes to $OUT/call.log; a summary table prints last. Files in $OUT: at most 7.
-# Env: STEPS, DEADLINE_S, CAP_GPUTEST, CAP_SCAN, CAP_SSD, CAP_SCANPEER, CAP_TRAIN, CAP_TRAINPEER, BUILD_WAIT_UNTIL_S
+# output also goes to $OUT/call.log; a summary table prints last. Files in $OUT: at most 8.
+# Env: STEPS, DEADLINE_S, CAP_GPUTEST, CAP_SCAN, CAP_SSD, CAP_SCANPEER, CAP_TRAIN, CAP_TRAINPEER, CAP_SERVE,
+# BUILD_WAIT_UNTIL_S
 # (the latest elapsed second scanpeer/trainpeer wait for the build until, 330), GPU_TEST_ARGS ("tests"),
 # SCAN_ARGS, SSD_ARGS, TRAIN_ARGS, TRAINPEER_ARGS (extra arguments), MAMBA_SITE (/tmp/mamba_site), SDIST_DIR
 # (.whl/sdist), PYTHON (python3), and those of build_mamba_ssm.sh (MAMBA_BUILD_LEVELS, MAX_JOBS).
@@ -41,6 +44,7 @@ CAP_SSD=${CAP_SSD:-150}
 CAP_SCANPEER=${CAP_SCANPEER:-45}
 CAP_TRAIN=${CAP_TRAIN:-150}
 CAP_TRAINPEER=${CAP_TRAINPEER:-75}
+CAP_SERVE=${CAP_SERVE:-150}
 BUILD_WAIT_UNTIL_S=${BUILD_WAIT_UNTIL_S:-330}
 MAMBA_SITE=${MAMBA_SITE:-/tmp/mamba_site}
 SDIST_DIR=${SDIST_DIR:-.whl/sdist}
@@ -178,12 +182,17 @@ if want trainpeer; then
         record trainpeer skip 0 "build not ready"
     fi
 fi
+# 6. serving throughput (mixed-adapter batches against switching adapters per request)
+if want serve; then
+    step serve "$(grant "$CAP_SERVE")" \
+        "PYTHONPATH=. $PY benchmarks/bench_serve.py --shape 130m --requests 32 --max-batch 16 --repeats 1 --out $OUT/bench_serve.json ${SERVE_ARGS:-}"
+fi
 if [ -n "${BUILD_PID:-}" ] && kill -0 "$BUILD_PID" 2>/dev/null; then
     log "the build is still running (pid $BUILD_PID); it ends with this call. Tail of build.log:"
     tail -n 5 "$OUT/build.log"
 fi
 
-# 6. summary, last
+# 7. summary, last
 log "files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 "$PY" - "$OUT" "$SUMMARY" "$MAMBA_SITE.status" <<'PYEOF'
 import json
