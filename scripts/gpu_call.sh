@@ -20,12 +20,14 @@
 #                                                                                     -> bench_train_step_mamba_ssm.json
 #   serve      benchmarks/bench_serve.py, 130m shape, 1/4/16 adapters (SERVE_ARGS, e.g. "--kinds mixed")
 #              (not in the default STEPS)                                            -> bench_serve.json
+#   dist       torchrun bench_distributed.py for 1, 2, 4, 8 GPUs (as many as nvidia-smi lists), then --summarize
+#              (issue #8; not in the default STEPS; DIST_ARGS adds options)   -> bench_dist_N.json, bench_dist.md
 # Every step runs under `timeout`, capped at CAP_<STEP> seconds (defaults below) and at what is left before
 # DEADLINE_S (555 s from the start); a step with less than MIN_STEP_S (20) left is skipped; a failing step does not
 # stop the others. Each step runs in its own process group (setsid), killed as a whole when the step ends or times
 # out, so that no orphan of one step (a compile worker, a background child) loads the CPUs during the next. All
 # output also goes to $OUT/call.log; a summary table prints last. Files in $OUT: at most 8.
-# Env: STEPS, DEADLINE_S, CAP_GPUTEST, CAP_SCAN, CAP_SSD, CAP_SCANPEER, CAP_TRAIN, CAP_TRAINPEER, CAP_SERVE,
+# Env: STEPS, DEADLINE_S, CAP_GPUTEST, CAP_SCAN, CAP_SSD, CAP_SCANPEER, CAP_TRAIN, CAP_TRAINPEER, CAP_SERVE, CAP_DIST,
 # BUILD_WAIT_UNTIL_S
 # (the latest elapsed second scanpeer/trainpeer wait for the build until, 330), GPU_TEST_ARGS ("tests"),
 # SCAN_ARGS, SSD_ARGS, TRAIN_ARGS, TRAINPEER_ARGS (extra arguments), MAMBA_SITE (/tmp/mamba_site), SDIST_DIR
@@ -45,6 +47,7 @@ CAP_SCANPEER=${CAP_SCANPEER:-45}
 CAP_TRAIN=${CAP_TRAIN:-150}
 CAP_TRAINPEER=${CAP_TRAINPEER:-75}
 CAP_SERVE=${CAP_SERVE:-150}
+CAP_DIST=${CAP_DIST:-300}
 BUILD_WAIT_UNTIL_S=${BUILD_WAIT_UNTIL_S:-330}
 MAMBA_SITE=${MAMBA_SITE:-/tmp/mamba_site}
 SDIST_DIR=${SDIST_DIR:-.whl/sdist}
@@ -187,12 +190,24 @@ if want serve; then
     step serve "$(grant "$CAP_SERVE")" \
         "PYTHONPATH=. $PY benchmarks/bench_serve.py --shape 130m --requests 32 --max-batch 16 --repeats 1 --out $OUT/bench_serve.json ${SERVE_ARGS:-}"
 fi
+# 7. data-parallel scaling (issue #8): one torchrun per world size, weak scaling, then the table
+if want dist; then
+    ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+    [ "$ngpu" -ge 1 ] || ngpu=1
+    cmd=""
+    for n in 1 2 4 8; do
+        [ "$n" -le "$ngpu" ] || break
+        cmd+="$PY -m torch.distributed.run --standalone --nproc_per_node $n benchmarks/bench_distributed.py --steps 6 --warmup 2 --out $OUT/bench_dist_$n.json ${DIST_ARGS:-}; "
+    done
+    cmd+="$PY benchmarks/bench_distributed.py --summarize $OUT/bench_dist_*.json | tee $OUT/bench_dist.md"
+    step dist "$(grant "$CAP_DIST")" "PYTHONPATH=. $cmd"
+fi
 if [ -n "${BUILD_PID:-}" ] && kill -0 "$BUILD_PID" 2>/dev/null; then
     log "the build is still running (pid $BUILD_PID); it ends with this call. Tail of build.log:"
     tail -n 5 "$OUT/build.log"
 fi
 
-# 7. summary, last
+# 8. summary, last
 log "files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 "$PY" - "$OUT" "$SUMMARY" "$MAMBA_SITE.status" <<'PYEOF'
 import json
