@@ -6,7 +6,7 @@ Tuning h), y' output offset (State-offset Tuning y), h_0 initial state (Initial 
 
 Each op has a ``backend`` argument:
 - ``"ref"``: the sequential fp32 reference (``*/naive.py``), every flag, any device;
-- ``"torch"``: a parallel/chunked pure-PyTorch path for CPU training;
+- ``"torch"``: a pure-PyTorch path for CPU training (Mamba-1: sequential on CPU, Blelloch on CUDA; Mamba-2: chunked);
 - ``"triton"``: fused Triton kernels (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``);
 - ``"auto"``: triton on CUDA when available, else torch; it warns once when it falls back.
 """

@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan: the reference against fp64 oracles, the torch backend against the reference."""
+"""Mamba-1 selective scan: the reference against fp64 oracles, the torch backend (sequential on CPU) and the Blelloch
+scan against the reference."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ssmtune.ops import selective_scan, selective_state_update
+from ssmtune.ops.selective_scan import sequential
 from ssmtune.ops.selective_scan.naive import selective_scan_ref
-from ssmtune.ops.selective_scan.parallel import selective_scan_torch
+from ssmtune.ops.selective_scan.parallel import selective_scan_blelloch, selective_scan_torch
 from ssmtune.ops.testing import assert_close
 
 # RMS-relative error allowed against the fp32 reference; bf16 outputs and input grads are rounded to bf16 at the end
@@ -57,19 +59,67 @@ def run(fn, ins: dict, gy: torch.Tensor, gh: torch.Tensor, softplus: bool) -> di
     return {"y": y, "h_last": h_last} | {f"d{k}": v.grad for k, v in ins.items()}
 
 
+# the torch backend on CPU is the sequential scan; the Blelloch scan (the torch backend on CUDA) is tested on CPU too
+IMPLS = {"torch": selective_scan_torch, "blelloch": selective_scan_blelloch}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("per_batch", [False, True], ids=["shared", "per_batch"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_torch_matches_ref(case, per_batch, dtype):
+def test_torch_matches_ref(case, per_batch, dtype, impl):
     _, b, d, seqlen, n = case
     ins = make_inputs(b, d, seqlen, n, dtype=dtype, per_batch=per_batch)
     gy, gh = torch.randn(b, d, seqlen), torch.randn(b, d, n)
     ref = run(selective_scan_ref, ins, gy, gh, softplus=True)
-    out = run(selective_scan_torch, ins, gy, gh, softplus=True)
+    out = run(IMPLS[impl], ins, gy, gh, softplus=True)
     assert out["y"].dtype == dtype and out["h_last"].dtype == torch.float32
     assert set(out) == {"y", "h_last"} | {f"d{k}" for k in NAMES}
     for key in ref:
         assert_close(key, ref[key], out[key], RATIO[dtype])
+
+
+def test_torch_on_cpu_is_sequential(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sequential._SequentialScanFn, "apply", lambda *a: calls.append(1) or (a[0], a[0]))
+    selective_scan_torch(*(make_inputs(1, 2, 3, 2, full=False).values()))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["shared", "per_batch", "all_rows"])
+@pytest.mark.parametrize("seqlen", [1, 7, 8, 9, 19], ids=lambda s: f"L{s}")
+def test_sequential_block_boundaries(monkeypatch, seqlen, layout, dtype):
+    """Block (checkpoint) size pinned to K = 8: L = 1, K-1, K, K+1, 2K+3, with shared, mixed and all-per-row h0/h'/y'."""
+    monkeypatch.setattr(sequential, "BLOCK", 8)
+    b, d, n = 3, 10, 5
+    ins = make_inputs(b, d, seqlen, n, dtype=dtype, per_batch=layout != "shared")
+    if layout == "all_rows":
+        ins["y_offset"] = torch.randn(b, d, requires_grad=True)
+    gy, gh = torch.randn(b, d, seqlen), torch.randn(b, d, n)
+    ref = run(selective_scan_ref, ins, gy, gh, softplus=True)
+    out = run(selective_scan_torch, ins, gy, gh, softplus=True)
+    for key in ref:
+        assert out[key].dtype == ref[key].dtype, key
+        assert_close(key, ref[key], out[key], RATIO[dtype])
+
+
+@pytest.mark.parametrize("seqlen", [1, 9, 19], ids=lambda s: f"L{s}")
+def test_sequential_final_state_gradient_alone(monkeypatch, seqlen):
+    """Only the returned final state is differentiated: y gets no gradient, h_L's flows back through every step."""
+    monkeypatch.setattr(sequential, "BLOCK", 8)
+    b, d, n = 2, 6, 4
+    ins = make_inputs(b, d, seqlen, n, per_batch=True)
+    gh = torch.randn(b, d, n)
+    grads = []
+    for fn in (selective_scan_ref, selective_scan_torch):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in ins.items()}
+        _, h_last = fn(**leaves, delta_softplus=True, return_final_state=True)
+        (h_last * gh).sum().backward()
+        grads.append({k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaves.items()})
+    for key in grads[0]:
+        assert_close(f"d{key}", grads[0][key], grads[1][key], RATIO[torch.float32])
+    assert grads[1]["initial_state"].abs().max() > 0 and grads[1]["u"].abs().max() > 0
 
 
 def test_torch_matches_ref_bare_noncontiguous():
@@ -173,10 +223,12 @@ def test_gradcheck_fp64():
     ins = {k: v.detach().double().requires_grad_() for k, v in make_inputs(b, d, seqlen, n, per_batch=True).items()}
     names = list(ins)
 
-    def f(*args):
-        return selective_scan_torch(**dict(zip(names, args)), delta_softplus=True, return_final_state=True)
+    for impl in IMPLS.values():
 
-    assert torch.autograd.gradcheck(f, tuple(ins.values()))
+        def f(*args, impl=impl):
+            return impl(**dict(zip(names, args)), delta_softplus=True, return_final_state=True)
+
+        assert torch.autograd.gradcheck(f, tuple(ins.values()))
 
 
 @pytest.mark.parametrize("per_batch", [False, True], ids=["shared", "per_batch"])

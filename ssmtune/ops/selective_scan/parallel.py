@@ -1,4 +1,4 @@
-"""Mamba-1 (S6) selective scan: a parallel pure-PyTorch backend for CPU training.
+"""Mamba-1 (S6) selective scan in pure PyTorch: Blelloch scan, and `selective_scan_torch` (sequential on CPU).
 
 The recurrence h_t = Ā_t ⊙ h_{t-1} + X_t (Ā_t = exp(Δ_t A), X_t = Δ_t B_t u_t) is a composition of affine maps, so it
 is evaluated with an in-place Blelloch scan along L on [B, D, L, N] (2·log2 L sweeps, any L, no padding), as in
@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from .sequential import selective_scan_sequential
 
 
 def _level(t: torch.Tensor, stride: int, reverse: bool) -> torch.Tensor:
@@ -115,7 +117,7 @@ def _batched(t: torch.Tensor | None, batch: int, ndim: int, dtype: torch.dtype) 
     return t.unsqueeze(0).expand(batch, *t.shape) if t.dim() == ndim - 1 else t
 
 
-def selective_scan_torch(
+def selective_scan_blelloch(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
@@ -131,7 +133,7 @@ def selective_scan_torch(
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Parallel-scan twin of ``selective_scan_ref`` (same arguments, same maths).
+    """Parallel-scan twin of ``selective_scan_ref`` (same arguments, same maths); ``backend="torch"`` on CUDA.
 
     Args:
         u (torch.Tensor): shape [B, D, L]
@@ -180,3 +182,33 @@ def selective_scan_torch(
     else:
         last = torch.zeros(batch, dim, dstate, dtype=cdt, device=u.device)
     return y, last
+
+
+def selective_scan_torch(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    *,
+    initial_state: torch.Tensor | None = None,
+    state_offset: torch.Tensor | None = None,
+    y_offset: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``backend="torch"``: the one place that picks the pure-PyTorch scan (same arguments as ``selective_scan_ref``).
+
+    CPU: the sequential loop of ``sequential.py`` (one cache-resident [B, D, N] update per step) beats the Blelloch scan,
+    which materialises several [B, D, L, N] tensors per pass and is memory-bound there (docs/kernels-mamba1.md, "CPU
+    torch backend": 4-6x on the scan alone). CUDA: the Blelloch scan, whose O(log L) sweeps are parallel over L.
+    """
+    fn = selective_scan_sequential if u.device.type == "cpu" else selective_scan_blelloch
+    return fn(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+        initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
+        return_final_state=return_final_state,
+    )  # fmt: skip
