@@ -127,7 +127,9 @@ def test_export_peft_lora(tmp_path):
 
 
 def test_export_refuses_what_peft_cannot_express(tmp_path):
-    for config in (LoraConfig(target_modules=["x_proj.B"]), LoraConfig(use_dora=True), StateOffsetConfig()):
+    configs = (LoraConfig(target_modules=["x_proj.B"]), LoraConfig(use_dora=True), StateOffsetConfig(),
+               LoraConfig(target_modules=["in_proj", "out_proj"]))  # fmt: skip
+    for config in configs:
         with pytest.raises(ValueError, match="export_peft_lora"):
             get_peft_model(tiny_model("m1"), config).export_peft_lora(tmp_path)
 
@@ -143,3 +145,48 @@ def test_unknown_names_are_listed():
         get_peft_model(tiny_model("m1"), StateOffsetConfig(layers=[5]))
     with pytest.raises(ValueError, match="variant must be 'h' or 'y', got 'z'"):
         StateOffsetConfig(variant="z")
+
+
+def _hf_tiny(arch: str):
+    transformers = pytest.importorskip("transformers")
+    if arch == "m1":
+        return transformers.MambaForCausalLM(
+            transformers.MambaConfig(hidden_size=24, num_hidden_layers=2, vocab_size=72, state_size=16)
+        ).eval()
+    cfg = transformers.Mamba2Config(hidden_size=24, num_hidden_layers=2, vocab_size=72, state_size=16, head_dim=8,
+                                    num_heads=6, n_groups=2, chunk_size=8, expand=2)  # fmt: skip
+    return transformers.Mamba2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(("arch", "targets"), [("m1", ["in_proj", "x_proj"]), ("m2", ["in_proj"]), ("m1", ["dt_proj"])])
+def test_export_loads_in_real_peft(tmp_path, arch, targets):
+    """The exported adapter, loaded by Hugging Face peft onto the same transformers model, gives our logits; on
+    transformers' Mamba-1, a dt_proj LoRA has no effect (its forward reads dt_proj.weight), which export warns about."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from ssmtune.models import load_model
+
+    torch.manual_seed(0)
+    hf = _hf_tiny(arch)
+    hf.save_pretrained(tmp_path / "base")
+    ours = get_peft_model(load_model(tmp_path / "base"), LoraConfig(r=4, alpha=8, target_modules=targets))
+    perturb(ours, scale=1.0)
+    if targets == ["dt_proj"]:
+        with pytest.warns(UserWarning, match="dt_proj"):
+            ours.export_peft_lora(tmp_path / "adapter")
+    else:
+        ours.export_peft_lora(tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    ids = torch.randint(0, 72, (2, 9))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = ours(ids).logits, theirs(ids).logits
+        with ours.disable_adapters():
+            bare = ours(ids).logits
+    effect = (a - bare).abs().max().item()
+    assert effect > 1e-3, effect  # the adapter changes our output, well above the tolerances below
+    if targets == ["dt_proj"]:
+        torch.testing.assert_close(b, bare, rtol=0, atol=1e-5)
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,18 @@ def export_peft_lora(model: PeftModel, directory: str | os.PathLike, adapter_nam
     if slices or cfg.use_dora:
         raise ValueError(
             f"export_peft_lora: peft cannot express row-slice targets {slices} or DoRA (use_dora={cfg.use_dora})"
+        )
+    if "out_proj" in cfg.target_modules:
+        # peft's Mamba check rejects out_proj (and conv1d) as LoRA targets, so the file would not load there
+        raise ValueError(
+            "export_peft_lora: peft refuses LoRA on out_proj for Mamba models ('incompatible with Mamba-based "
+            f"models'); targets {cfg.target_modules}"
+        )
+    if "dt_proj" in cfg.target_modules:
+        warnings.warn(
+            "export_peft_lora: transformers' Mamba forward uses dt_proj.weight directly, so a peft LoRA on dt_proj "
+            "loads but has no effect there (tests/test_io.py checks this); ssmtune applies it",
+            stacklevel=2,
         )
     tensors = {}
     modules = set()
