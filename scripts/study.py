@@ -204,7 +204,20 @@ def fake_one(job: dict, opts: dict) -> dict:
             "test": val - 0.01}  # fmt: skip
 
 
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive the study (a killed study would leave workers training and loading the machine):
+    SIGKILL on the parent's death, however it dies (Linux prctl PR_SET_PDEATHSIG; elsewhere daemon=True only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def worker(wid: int, jobs: mp.Queue, results: mp.Queue, opts: dict) -> None:
+    _die_with_parent(opts["parent"])
     # 1-2 threads each: N workers must not oversubscribe the cores (the GPU work is tiny; Python is the bottleneck).
     os.environ["OMP_NUM_THREADS"] = str(opts["threads"])
     tokenizers: dict = {}
@@ -368,7 +381,7 @@ def main() -> None:
           f"{opts.workers} workers", flush=True)  # fmt: skip
 
     wopts = {k: getattr(opts, k) for k in ("epochs", "eval_examples", "max_examples", "batch_size", "threads", "fake",
-                                           "fake_seconds")} | {"run_dir": run_dir}  # fmt: skip
+                                           "fake_seconds")} | {"run_dir": run_dir, "parent": os.getpid()}  # fmt: skip
     os.environ["OMP_NUM_THREADS"] = str(opts.threads)  # inherited by the workers before they import torch
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
     results: mp.Queue = ctx.Queue()
