@@ -262,3 +262,37 @@ def test_continuation_from_final_state(fn):
     y2, h2 = fn(**second, delta_softplus=True, return_final_state=True)
     assert_close("y", y, torch.cat([y1, y2], dim=-1), 1e-5)
     assert_close("h_last", h_last, h2, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("trainable", "scan"),
+    [
+        (("state_offset",), False),  # State-offset tuning, frozen base, first layer: no adjoint scan
+        (("state_offset", "y_offset", "D", "z"), False),
+        (("B", "y_offset"), True),
+        (("initial_state",), True),
+        (("u",), True),
+    ],
+    ids=lambda v: "+".join(v) if isinstance(v, tuple) else ("scan" if v else "no-scan"),
+)
+def test_sequential_partial_requires_grad(monkeypatch, trainable, scan):
+    """Only some inputs need a gradient: theirs match the reference, the others get none, and the reverse scan runs
+    only when an input upstream of the recurrence needs one."""
+    monkeypatch.setattr(sequential, "BLOCK", 4)
+    calls = []
+    backward = sequential._scan_backward
+    monkeypatch.setattr(sequential, "_scan_backward", lambda *a: calls.append(1) or backward(*a))
+    b, d, seqlen, n = 2, 5, 11, 3
+    ins = {k: v.detach() for k, v in make_inputs(b, d, seqlen, n).items()}
+    gy = torch.randn(b, d, seqlen)
+    grads = []
+    for fn in (selective_scan_ref, selective_scan_torch):
+        leaves = {k: v.clone().requires_grad_(k in trainable) for k, v in ins.items()}
+        (fn(**leaves, delta_softplus=True).float() * gy).sum().backward()
+        grads.append({k: v.grad for k, v in leaves.items()})
+    assert calls == ([1] if scan else [])
+    for key in NAMES:
+        if key in trainable:
+            assert_close(f"d{key}", grads[0][key], grads[1][key], RATIO[torch.float32])
+        else:
+            assert grads[1][key] is None, key

@@ -124,10 +124,10 @@ class _SequentialScanFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy, gh):
         u, delta, A, B, C, D, z, delta_bias, h0, h_off, y_off, ckpts, y_pre = ctx.saved_tensors
+        need = ctx.needs_input_grad
         batch, dim, seqlen = u.shape
         cdt = torch.promote_types(u.dtype, torch.float32)
-        raw, dt = _delta(delta, delta_bias, ctx.softplus, cdt)
-        uf, Af, Bf, Cf = u.to(cdt), A.to(cdt), B.to(cdt), C.to(cdt)
+        uf = u.to(cdt)
         # gate: ĝ = g·silu(z) is the gradient at the pre-gate output ŷ; dz = g·ŷ·silu'(z)
         gz = None
         if gy is None:
@@ -137,68 +137,80 @@ class _SequentialScanFn(torch.autograd.Function):
             if z is not None:
                 zf = z.to(cdt)
                 sig = torch.sigmoid(zf)
-                gz = g * y_pre * (sig * (1 + zf * (1 - sig)))
+                if need[6]:
+                    gz = g * y_pre * (sig * (1 + zf * (1 - sig)))
                 g = g * zf * sig
-        dt_t = dt.permute(2, 0, 1).contiguous()  # [L, B, D]
-        du_t = (dt * uf).permute(2, 0, 1).contiguous()
-        g_t = g.permute(2, 0, 1).contiguous()
-        Bt = Bf.permute(2, 0, 1).contiguous()  # [L, B, N]
-        Ct = Cf.permute(2, 0, 1).contiguous()
-        sLB = uf.new_empty(seqlen, batch, dim)  # Σ_n λ B
-        sAw = uf.new_empty(seqlen, batch, dim)  # Σ_n A λ ⊙ Ā h_{t-1}
-        dB_t = uf.new_empty(seqlen, batch, A.shape[1])
-        dC_t = uf.new_empty(seqlen, batch, A.shape[1])
-        dA_acc = Af.new_zeros(Af.shape)
-        # carry = Ā_{t+1} ⊙ λ_{t+1} entering step t; at t = L it is ∂L/∂h_L
-        carry = gh.to(cdt) if gh is not None else ckpts.new_zeros(batch, dim, A.shape[1])
-        for j in reversed(range(ckpts.shape[0])):
-            t0, t1 = j * ctx.block, min((j + 1) * ctx.block, seqlen)
-            dA, H = _block_terms(dt_t, du_t, Bt, Af, t0, t1)
-            _run_block(dA, H, ckpts[j])
-            lam = g_t[t0:t1, :, :, None] * Ct[t0:t1, :, None, :]  # ĝ_t C_t, becomes λ in place
-            lam[-1].add_(carry)
-            for k in range(t1 - t0 - 2, -1, -1):
-                lam[k].addcmul_(dA[k + 1], lam[k + 1])
-            carry = dA[0] * lam[0]
-            torch.matmul(lam, Bt[t0:t1, :, :, None], out=sLB[t0:t1, :, :, None])
-            torch.matmul(du_t[t0:t1, :, None, :], lam, out=dB_t[t0:t1, :, None, :])
-            torch.matmul(g_t[t0:t1, :, None, :], H, out=dC_t[t0:t1, :, None, :])
-            # w_t = λ_t ⊙ Ā_t ⊙ h_{t-1}, the gradient through Ā_t (h_0 is the checkpoint)
-            w = dA.mul_(lam)
-            w[1:].mul_(H[:-1])
-            w[0].mul_(ckpts[j])
-            torch.sum(w * Af, -1, out=sAw[t0:t1])
-            dA_acc += w.mul_(dt_t[t0:t1, :, :, None]).sum((0, 1))  # a leading-dim reduction, no permuted copy
-        sLB, sAw = sLB.permute(1, 2, 0), sAw.permute(1, 2, 0)  # [B, D, L]
-        grad_u = dt * sLB
-        if D is not None:
-            grad_u = grad_u + g * D.to(cdt)[None, :, None]
-        grad_dt = uf * sLB + sAw
-        if ctx.softplus:
-            grad_dt = grad_dt * torch.sigmoid(raw)
-        grad_B = dB_t.permute(1, 2, 0)
-        grad_C = dC_t.permute(1, 2, 0)
-        grad_hoff = None
-        if h_off is not None:
-            eq = "dn,bdl->bnl" if h_off.dim() == 2 else "bdn,bdl->bnl"
-            grad_C = grad_C + torch.einsum(eq, h_off.to(cdt), g)
-            grad_hoff = _reduce(torch.einsum("bdl,bnl->bdn", g, Cf), h_off)
-        grad_D = (g * uf).sum((0, 2)).to(D.dtype) if D is not None else None
-        grad_bias = grad_dt.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
-        return (
-            grad_u.to(u.dtype),
-            grad_dt.to(delta.dtype),
-            dA_acc.to(A.dtype),
-            grad_B.to(B.dtype),
-            grad_C.to(C.dtype),
-            grad_D,
-            gz.to(z.dtype) if gz is not None else None,
-            grad_bias,
-            _reduce(carry, h0),
-            grad_hoff,
-            _reduce(g.sum(-1), y_off),
-            None,
-        )
+        grads: list[torch.Tensor | None] = [None] * 12
+        # the reverse scan serves u, Δ, A, B, C, the Δ bias and h0 only: h', y', D and z need just ĝ (State-offset
+        # tuning of a frozen base: the first layer's scan needs no adjoint at all)
+        if any(need[i] for i in (0, 1, 2, 3, 4, 7, 8)):
+            scan = _scan_backward(ctx, u, delta, A, B, C, D, delta_bias, h0, h_off, ckpts, g, gh)
+            grads[0:5], grads[7], grads[8] = scan
+        if h_off is not None and need[9]:
+            grads[9] = _reduce(torch.einsum("bdl,bnl->bdn", g, C.to(cdt)), h_off)
+        if D is not None and need[5]:
+            grads[5] = (g * uf).sum((0, 2)).to(D.dtype)
+        if gz is not None:
+            grads[6] = gz.to(z.dtype)
+        if y_off is not None and need[10]:
+            grads[10] = _reduce(g.sum(-1), y_off)
+        return tuple(gr if n else None for gr, n in zip(grads, need))
+
+
+def _scan_backward(ctx, u, delta, A, B, C, D, delta_bias, h0, h_off, ckpts, g, gh):
+    """Gradients of u, Δ, A, B, C, the Δ bias and h0 from ĝ (the pre-gate output's gradient) and ∂L/∂h_L."""
+    batch, dim, seqlen = u.shape
+    cdt = g.dtype
+    raw, dt = _delta(delta, delta_bias, ctx.softplus, cdt)
+    uf, Af, Bf, Cf = u.to(cdt), A.to(cdt), B.to(cdt), C.to(cdt)
+    dt_t = dt.permute(2, 0, 1).contiguous()  # [L, B, D]
+    du_t = (dt * uf).permute(2, 0, 1).contiguous()
+    g_t = g.permute(2, 0, 1).contiguous()
+    Bt = Bf.permute(2, 0, 1).contiguous()  # [L, B, N]
+    Ct = Cf.permute(2, 0, 1).contiguous()
+    sLB = uf.new_empty(seqlen, batch, dim)  # Σ_n λ B
+    sAw = uf.new_empty(seqlen, batch, dim)  # Σ_n A λ ⊙ Ā h_{t-1}
+    dB_t = uf.new_empty(seqlen, batch, A.shape[1])
+    dC_t = uf.new_empty(seqlen, batch, A.shape[1])
+    dA_acc = Af.new_zeros(Af.shape)
+    # carry = Ā_{t+1} ⊙ λ_{t+1} entering step t; at t = L it is ∂L/∂h_L
+    carry = gh.to(cdt) if gh is not None else ckpts.new_zeros(batch, dim, A.shape[1])
+    for j in reversed(range(ckpts.shape[0])):
+        t0, t1 = j * ctx.block, min((j + 1) * ctx.block, seqlen)
+        dA, H = _block_terms(dt_t, du_t, Bt, Af, t0, t1)
+        _run_block(dA, H, ckpts[j])
+        lam = g_t[t0:t1, :, :, None] * Ct[t0:t1, :, None, :]  # ĝ_t C_t, becomes λ in place
+        lam[-1].add_(carry)
+        for k in range(t1 - t0 - 2, -1, -1):
+            lam[k].addcmul_(dA[k + 1], lam[k + 1])
+        carry = dA[0] * lam[0]
+        torch.matmul(lam, Bt[t0:t1, :, :, None], out=sLB[t0:t1, :, :, None])
+        torch.matmul(du_t[t0:t1, :, None, :], lam, out=dB_t[t0:t1, :, None, :])
+        torch.matmul(g_t[t0:t1, :, None, :], H, out=dC_t[t0:t1, :, None, :])
+        # w_t = λ_t ⊙ Ā_t ⊙ h_{t-1}, the gradient through Ā_t (h_0 is the checkpoint)
+        w = dA.mul_(lam)
+        w[1:].mul_(H[:-1])
+        w[0].mul_(ckpts[j])
+        torch.sum(w * Af, -1, out=sAw[t0:t1])
+        dA_acc += w.mul_(dt_t[t0:t1, :, :, None]).sum((0, 1))  # a leading-dim reduction, no permuted copy
+    sLB, sAw = sLB.permute(1, 2, 0), sAw.permute(1, 2, 0)  # [B, D, L]
+    grad_u = dt * sLB
+    if D is not None:
+        grad_u = grad_u + g * D.to(cdt)[None, :, None]
+    grad_dt = uf * sLB + sAw
+    if ctx.softplus:
+        grad_dt = grad_dt * torch.sigmoid(raw)
+    grad_C = dC_t.permute(1, 2, 0)
+    if h_off is not None:
+        eq = "dn,bdl->bnl" if h_off.dim() == 2 else "bdn,bdl->bnl"
+        grad_C = grad_C + torch.einsum(eq, h_off.to(cdt), g)
+    grad_bias = grad_dt.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+    return (
+        (grad_u.to(u.dtype), grad_dt.to(delta.dtype), dA_acc.to(A.dtype), dB_t.permute(1, 2, 0).to(B.dtype),
+         grad_C.to(C.dtype)),
+        grad_bias,
+        _reduce(carry, h0),
+    )  # fmt: skip
 
 
 def selective_scan_sequential(
