@@ -19,11 +19,15 @@ import torch
 import torch.nn.functional as F
 
 
-def _batched(t: torch.Tensor | None, batch: int, ndim: int) -> torch.Tensor | None:
-    """Broadcast a shared tensor of ``ndim - 1`` dims to a leading batch axis."""
+def _batched(
+    t: torch.Tensor | None, batch: int, ndim: int, dtype: torch.dtype | None = torch.float32
+) -> torch.Tensor | None:
+    """Broadcast a shared tensor of ``ndim - 1`` dims to a leading batch axis (a view; autograd sums it back), cast to
+    ``dtype`` (None: kept). Shared by the reference and the pure-PyTorch backends."""
     if t is None:
         return None
-    t = t.float()
+    if dtype is not None:
+        t = t.to(dtype)
     return t.unsqueeze(0).expand(batch, *t.shape) if t.dim() == ndim - 1 else t
 
 

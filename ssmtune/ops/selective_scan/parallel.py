@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .naive import _batched
 from .sequential import selective_scan_sequential
 
 
@@ -107,14 +108,6 @@ class _ScanFn(torch.autograd.Function):
         if h0 is not None and ctx.needs_input_grad[3]:
             grad_h0 = dA[:, :, 0] * lam[:, :, 0] if seqlen > 0 else grad_h.new_zeros(h0.shape)
         return grad_delta, grad_A, lam, grad_h0
-
-
-def _batched(t: torch.Tensor | None, batch: int, ndim: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """Broadcast a shared tensor of ``ndim - 1`` dims to a leading batch axis (a view; autograd sums it back)."""
-    if t is None:
-        return None
-    t = t.to(dtype)
-    return t.unsqueeze(0).expand(batch, *t.shape) if t.dim() == ndim - 1 else t
 
 
 def selective_scan_blelloch(

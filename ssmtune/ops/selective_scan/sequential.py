@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .naive import _batched
+
 # Steps per block (= checkpoint interval). None picks the power of two in [4, 64] whose [K, B, D, N] block is about
 # BLOCK_BYTES: block tensors stay in L2/L3 while the per-block batched ops still amortise their launch cost (measured
 # at B 16 / 4 / 1, D 512, N 16: 8, 16-32 and 32-64 steps were best). Tests set BLOCK to pin the block boundaries.
@@ -33,13 +35,6 @@ def _block_size(step_bytes: int) -> int:
     while k < 64 and 2 * k * step_bytes <= BLOCK_BYTES:
         k *= 2
     return k
-
-
-def _expand(t: torch.Tensor | None, batch: int, ndim: int) -> torch.Tensor | None:
-    """A shared tensor of ``ndim - 1`` dims as a batch-expanded view."""
-    if t is None or t.dim() == ndim:
-        return t
-    return t.unsqueeze(0).expand(batch, *t.shape)
 
 
 def _reduce(grad: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -90,7 +85,7 @@ class _SequentialScanFn(torch.autograd.Function):
         Ct = C.to(cdt).permute(2, 0, 1).contiguous()  # [L, B, N]
         h = torch.zeros(batch, dim, A.shape[1], dtype=cdt, device=u.device)
         if h0 is not None:
-            h.copy_(_expand(h0, batch, 3))
+            h.copy_(_batched(h0, batch, 3, dtype=None))
         ctx.block = K = _block_size(h.numel() * h.element_size())
         nblocks = -(-seqlen // K)
         ckpts = h.new_empty(nblocks, *h.shape)  # state before each block
