@@ -11,16 +11,18 @@ CPU smoke test (Triton interpreter, one tiny shape, wall-clock timings that mean
 
 Shapes: B 8, P 64, N 128, bf16, chunk 256, L in {2048, 8192} x H in {24, 64} x G in {1, 8}. Every case runs with
 D [H], z, dt_bias and dt_softplus as in a Mamba-2 block; h0 / h' / y' are shared over the batch ([H, ...]).
-Variants: ours, ours+h0, ours+h'+y' (dh' as one GEMM after the serial loop, h' pre-cast for the dots) and
-ours+h'+y' old (the previous path, selected through ``fused.CONFIG_OVERRIDE``: dh' accumulated in the serial reverse
-chunk loop, h' loaded in fp32); peers mamba_ssm+h0 (``mamba_chunk_scan_combined`` from the pure wheel, when
+Variants: ours, ours+h0, ours+h'+y' (default path: dh' as one GEMM after the serial loop, h' pre-cast for the dots),
+and through ``fused.CONFIG_OVERRIDE`` (``ALT_PATHS``) ours+h'+y' inloop (dh' accumulated in the serial reverse chunk
+loop, no separate pass over ĝ and C) and ours+h'+y' stream (the dh' GEMM on a side stream); peers mamba_ssm+h0 (``mamba_chunk_scan_combined`` from the pure wheel, when
 importable), torch+h0 (ssmtune's ``ssd_scan_torch``) and hf-torch+h0 (transformers' ``mamba2_chunk_scan`` torch path,
 gate applied outside, when the installed transformers has it); the two torch peers only at L = 2048 (slow, memory).
 
 Order: pass 1 runs ours on every shape, pass 2 the peers, so a run cut short has ours everywhere. Each variant prints
 its row when measured (first call timed as ``warm_s``, one ``do_bench`` median, peak allocated memory of one fwd+bwd
 above the inputs) and the JSON is rewritten; a second round per shape, interleaved over its variants, keeps the best
-median. Per shape, the gradients of the new and old h' paths are compared (``checks``).
+median. Per shape, the gradients of the ALT_PATHS against the default h' path are compared (``checks``); on the
+first shape a torch.profiler pass records each kernel's device time for ours / ours+h'+y' / inloop
+(``meta.kernel_profile``, printed as a table), which shows which kernels the h' + y' overhead sits in.
 
 Compilation is most of the cost (each shape has its own constexprs; mamba_ssm autotunes ~140 configs, compiled
 serially on its first call). ``Prewarm`` compiles in parallel subprocesses while pass 1 runs: one job per shape for
@@ -86,8 +88,11 @@ SHAPE_LHG = [
 ]
 SHAPES = [(8, L, H, 64, 128, G) for L, H, G in SHAPE_LHG]
 TINY_SHAPES = [(1, 40, 4, 8, 16, 2)]
-OLD_PATH = {"DH_OFF_IN_LOOP": 1, "H_OFF_FP32": 1}
-NEW_NAME, OLD_NAME = "ours+h'+y'", "ours+h'+y' old"
+NEW_NAME = "ours+h'+y'"
+# other h' paths (fused.CONFIG_OVERRIDE), each timed as its own variant and its gradients checked against NEW_NAME's:
+# dh' in the serial state-gradient loop (bf16 h'), and the dh' GEMM on a side stream
+ALT_PATHS = {"ours+h'+y' inloop": {"DH_OFF_IN_LOOP": 1}, "ours+h'+y' stream": {"DH_OFF_STREAM": 1}}
+PROFILED = ("ours", NEW_NAME, "ours+h'+y' inloop")  # per-kernel device times on the first shape
 TORCH_PEER_MAX_L = 2048
 
 
@@ -143,7 +148,9 @@ def ours_variants(t, chunk_size: int) -> dict:
         "ours": (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, **common), {}),
         "ours+h0": (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, initial_state=t["h0"], **common), {}),
         NEW_NAME: (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, **offsets, **common), {}),
-        OLD_NAME: (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, **offsets, **common), OLD_PATH),
+    } | {
+        name: (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, **offsets, **common), cfg)
+        for name, cfg in ALT_PATHS.items()
     }
 
 
@@ -219,8 +226,8 @@ def deadline(t_end: float):
 class Case:
     """One shape's inputs and the fwd / fwd+bwd closures of its variants, timed one variant at a time."""
 
-    def __init__(self, t: dict, cuda: bool, rep: int):
-        self.t, self.cuda, self.rep = t, cuda, rep
+    def __init__(self, t: dict, cuda: bool, rep: int, chunk_size: int = 256):
+        self.t, self.cuda, self.rep, self.chunk_size = t, cuda, rep, chunk_size
         self.leaves = list(t.values())
         self.dy = torch.randn_like(t["x"])
         self.bench = _timer(cuda)
@@ -267,23 +274,60 @@ class Case:
 
 
 def check_paths(t, chunk_size: int) -> dict:
-    """Gradients of the new h' path against the old one (same inputs): RMS of the difference over RMS of the old."""
+    """Gradients of each ALT_PATHS path against the default one (same inputs): RMS of the difference over RMS."""
     leaves = list(t.values())
     dy = torch.randn_like(t["x"])
     common = {"D": t["D"], "z": t["z"], "dt_bias": t["dt_bias"], "dt_softplus": True}
-    grads = []
-    for cfg in ({}, OLD_PATH):
+    grads = {}
+    for name, cfg in {NEW_NAME: {}, **ALT_PATHS}.items():
         with override(cfg):
             y = fused.ssd_scan_triton(
                 t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=chunk_size, state_offset=t["h_off"],
                 y_offset=t["y_off"], **common,
             )  # fmt: skip
-        grads.append(torch.autograd.grad(y, leaves, dy, allow_unused=True))
+        grads[name] = torch.autograd.grad(y, leaves, dy, allow_unused=True)
     out = {}
-    for name, new, old in zip(t, *grads):
-        if new is not None and old is not None:
-            out[name] = ((new.float() - old.float()).norm() / old.float().norm().clamp_min(1e-30)).item()
+    for path in ALT_PATHS:
+        out[path] = {}
+        for name, ref, alt in zip(t, grads[NEW_NAME], grads[path]):
+            if ref is not None and alt is not None:
+                out[path][name] = ((alt.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
     return out
+
+
+def kernel_profile(case: Case, names: tuple, iters: int = 3) -> dict:
+    """Device time per fwd+bwd (us) of each CUDA kernel, per variant: where the h' + y' overhead goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    variants = ours_variants(case.t, case.chunk_size)
+    out = {}
+    for name in names:
+        fwd_bwd = case.closures(*variants[name])[1]
+        fwd_bwd()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fwd_bwd()
+            torch.cuda.synchronize()
+        times = {}
+        for ev in prof.key_averages():
+            us = getattr(ev, "device_time_total", None)
+            if us is None:
+                us = getattr(ev, "cuda_time_total", 0.0)
+            if us > 0:  # torch's kernel names share long prefixes: sum those that the cut makes equal
+                times[ev.key[:60]] = times.get(ev.key[:60], 0.0) + us / iters
+        out[name] = {k: round(v, 1) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+    return out
+
+
+def print_profile(prof: dict) -> None:
+    base = prof.get("ours", {})
+    cols = list(prof)
+    print("\nper-kernel device us per fwd+bwd (" + " | ".join(cols) + "):")
+    keys = sorted({k for v in prof.values() for k in v}, key=lambda k: -max(v.get(k, 0.0) for v in prof.values()))
+    for k in keys:
+        vals = " | ".join(f"{prof[c].get(k, 0.0):9.1f}" for c in cols)
+        print(f"  {k:<60} {vals}   (+{max(v.get(k, 0.0) for v in prof.values()) - base.get(k, 0.0):.1f})")
 
 
 class Prewarm:
@@ -388,21 +432,21 @@ def print_table(meta: dict, rows: list[dict], notes: list[str]) -> None:
     print(f"\n{json.dumps(meta)}")
     for note in dict.fromkeys(notes):
         print(f"note: {note}")
-    print(f"{'shape':<22}{'impl':<16}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak GiB':>10}{'vs ours':>9}{'vs mamba':>10}")
+    print(f"{'shape':<22}{'impl':<19}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak GiB':>10}{'vs ours':>9}{'vs mamba':>10}")
     for r in rows:
         shape = f"L={r['L']} H={r['H']} G={r['G']}"
         if "error" in r:
-            print(f"{shape:<22}{r['impl']:<16}  {r['error'][:80]}")
+            print(f"{shape:<22}{r['impl']:<19}  {r['error'][:80]}")
             continue
         same = [q for q in rows if (q["L"], q["H"], q["G"]) == (r["L"], r["H"], r["G"]) and "fwd_bwd_ms" in q]
         ref = {q["impl"]: q["fwd_bwd_ms"] for q in same}
         vs_ours = r["fwd_bwd_ms"] / ref["ours"] if "ours" in ref else float("nan")
         vs_mamba = r["fwd_bwd_ms"] / ref["mamba_ssm+h0"] if "mamba_ssm+h0" in ref else float("nan")
         print(
-            f"{shape:<22}{r['impl']:<16}{r['fwd_ms']:>9.3f}{r['fwd_bwd_ms']:>12.3f}{r['peak_gib']:>10.2f}"
+            f"{shape:<22}{r['impl']:<19}{r['fwd_ms']:>9.3f}{r['fwd_bwd_ms']:>12.3f}{r['peak_gib']:>10.2f}"
             f"{vs_ours:>9.2f}{vs_mamba:>10.2f}"
         )
-    print("\nh'+y' overhead (fwd+bwd / bare; target <= 1.05), new path vs old:")
+    print("\nh'+y' overhead (fwd+bwd / bare; target <= 1.05), default path vs the ALT_PATHS:")
     seen = []
     for r in rows:
         key = (r["L"], r["H"], r["G"])
@@ -416,9 +460,10 @@ def print_table(meta: dict, rows: list[dict], notes: list[str]) -> None:
         def ratio(name, col, ref=ref):
             return f"{ref[name][col] / ref['ours'][col]:.3f}" if name in ref else "  -  "
 
+        alts = " ".join(f"{n.split()[-1]} {ratio(n, 'fwd_bwd_ms')}" for n in ALT_PATHS)
         print(
-            f"  L={key[0]} H={key[1]} G={key[2]}: fwd+bwd new {ratio(NEW_NAME, 'fwd_bwd_ms')}"
-            f" old {ratio(OLD_NAME, 'fwd_bwd_ms')} | fwd new {ratio(NEW_NAME, 'fwd_ms')} old {ratio(OLD_NAME, 'fwd_ms')}"
+            f"  L={key[0]} H={key[1]} G={key[2]}: fwd+bwd default {ratio(NEW_NAME, 'fwd_bwd_ms')} {alts}"
+            f" | fwd default {ratio(NEW_NAME, 'fwd_ms')}"
         )
 
 
@@ -426,7 +471,7 @@ def print_table(meta: dict, rows: list[dict], notes: list[str]) -> None:
 # a variant starts only when its estimate fits in what is left of --budget-s. "cold": its compilations not prewarmed
 # (ours: ~10 kernels per variant at ~1-2 s each; mamba_ssm: ~140 autotune configs compiled serially).
 EST_S = {"ours": 3.0, "ours_cold": 25.0, "retime": 1.0, "mamba_first": 25.0, "mamba": 4.0, "mamba_cold": 150.0}
-EST_S |= {"torch": 8.0}
+EST_S |= {"torch": 8.0, "profile": 6.0}
 
 
 def main() -> None:
@@ -557,7 +602,7 @@ def main() -> None:
         b, seqlen, h, p, n, g = shape
         if cuda:
             torch.cuda.empty_cache()
-        return Case(make(b, seqlen, h, p, n, g, dtype, "cuda" if cuda else "cpu"), cuda, args.rep_ms)
+        return Case(make(b, seqlen, h, p, n, g, dtype, "cuda" if cuda else "cpu"), cuda, args.rep_ms, args.chunk_size)
 
     # pass 1: ours on every shape, each shape as soon as its prewarm job is done
     for i, shape in enumerate(shapes):
@@ -577,7 +622,7 @@ def main() -> None:
                         "L": shape[1],
                         "H": shape[2],
                         "G": shape[5],
-                        "rel_rms_new_vs_old": check_paths(case.t, args.chunk_size),
+                        "rel_rms_vs_default": check_paths(case.t, args.chunk_size),
                     }
                 checks.append(chk)
                 print(json.dumps(chk), flush=True)
@@ -585,6 +630,15 @@ def main() -> None:
             except Exception as e:
                 if not out_of_time(e):
                     raise
+        if cuda and i == 0 and done and fits(EST_S["profile"], "kernel profile"):
+            try:
+                with deadline(t_end):
+                    meta["kernel_profile"] = {f"L={shape[1]} H={shape[2]} G={shape[5]}": kernel_profile(case, PROFILED)}
+                print_profile(next(iter(meta["kernel_profile"].values())))
+                save()
+            except Exception as e:  # noqa: BLE001 - the profile is extra information: note why, go on
+                why = "budget ran out" if out_of_time(e) else f"{type(e).__name__}: {str(e)[:120]}"
+                notes.append(f"kernel profile not recorded: {why}")
         del case
     meta["pass1_s"] = round(time.time() - t_start, 1)
     print(f"pass 1 (ours) done at {meta['pass1_s']} s", flush=True)
@@ -625,8 +679,10 @@ def main() -> None:
         more_rounds(case, done)
         del case
     save()
-    worst = max((v for c in checks for v in c["rel_rms_new_vs_old"].values()), default=float("nan"))
-    notes.append(f"new vs old h' path, worst gradient rel. RMS difference over shapes and inputs: {worst:.2e}")
+    worst = max(
+        (v for c in checks for per in c["rel_rms_vs_default"].values() for v in per.values()), default=float("nan")
+    )
+    notes.append(f"h' paths vs the default, worst gradient rel. RMS difference over shapes and inputs: {worst:.2e}")
     print_table(meta, rows, notes)
 
 

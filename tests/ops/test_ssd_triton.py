@@ -154,19 +154,37 @@ def test_state_offset_grad_gemm(split, dtype, monkeypatch):
     assert_close("dh_off", ref, out, 1e-5 if DEVICE == "cpu" else RATIO_GPU[dtype])
 
 
-OFFSET_PATHS = {"gemm": {}, "gemm-split2": {"DH_OFF_SPLIT": 2}, "in-loop": {"DH_OFF_IN_LOOP": 1, "H_OFF_FP32": 1}}
+OFFSET_PATHS = {
+    "gemm": {},
+    "gemm-split2": {"DH_OFF_SPLIT": 2},
+    "in-loop": {"DH_OFF_IN_LOOP": 1, "H_OFF_FP32": 1},
+    "in-loop-cast": {"DH_OFF_IN_LOOP": 1},
+    # on CUDA the GEMM (and its split partial sum) runs on a side stream; on CPU the flag is ignored
+    "stream-split2": {"DH_OFF_STREAM": 1, "DH_OFF_SPLIT": 2},
+}
 
 
 @pytest.mark.parametrize("path", list(OFFSET_PATHS))
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "rowwise"])
 def test_ssd_scan_triton_state_offset_paths(path, per_row, monkeypatch):
-    """Both dh' paths (GEMM after the serial loop, the previous in-loop one) at odd P, N, H/G, against the reference."""
+    """Every dh' path (GEMM after the serial loop, in the serial loop, side stream) at odd P, N, H/G, against the
+    reference."""
     for k, v in OFFSET_PATHS[path].items():
         monkeypatch.setitem(fused.CONFIG_OVERRIDE, k, v)
     flags = frozenset({"D", "z", "dt_bias", "state_offset", "y_offset"})
     seqlen = 150 if "split" in path else 45
     inputs = make_inputs(2, seqlen, 6, 12, 20, 3, torch.float32, flags, per_row)
     check(inputs, softplus=True, chunk_size=16, ratio=RATIO_CPU[torch.float32] if DEVICE == "cpu" else 5e-3)
+
+
+def test_side_stream_only_on_cuda_when_asked():
+    assert fused._side_stream(torch.device("cpu"), {"DH_OFF_STREAM": 1}) is None
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        assert fused._side_stream(dev, {}) is None
+        side = fused._side_stream(dev, {"DH_OFF_STREAM": 1})
+        assert side is not None and side != torch.cuda.current_stream(dev)
+        assert fused._side_stream(dev, {"DH_OFF_STREAM": 1}) is side  # one per device, reused
 
 
 def test_ssd_scan_triton_offsets_change_output():
@@ -253,3 +271,13 @@ GPU_CASES = [(seqlen, g, dtype) for seqlen, g in ((2048 + 16, 1), (1031, 8)) for
 def test_ssd_scan_triton_gpu(seqlen, g, dtype):
     inputs = make_inputs(2, seqlen, 24, 64, 128, g, dtype, ALL, per_row=g == 8)
     check(inputs, softplus=True, chunk_size=256, ratio=RATIO_GPU[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "rowwise"])
+def test_ssd_scan_triton_gpu_dh_off_stream(per_row, monkeypatch):
+    """The dh' GEMM on a side stream (DH_OFF_STREAM) at a benchmark-sized shape, against the reference."""
+    monkeypatch.setitem(fused.CONFIG_OVERRIDE, "DH_OFF_STREAM", 1)
+    inputs = make_inputs(2, 2048 + 16, 24, 64, 128, 1, torch.bfloat16, ALL, per_row=per_row)
+    check(inputs, softplus=True, chunk_size=256, ratio=RATIO_GPU[torch.bfloat16])

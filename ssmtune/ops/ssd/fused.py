@@ -27,6 +27,8 @@ _MIN_BLOCK = 16
 #   "DH_OFF_IN_LOOP": 1  accumulate dh' inside the serial reverse chunk loop (the previous path) instead of the GEMM
 #   "H_OFF_FP32": 1      pass h' to the scan kernels in fp32 (previous path) instead of pre-cast to the activation dtype
 #   "DH_OFF_SPLIT": S    split L into S ranges for the dh' GEMM (partials summed in torch); default from the SM count
+#   "DH_OFF_STREAM": 1   CUDA only: run the dh' GEMM on a side stream, concurrent with the serial state-gradient
+#                        kernel and the dx/dC kernels (it depends on none of them); off by default until measured
 CONFIG_OVERRIDE: dict[str, int] = {}
 # The CPU interpreter's bf16 tl.dot returns garbage (numpy has no bf16), so interpreted dots run in fp32.
 _DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
@@ -763,6 +765,19 @@ def _state_offset_grad(
     return part[0] if split == 1 else part.sum(0)
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device, cfg: dict[str, int]) -> torch.cuda.Stream | None:
+    """The per-device side stream for the dh' GEMM when ``DH_OFF_STREAM`` is set and ``device`` is CUDA, else None."""
+    if device.type != "cuda" or not cfg.get("DH_OFF_STREAM"):
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
 def _h_off_for_dots(h_off: torch.Tensor | None, C: torch.Tensor, cfg: dict[str, int]) -> torch.Tensor | None:
     # the kernels round h' to C's dtype before their dots anyway: cast once here, so each tile loads half the bytes
     if h_off is None or cfg.get("H_OFF_FP32"):
@@ -831,8 +846,19 @@ def _ssd_bwd(
         dy, C, a_cs, states, dht, dstates, dh0, dh_off, dlast, T,
         H=H, G=G, P=P, N=N, TP=TP, NC=NC, CHUNK=chunk_size, BK=blk["BK"], BP=BP, BN=BN,
     )  # fmt: skip
+    side = None
     if h_off is not None and not dh_in_loop:
-        dh_off = _state_offset_grad(dy, C, H, cfg)  # 1b
+        # 1b. launched after the serial kernel, so that kernel's programs are scheduled first; with DH_OFF_STREAM the
+        # GEMM runs on a side stream (fork after ĝ exists, join below before dh' is read), next to steps 1 and 2
+        side = _side_stream(x.device, cfg)
+        if side is None:
+            dh_off = _state_offset_grad(dy, C, H, cfg)
+        else:
+            main = torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                dh_off = _state_offset_grad(dy, C, H, cfg)
+            dh_off.record_stream(main)  # allocated on the side stream, read and freed on the main one
     h_off_k = _h_off_for_dots(h_off, C, cfg)
     # 2. key side (dx, dB) and query side (dC); programs loop over HPP heads of one group
     HPP = _heads_per_program(H, G)
@@ -869,6 +895,9 @@ def _ssd_bwd(
     ssd_chunk_scan_bwd_dc_kernel[grid](
         x, B, C, dt_p, a_cs, dy, states, h_off_k, dC, da_q, _batch_stride(h_off, 4), T, num_warps=8, **common
     )
+    if side is not None:
+        # join: dy and C (read by the GEMM) stay referenced until here, so the main stream cannot reuse them early
+        torch.cuda.current_stream(x.device).wait_stream(side)
     # 3. ∂a → ∂Δ, ∂A through the chunk cumsum, then through softplus and dt_bias
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(batch, NC, H, device=x.device, dtype=torch.float32)
