@@ -16,6 +16,13 @@ the plan; an existing file is continued only through --resume), then the summary
 --max-seconds: no run starts later (nor one that the (model, task)'s slowest run so far says would end after
 --hard-seconds); --hard-seconds: runs still going are abandoned, the summary is printed and the script exits.
 
+GPU memory: the workers share one GPU, and 12 long-sequence runs at ~6 GiB each overran an 80 GiB H100 (39 runs lost
+to out-of-memory errors in the session-3 call). So each worker reports its run's peak (reserved) memory and returns
+its cache after every run; a run starts only if the peaks of the running runs plus its own (the largest seen for its
+(model, task), or --probe-gib until one of its runs has ended) fit in --gpu-mem-gib (default: the GPU's memory less
+1 GiB per worker for the CUDA contexts); a run that still fails with an out-of-memory error is queued again (twice at
+most) instead of being recorded as a failure.
+
 Continuing a study (e.g. in the next GPU call): --resume reads earlier study.jsonl files and does not repeat their
 successful runs (same model, task, method, LR and seed; error rows are run again). Their rows are copied to the new
 <out>/study.jsonl, whose plan covers their cells too, so that file alone is the whole study so far. Phase 1 runs only
@@ -34,6 +41,7 @@ whose phase 1 an earlier file completed. The settings that change results (--epo
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import multiprocessing as mp
@@ -199,6 +207,8 @@ def fake_one(job: dict, opts: dict) -> dict:
     val = 0.3 + 0.4 * h - 0.05 * abs(math.log(job["scale"])) + noise
     if job["method"] == "bitfit" and job["scale"] > 1:
         raise FloatingPointError("made-up divergence")  # exercises error rows
+    if job["method"] == opts["fake_oom"] and job["scale"] < 1 and not job.get("tries"):
+        raise RuntimeError("CUDA out of memory (made up)")  # exercises the retry of out-of-memory runs
     epochs = opts["epochs"] or TASKS.get(job["task"], {}).get("epochs", 3)
     return {"trainable": 1000 + int(h * 1e5), "total": 10**6, "epochs": epochs, "steps": 1, "val": val,
             "test": val - 0.01}  # fmt: skip
@@ -225,17 +235,26 @@ def worker(wid: int, jobs: mp.Queue, results: mp.Queue, opts: dict) -> None:
         import torch
 
         torch.set_num_threads(opts["threads"])
+        cuda = torch.cuda.is_available()
         import ssmtune.train.plots
 
         # train() draws two PNGs per run with matplotlib; the study never looks at them, and they cost ~1 s a run.
         ssmtune.train.plots.plot_run = lambda run_dir: []
     while (job := jobs.get()) is not None:
         t0 = time.perf_counter()
+        if not opts["fake"] and cuda:
+            torch.cuda.reset_peak_memory_stats()
         try:
             row = fake_one(job, opts) if opts["fake"] else run_one(job, opts, tokenizers)
         except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
             row = {"error": repr(e)[:300]}
         row["seconds"] = round(time.perf_counter() - t0, 2)
+        if opts["fake"]:
+            row["peak_gib"] = opts["fake_peak_gib"]
+        elif cuda:
+            row["peak_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+            gc.collect()
+            torch.cuda.empty_cache()  # the next run may be smaller: give the cache back to the other workers
         results.put((wid, job["id"], row))
 
 
@@ -257,6 +276,10 @@ class Study:
         self.rows: list[dict] = []
         self.reused = 0  # runs of this plan found done in the --resume files
         self.next_id = 0
+        self.peak_gib: dict[tuple, float] = {}  # (model, task) -> the largest peak GPU memory of its runs so far
+        for r in done:
+            self.note_peak(r)
+        self.most_gib = 0.0  # the most memory the running runs were planned to take at once (printed at the end)
         for cell in cells:
             lr0 = METHODS[cell[2]][2]
             for i, s in enumerate(self.scales):
@@ -267,6 +290,16 @@ class Study:
                     self.add(cell, 1, i, lr0 * s, s, self.seeds[0])
             if len(self.phase1[cell]) == len(self.scales):  # phase 1 done in an earlier file: phase 2 can start
                 self.queue_phase2(cell)
+
+    def note_peak(self, row: dict) -> None:
+        if (gib := row.get("peak_gib")) is not None:
+            key = (row["model"], row["task"])
+            self.peak_gib[key] = max(self.peak_gib.get(key, 0.0), gib)
+
+    def requeue(self, job: dict) -> None:
+        """An out-of-memory run goes back to the ready list (it lost a race for memory; it is not a failure)."""
+        self.ready.append({**job, "tries": job.get("tries", 0) + 1})
+        self.ready.sort(key=lambda j: j["prio"])
 
     def add(self, cell: tuple, phase: int, index: int, lr: float, scale: float, seed: int) -> None:
         model, task, method = cell
@@ -296,12 +329,23 @@ class Study:
         if len(self.phase1[cell]) == len(self.scales):
             self.queue_phase2(cell)
 
-    def take(self, elapsed: float, slowest: dict) -> dict | None:
-        """The first ready run that is expected to end before the hard deadline (slowest finished run of its kind)."""
+    def take(self, elapsed: float, slowest: dict, running: list[dict]) -> dict | None:
+        """The first ready run that is expected to end before the hard deadline (slowest finished run of its kind)
+        and to fit in GPU memory beside the running ones (see the module docstring)."""
+
+        def need(key: tuple) -> float:  # a (model, task) not seen yet is assumed to need --probe-gib
+            return self.peak_gib.get(key, self.opts.probe_gib)
+
+        used = sum(need((j["model"], j["task"])) for j in running)
         for job in self.ready:
-            if elapsed + 1.1 * slowest.get((job["model"], job["task"]), 0.0) < self.opts.hard_seconds:
-                self.ready.remove(job)
-                return job
+            key = (job["model"], job["task"])
+            if elapsed + 1.1 * slowest.get(key, 0.0) >= self.opts.hard_seconds:
+                continue
+            if running and used + need(key) > self.opts.gpu_mem_gib:  # (alone, a run always starts)
+                continue
+            self.ready.remove(job)
+            self.most_gib = max(self.most_gib, used + need(key))
+            return job
         return None
 
 
@@ -328,7 +372,26 @@ def main() -> None:
     ap.add_argument("--hard-seconds", type=float, default=None, help="abandon running runs (default: max + 60)")
     ap.add_argument("--fake", action="store_true", help="made-up results, no training (tests the scheduler)")
     ap.add_argument("--fake-seconds", type=float, default=0.05)
+    ap.add_argument("--fake-peak-gib", type=float, default=1.0, help="--fake: the peak GPU memory each run reports")
+    ap.add_argument("--fake-oom", default=None, metavar="METHOD", help="--fake: its first run at a scale < 1 runs out "
+                    "of memory")  # fmt: skip
+    ap.add_argument(
+        "--probe-gib",
+        type=float,
+        default=8.0,
+        help="the GPU memory assumed for a (model, task) until one of its runs reports its peak",
+    )
+    ap.add_argument("--gpu-mem-gib", type=float, default=None,
+                    help="GPU memory the running runs' peaks may add up to (default: the GPU's less 1 GiB per worker; "
+                    "unlimited without a GPU)")  # fmt: skip
     opts = ap.parse_args()
+    if opts.gpu_mem_gib is None:
+        opts.gpu_mem_gib = float("inf")
+        if not opts.fake:
+            import torch
+
+            if torch.cuda.is_available():
+                opts.gpu_mem_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 - opts.workers
     start = time.perf_counter()
     if opts.hard_seconds is None:
         opts.hard_seconds = opts.max_seconds + 60
@@ -381,7 +444,7 @@ def main() -> None:
           f"{opts.workers} workers", flush=True)  # fmt: skip
 
     wopts = {k: getattr(opts, k) for k in ("epochs", "eval_examples", "max_examples", "batch_size", "threads", "fake",
-                                           "fake_seconds")} | {"run_dir": run_dir, "parent": os.getpid()}  # fmt: skip
+                                           "fake_seconds", "fake_peak_gib", "fake_oom")} | {"run_dir": run_dir, "parent": os.getpid()}  # fmt: skip
     os.environ["OMP_NUM_THREADS"] = str(opts.threads)  # inherited by the workers before they import torch
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
     results: mp.Queue = ctx.Queue()
@@ -419,7 +482,8 @@ def main() -> None:
             break
         if elapsed < opts.max_seconds:
             for wid in [w for w in workers if w not in busy]:
-                if started == opts.max_runs or (job := study.take(elapsed, slowest)) is None:
+                running = [j for j, _ in busy.values()]
+                if started == opts.max_runs or (job := study.take(elapsed, slowest, running)) is None:
                     break
                 workers[wid][1].put({k: v for k, v in job.items() if k != "prio"})
                 busy[wid] = (job, time.perf_counter())
@@ -436,6 +500,13 @@ def main() -> None:
                     spawn(wid)
             continue
         job, _ = busy.pop(wid)
+        study.note_peak(job | row)
+        if "out of memory" in row.get("error", "").lower() and job.get("tries", 0) < 2:
+            print(f"out of memory: {job['model']} {job['task']} {job['method']} lr={job['lr']:g} seed={job['seed']} "
+                  "queued again", flush=True)  # fmt: skip
+            study.requeue(job)
+            started -= 1
+            continue
         if "error" not in row:  # the run's own time (a worker's start-up is paid once, not per run)
             key = (job["model"], job["task"])
             slowest[key] = max(slowest.get(key, 0.0), row["seconds"])
@@ -453,7 +524,8 @@ def main() -> None:
     if not opts.run_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
     print(f"\n{study.reused + len(study.rows)} of {planned} planned runs finished ({len(study.rows)} in "
-          f"{time.perf_counter() - start:.0f} s, {study.reused} earlier)\n", flush=True)  # fmt: skip
+          f"{time.perf_counter() - start:.0f} s, {study.reused} earlier); most GPU memory planned at once: "
+          f"{study.most_gib:.1f} GiB of {opts.gpu_mem_gib:.1f}\n", flush=True)  # fmt: skip
     plan, rows = summarize_study.load([out / "study.jsonl"])
     print(summarize_study.table(summarize_study.summarize(rows), plan), flush=True)
 

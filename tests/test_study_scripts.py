@@ -67,6 +67,22 @@ def test_study_refuses_to_append_to_an_earlier_study(tmp_path: Path) -> None:
     assert [r["type"] for r in lines].count("plan") == 1 and len(lines) == 1 + 5
 
 
+def test_study_fits_runs_in_gpu_memory_and_retries_out_of_memory(tmp_path: Path) -> None:
+    """Runs start only while their peaks (--probe-gib until a run of the kind has ended) fit in --gpu-mem-gib; a run
+    that fails with out-of-memory is queued again, not recorded as a failure."""
+    sel = ("--tasks", "wn-pos", "--models", "builtin:mamba-tiny", "--methods", "prompt,full", "--seeds", "0",
+           "--workers", "3", "--fake-peak-gib", "3", "--fake-oom", "prompt")  # fmt: skip
+    stdout, lines = _study(tmp_path / "a", *sel, "--gpu-mem-gib", "5")
+    rows = lines[1:]
+    assert len(rows) == 6 and not any("error" in r for r in rows) and {r["peak_gib"] for r in rows} == {3.0}
+    assert "most GPU memory planned at once: 8.0 GiB of 5.0" in stdout  # the probe alone, then one at a time
+    assert stdout.count("out of memory: builtin:mamba-tiny wn-pos prompt") == 1 and "queued again" in stdout
+    stdout, _ = _study(tmp_path / "b", *sel, "--gpu-mem-gib", "7", "--probe-gib", "1")
+    assert (
+        "most GPU memory planned at once: 6.0 GiB of 7.0" in stdout
+    )  # 1-GiB probes, then two known 3-GiB runs at once
+
+
 def _key(r: dict) -> tuple:
     return r["model"], r["task"], r["method"], r["lr"], r["seed"]
 
@@ -120,7 +136,7 @@ def test_resume_reads_the_gpu_study_file(monkeypatch: pytest.MonkeyPatch) -> Non
     # its plan predates the settings field: the defaults of then are assumed; its rows say how many epochs they ran
     gpu = [ROOT / "docs/img/study-gpu.jsonl"]
     plans, done = study.read_resume(gpu, dict(study.OLD_DEFAULTS), {})
-    assert len(plans) == 1 and len(done) == 124
+    assert len(plans) == 1 and len(done) == 232
     with pytest.raises(SystemExit, match="fake=False, this study fake=True"):
         study.read_resume(gpu, {**study.OLD_DEFAULTS, "fake": True}, {})
     monkeypatch.setitem(study.TASKS, "wn-pos", {"epochs": 2, "eval_examples": None})
