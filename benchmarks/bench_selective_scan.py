@@ -3,7 +3,7 @@
 Run on the GPU machine:  PYTHONPATH=. python3 benchmarks/bench_selective_scan.py --out results.json
 Times are triton.testing.do_bench medians (ms). Bandwidth fractions use the minimum bytes an op must move (inputs read
 once, outputs written once) against the device-to-device copy bandwidth measured in the same run.
-Every tile configuration is checked against the fp32 reference before it is timed.
+Every launch configuration is checked against the fp32 reference before it is timed.
 
 mamba_ssm's CUDA ``selective_scan_fn`` is timed live at the same shapes when it imports (its compiled extension on
 PYTHONPATH, e.g. ``PYTHONPATH=/tmp/mamba_site:.`` after ``benchmarks/build_mamba_ssm.sh``); otherwise the "peer" rows
@@ -14,10 +14,8 @@ compare against constants measured in another run (ECOSYSTEM.md §9) and say so.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -48,18 +46,19 @@ VARIANTS = {
     "peer": ("D", "z", "delta_bias"),
     "all": ("D", "z", "delta_bias", "initial_state", "state_offset", "y_offset"),
 }
-# tile configurations tried at the first D (CONFIG_OVERRIDE of fused.py); the first is the default. The main table
-# uses the one with the fastest forward + backward. ``--configs`` replaces this list; a configuration naming a key
-# that the current fused.py does not read is reported and skipped (see override_keys).
+# launch configurations tried at the first D (CONFIG_OVERRIDE of fused.py); the first is the default (BLOCK_L 128,
+# BLOCK_D 1 forward / 2 backward, one warp each). The main table uses the one with the fastest forward + backward.
+# ``--configs`` replaces this list; a configuration naming a key that fused.py does not accept is reported and skipped.
+# Forward and backward are launched separately, so one entry varies a knob of each (the JSON's best_fwd_config /
+# best_bwd_config pick per direction), and a kernel already compiled by an earlier entry is reused: each entry costs
+# about two new compiles per direction it changes.
 CONFIGS = [
     {},
-    {"UNROLL_FWD": 1},
-    {"UNROLL_FWD": 1, "UNROLL_BWD": 1},
-    {"ALGO": 1, "BLOCK_L": 256, "WARPS_FWD": 1, "WARPS_BWD": 1},
-    {"ALGO": 0},
-    # the tile kernels with one channel per program and long tiles: all N states scanned at once
-    {"ALGO": 0, "BLOCK_L": 128, "TILE_FWD": 2048, "TILE_BWD": 2048, "WARPS_FWD": 4, "WARPS_BWD": 4},
-    {"ALGO": 0, "BLOCK_L": 64, "TILE_FWD": 1024, "TILE_BWD": 1024, "WARPS_FWD": 2, "WARPS_BWD": 2},
+    {"BLOCK_L": 64},
+    {"BLOCK_D_FWD": 2, "BLOCK_D_BWD": 1},
+    {"BLOCK_D_FWD": 2, "BLOCK_D_BWD": 4},
+    {"WARPS_FWD": 2, "WARPS_BWD": 2},
+    {"BLOCK_D_FWD": 2, "BLOCK_D_BWD": 4, "WARPS_FWD": 2, "WARPS_BWD": 2},
 ]
 
 
@@ -140,18 +139,9 @@ def check(fn, flags=VARIANTS["all"], state_grad: bool = True) -> float:
     return max(rel_err(r, o) for r, o in zip(*res))
 
 
-def override_keys(dim: int, dstate: int) -> set[str]:
-    """CONFIG_OVERRIDE keys the current fused.py reads: those of ``_config``'s result (it applies any of them) and
-    any ``CONFIG_OVERRIDE.get("KEY"`` / ``CONFIG_OVERRIDE["KEY"]`` in its source. Read, not hard-coded, because the
-    kernels and their configuration change independently of this script."""
-    keys = set(fused._config(dim, dstate))
-    try:
-        src = inspect.getsource(fused)
-    except (OSError, TypeError):
-        return keys
-    keys |= set(re.findall(r"CONFIG_OVERRIDE\.get\(\s*[\"'](\w+)[\"']", src))
-    keys |= set(re.findall(r"CONFIG_OVERRIDE\[\s*[\"'](\w+)[\"']\s*\]", src))
-    return keys
+def override_keys() -> set[str]:
+    """CONFIG_OVERRIDE keys that fused.py accepts (``_config`` raises ValueError on any other)."""
+    return set(fused.CONFIG_KEYS)
 
 
 def load_mamba_ssm():
@@ -249,7 +239,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--dstate", type=int, default=16)
     parser.add_argument("--dims", type=int, nargs="+", default=[1536, 4096, 5120])
-    parser.add_argument("--no-sweep", action="store_true", help="skip the tile-configuration sweep")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
     parser.add_argument("--configs", type=_json_arg, default=None,
                         help="sweep configurations (CONFIG_OVERRIDE dicts), a JSON list inline or @file")  # fmt: skip
     parser.add_argument("--override", type=_json_arg, default=None,
@@ -287,7 +277,7 @@ def main() -> None:
     if peer_only and peer_fn is None:
         save()
         raise SystemExit("--only mamba_ssm: mamba_ssm's selective_scan_fn does not import (see above)")
-    known = override_keys(args.dims[0], n)
+    known = override_keys()
     report["override_keys"] = sorted(known)
     main_json = json.loads(args.main_json.read_text()) if args.main_json and args.main_json.exists() else None
     override = args.override
@@ -296,7 +286,7 @@ def main() -> None:
     if override is not None:
         unknown = sorted(set(override) - known)
         if unknown:
-            print(f"override keys not read by fused.py, dropped: {unknown}")
+            print(f"override keys not accepted by fused.py, dropped: {unknown}")
         fused.CONFIG_OVERRIDE = {k: v for k, v in override.items() if k in known}
         args.no_sweep = True
 
@@ -313,7 +303,7 @@ def main() -> None:
         print(f"mamba_ssm vs fp32 reference (peer flags, fp32): max rel err {report['mamba_ssm_check_err']:.1e}")
     save()
 
-    # 1. tile configuration sweep at the smallest D (peer variant); each configuration is verified first
+    # 1. launch configuration sweep at the smallest D (peer variant); each configuration is verified first
     sweep = []
     if not args.no_sweep and not peer_only:
         d = args.dims[0]
@@ -321,7 +311,7 @@ def main() -> None:
             row = {"config": cfg}
             unknown = sorted(set(cfg) - known)
             if unknown:
-                row["skipped"] = f"keys not read by fused.py: {unknown}"
+                row["skipped"] = f"keys not accepted by fused.py: {unknown}"
                 sweep.append(row)
                 continue
             fused.CONFIG_OVERRIDE = dict(cfg)

@@ -21,7 +21,7 @@ from ssmtune.ops.selective_scan import fused
 from ssmtune.ops.selective_scan.naive import selective_scan_ref, selective_state_update_ref
 from ssmtune.ops.testing import assert_close
 
-if not torch.cuda.is_available() and "Interpreted" not in type(fused.selective_scan_fwd_kernel.fn).__name__:
+if not torch.cuda.is_available() and "Interpreted" not in type(fused.selective_scan_fwd_nloop_kernel.fn).__name__:
     # another module imported the kernels before TRITON_INTERPRET was set
     fused = importlib.reload(fused)
 
@@ -116,19 +116,26 @@ def test_selective_scan_triton(b, d, seqlen, n, dtype, flags, per_batch, softplu
     check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus)
 
 
-@pytest.mark.parametrize(("algo", "unroll"), [(0, 0), (1, 0), (1, 1)], ids=["tile", "nloop", "nloop-unrolled"])
-def test_multiple_channel_blocks_and_tiles(monkeypatch, algo, unroll):
-    """Several channel blocks (dB/dC summed over them) and short tiles (many checkpoints), no final-state gradient."""
-    cfg = {"ALGO": algo, "BLOCK_L": 4, "BLOCK_D_FWD": 2, "BLOCK_D_BWD": 4, "UNROLL_FWD": unroll, "UNROLL_BWD": unroll}
+@pytest.mark.parametrize(("block_d_fwd", "block_d_bwd", "warps"), [(1, 1, 1), (2, 4, 1), (4, 2, 2)],
+                         ids=["blockd-1-1", "blockd-2-4", "blockd-4-2-warps2"])  # fmt: skip
+def test_multiple_channel_blocks_and_tiles(monkeypatch, block_d_fwd, block_d_bwd, warps):
+    """Channel blocks of 1, 2 and 4 in each direction (D = 7 leaves a ragged last block; dB/dC summed over the
+    blocks) and short tiles (4 tiles of BLOCK_L 4 over L = 13: many checkpoints), no final-state gradient."""
+    cfg = {"BLOCK_L": 4, "BLOCK_D_FWD": block_d_fwd, "BLOCK_D_BWD": block_d_bwd, "WARPS_FWD": warps, "WARPS_BWD": warps}
     monkeypatch.setattr(fused, "CONFIG_OVERRIDE", cfg)
+    assert {k: fused._config(7, 5, 13)[k] for k in cfg} == cfg
     check_case(2, 7, 13, 5, torch.float32, ALL, True, True, final_grad=False)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=[CASES[1][0], CASES[3][0]])
-def test_tile_kernels(monkeypatch, case):
-    """The tile kernels (ALGO 0), kept selectable beside the default n-loop kernels."""
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"ALGO": 0})
-    check_case(*case[1:])
+@pytest.mark.parametrize("key", ["ALGO", "UNROLL_FWD", "TILE_BWD", "BLOCK_N"])
+def test_unknown_override_key_is_rejected(monkeypatch, key):
+    """Keys of removed code paths (the tile kernels' ALGO / TILE_*, UNROLL_*) or of derived values fail loudly."""
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 4, key: 1})
+    with pytest.raises(ValueError, match=rf"unknown key\(s\) \['{key}'\]; allowed keys: BLOCK_L, BLOCK_D_FWD"):
+        fused._config(5, 3, 13)
+    ins = make_inputs(1, 5, 13, 3, torch.float32, frozenset(), False)
+    with pytest.raises(ValueError, match=key):
+        fused.selective_scan_triton(**ins)
 
 
 def test_dispatcher_and_no_grad():
@@ -258,9 +265,10 @@ def test_backward_uses_the_forward_configuration(monkeypatch):
     gy = torch.randn(2, 5, 13, device=DEVICE)
     ref = run(selective_scan_ref, ins, gy, None, True)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in ins.items()}
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"ALGO": 1, "BLOCK_L": 4})
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 4, "BLOCK_D_BWD": 1})
     y = fused.selective_scan_triton(**leaves, delta_softplus=True)
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"ALGO": 0, "BLOCK_L": 8})
+    # another tile length (other checkpoint positions) and channel block for the backward: both must be ignored
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 8, "BLOCK_D_BWD": 4})
     (y.float() * gy).sum().backward()
     for k, v in leaves.items():
         assert_close(f"d{k}", ref[f"d{k}"], v.grad, RATIO[torch.float32])
