@@ -221,7 +221,9 @@ def _die_with_parent(parent: int) -> None:
         import ctypes
         import signal
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG
+            print(f"study worker: prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()}); it may outlive the "
+                  "study if that is killed", file=sys.stderr, flush=True)  # fmt: skip
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
@@ -474,6 +476,13 @@ def main() -> None:
     while True:
         elapsed = time.perf_counter() - start
         if elapsed > opts.hard_seconds:
+            while busy:  # results already sent are kept: only runs still going are abandoned
+                try:
+                    wid, _, row = results.get(timeout=0.2)
+                except queue.Empty:
+                    break
+                if wid in busy:
+                    finish(busy.pop(wid)[0], row)
             for wid, (job, _) in busy.items():
                 print(f"hard deadline: abandoning {job['model']} {job['task']} {job['method']} "
                       f"lr={job['lr']:g} seed={job['seed']}", flush=True)  # fmt: skip
