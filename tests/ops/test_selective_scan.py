@@ -104,6 +104,24 @@ def test_sequential_block_boundaries(monkeypatch, seqlen, layout, dtype):
         assert_close(key, ref[key], out[key], RATIO[dtype])
 
 
+def test_sequential_inference_keeps_no_checkpoints(monkeypatch):
+    """Under no_grad the forward allocates no block checkpoints (the backward's) and gives the same y and h_L."""
+    monkeypatch.setattr(sequential, "BLOCK", 4)
+    ins = make_inputs(2, 6, 19, 4, per_batch=True)
+    ref_y, ref_h = selective_scan_ref(**ins, delta_softplus=True, return_final_state=True)
+    shapes = []
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *s, **k: shapes.append(s) or new_empty(t, *s, **k))
+    with torch.no_grad():
+        y, h = selective_scan_torch(**ins, delta_softplus=True, return_final_state=True)
+    assert (5, 2, 6, 4) not in shapes, shapes  # [nblocks, B, D, N] checkpoints: not allocated
+    assert_close("y", ref_y, y, RATIO[torch.float32])
+    assert_close("h", ref_h, h, RATIO[torch.float32])
+    shapes.clear()
+    selective_scan_torch(**ins, delta_softplus=True, return_final_state=True)  # with grad: allocated
+    assert (5, 2, 6, 4) in shapes
+
+
 @pytest.mark.parametrize("seqlen", [1, 9, 19], ids=lambda s: f"L{s}")
 def test_sequential_final_state_gradient_alone(monkeypatch, seqlen):
     """Only the returned final state is differentiated: y gets no gradient, h_L's flows back through every step."""

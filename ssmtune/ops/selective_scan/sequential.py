@@ -71,7 +71,7 @@ def _run_block(dA: torch.Tensor, X: torch.Tensor, h: torch.Tensor) -> torch.Tens
 
 class _SequentialScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, h_off, y_off, softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, h_off, y_off, softplus, grad_mode=True):
         ctx.set_materialize_grads(False)
         batch, dim, seqlen = u.shape
         cdt = torch.promote_types(u.dtype, torch.float32)
@@ -88,11 +88,15 @@ class _SequentialScanFn(torch.autograd.Function):
             h.copy_(_batched(h0, batch, 3, dtype=None))
         ctx.block = K = _block_size(h.numel() * h.element_size())
         nblocks = -(-seqlen // K)
-        ckpts = h.new_empty(nblocks, *h.shape)  # state before each block
+        # the state before each block, for the backward; none when there will be no backward (inference: grad mode,
+        # which forward() itself always runs without, is passed in by the caller)
+        need_grad = grad_mode and any(ctx.needs_input_grad)
+        ckpts = h.new_empty(nblocks, *h.shape) if need_grad else None
         y_t = uf.new_empty(seqlen, batch, dim)  # C_tᵀ h_t, time-major
         for j in range(nblocks):
             t0, t1 = j * K, min((j + 1) * K, seqlen)
-            ckpts[j] = h
+            if ckpts is not None:
+                ckpts[j] = h
             dA, X = _block_terms(dt_t, du_t, Bt, Af, t0, t1)
             H = _run_block(dA, X, h)
             torch.matmul(H, Ct[t0:t1, :, :, None], out=y_t[t0:t1, :, :, None])
@@ -110,9 +114,10 @@ class _SequentialScanFn(torch.autograd.Function):
         if z is not None:
             y = y * F.silu(z.to(cdt))
         ctx.softplus = softplus
-        ctx.save_for_backward(
-            u, delta, A, B, C, D, z, delta_bias, h0, h_off, y_off, ckpts, y_pre if z is not None else None
-        )
+        if need_grad:
+            ctx.save_for_backward(
+                u, delta, A, B, C, D, z, delta_bias, h0, h_off, y_off, ckpts, y_pre if z is not None else None
+            )
         return y.to(u.dtype).contiguous(), h
 
     @staticmethod
@@ -135,7 +140,7 @@ class _SequentialScanFn(torch.autograd.Function):
                 if need[6]:
                     gz = g * y_pre * (sig * (1 + zf * (1 - sig)))
                 g = g * zf * sig
-        grads: list[torch.Tensor | None] = [None] * 12
+        grads: list[torch.Tensor | None] = [None] * 13  # (softplus and grad_mode get none)
         # the reverse scan serves u, Δ, A, B, C, the Δ bias and h0 only: h', y', D and z need just ĝ (State-offset
         # tuning of a frozen base: the first layer's scan needs no adjoint at all)
         if any(need[i] for i in (0, 1, 2, 3, 4, 7, 8)):
@@ -230,6 +235,18 @@ def selective_scan_sequential(
         y [B, D, L] in u's dtype, and h_L [B, D, N] in fp32 (fp64 for fp64 inputs) when ``return_final_state``.
     """
     y, h_last = _SequentialScanFn.apply(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, delta_softplus
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        initial_state,
+        state_offset,
+        y_offset,
+        delta_softplus,
+        torch.is_grad_enabled(),
     )
     return (y, h_last) if return_final_state else y
