@@ -11,17 +11,14 @@ CPU smoke test (Triton interpreter, one tiny shape, wall-clock timings that mean
 
 Shapes: B 8, P 64, N 128, bf16, chunk 256, L in {2048, 8192} x H in {24, 64} x G in {1, 8}. Every case runs with
 D [H], z, dt_bias and dt_softplus as in a Mamba-2 block; h0 / h' / y' are shared over the batch ([H, ...]).
-Variants: ours, ours+h0, ours+h'+y' (default path: dh' as one GEMM after the serial loop, h' pre-cast for the dots),
-and through ``fused.CONFIG_OVERRIDE`` (``ALT_PATHS``) ours+h'+y' inloop (dh' accumulated in the serial reverse chunk
-loop, no separate pass over ĝ and C) and ours+h'+y' stream (the dh' GEMM on a side stream); peers mamba_ssm+h0 (``mamba_chunk_scan_combined`` from the pure wheel, when
-importable), torch+h0 (ssmtune's ``ssd_scan_torch``) and hf-torch+h0 (transformers' ``mamba2_chunk_scan`` torch path,
+Variants: ours, ours+h0, ours+h'+y' (dh' accumulated in the serial reverse chunk loop, h' pre-cast for the dots);
+peers mamba_ssm+h0 (``mamba_chunk_scan_combined`` from the pure wheel, when importable), torch+h0 (ssmtune's ``ssd_scan_torch``) and hf-torch+h0 (transformers' ``mamba2_chunk_scan`` torch path,
 gate applied outside, when the installed transformers has it); the two torch peers only at L = 2048 (slow, memory).
 
 Order: pass 1 runs ours on every shape, pass 2 the peers, so a run cut short has ours everywhere. Each variant prints
 its row when measured (first call timed as ``warm_s``, one ``do_bench`` median, peak allocated memory of one fwd+bwd
 above the inputs) and the JSON is rewritten; a second round per shape, interleaved over its variants, keeps the best
-median. Per shape, the gradients of the ALT_PATHS against the default h' path are compared (``checks``); on the
-first shape a torch.profiler pass records each kernel's device time for ours / ours+h'+y' / inloop
+median. On the first shape a torch.profiler pass records each kernel's device time for ours / ours+h'+y'
 (``meta.kernel_profile``, printed as a table), which shows which kernels the h' + y' overhead sits in.
 
 Compilation is most of the cost (each shape has its own constexprs; mamba_ssm autotunes ~140 configs, compiled
@@ -88,23 +85,9 @@ SHAPE_LHG = [
 ]
 SHAPES = [(8, L, H, 64, 128, G) for L, H, G in SHAPE_LHG]
 TINY_SHAPES = [(1, 40, 4, 8, 16, 2)]
-NEW_NAME = "ours+h'+y'"
-# other h' paths (fused.CONFIG_OVERRIDE), each timed as its own variant and its gradients checked against NEW_NAME's:
-# dh' in the serial state-gradient loop (bf16 h'), and the dh' GEMM on a side stream
-ALT_PATHS = {"ours+h'+y' inloop": {"DH_OFF_IN_LOOP": 1}, "ours+h'+y' stream": {"DH_OFF_STREAM": 1}}
-PROFILED = ("ours", NEW_NAME, "ours+h'+y' inloop")  # per-kernel device times on the first shape
+OFFSETS_NAME = "ours+h'+y'"
+PROFILED = ("ours", OFFSETS_NAME)  # per-kernel device times on the first shape
 TORCH_PEER_MAX_L = 2048
-
-
-@contextlib.contextmanager
-def override(cfg: dict):
-    saved = dict(fused.CONFIG_OVERRIDE)
-    fused.CONFIG_OVERRIDE.update(cfg)
-    try:
-        yield
-    finally:
-        fused.CONFIG_OVERRIDE.clear()
-        fused.CONFIG_OVERRIDE.update(saved)
 
 
 def make(b, seqlen, h, p, n, g, dtype, device):
@@ -140,25 +123,22 @@ def _hf_chunk_scan():
 
 
 def ours_variants(t, chunk_size: int) -> dict:
-    """name -> (fn, CONFIG_OVERRIDE to hold during its forward)."""
+    """name -> forward fn."""
     common = {"D": t["D"], "z": t["z"], "dt_bias": t["dt_bias"], "dt_softplus": True}
     pos = (t["x"], t["dt"], t["A"], t["B"], t["C"])
     offsets = {"state_offset": t["h_off"], "y_offset": t["y_off"]}
     return {
-        "ours": (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, **common), {}),
-        "ours+h0": (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, initial_state=t["h0"], **common), {}),
-        NEW_NAME: (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, **offsets, **common), {}),
-    } | {
-        name: (lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, **offsets, **common), cfg)
-        for name, cfg in ALT_PATHS.items()
+        "ours": lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, **common),
+        "ours+h0": lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, initial_state=t["h0"], **common),
+        OFFSETS_NAME: lambda: fused.ssd_scan_triton(*pos, chunk_size=chunk_size, **offsets, **common),
     }
 
 
-def mamba_variant(t, chunk_size: int, mamba) -> tuple:
+def mamba_variant(t, chunk_size: int, mamba):
     common = {"D": t["D"], "z": t["z"], "dt_bias": t["dt_bias"], "dt_softplus": True}
     pos = (t["x"], t["dt"], t["A"], t["B"], t["C"])
     h0_rows = t["h0"].unsqueeze(0).expand(t["x"].shape[0], -1, -1, -1)
-    return (lambda: mamba(*pos, chunk_size, initial_states=h0_rows, **common), {})
+    return lambda: mamba(*pos, chunk_size, initial_states=h0_rows, **common)
 
 
 def torch_variants(t, chunk_size: int, notes: list[str]) -> dict:
@@ -167,7 +147,7 @@ def torch_variants(t, chunk_size: int, notes: list[str]) -> dict:
 
     common = {"D": t["D"], "z": t["z"], "dt_bias": t["dt_bias"], "dt_softplus": True}
     pos = (t["x"], t["dt"], t["A"], t["B"], t["C"])
-    out = {"torch+h0": (lambda: ssd_scan_torch(*pos, chunk_size=chunk_size, initial_state=t["h0"], **common), {})}
+    out = {"torch+h0": lambda: ssd_scan_torch(*pos, chunk_size=chunk_size, initial_state=t["h0"], **common)}
     hf, why = _hf_chunk_scan()
     if hf is None:
         notes.append(f"hf-torch+h0 skipped: {why}")
@@ -178,7 +158,7 @@ def torch_variants(t, chunk_size: int, notes: list[str]) -> dict:
         y = hf(*pos, chunk_size, D=t["D"], dt_bias=t["dt_bias"], initial_states=h0_rows, dt_softplus=True)
         return (y * torch.nn.functional.silu(t["z"].float())).to(t["x"].dtype)
 
-    out["hf-torch+h0"] = (hf_fn, {})
+    out["hf-torch+h0"] = hf_fn
     return out
 
 
@@ -233,24 +213,17 @@ class Case:
         self.bench = _timer(cuda)
         self.sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def closures(self, fn, cfg):
-        def fwd():
-            with override(cfg):
-                return fn()
+    def fwd_bwd(self, fn):
+        return lambda: torch.autograd.grad(fn(), self.leaves, self.dy, allow_unused=True)
 
-        def fwd_bwd():
-            return torch.autograd.grad(fwd(), self.leaves, self.dy, allow_unused=True)
-
-        return fwd, fwd_bwd
-
-    def measure(self, fn, cfg) -> dict:
+    def measure(self, fn) -> dict:
         """First call (compile / autotune, timed as warm_s), one timing round, peak memory of one fwd+bwd."""
-        fwd_bwd = self.closures(fn, cfg)[1]
+        fwd_bwd = self.fwd_bwd(fn)
         t0 = time.perf_counter()
         fwd_bwd()
         self.sync()
         res = {"warm_s": round(time.perf_counter() - t0, 2), "rounds": 0}
-        self.retime(fn, cfg, res)
+        self.retime(fn, res)
         if self.cuda:
             self.sync()
             base = torch.cuda.memory_allocated()
@@ -262,37 +235,14 @@ class Case:
             res["peak_gib"] = float("nan")
         return res
 
-    def retime(self, fn, cfg, res: dict) -> None:
+    def retime(self, fn, res: dict) -> None:
         """One more timing round; keep the best median (rounds are interleaved over the variants of a shape)."""
-        fwd, fwd_bwd = self.closures(fn, cfg)
         with torch.no_grad():
-            f = self.bench(fwd, self.rep)
-        fb = self.bench(fwd_bwd, self.rep)
+            f = self.bench(fn, self.rep)
+        fb = self.bench(self.fwd_bwd(fn), self.rep)
         res["fwd_ms"] = min(res.get("fwd_ms", f), f)
         res["fwd_bwd_ms"] = min(res.get("fwd_bwd_ms", fb), fb)
         res["rounds"] += 1
-
-
-def check_paths(t, chunk_size: int) -> dict:
-    """Gradients of each ALT_PATHS path against the default one (same inputs): RMS of the difference over RMS."""
-    leaves = list(t.values())
-    dy = torch.randn_like(t["x"])
-    common = {"D": t["D"], "z": t["z"], "dt_bias": t["dt_bias"], "dt_softplus": True}
-    grads = {}
-    for name, cfg in {NEW_NAME: {}, **ALT_PATHS}.items():
-        with override(cfg):
-            y = fused.ssd_scan_triton(
-                t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=chunk_size, state_offset=t["h_off"],
-                y_offset=t["y_off"], **common,
-            )  # fmt: skip
-        grads[name] = torch.autograd.grad(y, leaves, dy, allow_unused=True)
-    out = {}
-    for path in ALT_PATHS:
-        out[path] = {}
-        for name, ref, alt in zip(t, grads[NEW_NAME], grads[path]):
-            if ref is not None and alt is not None:
-                out[path][name] = ((alt.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
-    return out
 
 
 def kernel_profile(case: Case, names: tuple, iters: int = 3) -> dict:
@@ -302,7 +252,7 @@ def kernel_profile(case: Case, names: tuple, iters: int = 3) -> dict:
     variants = ours_variants(case.t, case.chunk_size)
     out = {}
     for name in names:
-        fwd_bwd = case.closures(*variants[name])[1]
+        fwd_bwd = case.fwd_bwd(variants[name])
         fwd_bwd()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -333,7 +283,7 @@ def print_profile(prof: dict) -> None:
 class Prewarm:
     """Compile in parallel subprocesses while the parent measures; the kernels land in Triton's on-disk cache.
 
-    Jobs: "ours:I" runs ssmtune's four variants once on shape I at batch 2 (none of our kernel arguments depends on
+    Jobs: "ours:I" runs ssmtune's three variants once on shape I at batch 2 (none of our kernel arguments depends on
     the batch; 2, not 1, because Triton specializes integer arguments equal to 1, e.g. mamba_ssm's ``batch``), in
     shape order, so that shape 0 is ready first; then "mamba:J" jobs, each compiling mamba_ssm's autotune configs
     J, J + K, ... (K jobs) by running fwd+bwd with one config per kernel over every shape. The children stay in our
@@ -410,8 +360,8 @@ def warm_only(job: str, chunk_size: int, tiny: bool) -> None:
         _, seqlen, h, p, n, g = shapes[int(index)]
         t = make(2, seqlen, h, p, n, g, torch.bfloat16, device)
         case = Case(t, not tiny, 1)
-        for fn, cfg in ours_variants(t, chunk_size).values():
-            case.closures(fn, cfg)[1]()
+        for fn in ours_variants(t, chunk_size).values():
+            case.fwd_bwd(fn)()
     else:
         from _mamba_ssm_loader import load_mamba_chunk_scan_combined, max_mamba_configs, set_mamba_autotune
 
@@ -423,7 +373,7 @@ def warm_only(job: str, chunk_size: int, tiny: bool) -> None:
             for _, seqlen, h, p, n, g in shapes:
                 t = make(2, seqlen, h, p, n, g, torch.bfloat16, device)
                 with contextlib.suppress(Exception):  # a config out of resources: the autotuner skips it too
-                    Case(t, True, 1).closures(*mamba_variant(t, chunk_size, mamba))[1]()
+                    Case(t, True, 1).fwd_bwd(mamba_variant(t, chunk_size, mamba))()
     if not tiny:
         torch.cuda.synchronize()
 
@@ -446,7 +396,7 @@ def print_table(meta: dict, rows: list[dict], notes: list[str]) -> None:
             f"{shape:<22}{r['impl']:<19}{r['fwd_ms']:>9.3f}{r['fwd_bwd_ms']:>12.3f}{r['peak_gib']:>10.2f}"
             f"{vs_ours:>9.2f}{vs_mamba:>10.2f}"
         )
-    print("\nh'+y' overhead (fwd+bwd / bare; target <= 1.05), default path vs the ALT_PATHS:")
+    print("\nh'+y' overhead (fwd+bwd and fwd / bare; target <= 1.05):")
     seen = []
     for r in rows:
         key = (r["L"], r["H"], r["G"])
@@ -460,10 +410,9 @@ def print_table(meta: dict, rows: list[dict], notes: list[str]) -> None:
         def ratio(name, col, ref=ref):
             return f"{ref[name][col] / ref['ours'][col]:.3f}" if name in ref else "  -  "
 
-        alts = " ".join(f"{n.split()[-1]} {ratio(n, 'fwd_bwd_ms')}" for n in ALT_PATHS)
         print(
-            f"  L={key[0]} H={key[1]} G={key[2]}: fwd+bwd default {ratio(NEW_NAME, 'fwd_bwd_ms')} {alts}"
-            f" | fwd default {ratio(NEW_NAME, 'fwd_ms')}"
+            f"  L={key[0]} H={key[1]} G={key[2]}: fwd+bwd {ratio(OFFSETS_NAME, 'fwd_bwd_ms')}"
+            f" | fwd {ratio(OFFSETS_NAME, 'fwd_ms')}"
         )
 
 
@@ -526,7 +475,6 @@ def main() -> None:
         "command": " ".join(sys.argv),
     }
     rows: list[dict] = []
-    checks: list[dict] = []
     notes: list[str] = []
     if not args.no_peers and cuda and not with_mamba:
         notes.append("mamba_ssm not importable: its rows skipped")
@@ -542,7 +490,7 @@ def main() -> None:
         meta["elapsed_s"] = round(time.time() - t_start, 1)
         meta["prewarm"] = dict(pool.done)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"meta": meta, "rows": rows, "checks": checks, "notes": notes}
+        doc = {"meta": meta, "rows": rows, "notes": notes}
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         tmp.replace(args.out)  # atomic: a kill mid-write leaves the previous version
@@ -559,7 +507,7 @@ def main() -> None:
         # the alarm's exception may come back wrapped (the Triton interpreter re-raises it as InterpreterError)
         return isinstance(e, BudgetExceeded) or time.time() >= t_end
 
-    def run_variant(case: Case, shape: tuple, name: str, fn_cfg: tuple, est: float) -> dict | None:
+    def run_variant(case: Case, shape: tuple, name: str, fn, est: float) -> dict | None:
         b, seqlen, h, p, n, g = shape
         label = f"L={seqlen} H={h} G={g} {name}"
         if not fits(est, label):
@@ -567,7 +515,7 @@ def main() -> None:
         row = {"B": b, "L": seqlen, "H": h, "P": p, "N": n, "G": g, "impl": name}
         try:
             with deadline(t_end):
-                row |= case.measure(*fn_cfg)
+                row |= case.measure(fn)
         except Exception as e:  # noqa: BLE001 - record the failure and keep benchmarking
             if out_of_time(e):
                 notes.append(f"budget {args.budget_s:.0f} s ran out during {label}")
@@ -581,15 +529,15 @@ def main() -> None:
         save()
         return row
 
-    def more_rounds(case: Case, done: list[tuple[dict, tuple]]) -> None:
+    def more_rounds(case: Case, done: list[tuple[dict, object]]) -> None:
         """Rounds 2.. interleaved over the variants just measured on this shape (drift hits them alike)."""
         for _ in range(args.rounds - 1):
-            for row, fn_cfg in done:
+            for row, fn in done:
                 if "error" in row or not fits(EST_S["retime"], f"round 2+ of L={row['L']} {row['impl']}"):
                     continue
                 try:
                     with deadline(t_end):
-                        case.retime(*fn_cfg, row)
+                        case.retime(fn, row)
                 except Exception as e:
                     if out_of_time(e):
                         return
@@ -609,27 +557,12 @@ def main() -> None:
         warmed = pool.wait([f"ours:{i}"], t_end - EST_S["ours"]) if jobs and args.prewarm_procs > 0 else False
         case = new_case(shape)
         done = []
-        for k, (name, fn_cfg) in enumerate(ours_variants(case.t, args.chunk_size).items()):
+        for k, (name, fn) in enumerate(ours_variants(case.t, args.chunk_size).items()):
             est = EST_S["ours"] if warmed or k else EST_S["ours_cold"]
-            row = run_variant(case, shape, name, fn_cfg, est)
+            row = run_variant(case, shape, name, fn, est)
             if row is not None:
-                done.append((row, fn_cfg))
+                done.append((row, fn))
         more_rounds(case, done)
-        if sum("fwd_ms" in r for r, _ in done) >= 3 and time.time() + EST_S["retime"] < t_end:
-            try:
-                with deadline(t_end):
-                    chk = {
-                        "L": shape[1],
-                        "H": shape[2],
-                        "G": shape[5],
-                        "rel_rms_vs_default": check_paths(case.t, args.chunk_size),
-                    }
-                checks.append(chk)
-                print(json.dumps(chk), flush=True)
-                save()
-            except Exception as e:
-                if not out_of_time(e):
-                    raise
         if cuda and i == 0 and done and fits(EST_S["profile"], "kernel profile"):
             try:
                 with deadline(t_end):
@@ -670,19 +603,15 @@ def main() -> None:
                 done.append((row, mamba_variant(case.t, args.chunk_size, mamba)))
                 meta.setdefault("mamba_first_call_s", row.get("warm_s"))
         if not args.no_peers and shape[1] <= TORCH_PEER_MAX_L:
-            for name, fn_cfg in torch_variants(case.t, args.chunk_size, notes).items():
-                row = run_variant(case, shape, name, fn_cfg, EST_S["torch"])
+            for name, fn in torch_variants(case.t, args.chunk_size, notes).items():
+                row = run_variant(case, shape, name, fn, EST_S["torch"])
                 if row is not None:
-                    done.append((row, fn_cfg))
+                    done.append((row, fn))
         elif not args.no_peers:
             notes.append(f"L={shape[1]}: torch peers skipped (only L <= {TORCH_PEER_MAX_L}: slow, memory)")
         more_rounds(case, done)
         del case
     save()
-    worst = max(
-        (v for c in checks for per in c["rel_rms_vs_default"].values() for v in per.values()), default=float("nan")
-    )
-    notes.append(f"h' paths vs the default, worst gradient rel. RMS difference over shapes and inputs: {worst:.2e}")
     print_table(meta, rows, notes)
 
 

@@ -23,13 +23,6 @@ import triton
 import triton.language as tl
 
 _MIN_BLOCK = 16
-# Optional overrides, read at forward time (the backward uses the forward's snapshot); used by the benchmark:
-#   "DH_OFF_IN_LOOP": 1  accumulate dh' inside the serial reverse chunk loop (the previous path) instead of the GEMM
-#   "H_OFF_FP32": 1      pass h' to the scan kernels in fp32 (previous path) instead of pre-cast to the activation dtype
-#   "DH_OFF_SPLIT": S    split L into S ranges for the dh' GEMM (partials summed in torch); default from the SM count
-#   "DH_OFF_STREAM": 1   CUDA only: run the dh' GEMM on a side stream, concurrent with the serial state-gradient
-#                        kernel and the dx/dC kernels (it depends on none of them); off by default until measured
-CONFIG_OVERRIDE: dict[str, int] = {}
 # The CPU interpreter's bf16 tl.dot returns garbage (numpy has no bf16), so interpreted dots run in fp32.
 _DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
@@ -332,52 +325,6 @@ def ssd_chunk_state_bwd_kernel(
     tl.store(dh0 + i_bh * P * N + o_pn, b_ds, mask=m_pn)
     if USE_STATE_OFFSET:
         tl.store(dh_off + i_bh * P * N + o_pn, b_dho, mask=m_pn)
-
-
-@triton.jit(do_not_specialize=["T", "TS", "s_split"])
-def ssd_state_offset_bwd_kernel(
-    dy,
-    Cm,
-    dh_off,
-    T,
-    TS,
-    s_split,
-    H: tl.constexpr,
-    G: tl.constexpr,
-    P: tl.constexpr,
-    N: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BT: tl.constexpr,
-):
-    """dh'[b, h] = Σ_t ĝ_tᵀ C_t over steps [i_s·TS, (i_s+1)·TS): one GEMM per (row b, group g), off the serial path.
-
-    The heads of group g are contiguous in ĝ [B, T, H, P] and in dh' [B, H, P, N], so the GEMM's rows are the group's
-    (H/G)·P channels: out[b, g] = ĝ[b, :, g]ᵀ [R, T] × C[b, :, g] [T, N] with R = (H/G)·P.
-    """
-    i_mn, i_bg, i_s = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    R = (H // G) * P
-    NNB = (N + BN - 1) // BN
-    i_m, i_n = i_mn // NNB, i_mn % NNB
-    i_b, i_g = i_bg // G, i_bg % G
-    o_r = i_m * BM + tl.arange(0, BM)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_r, m_n = o_r < R, o_n < N
-    b_acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for t0 in range(0, TS, BT):
-        o_t = i_s * TS + t0 + tl.arange(0, BT)
-        m_t = o_t < T
-        b_g = tl.load(
-            dy + (i_b * T + o_t[:, None]) * (H * P) + i_g * R + o_r[None, :],
-            mask=m_t[:, None] & m_r[None, :],
-            other=0.0,
-        )  # [BT, BM]
-        b_C = tl.load(
-            Cm + ((i_b * T + o_t[:, None]) * G + i_g) * N + o_n[None, :], mask=m_t[:, None] & m_n[None, :], other=0.0
-        )  # [BT, BN]
-        b_acc += _dot(tl.trans(b_g), b_C.to(b_g.dtype))
-    o_out = i_s * s_split + (i_bg * R + o_r[:, None]) * N + o_n[None, :]
-    tl.store(dh_off + o_out, b_acc, mask=m_r[:, None] & m_n[None, :])
 
 
 @triton.heuristics(
@@ -735,59 +682,14 @@ def _blocks(chunk_size: int, P: int, N: int) -> dict[str, int]:
     }
 
 
-def _dh_off_split(n_programs: int, T: int, device: torch.device, cfg: dict[str, int]) -> int:
-    """Ranges of L for the dh' GEMM: enough programs for about two waves, each range at least 512 steps."""
-    if "DH_OFF_SPLIT" in cfg:
-        return max(1, int(cfg["DH_OFF_SPLIT"]))
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, n_programs), T // 512))
-
-
-def _state_offset_grad(
-    dy: torch.Tensor, C: torch.Tensor, nheads: int, cfg: dict[str, int] | None = None
-) -> torch.Tensor:
-    """dh' [B, H, P, N] (fp32) = Σ_t ĝ[b, t, h]ᵀ C[b, t, g(h)]: a batched GEMM over all t, outside the serial loop."""
-    batch, T, _, P = dy.shape
-    G, N = C.shape[2], C.shape[3]
-    R = nheads // G * P
-    # one N block for N <= 128, so ĝ (the large operand) is read once
-    BM, BN, BT = min(64, _pow2(R)), min(128, _pow2(N)), 64
-    n_mn = triton.cdiv(R, BM) * triton.cdiv(N, BN)
-    split = _dh_off_split(n_mn * batch * G, T, dy.device, CONFIG_OVERRIDE if cfg is None else cfg)
-    TS = triton.cdiv(triton.cdiv(T, split), BT) * BT  # a multiple of BT, so the ranges do not overlap
-    split = triton.cdiv(T, TS)
-    part = torch.empty(split, batch, nheads, P, N, device=dy.device, dtype=torch.float32)
-    ssd_state_offset_bwd_kernel[(n_mn, batch * G, split)](
-        dy, C, part, T, TS, part[0].numel(), H=nheads, G=G, P=P, N=N, BM=BM, BN=BN, BT=BT, num_warps=4, num_stages=3
-    )
-    return part[0] if split == 1 else part.sum(0)
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device, cfg: dict[str, int]) -> torch.cuda.Stream | None:
-    """The per-device side stream for the dh' GEMM when ``DH_OFF_STREAM`` is set and ``device`` is CUDA, else None."""
-    if device.type != "cuda" or not cfg.get("DH_OFF_STREAM"):
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
-
-
-def _h_off_for_dots(h_off: torch.Tensor | None, C: torch.Tensor, cfg: dict[str, int]) -> torch.Tensor | None:
+def _h_off_for_dots(h_off: torch.Tensor | None, C: torch.Tensor) -> torch.Tensor | None:
     # the kernels round h' to C's dtype before their dots anyway: cast once here, so each tile loads half the bytes
-    if h_off is None or cfg.get("H_OFF_FP32"):
-        return h_off
-    return h_off.to(C.dtype)
+    return None if h_off is None else h_off.to(C.dtype)
 
 
-def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off, cfg):
+def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off):
     batch, T, H, P = x.shape
-    h_off = _h_off_for_dots(h_off, C, cfg)
+    h_off = _h_off_for_dots(h_off, C)
     G, N = B.shape[2], B.shape[3]
     NC = triton.cdiv(T, chunk_size)
     TP = NC * chunk_size
@@ -818,7 +720,7 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, 
 
 
 def _ssd_bwd(
-    do, dht, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off, y_pre, dt_p, a_cs, states, cfg
+    do, dht, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off, y_pre, dt_p, a_cs, states
 ):
     batch, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -833,33 +735,19 @@ def _ssd_bwd(
         ssd_gate_bwd_kernel[(triton.cdiv(do.numel(), BLOCK),)](do, z, y_pre, dy, dz, do.numel(), BLOCK=BLOCK)
     else:
         dy = do
-    # 1. reverse state passing: dstates[:, c] = ∂L/∂s_{c+1}; dh0 per batch row. dh' does not depend on the states, so
-    # it is one GEMM over all t (step 1b), unless the previous in-loop path is asked for.
-    dh_in_loop = h_off is not None and bool(cfg.get("DH_OFF_IN_LOOP"))
+    # 1. reverse state passing: dstates[:, c] = ∂L/∂s_{c+1}; dh0 per batch row. dh' = Σ_t ĝ_tᵀ C_t accumulates in the
+    # same loop (a second dot on the ĝ and C tiles it loads anyway; measured faster than a separate GEMM kernel).
     BP, BN = blk["BP"], blk["BN"]
     NB = triton.cdiv(P, BP) * triton.cdiv(N, BN)
     dstates = torch.empty(batch, NC, H, P, N, device=x.device, dtype=torch.float32)
     dh0 = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
-    dh_off = torch.empty_like(dh0) if dh_in_loop else None
+    dh_off = torch.empty_like(dh0) if h_off is not None else None
     dlast = torch.empty(batch, H, NC, NB, device=x.device, dtype=torch.float32)
     ssd_chunk_state_bwd_kernel[(triton.cdiv(N, BN), triton.cdiv(P, BP), batch * H)](
         dy, C, a_cs, states, dht, dstates, dh0, dh_off, dlast, T,
         H=H, G=G, P=P, N=N, TP=TP, NC=NC, CHUNK=chunk_size, BK=blk["BK"], BP=BP, BN=BN,
     )  # fmt: skip
-    side = None
-    if h_off is not None and not dh_in_loop:
-        # 1b. launched after the serial kernel, so that kernel's programs are scheduled first; with DH_OFF_STREAM the
-        # GEMM runs on a side stream (fork after ĝ exists, join below before dh' is read), next to steps 1 and 2
-        side = _side_stream(x.device, cfg)
-        if side is None:
-            dh_off = _state_offset_grad(dy, C, H, cfg)
-        else:
-            main = torch.cuda.current_stream(x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                dh_off = _state_offset_grad(dy, C, H, cfg)
-            dh_off.record_stream(main)  # allocated on the side stream, read and freed on the main one
-    h_off_k = _h_off_for_dots(h_off, C, cfg)
+    h_off_k = _h_off_for_dots(h_off, C)
     # 2. key side (dx, dB) and query side (dC); programs loop over HPP heads of one group
     HPP = _heads_per_program(H, G)
     NS = H // G // HPP
@@ -895,9 +783,6 @@ def _ssd_bwd(
     ssd_chunk_scan_bwd_dc_kernel[grid](
         x, B, C, dt_p, a_cs, dy, states, h_off_k, dC, da_q, _batch_stride(h_off, 4), T, num_warps=8, **common
     )
-    if side is not None:
-        # join: dy and C (read by the GEMM) stay referenced until here, so the main stream cannot reuse them early
-        torch.cuda.current_stream(x.device).wait_stream(side)
     # 3. ∂a → ∂Δ, ∂A through the chunk cumsum, then through softplus and dt_bias
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(batch, NC, H, device=x.device, dtype=torch.float32)
@@ -934,12 +819,11 @@ class SSDScanFunction(torch.autograd.Function):
         x, dt, A, B, C, D, z, dt_bias, h0, h_off, y_off = map(
             _contig, (x, dt, A, B, C, D, z, dt_bias, h0, h_off, y_off)
         )
-        cfg = dict(CONFIG_OVERRIDE)
         y, y_pre, dt_p, a_cs, states = _ssd_fwd(
-            x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off, cfg
+            x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off
         )
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, h_off, y_off, y_pre, dt_p, a_cs, states)
-        ctx.chunk_size, ctx.dt_softplus, ctx.cfg = chunk_size, dt_softplus, cfg
+        ctx.chunk_size, ctx.dt_softplus = chunk_size, dt_softplus
         ctx.set_materialize_grads(False)
         final = states[:, -1].clone()  # [B, H, P, N]
         return y, final
@@ -951,7 +835,7 @@ class SSDScanFunction(torch.autograd.Function):
             do = torch.zeros_like(x)
         grads = _ssd_bwd(
             do.contiguous(), None if dht is None else dht.contiguous(), x, dt, A, B, C, ctx.chunk_size,
-            D, z, dt_bias, ctx.dt_softplus, h0, h_off, y_off, y_pre, dt_p, a_cs, states, ctx.cfg,
+            D, z, dt_bias, ctx.dt_softplus, h0, h_off, y_off, y_pre, dt_p, a_cs, states,
         )  # fmt: skip
         return (*grads, None, None)
 
