@@ -4,14 +4,15 @@ Endpoints:
     GET  /health          {"status": "ok", "adapters": [...], "active_rows": n, "queued": n}
     GET  /v1/adapters     {"adapters": [{"name", "methods", "mixable"}]}
     POST /v1/generate     {"prompt", "adapter", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                           "seed", "stream"}
+                           "seed", "num_beams", "stream"}
 
 With ``"stream": true`` (the default) the answer is server-sent events, one ``data: <json>`` line per event:
 ``{"token": id, "text": "<new text>"}`` per token (a trailing incomplete UTF-8 character is held back; a last
 ``{"text": ...}`` event without a token flushes it), then ``{"done": true, "finish_reason": "eos" | "length",
 "text": "<all>", "tokens": [...], "adapter": ...}``, or ``{"error": "..."}``. Without streaming the final object is
-the JSON body. Errors are JSON ``{"error": "..."}`` with status 400 (prompt too long, setting over a server limit),
-404 (unknown adapter), 422 (malformed body or setting), 503 (queue full).
+the JSON body. A beam-search request (``num_beams`` > 1) runs alone and streams all its tokens at the end. Errors
+are JSON ``{"error": "..."}`` with status 400 (prompt too long, setting over a server limit), 404 (unknown adapter),
+422 (malformed body or setting, beams with sampling), 503 (queue full).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.peft_model import PeftModel
-from .batching import BatchEngine, GenerationRequest, GenerationSettings, QueueFullError
+from .batching import MAX_BEAMS, BatchEngine, GenerationRequest, GenerationSettings, QueueFullError
 
 
 class GenerateBody(BaseModel):
@@ -46,6 +47,9 @@ class GenerateBody(BaseModel):
     top_k: int | None = Field(None, ge=1, description="Keep the k most likely tokens when sampling.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling threshold.")
     seed: int | None = Field(None, ge=0, description="Seed of the sampling generator.")
+    num_beams: int = Field(
+        1, ge=1, le=MAX_BEAMS, description="Beam search with this many beams (greedy); > 1: tokens sent at the end."
+    )
     stream: bool = Field(True, description="Stream server-sent events; false: one JSON answer at the end.")
 
 
@@ -137,10 +141,13 @@ def create_app(
         ids = tokenizer.encode(body.prompt)
         if len(ids) > max_prompt_tokens:
             return _error(400, f"the prompt has {len(ids)} tokens, over this server's limit of {max_prompt_tokens}")
-        settings = GenerationSettings(
-            max_new_tokens=body.max_new_tokens, do_sample=body.do_sample, temperature=body.temperature,
-            top_k=body.top_k, top_p=body.top_p, seed=body.seed,
-        )  # fmt: skip
+        try:
+            settings = GenerationSettings(
+                max_new_tokens=body.max_new_tokens, do_sample=body.do_sample, temperature=body.temperature,
+                top_k=body.top_k, top_p=body.top_p, seed=body.seed, num_beams=body.num_beams,
+            )  # fmt: skip
+        except ValueError as e:  # settings that are valid alone but not together (beams with sampling)
+            return _error(422, str(e))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 

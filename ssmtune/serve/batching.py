@@ -10,6 +10,9 @@ and ages decode together with no padding. Each step runs one forward over all li
 Rows of state-based adapters, of LoRA/DoRA adapters (per-row low-rank products) and of no adapter mix freely. A request
 for another kind of adapter (prompt, BitFit, partial, SDLoRA, Additional-scan) only joins a batch whose rows all use
 that same adapter; it waits otherwise, and so do the requests behind it (first come, first served).
+
+A beam-search request (``num_beams`` > 1) never joins the batch: the worker runs it alone, between two decode steps,
+through ``generate(..., num_beams=k, adapter_names=[adapter])``, and sends its tokens when it is done.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ from ..core.peft_model import PeftModel
 from ..models.cache import InferenceCache
 from ..models.generate import filter_logits
 
+MAX_BEAMS = 8
+"""Largest ``num_beams`` a request may ask for: a beam request decodes its k beams alone, pausing the batch."""
+
 
 @dataclass(kw_only=True)
 class GenerationSettings:
-    """Per-request decoding settings (validated by the caller)."""
+    """Per-request decoding settings (the caller validates the sampling ones; ``num_beams`` is checked here)."""
 
     max_new_tokens: int = 32
     """Longest continuation, EOS included."""
@@ -45,6 +51,15 @@ class GenerationSettings:
     """Nucleus sampling threshold in (0, 1]."""
     seed: int | None = None
     """Seed of this request's sampling generator. Default: `None`, a random seed."""
+    num_beams: int = 1
+    """Beam search with this many beams (greedy, 1..MAX_BEAMS); > 1 runs outside the batch, tokens sent at the end."""
+
+    def __post_init__(self) -> None:
+        k = self.num_beams
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_BEAMS:
+            raise ValueError(f"num_beams must be an int in 1..{MAX_BEAMS}, got {k!r}")
+        if k > 1 and self.do_sample:
+            raise ValueError(f"num_beams={k} is beam search, which is greedy: do_sample must be false (got true)")
 
 
 @dataclass(kw_only=True)
@@ -85,6 +100,8 @@ class EngineStats:
     """Most distinct adapters (None included) in one step."""
     errors: int = 0
     """Batches that failed with an exception (their rows got an error event)."""
+    beam_requests: int = 0
+    """Beam-search requests run (each alone, outside the batch)."""
 
 
 class BatchEngine:
@@ -111,6 +128,7 @@ class BatchEngine:
         self.stats = EngineStats()
         self._queue: queue.Queue[GenerationRequest] = queue.Queue()
         self._deferred: list[GenerationRequest] = []
+        self._beams: list[GenerationRequest] = []
         self._rows: list[_Row] = []
         self._cache: InferenceCache | None = None
         self._stop = threading.Event()
@@ -130,7 +148,7 @@ class BatchEngine:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() + len(self._deferred)
+        return self._queue.qsize() + len(self._deferred) + len(self._beams)
 
     @property
     def active_rows(self) -> int:
@@ -157,9 +175,9 @@ class BatchEngine:
                 self._queue.get_nowait().emit({"error": "the server is shutting down"})
             except queue.Empty:
                 break
-        for req in self._deferred:
+        for req in self._deferred + self._beams:
             req.emit({"error": "the server is shutting down"})
-        self._deferred = []
+        self._deferred, self._beams = [], []
 
     def submit(self, req: GenerationRequest) -> None:
         if self._thread is None:
@@ -175,6 +193,9 @@ class BatchEngine:
             while not self._stop.is_set():
                 try:
                     self._admit()
+                    if self._beams:
+                        # one at a time, so the batch only pauses for one beam search per step
+                        self._beam_search(self._beams.pop(0))
                     if self._rows:
                         self._step()
                 # keep serving: a failure fails the rows of this batch only
@@ -188,7 +209,7 @@ class BatchEngine:
         """Requests to consider now: the deferred ones first, then new ones from the queue."""
         new: list[GenerationRequest] = []
         room = self.max_batch - len(self._rows)
-        if not self._rows and not self._deferred:
+        if not self._rows and not self._deferred and not self._beams:
             # idle: wait for a first request, then a few ms for the ones that arrive with it
             try:
                 new.append(self._queue.get(timeout=0.05))
@@ -217,6 +238,10 @@ class BatchEngine:
         blocked = False
         for req in self._collect():
             if req.cancelled.is_set():
+                continue
+            if req.settings.num_beams > 1:
+                # runs alone, outside the batch: it takes no row and waits for nobody
+                self._beams.append(req)
                 continue
             joined = names | {req.adapter}
             fits = len(self._rows) + len(admitted) < self.max_batch
@@ -265,6 +290,30 @@ class BatchEngine:
                 self._rows.extend(rows[i] for i in keep)
         if caches:
             self._cache = caches[0] if len(caches) == 1 else InferenceCache.cat(caches)
+
+    def _beam_search(self, req: GenerationRequest) -> None:
+        """Run a beam-search request alone with the library's ``generate``, then send its tokens at once."""
+        if req.cancelled.is_set():
+            return
+        self.stats.beam_requests += 1
+        s = req.settings
+        try:
+            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # [1, L]
+            kw = {"max_new_tokens": s.max_new_tokens, "num_beams": s.num_beams, "eos_token_id": self.eos_token_id}
+            if isinstance(self.model, PeftModel):
+                out = self.model.generate(ids, adapter_names=[req.adapter], **kw)
+            else:
+                out = self.model.generate(ids, **kw)
+            tokens = out[0, ids.shape[1] :].tolist()
+        except Exception as e:  # noqa: BLE001
+            self.stats.errors += 1
+            req.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+            return
+        # as a batch row: tokens up to the EOS, which ends the request without a token event
+        ended = self.eos_token_id is not None and self.eos_token_id in tokens
+        for tok in tokens[: tokens.index(self.eos_token_id)] if ended else tokens:
+            req.emit({"token": tok})
+        req.emit({"done": True, "finish_reason": "eos" if ended else "length"})
 
     def _generator(self, s: GenerationSettings) -> torch.Generator | None:
         if not s.do_sample:

@@ -4,6 +4,7 @@ stop it."""
 from __future__ import annotations
 
 import queue
+import re
 import time
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from ssmtune import BitFitConfig, InitialStateConfig, LoraConfig, StateOffsetConfig, get_peft_model
 from ssmtune.models import MambaConfig, causal_lm_for
 from ssmtune.serve import BatchEngine, GenerationRequest, GenerationSettings
+from ssmtune.serve.batching import MAX_BEAMS
 
 pytestmark = pytest.mark.timeout(60)
 EOS = 99  # outside the tiny vocabulary (48): every row runs to its max_new_tokens
@@ -33,12 +35,12 @@ def _peft():
 
 
 def _run(engine, jobs, timeout=20.0):
-    """Submit (prompt_ids, adapter, max_new_tokens) jobs; return per job (tokens, final event)."""
+    """Submit (prompt_ids, adapter, max_new_tokens[, num_beams]) jobs; return per job (tokens, final event)."""
     qs = []
-    for ids, adapter, n in jobs:
+    for ids, adapter, n, *beams in jobs:
         q: queue.Queue = queue.Queue()
-        engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, settings=GenerationSettings(max_new_tokens=n),
-                                        emit=q.put))  # fmt: skip
+        settings = GenerationSettings(max_new_tokens=n, num_beams=beams[0] if beams else 1)
+        engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, settings=settings, emit=q.put))
         qs.append(q)
     out = []
     deadline = time.monotonic() + timeout
@@ -54,19 +56,31 @@ def _run(engine, jobs, timeout=20.0):
     return out
 
 
+def _alone(peft, jobs) -> list[list[int]]:
+    """Each job's tokens from PeftModel.generate, one prompt at a time."""
+    want = []
+    for ids, adapter, n, *beams in jobs:
+        gen = peft.generate(torch.tensor([ids]), max_new_tokens=n, adapter_names=[adapter], eos_token_id=EOS,
+                            num_beams=beams[0] if beams else 1)  # fmt: skip
+        want.append(gen[0, len(ids) :].tolist())
+    return want
+
+
+def _serve(engine, jobs):
+    """``_run`` on a started engine, stopped afterwards."""
+    engine.start()
+    try:
+        return _run(engine, jobs)
+    finally:
+        engine.stop()
+
+
 def test_rows_join_and_match_generate_alone():
     peft = _peft()
     jobs = [([1, 2, 3], "h", 9), ([4], "h0", 3), ([5, 6], None, 7), ([7, 8, 9, 10], "h", 5), ([3, 3], "h0", 8)]
-    want = []
-    for ids, adapter, n in jobs:
-        gen = peft.generate(torch.tensor([ids]), max_new_tokens=n, adapter_names=[adapter], eos_token_id=EOS)
-        want.append(gen[0, len(ids) :].tolist())
+    want = _alone(peft, jobs)
     engine = BatchEngine(peft, eos_token_id=EOS, max_batch=3, batch_wait_s=0.05)
-    engine.start()
-    try:
-        got = _run(engine, jobs)
-    finally:
-        engine.stop()
+    got = _serve(engine, jobs)
     for (tokens, final), ref in zip(got, want):
         assert final == {"done": True, "finish_reason": "length"}
         assert tokens == ref
@@ -90,18 +104,11 @@ def _spy_steps(engine) -> list[set]:
 def test_lora_rows_share_steps_with_other_adapters():
     peft = _peft()
     jobs = [([1, 2], "h", 5), ([1, 2], "lora", 5), ([3], "lora2", 4), ([1, 2], None, 5), ([4, 5, 6], "lora", 3)]
-    want = []
-    for ids, adapter, n in jobs:
-        gen = peft.generate(torch.tensor([ids]), max_new_tokens=n, adapter_names=[adapter], eos_token_id=EOS)
-        want.append(gen[0, len(ids) :].tolist())
+    want = _alone(peft, jobs)
     assert want[0] != want[1] != want[3]  # the LoRA adapter changes the tokens
     engine = BatchEngine(peft, eos_token_id=EOS, max_batch=8, batch_wait_s=0.05)
     seen = _spy_steps(engine)
-    engine.start()
-    try:
-        got = _run(engine, jobs)
-    finally:
-        engine.stop()
+    got = _serve(engine, jobs)
     assert [tokens for tokens, _ in got] == want
     assert any({"h", "lora", "lora2", None} <= s for s in seen)
 
@@ -121,6 +128,46 @@ def test_non_mixable_rows_wait_for_their_own_batch():
     assert {"h", "lora"} not in seen
     ref = peft.generate(torch.tensor([[1, 2]]), max_new_tokens=4, adapter_names=["bias"], eos_token_id=EOS)
     assert got[1][0] == ref[0, 2:].tolist()
+
+
+def test_beam_requests_run_alone_between_steps():
+    peft = _peft()
+    jobs = [([1, 2, 3], "h", 12), ([4, 5], "lora2", 8, 3), ([6], None, 10), ([7, 8], "bias", 6, 2), ([2, 2], "lora", 9)]
+    want = _alone(peft, jobs)
+    greedy = peft.generate(torch.tensor([[4, 5]]), max_new_tokens=8, adapter_names=["lora2"], eos_token_id=EOS)
+    assert greedy[0, 2:].tolist() != want[1]  # beam search changes the tokens here
+    engine = BatchEngine(peft, eos_token_id=EOS, max_batch=8, batch_wait_s=0.05)
+    seen = _spy_steps(engine)
+    live = []
+    beam_search = engine._beam_search
+
+    def spy(req):
+        live.append((len(seen), {r.req.adapter for r in engine._rows}))
+        beam_search(req)
+
+    engine._beam_search = spy
+    got = _serve(engine, jobs)
+    assert [tokens for tokens, _ in got] == want
+    assert all(final == {"done": True, "finish_reason": "length"} for _, final in got)
+    assert engine.stats.beam_requests == 2
+    # the beam requests ran while the batch of the other three was live, and it went on decoding after them
+    assert [rows for _, rows in live] == [{"h", None, "lora"}] * 2
+    assert len(seen) > live[-1][0] and all(s <= {"h", None, "lora"} for s in seen)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"num_beams": 0}, "num_beams must be an int in 1..8, got 0"),
+        ({"num_beams": MAX_BEAMS + 1}, "num_beams must be an int in 1..8, got 9"),
+        ({"num_beams": 2.0}, "got 2.0"),
+        ({"num_beams": True}, "got True"),
+        ({"num_beams": 2, "do_sample": True}, "num_beams=2 is beam search, which is greedy: do_sample must be false"),
+    ],
+)
+def test_beam_settings_are_checked(kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GenerationSettings(**kw)
 
 
 def test_a_failing_request_does_not_stop_the_engine():

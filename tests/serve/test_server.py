@@ -84,13 +84,13 @@ def served(tmp_path_factory):
     assert not thread.is_alive()
 
 
-def _reference(engine, prompt: str, adapter: str | None, max_new_tokens: int) -> list[int]:
-    """Greedy tokens of one prompt alone, through PeftModel.generate (the engine thread must be idle)."""
+def _reference(engine, prompt: str, adapter: str | None, max_new_tokens: int, num_beams: int = 1) -> list[int]:
+    """Greedy (or beam search) tokens of one prompt alone, through PeftModel.generate (the engine must be idle)."""
     _wait_idle(engine)
     tok, model = ByteTokenizer(), engine.model
     ids = torch.tensor([tok.encode(prompt)])
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+        out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, num_beams=num_beams,
                              adapter_names=[adapter])[0, ids.shape[1] :].tolist()  # fmt: skip
     return out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
 
@@ -149,6 +149,29 @@ def test_streaming_events_add_up(served):
     assert "".join(e["text"] for e in events[:-1]) == events[-1]["text"] == ByteTokenizer().decode(tokens)
 
 
+def test_beam_requests_match_generate_and_normal_ones_go_on(served):
+    url, engine = served
+    cases = [("the cat", "h", 1), ("a dog ran", "prefix", 3), ("lorem", "lora", 1), ("the cat", "lora_m", 4),
+             ("zz top", None, 2), ("ipsum", "h0", 1), ("the cat", "bias", 3)]  # fmt: skip
+    want = [_reference(engine, p, a, 16, k) for p, a, k in cases]
+    # beam search finds other continuations than greedy here, so a beam request run greedily would show
+    assert any(want[i] != _reference(engine, cases[i][0], cases[i][1], 16) for i in (1, 3, 4, 6))
+    before = engine.stats.beam_requests
+    bodies = [{"prompt": p, "adapter": a, "num_beams": k, "max_new_tokens": 16, "stream": i % 2 == 1}
+              for i, (p, a, k) in enumerate(cases)]  # fmt: skip
+    responses = asyncio.run(_post_all(url, bodies))
+    for (prompt, adapter, k), body, r, ref in zip(cases, bodies, responses, want):
+        assert r.status_code == 200, r.text
+        events = _sse(r) if body["stream"] else [r.json()]
+        final = events[-1]
+        assert final["tokens"] == ref, (prompt, adapter, k)
+        assert final["finish_reason"] == ("eos" if len(ref) < 16 else "length")
+        if body["stream"]:
+            assert [e["token"] for e in events if "token" in e] == ref
+    assert engine.stats.beam_requests == before + 4
+    _wait_idle(engine)
+
+
 def test_sampling_is_seeded(served):
     url, _ = served
     body = {"prompt": "abc", "adapter": "y", "do_sample": True, "temperature": 1.5, "top_k": 50, "top_p": 0.95,
@@ -170,6 +193,12 @@ BAD = [
     ({"adapter": "h"}, 422, "prompt: Field required"),
     ({"prompt": "hi", "beams": 3}, 422, "beams"),
     ({"prompt": 5}, 422, "prompt"),
+    ({"prompt": "hi", "num_beams": 0}, 422, "num_beams: Input should be greater than or equal to 1 (got 0)"),
+    ({"prompt": "hi", "num_beams": 9}, 422, "num_beams: Input should be less than or equal to 8 (got 9)"),
+    ({"prompt": "hi", "num_beams": 2.5}, 422, "num_beams: Input should be a valid integer, got a number with a"),
+    ({"prompt": "hi", "num_beams": 2.5}, 422, "(got 2.5)"),
+    ({"prompt": "hi", "num_beams": 3, "do_sample": True}, 422, "num_beams=3 is beam search"),
+    ({"prompt": "hi", "num_beams": 3, "do_sample": True}, 422, "do_sample must be false (got true)"),
 ]
 
 
