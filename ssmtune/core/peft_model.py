@@ -72,6 +72,16 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    # the base model's scan backend: a property here, since setting an unknown attribute on this wrapper would not
+    # reach the mixers (__getattr__ only forwards reads)
+    @property
+    def backend(self) -> str:
+        return self.base_model.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.base_model.backend = value
+
     # --- adapters -------------------------------------------------------------------------------------------------
 
     @property

@@ -141,3 +141,12 @@ def test_shape_extending_parametrization(backend):
     model.delete_adapter("default")
     assert not hasattr(mixer, "parametrizations")
     assert_close("deleted", clean(ids).logits, model(ids).logits, 0, atol=1e-6)
+
+
+def test_peft_model_backend_reaches_the_mixers():
+    """``peft.backend = ...`` sets every mixer's backend (a plain attribute on the wrapper would reach none)."""
+    model = get_peft_model(tiny_model("m1"), _BiasDeltaConfig(layers=[0]))
+    model.backend = "ref"
+    assert model.backend == "ref" and {m.backend for _, m in model.base_model.mixers()} == {"ref"}
+    with pytest.raises(ValueError, match="cuda-magic"):
+        model.backend = "cuda-magic"
