@@ -9,6 +9,8 @@ With Q the chunk size, a_t = Σ_{s ≤ t in chunk} Δ_s A (chunk-local cumsum) a
 Steps 2 fuses the chunk states with the sequential state passing (one program per [P, N] tile loops over chunks).
 The offset h' never decays, so it is one extra [Q, N] x [N, P] product next to the inter-chunk C·state product in the
 same kernel; y' and D join the epilogue. The backward mirrors these steps; the derivation is in docs/kernels-mamba2.md.
+In the backward, dh' = Σ_t ĝ_tᵀ C_t accumulates in the reverse state-passing loop, and dC's h' term ĝ·h' is one GEMM
+over all positions after the dC kernel (measured faster than the same dot inside it, docs/kernels-mamba2.md).
 
 Loop bounds are ``tl.constexpr`` (chunk count, chunk size, heads per program), so the kernels also run under
 ``TRITON_INTERPRET=1`` on CPU tensors. Launches are not wrapped in ``torch.cuda.device``.
@@ -444,7 +446,6 @@ def ssd_chunk_scan_bwd_dx_kernel(
     tl.store(dB + o_dB, b_dB, mask=m_k[:, None] & m_n[None, :])
 
 
-@triton.heuristics({"USE_STATE_OFFSET": lambda args: args["h_off"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def ssd_chunk_scan_bwd_dc_kernel(
     x,
@@ -454,10 +455,8 @@ def ssd_chunk_scan_bwd_dc_kernel(
     a_cs,
     dy,
     states,
-    h_off,
     dC,
     da,
-    s_hob,
     T,
     H: tl.constexpr,
     G: tl.constexpr,
@@ -471,9 +470,11 @@ def ssd_chunk_scan_bwd_dc_kernel(
     BQ: tl.constexpr,
     BP: tl.constexpr,
     BN: tl.constexpr,
-    USE_STATE_OFFSET: tl.constexpr,
 ):
-    """Query side: one block of positions q, all heads of a head split; gives dC and the +∂a_q terms."""
+    """Query side: one block of positions q, all heads of a head split; gives dC and the +∂a_q terms.
+
+    dC's h' term ĝ·h' is not here: _add_dc_state_offset adds it as one GEMM over all positions.
+    """
     i_q, i_c, i_bgs = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     NS = H // G // HPP
     i_b, i_g, i_s = i_bgs // (G * NS), (i_bgs // NS) % G, i_bgs % NS
@@ -495,15 +496,12 @@ def ssd_chunk_scan_bwd_dc_kernel(
             dy + ((i_b * T + o_q[:, None]) * H + i_h) * P + o_p[None, :], mask=m_q[:, None] & m_p[None, :], other=0.0
         )
         b_aq = tl.load(a_cs + i_bh * TP + o_q)
-        # 1. inter-chunk term e^{a_q} s_c C_q, and the undecayed h' C_q
+        # 1. inter-chunk term e^{a_q} s_c C_q
         b_s = tl.load(states + ((i_b * (NC + 1) + i_c) * H + i_h) * P * N + o_pn, mask=m_pn, other=0.0)
         b_gs = _dot(b_dy.to(DT), b_s.to(DT))  # [BQ, BN]
         b_eq = tl.exp(b_aq)
         b_dC += b_gs * b_eq[:, None]
         b_da = b_eq * tl.sum(b_gs * b_C.to(tl.float32), axis=1)
-        if USE_STATE_OFFSET:
-            b_ho = tl.load(h_off + i_b * s_hob + i_h * P * N + o_pn, mask=m_pn, other=0.0)
-            b_dC += _dot(b_dy.to(DT), b_ho.to(DT))
         # 2. intra-chunk: keys k <= q
         for k0 in range(0, CHUNK, BK):
             if k0 < (i_q + 1) * BQ:
@@ -719,6 +717,24 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, 
     return y, y_pre, dt_p, a_cs, states
 
 
+def _add_dc_state_offset(dC: torch.Tensor, dy: torch.Tensor, h_off: torch.Tensor) -> None:
+    """dC[b, t, g] += Σ_{h in group g} ĝ[b, t, h] · h'[(b,) h], as GEMMs over the (head, p) axis, in place.
+
+    h' never decays, so this product needs no per-position factor: a GEMM over all rows reads ĝ once at the memory
+    roofline, where the same dot inside the dC kernel ran at that kernel's lower efficiency (docs/kernels-mamba2.md).
+    """
+    batch, T, H, P = dy.shape
+    G, N = dC.shape[2], dC.shape[3]
+    K = H // G * P
+    h_off = h_off.to(dy.dtype)
+    if h_off.dim() == 3:
+        g = dy.reshape(batch * T, G, K).transpose(0, 1)  # [G, B*T, K], a strided view (no copy)
+        dC += torch.bmm(g, h_off.reshape(G, K, N)).transpose(0, 1).reshape(batch, T, G, N)
+        return
+    for i in range(batch):  # per-row h' [B, H, P, N]: one matmul over (B, G) would copy ĝ
+        dC[i] += torch.bmm(dy[i].reshape(T, G, K).transpose(0, 1), h_off[i].reshape(G, K, N)).transpose(0, 1)
+
+
 def _ssd_bwd(
     do, dht, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off, y_pre, dt_p, a_cs, states
 ):
@@ -780,9 +796,7 @@ def _ssd_bwd(
         x, B, C, dt_p, a_cs, dy, dstates, D, dx, dB, ddt_direct, da_k, dD_part, dy_sum, T,
         D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=8, **common,
     )  # fmt: skip
-    ssd_chunk_scan_bwd_dc_kernel[grid](
-        x, B, C, dt_p, a_cs, dy, states, h_off_k, dC, da_q, _batch_stride(h_off, 4), T, num_warps=8, **common
-    )
+    ssd_chunk_scan_bwd_dc_kernel[grid](x, B, C, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=8, **common)
     # 3. ∂a → ∂Δ, ∂A through the chunk cumsum, then through softplus and dt_bias
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(batch, NC, H, device=x.device, dtype=torch.float32)
@@ -794,7 +808,10 @@ def _ssd_bwd(
     )  # fmt: skip
     dA = dA_part.sum((0, 1)).to(A.dtype)
     dB = dB.sum(3).to(B.dtype)
-    dC = dC.sum(3).to(C.dtype)
+    dC = dC.sum(3)
+    if h_off is not None:
+        _add_dc_state_offset(dC, dy, h_off_k)
+    dC = dC.to(C.dtype)
     ddt_bias = ddt_bias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
     dD = None
     if D is not None:
