@@ -20,8 +20,12 @@ GPU memory: the workers share one GPU, and 12 long-sequence runs at ~6 GiB each 
 to out-of-memory errors in the session-3 call). So each worker reports its run's peak (reserved) memory and returns
 its cache after every run; a run starts only if the peaks of the running runs plus its own (the largest seen for its
 (model, task), or --probe-gib until one of its runs has ended) fit in --gpu-mem-gib (default: the GPU's memory less
-1 GiB per worker for the CUDA contexts); a run that still fails with an out-of-memory error is queued again (twice at
-most) instead of being recorded as a failure.
+1 GiB per worker for the CUDA contexts). Until a (model, task) has a measured peak, one of its runs at a time is in
+flight (its probe): in session 4 twelve Mamba-1 wn-pos-long runs started on the 8-GiB guess and needed 10-14 GiB each.
+A run that still fails with an out-of-memory error is queued again (twice at most) instead of being recorded as a
+failure; its kind's estimate grows by a quarter and the retry waits until another run has ended.
+Tasks scored with a metric whose package is missing (wn-define: rouge-score) are refused before anything runs; on the
+GPU machine carry the wheels (scripts/gpu_wheels.sh writes them to .whl/study).
 
 Continuing a study (e.g. in the next GPU call): --resume reads earlier study.jsonl files and does not repeat their
 successful runs (same model, task, method, LR and seed; error rows are run again). Their rows are copied to the new
@@ -282,6 +286,7 @@ class Study:
         for r in done:
             self.note_peak(r)
         self.most_gib = 0.0  # the most memory the running runs were planned to take at once (printed at the end)
+        self.ended = 0  # runs recorded so far (an out-of-memory retry waits for the next one)
         for cell in cells:
             lr0 = METHODS[cell[2]][2]
             for i, s in enumerate(self.scales):
@@ -299,8 +304,14 @@ class Study:
             self.peak_gib[key] = max(self.peak_gib.get(key, 0.0), gib)
 
     def requeue(self, job: dict) -> None:
-        """An out-of-memory run goes back to the ready list (it lost a race for memory; it is not a failure)."""
-        self.ready.append({**job, "tries": job.get("tries", 0) + 1})
+        """An out-of-memory run goes back to the ready list (it lost a race for memory; it is not a failure).
+
+        Its kind's memory estimate grows by a quarter (the peaks it was planned with were too small), and it waits
+        until another run has ended: started again at once, it met the same full GPU (session 4: three tries within
+        3 s, then an error row)."""
+        key = (job["model"], job["task"])
+        self.peak_gib[key] = 1.25 * self.peak_gib.get(key, self.opts.probe_gib)
+        self.ready.append({**job, "tries": job.get("tries", 0) + 1, "after": self.ended})
         self.ready.sort(key=lambda j: j["prio"])
 
     def add(self, cell: tuple, phase: int, index: int, lr: float, scale: float, seed: int) -> None:
@@ -324,6 +335,7 @@ class Study:
     def finished(self, job: dict, row: dict) -> None:
         """Record a result; when it completes a cell's phase 1, queue phase 2 at the best validation LR."""
         self.rows.append(row)
+        self.ended += 1
         cell = (job["model"], job["task"], job["method"])
         if job["phase"] != 1:
             return
@@ -342,6 +354,13 @@ class Study:
         for job in self.ready:
             key = (job["model"], job["task"])
             if elapsed + 1.1 * slowest.get(key, 0.0) >= self.opts.hard_seconds:
+                continue
+            # one probe per kind: until a run of it reports its peak, --probe-gib is a guess, and 12 runs of a kind
+            # that needed 10-14 GiB each all started on an 8-GiB guess (session 4)
+            probing = key not in self.peak_gib and self.opts.gpu_mem_gib != float("inf")
+            if probing and any((j["model"], j["task"]) == key for j in running):
+                continue
+            if running and job.get("after", -1) >= self.ended:
                 continue
             if running and used + need(key) > self.opts.gpu_mem_gib:  # (alone, a run always starts)
                 continue
@@ -401,6 +420,15 @@ def main() -> None:
     for m in methods:
         if m not in METHODS:
             ap.error(f"unknown method {m!r}; known: {', '.join(METHODS)}")
+    if not opts.fake:  # fail now, not after each run has trained (session 4 lost its wn-define runs to rouge_score)
+        from ssmtune.data import get_task
+        from ssmtune.eval.metrics import require_metric_packages
+
+        for t in tasks:
+            try:
+                require_metric_packages(get_task(t).metrics, t)
+            except ImportError as e:
+                ap.error(str(e))
     settings = {k: getattr(opts, k) for k in SETTINGS}
     task_specs = {t: TASKS.get(t, {}) for t in tasks}
     old_plans, done = read_resume(opts.resume, settings, task_specs)

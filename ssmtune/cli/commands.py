@@ -74,9 +74,11 @@ def make_adapter_configs(method: str, method_args: dict[str, Any]) -> list | Non
 def validate_train_args(args: TrainArgs) -> None:
     """Checks that need no model or data: the method and its options, the task name."""
     from ssmtune.data import get_task
+    from ssmtune.eval.metrics import require_metric_packages
 
     make_adapter_configs(args.method, args.method_args)
-    get_task(args.data.task)
+    task = get_task(args.data.task)
+    require_metric_packages(task.metrics, args.data.task)
 
 
 def load_base_model(spec: str, *, backend: str = "auto") -> nn.Module:
@@ -256,8 +258,9 @@ def eval(args: EvalCommandArgs) -> dict[str, Any]:
     from ssmtune.core.io import load_adapter
     from ssmtune.data import get_task
     from ssmtune.eval.evaluate import evaluate
+    from ssmtune.eval.metrics import require_metric_packages
 
-    get_task(args.data.task)
+    require_metric_packages(get_task(args.data.task).metrics, args.data.task)
     tokenizer = load_tokenizer_for(args.tokenizer, args.model)
     model = load_base_model(args.model, backend=args.backend)
     if args.adapter is not None:

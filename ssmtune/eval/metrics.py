@@ -162,6 +162,27 @@ def _check_refs(preds: Sequence[str], references: Sequence[Sequence[str]]) -> No
             raise ValueError(f"references[{i}] must be a non-empty list of strings, got {refs!r}")
 
 
+# metric -> the package it cannot be computed without (METEOR is left out: without nltk it reports why, not fails)
+METRIC_PACKAGES = {"rouge": ("rouge_score", "rouge-score==0.1.2"), "bleu": ("sacrebleu", "sacrebleu>=2.4")}
+
+
+def require_metric_packages(metrics: Sequence[str], task: str = "") -> None:
+    """Raise ImportError naming the missing package if a metric of ``metrics`` could not be computed.
+
+    Called before training, so a run does not train for minutes and then fail at its first evaluation.
+    """
+    import importlib.util
+
+    for metric in metrics:
+        if metric in METRIC_PACKAGES:
+            module, spec = METRIC_PACKAGES[metric]
+            if importlib.util.find_spec(module) is None:
+                what = f"task {task!r} is scored with {metric!r}" if task else f"metric {metric!r}"
+                raise ImportError(
+                    f"{what}, which needs the {module!r} package: pip install '{spec}' (or ssmtune[eval])"
+                )
+
+
 def rouge(preds: Sequence[str], references: Sequence[Sequence[str]] | Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L/Lsum F-measure x 100 (rouge-score, `use_stemmer=True`).
 

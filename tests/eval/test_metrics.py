@@ -126,3 +126,24 @@ def test_meteor_with_wordnet():
 
 def test_generation_scores_samsum_is_rouge():
     assert set(generation_scores("samsum", ["hi there"], [["hi there"]])) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+
+
+def test_missing_metric_package_is_named_before_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run scored with ROUGE fails before it trains when rouge-score is missing, naming the task and the package."""
+    import importlib.util
+
+    from ssmtune.cli.args import TrainArgs
+    from ssmtune.cli.commands import validate_train_args
+    from ssmtune.eval.metrics import require_metric_packages
+
+    require_metric_packages(["rouge", "bleu", "accuracy", "meteor"])  # installed in the test environment
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else real(name, *a))
+    with pytest.raises(ImportError, match="task 'wn-define' is scored with 'rouge', which needs the 'rouge_score'"):
+        require_metric_packages(("rouge",), "wn-define")
+    require_metric_packages(("accuracy", "bleu"))  # the others are unaffected
+    from ssmtune.data import TaskConfig
+
+    with pytest.raises(ImportError, match="pip install 'rouge-score==0.1.2'"):
+        validate_train_args(TrainArgs(model="builtin:mamba-tiny", data=TaskConfig(task="wn-define")))
+    validate_train_args(TrainArgs(model="builtin:mamba-tiny", data=TaskConfig(task="wn-category")))
