@@ -188,3 +188,24 @@ def test_verdicts_and_claims_with_missing_cells(tmp_path: Path) -> None:
 def test_summarize_reads_old_files(name: str) -> None:
     plan, rows = S.load([ROOT / "docs/img" / name])
     assert plan is None and "| - | wn-pos | state_offset_h |" in S.table(S.summarize(rows), plan)
+
+
+def test_out_of_memory_retry_waits_for_another_run_to_end() -> None:
+    """A requeued out-of-memory run is not handed out again while the runs that filled the GPU still run (it would
+    meet the same full GPU), its kind's estimate grows, and alone it starts at once."""
+    import argparse
+
+    opts = argparse.Namespace(lr_scales="1", seeds="0", probe_gib=8.0, gpu_mem_gib=40.0, hard_seconds=1e9)
+    cells = [("m", "t", "state_offset_h"), ("m", "t", "prompt")]
+    s = study.Study(opts, cells, [])
+    s.peak_gib[("m", "t")] = 10.0
+    a = s.take(0, {}, [])
+    b = s.take(0, {}, [a])
+    assert a["method"] == "state_offset_h" and b["method"] == "prompt"
+    s.requeue(b)  # b ran out of memory beside a
+    assert s.peak_gib[("m", "t")] == 12.5
+    assert s.take(0, {}, [a]) is None  # a still runs: b waits
+    s.finished(a, {**a, "val": 0.5, "test": 0.5})
+    assert s.take(0, {}, [])["method"] == "prompt"
+    s.requeue(b)
+    assert s.take(0, {}, [])["method"] == "prompt"  # nothing runs: alone, it starts
