@@ -257,7 +257,9 @@ def worker(wid: int, jobs: mp.Queue, results: mp.Queue, opts: dict) -> None:
         row["seconds"] = round(time.perf_counter() - t0, 2)
         if opts["fake"]:
             row["peak_gib"] = opts["fake_peak_gib"]
-        elif cuda:
+        else:  # which machine ran it: a study may be continued on another GPU, or on the CPU
+            row["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
+        if not opts["fake"] and cuda:
             row["peak_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
             gc.collect()
             torch.cuda.empty_cache()  # the next run may be smaller: give the cache back to the other workers
