@@ -259,10 +259,10 @@ def worker(wid: int, jobs: mp.Queue, results: mp.Queue, opts: dict) -> None:
             row["peak_gib"] = opts["fake_peak_gib"]
         else:  # which machine ran it: a study may be continued on another GPU, or on the CPU
             row["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
-        if not opts["fake"] and cuda:
-            row["peak_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-            gc.collect()
-            torch.cuda.empty_cache()  # the next run may be smaller: give the cache back to the other workers
+            if cuda:
+                row["peak_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+                gc.collect()
+                torch.cuda.empty_cache()  # the next run may be smaller: give the cache back to the other workers
         results.put((wid, job["id"], row))
 
 

@@ -763,7 +763,6 @@ def _ssd_bwd(
         dy, C, a_cs, states, dht, dstates, dh0, dh_off, dlast, T,
         H=H, G=G, P=P, N=N, TP=TP, NC=NC, CHUNK=chunk_size, BK=blk["BK"], BP=BP, BN=BN,
     )  # fmt: skip
-    h_off_k = _h_off_for_dots(h_off, C)
     # 2. key side (dx, dB) and query side (dC); programs loop over HPP heads of one group
     HPP = _heads_per_program(H, G)
     NS = H // G // HPP
@@ -810,7 +809,7 @@ def _ssd_bwd(
     dB = dB.sum(3).to(B.dtype)
     dC = dC.sum(3)
     if h_off is not None:
-        _add_dc_state_offset(dC, dy, h_off_k)
+        _add_dc_state_offset(dC, dy, h_off)
     dC = dC.to(C.dtype)
     ddt_bias = ddt_bias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
     dD = None
