@@ -372,6 +372,15 @@ class Study:
         return None
 
 
+def _device_name(fake: bool) -> str:
+    """The name a worker records in its rows' "device" field, for this machine."""
+    if fake:
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/study", help="folder of study.jsonl (run folders go to --run-dir)")
@@ -492,7 +501,10 @@ def main() -> None:
         spawn(wid)
     busy: dict[int, tuple[dict, float]] = {}  # worker id -> (job, time handed out)
     slowest: dict[tuple, float] = {}  # (model, task) -> the longest run so far, to not start one that cannot end
+    here = _device_name(opts.fake)
     for r in done:  # the earlier calls' times: a first run that cannot end before the deadline is not started
+        if r.get("device", here) != here:  # a CPU run's time says nothing about a GPU run's (rows record their device)
+            continue
         key = (r["model"], r["task"])
         slowest[key] = max(slowest.get(key, 0.0), r.get("seconds", 0.0))
     started = 0

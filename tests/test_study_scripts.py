@@ -135,12 +135,25 @@ def test_study_resume_continues_without_repeating(tmp_path: Path) -> None:
     assert not (tmp_path / "d/study.jsonl").exists()
 
 
+def test_earlier_run_times_count_only_on_the_same_device(tmp_path: Path) -> None:
+    """A (model, task)'s slowest earlier run keeps its next runs from starting near the deadline, but only a run on
+    this machine's device says how long one takes here (the GPU study resumes files with CPU rows)."""
+    sel = ("--tasks", "wn-pos", "--models", "builtin:mamba-tiny", "--methods", "prompt", "--seeds", "0")
+    _, a = _study(tmp_path / "a", *sel, "--max-runs", "1")
+    assert len(a) == 2 and "error" not in a[1]
+    for device, started in (("NVIDIA H200", 2), ("cpu", 0)):  # --fake runs record device "cpu"
+        row = {**a[1], "seconds": 1e6, "device": device}
+        (tmp_path / f"{device}.jsonl").write_text(json.dumps(a[0]) + "\n" + json.dumps(row) + "\n")
+        _, b = _study(tmp_path / device, *sel, "--resume", str(tmp_path / f"{device}.jsonl"), "--hard-seconds", "100")
+        assert len(b) == 2 + started, device
+
+
 def test_resume_reads_the_gpu_study_file(monkeypatch: pytest.MonkeyPatch) -> None:
     # the whole GPU study so far (sessions 3 and 4: one file, the later call copied the earlier rows); its settings are
     # the defaults of then, and its rows say how many epochs they ran
     gpu = [ROOT / "docs/img/study-gpu.jsonl"]
     plans, done = study.read_resume(gpu, dict(study.OLD_DEFAULTS), {})
-    assert len(plans) == 1 and len(done) == 286
+    assert len(plans) == 1 and len(done) == 314
     with pytest.raises(SystemExit, match="fake=False, this study fake=True"):
         study.read_resume(gpu, {**study.OLD_DEFAULTS, "fake": True}, {})
     monkeypatch.setitem(study.TASKS, "wn-pos", {"epochs": 2, "eval_examples": None})
