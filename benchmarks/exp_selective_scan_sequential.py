@@ -1,0 +1,208 @@
+"""Experiment (issue #4): a Mamba-1 forward that walks time one step at a time, against the n-loop kernel.
+
+The library's forward (``ssmtune/ops/selective_scan/fused.py``) scans each state along a 128-step tile with
+``tl.associative_scan``. This prototype keeps all N states of BLOCK_D channels in registers and applies
+h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t once per step, K steps unrolled per loop iteration (``tl.static_range``), so
+there is no log-depth scan and no last-column reduction; its inputs are read in the mixer's own time-major layout
+([B, L, D] viewed as [B, D, L]), so the transposing copies before the scan go too. Peer flags only (D, z,
+delta_bias, softplus), no h0 / h' / y', no checkpoints: a measurement, not a backend. Variants:
+
+- ``step``: per-step loads of u, Δ, z, B_t, C_t and a per-step store of y_t;
+- ``tile``: y_t gathered into a [BLOCK_D, K] tile and stored once per K steps (no store between the steps' loads);
+- ``tile_at``: ``tile`` with A read as [N, D], so the compiler lays the state tile out one channel per lane (all N
+  states of a channel in one thread: the read-out Σ_n C_n h_n needs no shuffle);
+- ``tile_in_at``: ``tile_at`` with u and Δ also loaded as [BLOCK_D, K] tiles, each step's column picked in registers
+  (not yet timed on a GPU).
+
+Measured on one NVIDIA H200 (torch 2.11, triton 3.6; docs/kernels-mamba1.md, session 5; raw docs/img/scan_sequential_s5.json):
+B 8, L 2048, N 16, bf16, forward ms; n-loop 0.79-0.80 at D 1536 and 1.89-1.90 at D 4096.
+Best at D 1536: ``tile`` BLOCK_D 16, K 16, 2 warps, 0.912 (0.87x the n-loop's speed); at D 4096: ``tile_at``
+BLOCK_D 32, K 8, 1 warp, 1.331 (1.43x faster than the n-loop). Every variant took at least ~0.55 µs per time step at
+D 1536 whatever the tile, i.e. one memory latency per step: latency-bound where there are few channels per SM.
+
+    PYTHONPATH=. python3 benchmarks/exp_selective_scan_sequential.py --out $OUT/scan_sequential.json
+    TRITON_INTERPRET=1 python benchmarks/exp_selective_scan_sequential.py --check-only     # CPU: correctness only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ssmtune.ops.selective_scan.fused import selective_scan_fwd
+from ssmtune.ops.selective_scan.naive import selective_scan_ref
+
+LOG2E = tl.constexpr(1.4426950408889634)
+VARIANTS = ("step", "tile", "tile_at", "tile_in_at")
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+
+
+@triton.jit
+def seq_fwd_kernel(
+    u, dt, A, B, C, D, z, dbias, y, L, DIM,
+    s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_yb, s_yd, s_yl,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
+    STORE_PER_STEP: tl.constexpr, A_T: tl.constexpr, TILE_IN: tl.constexpr,
+):  # fmt: skip
+    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    i_b = i_b.to(tl.int64)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n = tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, K)
+    m_d = o_d < DIM
+    m_n = o_n < N
+    m_dn = m_d[:, None] & m_n[None, :]
+    if A_T:  # A as [N, D]: the tile's layout follows its contiguous axis, D, i.e. one channel per lane
+        b_A = tl.load(A + o_n[None, :] * DIM + o_d[:, None], mask=m_dn, other=0.0) * LOG2E
+    else:
+        b_A = tl.load(A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0) * LOG2E
+    b_D = tl.load(D + o_d, mask=m_d, other=0.0)
+    b_db = tl.load(dbias + o_d, mask=m_d, other=0.0)
+    b_h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    p_u = u + i_b * s_ub + o_d * s_ud
+    p_t = dt + i_b * s_tb + o_d * s_td
+    p_z = z + i_b * s_zb + o_d * s_zd
+    p_y = y + i_b * s_yb + o_d * s_yd
+    p_B = B + i_b * s_Bb + o_n * s_Bn
+    p_C = C + i_b * s_Cb + o_n * s_Cn
+    t0 = 0
+    while t0 < L:
+        m_k = m_d[:, None] & ((t0 + o_k) < L)[None, :]
+        if TILE_IN:
+            b_U = tl.load(p_u[:, None] + (t0 + o_k)[None, :] * s_ul, mask=m_k, other=0.0).to(tl.float32)
+            b_T = tl.load(p_t[:, None] + (t0 + o_k)[None, :] * s_tl, mask=m_k, other=0.0).to(tl.float32)
+            b_T = tl.where(m_k, _softplus(b_T + b_db[:, None]), 0.0)
+            b_TU = b_T * b_U
+        b_Y = tl.zeros([BLOCK_D, K], dtype=tl.float32)
+        for k in tl.static_range(K):
+            t = t0 + k
+            m = m_d & ((o_d * 0 + t) < L)
+            mn = m_n & ((o_n * 0 + t) < L)
+            if TILE_IN:
+                b_dt = tl.sum(tl.where(o_k[None, :] == k, b_T, 0.0), axis=1)
+                b_dtu = tl.sum(tl.where(o_k[None, :] == k, b_TU, 0.0), axis=1)
+            else:
+                b_u = tl.load(p_u + t * s_ul, mask=m, other=0.0).to(tl.float32)
+                b_dt = tl.load(p_t + t * s_tl, mask=m, other=0.0).to(tl.float32)
+                b_dt = tl.where(m, _softplus(b_dt + b_db), 0.0)
+                b_dtu = b_dt * b_u
+            b_B = tl.load(p_B + t * s_Bl, mask=mn, other=0.0).to(tl.float32)
+            b_C = tl.load(p_C + t * s_Cl, mask=mn, other=0.0).to(tl.float32)
+            b_h = tl.exp2(b_dt[:, None] * b_A) * b_h + b_dtu[:, None] * b_B[None, :]
+            b_yt = tl.sum(b_h * b_C[None, :], axis=1)
+            if STORE_PER_STEP:
+                b_z = tl.load(p_z + t * s_zl, mask=m, other=0.0).to(tl.float32)
+                b_yt = (b_yt + b_D * b_u) * b_z * tl.sigmoid(b_z)
+                tl.store(p_y + t * s_yl, b_yt.to(y.dtype.element_ty), mask=m)
+            else:
+                b_Y = tl.where(o_k[None, :] == k, b_yt[:, None], b_Y)
+        if not STORE_PER_STEP:
+            if not TILE_IN:
+                b_U = tl.load(p_u[:, None] + (t0 + o_k)[None, :] * s_ul, mask=m_k, other=0.0).to(tl.float32)
+            b_Z = tl.load(p_z[:, None] + (t0 + o_k)[None, :] * s_zl, mask=m_k, other=0.0).to(tl.float32)
+            b_Y = (b_Y + b_D[:, None] * b_U) * b_Z * tl.sigmoid(b_Z)
+            tl.store(p_y[:, None] + (t0 + o_k)[None, :] * s_yl, b_Y.to(y.dtype.element_ty), mask=m_k)
+        t0 += K
+
+
+def seq_fwd(u, dt, A, B, C, D, z, dbias, variant="tile_at", block_d=32, k=8, warps=1):
+    """y = selective_scan(u, dt, A, B, C, D, z, dbias, delta_softplus=True), y returned as a [B, D, L] view of a
+    time-major buffer (what the mixer's out_proj reads)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}; known: {', '.join(VARIANTS)}")
+    b, d, L = u.shape
+    n = A.shape[1]
+    y = torch.empty(b, L, d, device=u.device, dtype=u.dtype).transpose(1, 2)
+    a_t = variant.endswith("_at")
+    seq_fwd_kernel[(triton.cdiv(d, block_d), b)](
+        u, dt, A.t().contiguous() if a_t else A, B, C, D, z, dbias, y, L, d,
+        *u.stride(), *dt.stride(), *z.stride(), *B.stride(), *C.stride(), *y.stride(),
+        N=n, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n), K=k, STORE_PER_STEP=variant == "step", A_T=a_t,
+        TILE_IN=variant == "tile_in_at", num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+def inputs(b, d, L, n, dtype, device, seed=0):
+    """The mixer's layouts: u, Δ [B, L, D], z a half of in_proj's [B, L, 2D], B / C slices of x_proj's [B, L, R+2N];
+    all viewed as [B, D, L] / [B, N, L] the way ``ops.selective_scan`` receives them."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    u = r(b, L, d).to(device, dtype).transpose(1, 2)
+    dt = (r(b, L, d) * 0.5 - 1).to(device, dtype).transpose(1, 2)
+    z = r(b, L, 2 * d).to(device, dtype)[..., d:].transpose(1, 2)
+    x_dbl = r(b, L, 48 + 2 * n).to(device, dtype)
+    B, C = x_dbl[..., 48 : 48 + n].transpose(1, 2), x_dbl[..., 48 + n :].transpose(1, 2)
+    A = (-torch.rand(d, n, generator=g) - 0.5).to(device)
+    return u, dt, A, B, C, r(d).to(device), z, (r(d) * 0.3).to(device)
+
+
+def check(cfg, device):
+    """Relative error against the fp32 reference on a small odd-sized case (fp32), output NaN-poisoned by empty()."""
+    variant, block_d, k, warps = cfg
+    x = inputs(2, 37, 333 if device == "cuda" else 45, 5, torch.float32, device)
+    ref = selective_scan_ref(*x, delta_softplus=True)
+    out = seq_fwd(*x, variant=variant, block_d=block_d, k=k, warps=warps)
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+DEFAULT_CONFIGS = [
+    ["tile", 16, 16, 2], ["tile_at", 32, 8, 1], ["tile_at", 32, 16, 1], ["tile_at", 64, 16, 2],
+    ["tile_in_at", 32, 8, 1], ["tile_in_at", 32, 16, 1], ["step", 16, 8, 2],
+]  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dims", default="1536,4096")
+    ap.add_argument("--configs", default=None, help="JSON list of [variant, BLOCK_D, K, warps]")
+    ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--out", default=None)
+    opts = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfgs = json.loads(opts.configs) if opts.configs else DEFAULT_CONFIGS
+    for cfg in cfgs if device == "cuda" else [[v, 4, 8, 1] for v in VARIANTS]:
+        err = check(cfg, device)
+        print(f"check {cfg}: relative error {err:.1e}", flush=True)
+        if not err < 1e-4:
+            raise SystemExit(f"{cfg} does not match the reference (relative error {err:.1e})")
+    if opts.check_only or device != "cuda":
+        return
+    from triton.testing import do_bench
+
+    rows = []
+    for d in map(int, opts.dims.split(",")):
+        x = inputs(8, d, 2048, 16, torch.bfloat16, device)
+        contig = [t.contiguous() for t in x]  # the n-loop kernel reads [B, D, L]; the mixer copies into it
+        nloop = lambda: selective_scan_fwd(*contig, True, None, None, None, False, False)  # noqa: B023
+        base = do_bench(nloop, warmup=25, rep=200)
+        rows.append({"d": d, "kernel": "n-loop", "ms": base})
+        for variant, block_d, k, warps in cfgs:
+            kw = {"variant": variant, "block_d": block_d, "k": k, "warps": warps}
+            ms = do_bench(lambda: seq_fwd(*x, **kw), warmup=10, rep=60)  # noqa: B023
+            rows.append({"d": d, **kw, "ms": ms, "vs_nloop": base / ms})
+            print(f"D {d} {variant} BLOCK_D {block_d} K {k} warps {warps}: {ms:.3f} ms (n-loop {base:.3f})", flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    if opts.out:
+        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
+        Path(opts.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    print(f"\n{meta}\n| D | kernel | ms | n-loop / this |\n|---|---|---|---|")
+    for r in rows:
+        name = r["kernel"] if "kernel" in r else f"{r['variant']} {r['block_d']}/{r['k']}/{r['warps']}"
+        print(f"| {r['d']} | {name} | {r['ms']:.3f} | {r.get('vs_nloop', 1.0):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
