@@ -11,8 +11,10 @@ delta_bias, softplus), no h0 / h' / y', no checkpoints: a measurement, not a bac
 - ``tile``: y_t gathered into a [BLOCK_D, K] tile and stored once per K steps (no store between the steps' loads);
 - ``tile_at``: ``tile`` with A read as [N, D], so the compiler lays the state tile out one channel per lane (all N
   states of a channel in one thread: the read-out Σ_n C_n h_n needs no shuffle);
-- ``tile_in_at``: ``tile_at`` with u and Δ also loaded as [BLOCK_D, K] tiles, each step's column picked in registers
-  (not yet timed on a GPU).
+- ``tile_in_at``: ``tile_at`` with u and Δ also loaded as [BLOCK_D, K] tiles, each step's column picked in registers;
+- ``tile_at_pf1`` / ``tile_at_pf2``: ``tile_at`` with the inputs of step t + 1 (t + 2) loaded before step t is computed:
+  the compiled ``tile_at`` issues each step's loads right before its own exponentials (sm_90 SASS), so every step
+  waits for a memory latency. The last three are not yet timed on a GPU.
 
 Measured on one NVIDIA H200 (torch 2.11, triton 3.6; docs/kernels-mamba1.md, session 5; raw docs/img/scan_sequential_s5.json):
 B 8, L 2048, N 16, bf16, forward ms; n-loop 0.79-0.80 at D 1536 and 1.89-1.90 at D 4096.
@@ -41,7 +43,7 @@ from ssmtune.ops.selective_scan.fused import selective_scan_fwd
 from ssmtune.ops.selective_scan.naive import selective_scan_ref
 
 LOG2E = tl.constexpr(1.4426950408889634)
-VARIANTS = ("step", "tile", "tile_at", "tile_in_at")
+VARIANTS = ("step", "tile", "tile_at", "tile_in_at", "tile_at_pf1", "tile_at_pf2")
 
 
 @triton.jit
@@ -50,11 +52,21 @@ def _softplus(x):
 
 
 @triton.jit
+def _load_step(t, p_u, p_t, p_B, p_C, s_ul, s_tl, s_Bl, s_Cl, o_d, o_n, m_d, m_n, L):
+    """u_t, Δ_t (before bias and softplus) of the block's channels and B_t, C_t; zeros past the end."""
+    m = m_d & ((o_d * 0 + t) < L)
+    mn = m_n & ((o_n * 0 + t) < L)
+    b_u = tl.load(p_u + t * s_ul, mask=m, other=0.0)
+    b_dt = tl.load(p_t + t * s_tl, mask=m, other=0.0)
+    return b_u, b_dt, tl.load(p_B + t * s_Bl, mask=mn, other=0.0), tl.load(p_C + t * s_Cl, mask=mn, other=0.0)
+
+
+@triton.jit
 def seq_fwd_kernel(
     u, dt, A, B, C, D, z, dbias, y, L, DIM,
     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_yb, s_yd, s_yl,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
-    STORE_PER_STEP: tl.constexpr, A_T: tl.constexpr, TILE_IN: tl.constexpr,
+    STORE_PER_STEP: tl.constexpr, A_T: tl.constexpr, TILE_IN: tl.constexpr, PF: tl.constexpr,
 ):  # fmt: skip
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     i_b = i_b.to(tl.int64)
@@ -77,6 +89,11 @@ def seq_fwd_kernel(
     p_y = y + i_b * s_yb + o_d * s_yd
     p_B = B + i_b * s_Bb + o_n * s_Bn
     p_C = C + i_b * s_Cb + o_n * s_Cn
+    # PF > 0: step t + PF's inputs are loaded before step t is computed (PF sets of them carried along)
+    if PF > 0:
+        c_u, c_dt, c_B, c_C = _load_step(0, p_u, p_t, p_B, p_C, s_ul, s_tl, s_Bl, s_Cl, o_d, o_n, m_d, m_n, L)
+    if PF > 1:
+        n_u, n_dt, n_B, n_C = _load_step(1, p_u, p_t, p_B, p_C, s_ul, s_tl, s_Bl, s_Cl, o_d, o_n, m_d, m_n, L)
     t0 = 0
     while t0 < L:
         m_k = m_d[:, None] & ((t0 + o_k) < L)[None, :]
@@ -93,13 +110,26 @@ def seq_fwd_kernel(
             if TILE_IN:
                 b_dt = tl.sum(tl.where(o_k[None, :] == k, b_T, 0.0), axis=1)
                 b_dtu = tl.sum(tl.where(o_k[None, :] == k, b_TU, 0.0), axis=1)
+            elif PF > 0:
+                f_u, f_dt, f_B, f_C = _load_step(
+                    t + PF, p_u, p_t, p_B, p_C, s_ul, s_tl, s_Bl, s_Cl, o_d, o_n, m_d, m_n, L
+                )  # fmt: skip
+                b_u, b_dt, b_B, b_C = c_u.to(tl.float32), c_dt.to(tl.float32), c_B.to(tl.float32), c_C.to(tl.float32)
+                if PF > 1:
+                    c_u, c_dt, c_B, c_C = n_u, n_dt, n_B, n_C
+                    n_u, n_dt, n_B, n_C = f_u, f_dt, f_B, f_C
+                else:
+                    c_u, c_dt, c_B, c_C = f_u, f_dt, f_B, f_C
+                b_dt = tl.where(m, _softplus(b_dt + b_db), 0.0)
+                b_dtu = b_dt * b_u
             else:
                 b_u = tl.load(p_u + t * s_ul, mask=m, other=0.0).to(tl.float32)
                 b_dt = tl.load(p_t + t * s_tl, mask=m, other=0.0).to(tl.float32)
                 b_dt = tl.where(m, _softplus(b_dt + b_db), 0.0)
                 b_dtu = b_dt * b_u
-            b_B = tl.load(p_B + t * s_Bl, mask=mn, other=0.0).to(tl.float32)
-            b_C = tl.load(p_C + t * s_Cl, mask=mn, other=0.0).to(tl.float32)
+            if PF == 0:
+                b_B = tl.load(p_B + t * s_Bl, mask=mn, other=0.0).to(tl.float32)
+                b_C = tl.load(p_C + t * s_Cl, mask=mn, other=0.0).to(tl.float32)
             b_h = tl.exp2(b_dt[:, None] * b_A) * b_h + b_dtu[:, None] * b_B[None, :]
             b_yt = tl.sum(b_h * b_C[None, :], axis=1)
             if STORE_PER_STEP:
@@ -125,12 +155,12 @@ def seq_fwd(u, dt, A, B, C, D, z, dbias, variant="tile_at", block_d=32, k=8, war
     b, d, L = u.shape
     n = A.shape[1]
     y = torch.empty(b, L, d, device=u.device, dtype=u.dtype).transpose(1, 2)
-    a_t = variant.endswith("_at")
+    a_t = "_at" in variant
     seq_fwd_kernel[(triton.cdiv(d, block_d), b)](
         u, dt, A.t().contiguous() if a_t else A, B, C, D, z, dbias, y, L, d,
         *u.stride(), *dt.stride(), *z.stride(), *B.stride(), *C.stride(), *y.stride(),
         N=n, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n), K=k, STORE_PER_STEP=variant == "step", A_T=a_t,
-        TILE_IN=variant == "tile_in_at", num_warps=warps,
+        TILE_IN=variant == "tile_in_at", PF=int(variant[-1]) if "_pf" in variant else 0, num_warps=warps,
     )  # fmt: skip
     return y
 
@@ -159,8 +189,8 @@ def check(cfg, device):
 
 
 DEFAULT_CONFIGS = [
-    ["tile", 16, 16, 2], ["tile_at", 32, 8, 1], ["tile_at", 32, 16, 1], ["tile_at", 64, 16, 2],
-    ["tile_in_at", 32, 8, 1], ["tile_in_at", 32, 16, 1], ["step", 16, 8, 2],
+    ["tile", 16, 16, 2], ["tile_at", 32, 8, 1], ["tile_at_pf1", 32, 8, 1], ["tile_at_pf2", 32, 8, 1],
+    ["tile_at_pf1", 32, 16, 1], ["tile_at_pf2", 16, 8, 1], ["tile_at_pf2", 64, 8, 2], ["tile_in_at", 32, 8, 1],
 ]  # fmt: skip
 
 
