@@ -147,14 +147,16 @@ def seq_fwd_kernel(
         t0 += K
 
 
-def seq_fwd(u, dt, A, B, C, D, z, dbias, variant="tile_at", block_d=32, k=8, warps=1):
+def seq_fwd(u, dt, A, B, C, D, z, dbias, variant="tile_at", block_d=32, k=8, warps=1, poison=False):
     """y = selective_scan(u, dt, A, B, C, D, z, dbias, delta_softplus=True), y returned as a [B, D, L] view of a
-    time-major buffer (what the mixer's out_proj reads)."""
+    time-major buffer (what the mixer's out_proj reads). ``poison`` fills y with NaN first (checks, not timings)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}; known: {', '.join(VARIANTS)}")
     b, d, L = u.shape
     n = A.shape[1]
     y = torch.empty(b, L, d, device=u.device, dtype=u.dtype).transpose(1, 2)
+    if poison:
+        y.fill_(float("nan"))
     a_t = "_at" in variant
     seq_fwd_kernel[(triton.cdiv(d, block_d), b)](
         u, dt, A.t().contiguous() if a_t else A, B, C, D, z, dbias, y, L, d,
@@ -179,12 +181,12 @@ def inputs(b, d, L, n, dtype, device, seed=0):
     return u, dt, A, B, C, r(d).to(device), z, (r(d) * 0.3).to(device)
 
 
-def check(cfg, device):
-    """Relative error against the fp32 reference on a small odd-sized case (fp32), output NaN-poisoned by empty()."""
+def check(cfg, device, shape=None):
+    """Relative error against the fp32 reference on a small odd-sized (B, D, L, N) case in fp32, y NaN-poisoned."""
     variant, block_d, k, warps = cfg
-    x = inputs(2, 37, 333 if device == "cuda" else 45, 5, torch.float32, device)
+    x = inputs(*(shape or (2, 37, 333 if device == "cuda" else 45, 5)), torch.float32, device)
     ref = selective_scan_ref(*x, delta_softplus=True)
-    out = seq_fwd(*x, variant=variant, block_d=block_d, k=k, warps=warps)
+    out = seq_fwd(*x, variant=variant, block_d=block_d, k=k, warps=warps, poison=True)
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 

@@ -1,0 +1,32 @@
+"""benchmarks/exp_selective_scan_sequential.py (an experimental Mamba-1 forward, timed on the GPU between sessions):
+every variant matches the fp32 reference, so the experiment cannot rot on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the module below decorates its kernel
+pytest.importorskip("triton")
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "exp_selective_scan_sequential.py")
+_spec = importlib.util.spec_from_file_location("exp_selective_scan_sequential", _PATH)
+exp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(exp)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("variant", exp.VARIANTS)
+def test_variant_matches_reference(variant: str) -> None:
+    # D 5 over blocks of 4 channels, L 11 over 4-step blocks: a ragged last block in both directions; y poisoned
+    assert exp.check([variant, 4, 4, 1], DEVICE, shape=(2, 5, 11, 3)) < 1e-5
+
+
+def test_unknown_variant_is_named() -> None:
+    x = exp.inputs(1, 4, 4, 2, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="'tile_xx'"):
+        exp.seq_fwd(*x, variant="tile_xx")
