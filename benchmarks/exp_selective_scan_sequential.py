@@ -22,8 +22,8 @@ programs for twice the recurrence work. The prefetching, ``tile_in_at`` and chun
 Measured on one NVIDIA H200 (torch 2.11, triton 3.6; docs/kernels-mamba1.md, session 5; raw docs/img/scan_sequential_s5.json):
 B 8, L 2048, N 16, bf16, forward ms; n-loop 0.79-0.80 at D 1536 and 1.89-1.90 at D 4096.
 Best at D 1536: ``tile`` BLOCK_D 16, K 16, 2 warps, 0.912 (0.87x the n-loop's speed); at D 4096: ``tile_at``
-BLOCK_D 32, K 8, 1 warp, 1.331 (1.43x faster than the n-loop). Every variant took at least ~0.55 µs per time step at
-D 1536 whatever the tile, i.e. one memory latency per step: latency-bound where there are few channels per SM.
+BLOCK_D 32, K 8, 1 warp, 1.331 (1.43x faster than the n-loop). Every variant took 0.45 µs per time step or more at
+D 1536 whatever the tile, about one memory latency per step: latency-bound where there are few channels per SM.
 
     PYTHONPATH=. python3 benchmarks/exp_selective_scan_sequential.py --out $OUT/scan_sequential.json
     TRITON_INTERPRET=1 python benchmarks/exp_selective_scan_sequential.py --check-only     # CPU: correctness only
