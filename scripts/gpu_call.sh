@@ -13,6 +13,8 @@
 #              H100; every test's line goes to the log as it ends, so a timed-out run still says what passed)
 #                                                                                     -> gputest.log
 #   scan       benchmarks/bench_selective_scan.py (ours; mamba_ssm from constants)    -> bench_selective_scan.json
+#   seqscan    benchmarks/exp_selective_scan_sequential.py, the sequential time-major Mamba-1 forward experiment
+#              against the n-loop kernel (not in the default STEPS; SEQSCAN_ARGS)      -> scan_sequential.json
 #   ssd        benchmarks/bench_ssd.py --budget-s CAP-10 (ours on all shapes first, then mamba_ssm's Triton SSD
 #              from the pure wheel and the torch peers; rows print and the JSON is rewritten as they come;
 #              default cap 150 s)                                                   -> bench_ssd.json
@@ -29,10 +31,10 @@
 # stop the others. Each step runs in its own process group (setsid), killed as a whole when the step ends or times
 # out, so that no orphan of one step (a compile worker, a background child) loads the CPUs during the next. All
 # output also goes to $OUT/call.log; a summary table prints last. Files in $OUT: at most 8.
-# Env: STEPS, DEADLINE_S, CAP_GPUTEST, CAP_SCAN, CAP_SSD, CAP_SCANPEER, CAP_TRAIN, CAP_TRAINPEER, CAP_SERVE, CAP_DIST,
+# Env: STEPS, DEADLINE_S, CAP_GPUTEST, CAP_SCAN, CAP_SEQSCAN, CAP_SSD, CAP_SCANPEER, CAP_TRAIN, CAP_TRAINPEER, CAP_SERVE, CAP_DIST,
 # BUILD_WAIT_UNTIL_S
 # (the latest elapsed second scanpeer/trainpeer wait for the build until, 330), GPU_TEST_ARGS ("tests/ops"),
-# SCAN_ARGS, SSD_ARGS, TRAIN_ARGS, TRAINPEER_ARGS (extra arguments), MAMBA_SITE (/tmp/mamba_site), SDIST_DIR
+# SCAN_ARGS, SEQSCAN_ARGS, SSD_ARGS, TRAIN_ARGS, TRAINPEER_ARGS (extra arguments), MAMBA_SITE (/tmp/mamba_site), SDIST_DIR
 # (.whl/sdist), PYTHON (python3), and those of build_mamba_ssm.sh (MAMBA_BUILD_LEVELS, MAX_JOBS).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -44,6 +46,7 @@ DEADLINE_S=${DEADLINE_S:-555}
 MIN_STEP_S=${MIN_STEP_S:-20}
 CAP_GPUTEST=${CAP_GPUTEST:-150}
 CAP_SCAN=${CAP_SCAN:-100}
+CAP_SEQSCAN=${CAP_SEQSCAN:-150}
 CAP_SSD=${CAP_SSD:-150}
 CAP_SCANPEER=${CAP_SCANPEER:-45}
 CAP_TRAIN=${CAP_TRAIN:-150}
@@ -156,6 +159,10 @@ fi
 if want scan; then
     step scan "$(grant "$CAP_SCAN")" \
         "PYTHONPATH=. $PY benchmarks/bench_selective_scan.py --no-mamba-ssm --out $OUT/bench_selective_scan.json ${SCAN_ARGS:-}"
+fi
+if want seqscan; then
+    step seqscan "$(grant "$CAP_SEQSCAN")" \
+        "PYTHONPATH=. $PY benchmarks/exp_selective_scan_sequential.py --out $OUT/scan_sequential.json ${SEQSCAN_ARGS:-}"
 fi
 if want ssd; then
     t=$(grant "$CAP_SSD")
