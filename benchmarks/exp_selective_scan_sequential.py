@@ -3,8 +3,9 @@
 The library's forward (``ssmtune/ops/selective_scan/fused.py``) scans each state along a 128-step tile with
 ``tl.associative_scan``. This prototype keeps all N states of BLOCK_D channels in registers and applies
 h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t once per step, K steps unrolled per loop iteration (``tl.static_range``), so
-there is no log-depth scan and no last-column reduction; its inputs are read in the mixer's own time-major layout
-([B, L, D] viewed as [B, D, L]), so the transposing copies before the scan go too. Peer flags only (D, z,
+there is no log-depth scan and no last-column reduction. Δ, z, B and C are read in the mixer's own time-major layout
+([B, L, ·] viewed as [B, ·, L]), u as the causal conv leaves it ([B, D, L]; ``--u-layouts`` also times a time-major u),
+and y is written time-major, so the mixer's transposing copies before and after the scan go. Peer flags only (D, z,
 delta_bias, softplus), no h0 / h' / y', no checkpoints: a measurement, not a backend. Variants:
 
 - ``step``: per-step loads of u, Δ, z, B_t, C_t and a per-step store of y_t;
@@ -21,10 +22,12 @@ programs for twice the recurrence work. The prefetching, ``tile_in_at`` and chun
 
 Measured on one NVIDIA H200 (torch 2.11, triton 3.6; docs/kernels-mamba1.md, session 5; raw docs/img/scan_sequential_s5.json):
 B 8, L 2048, N 16, bf16, forward ms; n-loop 0.79-0.80 at D 1536 and 1.89-1.90 at D 4096.
-Best at D 1536: ``tile`` BLOCK_D 16, K 16, 2 warps, 0.912 (0.87x the n-loop's speed); at D 4096: ``tile_at``
-BLOCK_D 32, K 8, 1 warp, 1.331 (1.43x faster than the n-loop). Every variant took 0.45 µs per time step or more at
+Best at D 1536: ``tile`` BLOCK_D 16, K 16, 2 warps, u as the conv leaves it, 0.912 (0.87x the n-loop's speed); at
+D 4096: ``tile_at`` BLOCK_D 32, K 8, 1 warp, u time-major, 1.331 (1.43x faster than the n-loop). The mixer's copies
+of Δ, z, B, C into [B, D, L], which the n-loop needs, took 0.335 / 0.954 ms. Every variant took 0.45 µs per time step or more at
 D 1536 whatever the tile, about one memory latency per step: latency-bound where there are few channels per SM.
 
+    STEPS=seqscan bash scripts/gpu_call.sh      # on the GPU machine: the command below, logged, under a time cap
     PYTHONPATH=. python3 benchmarks/exp_selective_scan_sequential.py --out $OUT/scan_sequential.json
     TRITON_INTERPRET=1 python benchmarks/exp_selective_scan_sequential.py --check-only     # CPU: correctness only
 """
@@ -201,12 +204,15 @@ def seq_fwd(u, dt, A, B, C, D, z, dbias, variant="tile_at", block_d=32, k=8, war
     return y
 
 
-def inputs(b, d, L, n, dtype, device, seed=0):
-    """The mixer's layouts: u, Δ [B, L, D], z a half of in_proj's [B, L, 2D], B / C slices of x_proj's [B, L, R+2N];
-    all viewed as [B, D, L] / [B, N, L] the way ``ops.selective_scan`` receives them."""
+def inputs(b, d, L, n, dtype, device, seed=0, u_layout="conv"):
+    """The mixer's layouts: u as the causal conv leaves it ([B, D, L] contiguous; ``u_layout="time-major"``: [B, L, D]),
+    Δ [B, L, D], z a half of in_proj's [B, L, 2D], B / C slices of x_proj's [B, L, R+2N]; all viewed as [B, D, L] /
+    [B, N, L] the way ``ops.selective_scan`` receives them."""
+    if u_layout not in ("conv", "time-major"):
+        raise ValueError(f"u_layout {u_layout!r}; known: conv, time-major")
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)
-    u = r(b, L, d).to(device, dtype).transpose(1, 2)
+    u = r(b, d, L).to(device, dtype) if u_layout == "conv" else r(b, L, d).to(device, dtype).transpose(1, 2)
     dt = (r(b, L, d) * 0.5 - 1).to(device, dtype).transpose(1, 2)
     z = r(b, L, 2 * d).to(device, dtype)[..., d:].transpose(1, 2)
     x_dbl = r(b, L, 48 + 2 * n).to(device, dtype)
@@ -215,10 +221,10 @@ def inputs(b, d, L, n, dtype, device, seed=0):
     return u, dt, A, B, C, r(d).to(device), z, (r(d) * 0.3).to(device)
 
 
-def check(cfg, device, shape=None):
+def check(cfg, device, shape=None, u_layout="conv"):
     """Relative error against the fp32 reference on a small odd-sized (B, D, L, N) case in fp32, y NaN-poisoned."""
     variant, block_d, k, warps, chunk = (*cfg, 0)[:5]
-    x = inputs(*(shape or (2, 37, 333 if device == "cuda" else 45, 5)), torch.float32, device)
+    x = inputs(*(shape or (2, 37, 333 if device == "cuda" else 45, 5)), torch.float32, device, u_layout=u_layout)
     ref = selective_scan_ref(*x, delta_softplus=True)
     out = seq_fwd(*x, variant=variant, block_d=block_d, k=k, warps=warps, chunk=chunk, poison=True)
     return ((out.float() - ref).norm() / ref.norm()).item()
@@ -236,6 +242,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dims", default="1536,4096")
     ap.add_argument("--configs", default=None, help="JSON list of [variant, BLOCK_D, K, warps, chunk]")
+    ap.add_argument(
+        "--u-layouts", default="conv,time-major", help="u as the conv leaves it ([B, D, L]) and/or [B, L, D]"
+    )
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--out", default=None)
     opts = ap.parse_args()
@@ -250,26 +259,39 @@ def main() -> None:
         return
     from triton.testing import do_bench
 
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     rows = []
+
+    def add(row: dict) -> None:  # the JSON is rewritten after every row: a run cut by a time limit keeps its rows
+        rows.append(row)
+        if opts.out:
+            os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
+            Path(opts.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+
     for d in map(int, opts.dims.split(",")):
         x = inputs(8, d, 2048, 16, torch.bfloat16, device)
         contig = [t.contiguous() for t in x]  # the n-loop kernel reads [B, D, L]; the mixer copies into it
         nloop = lambda: selective_scan_fwd(*contig, True, None, None, None, False, False)  # noqa: B023
         base = do_bench(nloop, warmup=25, rep=200)
-        rows.append({"d": d, "kernel": "n-loop", "ms": base})
-        for variant, block_d, k, warps, chunk in cfgs:
-            kw = {"variant": variant, "block_d": block_d, "k": k, "warps": warps, "chunk": chunk}
-            ms = do_bench(lambda: seq_fwd(*x, **kw), warmup=10, rep=60)  # noqa: B023
-            rows.append({"d": d, **kw, "ms": ms, "vs_nloop": base / ms})
-            print(f"D {d} {variant} {block_d}/{k}/{warps} chunk {chunk}: {ms:.3f} ms (n-loop {base:.3f})", flush=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    if opts.out:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-        Path(opts.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        add({"d": d, "kernel": "n-loop", "ms": base})
+        copies = lambda: [t.contiguous() for t in (x[1], x[6], x[3], x[4])]  # noqa: B023 (Δ, z, B, C)
+        add({"d": d, "kernel": "the mixer's copies of Δ, z, B, C into [B, D, L]", "ms": do_bench(copies, rep=100)})
+        for u_layout in opts.u_layouts.split(","):
+            x = inputs(8, d, 2048, 16, torch.bfloat16, device, u_layout=u_layout)
+            for variant, block_d, k, warps, chunk in cfgs:
+                kw = {"variant": variant, "block_d": block_d, "k": k, "warps": warps, "chunk": chunk}
+                ms = do_bench(lambda: seq_fwd(*x, **kw), warmup=10, rep=60)  # noqa: B023
+                add({"d": d, "u_layout": u_layout, **kw, "ms": ms, "vs_nloop": base / ms})
+                print(f"D {d} u {u_layout} {variant} {block_d}/{k}/{warps} chunk {chunk}: {ms:.3f} ms "
+                      f"(n-loop {base:.3f})", flush=True)  # fmt: skip
     print(f"\n{meta}\n| D | kernel | ms | n-loop / this |\n|---|---|---|---|")
     for r in rows:
-        name = r["kernel"] if "kernel" in r else f"{r['variant']} {r['block_d']}/{r['k']}/{r['warps']} c{r['chunk']}"
-        print(f"| {r['d']} | {name} | {r['ms']:.3f} | {r.get('vs_nloop', 1.0):.2f} |")
+        name = r.get("kernel") or f"{r['variant']} {r['block_d']}/{r['k']}/{r['warps']} c{r['chunk']} u {r['u_layout']}"
+        print(
+            f"| {r['d']} | {name} | {r['ms']:.3f} | {r['vs_nloop']:.2f} |"
+            if "vs_nloop" in r
+            else f"| {r['d']} | {name} | {r['ms']:.3f} | |"
+        )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ _spec.loader.exec_module(exp)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("chunk", [0, 4, 8])
+@pytest.mark.parametrize(("chunk", "u_layout"), [(0, "conv"), (4, "conv"), (8, "conv"), (0, "time-major")])
 @pytest.mark.parametrize("variant", exp.VARIANTS)
-def test_variant_matches_reference(variant: str, chunk: int) -> None:
+def test_variant_matches_reference(variant: str, chunk: int, u_layout: str) -> None:
     # D 5 over blocks of 4 channels, L 11 over 4-step blocks (and 3 or 2 chunks): ragged last blocks; y poisoned
-    assert exp.check([variant, 4, 4, 1, chunk], DEVICE, shape=(2, 5, 11, 3)) < 1e-5
+    assert exp.check([variant, 4, 4, 1, chunk], DEVICE, shape=(2, 5, 11, 3), u_layout=u_layout) < 1e-5
 
 
 def test_bad_arguments_are_named() -> None:
@@ -33,3 +33,5 @@ def test_bad_arguments_are_named() -> None:
         exp.seq_fwd(*x, variant="tile_xx")
     with pytest.raises(ValueError, match="chunk 12 is not a multiple of k 8"):
         exp.seq_fwd(*x, k=8, chunk=12)
+    with pytest.raises(ValueError, match="u_layout 'cm'"):
+        exp.inputs(1, 4, 4, 2, torch.float32, DEVICE, u_layout="cm")
