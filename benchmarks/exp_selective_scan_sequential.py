@@ -4,7 +4,7 @@ The library's forward (``ssmtune/ops/selective_scan/fused.py``) scans each state
 ``tl.associative_scan``. This prototype keeps all N states of BLOCK_D channels in registers and applies
 h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t once per step, K steps unrolled per loop iteration (``tl.static_range``), so
 there is no log-depth scan and no last-column reduction. Δ, z, B and C are read in the mixer's own time-major layout
-([B, L, ·] viewed as [B, ·, L]), u as the causal conv leaves it ([B, D, L]; ``--u-layouts`` also times a time-major u),
+([B, L, ·] viewed as [B, ·, L]), u as the causal conv leaves it ([B, D, L]; ``--u-layouts conv,time-major`` also times a time-major u),
 and y is written time-major, so the mixer's transposing copies before and after the scan go. Peer flags only (D, z,
 delta_bias, softplus), no h0 / h' / y', no checkpoints: a measurement, not a backend. Variants:
 
