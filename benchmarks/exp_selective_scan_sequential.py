@@ -243,7 +243,7 @@ def main() -> None:
     ap.add_argument("--dims", default="1536,4096")
     ap.add_argument("--configs", default=None, help="JSON list of [variant, BLOCK_D, K, warps, chunk]")
     ap.add_argument(
-        "--u-layouts", default="conv,time-major", help="u as the conv leaves it ([B, D, L]) and/or [B, L, D]"
+        "--u-layouts", default="conv", help="conv: u as the conv leaves it ([B, D, L]); time-major: [B, L, D]"
     )
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--out", default=None)
