@@ -258,7 +258,7 @@ def worker(wid: int, jobs: mp.Queue, results: mp.Queue, opts: dict) -> None:
         if opts["fake"]:
             row["peak_gib"] = opts["fake_peak_gib"]
         else:  # which machine ran it: a study may be continued on another GPU, or on the CPU
-            row["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
+            row["device"] = _device_name(fake=False)
             if cuda:
                 row["peak_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
                 gc.collect()
