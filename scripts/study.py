@@ -7,7 +7,9 @@ default LR times --lr-scales); as soon as a cell's phase-1 runs are done, phase 
 with the best validation score. Runs are handed out by priority: tasks in --tasks order (wn-pos, wn-pos-long,
 wn-category, wn-define), within a task the models in --models order, then phase, then method, so a truncated study
 still has whole, seeded cells for the first tasks. --workers processes share the one GPU (the tiny models leave it
-mostly idle: a single process is bound by Python overhead).
+mostly idle: a single process is bound by Python overhead). --extend-edges K: a cell whose best phase-1 LR is the
+largest (smallest) tried gets one more phase-1 run a grid step further (0.3, 1, 3 -> 9; -> 0.09), up to K times, and
+its seeds run at the final best LR (a best LR at the sweep's edge means the method is likely under-tuned).
 
 Each run goes through `ssmtune train` (validation score every epoch, best epoch kept), then the kept adapter is scored
 on the test split. Run folders live in a temporary folder and are deleted after each run. Results: one JSON line per
@@ -208,7 +210,7 @@ def fake_one(job: dict, opts: dict) -> dict:
     time.sleep(opts["fake_seconds"])
     h = zlib.crc32(f"{job['model']}{job['task']}{job['method']}".encode()) % 1000 / 1000
     noise = zlib.crc32(f"{job['seed']}{job['scale']}".encode()) % 100 / 2000
-    val = 0.3 + 0.4 * h - 0.05 * abs(math.log(job["scale"])) + noise
+    val = 0.3 + 0.4 * h - 0.05 * abs(math.log(job["scale"] / opts["fake_best_scale"])) + noise
     if job["method"] == "bitfit" and job["scale"] > 1:
         raise FloatingPointError("made-up divergence")  # exercises error rows
     if job["method"] == opts["fake_oom"] and job["scale"] < 1 and not job.get("tries"):
@@ -281,6 +283,7 @@ class Study:
         self.ready: list[dict] = []
         self.done = {run_key(r["model"], r["task"], r["method"], r["lr"], r["seed"]): r for r in done}  # --resume
         self.phase1: dict[tuple, list[dict]] = {c: [] for c in cells}  # the cell's phase-1 rows, earlier or new
+        self.tried: dict[tuple, list[float]] = {c: list(self.scales) for c in cells}  # its sweep, extensions included
         self.rows: list[dict] = []
         self.reused = 0  # runs of this plan found done in the --resume files
         self.next_id = 0
@@ -298,7 +301,7 @@ class Study:
                 else:
                     self.add(cell, 1, i, lr0 * s, s, self.seeds[0])
             if len(self.phase1[cell]) == len(self.scales):  # phase 1 done in an earlier file: phase 2 can start
-                self.queue_phase2(cell)
+                self.phase1_done(cell)
 
     def note_peak(self, row: dict) -> None:
         if (gib := row.get("peak_gib")) is not None:
@@ -323,6 +326,25 @@ class Study:
         self.next_id += 1
         self.ready.sort(key=lambda j: j["prio"])
 
+    def phase1_done(self, cell: tuple) -> None:
+        """Phase 1 of a cell has all its runs: extend the sweep past an edge that holds the best LR (--extend-edges
+        steps at most, each the grid's step at that edge: 0.3, 1, 3 -> 9 or 0.09), else queue phase 2."""
+        best = summarize_study.best_lr(self.phase1[cell])
+        tried = sorted(self.tried[cell])
+        extended = len(tried) - len(self.scales)
+        at_edge = best is not None and len(tried) > 2 and best["scale"] in (tried[0], tried[-1])
+        if at_edge and extended < self.opts.extend_edges:
+            edge, inner = (tried[-1], tried[-2]) if best["scale"] == tried[-1] else (tried[0], tried[1])
+            scale = float(f"{edge * edge / inner:.3g}")
+            self.tried[cell].append(scale)
+            lr = METHODS[cell[2]][2] * scale
+            if (row := self.done.get(run_key(*cell, lr, self.seeds[0]))) is not None:  # an earlier call ran it
+                self.reused += 1
+                self.phase1[cell].append(row)
+                return self.phase1_done(cell)
+            return self.add(cell, 1, len(self.tried[cell]) - 1, lr, scale, self.seeds[0])
+        self.queue_phase2(cell)
+
     def queue_phase2(self, cell: tuple) -> None:
         """The other seeds at the best validation LR of the cell's phase 1, less those an earlier file has."""
         best = summarize_study.best_lr(self.phase1[cell])
@@ -342,8 +364,8 @@ class Study:
         if job["phase"] != 1:
             return
         self.phase1[cell].append(row)
-        if len(self.phase1[cell]) == len(self.scales):
-            self.queue_phase2(cell)
+        if len(self.phase1[cell]) == len(self.tried[cell]):
+            self.phase1_done(cell)
 
     def take(self, elapsed: float, slowest: dict, running: list[dict]) -> dict | None:
         """The first ready run that is expected to end before the hard deadline (slowest finished run of its kind)
@@ -390,6 +412,9 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="0,1,2", help="the first in phase 1 (LR sweep), the others in phase 2")
     ap.add_argument("--lr-scales", default="0.3,1,3", help="each method's default LR times these (phase 1)")
+    ap.add_argument("--extend-edges", type=int, default=0, metavar="K",
+                    help="when a cell's best LR is the largest (smallest) tried, try one grid step further, up to K "
+                    "times, before its seeds run at the final best LR")  # fmt: skip
     ap.add_argument("--epochs", type=int, default=None, help="default: per task (TASKS)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-examples", type=int, default=None, help="training examples per task (smoke tests)")
@@ -404,6 +429,9 @@ def main() -> None:
     ap.add_argument("--hard-seconds", type=float, default=None, help="abandon running runs (default: max + 60)")
     ap.add_argument("--fake", action="store_true", help="made-up results, no training (tests the scheduler)")
     ap.add_argument("--fake-seconds", type=float, default=0.05)
+    ap.add_argument(
+        "--fake-best-scale", type=float, default=1.0, help="--fake: the LR scale the made-up scores peak at"
+    )
     ap.add_argument("--fake-peak-gib", type=float, default=1.0, help="--fake: the peak GPU memory each run reports")
     ap.add_argument("--fake-oom", default=None, metavar="METHOD", help="--fake: its first run at a scale < 1 runs out "
                     "of memory")  # fmt: skip
@@ -485,7 +513,7 @@ def main() -> None:
           f"{opts.workers} workers", flush=True)  # fmt: skip
 
     wopts = {k: getattr(opts, k) for k in ("epochs", "eval_examples", "max_examples", "batch_size", "threads", "fake",
-                                           "fake_seconds", "fake_peak_gib", "fake_oom")} | {"run_dir": run_dir, "parent": os.getpid()}  # fmt: skip
+                                           "fake_seconds", "fake_peak_gib", "fake_oom", "fake_best_scale")} | {"run_dir": run_dir, "parent": os.getpid()}  # fmt: skip
     os.environ["OMP_NUM_THREADS"] = str(opts.threads)  # inherited by the workers before they import torch
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
     results: mp.Queue = ctx.Queue()

@@ -135,6 +135,35 @@ def test_study_resume_continues_without_repeating(tmp_path: Path) -> None:
     assert not (tmp_path / "d/study.jsonl").exists()
 
 
+def test_extend_edges_sweeps_past_the_edge_before_the_seeds(tmp_path: Path) -> None:
+    """--extend-edges K: a cell whose best LR is the largest tried gets one grid step more (3 -> 9 -> 27), up to K,
+    and its seeds run at the final best LR; a cell whose largest LR failed is not extended."""
+    sel = ("--tasks", "wn-pos", "--models", "builtin:mamba-tiny", "--methods", "prompt,bitfit", "--fake-best-scale",
+           "10")  # fmt: skip
+    _, lines = _study(tmp_path / "a", *sel, "--extend-edges", "2")
+    rows = lines[1:]
+    prompt = [r for r in rows if r["method"] == "prompt"]
+    p1, p2 = [r for r in prompt if r["phase"] == 1], [r for r in prompt if r["phase"] == 2]
+    scales = [r["scale"] for r in p1]  # the sweep's three in any order (two workers), then 3 was best, then 9
+    assert sorted(scales[:3]) == [0.3, 1.0, 3.0] and scales[3:] == [9.0, 27.0]
+    assert {r["lr"] for r in p2} == {S.best_lr(p1)["lr"]} and {r["seed"] for r in p2} == {1, 2}
+    assert max(rows.index(r) for r in p1) < min(rows.index(r) for r in p2)
+    bitfit = [r for r in rows if r["method"] == "bitfit"]  # 3x fails (--fake), so 1x is best and not an edge
+    assert sorted(r["scale"] for r in bitfit if r["phase"] == 1) == [0.3, 1.0, 3.0]
+    assert {r["scale"] for r in bitfit if r["phase"] == 2} == {1.0}
+    # resumed with the same options: the extension rows are found, nothing runs again but the failed bitfit run
+    _, again = _study(tmp_path / "b", *sel, "--extend-edges", "2", "--resume", str(tmp_path / "a/study.jsonl"))
+    new = again[1 + len([r for r in rows if "error" not in r]) :]
+    assert [(r["method"], r["scale"]) for r in new] == [("bitfit", 3.0)]
+    # the lower edge, one step allowed: 0.3 best -> 0.09, and no further
+    low = ("--tasks", "wn-pos", "--models", "builtin:mamba-tiny", "--methods", "prompt", "--fake-best-scale", "0.05")
+    _, down = _study(tmp_path / "d", *low, "--extend-edges", "1")
+    assert [r["scale"] for r in down[1:] if r["phase"] == 1][3:] == [0.09]
+    # without the option the sweep stays 0.3, 1, 3 and the seeds run at 3
+    _, plain = _study(tmp_path / "c", *sel)
+    assert {r["scale"] for r in plain[1:] if r["method"] == "prompt" and r["phase"] == 2} == {3.0}
+
+
 def test_earlier_run_times_count_only_on_the_same_device(tmp_path: Path) -> None:
     """A (model, task)'s slowest earlier run keeps its next runs from starting near the deadline, but only a run on
     this machine's device says how long one takes here (the GPU study resumes files with CPU rows)."""
