@@ -31,11 +31,11 @@
 # stop the others. Each step runs in its own process group (setsid), killed as a whole when the step ends or times
 # out, so that no orphan of one step (a compile worker, a background child) loads the CPUs during the next. All
 # output also goes to $OUT/call.log; a summary table prints last. Files in $OUT: at most 8.
-# Env: STEPS, DEADLINE_S, CAP_GPUTEST, CAP_SCAN, CAP_SEQSCAN, CAP_SSD, CAP_SCANPEER, CAP_TRAIN, CAP_TRAINPEER, CAP_SERVE, CAP_DIST,
-# BUILD_WAIT_UNTIL_S
+# Env: STEPS, DEADLINE_S, CAP_GPUTEST, CAP_SCAN, CAP_SEQSCAN, CAP_SSD, CAP_SCANPEER, CAP_TRAIN, CAP_TRAINPEER,
+# CAP_SERVE, CAP_DIST, BUILD_WAIT_UNTIL_S
 # (the latest elapsed second scanpeer/trainpeer wait for the build until, 330), GPU_TEST_ARGS ("tests/ops"),
-# SCAN_ARGS, SEQSCAN_ARGS, SSD_ARGS, TRAIN_ARGS, TRAINPEER_ARGS (extra arguments), MAMBA_SITE (/tmp/mamba_site), SDIST_DIR
-# (.whl/sdist), PYTHON (python3), and those of build_mamba_ssm.sh (MAMBA_BUILD_LEVELS, MAX_JOBS).
+# SCAN_ARGS, SEQSCAN_ARGS, SSD_ARGS, TRAIN_ARGS, TRAINPEER_ARGS (extra arguments), MAMBA_SITE (/tmp/mamba_site),
+# SDIST_DIR (.whl/sdist), PYTHON (python3), and those of build_mamba_ssm.sh (MAMBA_BUILD_LEVELS, MAX_JOBS).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 
