@@ -182,7 +182,7 @@ def test_resume_reads_the_gpu_study_file(monkeypatch: pytest.MonkeyPatch) -> Non
     # the defaults of then, and its rows say how many epochs they ran
     gpu = [ROOT / "docs/img/study-gpu.jsonl"]
     plans, done = study.read_resume(gpu, dict(study.OLD_DEFAULTS), {})
-    assert len(plans) == 1 and len(done) == 314
+    assert len(plans) == 1 and len(done) == 403
     with pytest.raises(SystemExit, match="fake=False, this study fake=True"):
         study.read_resume(gpu, {**study.OLD_DEFAULTS, "fake": True}, {})
     monkeypatch.setitem(study.TASKS, "wn-pos", {"epochs": 2, "eval_examples": None})
