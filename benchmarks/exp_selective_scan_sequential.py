@@ -18,7 +18,8 @@ delta_bias, softplus), no h0 / h' / y', no checkpoints: a measurement, not a bac
   waits for a memory latency.
 Each variant also runs chunked (``chunk`` = T > 0): a first launch runs every T-step chunk from h = 0 and stores its end
 state S_c and ΣΔ; a second starts chunk c from Σ_{j<c} exp(A ΣΔ_{j+1..c-1}) S_j and writes y, so L / T times the
-programs for twice the recurrence work. The prefetching, ``tile_in_at`` and chunked forms are not yet timed on a GPU.
+programs for twice the recurrence work. Session 6 timed them (below); the library's opt-in inference forward,
+``ssmtune/ops/selective_scan/fused_seq.py``, is built on ``tile_at_pf1`` / ``tile_at_pf2`` and their chunked forms.
 
 Measured on one NVIDIA H200 (torch 2.11, triton 3.6; docs/kernels-mamba1.md, session 5; raw docs/img/scan_sequential_s5.json):
 B 8, L 2048, N 16, bf16, forward ms; n-loop 0.79-0.80 at D 1536 and 1.89-1.90 at D 4096.
@@ -26,6 +27,8 @@ Best at D 1536: ``tile`` BLOCK_D 16, K 16, 2 warps, u as the conv leaves it, 0.9
 D 4096: ``tile_at`` BLOCK_D 32, K 8, 1 warp, u time-major, 1.331 (1.43x faster than the n-loop). The mixer's copies
 of Δ, z, B, C into [B, D, L], which the n-loop needs, took 0.335 / 0.954 ms. Every variant took 0.45 µs per time step or more at
 D 1536 whatever the tile, about one memory latency per step: latency-bound where there are few channels per SM.
+Session 6 (same device; raw docs/img/scan_sequential_s6.json): prefetching two steps ahead, one pass, 1.076 ms at
+D 4096; prefetching one step, chunks of 256, 0.602 ms at D 1536; ``tile_in_at`` 2.2 ms (slower, as expected).
 
     STEPS=seqscan bash scripts/gpu_call.sh      # on the GPU machine: the command below, logged, under a time cap
     PYTHONPATH=. python3 benchmarks/exp_selective_scan_sequential.py --out $OUT/scan_sequential.json
@@ -46,25 +49,11 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ssmtune.ops.selective_scan.fused import selective_scan_fwd
+from ssmtune.ops.selective_scan.fused_seq import _load_step, _softplus  # the library kernel's step loads
 from ssmtune.ops.selective_scan.naive import selective_scan_ref
 
 LOG2E = tl.constexpr(1.4426950408889634)
 VARIANTS = ("step", "tile", "tile_at", "tile_in_at", "tile_at_pf1", "tile_at_pf2")
-
-
-@triton.jit
-def _softplus(x):
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
-
-
-@triton.jit
-def _load_step(t, p_u, p_t, p_B, p_C, s_ul, s_tl, s_Bl, s_Cl, o_d, o_n, m_d, m_n, L):
-    """u_t, Δ_t (before bias and softplus) of the block's channels and B_t, C_t; zeros past the end."""
-    m = m_d & ((o_d * 0 + t) < L)
-    mn = m_n & ((o_n * 0 + t) < L)
-    b_u = tl.load(p_u + t * s_ul, mask=m, other=0.0)
-    b_dt = tl.load(p_t + t * s_tl, mask=m, other=0.0)
-    return b_u, b_dt, tl.load(p_B + t * s_Bl, mask=mn, other=0.0), tl.load(p_C + t * s_Cl, mask=mn, other=0.0)
 
 
 @triton.jit
@@ -111,10 +100,10 @@ def seq_fwd_kernel(
     p_C = C + i_b * s_Cb + o_n * s_Cn
     # PF > 0: step t + PF's inputs are loaded before step t is computed (PF sets of them carried along)
     if PF > 0:
-        c_u, c_dt, c_B, c_C = _load_step(t_beg, p_u, p_t, p_B, p_C, s_ul, s_tl, s_Bl, s_Cl, o_d, o_n, m_d, m_n, t_end)
+        c_u, c_dt, c_B, c_C = _load_step(t_beg, t_end, p_u, p_t, p_B, p_C, s_ul, s_tl, s_Bl, s_Cl, o_d, o_n, m_d, m_n)
     if PF > 1:
         n_u, n_dt, n_B, n_C = _load_step(
-            t_beg + 1, p_u, p_t, p_B, p_C, s_ul, s_tl, s_Bl, s_Cl, o_d, o_n, m_d, m_n, t_end
+            t_beg + 1, t_end, p_u, p_t, p_B, p_C, s_ul, s_tl, s_Bl, s_Cl, o_d, o_n, m_d, m_n
         )  # fmt: skip
     t0 = t_beg
     while t0 < t_end:
@@ -134,7 +123,7 @@ def seq_fwd_kernel(
                 b_dtu = tl.sum(tl.where(o_k[None, :] == k, b_TU, 0.0), axis=1)
             elif PF > 0:
                 f_u, f_dt, f_B, f_C = _load_step(
-                    t + PF, p_u, p_t, p_B, p_C, s_ul, s_tl, s_Bl, s_Cl, o_d, o_n, m_d, m_n, t_end
+                    t + PF, t_end, p_u, p_t, p_B, p_C, s_ul, s_tl, s_Bl, s_Cl, o_d, o_n, m_d, m_n
                 )  # fmt: skip
                 b_u, b_dt, b_B, b_C = c_u.to(tl.float32), c_dt.to(tl.float32), c_B.to(tl.float32), c_C.to(tl.float32)
                 if PF > 1:

@@ -19,6 +19,9 @@
 #              from the pure wheel and the torch peers; rows print and the JSON is rewritten as they come;
 #              default cap 150 s)                                                   -> bench_ssd.json
 #   scanpeer   waits for the build, then bench_selective_scan.py --only mamba_ssm     -> bench_selective_scan_mamba_ssm.json
+#   infer      benchmarks/bench_scan_inference.py --sweep: inference in the mixer's layout, sequential forward vs
+#              copies + n-loop (+ mamba_ssm's scan when a build is ready), 130m-shaped model (not in the default STEPS;
+#              INFER_ARGS)                                                          -> bench_scan_inference.json
 #   train      benchmarks/bench_train_step.py, ours + HF transformers/peft            -> bench_train_step.json
 #   trainpeer  bench_train_step.py --only-stack mamba_ssm --compare bench_train_step.json
 #                                                                                     -> bench_train_step_mamba_ssm.json
@@ -32,9 +35,9 @@
 # out, so that no orphan of one step (a compile worker, a background child) loads the CPUs during the next. All
 # output also goes to $OUT/call.log; a summary table prints last. Files in $OUT: at most 8.
 # Env: STEPS, DEADLINE_S, CAP_GPUTEST, CAP_SCAN, CAP_SEQSCAN, CAP_SSD, CAP_SCANPEER, CAP_TRAIN, CAP_TRAINPEER,
-# CAP_SERVE, CAP_DIST, BUILD_WAIT_UNTIL_S
+# CAP_SERVE, CAP_INFER, CAP_DIST, BUILD_WAIT_UNTIL_S
 # (the latest elapsed second scanpeer/trainpeer wait for the build until, 330), GPU_TEST_ARGS ("tests/ops"),
-# SCAN_ARGS, SEQSCAN_ARGS, SSD_ARGS, TRAIN_ARGS, TRAINPEER_ARGS (extra arguments), MAMBA_SITE (/tmp/mamba_site),
+# SCAN_ARGS, SEQSCAN_ARGS, SSD_ARGS, INFER_ARGS, TRAIN_ARGS, TRAINPEER_ARGS (extra arguments), MAMBA_SITE (/tmp/mamba_site),
 # SDIST_DIR (.whl/sdist), PYTHON (python3), and those of build_mamba_ssm.sh (MAMBA_BUILD_LEVELS, MAX_JOBS).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -52,6 +55,7 @@ CAP_SCANPEER=${CAP_SCANPEER:-45}
 CAP_TRAIN=${CAP_TRAIN:-150}
 CAP_TRAINPEER=${CAP_TRAINPEER:-75}
 CAP_SERVE=${CAP_SERVE:-150}
+CAP_INFER=${CAP_INFER:-200}
 CAP_DIST=${CAP_DIST:-300}
 BUILD_WAIT_UNTIL_S=${BUILD_WAIT_UNTIL_S:-330}
 MAMBA_SITE=${MAMBA_SITE:-/tmp/mamba_site}
@@ -178,6 +182,14 @@ if want scanpeer; then
     else
         record scanpeer skip 0 "build not ready"
     fi
+fi
+# 4b. inference in the mixer's layout: the sequential forward against copies + n-loop, a configuration sweep, a
+# 130m-shaped model's no-grad forward; mamba_ssm's scan too when a build of this call or an earlier one is ready
+if want infer; then
+    site=.
+    if { want build || [ -f "$MAMBA_SITE.status" ]; } && build_ready; then site=$MAMBA_SITE:.; fi
+    t=$(grant "$CAP_INFER")
+    step infer "$t" "PYTHONPATH=$site $PY benchmarks/bench_scan_inference.py --sweep --budget-s $((t - 20 > 10 ? t - 20 : 10)) --out $OUT/bench_scan_inference.json ${INFER_ARGS:-}"
 fi
 # 5. model-level training step: ours + HF peer, then mamba_ssm's model merged with it
 if want train; then

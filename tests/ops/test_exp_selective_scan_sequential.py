@@ -3,6 +3,7 @@ every variant matches the fp32 reference, so the experiment cannot rot on the CP
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 
@@ -12,6 +13,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the module below decorates its kernel
 pytest.importorskip("triton")
+
+from ssmtune.ops.selective_scan import fused_seq
+
+if not torch.cuda.is_available() and "Interpreted" not in type(fused_seq.selective_scan_fwd_seq_kernel.fn).__name__:
+    # another test module imported the library's kernels before TRITON_INTERPRET was set; the experiment's kernel
+    # calls fused_seq's step loads, which must be interpreted too
+    importlib.reload(fused_seq)
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "exp_selective_scan_sequential.py")
 _spec = importlib.util.spec_from_file_location("exp_selective_scan_sequential", _PATH)

@@ -259,6 +259,23 @@ def test_selective_scan_triton_gpu(b, d, seqlen, n, dtype, flags, per_batch, sof
     check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus)
 
 
+# long time tiles scanned by several warps (the interpreter ignores warps, so only the GPU checks their layouts)
+GPU_WIDE_TILES = [
+    {"BLOCK_L": 512, "WARPS_FWD": 4, "WARPS_BWD": 4},
+    {"BLOCK_L": 2048, "WARPS_FWD": 8, "WARPS_BWD": 8},
+    {"BLOCK_L": 1024, "BLOCK_D_FWD": 2, "WARPS_FWD": 8, "WARPS_BWD": 4},
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cfg", GPU_WIDE_TILES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_wide_time_tiles_on_several_warps_gpu(monkeypatch, cfg):
+    """L 2100 leaves a ragged last tile at every BLOCK_L; all flags, bf16, D odd."""
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", cfg)
+    check_case(2, 37, 2100, 16, torch.bfloat16, ALL, True, True)
+
+
 def test_backward_uses_the_forward_configuration(monkeypatch):
     """Changing CONFIG_OVERRIDE between forward and backward must not misalign checkpoints or saved tensors."""
     ins = make_inputs(2, 5, 13, 3, torch.float32, ALL, False)

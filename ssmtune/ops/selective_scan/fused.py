@@ -17,13 +17,20 @@ Removed after an H100 sweep (torch 2.11, triton 3.6; B 8, L 2048, D 1536, N 16, 
 slower than these kernels (0.788 / 3.282): the session-1 tile kernels, all N states scanned at once in a
 [BLOCK_D, N, BLOCK_L] tile (1.249 / 4.900 at their default, 1.49-1.67 / 8.3-8.7 with other tiles), and state loops
 unrolled with ``tl.static_range`` (forward unrolled 0.972 / 3.490, both 0.973 / 7.702); docs/kernels-mamba1.md.
+
+With ``SEQUENTIAL_FORWARD`` (off by default), inference calls on time-major views with N <= 16 go to the sequential
+forward of ``fused_seq.py``.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from ssmtune.ops.selective_scan import fused_seq
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -31,6 +38,21 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # tests. Keys: CONFIG_KEYS (another key raises ValueError). BLOCK_L and BLOCK_D_* must be powers of two.
 CONFIG_OVERRIDE: dict[str, int] = {}
 CONFIG_KEYS = ("BLOCK_L", "BLOCK_D_FWD", "BLOCK_D_BWD", "WARPS_FWD", "WARPS_BWD")
+
+
+def _env_flag(name: str) -> bool:
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"environment variable {name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+# True: calls without gradients, with N <= 16 and a time-major Δ (the mixer's views) run the sequential forward of
+# fused_seq.py, which reads them without copies. Off by default (SSMTUNE_SEQUENTIAL_SCAN=1 turns it on): on an H200
+# it is 1.8-2.4x faster than the copies + n-loop forward at batch 8 and a 130m-shaped model's no-grad forward gains
+# 1.19x, but the model with State-offset (h) and batch-1 forwards were slower in session 6's measurements
+# (docs/kernels-mamba1.md), so it waits for a measured fix.
+SEQUENTIAL_FORWARD = _env_flag("SSMTUNE_SEQUENTIAL_SCAN")
 
 
 @triton.jit
@@ -691,9 +713,17 @@ def selective_scan_triton(
     """
     if A.shape[1] > 256:
         raise ValueError(f"selective_scan_triton: state size N must be <= 256, got {A.shape[1]}")
-    args = [_contig(t) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset)]
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    if not needs_grad and SEQUENTIAL_FORWARD and fused_seq.suits(delta, A):
+        # inference on the mixer's time-major views: read them as they are instead of copying them into [B, D, L]
+        y, ht = fused_seq.selective_scan_fwd_seq(
+            *args[:8], delta_softplus, *args[8:], output_final_state=return_final_state
+        )  # fmt: skip
+        return (y, ht) if return_final_state else y
+    args = [_contig(t) for t in args]
     u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset = args
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+    if needs_grad:
         return SelectiveScanFunction.apply(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
             return_final_state,
