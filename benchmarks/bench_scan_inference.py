@@ -115,11 +115,7 @@ def kernel_rows(args, bw: float, add) -> None:
                 ("sequential (default)", lambda ins=ins: scan(ins, True), {}),
             ]
             if args.sweep:
-                sweep = (
-                    SWEEP
-                    if flags == "peer"
-                    else [{"PF": 1}, {"PF": 2}, {"HOFF_RELOAD": 1}, {"PF": 1, "HOFF_RELOAD": 1}]
-                )
+                sweep = SWEEP if flags == "peer" else [{"PF": 1}, {"PF": 2}]
                 variants += [
                     ("sequential " + "/".join(f"{k}{v}" for k, v in c.items()), lambda ins=ins: scan(ins, True), c)
                     for c in sweep

@@ -99,7 +99,6 @@ CASES = [
     ("h0-z-tm-fp16", 2, 5, 21, 4, torch.float16, ("z", "initial_state"), True, True, {"BLOCK_D": 4, "K": 4}),
     ("L1-all-tm-fp32", 2, 5, 1, 3, torch.float32, FLAGS, False, True, {"BLOCK_D": 4, "K": 4, "CHUNK": 8}),
     ("offsets-only-default-cfg", 1, 5, 20, 4, torch.float32, ("state_offset", "y_offset"), True, True, {}),
-    ("all-tm-fp32-hoff-reload", 2, 5, 37, 16, torch.float32, FLAGS, True, True, {"BLOCK_D": 4, "K": 4, "CHUNK": 8, "HOFF_RELOAD": 1}),
 ]  # fmt: skip
 
 

@@ -32,9 +32,9 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 MAX_DSTATE = 16  # all N states of a channel live in one thread's registers
-# launch configuration; keys of CONFIG_OVERRIDE (tests and sweeps): BLOCK_D, K, WARPS, PF, CHUNK (0: one pass),
-# HOFF_RELOAD (1: load h' each step instead of holding it in registers)
-CONFIG_KEYS = ("BLOCK_D", "K", "WARPS", "PF", "CHUNK", "HOFF_RELOAD")
+# launch configuration; keys of CONFIG_OVERRIDE (tests and sweeps): BLOCK_D, K, WARPS, PF, CHUNK (0: one pass).
+# Session 6 also timed h' loaded again at every step instead of held in registers: no gain, removed.
+CONFIG_KEYS = ("BLOCK_D", "K", "WARPS", "PF", "CHUNK")
 CONFIG_OVERRIDE: dict[str, int] = {}
 IDX32_LIMIT = 2**31  # time offsets t * stride at or above this need 64-bit arithmetic
 
@@ -73,7 +73,7 @@ def selective_scan_fwd_seq_kernel(
     N: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
     PF: tl.constexpr, PASS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_STATE_OFFSET: tl.constexpr, USE_Y_OFFSET: tl.constexpr,
-    STORE_FINAL_STATE: tl.constexpr, IDX64: tl.constexpr, HOFF_RELOAD: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr, IDX64: tl.constexpr,
 ):  # fmt: skip
     # PASS 0: the whole sequence in one program; PASS 1 / 2: the two launches of the chunked form (module docstring).
     # A, h0, h' and the final state are [.., N, D] (transposed on the host) so that every [BLOCK_D, BLOCK_N] tile has
@@ -100,9 +100,7 @@ def selective_scan_fwd_seq_kernel(
         if HAS_D:
             b_D = tl.load(D + o_d, mask=m_d, other=0.0).to(tl.float32)
         if USE_STATE_OFFSET:
-            p_hoff = h_off_t + i_b * stride_hoff_b + o_nd
-            if not HOFF_RELOAD:
-                b_hoff = tl.load(p_hoff, mask=m_dn, other=0.0).to(tl.float32)
+            b_hoff = tl.load(h_off_t + i_b * stride_hoff_b + o_nd, mask=m_dn, other=0.0).to(tl.float32)
         if USE_Y_OFFSET:
             b_yoff = tl.load(y_off + i_b * stride_yoff_b + o_d, mask=m_d, other=0.0).to(tl.float32)
     if HAS_DELTA_BIAS:
@@ -160,8 +158,6 @@ def selective_scan_fwd_seq_kernel(
                 b_sdt += b_dt
             else:
                 if USE_STATE_OFFSET:
-                    if HOFF_RELOAD:  # h' read again each step (cached) instead of held in N more registers
-                        b_hoff = tl.load(p_hoff, mask=m_dn, other=0.0).to(tl.float32)
                     b_yt = tl.sum((b_h + b_hoff) * b_C[None, :], axis=1)
                 else:
                     b_yt = tl.sum(b_h * b_C[None, :], axis=1)
@@ -200,7 +196,7 @@ def _config(batch: int, dim: int, seqlen: int, device: torch.device) -> dict[str
         raise ValueError(
             f"sequential selective scan CONFIG_OVERRIDE: unknown key(s) {unknown}; allowed keys: {', '.join(CONFIG_KEYS)}"
         )
-    cfg = {"BLOCK_D": 32, "K": 8, "WARPS": 1, "PF": 2, "CHUNK": 0, "HOFF_RELOAD": 0}
+    cfg = {"BLOCK_D": 32, "K": 8, "WARPS": 1, "PF": 2, "CHUNK": 0}
     cfg.update(CONFIG_OVERRIDE)
     if "CHUNK" not in CONFIG_OVERRIDE:
         # H200, L 2048 (session 6, docs/kernels-mamba1.md): one pass when there are 4 or more one-warp programs per SM
@@ -282,7 +278,6 @@ def selective_scan_fwd_seq(
             u, delta, A_t, B, C, D, z, delta_bias, h0_t, hoff_t, y_offset, y, ht, S, G,
             *strides, s_h0, s_hoff, s_yoff, seqlen, T, nc, dim,
             N=dstate, DELTA_SOFTPLUS=delta_softplus, BLOCK_D=cfg["BLOCK_D"], BLOCK_N=triton.next_power_of_2(dstate),
-            K=cfg["K"], PF=cfg["PF"], PASS=pass_, IDX64=idx64, HOFF_RELOAD=bool(cfg["HOFF_RELOAD"]),
-            num_warps=cfg["WARPS"],
+            K=cfg["K"], PF=cfg["PF"], PASS=pass_, IDX64=idx64, num_warps=cfg["WARPS"],
         )  # fmt: skip
     return y, (ht.transpose(1, 2).contiguous() if ht is not None else None)
