@@ -18,7 +18,7 @@ h ← exp(A ΣΔ_j) h + S_j for j < c, and writes y. Twice the recurrence work f
 
 Measured on an H200 in the mixer's layout (bf16, B 8, L 2048, N 16, D, z, Δ bias and softplus;
 ``benchmarks/bench_scan_inference.py``): D 1536 0.62 ms against 1.11 ms for the copies + n-loop forward, D 4096 1.44
-against 2.81, D 5120 1.57 against 3.44; mamba_ssm's CUDA scan on the same views 0.78 / 2.09 / 2.56 ms. There is no
+against 2.81, D 5120 1.55 against 3.42; mamba_ssm's CUDA scan on the same views 0.78 / 2.09 / 2.56 ms. There is no
 backward: training keeps the n-loop kernels, whose checkpoints and saved pre-gate output this kernel does not write.
 """
 
