@@ -21,11 +21,16 @@ runs a subset of the stacks (``--only-stack mamba_ssm`` after the extension's bu
 the rows of an earlier run, so that one table shows ours, the peers and mamba_ssm side by side, with the columns
 "x mamba_ssm" (tokens/s over mamba_ssm's bare step at the same model and size) and "mem / mamba_ssm".
 
+``--backends auto+graph`` adds our steps replayed from a CUDA graph (``ssmtune.train.graphs.GraphedStep``, what
+``fit(cuda_graph=True)`` runs): 3 eager warm-up steps and the capture happen while the variant is built, and each graphed
+variant is built, timed and freed on its own (one live graph at a time) instead of in the interleaved rounds below.
+
 Timing: the methods of one (model, backend, B, L) are built together and each gets ``--warmup`` untimed steps
 (Triton compilation, allocator); then ``--iters`` interleaved rounds of one step per method, each step bracketed by
 ``torch.cuda.synchronize``, and the median is reported. Peak memory: ``torch.cuda.max_memory_allocated`` of a step
 (after ``reset_peak_memory_stats``) minus what was allocated before it, plus the variant's own resident bytes
-(weights, optimizer state), so the other resident models do not count. Each variant runs in its own try/except;
+(weights, optimizer state), so the other resident models do not count; for a graphed variant its reserved bytes
+(its graph's memory pool included) count instead. Each variant runs in its own try/except;
 groups that would start after ``--max-seconds`` are reported as skipped, and the rounds of a group are cut to fit.
 The JSON is rewritten after every group; the Markdown table prints last.
 
@@ -89,7 +94,8 @@ class Variant:
     method: str
     """One of METHODS ("lora" for the peft peer, "none" for mamba_ssm)."""
     backend: str
-    """ssmtune scan backend; "torch-path" for HF, "unfused" for mamba_ssm."""
+    """ssmtune scan backend ("auto+graph": "auto" with the whole step replayed from a CUDA graph); "torch-path" for
+    HF, "unfused" for mamba_ssm."""
     batch: int
     seqlen: int
 
@@ -184,7 +190,7 @@ def build_ssmtune(v: Variant, shape: str, device: torch.device) -> tuple[torch.n
         klass = MambaForCausalLM if v.model == "mamba" else Mamba2ForCausalLM
         with torch.device(device):
             m = klass(ssmtune_config(v.model, shape))
-        m.backend = v.backend
+        m.backend = v.backend.removesuffix("+graph")
         return m
 
     detail = ""
@@ -252,7 +258,10 @@ def make_step(v: Variant, model: torch.nn.Module, ids: torch.Tensor) -> tuple[Ca
     """The step closure (``step(row)`` also records the loss and the dead parameters) and the trainable count."""
     device = ids.device
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0) if params else None
+    graph = v.backend.endswith("+graph")
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, capturable=graph) if params else None
+    if graph:
+        return make_graphed_step(v, model, ids, opt), sum(p.numel() for p in params)
 
     def forward() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -279,6 +288,44 @@ def make_step(v: Variant, model: torch.nn.Module, ids: torch.Tensor) -> tuple[Ca
             opt.zero_grad(set_to_none=True)
 
     return step, sum(p.numel() for p in params)
+
+
+def make_graphed_step(v: Variant, model: torch.nn.Module, ids: torch.Tensor, opt) -> Callable[..., None]:
+    """The step of an ssmtune variant captured in a CUDA graph (``ssmtune.train.graphs.GraphedStep``), 3 eager
+    warm-up steps included in the build; each call replays it on the same batch (copied into the static input)."""
+    from ssmtune.train.graphs import GraphedStep
+
+    if v.stack != "ssmtune":
+        raise ValueError(f"CUDA-graph steps are built for ssmtune variants only, got {v.stack!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        x = batch["input_ids"]
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            if v.method == "none":
+                embeds = model.backbone.embeddings(x).detach().requires_grad_()  # [B, L, d_model]
+                loss = model(inputs_embeds=embeds, labels=x).loss
+            else:
+                loss = model(x, labels=x).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        return loss
+
+    graphed = GraphedStep(step, {"input_ids": ids}, optimizers=[opt] if opt is not None else [])
+    torch.cuda.empty_cache()  # the eager warm-up's cached blocks: not the graph's memory (its pool stays)
+
+    def replay(row: Row | None = None) -> None:
+        loss = graphed.run({"input_ids": ids})
+        if row is not None:
+            row.loss = loss.item()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {row.loss!r}")
+            row.dead_params = sum(p.grad is None for p in params)
+
+    return replay
 
 
 def timed(step: Callable[..., None], device: torch.device, probe: Row | None = None) -> float:
@@ -326,7 +373,11 @@ def run_group(vs: list[Variant], args: argparse.Namespace, device: torch.device,
             if time.perf_counter() > deadline:
                 row.status = "skipped (budget: --max-seconds reached while building its group)"
                 continue
-            mem0 = torch.cuda.memory_allocated(device) if cuda else 0
+            graph = v.backend.endswith("+graph")
+            # a graph's activations live in its private pool, reserved but not "allocated" between replays: count
+            # reserved bytes for it (the variant runs alone, after free_memory emptied the cache)
+            mem_now = torch.cuda.memory_reserved if graph else torch.cuda.memory_allocated
+            mem0 = mem_now(device) if cuda else 0
             model = step = None
             try:
                 model, row.detail = builders[v.stack](v, args.shape, device)
@@ -337,7 +388,7 @@ def run_group(vs: list[Variant], args: argparse.Namespace, device: torch.device,
                     if i > 0 and time.perf_counter() > deadline:
                         break
                     row.warmup_ms.append(1e3 * timed(step, device, row if i == 0 else None))
-                resident = torch.cuda.memory_allocated(device) - mem0 if cuda else 0
+                resident = mem_now(device) - mem0 if cuda else 0
                 live.append([row, model, step, resident])
             except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
                 _error(row, e)
@@ -379,19 +430,25 @@ def run_group(vs: list[Variant], args: argparse.Namespace, device: torch.device,
 def schedule(args: argparse.Namespace) -> list[list[Variant]]:
     """Groups, most important first: ssmtune (main backend) Mamba-1 then Mamba-2 at the small size, then the large
     size, then the peers (one variant per group), mamba_ssm, and last the other ssmtune backends."""
-    sizes = SIZES[args.shape]
+    sizes = [tuple(map(int, x.split("x"))) for x in args.sizes] if args.sizes else SIZES[args.shape]
     backends = list(dict.fromkeys(args.backends))
     main, rest = backends[0], backends[1:]
     out: list[list[Variant]] = []
+
+    def ours(be: str, b: int, seqlen: int) -> list[list[Variant]]:
+        groups = [[Variant("ssmtune", m, meth, be, b, seqlen) for meth in args.methods] for m in args.models]
+        # a CUDA graph's variant runs alone (built, timed, freed): one live graph at a time, no interleaving
+        return [[v] for g in groups for v in g] if be.endswith("+graph") else groups
+
     for b, seqlen in sizes:
-        out += [[Variant("ssmtune", m, meth, main, b, seqlen) for meth in args.methods] for m in args.models]
+        out += ours(main, b, seqlen)
     if not args.no_peers:
         out += [[Variant("hf+peft", m, "lora", "torch-path", b, seqlen)] for b, seqlen in sizes for m in args.models]
     if args.mamba_ssm:
         out += [[Variant("mamba_ssm", m, "none", "unfused", b, seqlen)] for b, seqlen in sizes for m in args.models]
     for be in rest:
         for b, seqlen in sizes:
-            out += [[Variant("ssmtune", m, meth, be, b, seqlen) for meth in args.methods] for m in args.models]
+            out += ours(be, b, seqlen)
     if args.only_stack:
         out = [g for g in out if g[0].stack in args.only_stack]
     return out
@@ -547,9 +604,10 @@ def main() -> None:
     ap.add_argument(
         "--backends",
         nargs="+",
-        choices=["auto", "torch", "triton", "ref"],
+        choices=["auto", "torch", "triton", "ref", "auto+graph"],
         default=["auto", "torch"],
-        help="ssmtune scan backends; the first is the main one, the others run after the peers",
+        help="ssmtune scan backends; the first is the main one, the others run after the peers; auto+graph: auto "
+        "with the whole step captured in a CUDA graph (ssmtune.train.graphs; CUDA only)",
     )
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per ssmtune variant (Triton compilation)")
     ap.add_argument("--iters", type=int, default=10, help="timed steps per ssmtune variant (median reported)")
@@ -578,12 +636,18 @@ def main() -> None:
         default=None,
         help="merge the rows of an earlier run's JSON (e.g. ours + HF) into this run's table and ratios",
     )
+    ap.add_argument(
+        "--sizes", nargs="+", default=None, help="(B, L) sizes as BxL, e.g. 4x512 (default: the shape's two)"
+    )
     ap.add_argument("--max-seconds", type=float, default=270.0, help="start no variant after this many seconds")
     ap.add_argument("--out", type=Path, default=Path("bench_train_step.json"))
     args = ap.parse_args()
     if args.only_stack:
         args.mamba_ssm = args.mamba_ssm or "mamba_ssm" in args.only_stack
         args.no_peers = args.no_peers and "hf+peft" not in args.only_stack
+    for x in args.sizes or []:
+        if not (len(x.split("x")) == 2 and all(p.isdigit() and int(p) > 0 for p in x.split("x"))):
+            raise ValueError(f"--sizes takes BxL with positive integers, e.g. 4x512; got {x!r}")
     for name in ("warmup", "iters", "peer_warmup", "peer_iters"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)!r}")
@@ -596,6 +660,8 @@ def main() -> None:
     if device.type != "cuda":
         # off CUDA "auto" resolves to "torch": keep one of them
         args.backends = list(dict.fromkeys("auto" if b == "torch" else b for b in args.backends))
+        if "auto+graph" in args.backends:
+            raise ValueError(f"--backends auto+graph needs a CUDA device, got --device {args.device}")
         if args.tiny:
             # a smoke test: one thread is faster than oversubscribed OpenMP on a shared small machine
             torch.set_num_threads(1)

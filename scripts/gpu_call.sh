@@ -280,7 +280,7 @@ if ssd is not None:
 train = load("bench_train_step_mamba_ssm.json") or load("bench_train_step.json")
 if train:
     print("\nTraining step (bf16 base): tokens/s (peak GiB); main backend, HF+peft, mamba_ssm unfused")
-    rows = [r for r in train["rows"] if r.get("backend") in ("auto", "torch-path", "unfused")]
+    rows = [r for r in train["rows"] if r.get("backend") in ("auto", "auto+graph", "torch-path", "unfused")]
     keys = sorted({(r["model"], r["batch"], r["seqlen"]) for r in rows})
     cols = [("ssmtune", "none"), ("ssmtune", "state_offset_h"), ("ssmtune", "initial_state"), ("ssmtune", "lora"),
             ("hf+peft", "lora"), ("mamba_ssm", "none")]

@@ -60,3 +60,21 @@ def linear_schedule(
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Switch an Adam/AdamW optimizer (and any state it already has, e.g. from a checkpoint) between the eager form
+    and the CUDA-graph form (``capturable``: step counts and the learning rate as device tensors, so that a captured
+    step reads the scheduler's current rate instead of the one it was captured with). Loading a state dict resets a
+    group's settings to the saved ones, so call this after ``load_state_dict``."""
+    for group in optimizer.param_groups:
+        if "capturable" not in group:
+            raise ValueError(f"{type(optimizer).__name__} has no capturable mode")
+        device = group["params"][0].device
+        group["capturable"] = capturable
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, dtype=torch.float32, device=device) if capturable else lr
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=p.device if capturable else "cpu", dtype=torch.float32)

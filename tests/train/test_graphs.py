@@ -1,0 +1,154 @@
+"""CUDA-graph training steps (ssmtune.train.graphs): argument checks on the CPU, graphed = eager on the GPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ssmtune import LoraConfig, StateOffsetConfig, get_peft_model
+from ssmtune.models import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+from ssmtune.train import TrainConfig, fit
+from ssmtune.train.graphs import GraphedStep, pad_batch
+from ssmtune.train.optim import set_capturable
+
+
+def _noop(batch):
+    return torch.zeros(())
+
+
+def test_warmup_must_be_positive():
+    with pytest.raises(ValueError, match="warmup must be >= 1.*got 0"):
+        GraphedStep(_noop, {}, warmup=0)
+
+
+def test_optimizer_must_be_capturable():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, capturable=False)
+    with pytest.raises(ValueError, match="AdamW must be built with capturable=True"):
+        GraphedStep(_noop, {}, optimizers=[opt])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_needs_cuda():
+    with pytest.raises(RuntimeError, match="need a CUDA device"):
+        GraphedStep(_noop, {"input_ids": torch.zeros(2, 3, dtype=torch.long)})
+
+
+def _model(kind: str, method: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "mamba":
+        base = MambaForCausalLM(MambaConfig(d_model=64, n_layer=2, vocab_size=97))
+    else:
+        base = Mamba2ForCausalLM(Mamba2Config(d_model=64, n_layer=2, vocab_size=97, headdim=16, d_state=32))
+    base.backend = "triton"
+    cfg = StateOffsetConfig(variant="h") if method == "state_offset_h" else LoraConfig(r=4, target_modules=["in_proj"])
+    model = get_peft_model(base, cfg).cuda()
+    for p in model.parameters():
+        p.data = p.data.float() if p.requires_grad else p.data.to(torch.bfloat16 if p.ndim > 1 else p.dtype)
+    return model.train()
+
+
+def _stepper(model: torch.nn.Module):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, capturable=True)
+
+    def step(batch):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = model(batch["input_ids"], labels=batch["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, opt
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("kind", "method"), [("mamba", "state_offset_h"), ("mamba", "lora"),
+                                              ("mamba2", "state_offset_h")])  # fmt: skip
+def test_graphed_steps_match_eager_steps(kind, method):
+    """Warm-up on batch 0 and replays on batches 1-4 train the adapter as five eager steps do (same kernels; dB/dC
+    atomics can reorder sums, hence a tolerance); a batch of another shape is refused."""
+    batches = [{"input_ids": torch.randint(0, 97, (3, 67), device="cuda")} for _ in range(5)]
+    eager = _model(kind, method)
+    graphed = copy.deepcopy(eager)
+    initial = [p.detach().clone() for p in eager.parameters() if p.requires_grad]
+    step, _ = _stepper(eager)
+    eager_losses = [step(b).item() for b in batches]
+    gstep, _ = _stepper(graphed)
+    g = GraphedStep(gstep, batches[0], warmup=1)
+    graph_losses = [g.run(b).item() for b in batches[1:]]
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses[1:]), rtol=1e-3, atol=1e-3)
+    for (name, pe), pg in zip(eager.named_parameters(), graphed.parameters(), strict=True):
+        if pe.requires_grad:
+            torch.testing.assert_close(pg, pe, rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    trained = [p for p in graphed.parameters() if p.requires_grad]
+    assert all(not torch.equal(p, p0) for p, p0 in zip(trained, initial, strict=True))  # every adapter tensor moved
+    with pytest.raises(ValueError, match=r"shape \(3, 68\)"):
+        g.run({"input_ids": torch.zeros(3, 68, dtype=torch.long, device="cuda")})
+
+
+def test_pad_batch_keeps_the_loss_positions():
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[-100, 6, 7]]),
+             "attention_mask": torch.tensor([[1, 1, 1]])}  # fmt: skip
+    out = pad_batch(batch, rows=2, length=5, ignore_index=-100)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0], [0] * 5]
+    assert out["labels"].tolist() == [[-100, 6, 7, -100, -100], [-100] * 5]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [0] * 5]
+    with pytest.raises(ValueError, match=r"batch of shape \(1, 3\) does not fit the captured shape \(1, 2\)"):
+        pad_batch(batch, rows=1, length=2, ignore_index=-100)
+
+
+def test_set_capturable_round_trip():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.5)
+    p.grad = torch.ones(3)
+    opt.step()
+    set_capturable(opt, True)
+    g = opt.param_groups[0]
+    assert g["capturable"] and torch.is_tensor(g["lr"]) and g["lr"].item() == 0.5
+    assert opt.state[p]["step"].dtype == torch.float32
+    set_capturable(opt, False)
+    assert g["capturable"] is False and g["lr"] == 0.5 and opt.state[p]["step"].device.type == "cpu"
+
+
+def test_fit_config_refuses_what_a_graph_cannot_do(tmp_path):
+    from tiny import TinyLM, collate, make_dataset
+
+    with pytest.raises(ValueError, match="cuda_graph does not support precision 'fp16'"):
+        TrainConfig(cuda_graph=True, precision="fp16")
+    with pytest.raises(ValueError, match="cuda_graph needs one micro-batch per step.*micro_batch_size=2"):
+        TrainConfig(cuda_graph=True, batch_size=4, micro_batch_size=2)
+    if not torch.cuda.is_available():
+        cfg = TrainConfig(cuda_graph=True, device="cpu", progress=False, save_steps=0)
+        with pytest.raises(ValueError, match="cuda_graph needs a single CUDA process, got device cpu"):
+            fit(TinyLM(), make_dataset(8), collate, config=cfg, out_dir=tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_fit_with_cuda_graph_matches_eager_fit(tmp_path, kind):
+    """Same data, same settings: the graphed run (every batch padded to the longest example) logs the eager run's
+    losses and ends with its adapter; the decaying learning rate reaches the graph (a device tensor)."""
+    import json
+
+    from tiny import collate, make_dataset
+
+    data = make_dataset(26)  # 6 batches of 4 per epoch (the last 2 examples dropped), lengths 5-9
+    runs = {}
+    for graph in (False, True):
+        model = _model(kind, "state_offset_h")
+        cfg = TrainConfig(epochs=2, batch_size=4, lr=3e-2, precision="bf16", progress=False, save_steps=0,
+                          log_steps=1, seed=3, cuda_graph=graph)  # fmt: skip
+        fit(model, data, collate, config=cfg, out_dir=tmp_path / str(graph), save_fn=None)
+        lines = (tmp_path / str(graph) / "metrics.jsonl").read_text().splitlines()
+        recs = [r for r in map(json.loads, lines) if r["type"] == "train"]
+        runs[graph] = ([r["loss"] for r in recs], [r["lr"] for r in recs],
+                       [p.detach().float().clone() for p in model.parameters() if p.requires_grad])  # fmt: skip
+    (le, lre, pe), (lg, lrg, pg) = runs[False], runs[True]
+    assert lrg == pytest.approx(lre, rel=1e-6) and lrg[-1] < lrg[0]  # the graph's lr is an fp32 tensor
+    torch.testing.assert_close(torch.tensor(lg), torch.tensor(le), rtol=2e-2, atol=2e-2)
+    for a, b in zip(pg, pe, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
