@@ -152,3 +152,67 @@ def test_fit_with_cuda_graph_matches_eager_fit(tmp_path, kind):
     torch.testing.assert_close(torch.tensor(lg), torch.tensor(le), rtol=2e-2, atol=2e-2)
     for a, b in zip(pg, pe, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_restore_puts_parameters_and_optimizer_state_back():
+    """GraphedStep(restore=True)'s warm-up leaves no trace: after steps and a restore, a fresh optimizer steps as if it
+    had never stepped, and a used one resumes from its saved moments."""
+    from ssmtune.train.graphs import _restore, _snapshot
+
+    def run(opt, p, n):
+        for _ in range(n):
+            p.grad = torch.full_like(p, 0.5)
+            opt.step()
+
+    p = torch.nn.Parameter(torch.arange(4.0))
+    ref = torch.nn.Parameter(torch.arange(4.0))
+    opt, opt_ref = torch.optim.AdamW([p], lr=0.1), torch.optim.AdamW([ref], lr=0.1)
+    saved = _snapshot([opt])
+    run(opt, p, 3)
+    _restore([opt], saved)
+    assert torch.equal(p.detach(), torch.arange(4.0)) and p.grad is None
+    run(opt, p, 2)
+    run(opt_ref, ref, 2)
+    torch.testing.assert_close(p, ref, rtol=0, atol=0)
+    saved = _snapshot([opt])  # a used optimizer: its moments and step count come back
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    run(opt, p, 2)
+    _restore([opt], saved)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before.items())
+
+
+def test_graphed_train_step_body_matches_the_eager_step_on_cpu():
+    """The captured function itself, run eagerly on the CPU: one padded batch gives the eager loop's loss and update;
+    a non-finite loss zeroes the gradients so the parameters stay finite."""
+    from tiny import TinyLM, collate, make_dataset
+
+    from ssmtune.train.graphs import GraphedTrainStep
+    from ssmtune.train.loop import IGNORE_INDEX, count_targets, token_loss_sum
+
+    torch.manual_seed(0)
+    eager, graphed = TinyLM(), TinyLM()
+    graphed.load_state_dict(eager.state_dict())
+    batch = collate(make_dataset(4))
+    n = count_targets(batch["labels"])
+    opt_e = torch.optim.AdamW([p for p in eager.parameters() if p.requires_grad], lr=0.1)
+    loss_e = token_loss_sum(eager(batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                            batch["labels"]) / n  # fmt: skip
+    loss_e.backward()
+    norm_e = torch.nn.utils.clip_grad_norm_([p for p in eager.parameters() if p.requires_grad], 0.5)
+    opt_e.step()
+    trainable = [p for p in graphed.parameters() if p.requires_grad]
+    opt_g = torch.optim.AdamW(trainable, lr=0.1)
+    g = GraphedTrainStep(graphed, opt_g, trainable, rows=6, length=12, clip=0.5, autocast_dtype=torch.float32,
+                         loss_fn=token_loss_sum, ignore_index=IGNORE_INDEX)  # fmt: skip
+    b = pad_batch(batch, 6, 12, ignore_index=IGNORE_INDEX)
+    b["n_targets"] = torch.tensor(float(n))
+    loss_g, norm_g = g._step(b)
+    torch.testing.assert_close(loss_g, loss_e.detach())
+    torch.testing.assert_close(norm_g, norm_e)
+    for pe, pg in zip(eager.parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(pg, pe)
+    b["n_targets"] = torch.tensor(0.0)  # loss = sum / 0: inf
+    loss_bad, _ = g._step(b)
+    assert not torch.isfinite(loss_bad)
+    assert all(torch.isfinite(p).all() for p in trainable)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in trainable)
