@@ -3,7 +3,8 @@
 Each case runs in its own process: the eager step (``bench_train_step.make_step``, backend ``auto``), then the same
 step replayed from a CUDA graph (``auto+graph``, ``ssmtune.train.graphs.GraphedStep``); median ms of 10 steps each
 after 3 untimed ones. Extras: ``gc`` empties the allocator's cache before timing, ``twice`` builds a second graphed
-model first (both faulted before GraphedStep cleared cuBLAS's workspaces around the capture, docs/training.md).
+model first (both faulted in the session-7 run, which predates GraphedStep clearing cuBLAS's workspaces around the
+capture; not rerun since, docs/training.md).
 Raw results of the session-7 run: docs/img/graph_step_s7.json. ``bench_train_step.py --backends auto auto+graph`` is
 the benchmark proper; this script is the record of how the first figures were taken.
 
