@@ -94,10 +94,10 @@ class TrainConfig:
     gradients all-reduced), `fsdp` (FSDP2, one shard unit per Mamba block), or `auto`: DDP for PEFT, FSDP for full
     fine-tuning. Ignored in a single process. batch_size is the global batch and must divide by the world size."""
     cuda_graph: bool = False
-    """Replay every optimizer step (forward, backward, clipping, AdamW) from one CUDA graph, so that Python and kernel
-    launches no longer bound small steps (2.7x faster at 4 x 512 on a 130M Mamba, docs/training.md). Single CUDA
-    process, precision bf16 or fp32, no gradient accumulation; every batch is padded to the longest example of the
-    training set (right padding, ignored labels: the loss is unchanged)."""
+    """Experimental: replay every optimizer step (forward, backward, clipping, AdamW) from one CUDA graph, so that
+    Python and kernel launches no longer bound small steps (2.7x faster at 4 x 512 on a 130M Mamba, docs/training.md).
+    Single CUDA process, precision bf16 or fp32, no gradient accumulation; every batch is padded to the longest example
+    of the training set (right padding, ignored labels: the loss is unchanged)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 and not self.max_steps:
