@@ -260,23 +260,24 @@ def make_step(v: Variant, model: torch.nn.Module, ids: torch.Tensor) -> tuple[Ca
     params = [p for p in model.parameters() if p.requires_grad]
     graph = v.backend.endswith("+graph")
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, capturable=graph) if params else None
-    if graph:
-        return make_graphed_step(v, model, ids, opt), sum(p.numel() for p in params)
 
-    def forward() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+    def forward(x: torch.Tensor, cache_enabled: bool = True) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled):
             if v.stack == "ssmtune" and v.method == "none":
-                embeds = model.backbone.embeddings(ids).detach().requires_grad_()  # [B, L, d_model]
-                return model(inputs_embeds=embeds, labels=ids).loss
+                embeds = model.backbone.embeddings(x).detach().requires_grad_()  # [B, L, d_model]
+                return model(inputs_embeds=embeds, labels=x).loss
             if v.stack == "ssmtune":
-                return model(ids, labels=ids).loss
+                return model(x, labels=x).loss
             if v.stack == "hf+peft":
-                return model(input_ids=ids, labels=ids, use_cache=False).loss
-            logits = model(ids).logits  # [B, L, V]
-        return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+                return model(input_ids=x, labels=x, use_cache=False).loss
+            logits = model(x).logits  # [B, L, V]
+        return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten())
+
+    if graph:
+        return make_graphed_step(v, forward, params, ids, opt), sum(p.numel() for p in params)
 
     def step(row: Row | None = None) -> None:
-        loss = forward()
+        loss = forward(ids)
         loss.backward()
         if row is not None:
             row.loss = loss.item()
@@ -290,25 +291,22 @@ def make_step(v: Variant, model: torch.nn.Module, ids: torch.Tensor) -> tuple[Ca
     return step, sum(p.numel() for p in params)
 
 
-def make_graphed_step(v: Variant, model: torch.nn.Module, ids: torch.Tensor, opt) -> Callable[..., None]:
+def make_graphed_step(
+    v: Variant, forward: Callable[..., torch.Tensor], params: list, ids: torch.Tensor, opt
+) -> Callable[..., None]:
     """The step of an ssmtune variant captured in a CUDA graph (``ssmtune.train.graphs.GraphedStep``), 3 eager
-    warm-up steps included in the build; each call replays it on the same batch (copied into the static input)."""
+    warm-up steps included in the build; each call replays it on the same batch (copied into the static input).
+    ``forward(x, cache_enabled)`` is make_step's loss; the autocast cache is off (cached casts of the trainable
+    weights would be baked into the graph)."""
     from ssmtune.train.graphs import GraphedStep
 
     if v.stack != "ssmtune":
         raise ValueError(f"CUDA-graph steps are built for ssmtune variants only, got {v.stack!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if opt is not None:
             opt.zero_grad(set_to_none=True)
-        x = batch["input_ids"]
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            if v.method == "none":
-                embeds = model.backbone.embeddings(x).detach().requires_grad_()  # [B, L, d_model]
-                loss = model(inputs_embeds=embeds, labels=x).loss
-            else:
-                loss = model(x, labels=x).loss
+        loss = forward(batch["input_ids"], cache_enabled=False)
         loss.backward()
         if opt is not None:
             opt.step()

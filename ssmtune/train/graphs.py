@@ -188,7 +188,7 @@ class GraphedTrainStep:
         finite = torch.isfinite(loss) & torch.isfinite(norm)
         for p in self.trainable:
             if p.grad is not None:
-                p.grad.copy_(torch.where(finite, p.grad, torch.zeros_like(p.grad)))
+                p.grad.masked_fill_(~finite, 0.0)
         self.optimizer.step()
         return loss.detach(), norm.detach()
 

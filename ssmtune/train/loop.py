@@ -249,6 +249,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
 
 
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (unpadded) input tokens of a collated batch, for the tokens/s log."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 def count_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
@@ -492,9 +498,7 @@ def fit(
                                "or check the data.", epoch)  # fmt: skip
                 scaler.scale(loss * grad_scale if grad_scale != 1.0 else loss).backward()
             loss_total += loss.item()
-            tokens_since += (
-                int(chunk["attention_mask"].sum()) if "attention_mask" in chunk else chunk["input_ids"].numel()
-            )
+            tokens_since += count_tokens(chunk)
         if ctx.enabled:
             loss_total = ctx.all_reduce_sum([loss_total])[0]
             if not math.isfinite(loss_total):
@@ -533,9 +537,7 @@ def fit(
             chunk = chunks[0]  # one micro-batch per step (checked by TrainConfig)
             loss_t, norm_t = graphed(chunk, n_targets)
             loss_total, grad_norm = loss_t.item(), norm_t.item()
-            tokens_since += (
-                int(chunk["attention_mask"].sum()) if "attention_mask" in chunk else chunk["input_ids"].numel()
-            )
+            tokens_since += count_tokens(chunk)
             lr = float(scheduler.get_last_lr()[0])
             if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
                 raise stop(f"non-finite training loss ({loss_total}) or gradient norm ({grad_norm}) at step {step + 1} "
