@@ -29,8 +29,8 @@ Timing: the methods of one (model, backend, B, L) are built together and each ge
 (Triton compilation, allocator); then ``--iters`` interleaved rounds of one step per method, each step bracketed by
 ``torch.cuda.synchronize``, and the median is reported. Peak memory: ``torch.cuda.max_memory_allocated`` of a step
 (after ``reset_peak_memory_stats``) minus what was allocated before it, plus the variant's own resident bytes
-(weights, optimizer state), so the other resident models do not count; for a graphed variant its reserved bytes
-(its graph's memory pool included) count instead. Each variant runs in its own try/except;
+(weights, optimizer state), so the other resident models do not count; for a graphed variant the growth of reserved bytes
+while it is built (its graph's memory pool included; a lower bound, see ``free_memory``) counts instead. Each variant runs in its own try/except;
 groups that would start after ``--max-seconds`` are reported as skipped, and the rounds of a group are cut to fit.
 The JSON is rewritten after every group; the Markdown table prints last.
 
@@ -132,9 +132,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Once a CUDA graph has been captured in this process, torch.cuda.empty_cache() is never called again: on the H200
+# (torch 2.11) emptying the cache after a graphed variant was freed faulted with an illegal memory access
+# (benchmarks/exp_graph_teardown.py bisects it). So put the graphed backend last (--backends auto auto+graph).
+_GRAPH_CAPTURED = False
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
-    if device.type == "cuda":
+    if device.type == "cuda" and not _GRAPH_CAPTURED:
         torch.cuda.empty_cache()
 
 
@@ -312,8 +318,9 @@ def make_graphed_step(
             opt.step()
         return loss
 
+    global _GRAPH_CAPTURED
     graphed = GraphedStep(step, {"input_ids": ids}, optimizers=[opt] if opt is not None else [])
-    torch.cuda.empty_cache()  # the eager warm-up's cached blocks: not the graph's memory (its pool stays)
+    _GRAPH_CAPTURED = True
 
     def replay(row: Row | None = None) -> None:
         loss = graphed.run({"input_ids": ids})
@@ -373,7 +380,8 @@ def run_group(vs: list[Variant], args: argparse.Namespace, device: torch.device,
                 continue
             graph = v.backend.endswith("+graph")
             # a graph's activations live in its private pool, reserved but not "allocated" between replays: count
-            # reserved bytes for it (the variant runs alone, after free_memory emptied the cache)
+            # the growth of reserved bytes while it is built (its pool is new memory; the warm-up may reuse cached
+            # blocks, since the cache is not emptied once a graph exists, so this is a lower bound)
             mem_now = torch.cuda.memory_reserved if graph else torch.cuda.memory_allocated
             mem0 = mem_now(device) if cuda else 0
             model = step = None

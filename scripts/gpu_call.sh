@@ -25,6 +25,9 @@
 #   train      benchmarks/bench_train_step.py, ours + HF transformers/peft            -> bench_train_step.json
 #   trainpeer  bench_train_step.py --only-stack mamba_ssm --compare bench_train_step.json
 #                                                                                     -> bench_train_step_mamba_ssm.json
+#   profile    benchmarks/profile_train_step.py: a training step's GPU time per kernel category, ours against
+#              mamba_ssm's model when the build is ready (not in the default STEPS; PROFILE_ARGS)
+#                                                                                     -> profile_train_step.json
 #   serve      benchmarks/bench_serve.py, 130m shape, 1/4/16 adapters (SERVE_ARGS, e.g. "--kinds mixed")
 #              (not in the default STEPS)                                            -> bench_serve.json
 #   dist       torchrun bench_distributed.py for 1, 2, 4, 8 GPUs (as many as nvidia-smi lists), then --summarize
@@ -35,9 +38,9 @@
 # out, so that no orphan of one step (a compile worker, a background child) loads the CPUs during the next. All
 # output also goes to $OUT/call.log; a summary table prints last. Files in $OUT: at most 8.
 # Env: STEPS, DEADLINE_S, CAP_GPUTEST, CAP_SCAN, CAP_SEQSCAN, CAP_SSD, CAP_SCANPEER, CAP_TRAIN, CAP_TRAINPEER,
-# CAP_SERVE, CAP_INFER, CAP_DIST, BUILD_WAIT_UNTIL_S
+# CAP_SERVE, CAP_INFER, CAP_PROFILE, CAP_DIST, BUILD_WAIT_UNTIL_S
 # (the latest elapsed second scanpeer/trainpeer wait for the build until, 330), GPU_TEST_ARGS ("tests/ops"),
-# SCAN_ARGS, SEQSCAN_ARGS, SSD_ARGS, INFER_ARGS, TRAIN_ARGS, TRAINPEER_ARGS (extra arguments), MAMBA_SITE (/tmp/mamba_site),
+# SCAN_ARGS, SEQSCAN_ARGS, SSD_ARGS, INFER_ARGS, PROFILE_ARGS, TRAIN_ARGS, TRAINPEER_ARGS (extra arguments), MAMBA_SITE (/tmp/mamba_site),
 # SDIST_DIR (.whl/sdist), PYTHON (python3), and those of build_mamba_ssm.sh (MAMBA_BUILD_LEVELS, MAX_JOBS).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -56,6 +59,7 @@ CAP_TRAIN=${CAP_TRAIN:-150}
 CAP_TRAINPEER=${CAP_TRAINPEER:-75}
 CAP_SERVE=${CAP_SERVE:-150}
 CAP_INFER=${CAP_INFER:-200}
+CAP_PROFILE=${CAP_PROFILE:-120}
 CAP_DIST=${CAP_DIST:-300}
 BUILD_WAIT_UNTIL_S=${BUILD_WAIT_UNTIL_S:-330}
 MAMBA_SITE=${MAMBA_SITE:-/tmp/mamba_site}
@@ -205,6 +209,13 @@ if want trainpeer; then
     else
         record trainpeer skip 0 "build not ready"
     fi
+fi
+# 5b. where the step's GPU time goes, kernel by kernel: ours against the authors' stack (when its build is ready)
+if want profile; then
+    site=.
+    if { want build || [ -f "$MAMBA_SITE.status" ]; } && build_ready; then site=$MAMBA_SITE:.; fi
+    step profile "$(grant "$CAP_PROFILE")" \
+        "PYTHONPATH=$site $PY benchmarks/profile_train_step.py --out $OUT/profile_train_step.json ${PROFILE_ARGS:-}"
 fi
 # 6. serving throughput (mixed-adapter batches against switching adapters per request)
 if want serve; then

@@ -16,25 +16,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .cache import InferenceCache
 from .config import Mamba2Config, MambaConfig, SSMConfig
 from .mamba import MambaMixer
-from .mamba2 import Mamba2Mixer
+from .mamba2 import Mamba2Mixer, RMSNormGated
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32; the result is ``weight * normed.to(input dtype)`` (as transformers)."""
+    """RMSNorm computed in fp32; the result is ``weight * normed.to(input dtype)`` (as transformers; ``ops.rms_norm``)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.backend: str = "auto"  # ssmtune.ops.rms_norm's: the fused Triton kernels on CUDA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return ops.rms_norm(x, self.weight, eps=self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -132,6 +131,9 @@ class SSMPreTrainedModel(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
         for _, mixer in self.mixers():
             mixer.backend = value
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, RMSNormGated)):
+                module.backend = value
 
     def allocate_cache(
         self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None

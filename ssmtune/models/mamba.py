@@ -126,8 +126,8 @@ class MambaMixer(nn.Module):
         else:
             conv0 = st.conv0 if fresh else cache.conv_state
             x, conv_last = ops.causal_conv1d(
-                x, weight, bias, initial_state=conv0, activation="silu", return_final_state=True
-            )  # [B, D, L], [B, D, K-1]
+                x, weight, bias, initial_state=conv0, activation="silu", return_final_state=True, backend=self.backend
+            )  # [B, D, L] (contiguous: what the scan reads), [B, D, K-1]
         x = mask_padding(x.transpose(1, 2), attention_mask)  # [B, L, D]
 
         # 3-4. δ, B_t, C_t = x_proj(x); Δ before softplus = dt_proj(δ) (holds b_dt)

@@ -10,7 +10,6 @@ The scan runs without z; state offsets are added to y before the gated norm, as 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -28,16 +27,10 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.group_size = group_size
         self.eps = eps
+        self.backend: str = "auto"  # ssmtune.ops.rms_norm's: the fused Triton kernels on CUDA
 
     def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        dtype = y.dtype
-        y = y.float()
-        if z is not None:
-            y = y * F.silu(z.float())
-        shape = y.shape
-        yg = y.view(*shape[:-1], shape[-1] // self.group_size, self.group_size)
-        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * yg.view(shape).to(dtype)
+        return ops.rms_norm(y, self.weight, z=z, eps=self.eps, group_size=self.group_size, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
@@ -139,8 +132,15 @@ class Mamba2Mixer(nn.Module):
         else:
             conv0 = st.conv0 if fresh else cache.conv_state
             xBC, conv_last = ops.causal_conv1d(
-                xBC, weight, bias, initial_state=conv0, activation="silu", return_final_state=True
-            )  # [B, D+2GN, L], [B, D+2GN, K-1]
+                xBC,
+                weight,
+                bias,
+                initial_state=conv0,
+                activation="silu",
+                return_final_state=True,
+                channels_last=True,
+                backend=self.backend,
+            )  # [B, D+2GN, L] view of [B, L, D+2GN] memory (the scan reads time-major), [B, D+2GN, K-1]
         xBC = mask_padding(xBC.transpose(1, 2), attention_mask)  # [B, L, D+2GN]
 
         # 3. split into x [B, L, H, P], B_t, C_t [B, L, G, N]

@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from .conv import causal_conv1d, causal_conv1d_update
+from .conv import causal_conv1d_update, check_causal_conv1d_args
+from .norm import check_rms_norm_args
 from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
 from .ssd.naive import ssd_scan_ref, ssd_state_update_ref
 
@@ -28,6 +29,16 @@ BACKENDS = ("auto", "ref", "torch", "triton")
 
 # op name -> backend -> "module:function" (imported lazily so that ops never require triton).
 _IMPLS: dict[str, dict[str, str]] = {
+    "causal_conv1d": {
+        "ref": "ssmtune.ops.conv:causal_conv1d_torch",
+        "torch": "ssmtune.ops.conv:causal_conv1d_torch",
+        "triton": "ssmtune.ops.conv_fused:causal_conv1d_triton",
+    },
+    "rms_norm": {
+        "ref": "ssmtune.ops.norm:rms_norm_torch",
+        "torch": "ssmtune.ops.norm:rms_norm_torch",
+        "triton": "ssmtune.ops.norm_fused:rms_norm_triton",
+    },
     "selective_scan": {
         "ref": "ssmtune.ops.selective_scan.naive:selective_scan_ref",
         "torch": "ssmtune.ops.selective_scan.parallel:selective_scan_torch",
@@ -50,6 +61,9 @@ _IMPLS: dict[str, dict[str, str]] = {
     },
 }
 _cache: dict[tuple[str, str], Callable | None] = {}
+# smallest SSD head dim the Triton kernels take on CUDA (ssd/fused.py, SSD_MIN_HEADDIM_CUDA; kept here so that the
+# dispatcher need not import Triton)
+_SSD_MIN_HEADDIM_CUDA = 32
 _warned: set[tuple[str, str]] = set()
 
 
@@ -108,6 +122,61 @@ def _check_float(op: str, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and not t.is_floating_point():
             raise ValueError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    initial_state: torch.Tensor | None = None,
+    activation: str | None = None,
+    return_final_state: bool = False,
+    channels_last: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv1d from an initial conv state (``conv.py`` for the maths).
+
+    Args:
+        x (torch.Tensor): shape [B, C, L], any strides (the mixers pass the time-major view of their projection)
+        weight (torch.Tensor): shape [C, K]
+        bias (torch.Tensor | None): shape [C]
+        initial_state (torch.Tensor | None): the K-1 inputs before x, shape [C, K-1] or [B, C, K-1]
+        activation: None or ``"silu"``
+        channels_last: return y as a [B, C, L] view of [B, L, C] memory (what a Linear or the SSD scan reads next)
+    Returns:
+        y [B, C, L] in x's dtype, and the final conv state [B, C, K-1] (the last K-1 inputs of initial_state ⧺ x)
+        when ``return_final_state``.
+    """
+    check_causal_conv1d_args(x, weight, initial_state, activation)
+    fn = resolve("causal_conv1d", backend, x.device)
+    return fn(x, weight, bias, initial_state=initial_state, activation=activation,
+              return_final_state=return_final_state, channels_last=channels_last)  # fmt: skip
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    z: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    group_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """RMSNorm of x (gated by silu(z) first when z is given) per group of ``group_size`` channels (``norm.py``).
+
+    Args:
+        x (torch.Tensor): shape [..., H]
+        weight (torch.Tensor): shape [H]
+        z (torch.Tensor | None): x's shape; the gate of Mamba-2's ``RMSNormGated``
+        group_size (int | None): divides H; None: one group (plain RMSNorm)
+    Returns:
+        x's shape, in the promoted dtype of weight and x.
+    """
+    check_rms_norm_args(x, weight, z, group_size)
+    _check_float("rms_norm", x=x, weight=weight, z=z)
+    fn = resolve("rms_norm", backend, x.device)
+    return fn(x, weight, z=z, eps=eps, group_size=group_size)
 
 
 def selective_scan(
@@ -258,6 +327,13 @@ def ssd_scan(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be positive, got {chunk_size}")
     _check_float(op, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
+    if backend == "auto" and x.is_cuda and p < _SSD_MIN_HEADDIM_CUDA:
+        # the Triton backward faults at this head dim on the GPU (ssd/fused.py): the torch path, said once
+        if (op, "headdim") not in _warned:
+            _warned.add((op, "headdim"))
+            warnings.warn(f"ssmtune.ops.ssd_scan: headdim {p} < {_SSD_MIN_HEADDIM_CUDA} runs the torch backend on "
+                          "CUDA (the Triton backward does not support it)", stacklevel=2)  # fmt: skip
+        backend = "torch"
     fn = resolve(op, backend, x.device)
     return fn(
         x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
@@ -309,6 +385,7 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
     "resolve",
+    "rms_norm",
     "selective_scan",
     "selective_scan_ref",
     "selective_state_update",

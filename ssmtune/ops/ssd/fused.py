@@ -29,6 +29,13 @@ _MIN_BLOCK = 16
 _DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+# Head dims below this fault in ssd_chunk_scan_bwd_dx_kernel on the GPU: headdim 16 gave an illegal memory access on
+# an H200 with triton 3.6 at every N (16, 32) and G (1, 2) tried, headdim 32 and 64 passed (2026-12-02, found by
+# tests/ops/test_fused_model_paths.py). Not understood yet, so refused; ``ssmtune.ops.ssd_scan(backend="auto")`` sends
+# such calls to the torch path. The CPU interpreter runs them (the small-shape tests use head dims below 32).
+SSD_MIN_HEADDIM_CUDA = 32
+
+
 def _pow2(n: int) -> int:
     return max(_MIN_BLOCK, triton.next_power_of_2(n))
 
@@ -900,6 +907,11 @@ def ssd_scan_triton(
         raise ValueError(f"ssd_scan_triton: sequence length must be positive, got x of shape {list(x.shape)}")
     if x.device.type != "cuda" and x.device.type != "cpu":
         raise ValueError(f"ssd_scan_triton: unsupported device {x.device}")
+    if x.is_cuda and x.shape[-1] < SSD_MIN_HEADDIM_CUDA:
+        raise ValueError(
+            f"ssd_scan_triton: headdim {x.shape[-1]} < {SSD_MIN_HEADDIM_CUDA} is not supported on CUDA (the backward's "
+            "dx kernel faulted with an illegal address at headdim 16 on an H200, triton 3.6); use backend='torch'"
+        )
     y, final = SSDScanFunction.apply(
         x, dt, A, B, C, D, z, dt_bias, initial_state, state_offset, y_offset, chunk_size, dt_softplus
     )

@@ -1,0 +1,40 @@
+"""RMSNorm, optionally gated by silu(z) and normalised per group of channels: the torch path.
+
+    x, z  [..., H]     weight  [H]     group_size  divides H (default H)
+
+out = weight · (x̂ · rsqrt(mean_group(x̂²) + eps)).to(x.dtype), x̂ = x ⊙ silu(z) (or x), computed in fp32: the
+models' ``RMSNorm`` (transformers' rounding order) and ``RMSNormGated`` (mamba_ssm's ``norm_before_gate=False``). The
+op ``ssmtune.ops.rms_norm`` dispatches between this and the Triton kernels of ``norm_fused.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def check_rms_norm_args(x, weight, z, group_size) -> None:
+    """ValueError naming the bad argument of ``rms_norm``."""
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"rms_norm: weight must have shape [{hidden}] (x's last dim), got {list(weight.shape)}")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"rms_norm: z must have x's shape {list(x.shape)}, got {list(z.shape)}")
+    if group_size is not None and (group_size <= 0 or hidden % group_size):
+        raise ValueError(f"rms_norm: group_size must divide the last dim {hidden}, got {group_size}")
+
+
+def rms_norm_torch(
+    x: torch.Tensor, weight: torch.Tensor, *, z: torch.Tensor | None = None, eps: float = 1e-5,
+    group_size: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The torch path of ``ssmtune.ops.rms_norm``."""
+    dtype = x.dtype
+    xf = x.float()
+    if z is not None:
+        xf = xf * F.silu(z.float())
+    shape = xf.shape
+    gs = shape[-1] if group_size is None else group_size
+    xg = xf.view(*shape[:-1], shape[-1] // gs, gs)
+    xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xg.view(shape).to(dtype)

@@ -1,0 +1,99 @@
+"""A whole model through the fused kernels (conv, norms, scans) against the same model on the torch backend.
+
+Forward logits and the gradients of the trainable State-offset (h) parameters, for Mamba-1 and Mamba-2. On CPU the
+kernels run under the Triton interpreter on a tiny model; ``-m gpu`` runs a wider one on CUDA in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
+pytest.importorskip("triton")
+
+from ssmtune import StateOffsetConfig, get_peft_model
+from ssmtune.models import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+from ssmtune.ops.testing import assert_close
+
+
+def _interpreted() -> bool:
+    from ssmtune.ops import conv_fused, norm_fused
+
+    return all("Interpreted" in type(k.fn).__name__ for k in (conv_fused.causal_conv1d_fwd_kernel,
+                                                              norm_fused.rms_norm_fwd_kernel))  # fmt: skip
+
+
+def build(kind: str, d_model: int, device: str, headdim: int = 16):
+    torch.manual_seed(0)
+    if kind == "mamba":
+        cfg = MambaConfig(d_model=d_model, n_layer=2, vocab_size=64, d_state=8)
+        klass = MambaForCausalLM
+    else:
+        cfg = Mamba2Config(d_model=d_model, n_layer=2, vocab_size=64, headdim=headdim, d_state=16, ngroups=2)
+        klass = Mamba2ForCausalLM
+    with torch.device(device):
+        model = get_peft_model(klass(cfg), StateOffsetConfig(variant="h"))
+    for p in model.parameters():
+        if p.requires_grad:  # a non-zero offset, so that its gradient path is exercised
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def logits_and_grads(model, ids, backend: str, dtype: torch.dtype):
+    model.backend = backend
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach().float(), grads
+
+
+def check(kind: str, d_model: int, seqlen: int, device: str, dtype: torch.dtype, ratio: float, headdim: int = 16):
+    model = build(kind, d_model, device, headdim)
+    ids = torch.randint(0, 64, (2, seqlen), device=device)
+    ref_logits, ref_grads = logits_and_grads(model, ids, "torch", dtype)
+    logits, grads = logits_and_grads(model, ids, "triton", dtype)
+    assert_close("logits", ref_logits, logits, ratio)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert_close(name, ref_grads[name], grads[name], ratio * 5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter case")
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_model_through_fused_kernels_matches_torch_backend_cpu(kind):
+    if not _interpreted():
+        pytest.skip("the kernels were imported before TRITON_INTERPRET was set (run this file alone)")
+    check(kind, 16, 9, "cpu", torch.float32, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_model_through_fused_kernels_matches_torch_backend_gpu(kind):
+    # headdim 32: the Triton SSD refuses smaller head dims on CUDA (see the next test)
+    check(kind, 256, 300, "cuda", torch.float32, 1e-4, headdim=32)
+    check(kind, 256, 300, "cuda", torch.bfloat16, 2e-2, headdim=32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_small_ssd_headdim_is_refused_on_cuda_and_auto_falls_back():
+    from ssmtune import ops
+
+    b, seqlen, h, p, n = 1, 64, 2, 16, 16
+    x = torch.randn(b, seqlen, h, p, device="cuda", requires_grad=True)
+    dt, A = torch.rand(b, seqlen, h, device="cuda"), -torch.rand(h, device="cuda")
+    Bm, Cm = torch.randn(b, seqlen, 1, n, device="cuda"), torch.randn(b, seqlen, 1, n, device="cuda")
+    with pytest.raises(ValueError, match="headdim 16 < 32"):
+        ops.ssd_scan(x, dt, A, Bm, Cm, backend="triton")
+    ops._warned.discard(("ssd_scan", "headdim"))  # said once per process
+    with pytest.warns(UserWarning, match="runs the torch backend"):
+        y = ops.ssd_scan(x, dt, A, Bm, Cm, backend="auto")
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -1,0 +1,102 @@
+"""Triton RMSNorm (plain, gated, grouped) against the torch path in fp64: output and every gradient.
+
+On CPU the kernels run under the Triton interpreter (small shapes); ``-m gpu`` runs the models' shapes on CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
+pytest.importorskip("triton")
+
+from ssmtune import ops
+from ssmtune.ops import norm_fused
+from ssmtune.ops.norm import rms_norm_torch
+from ssmtune.ops.testing import assert_close
+
+if not torch.cuda.is_available() and "Interpreted" not in type(norm_fused.rms_norm_fwd_kernel.fn).__name__:
+    norm_fused = importlib.reload(norm_fused)  # imported before TRITON_INTERPRET was set
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RATIO = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def nan_poison(monkeypatch):
+    """Every torch.empty allocation starts as NaN, so an unwritten output or gradient cannot pass."""
+    empty = torch.empty
+
+    def poisoned(*a, **k):
+        t = empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def run_case(shape, dtype, w_dtype, *, gated, group_size, z_slice=False, device=DEVICE):
+    torch.manual_seed(sum(shape))
+    hidden = shape[-1]
+    x = torch.randn(*shape, device=device).to(dtype).requires_grad_()
+    z = None
+    if gated:
+        # the mixer's z: a slice of a wider projection (rows strided, channels contiguous)
+        extra = 3 if z_slice else 0
+        z = torch.randn(*shape[:-1], hidden + extra, device=device).to(dtype)[..., extra:].requires_grad_()
+    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(w_dtype).requires_grad_()
+    out = ops.rms_norm(x, w, z=z, eps=1e-5, group_size=group_size, backend="triton")
+    assert out.dtype == torch.promote_types(w_dtype, dtype)
+    leaves = [t for t in (x, w, z) if t is not None]
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    rz = refs[2] if gated else None
+    # the reference rounds n to x's dtype as the modules do; in fp64 that rounding is to fp64
+    ref = rms_norm_torch(refs[0], refs[1], z=rz, eps=1e-5, group_size=group_size)
+    assert_close("out", ref, out.double(), RATIO[dtype])
+    gout = torch.randn_like(ref)
+    grads = torch.autograd.grad((out.double() * gout).sum(), leaves)
+    rgrads = torch.autograd.grad((ref * gout).sum(), refs)
+    for name, g, rg in zip(["dx", "dw", "dz"][: len(grads)], grads, rgrads, strict=True):
+        assert g.shape == rg.shape and g.dtype == (w_dtype if name == "dw" else dtype), name
+        assert_close(name, rg, g.double(), RATIO[dtype] if name != "dw" else max(RATIO[dtype], 1e-5))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 7, 24), (37, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_plain_rms_norm(shape, dtype):
+    run_case(shape, dtype, dtype, gated=False, group_size=None)
+
+
+@pytest.mark.parametrize("group_size", [None, 8, 12])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_grouped_rms_norm(group_size, dtype):
+    run_case((2, 9, 24), dtype, torch.float32, gated=True, group_size=group_size, z_slice=True)
+
+
+def test_fp32_weight_on_bf16_input_promotes():
+    run_case((3, 4, 16), torch.bfloat16, torch.float32, gated=False, group_size=None)
+
+
+def test_frozen_weight_and_bad_group_size():
+    x = torch.randn(2, 5, 8, device=DEVICE, requires_grad=True)
+    w = torch.ones(8, device=DEVICE)
+    out = ops.rms_norm(x, w, backend="triton")
+    (dx,) = torch.autograd.grad(out.sum(), [x])
+    assert torch.isfinite(dx).all()
+    with pytest.raises(ValueError, match="group_size must divide"):
+        ops.rms_norm(x, w, group_size=3)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ops.rms_norm(x, torch.ones(7))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hidden,groups", [(768, 1), (1536, 1), (4096, 8), (5120, 1)])
+def test_model_shapes_gpu(hidden, groups):
+    run_case((4, 1000, hidden), torch.bfloat16, torch.bfloat16, gated=groups > 0, group_size=hidden // groups,
+             z_slice=True)  # fmt: skip
+    run_case((2, 333, hidden), torch.float32, torch.float32, gated=False, group_size=None)
