@@ -40,7 +40,7 @@ def _model(kind: str, method: str) -> torch.nn.Module:
     if kind == "mamba":
         base = MambaForCausalLM(MambaConfig(d_model=64, n_layer=2, vocab_size=97))
     else:
-        base = Mamba2ForCausalLM(Mamba2Config(d_model=64, n_layer=2, vocab_size=97, headdim=16, d_state=32))
+        base = Mamba2ForCausalLM(Mamba2Config(d_model=64, n_layer=2, vocab_size=97, headdim=32, d_state=32))
     base.backend = "triton"
     cfg = StateOffsetConfig(variant="h") if method == "state_offset_h" else LoraConfig(r=4, target_modules=["in_proj"])
     model = get_peft_model(base, cfg).cuda()
