@@ -30,6 +30,12 @@ CASES = {
     "mamba-auto-no-cublas-clear": ("mamba", "auto", {"SSMTUNE_EXP_NO_CUBLAS_CLEAR": "1"}, "graph-first"),
     "mamba-auto-launch-blocking": ("mamba", "auto", {"CUDA_LAUNCH_BLOCKING": "1"}, "graph-first"),
     "mamba2-auto": ("mamba2", "auto", {}, "graph-first"),
+    # the benchmark's faulting variant: 130m shape, bf16 base, no adapter and no optimizer, grads into the embeddings
+    "mamba130-none": ("mamba130-none", "auto", {}, "graph-first"),
+    "mamba130-none-launch-blocking": ("mamba130-none", "auto", {"CUDA_LAUNCH_BLOCKING": "1"}, "graph-first"),
+    # as bench_train_step.py did: the cache emptied while the graph is alive (after the capture), then replays
+    "mamba130-none-empty-while-alive": ("mamba130-none", "auto", {}, "empty-while-alive"),
+    "mamba-auto-empty-while-alive": ("mamba", "auto", {}, "empty-while-alive"),
 }
 
 
@@ -65,6 +71,20 @@ def child(model_kind: str, backend: str, order: str) -> None:
             return model(b["x"])
 
         batch = {"x": torch.randn(64, 256, device=dev)}
+    elif model_kind == "mamba130-none":
+        from ssmtune.train.loop import apply_precision
+
+        with torch.device(dev):
+            model = MambaForCausalLM(MambaConfig(d_model=768, n_layer=24, vocab_size=50280))
+        model.requires_grad_(False)
+        apply_precision(model, "bf16")
+
+        def loss_fn(b):
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                embeds = model.backbone.embeddings(b["x"]).detach().requires_grad_()
+                return model(inputs_embeds=embeds, labels=b["x"]).loss
+
+        batch = {"x": torch.randint(0, 50280, (4, 512), device=dev)}
     else:
         klass, cfg = (
             (MambaForCausalLM, MambaConfig(d_model=256, n_layer=2, vocab_size=512))
@@ -81,17 +101,23 @@ def child(model_kind: str, backend: str, order: str) -> None:
 
         batch = {"x": torch.randint(0, 512, (2, 128), device=dev)}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, capturable=True)
+    opt = torch.optim.AdamW(params, lr=1e-3, capturable=True) if params else None
 
     def step(b):
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         loss = loss_fn(b)
         loss.backward()
-        opt.step()
+        if opt is not None:
+            opt.step()
         return loss
 
     where = "capture"
-    g = graphs.GraphedStep(step, batch, optimizers=[opt])
+    g = graphs.GraphedStep(step, batch, optimizers=[opt] if opt is not None else [])
+    if order == "empty-while-alive":
+        where = "empty_cache with the graph alive"
+        torch.cuda.empty_cache()
+        order = "graph-first"
     where = "replay"
     for _ in range(3):
         g.run(batch)

@@ -95,7 +95,8 @@ class TrainConfig:
     fine-tuning. Ignored in a single process. batch_size is the global batch and must divide by the world size."""
     cuda_graph: bool = False
     """Experimental: replay every optimizer step (forward, backward, clipping, AdamW) from one CUDA graph, so that
-    Python and kernel launches no longer bound small steps (2.7x faster at 4 x 512 on a 130M Mamba, docs/training.md).
+    Python and kernel launches no longer bound small steps (2.3x / 6.6x faster at 4 x 512 on a 130M Mamba-1 / Mamba-2,
+    docs/training.md).
     Single CUDA process, precision bf16 or fp32, no gradient accumulation; every batch is padded to the longest example
     of the training set (right padding, ignored labels: the loss is unchanged)."""
 
@@ -440,8 +441,9 @@ def fit(
         if device.type != "cuda" or ctx.enabled:
             raise ValueError(f"cuda_graph needs a single CUDA process, got device {device} with world size "
                              f"{ctx.world_size}")  # fmt: skip
-        warnings.warn("cuda_graph is experimental: GraphedStep's replays were measured on an H200, but fit's graphed "
-                      "path has not passed its GPU test yet (docs/training.md, 'CUDA graphs')", stacklevel=2)  # fmt: skip
+        warnings.warn("cuda_graph is experimental: fit's graphed path passed its GPU tests, but emptying the CUDA "
+                      "cache after a graph was freed faulted once in a benchmark (do not call torch.cuda.empty_cache() "
+                      "after a graphed fit; docs/training.md, 'CUDA graphs')", stacklevel=2)  # fmt: skip
         set_capturable(optimizer, True)  # after the checkpoint's state: loading resets the groups' settings
         # every step replays one graph of one shape: the global batch, padded to the longest example
         length = max(collate_fn([dataset[i]])["input_ids"].shape[1] for i in range(len(dataset)))
