@@ -52,6 +52,9 @@ def causal_conv1d_torch(
     else:
         pad = initial_state.to(x.dtype).expand(batch, channels, width - 1)
     xp = torch.cat([pad, x], dim=-1)  # [B, C, K-1+L]
+    if x.shape[-1] == 0:  # F.conv1d refuses an input shorter than the kernel: an empty output, the state unchanged
+        y = x.new_empty(batch, channels, 0)
+        return (y, xp.clone()) if return_final_state else y
     y = F.conv1d(xp, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype), groups=channels)
     if activation == "silu":
         y = F.silu(y)

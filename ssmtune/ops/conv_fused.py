@@ -187,6 +187,13 @@ def causal_conv1d_triton(
     """``causal_conv1d`` on the Triton kernels; arguments validated by ``ssmtune.ops.causal_conv1d``."""
     batch, channels, seqlen = x.shape
     width = weight.shape[1]
+    if x.numel() == 0:  # nothing to launch: the torch path gives the empty output and the final state
+        from .conv import causal_conv1d_torch
+
+        return causal_conv1d_torch(
+            x, weight, bias, initial_state=initial_state, activation=activation,
+            return_final_state=return_final_state, channels_last=channels_last,
+        )  # fmt: skip
     y = CausalConv1dFunction.apply(x, weight, bias, initial_state, activation == "silu", channels_last)
     if not return_final_state:
         return y

@@ -107,3 +107,11 @@ def test_conv_triton_mixer_shapes_gpu(c, seqlen):
              channels_last=True, final_grad=True)  # fmt: skip
     run_case(2, c, seqlen, 4, torch.float32, init="none", bias=True, silu=True, time_major=False,
              channels_last=False, final_grad=False)  # fmt: skip
+
+
+def test_conv_triton_empty_sequence_keeps_the_initial_state():
+    init = torch.randn(2, 5, 3, device=DEVICE)
+    x = torch.randn(2, 5, 0, device=DEVICE)
+    y, last = ops.causal_conv1d(x, torch.randn(5, 4, device=DEVICE), initial_state=init, activation="silu",
+                                return_final_state=True, backend="triton")  # fmt: skip
+    assert y.shape == (2, 5, 0) and torch.equal(last, init)

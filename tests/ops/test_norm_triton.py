@@ -76,6 +76,7 @@ def test_frozen_weight_and_bad_group_size():
     out = ops.rms_norm(x, w, backend="triton")
     (dx,) = torch.autograd.grad(out.sum(), [x])
     assert torch.isfinite(dx).all()
+    assert ops.rms_norm(x[:0], w, backend="triton").shape == (0, 5, 8)
     with pytest.raises(ValueError, match="group_size must divide"):
         ops.rms_norm(x, w, group_size=3)
     with pytest.raises(ValueError, match="weight must have shape"):
