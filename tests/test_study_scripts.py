@@ -39,9 +39,13 @@ def test_study_two_phases_in_priority_order(tmp_path: Path) -> None:
         assert sorted(r["scale"] for r in p1) == [0.3, 1.0, 3.0] and {r["seed"] for r in p2} == {1, 2}
         assert {r["lr"] for r in p2} == {S.best_lr(p1)["lr"]}  # phase 2 at the best validation LR
         assert max(rows.index(r) for r in p1) < min(rows.index(r) for r in p2)
-    # the first task is finished (both models, both phases) before the second one starts
+    # the first task goes first (both models, both phases). Rows are written as runs end, and with 2 workers one
+    # wn-pos-long run can start while the last wn-pos run is still going and end before it; that run's ending can
+    # then queue its cell's 2 phase-2 seeds, which still outrank wn-pos-long. So up to 3 wn-pos rows may come after
+    # the first wn-pos-long one (a CI run saw 1); a broken priority order interleaves far more.
     first_long = next(i for i, r in enumerate(rows) if r["task"] == "wn-pos-long")
-    assert all(r["task"] == "wn-pos" for r in rows[:first_long]) and first_long == 5 * 20
+    assert all(r["task"] == "wn-pos" for r in rows[:first_long])
+    assert first_long >= 5 * 20 - 3
     assert any("error" in r for r in rows)  # --fake makes bitfit at 3x LR fail; the study goes on
     assert "| mamba2-tiny | wn-pos-long | full |" in stdout
 
