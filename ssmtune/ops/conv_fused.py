@@ -52,8 +52,9 @@ def causal_conv1d_fwd_kernel(
 ):  # fmt: skip
     i_l, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_b.to(tl.int64)
-    o_t = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    # 64-bit offsets: a [B, C, L] row holds C * L elements, which passes 2^31 for long sequences
+    o_t = (i_l * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+    o_c = (i_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     m_c = o_c < C
     acc = _pre_activation(x, w, bias, h0, i_b * sxb, i_b * stride_h0_b, o_t, o_c, m_c, sxl, sxc, L, K,
                           HAS_BIAS, USE_INITIAL_STATE)  # fmt: skip
@@ -79,8 +80,8 @@ def causal_conv1d_bwd_kernel(
     i_l, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_l = tl.num_programs(0)
     i_b = i_b.to(tl.int64)
-    o_t = i_l * BLOCK_L + tl.arange(0, BLOCK_L) - (K - 1)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_t = (i_l * BLOCK_L + tl.arange(0, BLOCK_L) - (K - 1)).to(tl.int64)
+    o_c = (i_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     m_c = o_c < C
     p_x, p_h0 = i_b * sxb, i_b * stride_h0_b
     b_dx = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
