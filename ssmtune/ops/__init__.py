@@ -23,6 +23,7 @@ import torch
 from .conv import causal_conv1d_update, check_causal_conv1d_args
 from .norm import check_rms_norm_args
 from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
+from .ssd import SSD_MIN_HEADDIM_CUDA
 from .ssd.naive import ssd_scan_ref, ssd_state_update_ref
 
 BACKENDS = ("auto", "ref", "torch", "triton")
@@ -61,9 +62,6 @@ _IMPLS: dict[str, dict[str, str]] = {
     },
 }
 _cache: dict[tuple[str, str], Callable | None] = {}
-# smallest SSD head dim the Triton kernels take on CUDA (ssd/fused.py, SSD_MIN_HEADDIM_CUDA; kept here so that the
-# dispatcher need not import Triton)
-_SSD_MIN_HEADDIM_CUDA = 32
 _warned: set[tuple[str, str]] = set()
 
 
@@ -327,11 +325,11 @@ def ssd_scan(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be positive, got {chunk_size}")
     _check_float(op, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
-    if backend == "auto" and x.is_cuda and p < _SSD_MIN_HEADDIM_CUDA:
+    if backend == "auto" and x.is_cuda and p < SSD_MIN_HEADDIM_CUDA:
         # the Triton backward faults at this head dim on the GPU (ssd/fused.py): the torch path, said once
         if (op, "headdim") not in _warned:
             _warned.add((op, "headdim"))
-            warnings.warn(f"ssmtune.ops.ssd_scan: headdim {p} < {_SSD_MIN_HEADDIM_CUDA} runs the torch backend on "
+            warnings.warn(f"ssmtune.ops.ssd_scan: headdim {p} < {SSD_MIN_HEADDIM_CUDA} runs the torch backend on "
                           "CUDA (the Triton backward does not support it)", stacklevel=2)  # fmt: skip
         backend = "torch"
     fn = resolve(op, backend, x.device)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .conv import causal_conv1d_torch
+
 
 @triton.jit
 def _pre_activation(x, w, bias, h0, p_x, p_h0, o_t, o_c, m_c, sxl, sxc, L, K: tl.constexpr,
@@ -189,8 +191,6 @@ def causal_conv1d_triton(
     batch, channels, seqlen = x.shape
     width = weight.shape[1]
     if x.numel() == 0:  # nothing to launch: the torch path gives the empty output and the final state
-        from .conv import causal_conv1d_torch
-
         return causal_conv1d_torch(
             x, weight, bias, initial_state=initial_state, activation=activation,
             return_final_state=return_final_state, channels_last=channels_last,

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm import rms_norm_torch
+
 MAX_GROUPS = 16
 
 
@@ -169,7 +171,6 @@ def rms_norm_triton(
     """``rms_norm`` on the Triton kernels; arguments validated by ``ssmtune.ops.rms_norm``."""
     group_size = x.shape[-1] if group_size is None else group_size
     if x.shape[-1] // group_size > MAX_GROUPS or x.numel() == 0:
-        from .norm import rms_norm_torch  # more groups than the kernel unrolls, or nothing to launch: the torch path
-
+        # more groups than the kernel unrolls, or nothing to launch: the torch path
         return rms_norm_torch(x, weight, z=z, eps=eps, group_size=group_size)
     return RMSNormFunction.apply(x, weight, z, eps, group_size)

@@ -24,16 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmtune.ops.ssd import SSD_MIN_HEADDIM_CUDA
+
 _MIN_BLOCK = 16
 # The CPU interpreter's bf16 tl.dot returns garbage (numpy has no bf16), so interpreted dots run in fp32.
 _DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-# Head dims below this fault in ssd_chunk_scan_bwd_dx_kernel on the GPU: headdim 16 gave an illegal memory access on
-# an H200 with triton 3.6 at every N (16, 32) and G (1, 2) tried, headdim 32 and 64 passed (2026-12-02, found by
-# tests/ops/test_fused_model_paths.py). Not understood yet, so refused; ``ssmtune.ops.ssd_scan(backend="auto")`` sends
-# such calls to the torch path. The CPU interpreter runs them (the small-shape tests use head dims below 32).
-SSD_MIN_HEADDIM_CUDA = 32
 
 
 def _pow2(n: int) -> int:
