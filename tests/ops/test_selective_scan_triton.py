@@ -127,7 +127,36 @@ def test_multiple_channel_blocks_and_tiles(monkeypatch, block_d_fwd, block_d_bwd
     check_case(2, 7, 13, 5, torch.float32, ALL, True, True, final_grad=False)
 
 
-@pytest.mark.parametrize("key", ["ALGO", "UNROLL_FWD", "TILE_BWD", "BLOCK_N"])
+@pytest.mark.parametrize(("block_l", "block_l_bwd", "seqlen"), [(8, 4, 13), (16, 4, 33), (16, 8, 16), (8, 2, 9)])
+def test_backward_tiles_shorter_than_forward_tiles(monkeypatch, block_l, block_l_bwd, seqlen):
+    """The forward stores the states at the starts of the backward's shorter tiles inside its own tiles (2 or 4
+    backward tiles per forward tile; a ragged last tile, one that ends exactly at L, and one with a single step)."""
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": block_l, "BLOCK_L_BWD": block_l_bwd})
+    cfg = fused._config(7, 5, seqlen)
+    assert (cfg["BLOCK_L"], cfg["BLOCK_L_BWD"]) == (block_l, block_l_bwd)
+    check_case(2, 7, seqlen, 5, torch.float32, ALL, True, True)
+
+
+def test_backward_tile_is_capped_by_the_forward_tile(monkeypatch):
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 4, "BLOCK_L_BWD": 16})
+    assert fused._config(7, 5, 100)["BLOCK_L_BWD"] == 4
+    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {})
+    assert (fused._config(7, 5, 20)["BLOCK_L"], fused._config(7, 5, 20)["BLOCK_L_BWD"]) == (32, 32)
+    assert (fused._config(7, 5, 5000)["BLOCK_L"], fused._config(7, 5, 5000)["BLOCK_L_BWD"]) == (256, 128)
+    assert fused._config(7, 5, 5000, training=False)["BLOCK_L"] == 512  # no checkpoints: longer forward tiles
+
+
+def test_inference_forward_with_long_tiles():
+    """Without gradients the forward runs 512-step tiles (L 600: a full tile and a ragged one), all flags."""
+    ins = make_inputs(2, 3, 600, 4, torch.float32, ALL, True, True)
+    with torch.no_grad():
+        y_ref, h_ref = selective_scan_ref(**ins, delta_softplus=True, return_final_state=True)
+        y, h = fused.selective_scan_triton(**ins, delta_softplus=True, return_final_state=True)
+    assert_close("y", y_ref, y, RATIO[torch.float32])
+    assert_close("h_L", h_ref, h, RATIO[torch.float32])
+
+
+@pytest.mark.parametrize("key", ["ALGO", "UNROLL_FWD", "TILE_BWD", "BLOCK_N", "CARRY_MEM"])
 def test_unknown_override_key_is_rejected(monkeypatch, key):
     """Keys of removed code paths (the tile kernels' ALGO / TILE_*, UNROLL_*) or of derived values fail loudly."""
     monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 4, key: 1})
@@ -261,8 +290,10 @@ def test_selective_scan_triton_gpu(b, d, seqlen, n, dtype, flags, per_batch, sof
 
 # long time tiles scanned by several warps (the interpreter ignores warps, so only the GPU checks their layouts)
 GPU_WIDE_TILES = [
-    {"BLOCK_L": 512, "WARPS_FWD": 4, "WARPS_BWD": 4},
-    {"BLOCK_L": 2048, "WARPS_FWD": 8, "WARPS_BWD": 8},
+    # a row spread over several warps reads the carried state another warp wrote: the double buffer and the barrier
+    {"BLOCK_L": 512, "BLOCK_L_BWD": 512, "WARPS_FWD": 4, "WARPS_BWD": 4},
+    {"BLOCK_L": 512, "BLOCK_L_BWD": 64, "BLOCK_D_FWD": 2, "WARPS_FWD": 2, "WARPS_BWD": 2},
+    {"BLOCK_L": 2048, "BLOCK_L_BWD": 2048, "WARPS_FWD": 8, "WARPS_BWD": 8},
     {"BLOCK_L": 1024, "BLOCK_D_FWD": 2, "WARPS_FWD": 8, "WARPS_BWD": 4},
 ]
 

@@ -6,17 +6,24 @@ Semantics are those of ``selective_scan_ref`` / ``selective_state_update_ref`` i
 One program owns one batch row and a block of BLOCK_D channels. It walks the sequence in [BLOCK_D, BLOCK_L] time tiles
 and, inside a tile, loops over the N states (mamba_ssm's order of work): per state, the recurrence
 h_t = Ā_t h_{t-1} + B̄_t u_t is one ``tl.associative_scan`` along time, seeded with the state carried from the previous
-tile, and C_t (h_t + h') is added to y. The carried states [BLOCK_D, N] stay in fp32 registers. The forward stores them at the
-start of every tile (when gradients are needed); the backward walks the tiles in reverse, recomputes h_n inside a tile
-from that checkpoint and runs the adjoint recurrence λ_t = Ā_{t+1} λ_{t+1} + ĝ_t C_t as a reverse scan per state.
+tile, and C_t (h_t + h') is added to y. The carried states go through a small fp32 scratch [B, D, 2, N] (double-buffered
+by tile parity, one barrier per tile). With gradients, the forward stores the state every BLOCK_L_BWD steps (the
+backward's tile, shorter than the forward's); the backward walks its tiles in reverse, recomputes h_n inside a tile from
+that checkpoint and runs the adjoint recurrence λ_t = Ā_{t+1} λ_{t+1} + ĝ_t C_t per state as a forward scan over inputs
+loaded in reversed time order, then one ``tl.gather`` puts λ back in time order.
 
-Time loops are ``while`` loops with a runtime bound: one compiled kernel serves every sequence length, and the CPU
-interpreter (``TRITON_INTERPRET=1``) accepts them, which it does not for ``range`` over a runtime bound (triton 3.6).
+Time loops are ``while`` loops with a runtime bound, which the CPU interpreter (``TRITON_INTERPRET=1``) accepts, unlike
+``range`` over a runtime bound (triton 3.6). L is specialised on divisibility by 16 (vectorised loads): two compiled
+kernels per configuration cover every length.
 
-Removed after an H100 sweep (torch 2.11, triton 3.6; B 8, L 2048, D 1536, N 16, bf16, fwd / fwd+bwd ms) measured them
-slower than these kernels (0.788 / 3.282): the session-1 tile kernels, all N states scanned at once in a
-[BLOCK_D, N, BLOCK_L] tile (1.249 / 4.900 at their default, 1.49-1.67 / 8.3-8.7 with other tiles), and state loops
-unrolled with ``tl.static_range`` (forward unrolled 0.972 / 3.490, both 0.973 / 7.702); docs/kernels-mamba1.md.
+Removed after GPU sweeps (B 8, L 2048, D 1536, N 16, bf16, fwd / fwd+bwd ms; docs/kernels-mamba1.md):
+- H100, 2026-11-23, against these kernels' predecessors (0.788 / 3.282): the session-1 tile kernels, all N states scanned
+  at once in a [BLOCK_D, N, BLOCK_L] tile (1.249 / 4.900 at their default, 1.49-1.67 / 8.3-8.7 with other tiles), and
+  state loops unrolled with ``tl.static_range`` (forward unrolled 0.972 / 3.490, both 0.973 / 7.702);
+- H200, 2026-12-02 (session 9): carried states in a register tile read and written through cross-lane reductions
+  (0.648 / 2.707 with L specialised, against 0.542 / 2.069 through the scratch at the same 128-step tiles), and the
+  adjoint as ``associative_scan(reverse=True)``, which triton 3.6 lowers with flips of both operands (3.813 against
+  2.069 ms fwd+bwd).
 
 With ``SEQUENTIAL_FORWARD`` (off by default), inference calls on time-major views with N <= 16 go to the sequential
 forward of ``fused_seq.py``.
@@ -37,7 +44,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # Optional override of the launch configuration, e.g. {"BLOCK_L": 64, "BLOCK_D_BWD": 4}; used by the benchmark and the
 # tests. Keys: CONFIG_KEYS (another key raises ValueError). BLOCK_L and BLOCK_D_* must be powers of two.
 CONFIG_OVERRIDE: dict[str, int] = {}
-CONFIG_KEYS = ("BLOCK_L", "BLOCK_D_FWD", "BLOCK_D_BWD", "WARPS_FWD", "WARPS_BWD")
+CONFIG_KEYS = ("BLOCK_L", "BLOCK_D_FWD", "BLOCK_D_BWD", "WARPS_FWD", "WARPS_BWD", "BLOCK_L_BWD")
 
 
 def _env_flag(name: str) -> bool:
@@ -69,29 +76,36 @@ def _softplus(x):
 
 @triton.jit
 def _fwd_nloop_state(
-    i_n, b_h, b_hn, b_y, b_dt, b_dtu, b_Bn, b_Cn, A, h_off, o_d, o_n, o_l, m_d, off_hoff,
-    N: tl.constexpr, BLOCK_L: tl.constexpr, USE_STATE_OFFSET: tl.constexpr,
+    i_n, b_y, b_dt, b_dtu, b_Bn, b_Cn, A, h_off, h_ckpt, p_cin, p_cout, p_ck, o_d, o_l, o_t, m_d, off_hoff, L,
+    N: tl.constexpr, BLOCK_L: tl.constexpr, CKPT_L: tl.constexpr, USE_STATE_OFFSET: tl.constexpr,
+    STORE_CHECKPOINTS: tl.constexpr,
 ):  # fmt: skip
-    """State n of one forward tile: scan h_n from the carried state, add C_n (h_n + h'_n) to y, keep the last h_n."""
-    m_sel = (o_n == i_n)[None, :]  # [1, BLOCK_N]
+    """State n of one forward tile: scan h_n from the carried state, add C_n (h_n + h'_n) to y, pass the last h_n on."""
     b_An = tl.load(A + o_d * N + i_n, mask=m_d, other=0.0).to(tl.float32) * LOG2E  # [BLOCK_D]
     b_pA, b_hs = tl.associative_scan(
         (tl.exp2(b_dt * b_An[:, None]), b_dtu * b_Bn.to(tl.float32)), axis=1, combine_fn=_scan_combine
     )
-    b_hs += b_pA * tl.sum(tl.where(m_sel, b_h, 0.0), axis=1)[:, None]
-    b_last = tl.sum(tl.where(o_l[None, :] == BLOCK_L - 1, b_hs, 0.0), axis=1)  # [BLOCK_D]
-    b_hn = tl.where(m_sel, b_last[:, None], b_hn)
+    # The carried state goes through the [B, D, 2, N] scratch (double-buffered by tile parity): a broadcast load and a
+    # one-lane store, where reading and writing a register tile took two cross-lane reductions per state.
+    b_hs += b_pA * tl.load(p_cin + o_d * 2 * N + i_n, mask=m_d, other=0.0)[:, None]
+    m_last = m_d[:, None] & (o_l[None, :] == BLOCK_L - 1)
+    tl.store(p_cout + (o_d * 2 * N + i_n)[:, None] + 0 * o_l[None, :], b_hs, mask=m_last)
+    if STORE_CHECKPOINTS and BLOCK_L > CKPT_L:
+        # the backward's tiles are shorter: store the states at their starts inside this tile (the slot at the tile's
+        # own start is written from the scratch by the caller)
+        m_ck = ((o_l % CKPT_L) == CKPT_L - 1) & (o_l < BLOCK_L - 1) & (o_t + 1 < L)
+        tl.store(h_ckpt + p_ck + ((o_l // CKPT_L + 1) * N + i_n)[None, :], b_hs, mask=m_d[:, None] & m_ck[None, :])
     if USE_STATE_OFFSET:
         b_hs += tl.load(h_off + off_hoff + o_d * N + i_n, mask=m_d, other=0.0)[:, None]
     b_y += b_hs * b_Cn.to(tl.float32)
-    return b_hn, b_y
+    return b_y
 
 
 @triton.jit
 def _bwd_nloop_state(
-    i_n, b_lam, b_lam_new, b_lB, b_lhA, b_dA_acc, b_dhoff_acc, b_dt, b_dtn, b_dtu, b_g, b_Bn, b_Cn,
-    A, h_off, h_start, dB, dC, p_bc, o_t, m_t, o_d, o_n, o_l, m_d, off_hoff,
-    L, N: tl.constexpr, USE_STATE_OFFSET: tl.constexpr,
+    i_n, b_lB, b_lhA, b_dA_acc, b_dhoff_acc, b_dt, b_dtn, b_dtu, b_g, b_gr, b_Bn, b_Cn,
+    A, h_off, h_start, dB, dC, p_bc, p_cin, p_cout, o_t, m_t, o_d, o_n, o_l, m_d, off_hoff,
+    L, N: tl.constexpr, BLOCK_L: tl.constexpr, USE_STATE_OFFSET: tl.constexpr,
 ):  # fmt: skip
     """State n of one backward tile: recompute h_n, run the adjoint λ_n, accumulate the local gradients."""
     m_sel = (o_n == i_n)[None, :]
@@ -102,14 +116,16 @@ def _bwd_nloop_state(
     b_dBu = b_dtu * b_Bn
     b_pA, b_hs = tl.associative_scan((tl.exp2(b_dt * b_An2[:, None]), b_dBu), axis=1, combine_fn=_scan_combine)
     b_hs += b_pA * b_h[:, None]
-    # 2. adjoint λ_t = Ā_{t+1} λ_{t+1} + ĝ_t C_t, carried in from the tile to the right
-    b_mu = b_g * b_Cn
-    b_pAr, b_lams = tl.associative_scan(
-        (tl.exp2(b_dtn * b_An2[:, None]), b_mu), axis=1, combine_fn=_scan_combine, reverse=True
-    )
-    b_lams += b_pAr * tl.sum(tl.where(m_sel, b_lam, 0.0), axis=1)[:, None]
-    b_first = tl.sum(tl.where(o_l[None, :] == 0, b_lams, 0.0), axis=1)
-    b_lam_new = tl.where(m_sel, b_first[:, None], b_lam_new)
+    # 2. adjoint λ_t = Ā_{t+1} λ_{t+1} + ĝ_t C_t, carried in from the tile to the right. Its inputs (Δ_{t+1}, ĝ, C)
+    # come in reversed time order, so it is a forward scan, and one gather puts λ back in time order: triton 3.6
+    # lowers reverse=True as flips of both operands before and after the scan, 5 shuffles per element each.
+    b_mu = b_gr * b_Cn  # reversed
+    b_pAr, b_lams = tl.associative_scan((tl.exp2(b_dtn * b_An2[:, None]), b_mu), axis=1, combine_fn=_scan_combine)
+    # λ carried through a scratch, as h in the forward
+    b_lams += b_pAr * tl.load(p_cin + o_d * 2 * N + i_n, mask=m_d, other=0.0)[:, None]
+    b_lams = tl.gather(b_lams, tl.broadcast_to((BLOCK_L - 1 - o_l)[None, :], b_lams.shape), axis=1)
+    m_first = m_d[:, None] & (o_l[None, :] == 0)
+    tl.store(p_cout + (o_d * 2 * N + i_n)[:, None] + 0 * o_l[None, :], b_lams, mask=m_first)
     # 3. local gradients; λ_t ⊙ Ā_t h_{t-1} = λ_t ⊙ (h_t - B̄_t u_t)
     b_term = b_lams * (b_hs - b_dBu)
     b_lB += b_lams * b_Bn
@@ -121,9 +137,11 @@ def _bwd_nloop_state(
     p_dbc = p_bc + i_n * L + o_t
     tl.atomic_add(dB + p_dbc, tl.sum(b_lams * b_dtu, axis=0), mask=m_t, sem="relaxed")
     tl.atomic_add(dC + p_dbc, tl.sum(b_hs * b_g, axis=0), mask=m_t, sem="relaxed")
-    return b_lB, b_lhA, b_lam_new, b_dA_acc, b_dhoff_acc
+    return b_lB, b_lhA, b_dA_acc, b_dhoff_acc
 
 
+# L is specialised (divisible by 16 or not): with 16-aligned rows the loads vectorise, which took the H200 forward
+# from 0.787 to 0.648 ms (session 9); tile counts are not
 @triton.heuristics(
     {
         "HAS_D": lambda args: args["D"] is not None,
@@ -137,7 +155,7 @@ def _bwd_nloop_state(
         "STORE_Y_PRE": lambda args: args["y_pre"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["L", "NT"])
+@triton.jit(do_not_specialize=["NT", "NTC"])
 def selective_scan_fwd_nloop_kernel(
     u,
     delta,
@@ -154,17 +172,20 @@ def selective_scan_fwd_nloop_kernel(
     y_pre,
     ht,
     h_ckpt,
+    h_carry,
     stride_h0_b,
     stride_hoff_b,
     stride_yoff_b,
     L,
     NT,
+    NTC,
     DIM,
     N: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    CKPT_L: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_DELTA_BIAS: tl.constexpr,
@@ -176,7 +197,7 @@ def selective_scan_fwd_nloop_kernel(
     STORE_Y_PRE: tl.constexpr,
 ):
     # A [BLOCK_D, BLOCK_L] time tile and a loop over the N states, one scan along time per state (mamba_ssm's order).
-    # The carried states live in a [BLOCK_D, BLOCK_N] register tile; state n is read and written through a one-hot mask.
+    # The carried states live in the scratch h_carry [B, D, 2, N]; checkpoints (for the backward) every CKPT_L steps.
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     i_b = i_b.to(tl.int64)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -200,15 +221,23 @@ def selective_scan_fwd_nloop_kernel(
 
     p_x = i_b * DIM * L + o_d[:, None].to(tl.int64) * L  # [BLOCK_D, 1] row starts in [B, D, L]
     p_bc = i_b * N * L  # row n of [B, N, L] starts at p_bc + n * L
-    p_ck = ((i_b * DIM + o_d[:, None].to(tl.int64)) * NT) * N + o_n[None, :]  # [BLOCK_D, BLOCK_N] in [B, D, NT, N]
+    p_ck = (i_b * DIM + o_d[:, None].to(tl.int64)) * NTC * N  # [BLOCK_D, 1] row starts in [B, D, NTC, N]
+    p_carry = h_carry + i_b * DIM * 2 * N  # [D, 2, N] of this batch row
+    o_c = o_d[:, None] * 2 * N + o_n[None, :]  # [BLOCK_D, BLOCK_N] in p_carry
+    tl.store(p_carry + o_c, b_h, mask=m_dn)
 
     i_t = 0
     while i_t < NT:
         o_t = i_t * BLOCK_L + o_l
         m_t = o_t < L
         m_x = m_d[:, None] & m_t[None, :]
+        p_cin = p_carry + (i_t % 2) * N
+        p_cout = p_carry + ((i_t + 1) % 2) * N
+        # the previous tile's one-lane stores must be visible to every lane (and warp) before they are read
+        tl.debug_barrier()
+        p_ck_t = p_ck + i_t * (BLOCK_L // CKPT_L) * N  # this tile's first checkpoint slot
         if STORE_CHECKPOINTS:
-            tl.store(h_ckpt + p_ck + i_t * N, b_h, mask=m_dn)
+            tl.store(h_ckpt + p_ck_t + o_n[None, :], tl.load(p_cin + o_c, mask=m_dn, other=0.0), mask=m_dn)
         b_u = tl.load(u + p_x + o_t[None, :], mask=m_x, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_L]
         b_dt = tl.load(delta + p_x + o_t[None, :], mask=m_x, other=0.0).to(tl.float32)
         if HAS_DELTA_BIAS:
@@ -219,7 +248,6 @@ def selective_scan_fwd_nloop_kernel(
         b_dt = tl.where(m_x, b_dt, 0.0)
         b_dtu = b_dt * b_u
         b_y = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
-        b_hn = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         # B_n, C_n of the next state are loaded before the current one is used, so the loads overlap the scan
         b_Bn = tl.load(B + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
         b_Cn = tl.load(C + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
@@ -227,12 +255,11 @@ def selective_scan_fwd_nloop_kernel(
             m_next = m_t[None, :] & (i_n + 1 < N)
             b_Bx = tl.load(B + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
             b_Cx = tl.load(C + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
-            b_hn, b_y = _fwd_nloop_state(
-                i_n, b_h, b_hn, b_y, b_dt, b_dtu, b_Bn, b_Cn, A, h_off, o_d, o_n, o_l, m_d,
-                i_b * stride_hoff_b, N, BLOCK_L, USE_STATE_OFFSET,
+            b_y = _fwd_nloop_state(
+                i_n, b_y, b_dt, b_dtu, b_Bn, b_Cn, A, h_off, h_ckpt, p_cin, p_cout, p_ck_t, o_d, o_l, o_t, m_d,
+                i_b * stride_hoff_b, L, N, BLOCK_L, CKPT_L, USE_STATE_OFFSET, STORE_CHECKPOINTS,
             )  # fmt: skip
             b_Bn, b_Cn = b_Bx, b_Cx
-        b_h = b_hn
         if HAS_D:
             b_y += b_D[:, None] * b_u
         if USE_Y_OFFSET:
@@ -247,7 +274,8 @@ def selective_scan_fwd_nloop_kernel(
         i_t += 1
 
     if STORE_FINAL_STATE:
-        tl.store(ht + i_b * DIM * N + o_dn, b_h, mask=m_dn)
+        tl.debug_barrier()
+        tl.store(ht + i_b * DIM * N + o_dn, tl.load(p_carry + (NT % 2) * N + o_c, mask=m_dn, other=0.0), mask=m_dn)
 
 
 @triton.heuristics(
@@ -261,7 +289,7 @@ def selective_scan_fwd_nloop_kernel(
         "STORE_INITIAL_STATE_GRADIENT": lambda args: args["dh0"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["L", "NT"])
+@triton.jit(do_not_specialize=["NT"])
 def selective_scan_bwd_nloop_kernel(
     u,
     delta,
@@ -277,6 +305,7 @@ def selective_scan_bwd_nloop_kernel(
     y_pre,
     dy,
     dht,
+    lam_carry,
     du,
     ddelta,
     dA,
@@ -336,12 +365,18 @@ def selective_scan_bwd_nloop_kernel(
     p_x = i_b * DIM * L + o_d[:, None].to(tl.int64) * L  # [BLOCK_D, 1]
     p_bc = i_b * N * L
     p_ck = ((i_b * DIM + o_d.to(tl.int64)) * NT) * N  # [BLOCK_D]
+    p_carry = lam_carry + i_b * DIM * 2 * N  # λ's scratch [D, 2, N] of this batch row (as h's in the forward)
+    o_c = o_d[:, None] * 2 * N + o_n[None, :]
+    tl.store(p_carry + o_c, b_lam, mask=m_dn)
 
     i_t = NT - 1
     while i_t >= 0:
         o_t = i_t * BLOCK_L + o_l
         m_t = o_t < L
         m_x = m_d[:, None] & m_t[None, :]
+        p_cin = p_carry + ((NT - 1 - i_t) % 2) * N
+        p_cout = p_carry + ((NT - i_t) % 2) * N
+        tl.debug_barrier()  # the previous tile's one-lane stores, visible to every lane
         b_u = tl.load(u + p_x + o_t[None, :], mask=m_x, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_L]
         b_dtr = tl.load(delta + p_x + o_t[None, :], mask=m_x, other=0.0).to(tl.float32)
         if HAS_DELTA_BIAS:
@@ -350,9 +385,12 @@ def selective_scan_bwd_nloop_kernel(
             b_dt = tl.where(m_x, _softplus(b_dtr), 0.0)
         else:
             b_dt = tl.where(m_x, b_dtr, 0.0)
+        # the adjoint's inputs (Δ_{t+1}, ĝ, C) in reversed time order
+        o_tr = i_t * BLOCK_L + (BLOCK_L - 1 - o_l)
+        m_tr = o_tr < L
         # Δ one step ahead, for Ā_{t+1} in the adjoint (0 past the end: Ā = 1)
-        m_xn = m_d[:, None] & (o_t[None, :] + 1 < L)
-        b_dtn = tl.load(delta + p_x + o_t[None, :] + 1, mask=m_xn, other=0.0).to(tl.float32)
+        m_xn = m_d[:, None] & (o_tr[None, :] + 1 < L)
+        b_dtn = tl.load(delta + p_x + o_tr[None, :] + 1, mask=m_xn, other=0.0).to(tl.float32)
         if HAS_DELTA_BIAS:
             b_dtn += b_db[:, None]
         if DELTA_SOFTPLUS:
@@ -366,25 +404,24 @@ def selective_scan_bwd_nloop_kernel(
             b_dz = b_g * b_yp * b_sig * (1.0 + b_z * (1.0 - b_sig))
             tl.store(dz + p_x + o_t[None, :], b_dz.to(dz.dtype.element_ty), mask=m_x)
             b_g = b_g * b_z * b_sig
+        b_gr = tl.gather(b_g, tl.broadcast_to((BLOCK_L - 1 - o_l)[None, :], b_g.shape), axis=1)
         b_dtu = b_dt * b_u
         b_lB = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # Σ_n λ_n B_n
         b_lhA = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # Σ_n A_n λ_n (h_n - B̄_n u)
-        b_lam_new = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         p_ck_t = p_ck + i_t * N
         b_Bx = tl.load(B + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
-        b_Cx = tl.load(C + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
+        b_Cx = tl.load(C + p_bc + o_tr[None, :], mask=m_tr[None, :], other=0.0)
         for i_n in range(N):
             b_Bn, b_Cn = b_Bx.to(tl.float32), b_Cx.to(tl.float32)
             # prefetch the next state's B_n, C_n (see the forward)
-            m_next = m_t[None, :] & (i_n + 1 < N)
-            b_Bx = tl.load(B + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
-            b_Cx = tl.load(C + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
-            b_lB, b_lhA, b_lam_new, b_dA_acc, b_dhoff_acc = _bwd_nloop_state(
-                i_n, b_lam, b_lam_new, b_lB, b_lhA, b_dA_acc, b_dhoff_acc, b_dt, b_dtn, b_dtu, b_g, b_Bn, b_Cn,
-                A, h_off, h_ckpt + p_ck_t, dB, dC, p_bc, o_t, m_t, o_d, o_n, o_l, m_d, i_b * stride_hoff_b,
-                L, N, USE_STATE_OFFSET,
+            m_next = i_n + 1 < N
+            b_Bx = tl.load(B + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_t[None, :] & m_next, other=0.0)
+            b_Cx = tl.load(C + p_bc + (i_n + 1) * L + o_tr[None, :], mask=m_tr[None, :] & m_next, other=0.0)
+            b_lB, b_lhA, b_dA_acc, b_dhoff_acc = _bwd_nloop_state(
+                i_n, b_lB, b_lhA, b_dA_acc, b_dhoff_acc, b_dt, b_dtn, b_dtu, b_g, b_gr, b_Bn, b_Cn,
+                A, h_off, h_ckpt + p_ck_t, dB, dC, p_bc, p_cin, p_cout, o_t, m_t, o_d, o_n, o_l, m_d,
+                i_b * stride_hoff_b, L, N, BLOCK_L, USE_STATE_OFFSET,
             )  # fmt: skip
-        b_lam = b_lam_new
         b_ddt = b_u * b_lB + b_lhA
         b_du = b_dt * b_lB
         if HAS_D:
@@ -404,6 +441,8 @@ def selective_scan_bwd_nloop_kernel(
     tl.store(dA + i_b * DIM * N + o_dn, b_dA_acc, mask=m_dn)
     if STORE_INITIAL_STATE_GRADIENT:
         # ∂L/∂h_0 = Ā_1 ⊙ λ_1 (METHODS §5.1); Ā_1 = 1 when L = 0
+        tl.debug_barrier()
+        b_lam = tl.load(p_carry + (NT % 2) * N + o_c, mask=m_dn, other=0.0)  # λ_1
         b_A2 = tl.load(A + o_dn, mask=m_dn, other=0.0).to(tl.float32) * LOG2E
         m_d0 = (m_d & (tl.zeros_like(o_d) < L))[:, None]
         b_dt0 = tl.load(delta + p_x, mask=m_d0, other=0.0).to(tl.float32)  # [BLOCK_D, 1]
@@ -495,28 +534,32 @@ def selective_state_update_fwd_kernel(
     tl.store(y + i_b * DIM + o_d, b_y.to(y.dtype.element_ty), mask=m_d)
 
 
-def _config(dim: int, dstate: int, seqlen: int = 1 << 30) -> dict[str, int]:
-    """Launch configuration: the defaults below, then ``CONFIG_OVERRIDE`` (keys ``CONFIG_KEYS``)."""
+def _config(dim: int, dstate: int, seqlen: int = 1 << 30, training: bool = True) -> dict[str, int]:
+    """Launch configuration: the defaults below, then ``CONFIG_OVERRIDE`` (keys ``CONFIG_KEYS``). ``training``: the
+    forward stores checkpoints for a backward (``False``: an inference forward, which takes longer tiles)."""
     unknown = sorted(set(CONFIG_OVERRIDE) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(
             f"selective scan CONFIG_OVERRIDE: unknown key(s) {unknown}; allowed keys: {', '.join(CONFIG_KEYS)}"
         )
     cap = triton.next_power_of_2(max(dim, 1))
-    # BLOCK_L: the sequence (rounded up to a power of two) up to a cap; one compiled kernel per BLOCK_L.
-    # H100 sweeps (docs/kernels-mamba1.md): short tiles on one warp, one channel per forward program, two per backward;
-    # BLOCK_L 256 was slower (2026-11-23: 0.800 / 3.473 ms fwd / fwd+bwd against 0.788 / 3.282 at 128)
-    block_l = min(CONFIG_OVERRIDE.get("BLOCK_L", 128), max(16, triton.next_power_of_2(max(seqlen, 1))))
-    # forward and backward tiles are independent except for BLOCK_L (the checkpoints sit at tile starts)
+    # BLOCK_L (forward tile) and BLOCK_L_BWD (backward tile = checkpoint spacing): the sequence rounded up to a power of
+    # two, capped; BLOCK_L_BWD <= BLOCK_L. H200 sweeps of session 9 (docs/kernels-mamba1.md), B 8, L 2048, D 1536:
+    # the inference forward is fastest with 512-step tiles (0.388 ms; 0.433 at 256, 0.541 at 128), a training forward
+    # (which also stores a checkpoint every BLOCK_L_BWD steps) with 256 (fwd+bwd 1.98 ms; 2.06 at 512), the backward
+    # with 128-step tiles and two channels per program; one warp each.
+    seq = max(16, triton.next_power_of_2(max(seqlen, 1)))
+    block_l = min(CONFIG_OVERRIDE.get("BLOCK_L", 256 if training else 512), seq)
     cfg = {
         "BLOCK_N": triton.next_power_of_2(max(dstate, 1)),
         "BLOCK_L": block_l,
+        "BLOCK_L_BWD": min(CONFIG_OVERRIDE.get("BLOCK_L_BWD", 128), block_l),
         "BLOCK_D_FWD": 1,
         "BLOCK_D_BWD": 2,
         "WARPS_FWD": 1,
         "WARPS_BWD": 1,
     }
-    cfg.update({k: v for k, v in CONFIG_OVERRIDE.items() if k != "BLOCK_L"})
+    cfg.update({k: v for k, v in CONFIG_OVERRIDE.items() if k not in ("BLOCK_L", "BLOCK_L_BWD")})
     cfg["BLOCK_D_FWD"] = min(cap, cfg["BLOCK_D_FWD"])
     cfg["BLOCK_D_BWD"] = min(cap, cfg["BLOCK_D_BWD"])
     return cfg
@@ -550,11 +593,13 @@ def selective_scan_fwd(
     None, and the pre-gate output [B, D, L] (with z and checkpoints only) or None."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    cfg = cfg or _config(dim, dstate, seqlen)
+    cfg = cfg or _config(dim, dstate, seqlen, training=store_checkpoints)
     nt = triton.cdiv(seqlen, cfg["BLOCK_L"])
+    ntc = triton.cdiv(seqlen, cfg["BLOCK_L_BWD"])  # checkpoints: the state at the start of every backward tile
+    f32 = {"device": u.device, "dtype": torch.float32}
     y = torch.empty_like(u)  # [B, D, L]
-    ht = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32) if output_final_state else None
-    h_ckpt = torch.empty(batch, dim, nt, dstate, device=u.device, dtype=torch.float32) if store_checkpoints else None
+    ht = torch.empty(batch, dim, dstate, **f32) if output_final_state else None
+    h_ckpt = torch.empty(batch, dim, ntc, dstate, **f32) if store_checkpoints else None
     grid = (triton.cdiv(dim, cfg["BLOCK_D_FWD"]), batch)
     common = {
         "DIM": dim, "N": dstate, "DELTA_SOFTPLUS": delta_softplus,
@@ -562,9 +607,10 @@ def selective_scan_fwd(
     }  # fmt: skip
     strides = (_batch_stride(initial_state, 3), _batch_stride(state_offset, 3), _batch_stride(y_offset, 2))
     y_pre = torch.empty_like(u) if (z is not None and store_checkpoints) else None
+    h_carry = torch.empty(batch, dim, 2, dstate, **f32)  # the carried state, double-buffered by tile parity
     selective_scan_fwd_nloop_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, y, y_pre, ht, h_ckpt,
-        *strides, seqlen, nt, **common,
+        u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, y, y_pre, ht, h_ckpt, h_carry,
+        *strides, seqlen, nt, ntc, CKPT_L=cfg["BLOCK_L_BWD"], **common,
     )  # fmt: skip
     return y, ht, h_ckpt, y_pre
 
@@ -607,13 +653,15 @@ def selective_scan_bwd(
     grid = (triton.cdiv(dim, cfg["BLOCK_D_BWD"]), batch)
     common = {
         "DIM": dim, "N": dstate, "DELTA_SOFTPLUS": delta_softplus,
-        "BLOCK_D": cfg["BLOCK_D_BWD"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_L": cfg["BLOCK_L"], "num_warps": cfg["WARPS_BWD"],
+        "BLOCK_D": cfg["BLOCK_D_BWD"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_L": cfg["BLOCK_L_BWD"],
+        "num_warps": cfg["WARPS_BWD"],
     }  # fmt: skip
     # summed over channel programs by fp32 atomic adds (the order is not fixed: dB/dC may differ in the last bits)
     dB = torch.zeros(batch, dstate, seqlen, **f32)
     dC = torch.zeros(batch, dstate, seqlen, **f32)
+    lam_carry = torch.empty(batch, dim, 2, dstate, **f32)  # the carried adjoint, as h_carry in the forward
     selective_scan_bwd_nloop_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, state_offset, y_offset, h_ckpt, y_pre, dy, dht,
+        u, delta, A, B, C, D, z, delta_bias, state_offset, y_offset, h_ckpt, y_pre, dy, dht, lam_carry,
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dh_off, dy_off,
         _batch_stride(state_offset, 3), _batch_stride(y_offset, 2), seqlen, nt, **common,
     )  # fmt: skip
@@ -731,6 +779,7 @@ def selective_scan_triton(
     y, ht, _, _ = selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
         output_final_state=return_final_state, store_checkpoints=False,
+        cfg=_config(u.shape[1], A.shape[1], u.shape[2], training=False),
     )  # fmt: skip
     return (y, ht) if return_final_state else y
 
