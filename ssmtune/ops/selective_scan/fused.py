@@ -779,7 +779,6 @@ def selective_scan_triton(
     y, ht, _, _ = selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
         output_final_state=return_final_state, store_checkpoints=False,
-        cfg=_config(u.shape[1], A.shape[1], u.shape[2], training=False),
     )  # fmt: skip
     return (y, ht) if return_final_state else y
 
