@@ -133,7 +133,9 @@ class MambaMixer(nn.Module):
         # 3-4. δ, B_t, C_t = x_proj(x); Δ before softplus = dt_proj(δ) (holds b_dt)
         x_dbl = self.x_proj(x)  # [B, L, R+2N]
         dt, Bt, Ct = torch.split(x_dbl, [x_dbl.shape[-1] - 2 * N, N, N], dim=-1)
-        delta = self.dt_proj(dt)  # [B, L, D]
+        # dt is a strided slice of x_dbl: made contiguous (R columns, a small copy), F.linear adds the bias inside the
+        # GEMM (addmm) instead of a separate pass over the [B, L, D] output
+        delta = self.dt_proj(dt.contiguous())  # [B, L, D]
         A = -torch.exp(self.A_log.float())  # [D, N]
         Dskip = self.D.float()
 

@@ -320,3 +320,33 @@ def test_backward_uses_the_forward_configuration(monkeypatch):
     (y.float() * gy).sum().backward()
     for k, v in leaves.items():
         assert_close(f"d{k}", ref[f"d{k}"], v.grad, RATIO[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_time_major_views_take_the_tiled_transpose(monkeypatch, dtype):
+    """The mixer's operands: u, Δ, B, C as transposes of [B, L, ·] tensors, z the second half of in_proj's output, and
+    a time-major output gradient. Results and gradients equal the contiguous run's; the transposes went through the
+    tiled kernel (inputs, their gradients and dy), and the [B, L, ·] sources get contiguous gradients."""
+    b, d, seqlen, n = 2, 5, 37, 3
+    ins = make_inputs(b, d, seqlen, n, dtype, ALL, True, True)
+    gy = torch.randn(b, seqlen, d, device=DEVICE).transpose(1, 2)  # time-major dy
+    ref = run(fused.selective_scan_triton, ins, gy.contiguous(), None, True)
+
+    calls = []
+    transpose = fused.layout.transpose_last2
+    monkeypatch.setattr(fused.layout, "transpose_last2", lambda x: calls.append(tuple(x.shape)) or transpose(x))
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in ins.items()}
+    src = {k: leaves[k].detach().transpose(1, 2).contiguous().requires_grad_() for k in ("u", "delta", "B", "C")}
+    xz = torch.cat([torch.zeros_like(src["u"]), leaves["z"].detach().transpose(1, 2)], dim=-1).requires_grad_()
+    tm = {k: v.transpose(1, 2) for k, v in src.items()} | {"z": xz[..., d:].transpose(1, 2)}
+    assert all(fused.layout.is_time_major_view(v) for v in tm.values())
+    y = fused.selective_scan_triton(**(leaves | tm), delta_softplus=True)
+    (y.float() * gy).sum().backward()
+    assert len(calls) == 5 + 1 + 5  # five operands, dy, five gradients
+    assert_close("y", ref["y"], y, 1e-6)
+    for k, v in src.items():
+        assert v.grad.is_contiguous()
+        assert_close(f"d{k}", ref[f"d{k}"], v.grad.transpose(1, 2), 1e-6)
+    assert_close("dz", ref["dz"], xz.grad[..., d:].transpose(1, 2), 1e-6)
+    for k in ("A", "D", "delta_bias", "initial_state", "state_offset", "y_offset"):
+        assert_close(f"d{k}", ref[f"d{k}"], leaves[k].grad, 1e-6)

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmtune.ops import layout
 from ssmtune.ops.selective_scan import fused_seq
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -716,7 +717,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(u)
         grads = selective_scan_bwd(
-            dy.contiguous(), _contig(dht), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+            layout.contiguous_rows(dy), _contig(dht), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
             initial_state, state_offset, y_offset, h_ckpt, y_pre, cfg=ctx.cfg,
         )  # fmt: skip
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dh_off, dy_off = grads
@@ -769,8 +770,11 @@ def selective_scan_triton(
             *args[:8], delta_softplus, *args[8:], output_final_state=return_final_state
         )  # fmt: skip
         return (y, ht) if return_final_state else y
-    args = [_contig(t) for t in args]
-    u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset = args
+    # [B, *, L] operands that are time-major views (the mixer's) go through the tiled transpose, as do their gradients
+    u, delta, B, C, z = (layout.channel_major(t) for t in (u, delta, B, C, z))
+    A, D, delta_bias, initial_state, state_offset, y_offset = map(
+        _contig, (A, D, delta_bias, initial_state, state_offset, y_offset)
+    )
     if needs_grad:
         return SelectiveScanFunction.apply(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
