@@ -12,6 +12,7 @@
 #   gputest    python3 -m pytest -v -m gpu tests/ops (what `make gpu-test` runs: the GPU tests are all there; 106 s on the
 #              H100; every test's line goes to the log as it ends, so a timed-out run still says what passed)
 #                                                                                     -> gputest.log
+#   exp        EXP_CMD, a one-off experiment (e.g. benchmarks/exp_*.py; not in the default STEPS; CAP_EXP)
 #   scan       benchmarks/bench_selective_scan.py (ours; mamba_ssm from constants)    -> bench_selective_scan.json
 #   seqscan    benchmarks/exp_selective_scan_sequential.py, the sequential time-major Mamba-1 forward experiment
 #              against the n-loop kernel (not in the default STEPS; SEQSCAN_ARGS)      -> scan_sequential.json
@@ -38,7 +39,7 @@
 # out, so that no orphan of one step (a compile worker, a background child) loads the CPUs during the next. All
 # output also goes to $OUT/call.log; a summary table prints last. Files in $OUT: at most 8.
 # Env: STEPS, DEADLINE_S, CAP_GPUTEST, CAP_SCAN, CAP_SEQSCAN, CAP_SSD, CAP_SCANPEER, CAP_TRAIN, CAP_TRAINPEER,
-# CAP_SERVE, CAP_INFER, CAP_PROFILE, CAP_DIST, BUILD_WAIT_UNTIL_S
+# CAP_SERVE, CAP_INFER, CAP_PROFILE, CAP_DIST, CAP_EXP, BUILD_WAIT_UNTIL_S
 # (the latest elapsed second scanpeer/trainpeer wait for the build until, 330), GPU_TEST_ARGS ("tests/ops"),
 # SCAN_ARGS, SEQSCAN_ARGS, SSD_ARGS, INFER_ARGS, PROFILE_ARGS, TRAIN_ARGS, TRAINPEER_ARGS (extra arguments), MAMBA_SITE (/tmp/mamba_site),
 # SDIST_DIR (.whl/sdist), PYTHON (python3), and those of build_mamba_ssm.sh (MAMBA_BUILD_LEVELS, MAX_JOBS).
@@ -60,6 +61,7 @@ CAP_TRAINPEER=${CAP_TRAINPEER:-75}
 CAP_SERVE=${CAP_SERVE:-150}
 CAP_INFER=${CAP_INFER:-200}
 CAP_PROFILE=${CAP_PROFILE:-120}
+CAP_EXP=${CAP_EXP:-120}
 CAP_DIST=${CAP_DIST:-300}
 BUILD_WAIT_UNTIL_S=${BUILD_WAIT_UNTIL_S:-330}
 MAMBA_SITE=${MAMBA_SITE:-/tmp/mamba_site}
@@ -162,6 +164,10 @@ fi
 if want gputest; then
     step gputest "$(grant "$CAP_GPUTEST")" \
         "PYTHONPATH=$PURE_SITE:. $PY -m pytest -v -m gpu -p no:cacheprovider --durations=10 ${GPU_TEST_ARGS:-tests/ops} > $OUT/gputest.log 2>&1; rc=\$?; grep -E 'PASSED|FAILED|ERROR|SKIPPED|passed|failed|skipped' $OUT/gputest.log | tail -n 40; exit \$rc"
+fi
+# 2b. an experiment's command line (EXP_CMD, run with PYTHONPATH=.; its files go to $OUT through $OUT in the command)
+if want exp; then
+    step exp "$(grant "$CAP_EXP")" "export PYTHONPATH=. OUT=$OUT; ${EXP_CMD:-true}"
 fi
 # 3. ours (mamba_ssm from constants unless the build is already there, which it is not yet)
 if want scan; then

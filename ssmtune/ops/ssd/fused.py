@@ -31,6 +31,10 @@ _MIN_BLOCK = 16
 _DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+# warps of the dx and dC backward kernels (benchmarks/exp_ssd_small_headdim.py varies it)
+BWD_WARPS = 8
+
+
 def _pow2(n: int) -> int:
     return max(_MIN_BLOCK, triton.next_power_of_2(n))
 
@@ -795,9 +799,9 @@ def _ssd_bwd(
     }
     ssd_chunk_scan_bwd_dx_kernel[grid](
         x, B, C, dt_p, a_cs, dy, dstates, D, dx, dB, ddt_direct, da_k, dD_part, dy_sum, T,
-        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=8, **common,
+        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=BWD_WARPS, **common,
     )  # fmt: skip
-    ssd_chunk_scan_bwd_dc_kernel[grid](x, B, C, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=8, **common)
+    ssd_chunk_scan_bwd_dc_kernel[grid](x, B, C, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=BWD_WARPS, **common)
     # 3. ∂a → ∂Δ, ∂A through the chunk cumsum, then through softplus and dt_bias
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(batch, NC, H, device=x.device, dtype=torch.float32)
