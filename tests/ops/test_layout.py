@@ -27,6 +27,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def nan_poison(monkeypatch):
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(layout, "SMALL_NUMEL", 0)  # the kernel at test sizes
+
+
+def test_small_eager_tensors_keep_torchs_copy(monkeypatch):
+    """Below SMALL_NUMEL (outside graph capture) the launch would cost more than it saves: torch's copy runs."""
+    monkeypatch.setattr(layout, "SMALL_NUMEL", 2 * 19 * 33 + 1)
+    monkeypatch.setattr(layout, "transpose_last2", lambda x: pytest.fail("the kernel ran below SMALL_NUMEL"))
+    view = torch.randn(2, 19, 33, device=DEVICE).transpose(1, 2)
+    assert torch.equal(layout.channel_major(view), view.contiguous())
+    assert torch.equal(layout.contiguous_rows(view), view.contiguous())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])

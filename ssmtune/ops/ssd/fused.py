@@ -31,8 +31,19 @@ _MIN_BLOCK = 16
 _DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-# warps of the dx and dC backward kernels (benchmarks/exp_ssd_small_headdim.py varies it)
-BWD_WARPS = 8
+# Warps of the dx and dC backward kernels; None: 8, or 4 below head dim 32, where 8 warps gave wrong gradients on an
+# H200 with triton 3.6 (ssd/__init__.py). benchmarks/exp_ssd_small_headdim.py sets it.
+BWD_WARPS: int | None = None
+
+
+def _bwd_warps(P: int) -> int:
+    return BWD_WARPS or (8 if P >= 32 else 4)
+
+
+def _bwd_stages(dtype: torch.dtype) -> int:
+    # fp32 tiles at head dim 64, N 128 and 64-step chunks: the dC kernel asked for 256 KiB of shared memory with 3
+    # pipeline stages, over the H100/H200's 227 KiB (an OutOfResources error, session 10); 1 stage needs 128 KiB
+    return 1 if dtype.itemsize >= 4 else 3
 
 
 def _pow2(n: int) -> int:
@@ -799,9 +810,11 @@ def _ssd_bwd(
     }
     ssd_chunk_scan_bwd_dx_kernel[grid](
         x, B, C, dt_p, a_cs, dy, dstates, D, dx, dB, ddt_direct, da_k, dD_part, dy_sum, T,
-        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=BWD_WARPS, **common,
+        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=_bwd_warps(P), num_stages=_bwd_stages(x.dtype), **common,
     )  # fmt: skip
-    ssd_chunk_scan_bwd_dc_kernel[grid](x, B, C, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=BWD_WARPS, **common)
+    ssd_chunk_scan_bwd_dc_kernel[grid](
+        x, B, C, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=_bwd_warps(P), num_stages=_bwd_stages(x.dtype), **common
+    )  # fmt: skip
     # 3. ∂a → ∂Δ, ∂A through the chunk cumsum, then through softplus and dt_bias
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(batch, NC, H, device=x.device, dtype=torch.float32)
@@ -909,7 +922,7 @@ def ssd_scan_triton(
     if x.is_cuda and x.shape[-1] < SSD_MIN_HEADDIM_CUDA:
         raise ValueError(
             f"ssd_scan_triton: headdim {x.shape[-1]} < {SSD_MIN_HEADDIM_CUDA} is not supported on CUDA (the backward's "
-            "dx kernel faulted with an illegal address at headdim 16 on an H200, triton 3.6); use backend='torch'"
+            "kernels were never run below it on the GPU); use backend='torch'"
         )
     y, final = SSDScanFunction.apply(
         x, dt, A, B, C, D, z, dt_bias, initial_state, state_offset, y_offset, chunk_size, dt_softplus
