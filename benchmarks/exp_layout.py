@@ -35,8 +35,15 @@ def main() -> None:
             "torch: z (slice of xz) -> [B, D, L]": lambda xz=xz, d=d: xz[..., d:].transpose(1, 2).contiguous(),
             "ours: z (slice of xz) -> [B, D, L]": lambda xz=xz, d=d: layout.transpose_last2(xz[..., d:]),
         }
+        du = torch.randn(b, d, seqlen, device="cuda", dtype=torch.bfloat16)  # the scan's du, [B, D, L]
+        # the conv output's two gradients (x_proj's [B, L, D] and the scan's [B, D, L]) summed by autograd
+        cases["torch: du (channel-major) + dx (time-major)"] = lambda du=du, x=x: du + x.transpose(1, 2)
+        cases["ours: du -> time-major, then + dx"] = lambda du=du, x=x: (
+            layout.transpose_last2(du).transpose(1, 2) + x.transpose(1, 2)
+        )
         names = list(cases)
         assert torch.equal(cases[names[1]](), cases[names[2]]()) and torch.equal(cases[names[3]](), cases[names[4]]())
+        assert torch.equal(cases[names[5]](), cases[names[6]]())
         for name, fn in cases.items():
             ms = triton.testing.do_bench(fn, warmup=25, rep=200)
             gbs = 2 * x.numel() * x.element_size() / ms / 1e6
