@@ -40,10 +40,11 @@ def _bwd_warps(P: int) -> int:
     return BWD_WARPS or (8 if P >= 32 else 4)
 
 
-def _bwd_stages(dtype: torch.dtype) -> int:
+def _bwd_stages(*tensors: torch.Tensor) -> int:
     # fp32 tiles at head dim 64, N 128 and 64-step chunks: the dC kernel asked for 256 KiB of shared memory with 3
-    # pipeline stages, over the H100/H200's 227 KiB (an OutOfResources error, session 10); 1 stage needs 128 KiB
-    return 1 if dtype.itemsize >= 4 else 3
+    # pipeline stages, over the H100/H200's 227 KiB (an OutOfResources error, session 10); 1 stage needs 128 KiB.
+    # The widest operand decides (x, B and C may differ in dtype)
+    return 1 if max(t.element_size() for t in tensors) >= 4 else 3
 
 
 def _pow2(n: int) -> int:
@@ -808,12 +809,13 @@ def _ssd_bwd(
         "BP": blk["BPF"],
         "BN": blk["BNF"],
     }
+    stages = _bwd_stages(x, B, C)
     ssd_chunk_scan_bwd_dx_kernel[grid](
         x, B, C, dt_p, a_cs, dy, dstates, D, dx, dB, ddt_direct, da_k, dD_part, dy_sum, T,
-        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=_bwd_warps(P), num_stages=_bwd_stages(x.dtype), **common,
+        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=_bwd_warps(P), num_stages=stages, **common,
     )  # fmt: skip
     ssd_chunk_scan_bwd_dc_kernel[grid](
-        x, B, C, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=_bwd_warps(P), num_stages=_bwd_stages(x.dtype), **common
+        x, B, C, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=_bwd_warps(P), num_stages=stages, **common
     )  # fmt: skip
     # 3. ∂a → ∂Δ, ∂A through the chunk cumsum, then through softplus and dt_bias
     ddt = torch.empty_like(dt)
