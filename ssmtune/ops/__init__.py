@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .conv import causal_conv1d_update, check_causal_conv1d_args
+from .cross_entropy import check_cross_entropy_args
 from .norm import check_rms_norm_args
 from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
 from .ssd import SSD_MIN_HEADDIM_CUDA
@@ -34,6 +35,11 @@ _IMPLS: dict[str, dict[str, str]] = {
         "ref": "ssmtune.ops.conv:causal_conv1d_torch",
         "torch": "ssmtune.ops.conv:causal_conv1d_torch",
         "triton": "ssmtune.ops.conv_fused:causal_conv1d_triton",
+    },
+    "cross_entropy": {
+        "ref": "ssmtune.ops.cross_entropy:cross_entropy_torch",
+        "torch": "ssmtune.ops.cross_entropy:cross_entropy_torch",
+        "triton": "ssmtune.ops.cross_entropy_fused:cross_entropy_triton",
     },
     "rms_norm": {
         "ref": "ssmtune.ops.norm:rms_norm_torch",
@@ -150,6 +156,25 @@ def causal_conv1d(
     fn = resolve("causal_conv1d", backend, x.device)
     return fn(x, weight, bias, initial_state=initial_state, activation=activation,
               return_final_state=return_final_state, channels_last=channels_last)  # fmt: skip
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of ``logits`` [R, V] against ``labels`` [R], in fp32 (``cross_entropy.py``).
+
+    ``F.cross_entropy(logits.float(), labels, ignore_index=..., reduction=...)``, without the fp32 copy of the logits
+    on the Triton backend: the gradient comes back in the logits' dtype. ``reduction``: ``"mean"`` (over the rows not
+    labelled ``ignore_index``), ``"sum"`` or ``"none"`` (one loss per row, 0 where ignored).
+    """
+    check_cross_entropy_args(logits, labels, reduction)
+    fn = resolve("cross_entropy", backend, logits.device)
+    return fn(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
 
 def rms_norm(
@@ -382,6 +407,7 @@ __all__ = [
     "BACKENDS",
     "causal_conv1d",
     "causal_conv1d_update",
+    "cross_entropy",
     "resolve",
     "rms_norm",
     "selective_scan",

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssmtune import ops
 from ssmtune.train import distributed as D
 from ssmtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from ssmtune.train.graphs import GraphedTrainStep
@@ -245,9 +246,11 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The summed cross-entropy of :func:`token_loss` alone: no host synchronisation (CUDA-graph safe)."""
-    shift_logits = logits[:, :-1].float()  # [B, L-1, V]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+    # labels shifted left (the last position gets IGNORE_INDEX) rather than logits sliced: no [B, L-1, V] copy;
+    # ops.cross_entropy reads bf16 logits as they are and computes in fp32 (a Triton kernel on CUDA)
+    shift_labels = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX)
+    return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
