@@ -5,8 +5,7 @@ kernel: the torch path casts the [tokens, vocab] logits to fp32, saves the fp32 
 the fp32 gradient back, some 25 GB of traffic and 6.6 GB of fp32 tensors for a 50k vocabulary at 8 × 2048 (the
 softmax kernels alone took 6.4 of the Mamba-1-130m training step's 94 ms of GPU time, session 10's profile).
 
-Forward: one program per row walks the vocabulary in BLOCK_V chunks with a running max and sum (base-2 online
-logsumexp), reads the label's logit once and stores the row's loss and logsumexp (fp32). Backward: one program per row
+Forward: one program per row walks the vocabulary in BLOCK_V chunks with a running max and sum (online logsumexp), reads the label's logit once and stores the row's loss and logsumexp (fp32). Backward: one program per row
 writes (softmax − one-hot) · scale, where scale is the incoming gradient (divided by the number of counted rows for the
 mean). Rows labelled ``ignore_index`` get loss 0 and gradient 0; a label outside [0, vocab) gives a NaN loss for its row
 (no host synchronisation to check it, so the step stays CUDA-graph safe; the trainers stop on a non-finite loss).
@@ -29,19 +28,20 @@ def cross_entropy_fwd_kernel(logits, labels, loss, lse, stride_r, V, ignore_inde
     i_r = tl.program_id(0).to(tl.int64)
     p = logits + i_r * stride_r
     o_v = tl.arange(0, BLOCK_V)[None, :]  # the row as a [1, BLOCK_V] tile: its reductions are [1] tensors
-    b_m = tl.full([1], float("-inf"), tl.float32)  # running max, base 2
-    b_s = tl.zeros([1], dtype=tl.float32)  # running Σ 2^(x - m)
+    b_m = tl.full([1], float("-inf"), tl.float32)  # running max
+    b_s = tl.zeros([1], dtype=tl.float32)  # running Σ exp(x - m)
     off = 0
     while off < V:
         m_v = off + o_v < V
-        b_x = tl.load(p + off + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * LOG2E
+        b_x = tl.load(p + off + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(b_m, tl.max(b_x, axis=1))
         # an all -inf prefix (masked vocabulary) would give -inf - -inf = NaN: shift by 0 instead
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_s = b_s * tl.exp2(b_m - m_safe) + tl.sum(tl.exp2(b_x - m_safe[:, None]), axis=1)
+        # x - m before the base change: scaling x first would put |x| · 2^-24 of rounding into every exponent
+        b_s = b_s * tl.exp2((b_m - m_safe) * LOG2E) + tl.sum(tl.exp2((b_x - m_safe[:, None]) * LOG2E), axis=1)
         b_m = m_new
         off += BLOCK_V
-    b_lse = (b_m + tl.log2(b_s)) * LN2
+    b_lse = b_m + tl.log2(b_s) * LN2
     o_1 = tl.arange(0, 1)
     b_y = tl.load(labels + i_r + o_1)
     valid = b_y != ignore_index
@@ -64,13 +64,13 @@ def cross_entropy_bwd_kernel(
     b_y = tl.load(labels + i_r + o_1)[:, None]  # [1, 1]
     valid = b_y != ignore_index
     b_g = tl.load(dloss + i_r * stride_dloss + o_1)[:, None]
-    b_lse2 = tl.load(lse + i_r + o_1)[:, None] * LOG2E
+    b_lse = tl.load(lse + i_r + o_1)[:, None]
     off = 0
     while off < V:
         o_c = off + o_v
         m_v = o_c < V
         b_x = tl.load(p + o_c, mask=m_v, other=0.0).to(tl.float32)
-        b_d = (tl.exp2(b_x * LOG2E - b_lse2) - tl.where(o_c == b_y, 1.0, 0.0)) * b_g
+        b_d = (tl.exp2((b_x - b_lse) * LOG2E) - tl.where(o_c == b_y, 1.0, 0.0)) * b_g
         # ignored rows: 0, not 0 · NaN when their logsumexp is not finite
         tl.store(p_d + o_c, tl.where(valid, b_d, 0.0).to(dlogits.dtype.element_ty), mask=m_v)
         off += BLOCK_V

@@ -116,6 +116,20 @@ def test_selective_scan_triton(b, d, seqlen, n, dtype, flags, per_batch, softplu
     check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus)
 
 
+@pytest.mark.parametrize("gemm", [True, False], ids=["readout-gemm", "in-kernel"])
+@pytest.mark.parametrize("flags", [ALL, frozenset({"state_offset", "D"})], ids=["all", "offset-no-gate"])
+def test_state_offset_paths(monkeypatch, gemm, flags):
+    """With gradients, h''s read-out C_t h' is a GEMM outside the kernels (STATE_OFFSET_GEMM) or added per state
+    inside them; both against the reference, with and without the gate (dy itself is y_add's gradient then)."""
+    calls = []
+    readout = fused._state_offset_readout
+    monkeypatch.setattr(fused, "STATE_OFFSET_GEMM", gemm)
+    monkeypatch.setattr(fused, "_state_offset_readout", lambda *a: calls.append(1) or readout(*a))
+    check_case(2, 5, 21, 4, torch.float32, flags, True, True)
+    check_case(2, 5, 21, 4, torch.bfloat16, flags, False, True)
+    assert len(calls) == (2 if gemm else 0)
+
+
 @pytest.mark.parametrize(("block_d_fwd", "block_d_bwd", "warps"), [(1, 1, 1), (2, 4, 1), (4, 2, 2)],
                          ids=["blockd-1-1", "blockd-2-4", "blockd-4-2-warps2"])  # fmt: skip
 def test_multiple_channel_blocks_and_tiles(monkeypatch, block_d_fwd, block_d_bwd, warps):
