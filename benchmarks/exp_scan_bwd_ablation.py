@@ -4,7 +4,8 @@ An experiment (not a benchmark of the library): each ablation is a copy of ``ssm
 with a text edit, imported as its own module. The ablated kernels compute WRONG gradients (racy stores, dropped
 terms); only their times mean something. The unedited copy is checked against the library first. Timed: the backward
 alone (``torch.autograd.grad`` with ``retain_graph``, so the forward is not in it) at B 8, L 2048, D 1536, N 16, bf16,
-with mamba_ssm's flags (D, z, delta_bias, softplus) and with every state-PEFT input (h0, h', y'). Also: registers and
+with mamba_ssm's flags (D, z, delta_bias, softplus) and with every state-PEFT input (h0, h', y'; run with
+SSMTUNE_STATE_OFFSET_GEMM=0 for the in-kernel dh' reduction that "no_dhoff_sum" removes). Also: registers and
 spills of each compiled backward, and a few launch configurations of the unedited kernel.
 
     python3 benchmarks/exp_scan_bwd_ablation.py --out $OUT/scan_bwd_ablation.json
@@ -59,7 +60,10 @@ ABLATIONS: dict[str, list[tuple[str, str]]] = {
     ],
     # no dh' reduction per state (State-offset (h) flags only)
     "no_dhoff_sum": [
-        ("        b_dhoff_acc = tl.where(m_sel, b_dhoff_acc + tl.sum(b_mu, axis=1)[:, None], b_dhoff_acc)\n", ""),
+        (
+            "            b_dhoff_acc = tl.where(m_sel, b_dhoff_acc + tl.sum(b_mu, axis=1)[:, None], b_dhoff_acc)\n",
+            "            b_dhoff_acc = b_dhoff_acc\n",
+        ),
     ],
 }  # fmt: skip
 

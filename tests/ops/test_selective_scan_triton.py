@@ -116,15 +116,15 @@ def test_selective_scan_triton(b, d, seqlen, n, dtype, flags, per_batch, softplu
     check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus)
 
 
-@pytest.mark.parametrize("gemm", [True, False], ids=["readout-gemm", "in-kernel"])
+@pytest.mark.parametrize("gemm", [True, False], ids=["dh-gemm", "dh-in-kernel"])
 @pytest.mark.parametrize("flags", [ALL, frozenset({"state_offset", "D"})], ids=["all", "offset-no-gate"])
-def test_state_offset_paths(monkeypatch, gemm, flags):
-    """With gradients, h''s read-out C_t h' is a GEMM outside the kernels (STATE_OFFSET_GEMM) or added per state
-    inside them; both against the reference, with and without the gate (dy itself is y_add's gradient then)."""
+def test_state_offset_gradient_paths(monkeypatch, gemm, flags):
+    """dh' as a batched GEMM of the stored gated dy with C (STATE_OFFSET_GEMM), or reduced inside the backward; both
+    against the reference, with and without the gate (dy itself is ĝ then)."""
     calls = []
-    readout = fused._state_offset_readout
+    bmm = torch.bmm
     monkeypatch.setattr(fused, "STATE_OFFSET_GEMM", gemm)
-    monkeypatch.setattr(fused, "_state_offset_readout", lambda *a: calls.append(1) or readout(*a))
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
     check_case(2, 5, 21, 4, torch.float32, flags, True, True)
     check_case(2, 5, 21, 4, torch.bfloat16, flags, False, True)
     assert len(calls) == (2 if gemm else 0)

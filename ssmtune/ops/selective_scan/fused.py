@@ -62,10 +62,9 @@ def _env_flag(name: str, default: str = "0") -> bool:
 # (docs/kernels-mamba1.md), so it waits for a measured fix.
 SEQUENTIAL_FORWARD = _env_flag("SSMTUNE_SEQUENTIAL_SCAN")
 
-# True: with gradients, the state offset's read-out C_t h' is one GEMM outside the kernels (an input added to y before
-# the gate) and so are its gradients; False: h' is added to the state inside the kernels per state and tile, and dh'
-# is one reduction per state in the backward (session 11's ablation: 0.14 of the backward's 1.79 ms at D 1536).
-# Inference calls always take the in-kernel path (no [B, D, L] tensor to write). SSMTUNE_STATE_OFFSET_GEMM=0 turns it off.
+# True: the backward stores the gated dy ĝ and dh' = Σ_t ĝ_t C_tᵀ is one batched GEMM after it; False: dh' is one
+# cross-lane reduction per state and tile inside the backward (session 11's ablation: 0.14 of its 1.79 ms at D 1536,
+# B 8, L 2048). SSMTUNE_STATE_OFFSET_GEMM=0 selects the in-kernel reduction.
 STATE_OFFSET_GEMM = _env_flag("SSMTUNE_STATE_OFFSET_GEMM", "1")
 
 
@@ -112,7 +111,7 @@ def _fwd_nloop_state(
 def _bwd_nloop_state(
     i_n, b_lB, b_lhA, b_dA_acc, b_dhoff_acc, b_dt, b_dtn, b_dtu, b_g, b_gr, b_Bn, b_Cn,
     A, h_off, h_start, dB, dC, p_bc, p_cin, p_cout, o_t, m_t, o_d, o_n, o_l, m_d, off_hoff,
-    L, N: tl.constexpr, BLOCK_L: tl.constexpr, USE_STATE_OFFSET: tl.constexpr,
+    L, N: tl.constexpr, BLOCK_L: tl.constexpr, USE_STATE_OFFSET: tl.constexpr, SUM_DHOFF: tl.constexpr,
 ):  # fmt: skip
     """State n of one backward tile: recompute h_n, run the adjoint λ_n, accumulate the local gradients."""
     m_sel = (o_n == i_n)[None, :]
@@ -140,7 +139,8 @@ def _bwd_nloop_state(
     b_dA_acc = tl.where(m_sel, b_dA_acc + tl.sum(b_term * b_dt, axis=1)[:, None], b_dA_acc)
     if USE_STATE_OFFSET:
         b_hs += tl.load(h_off + off_hoff + o_d * N + i_n, mask=m_d, other=0.0)[:, None]
-        b_dhoff_acc = tl.where(m_sel, b_dhoff_acc + tl.sum(b_mu, axis=1)[:, None], b_dhoff_acc)
+        if SUM_DHOFF:
+            b_dhoff_acc = tl.where(m_sel, b_dhoff_acc + tl.sum(b_mu, axis=1)[:, None], b_dhoff_acc)
     p_dbc = p_bc + i_n * L + o_t
     tl.atomic_add(dB + p_dbc, tl.sum(b_lams * b_dtu, axis=0), mask=m_t, sem="relaxed")
     tl.atomic_add(dC + p_dbc, tl.sum(b_hs * b_g, axis=0), mask=m_t, sem="relaxed")
@@ -160,7 +160,6 @@ def _bwd_nloop_state(
         "STORE_FINAL_STATE": lambda args: args["ht"] is not None,
         "STORE_CHECKPOINTS": lambda args: args["h_ckpt"] is not None,
         "STORE_Y_PRE": lambda args: args["y_pre"] is not None,
-        "HAS_Y_ADD": lambda args: args["y_add"] is not None,
     }
 )
 @triton.jit(do_not_specialize=["NT", "NTC"])
@@ -176,7 +175,6 @@ def selective_scan_fwd_nloop_kernel(
     h0,
     h_off,
     y_off,
-    y_add,
     y,
     y_pre,
     ht,
@@ -204,7 +202,6 @@ def selective_scan_fwd_nloop_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     STORE_CHECKPOINTS: tl.constexpr,
     STORE_Y_PRE: tl.constexpr,
-    HAS_Y_ADD: tl.constexpr,
 ):
     # A [BLOCK_D, BLOCK_L] time tile and a loop over the N states, one scan along time per state (mamba_ssm's order).
     # The carried states live in the scratch h_carry [B, D, 2, N]; checkpoints (for the backward) every CKPT_L steps.
@@ -274,8 +271,6 @@ def selective_scan_fwd_nloop_kernel(
             b_y += b_D[:, None] * b_u
         if USE_Y_OFFSET:
             b_y += b_yoff[:, None]
-        if HAS_Y_ADD:
-            b_y += tl.load(y_add + p_x + o_t[None, :], mask=m_x, other=0.0).to(tl.float32)
         if HAS_Z:
             if STORE_Y_PRE:
                 # the backward needs the pre-gate output for dz; saving it is cheaper than a second pass over N
@@ -299,7 +294,8 @@ def selective_scan_fwd_nloop_kernel(
         "USE_Y_OFFSET": lambda args: args["y_off"] is not None,
         "USE_FINAL_STATE_GRADIENT": lambda args: args["dht"] is not None,
         "STORE_INITIAL_STATE_GRADIENT": lambda args: args["dh0"] is not None,
-        "STORE_DY_ADD": lambda args: args["dy_add"] is not None,
+        "SUM_DHOFF": lambda args: args["dh_off"] is not None,
+        "STORE_G": lambda args: args["g_out"] is not None,
     }
 )
 @triton.jit(do_not_specialize=["NT"])
@@ -330,7 +326,7 @@ def selective_scan_bwd_nloop_kernel(
     dh0,
     dh_off,
     dy_off,
-    dy_add,
+    g_out,
     stride_hoff_b,
     stride_yoff_b,
     L,
@@ -348,7 +344,8 @@ def selective_scan_bwd_nloop_kernel(
     USE_Y_OFFSET: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr,
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
-    STORE_DY_ADD: tl.constexpr,
+    SUM_DHOFF: tl.constexpr,
+    STORE_G: tl.constexpr,
 ):
     # Backward of selective_scan_fwd_nloop_kernel: tiles in reverse, and per tile a loop over the N states that
     # recomputes h_n from the checkpoint and runs the adjoint λ_n as a reverse scan (formulas: docs/kernels-mamba1.md).
@@ -419,9 +416,9 @@ def selective_scan_bwd_nloop_kernel(
             b_dz = b_g * b_yp * b_sig * (1.0 + b_z * (1.0 - b_sig))
             tl.store(dz + p_x + o_t[None, :], b_dz.to(dz.dtype.element_ty), mask=m_x)
             b_g = b_g * b_z * b_sig
-            if STORE_DY_ADD:
-                # ∂L/∂y_add: the gated dy (without z the caller passes dy itself on)
-                tl.store(dy_add + p_x + o_t[None, :], b_g.to(dy_add.dtype.element_ty), mask=m_x)
+            if STORE_G:
+                # the gated dy, for dh' as a GEMM after the kernel (without z the caller uses dy itself)
+                tl.store(g_out + p_x + o_t[None, :], b_g.to(g_out.dtype.element_ty), mask=m_x)
         b_gr = tl.gather(b_g, tl.broadcast_to((BLOCK_L - 1 - o_l)[None, :], b_g.shape), axis=1)
         b_dtu = b_dt * b_u
         b_lB = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # Σ_n λ_n B_n
@@ -438,7 +435,7 @@ def selective_scan_bwd_nloop_kernel(
             b_lB, b_lhA, b_dA_acc, b_dhoff_acc = _bwd_nloop_state(
                 i_n, b_lB, b_lhA, b_dA_acc, b_dhoff_acc, b_dt, b_dtn, b_dtu, b_g, b_gr, b_Bn, b_Cn,
                 A, h_off, h_ckpt + p_ck_t, dB, dC, p_bc, p_cin, p_cout, o_t, m_t, o_d, o_n, o_l, m_d,
-                i_b * stride_hoff_b, L, N, BLOCK_L, USE_STATE_OFFSET,
+                i_b * stride_hoff_b, L, N, BLOCK_L, USE_STATE_OFFSET, SUM_DHOFF,
             )  # fmt: skip
         b_ddt = b_u * b_lB + b_lhA
         b_du = b_dt * b_lB
@@ -470,7 +467,7 @@ def selective_scan_bwd_nloop_kernel(
             b_dt0 = _softplus(b_dt0)
         b_dt0 = tl.where(m_d0, b_dt0, 0.0)
         tl.store(dh0 + i_b * DIM * N + o_dn, tl.exp2(b_dt0 * b_A2) * b_lam, mask=m_dn)
-    if USE_STATE_OFFSET:
+    if SUM_DHOFF:
         tl.store(dh_off + i_b * DIM * N + o_dn, b_dhoff_acc, mask=m_dn)
     if HAS_D:
         tl.store(dD + i_b * DIM + o_d, tl.sum(b_dD_acc, axis=1), mask=m_d)
@@ -606,11 +603,9 @@ def selective_scan_fwd(
     output_final_state: bool,
     store_checkpoints: bool,
     cfg: dict[str, int] | None = None,
-    y_add: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the forward kernel. Returns y [B, D, L], h_L [B, D, N] (fp32) or None, checkpoints [B, D, NT, N] or
-    None, and the pre-gate output [B, D, L] (with z and checkpoints only) or None. ``y_add`` [B, D, L] (contiguous) is
-    added to the output before the gate."""
+    None, and the pre-gate output [B, D, L] (with z and checkpoints only) or None."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     cfg = cfg or _config(dim, dstate, seqlen, training=store_checkpoints)
@@ -629,8 +624,8 @@ def selective_scan_fwd(
     y_pre = torch.empty_like(u) if (z is not None and store_checkpoints) else None
     h_carry = torch.empty(batch, dim, 2, dstate, **f32)  # the carried state, double-buffered by tile parity
     selective_scan_fwd_nloop_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, y_add, y, y_pre, ht, h_ckpt,
-        h_carry, *strides, seqlen, nt, ntc, CKPT_L=cfg["BLOCK_L_BWD"], **common,
+        u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, y, y_pre, ht, h_ckpt, h_carry,
+        *strides, seqlen, nt, ntc, CKPT_L=cfg["BLOCK_L_BWD"], **common,
     )  # fmt: skip
     return y, ht, h_ckpt, y_pre
 
@@ -653,11 +648,9 @@ def selective_scan_bwd(
     h_ckpt: torch.Tensor,
     y_pre: torch.Tensor | None = None,
     cfg: dict[str, int] | None = None,
-    y_add: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Launch the backward kernel and reduce the per-row gradients of shared parameters over the batch.
-    ``cfg`` must be the forward's configuration (its checkpoints and saved tensors depend on it). ``y_add``: the
-    forward's (only its dtype is read); its gradient comes last in the returned tuple."""
+    ``cfg`` must be the forward's configuration (its checkpoints and saved tensors depend on it)."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     cfg = cfg or _config(dim, dstate, seqlen)
@@ -670,14 +663,11 @@ def selective_scan_bwd(
     dD = torch.empty(batch, dim, **f32) if D is not None else None
     ddelta_bias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
     dh0 = torch.empty(batch, dim, dstate, **f32) if initial_state is not None else None
-    dh_off = torch.empty(batch, dim, dstate, **f32) if state_offset is not None else None
+    # dh': reduced inside the kernel, or (STATE_OFFSET_GEMM) a batched GEMM of the gated dy with C after it
+    dh_gemm = state_offset is not None and STATE_OFFSET_GEMM
+    dh_off = torch.empty(batch, dim, dstate, **f32) if state_offset is not None and not dh_gemm else None
+    g_out = torch.empty_like(u) if dh_gemm and z is not None else None
     dy_off = torch.empty(batch, dim, **f32) if y_offset is not None else None
-    # ∂L/∂y_add is the gated dy: written by the kernel with z, dy itself without
-    dy_add = (
-        torch.empty(batch, dim, seqlen, device=u.device, dtype=y_add.dtype)
-        if y_add is not None and z is not None
-        else None
-    )
     grid = (triton.cdiv(dim, cfg["BLOCK_D_BWD"]), batch)
     common = {
         "DIM": dim, "N": dstate, "DELTA_SOFTPLUS": delta_softplus,
@@ -690,9 +680,14 @@ def selective_scan_bwd(
     lam_carry = torch.empty(batch, dim, 2, dstate, **f32)  # the carried adjoint, as h_carry in the forward
     selective_scan_bwd_nloop_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, state_offset, y_offset, h_ckpt, y_pre, dy, dht, lam_carry,
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dh_off, dy_off, dy_add,
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dh_off, dy_off, g_out,
         _batch_stride(state_offset, 3), _batch_stride(y_offset, 2), seqlen, nt, **common,
     )  # fmt: skip
+
+    if dh_gemm:
+        # [B, D, L] @ [B, L, N]: fp32 accumulation, rounded to the activations' dtype as a Linear's weight gradient
+        g = g_out if g_out is not None else dy
+        dh_off = torch.bmm(g, C.to(g.dtype).transpose(1, 2)).float()
 
     def _reduce(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
         # shared parameters get the sum over the batch
@@ -712,7 +707,6 @@ def selective_scan_bwd(
         _reduce(dh0, initial_state),
         _reduce(dh_off, state_offset),
         _reduce(dy_off, y_offset),
-        None if y_add is None else (dy_add if dy_add is not None else dy.to(y_add.dtype)),
     )
 
 
@@ -720,27 +714,18 @@ def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous() if t is not None else None
 
 
-def _state_offset_readout(state_offset: torch.Tensor, C: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """C_t h' for every channel and step: [D, N] or [B, D, N] @ [B, N, L] -> [B, D, L] contiguous, in the activations'
-    dtype (fp32 accumulation), as a Linear under autocast computes; autograd gives dh' and C's term."""
-    with torch.autocast(C.device.type, enabled=False):
-        return torch.matmul(state_offset.to(dtype), C.to(dtype))
-
-
 class SelectiveScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
-        return_final_state, y_add,
+        return_final_state,
     ):  # fmt: skip
         # the backward must use the forward's configuration even if CONFIG_OVERRIDE changes in between
         ctx.cfg = _config(u.shape[1], A.shape[1], u.shape[2])
         y, ht, h_ckpt, y_pre = selective_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
-            output_final_state=return_final_state, store_checkpoints=True, cfg=ctx.cfg, y_add=y_add,
+            output_final_state=return_final_state, store_checkpoints=True, cfg=ctx.cfg,
         )  # fmt: skip
-        # y_add itself is not needed backward (y_pre holds it): its dtype is
-        ctx.y_add_dtype = None if y_add is None else y_add.dtype
         ctx.save_for_backward(
             u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, h_ckpt, y_pre
         )  # fmt: skip
@@ -753,13 +738,12 @@ class SelectiveScanFunction(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, h_ckpt, y_pre = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
-        y_add = None if ctx.y_add_dtype is None else torch.empty(0, dtype=ctx.y_add_dtype)
         grads = selective_scan_bwd(
             layout.contiguous_rows(dy), _contig(dht), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
-            initial_state, state_offset, y_offset, h_ckpt, y_pre, cfg=ctx.cfg, y_add=y_add,
+            initial_state, state_offset, y_offset, h_ckpt, y_pre, cfg=ctx.cfg,
         )  # fmt: skip
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dh_off, dy_off, dy_add = grads
-        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dh0, dh_off, dy_off, None, dy_add
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dh_off, dy_off = grads
+        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dh0, dh_off, dy_off, None
 
 
 @torch.compiler.disable
@@ -814,15 +798,9 @@ def selective_scan_triton(
         _contig, (A, D, delta_bias, initial_state, state_offset, y_offset)
     )
     if needs_grad:
-        y_add = None
-        if state_offset is not None and STATE_OFFSET_GEMM:
-            # y_t = C_t (h_t + h') = C_t h_t + C_t h': the second term leaves the recurrence for a GEMM, and so do
-            # its gradients (dh' = Σ_t ĝ_t C_tᵀ, the dC term), which inside the backward cost one reduction per state
-            y_add = _state_offset_readout(state_offset, C, u.dtype)
-            state_offset = None
         return SelectiveScanFunction.apply(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
-            return_final_state, y_add,
+            return_final_state,
         )  # fmt: skip
     y, ht, _, _ = selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
