@@ -678,16 +678,20 @@ def selective_scan_bwd(
     dB = torch.zeros(batch, dstate, seqlen, **f32)
     dC = torch.zeros(batch, dstate, seqlen, **f32)
     lam_carry = torch.empty(batch, dim, 2, dstate, **f32)  # the carried adjoint, as h_carry in the forward
+    # with dh' as a GEMM, h' does not enter the kernel at all (its dC term is a GEMM too)
+    h_off_k = None if dh_gemm else state_offset
     selective_scan_bwd_nloop_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, state_offset, y_offset, h_ckpt, y_pre, dy, dht, lam_carry,
+        u, delta, A, B, C, D, z, delta_bias, h_off_k, y_offset, h_ckpt, y_pre, dy, dht, lam_carry,
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dh_off, dy_off, g_out,
-        _batch_stride(state_offset, 3), _batch_stride(y_offset, 2), seqlen, nt, **common,
+        _batch_stride(h_off_k, 3), _batch_stride(y_offset, 2), seqlen, nt, **common,
     )  # fmt: skip
 
     if dh_gemm:
-        # [B, D, L] @ [B, L, N]: fp32 accumulation, rounded to the activations' dtype as a Linear's weight gradient
+        # y_t = C_t (h_t + h'): h''s terms of the gradients, dh' = Σ_t ĝ_t C_tᵀ ([B, D, L] @ [B, L, N]) and
+        # dC_t += h'ᵀ ĝ_t ([N, D] @ [B, D, L]); fp32 accumulation, rounded to the activations' dtype as a Linear's
         g = g_out if g_out is not None else dy
         dh_off = torch.bmm(g, C.to(g.dtype).transpose(1, 2)).float()
+        dC += torch.matmul(state_offset.to(g.dtype).transpose(-1, -2), g)
 
     def _reduce(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
         # shared parameters get the sum over the batch
