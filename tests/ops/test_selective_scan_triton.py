@@ -124,10 +124,20 @@ def test_state_offset_gradient_paths(monkeypatch, gemm, flags):
     calls = []
     bmm = torch.bmm
     monkeypatch.setattr(fused, "STATE_OFFSET_GEMM", gemm)
+    monkeypatch.setattr(fused.layout, "SMALL_NUMEL", 0)  # the GEMM is for large eager calls: make these large
     monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
     check_case(2, 5, 21, 4, torch.float32, flags, True, True)
     check_case(2, 5, 21, 4, torch.bfloat16, flags, False, True)
     assert len(calls) == (2 if gemm else 0)
+
+
+def test_state_offset_small_eager_calls_keep_the_in_kernel_reduction(monkeypatch):
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(fused, "STATE_OFFSET_GEMM", True)
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
+    check_case(2, 5, 9, 4, torch.float32, ALL, False, True)
+    assert not calls
 
 
 @pytest.mark.parametrize(("block_d_fwd", "block_d_bwd", "warps"), [(1, 1, 1), (2, 4, 1), (4, 2, 2)],
