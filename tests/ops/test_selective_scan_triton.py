@@ -354,9 +354,10 @@ def test_time_major_views_take_the_tiled_transpose(monkeypatch, dtype):
     b, d, seqlen, n = 2, 5, 37, 3
     ins = make_inputs(b, d, seqlen, n, dtype, ALL, True, True)
     gy = torch.randn(b, seqlen, d, device=DEVICE).transpose(1, 2)  # time-major dy
+    # the kernel at this test's size (set for the reference run too: it also picks how dh' is computed)
+    monkeypatch.setattr(fused.layout, "SMALL_NUMEL", 0)
     ref = run(fused.selective_scan_triton, ins, gy.contiguous(), None, True)
 
-    monkeypatch.setattr(fused.layout, "SMALL_NUMEL", 0)  # the kernel at this test's size
     calls = []
     transpose = fused.layout.transpose_last2
     monkeypatch.setattr(fused.layout, "transpose_last2", lambda x: calls.append(tuple(x.shape)) or transpose(x))
