@@ -214,7 +214,8 @@ class SSMForCausalLM(SSMPreTrainedModel):
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         loss = None
         if labels is not None:
-            backend = self.backend if self.backend != "mixed" else "auto"
+            backend = self.backend  # the mixers' (one walk over them); "mixed" leaves the loss to "auto"
+            backend = "auto" if backend == "mixed" else backend
             if hook_labels is not None and hook_labels.shape[1] == logits.shape[1]:
                 loss = causal_lm_loss(logits, hook_labels, backend=backend)
             else:

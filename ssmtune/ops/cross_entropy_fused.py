@@ -5,8 +5,9 @@ kernel: the torch path casts the [tokens, vocab] logits to fp32, saves the fp32 
 the fp32 gradient back, some 25 GB of traffic and 6.6 GB of fp32 tensors for a 50k vocabulary at 8 × 2048 (the
 softmax kernels alone took 6.4 of the Mamba-1-130m training step's 94 ms of GPU time, session 10's profile).
 
-Forward: one program per row walks the vocabulary in BLOCK_V chunks with a running max and sum (online logsumexp), reads the label's logit once and stores the row's loss and logsumexp (fp32). Backward: one program per row
-writes (softmax − one-hot) · scale, where scale is the incoming gradient (divided by the number of counted rows for the
+Forward: one program per row walks the vocabulary in BLOCK_V chunks with a running max and sum (online logsumexp),
+reads the label's logit once and stores the row's loss and logsumexp (fp32). Backward: one program per row writes
+(softmax − one-hot) · scale, where scale is the incoming gradient (divided by the number of counted rows for the
 mean). Rows labelled ``ignore_index`` get loss 0 and gradient 0; a label outside [0, vocab) gives a NaN loss for its row
 (no host synchronisation to check it, so the step stays CUDA-graph safe; the trainers stop on a non-finite loss).
 """

@@ -10,7 +10,9 @@ tile, and C_t (h_t + h') is added to y. The carried states go through a small fp
 by tile parity, one barrier per tile). With gradients, the forward stores the state every BLOCK_L_BWD steps (the
 backward's tile, shorter than the forward's); the backward walks its tiles in reverse, recomputes h_n inside a tile from
 that checkpoint and runs the adjoint recurrence λ_t = Ā_{t+1} λ_{t+1} + ĝ_t C_t per state as a forward scan over inputs
-loaded in reversed time order, then one ``tl.gather`` puts λ back in time order.
+loaded in reversed time order, then one ``tl.gather`` puts λ back in time order. With State-offset (h) on large inputs
+(``STATE_OFFSET_GEMM``) h' stays out of the backward kernel: it stores the gated dy ĝ, and dh' = Σ_t ĝ_t C_tᵀ and C's
+term h'ᵀ ĝ_t are batched GEMMs after it.
 
 Time loops are ``while`` loops with a runtime bound, which the CPU interpreter (``TRITON_INTERPRET=1``) accepts, unlike
 ``range`` over a runtime bound (triton 3.6). L is specialised on divisibility by 16 (vectorised loads): two compiled
