@@ -273,15 +273,18 @@ def causal_lm_for(config: SSMConfig, *, init: bool = True) -> SSMForCausalLM:
     return cls(config, init=init)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """HF-style: position t predicts label t+1; -100 is ignored; mean over the counted tokens, in fp32.
-
-    ``ops.cross_entropy``: on CUDA a Triton kernel that reads the logits in their dtype (no fp32 copy).
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, backend: str = "auto", reduction: str = "mean"
+) -> torch.Tensor:
+    """HF-style: position t predicts label t+1; -100 is ignored; mean (or ``reduction``) over the counted tokens, in
+    fp32. ``ops.cross_entropy``: on CUDA a Triton kernel that reads the logits in their dtype (no fp32 copy).
     """
     # The labels are shifted, not the logits: a [B, L-1, V] slice of the logits would be copied forward and
     # zero-padded backward (6.6 GB each way in fp32 for a 50k vocabulary at 8 x 2048). The last position gets -100.
     shift_labels = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100)
-    return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), backend=backend)
+    return ops.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), reduction=reduction, backend=backend
+    )
 
 
 def last_token_index(attention_mask: torch.Tensor | None, batch: int, seqlen: int, device) -> torch.Tensor:

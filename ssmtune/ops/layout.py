@@ -55,10 +55,14 @@ def is_time_major_view(t: torch.Tensor) -> bool:
     return t.dim() == 3 and not t.is_contiguous() and t.stride(1) == 1 and t.shape[2] > 1
 
 
-def _use_kernel(t: torch.Tensor) -> bool:
-    if not is_time_major_view(t):
-        return False
+def large_or_captured(t: torch.Tensor) -> bool:
+    """Whether an extra kernel launch on ``t`` pays: at least ``SMALL_NUMEL`` elements, or any size under graph
+    capture. The scan's other launch-count choices (dh' as GEMMs) follow the same rule."""
     return t.numel() >= SMALL_NUMEL or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _use_kernel(t: torch.Tensor) -> bool:
+    return is_time_major_view(t) and large_or_captured(t)
 
 
 class _ChannelMajor(torch.autograd.Function):

@@ -31,10 +31,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ssmtune import ops
+from ssmtune.models.lm import causal_lm_loss
 from ssmtune.train import distributed as D
 from ssmtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from ssmtune.train.graphs import GraphedTrainStep
@@ -246,11 +245,8 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The summed cross-entropy of :func:`token_loss` alone: no host synchronisation (CUDA-graph safe)."""
-    # labels shifted left (the last position gets IGNORE_INDEX) rather than logits sliced: no [B, L-1, V] copy;
-    # ops.cross_entropy reads bf16 logits as they are and computes in fp32 (a Triton kernel on CUDA)
-    shift_labels = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX)
-    return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+    # the models' own loss (labels shifted, not logits sliced; fp32 from the logits' dtype), summed
+    return causal_lm_loss(logits, labels, reduction="sum")
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -583,14 +583,6 @@ def _config(dim: int, dstate: int, seqlen: int = 1 << 30, training: bool = True)
     return cfg
 
 
-def _dh_offset_as_gemm(u: torch.Tensor) -> bool:
-    # as layout's transposes: below SMALL_NUMEL an eager step is launch-bound and the two GEMMs' launches cost more than
-    # the reduction they replace; at replay of a captured graph launches are free
-    if not STATE_OFFSET_GEMM:
-        return False
-    return u.numel() >= layout.SMALL_NUMEL or (u.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def _batch_stride(t: torch.Tensor | None, ndim: int) -> int:
     """Batch stride of an optional tensor that is either shared (``ndim - 1`` dims, stride 0) or per batch row."""
     if t is None or t.dim() == ndim - 1:
@@ -675,7 +667,8 @@ def selective_scan_bwd(
     ddelta_bias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
     dh0 = torch.empty(batch, dim, dstate, **f32) if initial_state is not None else None
     # dh': reduced inside the kernel, or (STATE_OFFSET_GEMM) a batched GEMM of the gated dy with C after it
-    dh_gemm = state_offset is not None and _dh_offset_as_gemm(u)
+    # small eager calls are launch-bound: there the two GEMMs' launches cost more than the reduction they replace
+    dh_gemm = state_offset is not None and STATE_OFFSET_GEMM and layout.large_or_captured(u)
     dh_off = torch.empty(batch, dim, dstate, **f32) if state_offset is not None and not dh_gemm else None
     g_out = torch.empty_like(u) if dh_gemm and z is not None else None
     dy_off = torch.empty(batch, dim, **f32) if y_offset is not None else None
