@@ -41,8 +41,10 @@ def build_optimizer(
     groups = param_groups(model.named_parameters(), weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters (did the adapter attach anything?)")
-    # foreach=False keeps the update order fixed, so a resumed run is bit-identical to an uninterrupted one.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
+    # torch's default implementation: the multi-tensor (foreach) kernels on CUDA, a few launches per step instead of
+    # about ten per parameter (LoRA on a 24-layer model trains 192 tensors), the per-tensor loop on the CPU. Both are
+    # deterministic, so a resumed run is still bit-identical to an uninterrupted one (tests/train/test_loop.py).
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def linear_schedule(
