@@ -147,6 +147,17 @@ def test_state_offset_gradient_paths_agree_to_fp32_rounding(monkeypatch, flags):
     assert_close("dC", out[False]["dC"], out[True]["dC"], RATIO[torch.bfloat16])
 
 
+@pytest.mark.skipif("SSMTUNE_STATE_OFFSET_GEMM" in os.environ, reason="the environment chose the path")
+def test_state_offset_default_is_the_in_kernel_reduction(monkeypatch):
+    """fp32 GEMMs for dh' measured slower than the reduction (session 12): large calls keep it too by default."""
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(fused.layout, "SMALL_NUMEL", 0)
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
+    check_case(2, 5, 9, 4, torch.float32, ALL, False, True)
+    assert not fused.STATE_OFFSET_GEMM and not calls
+
+
 def test_state_offset_small_eager_calls_keep_the_in_kernel_reduction(monkeypatch):
     calls = []
     bmm = torch.bmm

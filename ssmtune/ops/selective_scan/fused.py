@@ -10,9 +10,9 @@ tile, and C_t (h_t + h') is added to y. The carried states go through a small fp
 by tile parity, one barrier per tile). With gradients, the forward stores the state every BLOCK_L_BWD steps (the
 backward's tile, shorter than the forward's); the backward walks its tiles in reverse, recomputes h_n inside a tile from
 that checkpoint and runs the adjoint recurrence λ_t = Ā_{t+1} λ_{t+1} + ĝ_t C_t per state as a forward scan over inputs
-loaded in reversed time order, then one ``tl.gather`` puts λ back in time order. With State-offset (h) on large inputs
-(``STATE_OFFSET_GEMM``) h' stays out of the backward kernel: it stores the gated dy ĝ, and dh' = Σ_t ĝ_t C_tᵀ and C's
-term h'ᵀ ĝ_t are batched GEMMs after it.
+loaded in reversed time order, then one ``tl.gather`` puts λ back in time order. State-offset (h)'s gradient dh' is one
+cross-lane reduction per state and tile; opt-in (``STATE_OFFSET_GEMM``), h' stays out of the backward kernel on large
+inputs: it stores the gated dy ĝ in fp32, and dh' = Σ_t ĝ_t C_tᵀ and C's term h'ᵀ ĝ_t are batched GEMMs after it.
 
 Time loops are ``while`` loops with a runtime bound, which the CPU interpreter (``TRITON_INTERPRET=1``) accepts, unlike
 ``range`` over a runtime bound (triton 3.6). L is specialised on divisibility by 16 (vectorised loads): two compiled
@@ -64,11 +64,12 @@ def _env_flag(name: str, default: str = "0") -> bool:
 # (docs/kernels-mamba1.md), so it waits for a measured fix.
 SEQUENTIAL_FORWARD = _env_flag("SSMTUNE_SEQUENTIAL_SCAN")
 
-# True: the backward stores the gated dy ĝ and dh' = Σ_t ĝ_t C_tᵀ is one batched GEMM after it; False: dh' is one
-# cross-lane reduction per state and tile inside the backward (session 11's ablation: 0.14 of its 1.79 ms at D 1536,
-# B 8, L 2048). Eager calls below layout.SMALL_NUMEL elements keep the reduction (launch-bound: two GEMMs cost more
-# launches). SSMTUNE_STATE_OFFSET_GEMM=0 selects the in-kernel reduction everywhere.
-STATE_OFFSET_GEMM = _env_flag("SSMTUNE_STATE_OFFSET_GEMM", "1")
+# False (default): dh' is one cross-lane reduction per state and tile inside the backward. True
+# (SSMTUNE_STATE_OFFSET_GEMM=1): the backward stores the gated dy ĝ in fp32 and dh' = Σ_t ĝ_t C_tᵀ is one batched GEMM
+# after it, on calls of at least layout.SMALL_NUMEL elements or under graph capture. With bf16 GEMMs that path was
+# faster (session 11) but dh' lost precision; in fp32 it is slower than the reduction (session 12, H200, D 1536, B 8,
+# L 2048, all flags: backward 1.917 against 1.801 ms; docs/kernels-mamba1.md), so it is off.
+STATE_OFFSET_GEMM = _env_flag("SSMTUNE_STATE_OFFSET_GEMM", "0")
 
 
 @triton.jit
