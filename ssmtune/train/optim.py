@@ -43,7 +43,8 @@ def build_optimizer(
         raise ValueError("the model has no trainable parameters (did the adapter attach anything?)")
     # torch's default implementation: the multi-tensor (foreach) kernels on CUDA, a few launches per step instead of
     # about ten per parameter (LoRA on a 24-layer model trains 192 tensors), the per-tensor loop on the CPU. Both are
-    # deterministic, so a resumed run is still bit-identical to an uninterrupted one (tests/train/test_loop.py).
+    # deterministic, so a resumed run is still bit-identical to an uninterrupted one (tests/train/test_loop.py checks
+    # it on the CPU; the graphed fit tests ran the foreach path on the GPU).
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
