@@ -14,7 +14,6 @@ spills of each compiled backward, and a few launch configurations of the unedite
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -26,8 +25,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan_inference import compiled_kernels
 from bench_selective_scan import VARIANTS, make_inputs
-
-SRC = Path(__file__).resolve().parents[1] / "ssmtune/ops/selective_scan/fused.py"
+from exp_scan_variants import SRC, load
 
 # name -> [(old, new), ...] applied to fused.py's text; each old must occur
 ABLATIONS: dict[str, list[tuple[str, str]]] = {
@@ -85,10 +83,7 @@ def load_variant(name: str, edits: list[tuple[str, str]], tmp: Path):
         text = text.replace(old, new)
     path = tmp / f"ablate_{name}.py"
     path.write_text(text)
-    spec = importlib.util.spec_from_file_location(f"ablate_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load(f"ablate_{name}", path)
 
 
 def time_bwd(mod, ins: dict) -> float:

@@ -31,7 +31,8 @@ SRC = Path(__file__).resolve().parents[1] / "ssmtune/ops/selective_scan/fused.py
 
 
 def load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(f"scan_variant_{name}", path)
+    """Import the file at ``path`` as its own module ``name`` (a copy of fused.py with its own kernels and caches)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -60,13 +61,13 @@ def main() -> None:
     ap.add_argument("--inkernel", action="store_true", help="also the library's file with STATE_OFFSET_GEMM off")
     ap.add_argument("--out", default="scan_variants.json")
     args = ap.parse_args()
-    mods = {"current": load("current", SRC)}
+    mods = {"current": load("scan_variant_current", SRC)}
     if args.inkernel:
-        mods["inkernel"] = load("inkernel", SRC)
+        mods["inkernel"] = load("scan_variant_inkernel", SRC)
         mods["inkernel"].STATE_OFFSET_GEMM = False
     for spec in args.variant:
         name, path = spec.split("=", 1)
-        mods[name] = load(name, Path(path))
+        mods[name] = load(f"scan_variant_{name}", Path(path))
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": {}, "rows": []}
     for name, mod in list(mods.items()):
         if args.no_check:
