@@ -4,8 +4,8 @@ An experiment (not a benchmark of the library): each ablation is a copy of ``ssm
 with a text edit, imported as its own module. The ablated kernels compute WRONG gradients (racy stores, dropped
 terms); only their times mean something. The unedited copy is checked against the library first. Timed: the backward
 alone (``torch.autograd.grad`` with ``retain_graph``, so the forward is not in it) at B 8, L 2048, D 1536, N 16, bf16,
-with mamba_ssm's flags (D, z, delta_bias, softplus) and with every state-PEFT input (h0, h', y'; run with
-SSMTUNE_STATE_OFFSET_GEMM=0 for the in-kernel dh' reduction that "no_dhoff_sum" removes). Also: registers and
+with mamba_ssm's flags (D, z, delta_bias, softplus) and with every state-PEFT input (h0, h', y'; h''s terms are the
+separate ``state_offset_grad_kernel``, included in the time since session 13). Also: registers and
 spills of each compiled backward, and a few launch configurations of the unedited kernel.
 
     python3 benchmarks/exp_scan_bwd_ablation.py --out $OUT/scan_bwd_ablation.json
@@ -55,13 +55,6 @@ ABLATIONS: dict[str, list[tuple[str, str]]] = {
     # no dA reduction per state
     "no_dA": [
         ("    b_dA_acc = tl.where(m_sel, b_dA_acc + tl.sum(b_term * b_dt, axis=1)[:, None], b_dA_acc)\n", ""),
-    ],
-    # no dh' reduction per state (State-offset (h) flags only)
-    "no_dhoff_sum": [
-        (
-            "            b_dhoff_acc = tl.where(m_sel, b_dhoff_acc + tl.sum(b_mu, axis=1)[:, None], b_dhoff_acc)\n",
-            "            b_dhoff_acc = b_dhoff_acc\n",
-        ),
     ],
 }  # fmt: skip
 
@@ -114,8 +107,6 @@ def main() -> None:
         for flags_name in ("peer", "all"):
             ins = make_inputs(8, d, 2048, 16, torch.bfloat16, VARIANTS[flags_name], grad=True)
             for name, edits in ABLATIONS.items():
-                if name == "no_dhoff_sum" and flags_name != "all":
-                    continue
                 mod = base if name == "base" else load_variant(name, edits, tmp)
                 ms = time_bwd(mod, ins)
                 regs = [k.get("n_regs") for k in compiled_kernels(mod.selective_scan_bwd_nloop_kernel)]

@@ -9,7 +9,9 @@ Registers of every compiled kernel are reported.
 
     python3 benchmarks/exp_scan_variants.py --variant s11=exp_variants/fused_s11.py --out $OUT/scan_variants.json
 
-``--inkernel`` adds the library's file with ``STATE_OFFSET_GEMM`` off (dh' reduced inside the backward).
+``--dh-config JSON`` (repeatable) times the separate dh' kernel (``state_offset_grad``) alone with
+``STATE_OFFSET_GRAD_CONFIG`` updated by JSON (``'{}'``: the default launch): ms and GB/s of the bytes it must move
+(dy, z, C read; dC read and written).
 """
 
 from __future__ import annotations
@@ -58,13 +60,10 @@ def main() -> None:
     ap.add_argument("--dims", type=int, nargs="+", default=[1536])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-check", action="store_true", help="skip the reference check (saves the fp32 compiles)")
-    ap.add_argument("--inkernel", action="store_true", help="also the library's file with STATE_OFFSET_GEMM off")
+    ap.add_argument("--dh-config", action="append", default=[], help="JSON update of STATE_OFFSET_GRAD_CONFIG")
     ap.add_argument("--out", default="scan_variants.json")
     args = ap.parse_args()
     mods = {"current": load("scan_variant_current", SRC)}
-    if args.inkernel:
-        mods["inkernel"] = load("scan_variant_inkernel", SRC)
-        mods["inkernel"].STATE_OFFSET_GEMM = False
     for spec in args.variant:
         name, path = spec.split("=", 1)
         mods[name] = load(f"scan_variant_{name}", Path(path))
@@ -90,6 +89,21 @@ def main() -> None:
                     report["rows"].append(row)
                     print(f"D {d} {flags:4s} {name:10s} r{rnd} fwd {row['fwd_ms']:.3f} bwd {row['bwd_ms']:.3f} "
                           f"f+b {row['fwd_bwd_ms']:.3f}", flush=True)  # fmt: skip
+    mod = mods["current"]
+    for d in args.dims if args.dh_config else ():
+        ins = make_inputs(8, d, 2048, 16, torch.bfloat16, VARIANTS["all"], grad=False)
+        dy, z, C, h = ins["u"], ins["z"], ins["C"], ins["state_offset"]
+        dC = torch.zeros(C.shape, device=C.device)
+        nbytes = 2 * dy.numel() * dy.element_size() + C.numel() * C.element_size() + 2 * dC.numel() * 4
+        default = dict(mod.STATE_OFFSET_GRAD_CONFIG)
+        for spec in args.dh_config:
+            mod.STATE_OFFSET_GRAD_CONFIG.update(json.loads(spec))
+            cfg = dict(mod.STATE_OFFSET_GRAD_CONFIG)
+            ms = do_bench(lambda: mod.state_offset_grad(dy, z, C, h, dC), return_mode="median")  # noqa: B023
+            report["rows"].append({"D": d, "flags": "dh_kernel", "config": cfg, "ms": ms, "GBps": nbytes / ms / 1e6})
+            print(f"D {d} dh' kernel {cfg}: {ms:.4f} ms, {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+            mod.STATE_OFFSET_GRAD_CONFIG.clear()
+            mod.STATE_OFFSET_GRAD_CONFIG.update(default)
     for name, mod in mods.items():
         report[f"regs_{name}"] = {
             k: [c["n_regs"] for c in compiled_kernels(getattr(mod, k))]
@@ -100,7 +114,7 @@ def main() -> None:
     for d in args.dims:
         for flags in ("peer", "all"):
             for name in mods:
-                rs = [r for r in report["rows"] if (r["D"], r["flags"], r["variant"]) == (d, flags, name)]
+                rs = [r for r in report["rows"] if (r["D"], r["flags"], r.get("variant")) == (d, flags, name)]
                 best = {k: min(r[k] for r in rs) for k in ("fwd_ms", "bwd_ms", "fwd_bwd_ms")}
                 print(f"| {d} | {flags} | {name} | {best['fwd_ms']:.3f} | {best['bwd_ms']:.3f} | "
                       f"{best['fwd_bwd_ms']:.3f} | |")  # fmt: skip

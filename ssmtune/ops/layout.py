@@ -57,7 +57,7 @@ def is_time_major_view(t: torch.Tensor) -> bool:
 
 def large_or_captured(t: torch.Tensor) -> bool:
     """Whether an extra kernel launch on ``t`` pays: at least ``SMALL_NUMEL`` elements, or any size under graph
-    capture. The scan's other launch-count choices (dh' as GEMMs) follow the same rule."""
+    capture."""
     return t.numel() >= SMALL_NUMEL or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 

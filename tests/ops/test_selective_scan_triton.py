@@ -116,55 +116,32 @@ def test_selective_scan_triton(b, d, seqlen, n, dtype, flags, per_batch, softplu
     check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus)
 
 
-@pytest.mark.parametrize("gemm", [True, False], ids=["dh-gemm", "dh-in-kernel"])
-@pytest.mark.parametrize("flags", [ALL, frozenset({"state_offset", "D"})], ids=["all", "offset-no-gate"])
-def test_state_offset_gradient_paths(monkeypatch, gemm, flags):
-    """dh' as a batched GEMM of the stored gated dy with C (STATE_OFFSET_GEMM), or reduced inside the backward; both
-    against the reference, with and without the gate (dy itself is ĝ then)."""
-    calls = []
-    bmm = torch.bmm
-    monkeypatch.setattr(fused, "STATE_OFFSET_GEMM", gemm)
-    monkeypatch.setattr(fused.layout, "SMALL_NUMEL", 0)  # the GEMM is for large eager calls: make these large
-    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
-    check_case(2, 5, 21, 4, torch.float32, flags, True, True)
-    check_case(2, 5, 21, 4, torch.bfloat16, flags, False, True)
-    assert len(calls) == (2 if gemm else 0)
-
-
-@pytest.mark.parametrize("flags", [ALL, frozenset({"state_offset", "D"})], ids=["all", "offset-no-gate"])
-def test_state_offset_gradient_paths_agree_to_fp32_rounding(monkeypatch, flags):
-    """The GEMM path (large or graph-captured calls) and the in-kernel sum (small eager calls) give the same dh' on
-    bf16 activations up to fp32 rounding: a graphed step and an eager one must train the adapter alike. Session 11's
-    GEMM on a bf16 ĝ with a bf16 output missed this by about 1e-2 and failed the graphed-step GPU tests."""
-    monkeypatch.setattr(fused.layout, "SMALL_NUMEL", 0)
-    ins = make_inputs(2, 5, 300, 4, torch.bfloat16, flags, False)
-    gy = torch.randn(2, 5, 300, device=DEVICE)
-    out = {}
-    for gemm in (True, False):
-        monkeypatch.setattr(fused, "STATE_OFFSET_GEMM", gemm)
-        out[gemm] = run(fused.selective_scan_triton, ins, gy, None, True)
-    assert_close("dstate_offset", out[False]["dstate_offset"], out[True]["dstate_offset"], 1e-5)
-    assert_close("dC", out[False]["dC"], out[True]["dC"], RATIO[torch.bfloat16])
-
-
-@pytest.mark.skipif("SSMTUNE_STATE_OFFSET_GEMM" in os.environ, reason="the environment chose the path")
-def test_state_offset_default_is_the_in_kernel_reduction(monkeypatch):
-    """fp32 GEMMs for dh' measured slower than the reduction (session 12): large calls keep it too by default."""
-    calls = []
-    bmm = torch.bmm
-    monkeypatch.setattr(fused.layout, "SMALL_NUMEL", 0)
-    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
-    check_case(2, 5, 9, 4, torch.float32, ALL, False, True)
-    assert not fused.STATE_OFFSET_GEMM and not calls
-
-
-def test_state_offset_small_eager_calls_keep_the_in_kernel_reduction(monkeypatch):
-    calls = []
-    bmm = torch.bmm
-    monkeypatch.setattr(fused, "STATE_OFFSET_GEMM", True)
-    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
-    check_case(2, 5, 9, 4, torch.float32, ALL, False, True)
-    assert not calls
+@pytest.mark.parametrize("gate", [True, False], ids=["gated", "no-gate"])
+@pytest.mark.parametrize("per_batch", [True, False], ids=["rowwise", "shared"])
+@pytest.mark.parametrize(("seqlen", "programs"), [(150, 1), (9, 1024)], ids=["L150-3-tiles-1-split", "L9-3-splits"])
+def test_state_offset_grad_kernel(monkeypatch, seqlen, programs, per_batch, gate):
+    """State-offset (h)'s terms of the backward against their formulas: dh'_b = Σ_t ĝ_t C_tᵀ and dC_t += h'ᵀ ĝ_t
+    (added to what dC holds). D = 37 in 16-channel blocks (a ragged last block), N = 20 (BLOCK_N 32), bf16
+    activations. L = 150 in 64-step tiles (partial sums over three tiles, a ragged last one), each program walking
+    all three channel blocks (the prefetch); L = 9 (one 16-step tile) with the channels split over three programs
+    (their dC terms summed by atomics)."""
+    monkeypatch.setitem(fused.STATE_OFFSET_GRAD_CONFIG, "BLOCK_L", 64)
+    monkeypatch.setitem(fused.STATE_OFFSET_GRAD_CONFIG, "BLOCK_D", 16)
+    monkeypatch.setitem(fused.STATE_OFFSET_GRAD_CONFIG, "PROGRAMS", programs)
+    b, d, n = 2, 37, 20
+    gen = torch.Generator().manual_seed(0)
+    dy, z = (torch.randn(b, d, seqlen, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    C = torch.randn(b, n, seqlen, generator=gen).to(DEVICE, torch.bfloat16)
+    h_off = torch.randn(*((b,) if per_batch else ()), d, n, generator=gen).to(DEVICE)
+    dC0 = torch.randn(b, n, seqlen, generator=gen).to(DEVICE)
+    g = dy.double() * (torch.nn.functional.silu(z.double()) if gate else 1.0)
+    dC = dC0.clone()
+    dh = fused.state_offset_grad(dy, z if gate else None, C, h_off, dC)
+    assert dh.shape == h_off.shape and dh.dtype == torch.float32
+    ref_dh = torch.einsum("bdl,bnl->bdn", g, C.double())
+    assert_close("dstate_offset", ref_dh if per_batch else ref_dh.sum(0), dh.double(), 1e-6)
+    ref_dC = dC0.double() + torch.einsum("bdn,bdl->bnl", h_off.double().expand(b, d, n), g)
+    assert_close("dC", ref_dC, dC.double(), 1e-6)
 
 
 @pytest.mark.parametrize(("block_d_fwd", "block_d_bwd", "warps"), [(1, 1, 1), (2, 4, 1), (4, 2, 2)],

@@ -10,9 +10,10 @@ tile, and C_t (h_t + h') is added to y. The carried states go through a small fp
 by tile parity, one barrier per tile). With gradients, the forward stores the state every BLOCK_L_BWD steps (the
 backward's tile, shorter than the forward's); the backward walks its tiles in reverse, recomputes h_n inside a tile from
 that checkpoint and runs the adjoint recurrence λ_t = Ā_{t+1} λ_{t+1} + ĝ_t C_t per state as a forward scan over inputs
-loaded in reversed time order, then one ``tl.gather`` puts λ back in time order. State-offset (h)'s gradient dh' is one
-cross-lane reduction per state and tile; opt-in (``STATE_OFFSET_GEMM``), h' stays out of the backward kernel on large
-inputs: it stores the gated dy ĝ in fp32, and dh' = Σ_t ĝ_t C_tᵀ and C's term h'ᵀ ĝ_t are batched GEMMs after it.
+loaded in reversed time order, then one ``tl.gather`` puts λ back in time order. State-offset (h) stays out of the
+backward kernel: its gradient dh' = Σ_t ĝ_t C_tᵀ and C's term h'ᵀ ĝ_t are two small GEMMs per tile of the gated dy ĝ
+in ``state_offset_grad_kernel``, after it (session 13; the cross-lane reduction per state and tile that it replaces
+cost more).
 
 Time loops are ``while`` loops with a runtime bound, which the CPU interpreter (``TRITON_INTERPRET=1``) accepts, unlike
 ``range`` over a runtime bound (triton 3.6). L is specialised on divisibility by 16 (vectorised loads): two compiled
@@ -64,13 +65,6 @@ def _env_flag(name: str, default: str = "0") -> bool:
 # (docs/kernels-mamba1.md), so it waits for a measured fix.
 SEQUENTIAL_FORWARD = _env_flag("SSMTUNE_SEQUENTIAL_SCAN")
 
-# False (default): dh' is one cross-lane reduction per state and tile inside the backward. True
-# (SSMTUNE_STATE_OFFSET_GEMM=1): the backward stores the gated dy ĝ in fp32 and dh' = Σ_t ĝ_t C_tᵀ is one batched GEMM
-# after it, on calls of at least layout.SMALL_NUMEL elements or under graph capture. With bf16 GEMMs that path was
-# faster (session 11) but dh' lost precision; in fp32 it is slower than the reduction (session 12, H200, D 1536, B 8,
-# L 2048, all flags: backward 1.917 against 1.801 ms; docs/kernels-mamba1.md), so it is off.
-STATE_OFFSET_GEMM = _env_flag("SSMTUNE_STATE_OFFSET_GEMM", "0")
-
 
 @triton.jit
 def _scan_combine(a_l, b_l, a_r, b_r):
@@ -113,9 +107,8 @@ def _fwd_nloop_state(
 
 @triton.jit
 def _bwd_nloop_state(
-    i_n, b_lB, b_lhA, b_dA_acc, b_dhoff_acc, b_dt, b_dtn, b_dtu, b_g, b_gr, b_Bn, b_Cn,
-    A, h_off, h_start, dB, dC, p_bc, p_cin, p_cout, o_t, m_t, o_d, o_n, o_l, m_d, off_hoff,
-    L, N: tl.constexpr, BLOCK_L: tl.constexpr, USE_STATE_OFFSET: tl.constexpr, SUM_DHOFF: tl.constexpr,
+    i_n, b_lB, b_lhA, b_dA_acc, b_dt, b_dtn, b_dtu, b_g, b_gr, b_Bn, b_Cn,
+    A, h_start, dB, dC, p_bc, p_cin, p_cout, o_t, m_t, o_d, o_n, o_l, m_d, L, N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
     """State n of one backward tile: recompute h_n, run the adjoint λ_n, accumulate the local gradients."""
     m_sel = (o_n == i_n)[None, :]
@@ -141,14 +134,10 @@ def _bwd_nloop_state(
     b_lB += b_lams * b_Bn
     b_lhA += b_term * b_An[:, None]
     b_dA_acc = tl.where(m_sel, b_dA_acc + tl.sum(b_term * b_dt, axis=1)[:, None], b_dA_acc)
-    if USE_STATE_OFFSET:
-        b_hs += tl.load(h_off + off_hoff + o_d * N + i_n, mask=m_d, other=0.0)[:, None]
-        if SUM_DHOFF:
-            b_dhoff_acc = tl.where(m_sel, b_dhoff_acc + tl.sum(b_mu, axis=1)[:, None], b_dhoff_acc)
     p_dbc = p_bc + i_n * L + o_t
     tl.atomic_add(dB + p_dbc, tl.sum(b_lams * b_dtu, axis=0), mask=m_t, sem="relaxed")
     tl.atomic_add(dC + p_dbc, tl.sum(b_hs * b_g, axis=0), mask=m_t, sem="relaxed")
-    return b_lB, b_lhA, b_dA_acc, b_dhoff_acc
+    return b_lB, b_lhA, b_dA_acc
 
 
 # L is specialised (divisible by 16 or not): with 16-aligned rows the loads vectorise, which took the H200 forward
@@ -294,12 +283,9 @@ def selective_scan_fwd_nloop_kernel(
         "HAS_D": lambda args: args["D"] is not None,
         "HAS_Z": lambda args: args["z"] is not None,
         "HAS_DELTA_BIAS": lambda args: args["delta_bias"] is not None,
-        "USE_STATE_OFFSET": lambda args: args["h_off"] is not None,
         "USE_Y_OFFSET": lambda args: args["y_off"] is not None,
         "USE_FINAL_STATE_GRADIENT": lambda args: args["dht"] is not None,
         "STORE_INITIAL_STATE_GRADIENT": lambda args: args["dh0"] is not None,
-        "SUM_DHOFF": lambda args: args["dh_off"] is not None,
-        "STORE_G": lambda args: args["g_out"] is not None,
     }
 )
 @triton.jit(do_not_specialize=["NT"])
@@ -312,7 +298,6 @@ def selective_scan_bwd_nloop_kernel(
     D,
     z,
     delta_bias,
-    h_off,
     y_off,
     h_ckpt,
     y_pre,
@@ -328,10 +313,7 @@ def selective_scan_bwd_nloop_kernel(
     dz,
     ddelta_bias,
     dh0,
-    dh_off,
     dy_off,
-    g_out,
-    stride_hoff_b,
     stride_yoff_b,
     L,
     NT,
@@ -344,12 +326,9 @@ def selective_scan_bwd_nloop_kernel(
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_DELTA_BIAS: tl.constexpr,
-    USE_STATE_OFFSET: tl.constexpr,
     USE_Y_OFFSET: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr,
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
-    SUM_DHOFF: tl.constexpr,
-    STORE_G: tl.constexpr,
 ):
     # Backward of selective_scan_fwd_nloop_kernel: tiles in reverse, and per tile a loop over the N states that
     # recomputes h_n from the checkpoint and runs the adjoint λ_n as a reverse scan (formulas: docs/kernels-mamba1.md).
@@ -373,7 +352,6 @@ def selective_scan_bwd_nloop_kernel(
     else:
         b_lam = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     b_dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    b_dhoff_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     b_dD_acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     b_dyoff_acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     b_ddb_acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
@@ -420,9 +398,6 @@ def selective_scan_bwd_nloop_kernel(
             b_dz = b_g * b_yp * b_sig * (1.0 + b_z * (1.0 - b_sig))
             tl.store(dz + p_x + o_t[None, :], b_dz.to(dz.dtype.element_ty), mask=m_x)
             b_g = b_g * b_z * b_sig
-        if STORE_G:
-            # the gated dy in fp32, for dh' as a GEMM after the kernel
-            tl.store(g_out + p_x + o_t[None, :], b_g, mask=m_x)
         b_gr = tl.gather(b_g, tl.broadcast_to((BLOCK_L - 1 - o_l)[None, :], b_g.shape), axis=1)
         b_dtu = b_dt * b_u
         b_lB = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # Σ_n λ_n B_n
@@ -436,10 +411,9 @@ def selective_scan_bwd_nloop_kernel(
             m_next = i_n + 1 < N
             b_Bx = tl.load(B + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_t[None, :] & m_next, other=0.0)
             b_Cx = tl.load(C + p_bc + (i_n + 1) * L + o_tr[None, :], mask=m_tr[None, :] & m_next, other=0.0)
-            b_lB, b_lhA, b_dA_acc, b_dhoff_acc = _bwd_nloop_state(
-                i_n, b_lB, b_lhA, b_dA_acc, b_dhoff_acc, b_dt, b_dtn, b_dtu, b_g, b_gr, b_Bn, b_Cn,
-                A, h_off, h_ckpt + p_ck_t, dB, dC, p_bc, p_cin, p_cout, o_t, m_t, o_d, o_n, o_l, m_d,
-                i_b * stride_hoff_b, L, N, BLOCK_L, USE_STATE_OFFSET, SUM_DHOFF,
+            b_lB, b_lhA, b_dA_acc = _bwd_nloop_state(
+                i_n, b_lB, b_lhA, b_dA_acc, b_dt, b_dtn, b_dtu, b_g, b_gr, b_Bn, b_Cn,
+                A, h_ckpt + p_ck_t, dB, dC, p_bc, p_cin, p_cout, o_t, m_t, o_d, o_n, o_l, m_d, L, N, BLOCK_L,
             )  # fmt: skip
         b_ddt = b_u * b_lB + b_lhA
         b_du = b_dt * b_lB
@@ -471,14 +445,76 @@ def selective_scan_bwd_nloop_kernel(
             b_dt0 = _softplus(b_dt0)
         b_dt0 = tl.where(m_d0, b_dt0, 0.0)
         tl.store(dh0 + i_b * DIM * N + o_dn, tl.exp2(b_dt0 * b_A2) * b_lam, mask=m_dn)
-    if SUM_DHOFF:
-        tl.store(dh_off + i_b * DIM * N + o_dn, b_dhoff_acc, mask=m_dn)
     if HAS_D:
         tl.store(dD + i_b * DIM + o_d, tl.sum(b_dD_acc, axis=1), mask=m_d)
     if USE_Y_OFFSET:
         tl.store(dy_off + i_b * DIM + o_d, tl.sum(b_dyoff_acc, axis=1), mask=m_d)
     if HAS_DELTA_BIAS:
         tl.store(ddelta_bias + i_b * DIM + o_d, tl.sum(b_ddb_acc, axis=1), mask=m_d)
+
+
+@triton.heuristics({"HAS_Z": lambda args: args["z"] is not None})
+@triton.jit(do_not_specialize=["D_SPLIT"])
+def state_offset_grad_kernel(
+    dy,
+    z,
+    C,
+    h_off,
+    dh_part,
+    dC,
+    stride_hoff_b,
+    L,
+    DIM,
+    D_SPLIT,
+    N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    HAS_Z: tl.constexpr,
+):
+    # State-offset (h)'s terms of the backward (y_t = C_t (h_t + h')), two small GEMMs per [BLOCK_D, BLOCK_L] tile of
+    # the gated dy ĝ, recomputed from dy and z as the backward kernel computes it (no stored copy). One program owns
+    # BLOCK_L steps of one batch row and D_SPLIT channels, BLOCK_D at a time: dh' = Σ_t ĝ_t C_tᵀ is this tile's
+    # partial sum per channel block, stored to dh_part [L tiles, B, D, N] and summed after in a fixed order, and C's
+    # term h'ᵀ ĝ_t, summed over the program's channels in registers, goes to dC by one fp32 atomic add per element
+    # (channel splits share dC, as the backward kernel's channel blocks do). tf32x3 dots: fp32 accuracy on tensor
+    # cores (a bf16 ĝ lost it, session 12).
+    i_l, i_b, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = i_b.to(tl.int64)
+    o_t = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    o_n = tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_D)
+    m_t = o_t < L
+    m_n = o_n < N
+    m_c = m_n[:, None] & m_t[None, :]
+    p_c = i_b * N * L + o_n[:, None] * L + o_t[None, :]  # [BLOCK_N, BLOCK_L] in [B, N, L]
+    b_CT = tl.trans(tl.load(C + p_c, mask=m_c, other=0.0).to(tl.float32))  # [BLOCK_L, BLOCK_N]
+    b_dc = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float32)
+    p_h = h_off + i_b * stride_hoff_b + o_k[:, None] * N + o_n[None, :]  # [BLOCK_D, BLOCK_N] of channel block 0
+    p_part = dh_part + (i_l * tl.num_programs(1) + i_b) * DIM * N + o_k[:, None] * N + o_n[None, :]
+    p_x = i_b * DIM * L + o_k[:, None].to(tl.int64) * L + o_t[None, :]  # [BLOCK_D, BLOCK_L] in [B, D, L]
+    i_d = i_s * D_SPLIT
+    d_end = tl.minimum(i_d + D_SPLIT, DIM)
+    # the next channel block's dy and z are loaded before this one's dots, so the loads overlap them
+    m_x = ((i_d + o_k) < d_end)[:, None] & m_t[None, :]
+    b_dyx = tl.load(dy + p_x + i_d * L, mask=m_x, other=0.0)
+    if HAS_Z:
+        b_zx = tl.load(z + p_x + i_d * L, mask=m_x, other=0.0)
+    while i_d < d_end:
+        b_g = b_dyx.to(tl.float32)
+        if HAS_Z:
+            b_z = b_zx.to(tl.float32)
+            b_g = b_g * b_z * tl.sigmoid(b_z)
+        m_x = ((i_d + BLOCK_D + o_k) < d_end)[:, None] & m_t[None, :]
+        b_dyx = tl.load(dy + p_x + (i_d + BLOCK_D) * L, mask=m_x, other=0.0)
+        if HAS_Z:
+            b_zx = tl.load(z + p_x + (i_d + BLOCK_D) * L, mask=m_x, other=0.0)
+        m_dn = ((i_d + o_k) < d_end)[:, None] & m_n[None, :]
+        b_h = tl.load(p_h + i_d * N, mask=m_dn, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_N]
+        b_dc += tl.dot(tl.trans(b_h), b_g, input_precision="tf32x3")
+        tl.store(p_part + i_d * N, tl.dot(b_g, b_CT, input_precision="tf32x3"), mask=m_dn)
+        i_d += BLOCK_D
+    tl.atomic_add(dC + p_c, b_dc, mask=m_c, sem="relaxed")
 
 
 @triton.heuristics(
@@ -667,13 +703,6 @@ def selective_scan_bwd(
     dD = torch.empty(batch, dim, **f32) if D is not None else None
     ddelta_bias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
     dh0 = torch.empty(batch, dim, dstate, **f32) if initial_state is not None else None
-    # dh': reduced inside the kernel, or (STATE_OFFSET_GEMM) a batched GEMM of the gated dy with C after it
-    # small eager calls are launch-bound: there the two GEMMs' launches cost more than the reduction they replace
-    dh_gemm = state_offset is not None and STATE_OFFSET_GEMM and layout.large_or_captured(u)
-    dh_off = torch.empty(batch, dim, dstate, **f32) if state_offset is not None and not dh_gemm else None
-    # fp32: dh' is the adapter's whole gradient, a sum over B * L terms; a bf16 ĝ (and a bf16 GEMM output) made it
-    # differ from the in-kernel fp32 sum by more than the graphed-step tests allow (session 12)
-    g_out = torch.empty(batch, dim, seqlen, **f32) if dh_gemm else None
     dy_off = torch.empty(batch, dim, **f32) if y_offset is not None else None
     grid = (triton.cdiv(dim, cfg["BLOCK_D_BWD"]), batch)
     common = {
@@ -685,19 +714,13 @@ def selective_scan_bwd(
     dB = torch.zeros(batch, dstate, seqlen, **f32)
     dC = torch.zeros(batch, dstate, seqlen, **f32)
     lam_carry = torch.empty(batch, dim, 2, dstate, **f32)  # the carried adjoint, as h_carry in the forward
-    # with dh' as a GEMM, h' does not enter the kernel at all (its dC term is a GEMM too)
-    h_off_k = None if dh_gemm else state_offset
     selective_scan_bwd_nloop_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, h_off_k, y_offset, h_ckpt, y_pre, dy, dht, lam_carry,
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dh_off, dy_off, g_out,
-        _batch_stride(h_off_k, 3), _batch_stride(y_offset, 2), seqlen, nt, **common,
+        u, delta, A, B, C, D, z, delta_bias, y_offset, h_ckpt, y_pre, dy, dht, lam_carry,
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dy_off, _batch_stride(y_offset, 2), seqlen, nt, **common,
     )  # fmt: skip
 
-    if dh_gemm:
-        # y_t = C_t (h_t + h'): h''s terms of the gradients, dh' = Σ_t ĝ_t C_tᵀ ([B, D, L] @ [B, L, N]) and
-        # dC_t += h'ᵀ ĝ_t ([N, D] @ [B, D, L]), both fp32 GEMMs (TF32 only where the user allowed it for matmuls)
-        dh_off = torch.bmm(g_out, C.float().transpose(1, 2))
-        dC += torch.matmul(state_offset.float().transpose(-1, -2), g_out)
+    # h' stays out of the backward kernel: its two terms are GEMMs after it
+    dh_off = state_offset_grad(dy, z, C, state_offset, dC) if state_offset is not None else None
 
     def _reduce(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
         # shared parameters get the sum over the batch
@@ -718,6 +741,39 @@ def selective_scan_bwd(
         _reduce(dh_off, state_offset),
         _reduce(dy_off, y_offset),
     )
+
+
+# state_offset_grad_kernel's launch: a program per BLOCK_L steps of a batch row and a split of the channels, which it
+# walks BLOCK_D at a time; the channels are split so that about PROGRAMS programs run (small batches need the splits
+# to fill the GPU; large ones get fewer, longer programs, which prefetch)
+STATE_OFFSET_GRAD_CONFIG = {"BLOCK_D": 64, "BLOCK_L": 64, "WARPS": 4, "PROGRAMS": 1024}
+
+
+def state_offset_grad(
+    dy: torch.Tensor, z: torch.Tensor | None, C: torch.Tensor, state_offset: torch.Tensor, dC: torch.Tensor
+) -> torch.Tensor:
+    """State-offset (h)'s terms of the backward, which the backward kernel leaves out: returns dh' in fp32, shaped as
+    ``state_offset`` ([D, N] shared: summed over the batch too; or [B, D, N]), and adds h'ᵀ ĝ_t to ``dC`` [B, N, L]
+    (fp32) in place. ``dy``, ``z``, ``C`` are the scan's contiguous [B, *, L] operands."""
+    batch, dim, seqlen = dy.shape
+    dstate = C.shape[1]
+    cfg = STATE_OFFSET_GRAD_CONFIG
+    block_l = min(cfg["BLOCK_L"], max(16, triton.next_power_of_2(seqlen)))  # tl.dot needs 16 rows and columns
+    block_d = min(cfg["BLOCK_D"], max(16, triton.next_power_of_2(dim)))
+    n_l = triton.cdiv(seqlen, block_l)
+    dh_part = torch.empty(n_l, batch, dim, dstate, device=dy.device, dtype=torch.float32)
+    # the partial sums over the L tiles, and over the batch for a shared h', in one reduction
+    dims = (0, 1) if state_offset.dim() == 2 else 0
+    if n_l == 0 or dim == 0:
+        return dh_part.sum(dims)  # L = 0: zeros
+    n_blocks = triton.cdiv(dim, block_d)
+    n_split = max(1, min(n_blocks, cfg["PROGRAMS"] // (n_l * batch)))
+    d_split = triton.cdiv(n_blocks, n_split) * block_d  # whole channel blocks per split
+    state_offset_grad_kernel[(n_l, batch, triton.cdiv(dim, d_split))](
+        dy, z, C, state_offset, dh_part, dC, _batch_stride(state_offset, 3), seqlen, dim, d_split, N=dstate,
+        BLOCK_D=block_d, BLOCK_N=max(16, triton.next_power_of_2(dstate)), BLOCK_L=block_l, num_warps=cfg["WARPS"],
+    )  # fmt: skip
+    return dh_part.sum(dims)
 
 
 def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
