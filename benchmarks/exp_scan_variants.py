@@ -9,8 +9,8 @@ Registers of every compiled kernel are reported.
 
     python3 benchmarks/exp_scan_variants.py --variant s11=exp_variants/fused_s11.py --out $OUT/scan_variants.json
 
-``--dh-config JSON`` (repeatable) times the separate dh' kernel (``state_offset_grad``) alone with
-``STATE_OFFSET_GRAD_CONFIG`` updated by JSON (``'{}'``: the default launch): ms and GB/s of the bytes it must move
+``--dh-config JSON`` (repeatable) times the separate dh' kernel (``state_offset_grad``) of every version that has it
+alone, with ``STATE_OFFSET_GRAD_CONFIG`` updated by JSON (``'{}'``: the default launch): ms and GB/s of the bytes it must move
 (dy, z, C read; dC read and written).
 """
 
@@ -89,21 +89,31 @@ def main() -> None:
                     report["rows"].append(row)
                     print(f"D {d} {flags:4s} {name:10s} r{rnd} fwd {row['fwd_ms']:.3f} bwd {row['bwd_ms']:.3f} "
                           f"f+b {row['fwd_bwd_ms']:.3f}", flush=True)  # fmt: skip
-    mod = mods["current"]
     for d in args.dims if args.dh_config else ():
         ins = make_inputs(8, d, 2048, 16, torch.bfloat16, VARIANTS["all"], grad=False)
         dy, z, C, h = ins["u"], ins["z"], ins["C"], ins["state_offset"]
         dC = torch.zeros(C.shape, device=C.device)
         nbytes = 2 * dy.numel() * dy.element_size() + C.numel() * C.element_size() + 2 * dC.numel() * 4
-        default = dict(mod.STATE_OFFSET_GRAD_CONFIG)
-        for spec in args.dh_config:
-            mod.STATE_OFFSET_GRAD_CONFIG.update(json.loads(spec))
-            cfg = dict(mod.STATE_OFFSET_GRAD_CONFIG)
-            ms = do_bench(lambda: mod.state_offset_grad(dy, z, C, h, dC), return_mode="median")  # noqa: B023
-            report["rows"].append({"D": d, "flags": "dh_kernel", "config": cfg, "ms": ms, "GBps": nbytes / ms / 1e6})
-            print(f"D {d} dh' kernel {cfg}: {ms:.4f} ms, {nbytes / ms / 1e6:.0f} GB/s", flush=True)
-            mod.STATE_OFFSET_GRAD_CONFIG.clear()
-            mod.STATE_OFFSET_GRAD_CONFIG.update(default)
+        for name, mod in mods.items():
+            if not hasattr(mod, "state_offset_grad"):
+                continue  # a version without the separate kernel
+            default = dict(mod.STATE_OFFSET_GRAD_CONFIG)
+            for spec in args.dh_config:
+                mod.STATE_OFFSET_GRAD_CONFIG.update(json.loads(spec))
+                cfg = dict(mod.STATE_OFFSET_GRAD_CONFIG)
+                ms = do_bench(lambda: mod.state_offset_grad(dy, z, C, h, dC), return_mode="median")  # noqa: B023
+                row = {
+                    "D": d,
+                    "flags": "dh_kernel",
+                    "variant": name,
+                    "config": cfg,
+                    "ms": ms,
+                    "GBps": nbytes / ms / 1e6,
+                }
+                report["rows"].append(row)
+                print(f"D {d} dh' kernel {name} {cfg}: {ms:.4f} ms, {row['GBps']:.0f} GB/s", flush=True)
+                mod.STATE_OFFSET_GRAD_CONFIG.clear()
+                mod.STATE_OFFSET_GRAD_CONFIG.update(default)
     for name, mod in mods.items():
         report[f"regs_{name}"] = {
             k: [c["n_regs"] for c in compiled_kernels(getattr(mod, k))]
