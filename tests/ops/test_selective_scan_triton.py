@@ -141,7 +141,8 @@ def test_state_offset_grad_kernel(monkeypatch, seqlen, programs, per_batch, gate
     ref_dh = torch.einsum("bdl,bnl->bdn", g, C.double())
     assert_close("dstate_offset", ref_dh if per_batch else ref_dh.sum(0), dh.double(), 1e-6)
     ref_dC = dC0.double() + torch.einsum("bdn,bdl->bnl", h_off.double().expand(b, d, n), g)
-    assert_close("dC", ref_dC, dC.double(), 1e-6)
+    # on CUDA C's term of a bf16 C is one tf32 pass (dC is rounded to bf16 after); the interpreter computes in fp32
+    assert_close("dC", ref_dC, dC.double(), 1e-3 if dC.is_cuda else 1e-6)
 
 
 @pytest.mark.parametrize(("block_d_fwd", "block_d_bwd", "warps"), [(1, 1, 1), (2, 4, 1), (4, 2, 2)],

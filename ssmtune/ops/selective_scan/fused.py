@@ -471,6 +471,7 @@ def state_offset_grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     HAS_Z: tl.constexpr,
+    DC_TF32: tl.constexpr,
 ):
     # State-offset (h)'s terms of the backward (y_t = C_t (h_t + h')), two small GEMMs per [BLOCK_D, BLOCK_L] tile of
     # the gated dy ĝ, recomputed from dy and z as the backward kernel computes it (no stored copy). One program owns
@@ -478,7 +479,8 @@ def state_offset_grad_kernel(
     # partial sum per channel block, stored to dh_part [L tiles, B, D, N] and summed after in a fixed order, and C's
     # term h'ᵀ ĝ_t, summed over the program's channels in registers, goes to dC by one fp32 atomic add per element
     # (channel splits share dC, as the backward kernel's channel blocks do). tf32x3 dots: fp32 accuracy on tensor
-    # cores (a bf16 ĝ lost it, session 12).
+    # cores (a bf16 ĝ lost it, session 12). DC_TF32 (bf16 C): C's term in one tf32 pass, since dC is rounded to bf16,
+    # which keeps 8 significant bits to tf32's 11 (session 13: the kernel 0.117 -> 0.088 ms). dh' stays tf32x3.
     i_l, i_b, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_b.to(tl.int64)
     o_t = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -511,7 +513,10 @@ def state_offset_grad_kernel(
             b_zx = tl.load(z + p_x + (i_d + BLOCK_D) * L, mask=m_x, other=0.0)
         m_dn = ((i_d + o_k) < d_end)[:, None] & m_n[None, :]
         b_h = tl.load(p_h + i_d * N, mask=m_dn, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_N]
-        b_dc += tl.dot(tl.trans(b_h), b_g, input_precision="tf32x3")
+        if DC_TF32:
+            b_dc += tl.dot(tl.trans(b_h), b_g, input_precision="tf32")
+        else:
+            b_dc += tl.dot(tl.trans(b_h), b_g, input_precision="tf32x3")
         tl.store(p_part + i_d * N, tl.dot(b_g, b_CT, input_precision="tf32x3"), mask=m_dn)
         i_d += BLOCK_D
     tl.atomic_add(dC + p_c, b_dc, mask=m_c, sem="relaxed")
@@ -771,7 +776,8 @@ def state_offset_grad(
     d_split = triton.cdiv(n_blocks, n_split) * block_d  # whole channel blocks per split
     state_offset_grad_kernel[(n_l, batch, triton.cdiv(dim, d_split))](
         dy, z, C, state_offset, dh_part, dC, _batch_stride(state_offset, 3), seqlen, dim, d_split, N=dstate,
-        BLOCK_D=block_d, BLOCK_N=max(16, triton.next_power_of_2(dstate)), BLOCK_L=block_l, num_warps=cfg["WARPS"],
+        BLOCK_D=block_d, BLOCK_N=max(16, triton.next_power_of_2(dstate)), BLOCK_L=block_l,
+        DC_TF32=C.dtype == torch.bfloat16, num_warps=cfg["WARPS"],
     )  # fmt: skip
     return dh_part.sum(dims)
 
