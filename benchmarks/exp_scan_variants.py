@@ -10,8 +10,8 @@ Registers of every compiled kernel are reported.
     python3 benchmarks/exp_scan_variants.py --variant s11=exp_variants/fused_s11.py --out $OUT/scan_variants.json
 
 ``--dh-config JSON`` (repeatable) times the separate dh' kernel (``state_offset_grad``) of every version that has it
-alone, with ``STATE_OFFSET_GRAD_CONFIG`` updated by JSON (``'{}'``: the default launch): ms and GB/s of the bytes it must move
-(dy, z, C read; dC read and written).
+alone, with ``STATE_OFFSET_GRAD_CONFIG`` updated by JSON (``'{}'``: the default launch): ms and GB/s of the bytes it
+must move (dy, z, C read; dC read and written).
 """
 
 from __future__ import annotations
