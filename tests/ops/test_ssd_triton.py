@@ -149,6 +149,17 @@ def test_ssd_scan_triton_state_offset_odd_sizes(seqlen, per_row):
     check(inputs, softplus=True, chunk_size=16, ratio=RATIO_CPU[torch.float32] if DEVICE == "cpu" else 5e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ssd_scan_triton_several_blocks_per_chunk(monkeypatch, dtype):
+    """16-step blocks in 64-step chunks (the GPU runs 64-step blocks in 256-step chunks): the blocks below the
+    diagonal, the causal block skip and the C·Bᵀ tiles of ssd_chunk_cb_kernel read at an offset, which one block per
+    chunk (every other CPU case) never reaches. A ragged last chunk ends inside its second block."""
+    blocks = fused._blocks
+    monkeypatch.setattr(fused, "_blocks", lambda chunk, p, n: {**blocks(chunk, p, n), "BK": 16})
+    inputs = make_inputs(2, 64 + 21, 4, 8, 16, 2, dtype, ALL, per_row=True)
+    check(inputs, softplus=True, chunk_size=64, ratio=RATIO_CPU[dtype] if DEVICE == "cpu" else RATIO_GPU[dtype])
+
+
 def test_ssd_scan_triton_offsets_change_output():
     """Guards the test above against a kernel that ignores h' or y' (the reference would then differ anyway)."""
     inputs = make_inputs(1, 20, 4, 8, 16, 2, torch.float32, frozenset({"state_offset", "y_offset"}), False)
