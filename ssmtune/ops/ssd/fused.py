@@ -7,9 +7,6 @@ With Q the chunk size, a_t = Σ_{s ≤ t in chunk} Δ_s A (chunk-local cumsum) a
     3. chunk scan:    y_q = Σ_{k ≤ q} (C_q·B_k) e^{a_q - a_k} Δ_k x_k + e^{a_q} s_c C_q + h' C_q + D x_q + y'
                       then y · silu(z)                                                     (ssd_chunk_scan_fwd_kernel)
 Steps 2 fuses the chunk states with the sequential state passing (one program per [P, N] tile loops over chunks).
-C_q·B_k does not depend on the head: ssd_chunk_cb_kernel computes it once per chunk and group (fp32, the blocks on and
-below the diagonal), and the chunk-scan kernels of the forward and the backward load it instead of recomputing it
-for each of the H / G heads of a group (the backward recomputes it rather than saving it).
 The offset h' never decays, so it is one extra [Q, N] x [N, P] product next to the inter-chunk C·state product in the
 same kernel; y' and D join the epilogue. The backward mirrors these steps; the derivation is in docs/kernels-mamba2.md.
 In the backward, dh' = Σ_t ĝ_tᵀ C_t accumulates in the reverse state-passing loop, and dC's h' term ĝ·h' is one GEMM
@@ -159,46 +156,6 @@ def ssd_chunk_state_fwd_kernel(
     tl.store(states + ((i_b * (NC + 1) + NC) * H + i_h) * P * N + o_pn, b_s, mask=m_pn)
 
 
-@triton.jit(do_not_specialize=["T"])
-def ssd_chunk_cb_kernel(
-    Bm,
-    Cm,
-    cb,
-    T,
-    G: tl.constexpr,
-    N: tl.constexpr,
-    NC: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BK: tl.constexpr,
-    BN: tl.constexpr,
-):
-    """C_q · B_k inside chunk c for the [BK, BK] blocks on and below the diagonal (the only ones read), packed:
-    cb[b, c, g, i_q (i_q + 1) / 2 + i_k] is the block of query block i_q and key block i_k <= i_q. The product is the
-    same for every head of a group: computed once here, loaded by the scan kernels."""
-    i_qk, i_c, i_bg = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    NK: tl.constexpr = CHUNK // BK
-    i_q, i_k = i_qk // NK, i_qk % NK
-    if i_k <= i_q:
-        i_b, i_g = i_bg // G, i_bg % G
-        o_q = i_c * CHUNK + i_q * BK + tl.arange(0, BK)
-        o_k = i_c * CHUNK + i_k * BK + tl.arange(0, BK)
-        o_n = tl.arange(0, BN)
-        m_n = o_n < N
-        b_C = tl.load(
-            Cm + ((i_b * T + o_q[:, None]) * G + i_g) * N + o_n[None, :],
-            mask=(o_q < T)[:, None] & m_n[None, :],
-            other=0.0,
-        )
-        b_Bt = tl.load(
-            Bm + ((i_b * T + o_k[None, :]) * G + i_g) * N + o_n[:, None],
-            mask=m_n[:, None] & (o_k < T)[None, :],
-            other=0.0,
-        )
-        o_cb = (((i_b * NC + i_c) * G + i_g) * (NK * (NK + 1) // 2) + i_q * (i_q + 1) // 2 + i_k) * BK * BK
-        o_cb += tl.arange(0, BK)[:, None] * BK + tl.arange(0, BK)[None, :]
-        tl.store(cb + o_cb, _dot(b_C, b_Bt.to(b_C.dtype)))
-
-
 @triton.heuristics(
     {
         "HAS_D": lambda args: args["D"] is not None,
@@ -210,7 +167,7 @@ def ssd_chunk_cb_kernel(
 @triton.jit(do_not_specialize=["T"])
 def ssd_chunk_scan_fwd_kernel(
     x,
-    cb,
+    Bm,
     Cm,
     dt_p,
     a_cs,
@@ -263,21 +220,22 @@ def ssd_chunk_scan_fwd_kernel(
     if USE_STATE_OFFSET:
         b_ho = tl.load(h_off + i_b * s_hob + i_h * P * N + o_np, mask=m_np, other=0.0)
         b_acc += _dot(b_C, b_ho.to(DT))
-    # intra-chunk: causal (C Bᵀ ∘ decay) Δ x over the key blocks up to the diagonal; C Bᵀ from ssd_chunk_cb_kernel
-    tl.static_assert(BM == BK)
-    NK: tl.constexpr = CHUNK // BK
-    p_cb = cb + (((i_b * NC + i_c) * G + i_g) * (NK * (NK + 1) // 2) + i_m * (i_m + 1) // 2) * BK * BK
-    p_cb += tl.arange(0, BM)[:, None] * BK + tl.arange(0, BK)[None, :]  # + key block * BK²
+    # intra-chunk: causal (C Bᵀ ∘ decay) Δ x over the key blocks up to the diagonal
     for k0 in range(0, CHUNK, BK):
         if k0 < (i_m + 1) * BM:
             o_k = i_c * CHUNK + k0 + tl.arange(0, BK)
             m_k = o_k < T
+            b_Bt = tl.load(
+                Bm + ((i_b * T + o_k[None, :]) * G + i_g) * N + o_n[:, None],
+                mask=m_n[:, None] & m_k[None, :],
+                other=0.0,
+            )
             b_x = tl.load(
                 x + ((i_b * T + o_k[:, None]) * H + i_h) * P + o_p[None, :], mask=m_k[:, None] & m_p[None, :], other=0.0
             )
             b_ak = tl.load(a_cs + i_bh * TP + o_k)
             b_dtk = tl.load(dt_p + i_bh * TP + o_k)
-            b_cb = tl.load(p_cb + k0 * BK)  # [BM, BK]
+            b_cb = _dot(b_C, b_Bt.to(DT))  # [BM, BK]
             b_seg = tl.where(o_m[:, None] >= o_k[None, :], b_am[:, None] - b_ak[None, :], float("-inf"))
             b_cb = b_cb * tl.exp(b_seg) * b_dtk[None, :]
             b_acc += _dot(b_cb.to(b_x.dtype), b_x)
@@ -397,7 +355,6 @@ def ssd_chunk_scan_bwd_dx_kernel(
     x,
     Bm,
     Cm,
-    cb,
     dt_p,
     a_cs,
     dy,
@@ -441,9 +398,6 @@ def ssd_chunk_scan_bwd_dx_kernel(
     )
     DT = b_B.dtype
     b_dB = tl.zeros([BK, BN], dtype=tl.float32)
-    tl.static_assert(BQ == BK)
-    p_cbt = cb + (((i_b * NC + i_c) * G + i_g) * (NK * (NK + 1) // 2) + i_k) * BK * BK
-    p_cbt += tl.arange(0, BQ)[None, :] * BK + tl.arange(0, BK)[:, None]  # transposed; + pair(query block) * BK²
     for j in range(HPP):
         i_h = i_g * (H // G) + i_s * HPP + j
         i_bh = i_b * H + i_h
@@ -483,8 +437,7 @@ def ssd_chunk_scan_bwd_dx_kernel(
                 b_aq = tl.load(a_cs + i_bh * TP + o_q)
                 b_seg = tl.where(o_q[None, :] >= o_k[:, None], b_aq[None, :] - b_ak[:, None], float("-inf"))
                 b_decay = tl.exp(b_seg)  # [BK, BQ]
-                i_q = q0 // BQ
-                b_S = tl.load(p_cbt + i_q * (i_q + 1) // 2 * BK * BK) * b_decay  # (C_q·B_k)ᵀ [BK, BQ]
+                b_S = _dot(b_B, tl.trans(b_C.to(DT))) * b_decay
                 b_dx += _dot(b_S.to(b_dy.dtype), b_dy)
                 b_gx = _dot(b_x, tl.trans(b_dy.to(b_x.dtype)))  # [BK, BQ]: x_k · dy_q
                 b_Sg = tl.sum(b_S * b_gx, axis=1)
@@ -516,7 +469,6 @@ def ssd_chunk_scan_bwd_dc_kernel(
     x,
     Bm,
     Cm,
-    cb,
     dt_p,
     a_cs,
     dy,
@@ -555,10 +507,6 @@ def ssd_chunk_scan_bwd_dc_kernel(
     )
     DT = b_C.dtype
     b_dC = tl.zeros([BQ, BN], dtype=tl.float32)
-    tl.static_assert(BQ == BK)
-    NK: tl.constexpr = CHUNK // BK
-    p_cb = cb + (((i_b * NC + i_c) * G + i_g) * (NK * (NK + 1) // 2) + i_q * (i_q + 1) // 2) * BK * BK
-    p_cb += tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]  # + key block * BK²
     for j in range(HPP):
         i_h = i_g * (H // G) + i_s * HPP + j
         i_bh = i_b * H + i_h
@@ -593,7 +541,7 @@ def ssd_chunk_scan_bwd_dc_kernel(
                 b_gx = _dot(b_dy.to(b_x.dtype), tl.trans(b_x))  # [BQ, BK]
                 b_W = tl.exp(b_seg) * b_gx * b_dtk[None, :]
                 b_dC += _dot(b_W.to(DT), b_B.to(DT))
-                b_cb = tl.load(p_cb + k0 * BK)  # C_q·B_k [BQ, BK]
+                b_cb = _dot(b_C, tl.trans(b_B.to(DT)))
                 b_da += tl.sum(b_cb * b_W, axis=1)
         tl.store(da + i_bh * TP + o_q, b_da)
     o_dC = ((i_b * T + o_q[:, None]) * G * NS + i_g * NS + i_s) * N + o_n[None, :]
@@ -755,23 +703,6 @@ def _h_off_for_dots(h_off: torch.Tensor | None, C: torch.Tensor) -> torch.Tensor
     return None if h_off is None else h_off.to(C.dtype)
 
 
-def _chunk_cb(B: torch.Tensor, C: torch.Tensor, chunk_size: int, blk: dict[str, int]) -> torch.Tensor:
-    """C_q·B_k per chunk and group in fp32, its blocks on and below the diagonal packed (ssd_chunk_cb_kernel).
-
-    The forward and both backward scan kernels read it instead of recomputing the product for each head (H / G times).
-    The backward recomputes it rather than saving it, so activation memory is unchanged.
-    """
-    batch, T, G, N = B.shape
-    NC = triton.cdiv(T, chunk_size)
-    BK = blk["BK"]
-    NK = chunk_size // BK
-    cb = torch.empty(batch, NC, G, NK * (NK + 1) // 2, BK, BK, device=B.device, dtype=torch.float32)
-    ssd_chunk_cb_kernel[((chunk_size // BK) ** 2, NC, batch * G)](
-        B, C, cb, T, G=G, N=N, NC=NC, CHUNK=chunk_size, BK=BK, BN=blk["BNF"]
-    )
-    return cb
-
-
 def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off):
     batch, T, H, P = x.shape
     h_off = _h_off_for_dots(h_off, C)
@@ -795,9 +726,8 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, 
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if z is not None else None
     BM, BPs = blk["BK"], min(64, blk["BPF"])
-    cb = _chunk_cb(B, C, chunk_size, blk)
     ssd_chunk_scan_fwd_kernel[(triton.cdiv(chunk_size, BM) * triton.cdiv(P, BPs), NC, batch * H)](
-        x, cb, C, dt_p, a_cs, states, D, z, h_off, y_off, y, y_pre,
+        x, B, C, dt_p, a_cs, states, D, z, h_off, y_off, y, y_pre,
         _batch_stride(h_off, 4), _batch_stride(y_off, 3), T,
         H=H, G=G, P=P, N=N, TP=TP, NC=NC, CHUNK=chunk_size, BM=BM, BK=blk["BK"], BP=BPs, BN=blk["BNF"],
         D_HAS_HDIM=D is not None and D.dim() == 2,
@@ -880,13 +810,12 @@ def _ssd_bwd(
         "BN": blk["BNF"],
     }
     stages = _bwd_stages(x, B, C)
-    cb = _chunk_cb(B, C, chunk_size, blk)
     ssd_chunk_scan_bwd_dx_kernel[grid](
-        x, B, C, cb, dt_p, a_cs, dy, dstates, D, dx, dB, ddt_direct, da_k, dD_part, dy_sum, T,
+        x, B, C, dt_p, a_cs, dy, dstates, D, dx, dB, ddt_direct, da_k, dD_part, dy_sum, T,
         D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=_bwd_warps(P), num_stages=stages, **common,
     )  # fmt: skip
     ssd_chunk_scan_bwd_dc_kernel[grid](
-        x, B, C, cb, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=_bwd_warps(P), num_stages=stages, **common
+        x, B, C, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=_bwd_warps(P), num_stages=stages, **common
     )  # fmt: skip
     # 3. ∂a → ∂Δ, ∂A through the chunk cumsum, then through softplus and dt_bias
     ddt = torch.empty_like(dt)
