@@ -31,13 +31,15 @@ _MIN_BLOCK = 16
 _DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-# Warps of the dx and dC backward kernels; None: 8, or 4 below head dim 32, where 8 warps gave wrong gradients on an
-# H200 with triton 3.6 (ssd/__init__.py). benchmarks/exp_ssd_small_headdim.py sets it.
+# Warps of the dx and dC backward kernels; None: 4. With 4 instead of 8 the backward at B 8, L 8192, H 64, P 64, N 128
+# took 8.8 instead of 13.3 ms forward+backward (H200, triton 3.6, session 14, benchmarks/exp_ssd_variants.py); below
+# head dim 32, 8 warps also gave wrong gradients (ssd/__init__.py). exp_ssd_small_headdim.py and exp_ssd_variants.py
+# set it.
 BWD_WARPS: int | None = None
 
 
-def _bwd_warps(P: int) -> int:
-    return BWD_WARPS or (8 if P >= 32 else 4)
+def _bwd_warps() -> int:
+    return BWD_WARPS or 4
 
 
 def _bwd_stages(*tensors: torch.Tensor) -> int:
@@ -812,10 +814,10 @@ def _ssd_bwd(
     stages = _bwd_stages(x, B, C)
     ssd_chunk_scan_bwd_dx_kernel[grid](
         x, B, C, dt_p, a_cs, dy, dstates, D, dx, dB, ddt_direct, da_k, dD_part, dy_sum, T,
-        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=_bwd_warps(P), num_stages=stages, **common,
+        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=_bwd_warps(), num_stages=stages, **common,
     )  # fmt: skip
     ssd_chunk_scan_bwd_dc_kernel[grid](
-        x, B, C, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=_bwd_warps(P), num_stages=stages, **common
+        x, B, C, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=_bwd_warps(), num_stages=stages, **common
     )  # fmt: skip
     # 3. ∂a → ∂Δ, ∂A through the chunk cumsum, then through softplus and dt_bias
     ddt = torch.empty_like(dt)
