@@ -10,8 +10,8 @@ h' and y' ("hy"): the no-grad forward and forward+backward, medians of triton.te
 versions interleaved (best kept). ``--profile`` adds each version's device time per kernel at the first shape ("hy").
 
 ``--sweep JSON`` (repeatable) checks and times "current" with its launch settings changed: ``warps`` (the dx / dC
-kernels' ``BWD_WARPS``), ``stages`` (their ``num_stages``), ``hpp`` (the cap on heads per program); ``'{}'`` is the
-default.
+kernels' ``BWD_WARPS``), ``stages`` (their ``num_stages``), ``hpp`` (the cap on heads per program), ``fwd_warps`` (the
+forward chunk-scan kernel's ``FWD_WARPS``); ``'{}'`` is the default.
 
     python3 benchmarks/exp_ssd_variants.py --variant base=exp_variants/ssd_fused_base.py --profile \\
         --sweep '{}' --sweep '{"stages": 2}' --out $OUT/ssd_variants.json
@@ -133,6 +133,8 @@ def apply(mod, cfg: dict) -> None:
         mod._exp_defaults = (mod._bwd_stages, mod._heads_per_program)
     stages, hpp = mod._exp_defaults
     mod.BWD_WARPS = cfg.get("warps")
+    if hasattr(mod, "FWD_WARPS"):  # versions before session 14 have no such knob
+        mod.FWD_WARPS = cfg.get("fwd_warps")
     mod._bwd_stages = (lambda *ts: cfg["stages"]) if "stages" in cfg else stages
     mod._heads_per_program = functools.partial(hpp, cap=cfg["hpp"]) if "hpp" in cfg else hpp
 

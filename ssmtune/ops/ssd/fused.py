@@ -36,6 +36,9 @@ _DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 # head dim 32, 8 warps also gave wrong gradients (ssd/__init__.py). exp_ssd_small_headdim.py and exp_ssd_variants.py
 # set it.
 BWD_WARPS: int | None = None
+# Warps of the forward chunk-scan kernel; None: 4 (Triton's default, which it ran on until session 14). Set by
+# exp_ssd_variants.py.
+FWD_WARPS: int | None = None
 
 
 def _bwd_warps() -> int:
@@ -732,7 +735,7 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, 
         x, B, C, dt_p, a_cs, states, D, z, h_off, y_off, y, y_pre,
         _batch_stride(h_off, 4), _batch_stride(y_off, 3), T,
         H=H, G=G, P=P, N=N, TP=TP, NC=NC, CHUNK=chunk_size, BM=BM, BK=blk["BK"], BP=BPs, BN=blk["BNF"],
-        D_HAS_HDIM=D is not None and D.dim() == 2,
+        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=FWD_WARPS or 4,
     )  # fmt: skip
     return y, y_pre, dt_p, a_cs, states
 
