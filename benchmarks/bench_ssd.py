@@ -245,29 +245,30 @@ class Case:
         res["rounds"] += 1
 
 
-def kernel_profile(case: Case, names: tuple, iters: int = 3) -> dict:
-    """Device time per fwd+bwd (us) of each CUDA kernel, per variant: where the h' + y' overhead goes."""
+def device_times(fn, iters: int = 3) -> dict:
+    """Device time (us) per call of ``fn`` of each CUDA kernel it launches, largest first (after one warm-up call)."""
     from torch.profiler import ProfilerActivity, profile
 
-    variants = ours_variants(case.t, case.chunk_size)
-    out = {}
-    for name in names:
-        fwd_bwd = case.fwd_bwd(variants[name])
-        fwd_bwd()
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                fwd_bwd()
-            torch.cuda.synchronize()
-        times = {}
-        for ev in prof.key_averages():
-            us = getattr(ev, "device_time_total", None)
-            if us is None:
-                us = getattr(ev, "cuda_time_total", 0.0)
-            if us > 0:  # torch's kernel names share long prefixes: sum those that the cut makes equal
-                times[ev.key[:60]] = times.get(ev.key[:60], 0.0) + us / iters
-        out[name] = {k: round(v, 1) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
-    return out
+    times = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = getattr(ev, "cuda_time_total", 0.0)
+        if us > 0:  # torch's kernel names share long prefixes: sum those that the cut makes equal
+            times[ev.key[:60]] = times.get(ev.key[:60], 0.0) + us / iters
+    return {k: round(v, 1) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+
+
+def kernel_profile(case: Case, names: tuple, iters: int = 3) -> dict:
+    """Device time per fwd+bwd (us) of each CUDA kernel, per variant: where the h' + y' overhead goes."""
+    variants = ours_variants(case.t, case.chunk_size)
+    return {name: device_times(case.fwd_bwd(variants[name]), iters) for name in names}
 
 
 def print_profile(prof: dict) -> None:

@@ -30,7 +30,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ssd import make
+from bench_ssd import device_times, make
 
 from ssmtune.ops.ssd import fused as current
 from ssmtune.ops.ssd.naive import ssd_scan_ref
@@ -104,27 +104,10 @@ def times(mod, t: dict, dy: torch.Tensor) -> dict:
     return res
 
 
-def profile(mod, t: dict, dy: torch.Tensor, iters: int = 3) -> dict:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
-
+def profile(mod, t: dict, dy: torch.Tensor) -> dict:
+    """Device time (us) of each kernel per forward+backward with h' and y'."""
     leaves = list(t.values())
-
-    def step():
-        torch.autograd.grad(call(mod, t, "hy"), leaves, dy, allow_unused=True)
-
-    step()
-    torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-    out = {}
-    for ev in p.key_averages():
-        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
-        if us > 0:
-            out[ev.key[:50]] = out.get(ev.key[:50], 0.0) + us / iters
-    return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+    return device_times(lambda: torch.autograd.grad(call(mod, t, "hy"), leaves, dy, allow_unused=True))
 
 
 def apply(mod, cfg: dict) -> None:
@@ -200,7 +183,7 @@ def main() -> None:
         )
         print("\nus per fwd+bwd (hy), first shape: " + " | ".join(mods))
         for k in keys:
-            print(f"  {k:<50} " + " | ".join(f"{res['profile'][n].get(k, 0.0):8.1f}" for n in mods))
+            print(f"  {k:<60} " + " | ".join(f"{res['profile'][n].get(k, 0.0):8.1f}" for n in mods))
     for key, cfgs in res["sweep"].items():
         print(f"\nsweep {key} (fwd / fwd+bwd ms, bare | hy)")
         for c, v in cfgs.items():
