@@ -152,8 +152,8 @@ def test_ssd_scan_triton_state_offset_odd_sizes(seqlen, per_row):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_ssd_scan_triton_several_blocks_per_chunk(monkeypatch, dtype):
     """16-step blocks in 64-step chunks (the GPU runs 64-step blocks in 256-step chunks): the blocks below the
-    diagonal, the causal block skip and the C·Bᵀ tiles of ssd_chunk_cb_kernel read at an offset, which one block per
-    chunk (every other CPU case) never reaches. A ragged last chunk ends inside its second block."""
+    diagonal and the causal block skip of the chunk-scan kernels, which one block per chunk (every other CPU case)
+    never reaches. A ragged last chunk ends inside its second block."""
     blocks = fused._blocks
     monkeypatch.setattr(fused, "_blocks", lambda chunk, p, n: {**blocks(chunk, p, n), "BK": 16})
     inputs = make_inputs(2, 64 + 21, 4, 8, 16, 2, dtype, ALL, per_row=True)
