@@ -33,7 +33,7 @@ SRC = Path(__file__).resolve().parents[1] / "ssmtune/ops/selective_scan/fused.py
 
 
 def load(name: str, path: Path):
-    """Import the file at ``path`` as its own module ``name`` (a copy of fused.py with its own kernels and caches)."""
+    """Import the file at ``path`` as its own module ``name`` (a copy of a kernel file: its own kernels and caches)."""
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

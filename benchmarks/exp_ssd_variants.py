@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -31,19 +30,12 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ssd import device_times, make
+from exp_scan_variants import load
 
 from ssmtune.ops.ssd import fused as current
 from ssmtune.ops.ssd.naive import ssd_scan_ref
 
 FLAGS = ("bare", "h0", "hy")
-
-
-def load(name: str, path: Path):
-    """Import the file at ``path`` as its own module ``name`` (its own kernels and caches)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def call(mod, t: dict, flags: str, chunk: int = 256, final: bool = False):
