@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+TORCH_CONV_NORM = {"SSMTUNE_EXP_TORCH_CONV_NORM": "1"}
 CASES = {
     # name: (model, backend, extra env, teardown order)
     "mlp-linear-only": ("mlp", "auto", {}, "graph-first"),
@@ -36,6 +37,12 @@ CASES = {
     # as bench_train_step.py did: the cache emptied while the graph is alive (after the capture), then replays
     "mamba130-none-empty-while-alive": ("mamba130-none", "auto", {}, "empty-while-alive"),
     "mamba-auto-empty-while-alive": ("mamba", "auto", {}, "empty-while-alive"),
+    # the path that faulted in 2026-12: the Triton scan with torch's conv and norm (before the fused conv / norm
+    # kernels existed); model.backend would move the scan too, so SSMTUNE_EXP_TORCH_CONV_NORM re-points the ops' Triton
+    # entries at their torch implementations
+    "mamba130-none-torch-conv-norm": ("mamba130-none", "auto", TORCH_CONV_NORM, "graph-first"),
+    "mamba130-none-torch-conv-norm-empty-while-alive": ("mamba130-none", "auto", TORCH_CONV_NORM, "empty-while-alive"),
+    "mamba-torch-conv-norm": ("mamba", "auto", TORCH_CONV_NORM, "graph-first"),
 }
 
 
@@ -48,6 +55,10 @@ def child(model_kind: str, backend: str, order: str) -> None:
 
     if os.environ.get("SSMTUNE_EXP_NO_CUBLAS_CLEAR") == "1":
         graphs._clear_cublas_workspaces = torch.cuda.synchronize
+    if os.environ.get("SSMTUNE_EXP_TORCH_CONV_NORM") == "1":
+        for op in ("causal_conv1d", "rms_norm"):
+            ops._IMPLS[op]["triton"] = ops._IMPLS[op]["torch"]
+        ops._cache.clear()
     dev = torch.device("cuda")
     torch.manual_seed(0)
     if model_kind.startswith("mlp"):

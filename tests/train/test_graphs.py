@@ -35,15 +35,15 @@ def test_needs_cuda():
         GraphedStep(_noop, {"input_ids": torch.zeros(2, 3, dtype=torch.long)})
 
 
-def _model(kind: str, method: str) -> torch.nn.Module:
+def _model(kind: str, method: str, device: str = "cuda") -> torch.nn.Module:
     torch.manual_seed(0)
     if kind == "mamba":
         base = MambaForCausalLM(MambaConfig(d_model=64, n_layer=2, vocab_size=97))
     else:
         base = Mamba2ForCausalLM(Mamba2Config(d_model=64, n_layer=2, vocab_size=97, headdim=32, d_state=32))
-    base.backend = "triton"
+    base.backend = "triton" if device == "cuda" else "torch"
     cfg = StateOffsetConfig(variant="h") if method == "state_offset_h" else LoraConfig(r=4, target_modules=["in_proj"])
-    model = get_peft_model(base, cfg).cuda()
+    model = get_peft_model(base, cfg).to(device)
     for p in model.parameters():
         p.data = p.data.float() if p.requires_grad else p.data.to(torch.bfloat16 if p.ndim > 1 else p.dtype)
     return model.train()
@@ -152,6 +152,63 @@ def test_fit_with_cuda_graph_matches_eager_fit(tmp_path, kind):
     torch.testing.assert_close(torch.tensor(lg), torch.tensor(le), rtol=2e-2, atol=2e-2)
     for a, b in zip(pg, pe, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def _fit_run(out, kind: str, graph: bool, device: str = "cuda") -> tuple[int | None, list[int], list[float], list]:
+    """fit() State-offset (h) for 2 epochs of 6 steps, a checkpoint every 3 steps (all kept); returns the step it
+    resumed from, the logged steps, their losses and the trained adapter."""
+    import json
+
+    from tiny import collate, make_dataset
+
+    model = _model(kind, "state_offset_h", device)
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=3e-2, precision="bf16", progress=False, save_steps=3, keep_last=4,
+                      log_steps=1, seed=3, cuda_graph=graph, device=device)  # fmt: skip
+    res = fit(model, make_dataset(26), collate, config=cfg, out_dir=out, save_fn=None)
+    recs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    return (res.resumed_from, [r["step"] for r in recs], [r["loss"] for r in recs],
+            [p.detach().float().cpu().clone() for p in model.parameters() if p.requires_grad])  # fmt: skip
+
+
+def _drop_checkpoints_after(root, step: int) -> None:
+    """Delete the checkpoints after ``step`` (and the final adapter): the next fit resumes from ``step``."""
+    import shutil
+
+    from ssmtune.train.checkpoint import list_checkpoints
+
+    for c in list_checkpoints(root / "checkpoints"):
+        if int(c.name.split("-")[1]) > step:
+            shutil.rmtree(c)
+    shutil.rmtree(root / "final", ignore_errors=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("first_graph", [True, False], ids=["graphed-then-eager", "eager-then-graphed"])
+def test_resume_across_cuda_graph_modes(tmp_path, first_graph):
+    """A run checkpointed in one mode and resumed in the other (set_capturable converts AdamW's state either way) logs
+    each step once and ends with the adapter of an eager run that never stopped, within the graphed-vs-eager tolerance
+    of test_fit_with_cuda_graph_matches_eager_fit."""
+    _, ref_steps, ref_loss, ref_params = _fit_run(tmp_path / "ref", "mamba", graph=False)
+    _fit_run(tmp_path / "run", "mamba", graph=first_graph)
+    _drop_checkpoints_after(tmp_path / "run", 6)
+    resumed_from, steps, loss, params = _fit_run(tmp_path / "run", "mamba", graph=not first_graph)
+    assert resumed_from == 6 and steps == ref_steps == list(range(1, 13))
+    torch.testing.assert_close(torch.tensor(loss), torch.tensor(ref_loss), rtol=2e-2, atol=2e-2)
+    for a, b in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_resume_helpers_on_cpu(tmp_path):
+    """The mechanics of test_resume_across_cuda_graph_modes without a GPU (eager both times): the run resumes from
+    step 6 and ends bit-identical to one that never stopped."""
+    _, ref_steps, ref_loss, ref_params = _fit_run(tmp_path / "ref", "mamba", graph=False, device="cpu")
+    _fit_run(tmp_path / "run", "mamba", graph=False, device="cpu")
+    _drop_checkpoints_after(tmp_path / "run", 6)
+    resumed_from, steps, loss, params = _fit_run(tmp_path / "run", "mamba", graph=False, device="cpu")
+    assert resumed_from == 6 and steps == ref_steps == list(range(1, 13)) and loss == ref_loss
+    for a, b in zip(params, ref_params, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_restore_puts_parameters_and_optimizer_state_back():
