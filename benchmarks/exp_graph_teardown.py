@@ -37,7 +37,7 @@ CASES = {
     # as bench_train_step.py did: the cache emptied while the graph is alive (after the capture), then replays
     "mamba130-none-empty-while-alive": ("mamba130-none", "auto", {}, "empty-while-alive"),
     "mamba-auto-empty-while-alive": ("mamba", "auto", {}, "empty-while-alive"),
-    # the path that faulted in 2026-12: the Triton scan with torch's conv and norm (before the fused conv / norm
+    # the path that faulted on 2026-12-02: the Triton scan with torch's conv and norm (before the fused conv / norm
     # kernels existed); model.backend would move the scan too, so SSMTUNE_EXP_TORCH_CONV_NORM re-points the ops' Triton
     # entries at their torch implementations
     "mamba130-none-torch-conv-norm": ("mamba130-none", "auto", TORCH_CONV_NORM, "graph-first"),
