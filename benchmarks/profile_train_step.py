@@ -3,8 +3,11 @@
 Builds the variants of ``bench_train_step.py`` (same shapes, precision and step), runs ``--warmup`` steps, then
 profiles ``--steps`` steps with ``torch.profiler`` (CUDA activity only) and sums the device time of every kernel per
 step. Kernels are grouped into categories by name (``CATEGORIES``: the first pattern that matches wins) so that two
-stacks can be compared line by line. Prints, per variant: wall ms per step, GPU-busy ms per step, the categories and
-the top kernels; then a table of categories side by side. Raw: ``--out`` (JSON).
+stacks can be compared line by line. The kernels' timeline also gives the GPU's idle time between kernels: per step,
+how many kernels ran, how much idle time falls in gaps of each length (``GAP_BUCKETS_US``: many short gaps are the
+launch latency of small kernels, long ones a host that fell behind) and the longest gaps with the kernels on either
+side. Prints, per variant: wall ms per step, GPU-busy ms per step, the categories, the idle time and the top kernels;
+then a table of categories side by side. Raw: ``--out`` (JSON).
 
 GPU (with mamba_ssm's extension built as in ``scripts/gpu_call.sh``):
 
@@ -17,6 +20,7 @@ CPU smoke test:  PYTHONPATH=. python benchmarks/profile_train_step.py --tiny --d
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -44,6 +48,45 @@ CATEGORIES = [
     ("reduce", r"reduce|sum|Reduce"),
     ("elementwise", r"elementwise|vectorized|unrolled|silu|softplus|exp|mul|add"),
 ]
+
+
+# upper bounds (µs) of the gap-length buckets of idle_gaps(); the last bucket is open
+GAP_BUCKETS_US = (5, 20, 100, 1000)
+
+
+def idle_gaps(intervals: list[tuple[float, float, str]], steps: int, top: int = 10) -> dict:
+    """The idle time between ``intervals`` ((start µs, end µs, kernel name), any order), per step: the span from the
+    first start to the last end, the busy time (the union of the intervals), the number of intervals and of gaps and
+    the idle ms in each bucket of ``GAP_BUCKETS_US``, and the ``top`` longest gaps with the kernels before and after."""
+    iv = sorted(intervals)
+    if not iv:
+        return {"kernels": 0, "span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "buckets": {}, "largest": []}
+    edges = (0.0, *GAP_BUCKETS_US, float("inf"))
+    labels = [f"{lo:g}-{hi:g} us" if hi != float("inf") else f">{lo:g} us" for lo, hi in itertools.pairwise(edges)]
+    buckets = {lab: [0.0, 0.0] for lab in labels}  # gaps per step, idle ms per step
+    gaps = []
+    busy, (cur_s, cur_e, last) = 0.0, iv[0]
+    for s, e, name in iv[1:]:
+        if s > cur_e:  # a gap: the GPU ran nothing between cur_e and s
+            busy += cur_e - cur_s
+            g = s - cur_e
+            gaps.append((g, last, name))
+            i = next(k for k in range(len(labels)) if g <= edges[k + 1])
+            buckets[labels[i]][0] += 1 / steps
+            buckets[labels[i]][1] += g / 1e3 / steps
+            cur_s, cur_e, last = s, e, name
+        elif e >= cur_e:
+            cur_e, last = e, name
+    busy += cur_e - cur_s
+    span = cur_e - iv[0][0]
+    return {
+        "kernels": len(iv) / steps,
+        "span_ms": span / 1e3 / steps,
+        "busy_ms": busy / 1e3 / steps,
+        "idle_ms": (span - busy) / 1e3 / steps,
+        "buckets": {k: {"gaps": round(n, 1), "ms": ms} for k, (n, ms) in buckets.items()},
+        "largest": [{"us": g, "before": a[:80], "after": b[:80]} for g, a, b in sorted(gaps, reverse=True)[:top]],
+    }
 
 
 def category(name: str) -> str:
@@ -82,14 +125,14 @@ def profile(v: bts.Variant, args: argparse.Namespace, device: torch.device) -> d
         step()
     bts.sync(device)
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    # CUDA activity only on the GPU: tracing the CPU ops would slow the host down and add idle time of its own
+    acts = [torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(args.steps):
             step()
         bts.sync(device)
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    intervals = []
     for ev in prof.events():
         # device kernels on CUDA; on the CPU smoke test, the top-level aten ops stand in for them
         if device.type == "cuda":
@@ -103,6 +146,7 @@ def profile(v: bts.Variant, args: argparse.Namespace, device: torch.device) -> d
         k = per_kernel[ev.name]
         k[0] += us / 1e3 / args.steps
         k[1] += 1 / args.steps
+        intervals.append((ev.time_range.start, ev.time_range.end, ev.name))
     cats: dict[str, float] = defaultdict(float)
     for name, (ms, _) in per_kernel.items():
         cats[category(name)] += ms
@@ -115,6 +159,7 @@ def profile(v: bts.Variant, args: argparse.Namespace, device: torch.device) -> d
         "detail": detail,
         "wall_ms": wall_ms,
         "busy_ms": busy,
+        "timeline": idle_gaps(intervals, args.steps),
         "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
         "top": [{"name": n[:120], "ms": ms, "calls": calls} for n, (ms, calls) in top],
     }
@@ -152,6 +197,14 @@ def main() -> None:
         )
         for cat, ms in r["categories"].items():
             print(f"  {cat:28s} {ms:8.2f} ms")
+        tl = r["timeline"]
+        print(
+            f"  timeline: {tl['kernels']:.0f} kernels, span {tl['span_ms']:.1f} ms, idle {tl['idle_ms']:.1f} ms a step"
+        )
+        for lab, b in tl["buckets"].items():
+            print(f"    gaps {lab:>12s}: {b['gaps']:8.1f} per step, {b['ms']:7.2f} ms")
+        for g in tl["largest"][:5]:
+            print(f"    gap {g['us']:9.1f} us  after {g['before']}  before {g['after']}")
         print("  top kernels:")
         for k in r["top"]:
             print(f"    {k['ms']:8.2f} ms {k['calls']:6.1f}x  {k['name']}")
@@ -165,6 +218,8 @@ def main() -> None:
         for c in cats:
             print(f"| {c} | " + " | ".join(f"{r['categories'].get(c, 0.0):.2f}" for r in ok) + " |")
         print("| GPU busy | " + " | ".join(f"{r['busy_ms']:.2f}" for r in ok) + " |")
+        print("| GPU idle (profiled) | " + " | ".join(f"{r['timeline']['idle_ms']:.2f}" for r in ok) + " |")
+        print("| kernels | " + " | ".join(f"{r['timeline']['kernels']:.0f}" for r in ok) + " |")
         print("| wall | " + " | ".join(f"{r['wall_ms']:.2f}" for r in ok) + " |")
 
 
