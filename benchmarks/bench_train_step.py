@@ -165,7 +165,7 @@ def method_config(method: str, model: str, targets: list[str] | None = None):
     if method == "initial_state":
         return InitialStateConfig()
     if method == "lora":
-        return LoraConfig(r=8, alpha=8, target_modules=targets or LORA_TARGETS[model])
+        return LoraConfig(r=8, lora_alpha=8, target_modules=targets or LORA_TARGETS[model])
     if method == "prefix":
         return PrefixTuningConfig(num_virtual_tokens=PREFIX_TOKENS)
     raise ValueError(f"unknown method {method!r}; known: {METHODS}")

@@ -39,7 +39,7 @@ METHODS = {
     "state_offset_h": ("state_offset", {"variant": "h"}, "State-offset Tuning (h), METHODS.md §4.1"),
     "state_offset_y": ("state_offset", {"variant": "y"}, "State-offset Tuning (y), METHODS.md §4.2"),
     "initial_state": ("initial_state", {}, "Initial State Tuning, METHODS.md §4.3"),
-    "lora": ("lora", {"r": 8, "alpha": 8, "target_modules": ["x_proj", "dt_proj"]},
+    "lora": ("lora", {"r": 8, "lora_alpha": 8, "target_modules": ["x_proj", "dt_proj"]},
              "LoRA on the S6 projections x_proj + dt_proj (the [SOT] 'LoRA (S6)' column), METHODS.md §4.6"),
     "additional_scan": ("additional_scan", {}, "Additional-scan, METHODS.md §4.8"),
     "prefix": ("prefix", {"num_virtual_tokens": VIRTUAL_TOKENS}, "Prefix-Tuning, METHODS.md §4.4"),
@@ -94,7 +94,7 @@ def render(model: str, task: str, method: str) -> str:
         lines.append("method_args:")
         for k, v in options.items():
             value = "[" + ", ".join(v) + "]" if isinstance(v, list) else v
-            note = NOT_PUBLISHED if k in ("r", "alpha", "num_virtual_tokens") else ""
+            note = NOT_PUBLISHED if k in ("r", "lora_alpha", "num_virtual_tokens") else ""
             lines.append(f"  {k}: {value}{note}")
     lines += ["data:", f"  task: {task}", f"  data_dir: data/{task}  # local files: train/validation[/test]"]
     if task == "spider":

@@ -22,8 +22,9 @@ __all__ = [
     "load_model",
 ]
 
+from .core import io as _io
 from .core.config import AdapterConfig
-from .core.io import export_peft_lora, load_adapter, save_adapter
+from .core.io import export_peft_lora
 from .core.peft_model import PeftModel, get_peft_model
 from .core.registry import known_methods, register_method
 from .methods import (
@@ -61,3 +62,26 @@ __all__ += [
     "save_adapter",
     "sdt_select",
 ]
+
+
+def save_adapter(model, directory, adapter_name=None):
+    """Deprecated: use ``PeftModel.save_pretrained(directory, adapter_name)``."""
+    import warnings
+
+    warnings.warn(
+        "ssmtune.save_adapter() is deprecated; use PeftModel.save_pretrained()", DeprecationWarning, stacklevel=2
+    )
+    _io.save_adapter(model, directory, adapter_name=adapter_name)
+
+
+def load_adapter(model, directory, adapter_name="default", *, is_trainable=False):
+    """Deprecated: use ``PeftModel.from_pretrained(model, directory, adapter_name)`` (or ``PeftModel.load_adapter``
+    to add an adapter to a PeftModel)."""
+    import warnings
+
+    warnings.warn(
+        "ssmtune.load_adapter() is deprecated; use PeftModel.from_pretrained() or PeftModel.load_adapter()",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return _io.load_adapter(model, directory, adapter_name, is_trainable=is_trainable)

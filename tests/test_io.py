@@ -13,14 +13,15 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent / "methods"))
 from _peft_cases import CASES, perturb, tiny_model
 
-from ssmtune import AdapterConfig, LoraConfig, StateOffsetConfig, get_peft_model, load_adapter
+import ssmtune
+from ssmtune import AdapterConfig, LoraConfig, PeftModel, StateOffsetConfig, get_peft_model
 from ssmtune.core.registry import get_method
 
 
 def _saved(tmp_path: Path, arch: str = "m1", config=None) -> Path:
     model = get_peft_model(tiny_model(arch), config or StateOffsetConfig())
     perturb(model)
-    model.save_adapter(tmp_path)
+    model.save_pretrained(tmp_path)
     return tmp_path
 
 
@@ -38,7 +39,7 @@ def test_files_and_metadata(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert meta["base_model"]["model_type"] == "mamba"
-    assert meta["methods"] == [{"method": "state_offset", "layers": None, "variant": "h", "rank": None, "r_ratio": 1}]
+    assert meta["methods"] == [{"method": "state_offset", "layers_to_transform": None, "variant": "h", "rank": None, "r_ratio": 1}]
     keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
     assert keys == [f"backbone.layers.{i}.mixer.state_offset_h.h_off" for i in range(2)]
 
@@ -51,7 +52,7 @@ def test_files_and_metadata(tmp_path):
 def test_wrong_base_refused(tmp_path, arch, kw):
     _saved(tmp_path)
     with pytest.raises(ValueError, match="different base model"):
-        load_adapter(tiny_model(arch, **kw), tmp_path)
+        PeftModel.from_pretrained(tiny_model(arch, **kw), tmp_path)
 
 
 def test_corrupt_or_missing_weights_refused(tmp_path):
@@ -59,15 +60,15 @@ def test_corrupt_or_missing_weights_refused(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt adapter weights"):
-        load_adapter(tiny_model("m1"), tmp_path)
+        PeftModel.from_pretrained(tiny_model("m1"), tmp_path)
     path.write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="corrupt adapter weights"):
-        load_adapter(tiny_model("m1"), tmp_path)
+        PeftModel.from_pretrained(tiny_model("m1"), tmp_path)
     path.unlink()
     with pytest.raises(ValueError, match="missing adapter weights"):
-        load_adapter(tiny_model("m1"), tmp_path)
+        PeftModel.from_pretrained(tiny_model("m1"), tmp_path)
     with pytest.raises(ValueError, match="no adapter_config.json"):
-        load_adapter(tiny_model("m1"), tmp_path / "nowhere")
+        PeftModel.from_pretrained(tiny_model("m1"), tmp_path / "nowhere")
 
 
 def test_mismatching_tensors_refused(tmp_path):
@@ -78,20 +79,77 @@ def test_mismatching_tensors_refused(tmp_path):
     tensors["backbone.layers.0.mixer.state_offset_h.h_off"] = torch.zeros(3, 3)
     save_file(tensors, path)
     with pytest.raises(ValueError, match="shapes do not match"):
-        load_adapter(tiny_model("m1"), tmp_path)
+        PeftModel.from_pretrained(tiny_model("m1"), tmp_path)
     del tensors["backbone.layers.0.mixer.state_offset_h.h_off"]
     save_file(tensors, path)
     base = tiny_model("m1")
     with pytest.raises(ValueError, match="missing"):
-        load_adapter(base, tmp_path)
+        PeftModel.from_pretrained(base, tmp_path)
     assert not any(len(m.state_hooks) for _, m in base.mixers())  # a failed load leaves the model clean
 
 
 def test_load_into_existing_peft_model(tmp_path):
     _saved(tmp_path)
     model = get_peft_model(tiny_model("m1"), LoraConfig(r=2, target_modules=["out_proj"]))
-    model = load_adapter(model, tmp_path, adapter_name="offset")
-    assert model.adapter_names == ["default", "offset"] and model.active_adapters == ["offset"]
+    model.load_adapter(tmp_path, adapter_name="offset")  # as in peft: added, the active adapter stays
+    assert model.adapter_names == ["default", "offset"] and model.active_adapters == ["default"]
+    with pytest.raises(TypeError, match="load_adapter"):
+        PeftModel.from_pretrained(model, tmp_path, adapter_name="again")
+
+
+def test_deprecated_top_level_functions(tmp_path):
+    model = get_peft_model(tiny_model("m1"), StateOffsetConfig())
+    with pytest.warns(DeprecationWarning, match="PeftModel.save_pretrained"):
+        ssmtune.save_adapter(model, tmp_path)
+    peft = get_peft_model(tiny_model("m1"), LoraConfig(r=2, target_modules=["out_proj"]))
+    with pytest.warns(DeprecationWarning, match="PeftModel.from_pretrained"):
+        peft = ssmtune.load_adapter(peft, tmp_path, adapter_name="offset")
+    assert peft.adapter_names == ["default", "offset"] and peft.active_adapters == ["offset"]
+
+
+def test_deprecated_methods_warn_and_work(tmp_path):
+    model = get_peft_model(tiny_model("m1"), StateOffsetConfig())
+    perturb(model)
+    with pytest.warns(DeprecationWarning, match="save_pretrained"):
+        model.save_adapter(tmp_path / "old")
+    model.save_pretrained(tmp_path / "new")
+    for f in ("adapter_model.safetensors",):
+        assert load_file(tmp_path / "old" / f).keys() == load_file(tmp_path / "new" / f).keys()
+    ids = torch.randint(0, 37, (1, 5))
+    with model.disable_adapter():
+        base = model(ids).logits
+    with pytest.warns(DeprecationWarning, match="disable_adapter\\(\\)"), model.disable_adapters():
+        assert torch.equal(model(ids).logits, base)
+    assert not torch.equal(model(ids).logits, base)
+
+
+def test_lora_peft_field_names_and_old_aliases(tmp_path):
+    cfg = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, layers_to_transform=[1])
+    with pytest.warns(DeprecationWarning, match="LoraConfig.alpha is deprecated; use lora_alpha"):
+        old = LoraConfig(r=2, alpha=4, dropout=0.1, layers=[1])
+    assert old == cfg and cfg.to_dict()["lora_alpha"] == 4 and "alpha" not in cfg.to_dict()
+    with pytest.warns(DeprecationWarning, match="lora_dropout"):
+        assert cfg.dropout == 0.1
+    with pytest.raises(ValueError, match="not both"):
+        LoraConfig(alpha=4, lora_alpha=4)
+    with pytest.warns(DeprecationWarning, match="layers_to_transform"):
+        assert AdapterConfig.from_dict({"method": "state_offset", "layers": [0]}).layers_to_transform == [0]
+
+
+def test_old_adapter_config_with_alpha_loads(tmp_path):
+    model = get_peft_model(tiny_model("m1"), LoraConfig(r=2, lora_alpha=4, target_modules=["in_proj"]))
+    perturb(model)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    (m,) = meta["methods"]
+    m["alpha"], m["dropout"], m["layers"] = m.pop("lora_alpha"), m.pop("lora_dropout"), m.pop("layers_to_transform")
+    path.write_text(json.dumps(meta))  # the file an older ssmtune wrote
+    ids = torch.randint(0, 37, (1, 5))
+    with pytest.warns(DeprecationWarning, match="lora_alpha"):
+        loaded = PeftModel.from_pretrained(tiny_model("m1"), tmp_path)
+    assert loaded.peft_config["default"][0].lora_alpha == 4
+    assert torch.allclose(loaded(ids).logits, model(ids).logits)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -105,13 +163,15 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     model = get_peft_model(tiny_model("m1"), StateOffsetConfig())
     with pytest.raises(OSError, match="disk full"):
-        model.save_adapter(tmp_path)
+        model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_export_peft_lora(tmp_path):
-    model = get_peft_model(tiny_model("m1"), LoraConfig(r=2, alpha=4, target_modules=["in_proj", "x_proj"], layers=[1]))
+    model = get_peft_model(
+        tiny_model("m1"), LoraConfig(r=2, lora_alpha=4, target_modules=["in_proj", "x_proj"], layers_to_transform=[1])
+    )
     perturb(model)
     model.export_peft_lora(tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -142,7 +202,7 @@ def test_unknown_names_are_listed():
     with pytest.raises(ValueError, match=r"\['x_proj.B'\] are not Mamba-2 targets"):
         get_peft_model(tiny_model("m2"), LoraConfig(target_modules=["x_proj.B"]))
     with pytest.raises(ValueError, match=r"layer indices \[5\] out of range"):
-        get_peft_model(tiny_model("m1"), StateOffsetConfig(layers=[5]))
+        get_peft_model(tiny_model("m1"), StateOffsetConfig(layers_to_transform=[5]))
     with pytest.raises(ValueError, match="variant must be 'h' or 'y', got 'z'"):
         StateOffsetConfig(variant="z")
 
@@ -170,7 +230,7 @@ def test_export_loads_in_real_peft(tmp_path, arch, targets):
     torch.manual_seed(0)
     hf = _hf_tiny(arch)
     hf.save_pretrained(tmp_path / "base")
-    ours = get_peft_model(load_model(tmp_path / "base"), LoraConfig(r=4, alpha=8, target_modules=targets))
+    ours = get_peft_model(load_model(tmp_path / "base"), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     perturb(ours, scale=1.0)
     if targets == ["dt_proj"]:
         with pytest.warns(UserWarning, match="dt_proj"):
@@ -182,7 +242,7 @@ def test_export_loads_in_real_peft(tmp_path, arch, targets):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a, b = ours(ids).logits, theirs(ids).logits
-        with ours.disable_adapters():
+        with ours.disable_adapter():
             bare = ours(ids).logits
     effect = (a - bare).abs().max().item()
     assert effect > 1e-3, effect  # the adapter changes our output, well above the tolerances below

@@ -63,3 +63,10 @@ def test_sot_learning_rates_spot_check():
     assert gen.hyper("mamba-1.4b", "spider", "initial_state")[:3] == (1e-3, 10, 2)
     assert gen.hyper("mamba-1.4b", "samsum", "full")[:3] == (4e-5, 10, 4)
     assert gen.hyper("mamba-130m", "mrpc", "bitfit")[:3] == (4e-3, 10, 4)
+
+
+def test_old_lora_option_names_still_load():
+    """Recipes written before the peft field names (alpha, dropout, layers) keep working, with a warning."""
+    with pytest.warns(DeprecationWarning, match="use lora_alpha"):
+        (cfg,) = make_adapter_configs("lora", {"r": 8, "alpha": 16, "layers": [0], "target_modules": ["x_proj"]})
+    assert cfg.lora_alpha == 16 and cfg.layers_to_transform == [0]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ssmtune.cli import commands
-from ssmtune.serve import cli as serve_cli
+from ssmtune.cli import serve as serve_cli
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "train": commands.train,

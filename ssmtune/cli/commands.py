@@ -59,6 +59,7 @@ def make_adapter_configs(method: str, method_args: dict[str, Any]) -> list | Non
     from ssmtune.core.registry import get_method
 
     cls = get_method(name).config_cls
+    method_args = cls.rename_deprecated(method_args)  # recipes written before the peft names still load
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(method_args) - set(valid))
     if unknown:
@@ -149,9 +150,9 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     from ssmtune.data import Collator, get_task, load_examples, tokenize_examples
     from ssmtune.eval.evaluate import evaluate, load_eval_dataset
     from ssmtune.train import fit
-    from ssmtune.train.distributed import atomic_write_text
     from ssmtune.train.loop import check_resume
     from ssmtune.train.plots import plot_run
+    from ssmtune.utils.io import atomic_write_text
 
     validate_train_args(args)
     run_dir = Path(args.out_dir) / _run_name(args)
@@ -404,7 +405,7 @@ def pretrain(args: PretrainArgs) -> Path:
     collate = Collator(tok.pad_token_id)
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
-        from ssmtune.train.loop import token_loss
+        from ssmtune.models.lm import token_loss
 
         dev = next(m.parameters()).device
         total, count = 0.0, 0
@@ -437,9 +438,9 @@ def bench(args: BenchArgs) -> int:
 
 
 def demo(argv: list[str]) -> Any:
-    """The guided demo (owned by ssmtune.demo)."""
+    """The guided demo (ssmtune.cli.demo)."""
     import inspect
 
-    from ssmtune.demo import main as demo_main
+    from ssmtune.cli.demo import main as demo_main
 
     return demo_main(argv) if inspect.signature(demo_main).parameters else demo_main()

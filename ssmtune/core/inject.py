@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .hooks import InputHook, StateHook
+from ..models.hooks import InputHook, StateHook
 
 _ATTACH = "_ssmtune_attach"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.loading import atomic_write
+from ..utils.io import atomic_write
 from .config import AdapterConfig
 from .peft_model import PeftModel, get_peft_model
 
@@ -192,11 +192,11 @@ def export_peft_lora(model: PeftModel, directory: str | os.PathLike, adapter_nam
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None,
         "r": cfg.r,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
         "target_modules": sorted(modules),
-        "layers_to_transform": cfg.layers,
-        "layers_pattern": "layers" if cfg.layers is not None else None,
+        "layers_to_transform": cfg.layers_to_transform,
+        "layers_pattern": "layers" if cfg.layers_to_transform is not None else None,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

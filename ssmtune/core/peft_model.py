@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from ..models.hooks import StateHook
 from . import inject as _inject
 from .config import AdapterConfig
-from .hooks import StateHook
 from .registry import spec_for
 from .routing import ADAPTER_ATTR, ROUTING_ATTR, RoutedLM, Routing
 
@@ -174,9 +175,27 @@ class PeftModel(nn.Module):
                     p.requires_grad_(on and name not in self._frozen)
         self.active_adapters = names
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        directory: str | os.PathLike,
+        adapter_name: str = "default",
+        *,
+        is_trainable: bool = False,
+    ) -> PeftModel:
+        """Wrap the base ``model`` with the adapter saved in ``directory`` (peft's ``PeftModel.from_pretrained``).
+
+        The adapter is the active one; its tensors stay frozen unless ``is_trainable``."""
+        from .io import load_adapter
+
+        if isinstance(model, PeftModel):
+            raise TypeError("from_pretrained takes the base model; use load_adapter() to add an adapter to a PeftModel")
+        return load_adapter(model, directory, adapter_name, is_trainable=is_trainable)
+
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str, *, is_trainable: bool = False) -> None:
-        """Add the adapter saved in ``directory`` under ``adapter_name``; the active adapters stay as they are
-        (``is_trainable`` matters once it is made active with ``set_adapter``)."""
+        """Add the adapter saved in ``directory`` under ``adapter_name`` (as in peft): the active adapters stay as
+        they are (``is_trainable`` matters once it is made active with ``set_adapter``)."""
         from .io import load_adapter
 
         active = list(self.active_adapters)
@@ -197,8 +216,13 @@ class PeftModel(nn.Module):
         self._frozen.discard(name)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
+    def disable_adapters(self) -> contextlib.AbstractContextManager[None]:
+        """Deprecated name of ``disable_adapter``."""
+        warnings.warn("PeftModel.disable_adapters() is deprecated; use disable_adapter()", DeprecationWarning, 2)
+        return self.disable_adapter()
+
     @contextlib.contextmanager
-    def disable_adapters(self) -> Iterator[None]:
+    def disable_adapter(self) -> Iterator[None]:
         """Context manager: inside it the model computes the base model's output."""
         flags = [(m, m.active) for modules in self._adapters.values() for m in modules.values()]
         self._disabled = True
@@ -286,7 +310,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"merge_and_unload: methods {blockers} cannot be merged into the base weights")
         if self._disabled:
             # merging skips inactive deltas, so merging here would silently drop the adapters
-            raise ValueError("merge_and_unload: adapters are disabled (inside disable_adapters()); merge outside it")
+            raise ValueError("merge_and_unload: adapters are disabled (inside disable_adapter()); merge outside it")
         for name in list(self._adapters):
             if name not in self.active_adapters:
                 self.delete_adapter(name)
@@ -333,11 +357,17 @@ class PeftModel(nn.Module):
         with self.route(adapter_names) as routing:
             return generate(RoutedLM(self.base_model, routing), *args, **kwargs)
 
-    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter."""
+    def save_pretrained(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter (default: the single active
+        one); ``PeftModel.from_pretrained`` reads it back."""
         from .io import save_adapter
 
         save_adapter(self, directory, adapter_name=adapter_name)
+
+    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Deprecated name of ``save_pretrained``."""
+        warnings.warn("PeftModel.save_adapter() is deprecated; use save_pretrained()", DeprecationWarning, 2)
+        self.save_pretrained(directory, adapter_name)
 
     def export_peft_lora(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
         """Write a pure-LoRA adapter in Hugging Face peft's format (whole-module targets only)."""

@@ -3,6 +3,9 @@
 ``inject_fn(model, config, *, adapter_name) -> dict[str, nn.Module]`` attaches the method's adapter modules to ``model``
 (with the primitives of ``core/inject.py``) and returns them keyed by a path that does not contain the adapter name.
 Every trainable tensor of the method lives in those modules.
+
+The built-in methods register themselves when ``ssmtune`` imports ``ssmtune.methods`` (importing any ``ssmtune``
+module runs the package's ``__init__`` first), so this module imports no method.
 """
 
 from __future__ import annotations
@@ -38,19 +41,12 @@ def register_method(config_cls: type[AdapterConfig], inject_fn: InjectFn) -> Non
     _METHODS[name] = MethodSpec(name, config_cls, inject_fn)
 
 
-def _ensure_builtin() -> None:
-    # The built-in methods register on import of ssmtune.methods; import it lazily to keep core free of cycles.
-    import ssmtune.methods  # noqa: F401
-
-
 def known_methods() -> list[str]:
-    _ensure_builtin()
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> MethodSpec:
     """Look a method up by name; an unknown name raises ValueError listing the known ones."""
-    _ensure_builtin()
     if name not in _METHODS:
         raise ValueError(f"unknown PEFT method {name!r}; known methods: {sorted(_METHODS)}")
     return _METHODS[name]

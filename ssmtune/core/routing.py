@@ -3,7 +3,8 @@
 ``PeftModel.route(adapter_names)`` attaches a ``Routing`` to the routable modules of every adapter: the state hooks
 and the LoRA/DoRA deltas.
 
-- State hooks: ``collect_state`` calls ``routed_state`` instead of summing the hooks: each field (h0, conv0, h', y')
+- State hooks: ``models.hooks.collect_state`` finds the ``Routing`` on the hooks (``COLLECTOR_ATTR``) and calls
+  ``Routing.collect_state`` (``routed_state``) instead of summing the hooks: each field (h0, conv0, h', y')
   becomes a [B, ...] tensor whose row b holds the contribution of the adapter named for row b, zeros for ``None``
   rows. The ops take a leading batch axis on all four, so the mixers, the kernels and the cache are the ones of a
   plain forward.
@@ -26,11 +27,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .hooks import MergedState, StateHook, _add
+from ..models.hooks import COLLECTOR_ATTR, MergedState, StateHook, add_optional
 
 # Attribute names set on hooks (plain attributes, never submodules).
 ADAPTER_ATTR = "_ssmtune_adapter"
-ROUTING_ATTR = "_ssmtune_routing"
+ROUTING_ATTR = COLLECTOR_ATTR  # the hooks' collect_state finds the Routing there and calls Routing.collect_state
 _FIELDS = ("h0", "conv0", "h_off", "y_off")
 
 
@@ -68,6 +69,10 @@ class Routing:
     def as_adapter(self, adapter: str) -> contextlib.AbstractContextManager[None]:
         """Within the block, a one-row forward is routed to ``adapter`` (a Prefix adapter's pass over its tokens)."""
         return self.select([self.names.index(adapter)])
+
+    def collect_state(self, hooks: Sequence[StateHook], batch_size: int, *, initial: bool = True) -> MergedState:
+        """The state collector protocol of ``models/hooks.py``: ``collect_state`` delegates here under a routing."""
+        return routed_state(hooks, batch_size, self, initial=initial)
 
     def slot_index(self, batch_size: int) -> torch.Tensor:
         """Slot of each row of the current forward, [batch_size] (CPU)."""
@@ -149,10 +154,10 @@ def routed_state(hooks: Sequence[StateHook], batch_size: int, routing: Routing, 
             # a Prefix hook runs its mixer on one row of virtual tokens: the LoRA deltas of its own adapter (only)
             # must apply there, as when that adapter is active alone
             with contextlib.nullcontext() if name is None else routing.as_adapter(name):
-                target.h0 = _add(target.h0, hook.initial_state(batch_size))
-                target.conv0 = _add(target.conv0, hook.initial_conv_state(batch_size))
-        target.h_off = _add(target.h_off, hook.state_offset())
-        target.y_off = _add(target.y_off, hook.output_offset())
+                target.h0 = add_optional(target.h0, hook.initial_state(batch_size))
+                target.conv0 = add_optional(target.conv0, hook.initial_conv_state(batch_size))
+        target.h_off = add_optional(target.h_off, hook.state_offset())
+        target.y_off = add_optional(target.y_off, hook.output_offset())
         for f in _FIELDS:
             if f not in shapes and getattr(target, f) is not None:
                 shapes[f] = _expected_shape(hook, f)
@@ -160,16 +165,8 @@ def routed_state(hooks: Sequence[StateHook], batch_size: int, routing: Routing, 
     for f in _FIELDS:
         values = {s: getattr(ms, f) for s, ms in per_slot.items() if getattr(ms, f) is not None}
         routed = _gather(values, shapes.get(f), idx) if values else None
-        setattr(merged, f, _add(routed, getattr(shared, f)))
+        setattr(merged, f, add_optional(routed, getattr(shared, f)))
     return merged
-
-
-def routing_of(hooks: Sequence[StateHook]) -> Routing | None:
-    for hook in hooks:
-        r = getattr(hook, ROUTING_ATTR, None)
-        if r is not None:
-            return r
-    return None
 
 
 class RoutedLM:

@@ -23,7 +23,7 @@ from torch import nn
 from ssmtune.data import Collator, TaskConfig, TokenizedDataset, get_task, load_examples, tokenize_examples
 from ssmtune.eval.generation import complete
 from ssmtune.eval.metrics import GLUE_NUM_LABELS, generation_scores, glue_score
-from ssmtune.train.loop import token_loss
+from ssmtune.models.lm import token_loss
 
 
 @dataclass(kw_only=True)

@@ -273,6 +273,9 @@ def causal_lm_for(config: SSMConfig, *, init: bool = True) -> SSMForCausalLM:
     return cls(config, init=init)
 
 
+IGNORE_INDEX = -100  # the label of positions without a target (the HF convention)
+
+
 def causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, backend: str = "auto", reduction: str = "mean"
 ) -> torch.Tensor:
@@ -285,6 +288,25 @@ def causal_lm_loss(
     return ops.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), reduction=reduction, backend=backend
     )
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropy over target positions and their count; position t predicts labels[t + 1].
+
+    logits: [B, L, V]; labels: [B, L] with IGNORE_INDEX where there is no target (the HF convention).
+    """
+    return token_loss_sum(logits, labels), count_targets(labels)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of ``token_loss`` alone: no host synchronisation (CUDA-graph safe)."""
+    # the models' own loss (labels shifted, not logits sliced; fp32 from the logits' dtype), summed
+    return causal_lm_loss(logits, labels, reduction="sum")
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Target positions of ``labels`` (those that some position predicts, i.e. not ``IGNORE_INDEX``)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def last_token_index(attention_mask: torch.Tensor | None, batch: int, seqlen: int, device) -> torch.Tensor:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..utils.io import atomic_write
 from .config import SSMConfig
 from .convert import (
     check_state_dict,
@@ -184,21 +184,6 @@ def load_model(
     model.load_state_dict(sd, strict=not config.tie_embeddings)
     model.tokenizer = _load_tokenizer(folder)
     return model.eval()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` (no half-written files).
-
-    ``write(tmp_path)`` writes the content; checkpoints, models and adapters all go through here."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_pretrained(model: SSMForCausalLM, save_directory: str | os.PathLike) -> None:

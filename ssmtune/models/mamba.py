@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..core.hooks import MergedState, collect_state
 from .cache import LayerCache
 from .config import MambaConfig
+from .hooks import MergedState, collect_state
 
 
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..core.hooks import MergedState, collect_state
 from .cache import LayerCache
 from .config import Mamba2Config
+from .hooks import MergedState, collect_state
 from .mamba import _inverse_softplus, mask_padding, sample_dt
 
 

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ssmtune.utils.io import replace_dir
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -111,19 +113,9 @@ def save_checkpoint(
     tmp.mkdir()
     save_file(trainable_state_dict(model) if tensors is None else tensors, str(tmp / "trainable.safetensors"))
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
-    # file contents reach the disk before the rename publishes them (a power loss must not leave empty files)
-    for f in ("trainable.safetensors", "state.pt"):
-        _fsync_file(tmp / f)
-    _fsync_dir(tmp)
-    if final.exists():
-        # The same step again (a resumed run that re-saves): replace the old folder as a whole.
-        old = root / f".old-step-{step:08d}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+    # file contents reach the disk before the rename publishes them (a power loss must not leave empty files);
+    # the same step again (a resumed run that re-saves) replaces the old folder as a whole
+    replace_dir(tmp, final)
     for stale in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
     # Leftovers of runs killed mid-write.
@@ -150,21 +142,3 @@ def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
         for n, t in tensors.items():
             (params[n] if n in params else buffers[n]).copy_(t)
     return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

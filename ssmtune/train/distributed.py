@@ -382,17 +382,6 @@ def save_unsharded(
     return result
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary file and ``os.replace``: readers see the old or the new file whole."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def main_first(ctx: DistContext) -> Iterator[None]:
     """Rank 0 runs the block first (e.g. to create folders or download), the others after it."""

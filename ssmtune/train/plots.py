@@ -10,8 +10,16 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from ssmtune.utils.io import atomic_write
 
-def _pyplot():
+
+def save_figure(fig, path: str | Path) -> None:
+    """``fig.savefig`` through a temporary file (the format follows ``path``'s suffix, default png)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=fmt))
+
+
+def pyplot():
     try:
         import matplotlib
 
@@ -36,7 +44,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     records = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in records if r["type"] == "train"]
     evals = [r for r in records if r["type"] == "eval"]
-    if not train or (plt := _pyplot()) is None:
+    if not train or (plt := pyplot()) is None:
         return []
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -49,7 +57,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=100)
+    save_figure(fig, run_dir / "loss.png")
     plt.close(fig)
     written.append(run_dir / "loss.png")
     keys = sorted({k for r in evals for k, v in r.items() if isinstance(v, (int, float))} - {"step", "epoch", "loss"})
@@ -63,7 +71,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(run_dir / "eval.png", dpi=100)
+        save_figure(fig, run_dir / "eval.png")
         plt.close(fig)
         written.append(run_dir / "eval.png")
     return written
@@ -73,7 +81,7 @@ def plot_comparison(
     names: Sequence[str], params: Sequence[float], scores: Sequence[float], *, metric: str, path: str | Path
 ) -> Path | None:
     """Score vs trainable parameters (log x), one labelled point per run."""
-    if (plt := _pyplot()) is None:
+    if (plt := pyplot()) is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, x, y in zip(names, params, scores, strict=True):
@@ -84,6 +92,6 @@ def plot_comparison(
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     return Path(path)

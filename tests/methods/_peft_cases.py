@@ -78,14 +78,17 @@ M2_LORA_ALL = ["in_proj.z", "in_proj.x", "in_proj.B", "in_proj.C", "in_proj.dt",
 CASES = [
     Case("state_offset_h", lambda: StateOffsetConfig()),
     Case("state_offset_y", lambda: StateOffsetConfig(variant="y")),
-    Case("state_offset_h_lowrank", lambda: StateOffsetConfig(rank=2, r_ratio=2, layers=[1])),
+    Case("state_offset_h_lowrank", lambda: StateOffsetConfig(rank=2, r_ratio=2, layers_to_transform=[1])),
     Case("initial_state", lambda: InitialStateConfig()),
     Case("initial_state_conv", lambda: InitialStateConfig(conv_state=True)),
     Case("prefix", lambda: PrefixTuningConfig(num_virtual_tokens=3), identity_at_init=False),
     Case("prompt", lambda: PromptTuningConfig(num_virtual_tokens=2), identity_at_init=False),
     Case("lora_whole", lambda: LoraConfig(r=2, target_modules=["in_proj", "out_proj"]), mergeable=True),
     Case(
-        "lora_m1_slices", lambda: LoraConfig(r=2, alpha=4, target_modules=M1_LORA_ALL), mergeable=True, arches=("m1",)
+        "lora_m1_slices",
+        lambda: LoraConfig(r=2, lora_alpha=4, target_modules=M1_LORA_ALL),
+        mergeable=True,
+        arches=("m1",),
     ),
     Case("lora_m2_slices", lambda: LoraConfig(r=2, target_modules=M2_LORA_ALL), mergeable=True, arches=("m2",)),
     Case("dora", lambda: LoraConfig(r=2, use_dora=True, target_modules=["in_proj.z", "out_proj"]), mergeable=True),
@@ -94,7 +97,9 @@ CASES = [
     Case("partial_default", lambda: PartialConfig(), mergeable=True),
     Case(
         "partial_norms",
-        lambda: PartialConfig(parameters=["D", "re:layers\\.\\d+\\.norm\\.weight", "norm_f.*"], layers=[1]),
+        lambda: PartialConfig(
+            parameters=["D", "re:layers\\.\\d+\\.norm\\.weight", "norm_f.*"], layers_to_transform=[1]
+        ),
         mergeable=True,
     ),
     Case("full", lambda: FullConfig(), mergeable=True),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ssmtune import AdditionalScanConfig, LoraConfig, StateOffsetConfig, get_peft_model, load_adapter
+from ssmtune import AdditionalScanConfig, LoraConfig, PeftModel, StateOffsetConfig, get_peft_model
 from ssmtune.models import MambaConfig, MambaForCausalLM
 
 
@@ -14,22 +14,22 @@ def _base(seed: int = 0) -> MambaForCausalLM:
 
 def test_adapter_loaded_frozen_stays_frozen_after_set_adapter(tmp_path):
     m = get_peft_model(_base(), StateOffsetConfig())
-    m.save_adapter(tmp_path)
+    m.save_pretrained(tmp_path)
     m.load_adapter(tmp_path, "b", is_trainable=False)
     m.set_adapter("b")
     assert m.trainable_parameters() == 0
     m.set_adapter("default")
     assert m.trainable_parameters() > 0
-    assert load_adapter(_base(), tmp_path, is_trainable=True).trainable_parameters() > 0
+    assert PeftModel.from_pretrained(_base(), tmp_path, is_trainable=True).trainable_parameters() > 0
 
 
-def test_merge_inside_disable_adapters_is_refused():
+def test_merge_inside_disable_adapter_is_refused():
     m = get_peft_model(_base(), LoraConfig(r=2, target_modules=["out_proj"]))
     with torch.no_grad():
         for name, p in m.named_parameters():
             if p.requires_grad:
                 p.normal_()
-    with m.disable_adapters(), pytest.raises(ValueError, match="disabled"):
+    with m.disable_adapter(), pytest.raises(ValueError, match="disabled"):
         m.merge_and_unload()
 
 
@@ -53,10 +53,10 @@ def test_corrupt_sdlora_index_is_refused_at_load(tmp_path):
     from ssmtune import SDLoraConfig
 
     m = get_peft_model(_base(), SDLoraConfig(channel_freeze=0.5, state_freeze=0.5))
-    m.save_adapter(tmp_path)
+    m.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     key = next(k for k in tensors if k.endswith("index"))
     tensors[key] = torch.full_like(tensors[key], 10**9)
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="index out of range"):
-        load_adapter(_base(), tmp_path)
+        PeftModel.from_pretrained(_base(), tmp_path)

@@ -67,7 +67,7 @@ def test_bias_plus_delta_and_merge(arch):
 
 def test_bf16_base_accumulates_in_fp32_delta():
     base = tiny_model("m1", dtype=torch.bfloat16)
-    model = get_peft_model(base, BitFitConfig(layers=[0]))
+    model = get_peft_model(base, BitFitConfig(layers_to_transform=[0]))
     delta = model.adapter_modules()["backbone.layers.0.mixer.dt_proj.bias.bitfit"].delta
     assert delta.dtype == torch.float32
     assert base.backbone.layers[0].mixer.dt_proj.bias.dtype == torch.bfloat16

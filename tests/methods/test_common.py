@@ -8,7 +8,7 @@ import pytest
 import torch
 from _peft_cases import IDS, PARAMS, VOCAB, decode_logits, perturb, tiny_model
 
-from ssmtune import get_peft_model, load_adapter
+from ssmtune import PeftModel, get_peft_model
 from ssmtune.ops.testing import assert_close
 
 
@@ -48,7 +48,7 @@ def test_adapter_acts_on_every_backend(case, arch):
         outs[backend] = model(ids).logits
         # a bypassed adapter would reproduce the base model exactly
         assert (outs[backend] - ref).abs().max() > 1e-3, backend
-        with model.disable_adapters():
+        with model.disable_adapter():
             assert_close(f"disabled[{backend}]", ref, model(ids).logits, 0, atol=1e-5)
     assert_close("ref vs auto", outs["ref"], outs["auto"], 1e-4)
 
@@ -81,12 +81,12 @@ def test_save_load_round_trip(case, arch, tmp_path):
     clean, model = _setup(case, arch)
     ids = _ids()
     out = model(ids).logits
-    model.save_adapter(tmp_path)
-    loaded = load_adapter(copy.deepcopy(clean), tmp_path)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(clean), tmp_path)
     assert_close("reloaded", out, loaded(ids).logits, 1e-6, atol=1e-6)
     assert loaded.peft_config["default"] == model.peft_config["default"]
     assert loaded.trainable_parameters() == 0  # inference mode unless is_trainable
-    trainable = load_adapter(copy.deepcopy(clean), tmp_path, is_trainable=True)
+    trainable = PeftModel.from_pretrained(copy.deepcopy(clean), tmp_path, is_trainable=True)
     assert trainable.trainable_parameters() == model.trainable_parameters()
 
 

@@ -12,7 +12,7 @@ import torch
 from _peft_cases import VOCAB, decode_logits, perturb, tiny_model
 from torch import nn
 
-from ssmtune import AdapterConfig, get_peft_model, load_adapter, register_method
+from ssmtune import AdapterConfig, PeftModel, get_peft_model, register_method
 from ssmtune.core.inject import ParamDelta, parametrize_param
 from ssmtune.core.targets import iter_mixers
 from ssmtune.ops.testing import assert_close
@@ -36,7 +36,7 @@ class _AddDelta(ParamDelta):
 
 def _inject_bias(model, config, *, adapter_name):
     out = {}
-    for t in iter_mixers(model, config.layers):
+    for t in iter_mixers(model, config.layers_to_transform):
         for mod in ("conv1d", "dt_proj"):
             module = getattr(t.mixer, mod)
             out[f"{t.path}.{mod}.bias_delta"] = parametrize_param(module, "bias", _AddDelta(module.bias))
@@ -82,7 +82,7 @@ class _InsertRows(ParamDelta):
 
 def _inject_extra(model, config, *, adapter_name):
     out = {}
-    for t in iter_mixers(model, config.layers):
+    for t in iter_mixers(model, config.layers_to_transform):
         n = t.mixer.A_log.shape[1]
         out[f"{t.path}.A_log.extra"] = parametrize_param(t.mixer, "A_log", _AppendColumns(t.mixer.A_log))
         lin = t.mixer.x_proj
@@ -108,11 +108,11 @@ def test_param_delta_trains_saves_and_merges(tmp_path):
     perturb(model)
     out = model(ids).logits
     assert (out - clean(ids).logits).abs().max() > 1e-3
-    with model.disable_adapters():
+    with model.disable_adapter():
         assert_close("disabled", clean(ids).logits, model(ids).logits, 0, atol=1e-6)
     assert_close("decode", out, decode_logits(model, ids, prefill=4), 1e-4, atol=1e-5)
-    model.save_adapter(tmp_path)
-    assert_close("reload", out, load_adapter(copy.deepcopy(clean), tmp_path)(ids).logits, 1e-6, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    assert_close("reload", out, PeftModel.from_pretrained(copy.deepcopy(clean), tmp_path)(ids).logits, 1e-6, atol=1e-6)
     merged = model.merge_and_unload()
     assert [n for n, _ in merged.named_parameters()] == [n for n, _ in clean.named_parameters()]
     assert_close("merged", out, merged(ids).logits, 1e-6, atol=1e-6)
@@ -122,7 +122,7 @@ def test_param_delta_trains_saves_and_merges(tmp_path):
 def test_shape_extending_parametrization(backend):
     base = tiny_model("m1")
     clean = copy.deepcopy(base)
-    model = get_peft_model(base, [_ExtraStatesConfig(), _BiasDeltaConfig(layers=[0])])
+    model = get_peft_model(base, [_ExtraStatesConfig(), _BiasDeltaConfig(layers_to_transform=[0])])
     model.backend = backend
     mixer = model.base_model.backbone.layers[0].mixer
     assert mixer.A_log.shape == (32, 6) and mixer.x_proj.weight.shape == (3 + 12, 32)
@@ -133,7 +133,7 @@ def test_shape_extending_parametrization(backend):
     out = model(ids).logits
     assert (out - clean(ids).logits).abs().max() > 1e-3
     assert_close("decode", out, decode_logits(model, ids, prefill=4), 1e-4, atol=1e-5)
-    with model.disable_adapters():
+    with model.disable_adapter():
         assert mixer.A_log.shape == (32, 5)
         assert_close("disabled", clean(ids).logits, model(ids).logits, 0, atol=1e-6)
     with pytest.raises(ValueError, match=r"methods \['_test_extra_states'\] cannot be merged"):
@@ -145,7 +145,7 @@ def test_shape_extending_parametrization(backend):
 
 def test_peft_model_backend_reaches_the_mixers():
     """``peft.backend = ...`` sets every mixer's backend (a plain attribute on the wrapper would reach none)."""
-    model = get_peft_model(tiny_model("m1"), _BiasDeltaConfig(layers=[0]))
+    model = get_peft_model(tiny_model("m1"), _BiasDeltaConfig(layers_to_transform=[0]))
     model.backend = "ref"
     assert model.backend == "ref" and {m.backend for _, m in model.base_model.mixers()} == {"ref"}
     with pytest.raises(ValueError, match="cuda-magic"):

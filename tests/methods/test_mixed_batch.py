@@ -35,14 +35,14 @@ ROWS = ["h", "y", None, "h0", "prefix", "combo", "h_lowrank", "h"]
 LORA_ADAPTERS = {
     "m1": {
         "la": LoraConfig(r=2, target_modules=["x_proj.dt", "x_proj.B", "x_proj.C", "dt_proj"]),
-        "lb": LoraConfig(r=4, alpha=16, target_modules=["in_proj", "out_proj"]),
+        "lb": LoraConfig(r=4, lora_alpha=16, target_modules=["in_proj", "out_proj"]),
         "dora": LoraConfig(r=3, target_modules=["in_proj.x", "x_proj", "out_proj"], use_dora=True),
         "prefix_lora": [PrefixTuningConfig(num_virtual_tokens=2), LoraConfig(r=2, target_modules=["in_proj.z"])],
         "h": StateOffsetConfig(),
     },
     "m2": {
         "la": LoraConfig(r=2, target_modules=["in_proj.B", "in_proj.C", "in_proj.dt"]),
-        "lb": LoraConfig(r=4, alpha=16, target_modules=["in_proj", "out_proj"]),
+        "lb": LoraConfig(r=4, lora_alpha=16, target_modules=["in_proj", "out_proj"]),
         "dora": LoraConfig(r=3, target_modules=["in_proj.z", "out_proj"], use_dora=True),
         "prefix_lora": [PrefixTuningConfig(num_virtual_tokens=2), LoraConfig(r=2, target_modules=["in_proj.x"])],
         "h": StateOffsetConfig(),
@@ -77,7 +77,7 @@ def _case(kind: str, arch: str, dtype=torch.float64):
 def _alone(peft, name, fn, *args, **kwargs):
     """fn(*args, **kwargs) with only ``name`` active (None: the bare base model)."""
     if name is None:
-        with peft.disable_adapters():
+        with peft.disable_adapter():
             return fn(*args, **kwargs)
     peft.set_adapter(name)
     return fn(*args, **kwargs)
@@ -93,7 +93,7 @@ def test_mixed_forward_equals_rows_alone(arch, backend, kind):
     peft.backend = backend
     ids = torch.randint(0, VOCAB, (len(rows), 7))
     mixed = peft(ids, adapter_names=rows).logits  # [B, L, V]
-    with peft.disable_adapters():
+    with peft.disable_adapter():
         base = peft(ids).logits
     for i, name in enumerate(rows):
         ref = _alone(peft, name, peft, ids[i : i + 1]).logits[0]
@@ -133,7 +133,7 @@ def test_mixed_generate_equals_rows_alone(arch, num_beams, kind):
         ref = _alone(peft, name, peft.generate, row, **kw)
         assert torch.equal(out[i, -5:], ref[0, -5:]), (i, name, out[i], ref[0])
     # the rows' adapters change what is generated
-    with peft.disable_adapters():
+    with peft.disable_adapter():
         base = peft.generate(ids, attention_mask=mask, **kw)
     assert not torch.equal(out[:, -5:], base[:, -5:])
 
@@ -166,8 +166,8 @@ def test_route_errors_and_restores_state():
     assert after == before
     hooks = [m for n in peft.adapter_names for m in peft.adapter_modules(n).values()]
     assert all(getattr(m, ROUTING_ATTR, None) is None for m in hooks)
-    # disable_adapters wins over the routing: every row is the base model
-    with peft.disable_adapters():
+    # disable_adapter wins over the routing: every row is the base model
+    with peft.disable_adapter():
         routed = peft(ids, adapter_names=["h", "prefix"]).logits
         base = peft(ids).logits
     assert_close("disabled", base, routed, 1e-12)
@@ -178,7 +178,7 @@ def test_load_adapters_then_route(tmp_path):
     dirs = {}
     for n in ("h", "prefix", "combo"):
         dirs[n] = tmp_path / n
-        src.save_adapter(dirs[n], adapter_name=n)
+        src.save_pretrained(dirs[n], adapter_name=n)
     ids = torch.randint(0, VOCAB, (3, 6))
     names = ["combo", "h", "prefix"]
     want = src(ids, adapter_names=names).logits

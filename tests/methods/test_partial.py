@@ -11,7 +11,7 @@ from _peft_cases import VOCAB, perturb, tiny_model
 from safetensors.torch import load_file
 from test_bitfit import meta_model, real_empty  # noqa: F401  (fixture)
 
-from ssmtune import FullConfig, LoraConfig, PartialConfig, get_peft_model, load_adapter
+from ssmtune import FullConfig, LoraConfig, PartialConfig, PeftModel, get_peft_model
 from ssmtune.methods.partial import pattern_matches
 from ssmtune.ops.testing import assert_close
 
@@ -57,7 +57,9 @@ def test_pattern_matching():
 
 
 def test_layers_and_errors():
-    model = get_peft_model(tiny_model("m1"), PartialConfig(parameters=["A_log", "norm_f.weight"], layers=[1]))
+    model = get_peft_model(
+        tiny_model("m1"), PartialConfig(parameters=["A_log", "norm_f.weight"], layers_to_transform=[1])
+    )
     assert sorted(model.adapter_modules()) == [
         "backbone.layers.1.mixer.A_log.partial",
         "backbone.norm_f.weight.partial",
@@ -82,7 +84,7 @@ def test_full_tied_embedding_one_delta(tmp_path):
     assert torch.equal(base.lm_head.weight, base.backbone.embeddings.weight)  # the head sees the same δ
     assert_close("tied", clean.lm_head.weight + emb_delta, base.lm_head.weight, 0, atol=1e-7)
     out = model(_ids()).logits
-    model.save_adapter(tmp_path)
+    model.save_pretrained(tmp_path)
     keys = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert len(keys) == len(list(clean.parameters()))  # one δ per base tensor, none for the tied head
     merged = model.merge_and_unload()
@@ -95,19 +97,23 @@ def test_saves_only_trained_tensors(tmp_path):
     clean = copy.deepcopy(base)
     model = get_peft_model(base, PartialConfig(parameters=["A_log", "dt_bias"]))
     perturb(model)
-    model.save_adapter(tmp_path)
+    model.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert sorted(tensors) == sorted(
         f"backbone.layers.{i}.mixer.{n}.partial.delta" for i in range(2) for n in ("A_log", "dt_bias")
     )
-    loaded = load_adapter(clean, tmp_path)
+    loaded = PeftModel.from_pretrained(clean, tmp_path)
     assert_close("reloaded", model(_ids()).logits, loaded(_ids()).logits, 1e-6, atol=1e-6)
 
 
 def test_names_under_a_lora_wrapper():
     base = tiny_model("m1")
     model = get_peft_model(
-        base, [LoraConfig(r=2, target_modules=["in_proj"]), PartialConfig(parameters=["in_proj.weight"], layers=[0])]
+        base,
+        [
+            LoraConfig(r=2, target_modules=["in_proj"]),
+            PartialConfig(parameters=["in_proj.weight"], layers_to_transform=[0]),
+        ],
     )
     assert "backbone.layers.0.mixer.in_proj.weight.partial" in model.adapter_modules()
     assert model.trainable_parameters() == 2 * 2 * (16 + 64) + 64 * 16

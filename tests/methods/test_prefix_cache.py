@@ -107,7 +107,7 @@ def test_in_place_updates_invalidate(passes, tmp_path):
     _check(peft, ids, passes, n_layer, "optimizer step")
     # 3. loading other values, from a file
     saved = {k: v.clone() for k, v in peft.adapter_state_dict("p").items()}
-    peft.save_adapter(tmp_path / "p")
+    peft.save_pretrained(tmp_path / "p")
     with torch.no_grad():
         for p in peft.adapter_state_dict("p").values():
             p.add_(1.0)
@@ -175,7 +175,7 @@ def test_routed_rows_equal_rows_alone(arch, passes):
     assert torch.equal(mixed[0], mixed[1])
     for i, name in enumerate(rows):
         if name is None:
-            with peft.disable_adapters():
+            with peft.disable_adapter():
                 ref = _fresh(peft, ids[i : i + 1])
         else:
             peft.set_adapter(name)

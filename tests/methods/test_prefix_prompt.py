@@ -26,7 +26,7 @@ def test_prefix_is_virtual_tokens_at_every_layer(arch, num_tokens):
     out = model(ids).logits
     lm = model.base_model
     prefixes = [h.prefix for _, m in lm.mixers() for h in m.state_hooks.values()]
-    with model.disable_adapters(), torch.no_grad():
+    with model.disable_adapter(), torch.no_grad():
         hidden = lm.backbone.embeddings(ids)
         for block, prefix in zip(lm.backbone.layers, prefixes):
             full = torch.cat([prefix.to(hidden.dtype).expand(2, -1, -1), hidden], dim=1)  # [B, M+L, d_model]
@@ -62,7 +62,7 @@ def test_prefix_of_zero_activations_is_not_identity():
     """norm(0) = 0, but SiLU(conv bias) ≠ 0 enters the scan, so a zero prefix still moves the state."""
     model = get_peft_model(tiny_model("m1"), PrefixTuningConfig(num_virtual_tokens=2, init_std=0.0))
     ids = _ids()
-    with model.disable_adapters():
+    with model.disable_adapter():
         base = model(ids).logits
     assert (model(ids).logits - base).abs().max() > 1e-4
 
@@ -76,7 +76,7 @@ def test_prompt_prepends_embeddings(arch):
     out = model(ids, attention_mask=mask, labels=ids)
     (hook,) = lm.input_hooks.values()
     embeds = torch.cat([hook.prompt.expand(2, -1, -1), lm.backbone.embeddings(ids)], dim=1)
-    with model.disable_adapters():
+    with model.disable_adapter():
         ref = lm(inputs_embeds=embeds, labels=torch.cat([torch.full((2, 3), -100), ids], dim=1))
     assert out.logits.shape == (2, ids.shape[1], lm.config.vocab_size)
     assert_close("prompt logits", ref.logits[:, 3:], out.logits, 1e-6)
@@ -91,5 +91,5 @@ def test_prompt_vocab_init_copies_embeddings():
     emb = lm.backbone.embeddings.weight
     for row in hook.prompt:
         assert (emb - row).abs().sum(-1).min() == 0
-    with pytest.raises(ValueError, match="layers must be None"):
-        PromptTuningConfig(num_virtual_tokens=2, layers=[0])
+    with pytest.raises(ValueError, match="layers_to_transform must be None"):
+        PromptTuningConfig(num_virtual_tokens=2, layers_to_transform=[0])

@@ -10,11 +10,11 @@ import torch
 from _peft_cases import VOCAB, tiny_model
 from test_bitfit import meta_model, real_empty  # noqa: F401  (fixture)
 
-from ssmtune import SDLoraConfig, get_peft_model, load_adapter, sdt_select
+from ssmtune import PeftModel, SDLoraConfig, get_peft_model, sdt_select
 from ssmtune.methods.sdlora import Layout, SparseDelta, select_dims, select_heads_rows
 from ssmtune.ops.testing import assert_close
 
-CFG = {"state_freeze": 0.6, "channel_freeze": 0.85, "r": 2, "dropout": 0.0}  # tiny M1: k_c = 5 of 32, k_s = 2 of 5
+CFG = {"state_freeze": 0.6, "channel_freeze": 0.85, "r": 2, "lora_dropout": 0.0}  # tiny M1: k_c = 5 of 32, k_s = 2 of 5
 
 
 def _batches(n: int, seed: int = 0):
@@ -114,8 +114,8 @@ def test_phase2_step_changes_only_selected_entries(tmp_path):
             assert torch.equal(m.get_parameter(name), m0.get_parameter(name)), name
     # the selection travels with the adapter file
     ids = _batches(1, seed=9)[0]
-    model.save_adapter(tmp_path)
-    loaded = load_adapter(clean, tmp_path)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(clean, tmp_path)
     assert_close("reloaded", model(ids).logits, loaded(ids).logits, 1e-6, atol=1e-6)
 
 

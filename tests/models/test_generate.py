@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from ssmtune.core.hooks import StateHook
 from ssmtune.models import Mamba2Config, MambaConfig, causal_lm_for
 from ssmtune.models.generate import beam_search, filter_logits, prefill
+from ssmtune.models.hooks import StateHook
 
 CONFIGS = {
     "mamba": lambda v: MambaConfig(d_model=24, n_layer=2, vocab_size=v),

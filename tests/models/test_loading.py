@@ -12,9 +12,9 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from ssmtune.core.hooks import StateHook
 from ssmtune.models import Mamba2Config, MambaConfig, causal_lm_for, load_model
 from ssmtune.models.convert import config_from_mamba_ssm
+from ssmtune.models.hooks import StateHook
 
 
 def hf_model(arch: str, vocab: int = 72):

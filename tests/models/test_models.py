@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from ssmtune.core.hooks import InputHook, StateHook
 from ssmtune.models import (
     InferenceCache,
     Mamba2Config,
@@ -18,6 +17,7 @@ from ssmtune.models import (
     SSMForSequenceClassification,
     causal_lm_for,
 )
+from ssmtune.models.hooks import InputHook, StateHook
 
 CONFIGS = {
     "mamba": lambda: MambaConfig(d_model=24, n_layer=2, vocab_size=70),

@@ -17,8 +17,8 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from ssmtune import BitFitConfig, InitialStateConfig, LoraConfig, PrefixTuningConfig, StateOffsetConfig, get_peft_model
 from ssmtune.cli.args import ServeArgs
+from ssmtune.cli.serve import build_app
 from ssmtune.models import MambaConfig, causal_lm_for
-from ssmtune.serve.cli import build_app
 from ssmtune.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,7 +57,7 @@ def served(tmp_path_factory):
         with torch.no_grad():
             for p in peft.adapter_state_dict(name).values():
                 p.add_(torch.randn(p.shape, generator=g) * (3.0 if name.startswith("lora") else 0.5))
-        peft.save_adapter(tmp / name)
+        peft.save_pretrained(tmp / name)
         flags.append(f"{name}={tmp / name}")
     args = ServeArgs(
         model=str(tmp / "model"), adapter=flags, max_prompt_tokens=MAX_PROMPT, max_new_tokens=MAX_NEW,

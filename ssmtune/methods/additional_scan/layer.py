@@ -55,7 +55,7 @@ class ExtraStateRows(ParamDelta):
 
 
 def inject(model: nn.Module, config: AdditionalScanConfig, *, adapter_name: str) -> dict[str, nn.Module]:
-    targets = iter_mixers(model, config.layers)
+    targets = iter_mixers(model, config.layers_to_transform)
     for t in targets:
         if is_mamba2(t.mixer):
             raise ValueError(

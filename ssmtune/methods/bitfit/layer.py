@@ -52,7 +52,7 @@ def bias_targets(mixer: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 
 def inject(model: nn.Module, config: BitFitConfig, *, adapter_name: str) -> dict[str, nn.Module]:
-    targets = [(t, bias_targets(t.mixer)) for t in iter_mixers(model, config.layers)]
+    targets = [(t, bias_targets(t.mixer)) for t in iter_mixers(model, config.layers_to_transform)]
     attached = {}
     for t, items in targets:
         for module, name, suffix in items:

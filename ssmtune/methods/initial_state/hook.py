@@ -3,9 +3,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core.hooks import StateHook
 from ...core.inject import adapter_key, add_state_hook
 from ...core.targets import iter_mixers
+from ...models.hooks import StateHook
 from .config import InitialStateConfig
 
 
@@ -32,7 +32,7 @@ class InitialState(StateHook):
 
 def inject(model: nn.Module, config: InitialStateConfig, *, adapter_name: str) -> dict[str, nn.Module]:
     attached = {}
-    for t in iter_mixers(model, config.layers):
+    for t in iter_mixers(model, config.layers_to_transform):
         conv_shape = t.mixer.conv_state_shape if config.conv_state else None
         hook = InitialState(t.mixer.state_shape, conv_shape, device=t.mixer.A_log.device)
         attached[f"{t.path}.initial_state"] = add_state_hook(t.mixer, adapter_key(adapter_name, "initial_state"), hook)

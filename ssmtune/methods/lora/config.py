@@ -31,12 +31,13 @@ class LoraConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "lora"
+    renamed: ClassVar[dict[str, str]] = {**AdapterConfig.renamed, "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
     r: int = 8
     """Rank r."""
-    alpha: float = 8
-    """Scale numerator: the delta is (alpha / r)·B A."""
-    dropout: float = 0.0
+    lora_alpha: float = 8
+    """Scale numerator: the delta is (lora_alpha / r)·B A."""
+    lora_dropout: float = 0.0
     """Dropout probability on the LoRA input."""
     target_modules: list[str] = field(default_factory=lambda: ["in_proj", "out_proj"])
     """Linears (or row slices) to adapt; see the class docstring."""
@@ -47,8 +48,8 @@ class LoraConfig(AdapterConfig):
         super().__post_init__()
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig.r must be a positive int, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if isinstance(self.target_modules, str) or not self.target_modules:
             raise ValueError(
                 f"LoraConfig.target_modules must be a non-empty list of names, got {self.target_modules!r}"
@@ -66,4 +67,4 @@ class LoraConfig(AdapterConfig):
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.r
+        return self.lora_alpha / self.r

@@ -134,7 +134,7 @@ def slice_rows(mixer: nn.Module, target: str) -> tuple[str, tuple[int, int] | No
 
 
 def inject(model: nn.Module, config: LoraConfig, *, adapter_name: str) -> dict[str, nn.Module]:
-    targets = iter_mixers(model, config.layers)
+    targets = iter_mixers(model, config.layers_to_transform)
     for t in targets:
         valid = MAMBA2_TARGETS if is_mamba2(t.mixer) else MAMBA1_TARGETS
         bad = [name for name in config.target_modules if name not in valid]
@@ -148,7 +148,7 @@ def inject(model: nn.Module, config: LoraConfig, *, adapter_name: str) -> dict[s
             lin = getattr(t.mixer, name)
             base = getattr(lin, "base_layer", lin)
             delta = LoraDelta(
-                base, rows, r=config.r, alpha=config.alpha, dropout=config.dropout, use_dora=config.use_dora
+                base, rows, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout, use_dora=config.use_dora
             )
             tag = "lora" if rows is None else f"lora_{target.partition('.')[2]}"
             wrap_linear(t.mixer, name, delta, key=adapter_key(adapter_name, tag))

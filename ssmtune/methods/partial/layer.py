@@ -59,7 +59,7 @@ def pattern_matches(pattern: str, name: str) -> bool:
 
 
 def inject(model: nn.Module, config: PartialConfig, *, adapter_name: str) -> dict[str, nn.Module]:
-    targets = iter_mixers(model, config.layers)
+    targets = iter_mixers(model, config.layers_to_transform)
     all_blocks = [t.path.rsplit(".", 1)[0] + "." for t in iter_mixers(model)]
     kept_blocks = {t.path.rsplit(".", 1)[0] + "." for t in targets}
     if isinstance(config, FullConfig):

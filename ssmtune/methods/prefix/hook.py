@@ -5,11 +5,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...core.hooks import StateHook
 from ...core.inject import adapter_key, add_state_hook
 from ...core.routing import ADAPTER_ATTR, ROUTING_ATTR
 from ...core.targets import block_of, iter_mixers
 from ...models.cache import LayerCache
+from ...models.hooks import StateHook
 from .config import PrefixTuningConfig
 
 
@@ -120,7 +120,7 @@ class PrefixStates(StateHook):
 
 def inject(model: nn.Module, config: PrefixTuningConfig, *, adapter_name: str) -> dict[str, nn.Module]:
     attached = {}
-    for t in iter_mixers(model, config.layers):
+    for t in iter_mixers(model, config.layers_to_transform):
         hook = PrefixStates(config.num_virtual_tokens, block_of(model, t.layer), init_std=config.init_std)
         attached[f"{t.path}.prefix"] = add_state_hook(t.mixer, adapter_key(adapter_name, "prefix"), hook)
     return attached

@@ -32,7 +32,7 @@ class PromptTuningConfig(AdapterConfig):
             )
         if self.init not in ("random", "vocab"):
             raise ValueError(f"PromptTuningConfig.init must be 'random' or 'vocab', got {self.init!r}")
-        if self.layers is not None:
+        if self.layers_to_transform is not None:
             raise ValueError(
-                f"PromptTuningConfig acts on the input embeddings only; layers must be None, got {self.layers!r}"
+                f"PromptTuningConfig acts on the input embeddings only; layers_to_transform must be None, got {self.layers_to_transform!r}"
             )

@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core.hooks import InputHook
 from ...core.inject import adapter_key, add_input_hook
+from ...models.hooks import InputHook
 from .config import PromptTuningConfig
 
 

@@ -28,6 +28,7 @@ class SDLoraConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "sdlora"
+    renamed: ClassVar[dict[str, str]] = {**AdapterConfig.renamed, "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
     state_freeze: float = 0.75
     """α, the frozen share of the states (config names ``n{α}_d{β}``); the paper sweeps 0.75, 0.9, 0.95."""
@@ -42,9 +43,9 @@ class SDLoraConfig(AdapterConfig):
     "out_proj"]. ``[]``: SDT without LoRA."""
     r: int = 8
     """LoRA rank."""
-    alpha: float = 8
-    """LoRA scale numerator (delta = alpha / r · B A)."""
-    dropout: float = 0.1
+    lora_alpha: float = 8
+    """LoRA scale numerator (delta = lora_alpha / r · B A)."""
+    lora_dropout: float = 0.1
     """LoRA dropout."""
     warmup_steps: int = 500
     """Warm-up steps T_w of ``sdt_select`` (the authors: 500, 250 for RTE); the batch size is the main run's."""
@@ -75,12 +76,17 @@ class SDLoraConfig(AdapterConfig):
 
                 # LoraConfig validates the names, rank and dropout; re-raise under this config's name
                 try:
-                    LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.lora_targets)
+                    LoraConfig(
+                        r=self.r,
+                        lora_alpha=self.lora_alpha,
+                        lora_dropout=self.lora_dropout,
+                        target_modules=self.lora_targets,
+                    )
                 except ValueError as e:
                     raise ValueError(f"SDLoraConfig: {e}") from e
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"SDLoraConfig.r must be a positive int, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"SDLoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"SDLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
             raise ValueError(f"SDLoraConfig.warmup_steps must be a positive int, got {self.warmup_steps!r}")

@@ -171,7 +171,7 @@ def _tensor_owner(mixer: nn.Module, target: str) -> tuple[nn.Module, str]:
 
 def inject(model: nn.Module, config: SDLoraConfig, *, adapter_name: str) -> dict[str, nn.Module]:
     plan = []
-    for t in iter_mixers(model, config.layers):
+    for t in iter_mixers(model, config.layers_to_transform):
         sdt, lora = targets_for(t.mixer, config)
         layout = Layout.of(t.mixer)
         plan.append((t, sdt, lora, layout, layout.sizes(config)))
@@ -191,7 +191,7 @@ def inject(model: nn.Module, config: SDLoraConfig, *, adapter_name: str) -> dict
             name, rows = slice_rows(t.mixer, target)
             lin = getattr(t.mixer, name)
             base = getattr(lin, "base_layer", lin)
-            delta = LoraDelta(base, rows, r=config.r, alpha=config.alpha, dropout=config.dropout)
+            delta = LoraDelta(base, rows, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout)
             # new modules start in training mode; follow the model's, or dropout would act in an eval model
             delta.train(t.mixer.training)
             tag = "sdlora" if rows is None else f"sdlora_{target.partition('.')[2]}"

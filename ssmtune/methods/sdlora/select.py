@@ -101,7 +101,9 @@ def _attach_warmup(mixer: nn.Module, path: str, lora_targets: list[str], config:
     for target in lora_targets:
         name, rows = slice_rows(mixer, target)
         lin = getattr(mixer, name)
-        delta = LoraDelta(getattr(lin, "base_layer", lin), rows, r=config.r, alpha=config.alpha, dropout=config.dropout)
+        delta = LoraDelta(
+            getattr(lin, "base_layer", lin), rows, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout
+        )
         delta.train(mixer.training)
         wrap_linear(mixer, name, delta, key=adapter_key(WARMUP_NAME, f"lora_{target.replace('.', '_')}"))
         out[f"lora:{target}"] = delta
@@ -168,7 +170,7 @@ def sdt_select(
         m.active = False
         for p, _ in params:
             p.requires_grad_(False)
-    targets = iter_mixers(model.base_model, config.layers)
+    targets = iter_mixers(model.base_model, config.layers_to_transform)
     layouts = {t.path: Layout.of(t.mixer) for t in targets}
     warm: dict[str, dict[str, nn.Module]] = {}
     modes = [(m, m.training) for m in model.modules()]

@@ -5,9 +5,9 @@ import math
 import torch
 from torch import nn
 
-from ...core.hooks import StateHook
 from ...core.inject import adapter_key, add_state_hook
 from ...core.targets import iter_mixers
+from ...models.hooks import StateHook
 from .config import StateOffsetConfig
 
 
@@ -53,7 +53,7 @@ class StateOffset(StateHook):
 def inject(model: nn.Module, config: StateOffsetConfig, *, adapter_name: str) -> dict[str, nn.Module]:
     tag = f"state_offset_{config.variant}"
     attached = {}
-    for t in iter_mixers(model, config.layers):
+    for t in iter_mixers(model, config.layers_to_transform):
         hook = StateOffset(
             t.mixer.state_shape,
             variant=config.variant,

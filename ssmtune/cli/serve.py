@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ssmtune.cli.args import ServeArgs
+from .args import ServeArgs
 
 
 def build_app(args: ServeArgs) -> tuple[Any, Any]:
     """(FastAPI app, BatchEngine) for the arguments: the model, its adapters and the limits."""
-    from ssmtune.cli.commands import _cast, load_base_model, load_tokenizer_for
     from ssmtune.core.io import load_adapter
+    from ssmtune.serve.app import create_app
+    from ssmtune.serve.batching import BatchEngine
 
-    from .app import create_app
-    from .batching import BatchEngine
+    from .commands import _cast, load_base_model, load_tokenizer_for
 
     tokenizer = load_tokenizer_for(args.tokenizer, args.model)
     model = load_base_model(args.model, backend=args.backend)

@@ -4,6 +4,10 @@ A mixer owns ``state_hooks`` (an ``nn.ModuleDict``); it is the only reader of th
 ``collect_state(mixer.state_hooks.values(), batch_size)`` and passes the merged tensors to the op by keyword, in the
 parallel path and in ``step()`` alike. Contributions of several hooks add up; a field nobody contributes stays None.
 
+Per-row adapters: a hook may carry an object under ``COLLECTOR_ATTR`` with a method
+``collect_state(hooks, batch_size, *, initial)``; ``collect_state`` then hands the whole merge to it.
+``core/routing.py``'s ``Routing`` installs itself there inside ``PeftModel.route``, so this layer needs no routing.
+
 Shapes (a leading batch axis is always allowed, so per-row adapters can be served side by side):
     Mamba-1: initial_state [D, N]       state_offset [D, N]       output_offset [D]      initial_conv_state [D, K-1]
     Mamba-2: initial_state [H, P, N]    state_offset [H, P, N]    output_offset [H, P]   initial_conv_state [D+2GN, K-1]
@@ -46,7 +50,12 @@ class MergedState:
         return self.h0 is None and self.conv0 is None and self.h_off is None and self.y_off is None
 
 
-def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+# Attribute (a plain attribute, never a submodule) under which a hook carries its state collector.
+COLLECTOR_ATTR = "_ssmtune_routing"
+
+
+def add_optional(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``a + b`` where ``None`` means "no contribution"."""
     if b is None:
         return a
     return b if a is None else a + b
@@ -58,24 +67,22 @@ def collect_state(hooks: Iterable[StateHook], batch_size: int, *, initial: bool 
     ``initial=False`` skips ``initial_state`` / ``initial_conv_state``: a mixer continuing from a cache does not use
     them, and computing them can cost a forward pass (Prefix-Tuning runs its virtual tokens through the layer).
 
-    Under ``PeftModel.route`` (a routing attached to the hooks) each field is gathered per row from the row's adapter
-    instead, as [batch_size, ...] tensors (``core/routing.py``).
+    A collector attached to a hook (``COLLECTOR_ATTR``, see the module docstring) does the merge instead.
     """
     hooks = list(hooks)
-    from .routing import routed_state, routing_of
-
-    routing = routing_of(hooks)
-    if routing is not None:
-        return routed_state(hooks, batch_size, routing, initial=initial)
+    for hook in hooks:
+        collector = getattr(hook, COLLECTOR_ATTR, None)
+        if collector is not None:
+            return collector.collect_state(hooks, batch_size, initial=initial)
     merged = MergedState()
     for hook in hooks:
         if not getattr(hook, "active", True):
             continue
         if initial:
-            merged.h0 = _add(merged.h0, hook.initial_state(batch_size))
-            merged.conv0 = _add(merged.conv0, hook.initial_conv_state(batch_size))
-        merged.h_off = _add(merged.h_off, hook.state_offset())
-        merged.y_off = _add(merged.y_off, hook.output_offset())
+            merged.h0 = add_optional(merged.h0, hook.initial_state(batch_size))
+            merged.conv0 = add_optional(merged.conv0, hook.initial_conv_state(batch_size))
+        merged.h_off = add_optional(merged.h_off, hook.state_offset())
+        merged.y_off = add_optional(merged.y_off, hook.output_offset())
     return merged
 
 

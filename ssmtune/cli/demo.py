@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ssmtune.utils.io import atomic_write_text
+
 # (label, registered method, method options, learning rate). The LRs come from the pilot study (docs/results.md);
 # the demo is one epoch, so it is a smoke test of the methods, not a tuned comparison.
 DEMO_METHODS: list[tuple[str, str, dict, float]] = [
@@ -56,9 +58,9 @@ def _fmt_row(cells: list[str], widths: list[int]) -> str:
 
 def _plot(rows: list[tuple], path: Path, *, task: str) -> Path | None:
     """Accuracy per method on a 0-1 axis (small differences stay small), labelled with the trainable parameters."""
-    from ssmtune.train.plots import _pyplot
+    from ssmtune.train.plots import pyplot, save_figure
 
-    if (plt := _pyplot()) is None:
+    if (plt := pyplot()) is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = [r[0] for r in rows]
@@ -70,7 +72,7 @@ def _plot(rows: list[tuple], path: Path, *, task: str) -> Path | None:
     ax.invert_yaxis()
     ax.set_xlabel(f"test accuracy on {task}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -132,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             f"examples, {args.eval_examples} test examples; the untuned model answered {rows[0][4]} of them with no "
             "class digit (counted as wrong).")  # fmt: skip
     print("\n" + table + note)
-    (out / "results.md").write_text(table + "\n" + note + "\n")
-    (out / "results.json").write_text(
-        json.dumps([dict(zip(["method", "score", "trainable", "seconds"], r[:4])) for r in rows], indent=1)
+    atomic_write_text(out / "results.md", table + "\n" + note + "\n")
+    atomic_write_text(
+        out / "results.json",
+        json.dumps([dict(zip(["method", "score", "trainable", "seconds"], r[:4])) for r in rows], indent=1),
     )
     plot = _plot(rows, out / "demo.png", task=args.task)
     print(f"\nwrote {out / 'results.md'}" + (f" and {plot}" if plot else ""))

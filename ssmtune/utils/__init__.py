@@ -1,0 +1,1 @@
+"""Helpers with no ssmtune dependencies, importable from every layer."""

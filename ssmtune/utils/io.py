@@ -1,0 +1,74 @@
+"""Atomic file and folder writes: a reader (or a run resumed after a crash) sees the old content or the new one whole.
+
+Every writer of ssmtune goes through here: adapters, models, checkpoints, run logs, results JSON and plots. Files are
+written next to their destination, flushed to disk, then renamed over it with ``os.replace`` (atomic on POSIX and
+Windows when both paths are on one file system).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """``write(tmp_path)`` writes the content to a temporary file in the same folder, which then replaces ``path``.
+
+    The temporary file is removed if ``write`` fails, and ``path`` keeps its old content."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Publish the fully written folder ``tmp`` as ``final``, replacing an existing ``final`` as a whole."""
+    tmp, final = Path(tmp), Path(final)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            fsync_file(f)
+    fsync_dir(tmp)
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return final
