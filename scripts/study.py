@@ -491,12 +491,9 @@ def main() -> None:
         # appending would mix two studies in one file (a second plan line, every run counted twice in the summary)
         raise SystemExit(f"{path} holds an earlier study: continue it with --resume {path}, or choose another --out")
     if opts.resume:  # a new file, complete on its own (it may replace one of the --resume files: write, then rename)
-        tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in [plan, *done])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from ssmtune.utils.io import atomic_write_text
+
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in [plan, *done]))
     jsonl = open(path, "a")  # noqa: SIM115 - open for the whole study, one flushed line per run
 
     def write(row: dict) -> None:

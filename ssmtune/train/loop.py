@@ -13,6 +13,10 @@ The whole loop in a dozen lines (what :func:`fit` does around them is bookkeepin
         optimizer.step(); scheduler.step(); optimizer.zero_grad()
         if due(eval): metrics = eval_fn(model); keep best adapter
         if due(save): save_checkpoint(...)                               # temp dir + os.replace; keep last k
+
+``fit`` is that loop over three parts: a step object (``EagerStep``: micro-batches, DDP/FSDP gradient sync, the fp16
+scaler; or ``GraphedStep``: one CUDA-graph replay; both ``step(chunks, n_targets, step=, epoch=) -> StepResult`` and
+raise ``NonFiniteLossError``), a ``Checkpointer`` (restore and save) and a ``RunLogger`` (metrics.jsonl, progress bar).
 """
 
 from __future__ import annotations
@@ -33,13 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssmtune.models.lm import causal_lm_loss
+from ssmtune.models.lm import IGNORE_INDEX, count_targets, token_loss, token_loss_sum
 from ssmtune.train import distributed as D
 from ssmtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from ssmtune.train.graphs import GraphedTrainStep
 from ssmtune.train.optim import build_optimizer, linear_schedule, set_capturable
+from ssmtune.utils.io import atomic_write_text, replace_dir
 
-IGNORE_INDEX = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Parameters that stay fp32 when the frozen base is cast down (as in the reference code: A_log and D stay fp32).
 FP32_PARAM_SUFFIXES = ("A_log", ".D", "D_skip", "dt_bias")
@@ -235,58 +239,31 @@ def apply_precision(model: nn.Module, precision: str) -> None:
         p.data = p.data.to(dtype)
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of cross-entropy over target positions and their count; position t predicts labels[t + 1].
-
-    logits: [B, L, V]; labels: [B, L] with IGNORE_INDEX where there is no target (the HF convention).
-    """
-    return token_loss_sum(logits, labels), count_targets(labels)
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The summed cross-entropy of :func:`token_loss` alone: no host synchronisation (CUDA-graph safe)."""
-    # the models' own loss (labels shifted, not logits sliced; fp32 from the logits' dtype), summed
-    return causal_lm_loss(logits, labels, reduction="sum")
-
-
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (unpadded) input tokens of a collated batch, for the tokens/s log."""
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def count_targets(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
 def save_model(model: nn.Module, out_dir: str | Path) -> Path:
-    """Save an adapter (``save_adapter``) or, for full fine-tuning, the whole model (``save_pretrained``)."""
+    """``model.save_pretrained``: a PeftModel writes its adapter, a plain model (full fine-tuning) itself."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
     if tmp.exists():
         import shutil
 
         shutil.rmtree(tmp)
-    if hasattr(model, "save_adapter"):
-        model.save_adapter(tmp)
-    elif hasattr(model, "save_pretrained"):
+    if hasattr(model, "save_pretrained"):
         model.save_pretrained(tmp)
+    elif hasattr(model, "save_adapter"):  # duck-typed models that only save their trainable tensors
+        model.save_adapter(tmp)
     else:
         from safetensors.torch import save_file
 
         tmp.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     # Swap the folder in whole so a reader never sees half of it.
-    if out_dir.exists():
-        import shutil
-
-        old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
+    return replace_dir(tmp, out_dir)
 
 
 class _NoLog:
@@ -312,10 +289,10 @@ class MetricsLog:
         kept = [
             line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
         ]
-        D.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def reset(self) -> None:
-        D.atomic_write_text(self.path, "")
+        atomic_write_text(self.path, "")
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -328,6 +305,198 @@ def _progress(total: int, initial: int, enabled: bool):
     except ImportError:
         return None
     return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train")
+
+
+@dataclass
+class TrainProgress:
+    """What a checkpoint restores besides the weights and the optimizer: the step and the best evaluation so far."""
+
+    step: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+    last_eval: dict[str, float] = field(default_factory=dict)
+    resumed_from: int | None = None
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean loss over the (global) batch's target tokens."""
+    grad_norm: float
+    lr: float
+    """The learning rate the step used."""
+    tokens: int
+    """Real input tokens of this rank's micro-batches."""
+
+
+class RunLogger:
+    """``metrics.jsonl`` (rank 0 only), the progress bar and the tokens/s rate of the training records."""
+
+    def __init__(self, out_dir: Path, config: TrainConfig, ctx: D.DistContext) -> None:
+        self.config, self.ctx = config, ctx
+        self.log = MetricsLog(out_dir / "metrics.jsonl") if ctx.is_main else _NoLog()
+        self.bar = None
+        self.tokens_since, self.time_since = 0, time.perf_counter()
+
+    def start(self, total_steps: int, step: int) -> None:
+        self.total_steps = total_steps
+        self.bar = _progress(total_steps, step, self.config.progress and self.ctx.is_main)
+        self.tokens_since, self.time_since = 0, time.perf_counter()
+
+    def step(self, step: int, epoch: float, result: StepResult) -> None:
+        """After optimizer step ``step``: a training record every ``log_steps`` steps and at the last one."""
+        self.tokens_since += result.tokens
+        log_steps = self.config.log_steps
+        if log_steps and (step % log_steps == 0 or step == self.total_steps):
+            elapsed = max(time.perf_counter() - self.time_since, 1e-9)
+            tokens = self.ctx.all_reduce_sum([self.tokens_since])[0] if self.ctx.enabled else self.tokens_since
+            rate = tokens / elapsed
+            self.log.write({"type": "train", "step": step, "epoch": epoch, "loss": result.loss, "lr": result.lr,
+                            "grad_norm": result.grad_norm, "tokens_per_s": rate})  # fmt: skip
+            self.tokens_since, self.time_since = 0, time.perf_counter()
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{rate:.0f}",
+                                     refresh=False)  # fmt: skip
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def eval(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        self.log.write({"type": "eval", "step": step, "epoch": epoch, **metrics})
+
+    def error(self, step: int, epoch: int, message: str) -> None:
+        self.log.write({"type": "error", "step": step, "epoch": epoch, "message": message})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+_ADVICE = "Try a lower --train.lr, --train.precision fp32, or check the data."
+
+
+class EagerStep:
+    """One optimizer step in eager mode: the micro-batches' forward and backward (gradients synchronised by DDP/FSDP
+    on the last one), the fp16 loss scaler, clipping and the optimizer. The scheduler is stepped by the loop."""
+
+    def __init__(self, train_model: nn.Module, optimizer, scheduler, scaler: torch.amp.GradScaler,
+                 trainable: list[nn.Parameter], *, config: TrainConfig, ctx: D.DistContext, strategy: str,
+                 device: torch.device) -> None:  # fmt: skip
+        self.model, self.optimizer, self.scheduler, self.scaler = train_model, optimizer, scheduler, scaler
+        self.trainable, self.config, self.ctx, self.strategy, self.device = trainable, config, ctx, strategy, device
+        self.autocast_dtype = DTYPES[config.precision]
+        self.use_scaler = config.precision == "fp16"
+        # DDP averages gradients over ranks and so does FSDP; the loss is scaled back to a sum over the global batch.
+        self.grad_scale = float(ctx.world_size) if strategy != "none" else 1.0
+
+    def __call__(self, chunks: list[dict], n_targets: int, *, step: int, epoch: int) -> StepResult:
+        """Optimizer step ``step + 1`` over ``chunks``; raises NonFiniteLossError for a NaN/inf loss or norm."""
+        device, dtype, ctx = self.device, self.autocast_dtype, self.ctx
+        loss_total, tokens = 0.0, 0
+        for c, chunk in enumerate(chunks):
+            chunk = {k: v.to(device) if torch.is_tensor(v) else v for k, v in chunk.items()}
+            with D.grad_sync(self.model, self.strategy, sync=c == len(chunks) - 1):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    out = self.model(chunk["input_ids"], attention_mask=chunk.get("attention_mask"))
+                loss_sum, _ = token_loss(out.logits, chunk["labels"])
+                loss = loss_sum / n_targets
+                # One process stops at once; with several, all ranks must agree first (after the step's loop).
+                if not ctx.enabled and not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {step + 1} (epoch "
+                                             f"{epoch}, lr {self._lr():.3g}); training stopped. {_ADVICE}")  # fmt: skip
+                self.scaler.scale(loss * self.grad_scale if self.grad_scale != 1.0 else loss).backward()
+            loss_total += loss.item()
+            tokens += count_tokens(chunk)
+        if ctx.enabled:
+            loss_total = ctx.all_reduce_sum([loss_total])[0]
+            if not math.isfinite(loss_total):
+                raise NonFiniteLossError(f"non-finite training loss ({loss_total}) at step {step + 1} (epoch {epoch}, "
+                                         f"lr {self._lr():.3g}); training stopped. {_ADVICE}")  # fmt: skip
+        self.scaler.unscale_(self.optimizer)
+        clip = self.config.max_grad_norm if self.config.max_grad_norm else float("inf")
+        grad_norm = D.as_float(torch.nn.utils.clip_grad_norm_(self.trainable, clip))
+        if not math.isfinite(grad_norm) and not self.use_scaler:
+            raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at step {step + 1} (epoch {epoch}); "
+                                     "training stopped.")  # fmt: skip
+        lr = self._lr()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_total, grad_norm, lr, tokens)
+
+    def _lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+
+class GraphedStep:
+    """One optimizer step replayed from a CUDA graph (``GraphedTrainStep``): one micro-batch, padded to a fixed
+    shape. Same interface as ``EagerStep``."""
+
+    def __init__(self, graphed: GraphedTrainStep, scheduler) -> None:
+        self.graphed, self.scheduler = graphed, scheduler
+
+    def __call__(self, chunks: list[dict], n_targets: int, *, step: int, epoch: int) -> StepResult:
+        chunk = chunks[0]  # one micro-batch per step (checked by TrainConfig)
+        loss_t, norm_t = self.graphed(chunk, n_targets)
+        loss_total, grad_norm = loss_t.item(), norm_t.item()
+        lr = float(self.scheduler.get_last_lr()[0])
+        if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+            raise NonFiniteLossError(f"non-finite training loss ({loss_total}) or gradient norm ({grad_norm}) at step "
+                                     f"{step + 1} (epoch {epoch}, lr {lr:.3g}); training stopped (the step applied "
+                                     f"zero gradients). {_ADVICE}")  # fmt: skip
+        return StepResult(loss_total, grad_norm, lr, count_tokens(chunk))
+
+
+def load_latest(ckpt_root: Path, model: nn.Module, config: TrainConfig, n_train: int, ctx: D.DistContext):
+    """The latest checkpoint's state (its weights loaded into ``model``), or None for a fresh run."""
+    # Rank 0 picks the checkpoint so that every rank resumes from the same one.
+    latest = ctx.broadcast(latest_checkpoint(ckpt_root) if config.resume else None)
+    if latest is None:
+        return None
+    # The settings are checked before any weight is loaded: a refused resume leaves the caller's model untouched.
+    check_checkpoint_settings(latest, config, n_train)
+    # Full (unsharded) weights go into the plain model before it is wrapped: any world size can resume.
+    return load_checkpoint(latest, model)
+
+
+class Checkpointer:
+    """Resumable checkpoints under ``<run>/checkpoints`` (weights, optimizer, scheduler, scaler, RNG, progress)."""
+
+    def __init__(self, root: Path, *, config: TrainConfig, n_train: int, ctx: D.DistContext, strategy: str,
+                 model: nn.Module, train_model: nn.Module, optimizer, scheduler,
+                 scaler: torch.amp.GradScaler) -> None:  # fmt: skip
+        self.root, self.config, self.n_train, self.ctx, self.strategy = root, config, n_train, ctx, strategy
+        self.model, self.train_model = model, train_model
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.use_scaler = config.precision == "fp16"
+
+    def restore(self, state: dict[str, Any]) -> TrainProgress:
+        """Load what ``load_latest`` returned into the optimizer, scheduler, scaler and RNGs."""
+        D.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.strategy)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.use_scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        return TrainProgress(step=state["step"], best_value=state["best_value"], best_step=state["best_step"],
+                             last_eval=state.get("last_eval", {}), resumed_from=state["step"])  # fmt: skip
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return bool(self.config.save_steps) and step % self.config.save_steps == 0 and step < total_steps
+
+    def save(self, progress: TrainProgress, epoch: int, index: int) -> None:
+        """Checkpoint after batch ``index`` of ``epoch`` (every rank calls it; rank 0 writes)."""
+        strategy, ctx = self.strategy, self.ctx
+        tensors = D.trainable_tensors(self.train_model, strategy) if strategy == "fsdp" else None
+        optim_state = D.optimizer_state(self.model, self.optimizer, strategy)
+        if ctx.is_main:
+            state = {"optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.use_scaler else None,
+                     "best_value": progress.best_value, "best_step": progress.best_step,
+                     "last_eval": progress.last_eval, "sampler": {"epoch": epoch, "next_batch": index + 1},
+                     "config": {**asdict(self.config), "_n_train": self.n_train},
+                     "world_size": ctx.world_size}  # fmt: skip
+            save_checkpoint(self.root, step=progress.step, model=D.unwrap(self.model), state=state,
+                            keep_last=self.config.keep_last, tensors=tensors)  # fmt: skip
+        ctx.barrier()
 
 
 def fit(
@@ -356,7 +525,7 @@ def fit(
         out_dir: run folder: ``metrics.jsonl``, ``checkpoints/``, ``best/`` (best by ``config.best_metric``) and
             ``final/`` (the adapter, or the whole model for full fine-tuning).
         eval_fn: returns a dict of metrics (``loss``, ``accuracy``, ...); called in eval mode under no_grad.
-        save_fn: how to save the trained model to a folder (default: save_adapter / save_pretrained); None: never.
+        save_fn: how to save the trained model to a folder (default: save_pretrained); None: never.
         on_step: called with the step number after each optimizer step (and its checkpoint).
         dist: the process context; default: :func:`ssmtune.train.distributed.init_distributed` (which reads the
             launcher's environment and is a single process without one).
@@ -393,49 +562,31 @@ def fit(
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps) if config.epochs >= 1 else config.max_steps
 
-    log = MetricsLog(out_dir / "metrics.jsonl") if ctx.is_main else _NoLog()
+    logger = RunLogger(out_dir, config, ctx)
     ckpt_root = out_dir / "checkpoints"
-    step, best_value, best_step, resumed_from = 0, None, None, None
-    last_eval: dict[str, float] = {}
-    # Rank 0 picks the checkpoint so that every rank resumes from the same one.
-    latest = ctx.broadcast(latest_checkpoint(ckpt_root) if config.resume else None)
-    state = None
-    if latest is not None:
-        # The settings are checked before any weight is loaded: a refused resume leaves the caller's model untouched.
-        check_checkpoint_settings(latest, config, len(dataset))
-        # Full (unsharded) weights go into the plain model before it is wrapped: any world size can resume.
-        state = load_checkpoint(latest, model)
-
+    state = load_latest(ckpt_root, model, config, len(dataset), ctx)
     skeleton = D.meta_skeleton(model) if strategy == "fsdp" and ctx.is_main else None
     train_model = D.wrap_model(model, strategy, ctx, mixed_precision=DTYPES[config.precision]
                                if strategy == "fsdp" and config.precision != "fp32" else None)  # fmt: skip
-    # DDP averages gradients over ranks and so does FSDP; the loss is scaled back to a sum over the global batch.
-    grad_scale = float(ctx.world_size) if strategy != "none" else 1.0
     trainable = [p for p in train_model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = linear_schedule(optimizer, total_steps=total_steps, warmup_steps=config.warmup_steps)
-    use_scaler = config.precision == "fp16"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    autocast_dtype = DTYPES[config.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    checkpointer = Checkpointer(ckpt_root, config=config, n_train=len(dataset), ctx=ctx, strategy=strategy,
+                                model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler)  # fmt: skip
     if state is not None:
-        D.load_optimizer_state(model, optimizer, state["optimizer"], strategy)
-        scheduler.load_state_dict(state["scheduler"])
-        if use_scaler and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        step, best_value, best_step = state["step"], state["best_value"], state["best_step"]
-        last_eval = state.get("last_eval", {})
-        resumed_from = step
-        log.truncate_after(step)
+        progress = checkpointer.restore(state)
+        logger.log.truncate_after(progress.step)
     else:
-        log.reset()
+        progress = TrainProgress()
+        logger.log.reset()
         if ctx.is_main:
             # a fresh run: an earlier run's checkpoints and best adapter must not be resumed or reported later
             for stale in (ckpt_root, out_dir / "best"):
                 if stale.exists():
                     shutil.rmtree(stale)
 
-    graphed = None
     if config.cuda_graph:
         if device.type != "cuda" or ctx.enabled:
             raise ValueError(f"cuda_graph needs a single CUDA process, got device {device} with world size "
@@ -447,16 +598,19 @@ def fit(
         # every step replays one graph of one shape: the global batch, padded to the longest example
         length = max(collate_fn([dataset[i]])["input_ids"].shape[1] for i in range(len(dataset)))
         graphed = GraphedTrainStep(train_model, optimizer, trainable, rows=config.batch_size, length=length,
-                                   clip=config.max_grad_norm or float("inf"), autocast_dtype=autocast_dtype,
+                                   clip=config.max_grad_norm or float("inf"), autocast_dtype=DTYPES[config.precision],
                                    loss_fn=token_loss_sum, ignore_index=IGNORE_INDEX)  # fmt: skip
-    elif state is not None:
-        set_capturable(optimizer, False)  # a checkpoint of a CUDA-graph run holds device step counts
+        train_step: EagerStep | GraphedStep = GraphedStep(graphed, scheduler)
+    else:
+        if state is not None:
+            set_capturable(optimizer, False)  # a checkpoint of a CUDA-graph run holds device step counts
+        train_step = EagerStep(train_model, optimizer, scheduler, scaler, trainable, config=config, ctx=ctx,
+                               strategy=strategy, device=device)  # fmt: skip
 
     def save(target: Path) -> Any:
         return D.save_unsharded(train_model, strategy, ctx, save_fn, target, skeleton)
 
     def evaluate(epoch: float) -> None:
-        nonlocal best_value, best_step, last_eval
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -464,69 +618,24 @@ def fit(
             metrics = {k: float(v) for k, v in eval_fn(model).items() if isinstance(v, (int, float))}
         metrics = ctx.broadcast(metrics)
         model.train(was_training)
-        last_eval = metrics
-        log.write({"type": "eval", "step": step, "epoch": epoch, **metrics})
+        progress.last_eval = metrics
+        logger.eval(progress.step, epoch, metrics)
         if config.best_metric not in metrics:
             raise ValueError(
                 f"best_metric {config.best_metric!r} is not among the evaluation metrics {sorted(metrics)}"
             )
-        value = metrics[config.best_metric]
-        better = best_value is None or (value > best_value if config.maximize else value < best_value)
+        value, best = metrics[config.best_metric], progress.best_value
+        better = best is None or (value > best if config.maximize else value < best)
         if better and math.isfinite(value):
-            best_value, best_step = value, step
+            progress.best_value, progress.best_step = value, progress.step
             save(out_dir / "best")
 
-    def stop(msg: str, epoch: int) -> NonFiniteLossError:
-        log.write({"type": "error", "step": step + 1, "epoch": epoch, "message": msg})
-        return NonFiniteLossError(msg)
-
-    def eager_step(chunks: list[dict], n_targets: int, epoch: int) -> tuple[float, float, float]:
-        """One optimizer step over the micro-batches ``chunks``; returns the loss, the gradient norm and the lr."""
-        nonlocal tokens_since
-        loss_total = 0.0
-        for c, chunk in enumerate(chunks):
-            chunk = {k: v.to(device) if torch.is_tensor(v) else v for k, v in chunk.items()}
-            with D.grad_sync(train_model, strategy, sync=c == len(chunks) - 1):
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-                    out = train_model(chunk["input_ids"], attention_mask=chunk.get("attention_mask"))
-                loss_sum, _ = token_loss(out.logits, chunk["labels"])
-                loss = loss_sum / n_targets
-                # One process stops at once; with several, all ranks must agree first (after the step's loop).
-                if not ctx.enabled and not torch.isfinite(loss):
-                    lr = float(scheduler.get_last_lr()[0])
-                    raise stop(f"non-finite training loss ({loss.item()}) at step {step + 1} (epoch {epoch}, "
-                               f"lr {lr:.3g}); training stopped. Try a lower --train.lr, --train.precision fp32, "
-                               "or check the data.", epoch)  # fmt: skip
-                scaler.scale(loss * grad_scale if grad_scale != 1.0 else loss).backward()
-            loss_total += loss.item()
-            tokens_since += count_tokens(chunk)
-        if ctx.enabled:
-            loss_total = ctx.all_reduce_sum([loss_total])[0]
-            if not math.isfinite(loss_total):
-                lr = float(scheduler.get_last_lr()[0])
-                raise stop(f"non-finite training loss ({loss_total}) at step {step + 1} (epoch {epoch}, lr {lr:.3g}); "
-                           "training stopped. Try a lower --train.lr, --train.precision fp32, or check the data.",
-                           epoch)  # fmt: skip
-        scaler.unscale_(optimizer)
-        clip = config.max_grad_norm if config.max_grad_norm else float("inf")
-        grad_norm = D.as_float(torch.nn.utils.clip_grad_norm_(trainable, clip))
-        if not math.isfinite(grad_norm) and not use_scaler:
-            raise stop(f"non-finite gradient norm ({grad_norm}) at step {step + 1} (epoch {epoch}); training stopped.",
-                       epoch)  # fmt: skip
-        lr = float(scheduler.get_last_lr()[0])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss_total, grad_norm, lr
-
-    bar = _progress(total_steps, step, config.progress and ctx.is_main)
+    logger.start(total_steps, progress.step)
     model.train()
-    local_batch = sampler.local_batch_size
-    micro = min(config.batch_size // config.accumulation_steps, local_batch)
-    tokens_since, time_since = 0, time.perf_counter()
-    last_eval_step = step if resumed_from is not None else -1
-    while step < total_steps:
-        epoch, index = divmod(step, steps_per_epoch)
+    micro = min(config.batch_size // config.accumulation_steps, sampler.local_batch_size)
+    last_eval_step = progress.step if progress.resumed_from is not None else -1
+    while progress.step < total_steps:
+        epoch, index = divmod(progress.step, steps_per_epoch)
         examples = [dataset[i] for i in sampler.batch(epoch, index)]
         chunks = [collate_fn(examples[j : j + micro]) for j in range(0, len(examples), micro)]
         n_targets = sum(count_targets(c["labels"]) for c in chunks)
@@ -534,61 +643,33 @@ def fit(
             n_targets = int(ctx.all_reduce_sum([n_targets])[0])
         if n_targets == 0:
             raise ValueError(f"batch {index} of epoch {epoch} has no target tokens (labels are all {IGNORE_INDEX})")
-        if graphed is not None:
-            chunk = chunks[0]  # one micro-batch per step (checked by TrainConfig)
-            loss_t, norm_t = graphed(chunk, n_targets)
-            loss_total, grad_norm = loss_t.item(), norm_t.item()
-            tokens_since += count_tokens(chunk)
-            lr = float(scheduler.get_last_lr()[0])
-            if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
-                raise stop(f"non-finite training loss ({loss_total}) or gradient norm ({grad_norm}) at step {step + 1} "
-                           f"(epoch {epoch}, lr {lr:.3g}); training stopped (the step applied zero gradients). Try a "
-                           "lower --train.lr, --train.precision fp32, or check the data.", epoch)  # fmt: skip
-        else:
-            loss_total, grad_norm, lr = eager_step(chunks, n_targets, epoch)
+        try:
+            result = train_step(chunks, n_targets, step=progress.step, epoch=epoch)
+        except NonFiniteLossError as e:
+            logger.error(progress.step + 1, epoch, str(e))
+            raise
         scheduler.step()
-        step += 1
-
-        epoch_float = step / steps_per_epoch
-        if config.log_steps and (step % config.log_steps == 0 or step == total_steps):
-            elapsed = max(time.perf_counter() - time_since, 1e-9)
-            tokens = ctx.all_reduce_sum([tokens_since])[0] if ctx.enabled else tokens_since
-            rate = tokens / elapsed
-            log.write({"type": "train", "step": step, "epoch": epoch_float, "loss": loss_total, "lr": lr,
-                       "grad_norm": grad_norm, "tokens_per_s": rate})  # fmt: skip
-            tokens_since, time_since = 0, time.perf_counter()
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", refresh=False)
-        if bar is not None:
-            bar.update(1)
+        progress.step += 1
+        step = progress.step
+        logger.step(step, step / steps_per_epoch, result)
         if eval_fn is not None:
             end_of_epoch = step % steps_per_epoch == 0
             if (config.eval_every_epoch and end_of_epoch) or (config.eval_steps and step % config.eval_steps == 0):
-                evaluate(epoch_float)
+                evaluate(step / steps_per_epoch)
                 last_eval_step = step
-        if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-            tensors = D.trainable_tensors(train_model, strategy) if strategy == "fsdp" else None
-            optim_state = D.optimizer_state(model, optimizer, strategy)
-            if ctx.is_main:
-                state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict() if use_scaler else None, "best_value": best_value,
-                         "best_step": best_step, "last_eval": last_eval,
-                         "sampler": {"epoch": epoch, "next_batch": index + 1},
-                         "config": {**asdict(config), "_n_train": len(dataset)},
-                         "world_size": ctx.world_size}  # fmt: skip
-                save_checkpoint(ckpt_root, step=step, model=D.unwrap(model), state=state, keep_last=config.keep_last,
-                                tensors=tensors)  # fmt: skip
-            ctx.barrier()
+        if checkpointer.due(step, total_steps):
+            checkpointer.save(progress, epoch, index)
         if on_step is not None:
             on_step(step)
-    if bar is not None:
-        bar.close()
+    logger.close()
+    step = progress.step
     if eval_fn is not None and last_eval_step != step:
         evaluate(step / steps_per_epoch)
     final_dir = save(out_dir / "final")
-    return TrainResult(step=step, epoch=step / steps_per_epoch, best_metric=config.best_metric, best_value=best_value,
-                       best_step=best_step, final_dir=Path(final_dir) if final_dir else out_dir / "final",
-                       last_eval=last_eval, resumed_from=resumed_from)  # fmt: skip
+    return TrainResult(step=step, epoch=step / steps_per_epoch, best_metric=config.best_metric,
+                       best_value=progress.best_value, best_step=progress.best_step,
+                       final_dir=Path(final_dir) if final_dir else out_dir / "final", last_eval=progress.last_eval,
+                       resumed_from=progress.resumed_from)  # fmt: skip
 
 
 def write_json(path: str | Path, obj: Any) -> None:
