@@ -1,11 +1,12 @@
 """ssmtune's packages import one way: each module may import its own package and the layers below it, never above.
 
-    5  cli, serve, bench             the programs: command line (``ssmtune demo`` included), HTTP server, benchmarks
-    4  data, train, eval             datasets, the training loop, evaluation
-    3  methods                       the PEFT methods; each registers itself when ``ssmtune`` imports ``ssmtune.methods``
-    2  core                          PeftModel, the registry, injection, per-row routing, adapter files
-    1  models                        Mamba / Mamba-2 models, their loading and the mixers' state-hook contract
-    0  ops, utils, tokenizer, builtin  kernels and references, atomic writes, the tokenizer, the built-in toy corpus
+    6  cli, serve, bench         the programs: command line (``ssmtune demo`` included), HTTP server, benchmarks
+    5  data, train, eval         datasets, the training loop, evaluation
+    4  methods                   the PEFT methods; each registers itself when ``ssmtune`` imports ``ssmtune.methods``
+    3  core                      PeftModel, the registry, injection, per-row routing, adapter files
+    2  models                    Mamba / Mamba-2 models, their loading and the mixers' state-hook contract
+    1  ops, tokenizer, builtin   kernels and their references, the tokenizer, the built-in toy corpus (WordNet)
+    0  utils                     atomic file writes: every layer may use them
 
 ``ssmtune/__init__.py`` is the public API and may import anything. Packages of one layer do not import each other,
 except the pairs in ``SIBLING_IMPORTS`` (one direction each). No module imports a private name (``_x``) from another
@@ -22,12 +23,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "ssmtune"
 
 LAYERS = {
-    "ops": 0, "utils": 0, "tokenizer": 0, "builtin": 0,
-    "models": 1,
-    "core": 2,
-    "methods": 3,
-    "data": 4, "train": 4, "eval": 4,
-    "cli": 5, "serve": 5, "bench": 5,
+    "utils": 0,
+    "ops": 1, "tokenizer": 1, "builtin": 1,
+    "models": 2,
+    "core": 3,
+    "methods": 4,
+    "data": 5, "train": 5, "eval": 5,
+    "cli": 6, "serve": 6, "bench": 6,
 }  # fmt: skip
 # (importer, imported) packages of one layer that may import each other in this direction only.
 SIBLING_IMPORTS = {

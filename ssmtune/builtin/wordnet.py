@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ssmtune.utils.io import atomic_write_text
+
 WORDNET_DIR = Path("/usr/share/wordnet")
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -80,7 +82,7 @@ def build_corpus(out: Path, wordnet_dir: Path = WORDNET_DIR) -> int:
     ]
     random.Random(0).shuffle(lines)
     text = "\n".join(lines) + "\n"
-    Path(out).write_text(text, encoding="utf-8")
+    atomic_write_text(out, text)
     return len(text.encode())
 
 

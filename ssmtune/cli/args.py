@@ -25,6 +25,7 @@ import yaml
 from ssmtune.data.tasks import TaskConfig
 from ssmtune.eval.evaluate import EvalConfig
 from ssmtune.train.loop import TrainConfig
+from ssmtune.utils.io import atomic_write_text
 
 RECIPE_FLAG = "recipe"
 
@@ -502,4 +503,4 @@ def to_nested_dict(obj: Any) -> dict[str, Any]:
 
 
 def dump_yaml(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_nested_dict(obj), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_nested_dict(obj), sort_keys=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import re
 import subprocess
@@ -26,6 +27,7 @@ from ssmtune.cli.args import (
     flatten,
     load_recipe,
 )
+from ssmtune.utils.io import atomic_write_text
 
 if TYPE_CHECKING:
     from ssmtune.train.distributed import DistContext
@@ -152,7 +154,6 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     from ssmtune.train import fit
     from ssmtune.train.loop import check_resume
     from ssmtune.train.plots import plot_run
-    from ssmtune.utils.io import atomic_write_text
 
     validate_train_args(args)
     run_dir = Path(args.out_dir) / _run_name(args)
@@ -272,7 +273,7 @@ def eval(args: EvalCommandArgs) -> dict[str, Any]:
     text = json.dumps(result, indent=2)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+        atomic_write_text(args.output, text + "\n")
     print(text)
     return result
 
@@ -329,16 +330,17 @@ def compare(args: CompareArgs) -> list[dict[str, Any]]:
                       "trainable_params": r["trainable_params"], "steps": r["steps"],
                       metric: ev.get(metric), "loss": ev.get("loss")})  # fmt: skip
     cols = list(table[0])
-    with (out / "compare.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(table)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    writer.writerows(table)
+    atomic_write_text(out / "compare.csv", buf.getvalue())
     fmt = lambda v: (
         f"{v:.4g}" if isinstance(v, float) else ("" if v is None else f"{v:,}" if isinstance(v, int) else str(v))
     )
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(row[c]) for c in cols) + " |" for row in table]
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
     scored = [row for row in table if isinstance(row[metric], (int, float))]
     if scored:
         plot_comparison([r["run"] for r in scored], [r["trainable_params"] for r in scored],
@@ -421,7 +423,7 @@ def pretrain(args: PretrainArgs) -> Path:
     fit(model, train_ds, collate, config=args.train, out_dir=out / "training", eval_fn=eval_fn,
         save_fn=lambda m, d: None)  # fmt: skip
     model.save_pretrained(out)
-    (out / "tokenizer_config.json").write_text(json.dumps(BYTE_TOKENIZER_MARKER) + "\n")
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(BYTE_TOKENIZER_MARKER) + "\n")
     plot_run(out / "training")
     print(f"saved {sum(p.numel() for p in model.parameters()):,d}-parameter model to {out}")
     return out

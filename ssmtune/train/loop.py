@@ -499,6 +499,43 @@ class Checkpointer:
         ctx.barrier()
 
 
+def _prepare_model(model: nn.Module, config: TrainConfig, ctx: D.DistContext, device: torch.device) -> str:
+    """Move the model to ``device``, cast the frozen base to the precision (trainable tensors stay fp32) and return
+    the resolved multi-process strategy."""
+    model.to(device)
+    strategy = D.resolve_strategy(config.strategy, model, ctx)
+    if strategy == "fsdp" and config.precision == "fp16":
+        raise ValueError("precision 'fp16' is not supported with strategy 'fsdp' (use bf16), got 'fp16'")
+    if strategy != "fsdp":
+        # FSDP keeps one dtype per shard unit: it casts to the compute dtype in its all-gather instead.
+        apply_precision(model, config.precision)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters (did the adapter attach anything?)")
+    # Trainable parameters live in fp32 (no bf16 optimiser state: METHODS.md §8 pitfall 6, fixed deliberately).
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return strategy
+
+
+def _graphed_step(train_model: nn.Module, optimizer, scheduler, trainable: list[nn.Parameter], dataset: Sequence[Any],
+                  collate_fn: Callable, *, config: TrainConfig, ctx: D.DistContext,
+                  device: torch.device) -> GraphedStep:  # fmt: skip
+    if device.type != "cuda" or ctx.enabled:
+        raise ValueError(f"cuda_graph needs a single CUDA process, got device {device} with world size "
+                         f"{ctx.world_size}")  # fmt: skip
+    warnings.warn("cuda_graph is experimental: fit's graphed path passed its GPU tests, but emptying the CUDA "
+                  "cache after a graph was freed faulted once in a benchmark (do not call torch.cuda.empty_cache() "
+                  "after a graphed fit; docs/training.md, 'CUDA graphs')", stacklevel=3)  # fmt: skip
+    set_capturable(optimizer, True)  # after the checkpoint's state: loading resets the groups' settings
+    # every step replays one graph of one shape: the global batch, padded to the longest example
+    length = max(collate_fn([dataset[i]])["input_ids"].shape[1] for i in range(len(dataset)))
+    graphed = GraphedTrainStep(train_model, optimizer, trainable, rows=config.batch_size, length=length,
+                               clip=config.max_grad_norm or float("inf"), autocast_dtype=DTYPES[config.precision],
+                               loss_fn=token_loss_sum, ignore_index=IGNORE_INDEX)  # fmt: skip
+    return GraphedStep(graphed, scheduler)
+
+
 def fit(
     model: nn.Module,
     dataset: Sequence[Any],
@@ -539,19 +576,7 @@ def fit(
         out_dir.mkdir(parents=True, exist_ok=True)
     device = ctx.device if ctx.enabled else resolve_device(config.device)
     seed_everything(config.seed)
-    model.to(device)
-    strategy = D.resolve_strategy(config.strategy, model, ctx)
-    if strategy == "fsdp" and config.precision == "fp16":
-        raise ValueError("precision 'fp16' is not supported with strategy 'fsdp' (use bf16), got 'fp16'")
-    if strategy != "fsdp":
-        # FSDP keeps one dtype per shard unit: it casts to the compute dtype in its all-gather instead.
-        apply_precision(model, config.precision)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the model has no trainable parameters (did the adapter attach anything?)")
-    # Trainable parameters live in fp32 (no bf16 optimiser state: METHODS.md §8 pitfall 6, fixed deliberately).
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    strategy = _prepare_model(model, config, ctx, device)
 
     global_sampler = EpochSampler(len(dataset), config.batch_size, seed=config.seed)
     sampler = D.ShardedSampler(global_sampler, ctx.rank, ctx.world_size)
@@ -588,19 +613,9 @@ def fit(
                     shutil.rmtree(stale)
 
     if config.cuda_graph:
-        if device.type != "cuda" or ctx.enabled:
-            raise ValueError(f"cuda_graph needs a single CUDA process, got device {device} with world size "
-                             f"{ctx.world_size}")  # fmt: skip
-        warnings.warn("cuda_graph is experimental: fit's graphed path passed its GPU tests, but emptying the CUDA "
-                      "cache after a graph was freed faulted once in a benchmark (do not call torch.cuda.empty_cache() "
-                      "after a graphed fit; docs/training.md, 'CUDA graphs')", stacklevel=2)  # fmt: skip
-        set_capturable(optimizer, True)  # after the checkpoint's state: loading resets the groups' settings
-        # every step replays one graph of one shape: the global batch, padded to the longest example
-        length = max(collate_fn([dataset[i]])["input_ids"].shape[1] for i in range(len(dataset)))
-        graphed = GraphedTrainStep(train_model, optimizer, trainable, rows=config.batch_size, length=length,
-                                   clip=config.max_grad_norm or float("inf"), autocast_dtype=DTYPES[config.precision],
-                                   loss_fn=token_loss_sum, ignore_index=IGNORE_INDEX)  # fmt: skip
-        train_step: EagerStep | GraphedStep = GraphedStep(graphed, scheduler)
+        train_step: EagerStep | GraphedStep = _graphed_step(
+            train_model, optimizer, scheduler, trainable, dataset, collate_fn, config=config, ctx=ctx, device=device
+        )
     else:
         if state is not None:
             set_capturable(optimizer, False)  # a checkpoint of a CUDA-graph run holds device step counts
@@ -673,4 +688,4 @@ def fit(
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

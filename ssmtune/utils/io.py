@@ -51,7 +51,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:

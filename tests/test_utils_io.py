@@ -1,0 +1,33 @@
+"""ssmtune.utils.io: the one atomic-write helper every writer uses."""
+
+from pathlib import Path
+
+import pytest
+
+from ssmtune.utils.io import atomic_write, atomic_write_text, replace_dir
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "results.json"
+    atomic_write_text(path, "old\n")
+
+    def boom(tmp: str) -> None:
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, boom)
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    atomic_write_text(path, "new ✓\n")
+    assert path.read_text(encoding="utf-8") == "new ✓\n"
+
+
+def test_replace_dir_swaps_the_whole_folder(tmp_path):
+    final, tmp = tmp_path / "final", tmp_path / ".tmp-final"
+    final.mkdir()
+    (final / "stale.bin").write_text("x")
+    tmp.mkdir()
+    (tmp / "adapter_model.safetensors").write_text("y")
+    assert replace_dir(tmp, final) == final
+    assert [p.name for p in final.iterdir()] == ["adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
