@@ -125,8 +125,13 @@ def test_deprecated_methods_warn_and_work(tmp_path):
 
 def test_lora_peft_field_names_and_old_aliases(tmp_path):
     cfg = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, layers_to_transform=[1])
-    with pytest.warns(DeprecationWarning, match="LoraConfig.alpha is deprecated; use lora_alpha"):
+    with pytest.warns(DeprecationWarning) as record:
         old = LoraConfig(r=2, alpha=4, dropout=0.1, layers=[1])
+    assert [str(w.message) for w in record] == [
+        f"LoraConfig.{a} is deprecated; use {b}"
+        for a, b in [("layers", "layers_to_transform"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout")]
+    ]
+    assert all(w.filename == __file__ for w in record)  # the warning points at the caller
     assert old == cfg and cfg.to_dict()["lora_alpha"] == 4 and "alpha" not in cfg.to_dict()
     with pytest.warns(DeprecationWarning, match="lora_dropout"):
         assert cfg.dropout == 0.1
@@ -146,8 +151,9 @@ def test_old_adapter_config_with_alpha_loads(tmp_path):
     m["alpha"], m["dropout"], m["layers"] = m.pop("lora_alpha"), m.pop("lora_dropout"), m.pop("layers_to_transform")
     path.write_text(json.dumps(meta))  # the file an older ssmtune wrote
     ids = torch.randint(0, 37, (1, 5))
-    with pytest.warns(DeprecationWarning, match="lora_alpha"):
+    with pytest.warns(DeprecationWarning) as record:
         loaded = PeftModel.from_pretrained(tiny_model("m1"), tmp_path)
+    assert len(record) == 3 and "lora_alpha" in str(record[1].message)
     assert loaded.peft_config["default"][0].lora_alpha == 4
     assert torch.allclose(loaded(ids).logits, model(ids).logits)
 

@@ -67,6 +67,10 @@ def test_sot_learning_rates_spot_check():
 
 def test_old_lora_option_names_still_load():
     """Recipes written before the peft field names (alpha, dropout, layers) keep working, with a warning."""
-    with pytest.warns(DeprecationWarning, match="use lora_alpha"):
+    with pytest.warns(DeprecationWarning) as record:
         (cfg,) = make_adapter_configs("lora", {"r": 8, "alpha": 16, "layers": [0], "target_modules": ["x_proj"]})
     assert cfg.lora_alpha == 16 and cfg.layers_to_transform == [0]
+    assert {str(w.message) for w in record} == {
+        "LoraConfig.alpha is deprecated; use lora_alpha",
+        "LoraConfig.layers is deprecated; use layers_to_transform",
+    }
