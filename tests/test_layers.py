@@ -131,4 +131,6 @@ def test_the_parser_resolves_relative_and_lazy_imports():
     """A check that finds nothing must be able to find something."""
     found = {t for _, t, _ in _imports(ROOT / "models" / "mamba.py")}
     assert "ssmtune.models.hooks" in found and "ssmtune.ops" in found
-    assert ("ssmtune.models.loading", ["save_pretrained"]) in [(t, n) for _, t, n in _imports(ROOT / "models" / "lm.py")]
+    assert ("ssmtune.models.loading", ["save_pretrained"]) in [
+        (t, n) for _, t, n in _imports(ROOT / "models" / "lm.py")
+    ]
