@@ -1,7 +1,7 @@
 """Mamba-1 (S6) selective scan in Triton: fused forward and backward with initial state and state offsets.
 
-Semantics are those of ``selective_scan_ref`` / ``selective_state_update_ref`` in ``naive.py`` (METHODS.md §2, §4.1-4.3,
-§5.1); design notes and measurements are in ``docs/kernels-mamba1.md``.
+Semantics are those of ``selective_scan_ref`` / ``selective_state_update_ref`` in ``naive.py``
+(docs/methods.md §2, §4.1-4.3, §8.1); design notes and measurements are in ``docs/kernels-mamba1.md``.
 
 One program owns one batch row and a block of BLOCK_D channels. It walks the sequence in [BLOCK_D, BLOCK_L] time tiles
 and, inside a tile, loops over the N states (mamba_ssm's order of work): per state, the recurrence
@@ -433,7 +433,7 @@ def selective_scan_bwd_nloop_kernel(
 
     tl.store(dA + i_b * DIM * N + o_dn, b_dA_acc, mask=m_dn)
     if STORE_INITIAL_STATE_GRADIENT:
-        # ∂L/∂h_0 = Ā_1 ⊙ λ_1 (METHODS §5.1); Ā_1 = 1 when L = 0
+        # ∂L/∂h_0 = Ā_1 ⊙ λ_1 (docs/methods.md §8.1); Ā_1 = 1 when L = 0
         tl.debug_barrier()
         b_lam = tl.load(p_carry + (NT % 2) * N + o_c, mask=m_dn, other=0.0)  # λ_1
         b_A2 = tl.load(A + o_dn, mask=m_dn, other=0.0).to(tl.float32) * LOG2E
