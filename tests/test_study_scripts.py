@@ -182,7 +182,7 @@ def test_earlier_run_times_count_only_on_the_same_device(tmp_path: Path) -> None
 
 
 def test_resume_reads_the_gpu_study_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the whole GPU study so far (sessions 3 and 4: one file, the later call copied the earlier rows); its settings are
+    # the GPU study's result file (later runs copied the earlier rows into it); its settings are
     # the defaults of then, and its rows say how many epochs they ran
     gpu = [ROOT / "docs/results/study-gpu.jsonl"]
     plans, done = study.read_resume(gpu, dict(study.OLD_DEFAULTS), {})

@@ -113,7 +113,7 @@ def _check(name: str, t: torch.Tensor | None, shapes: list[tuple], op: str) -> N
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
-        # one exception type for every bad argument of a public op (STYLE.md rule 9)
+        # one exception type for every bad argument of a public op (the project's error convention)
         raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004
     for s in shapes:
         if t.dim() == len(s) and all(e is None or e == a for e, a in zip(s, t.shape)):
