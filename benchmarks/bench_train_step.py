@@ -2,7 +2,7 @@
 
 One step = forward + loss + backward + AdamW step (+ zero_grad), on a randomly initialised model of the mamba-130m
 shape (d_model 768, 24 layers, vocab 50280; Mamba-2: headdim 64, d_state 128) with the frozen base in bf16 and the
-trainable parameters in fp32 under bf16 autocast, as ``ssmtune.train.fit(precision="bf16")`` runs it (METHODS.md §7,
+trainable parameters in fp32 under bf16 autocast, as ``ssmtune.train.fit(precision="bf16")`` runs it (docs/methods.md §9,
 with the fp32 adapter fix of §8). Methods: ``none`` (the bare frozen model, see below), State-offset h / y, Initial
 State, LoRA (r 8) and Prefix-Tuning (16 virtual tokens); sizes (B, L) = (4, 512) and (8, 2048).
 

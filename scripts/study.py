@@ -35,9 +35,9 @@ successful runs (same model, task, method, LR and seed; error rows are run again
 the missing LRs; phase 2 uses the best LR over the earlier and new phase-1 results, and starts at once for a cell
 whose phase 1 an earlier file completed. The settings that change results (--epochs, --batch-size, --max-examples,
 --eval-examples, --fake, the TASKS entries) must match the earlier plan's, else the script refuses. --tasks /
---models / --methods select what runs now (the copied rows stay). The next call after docs/img/study-gpu.jsonl:
+--models / --methods select what runs now (the copied rows stay). The next call after docs/results/study-gpu.jsonl:
 
-    PYTHONPATH=. python3 scripts/study.py --resume docs/img/study-gpu.jsonl --out $OUT/study --workers 12 \
+    PYTHONPATH=. python3 scripts/study.py --resume docs/results/study-gpu.jsonl --out $OUT/study --workers 12 \
         --threads 1 --max-seconds 440 --hard-seconds 490 > $OUT/study.log 2>&1; \
     python3 scripts/summarize_study.py $OUT/study/study.jsonl --plot $OUT/study.png --claims > $OUT/summary.md
 
@@ -106,7 +106,7 @@ def make_plan(models: list[str], tasks: list[str], methods: list[str], mamba2: d
 
 
 # The options that change what a run computes (with each task's TASKS entry): a resumed study must match them.
-# Plans written before they were recorded (docs/img/study-gpu.jsonl) ran with these, the defaults of then.
+# Plans written before they were recorded (docs/results/study-gpu.jsonl) ran with these, the defaults of then.
 SETTINGS = ("epochs", "batch_size", "max_examples", "eval_examples", "fake")
 OLD_DEFAULTS = {"epochs": None, "batch_size": 16, "max_examples": None, "eval_examples": None, "fake": False}
 

@@ -74,7 +74,7 @@ class HFTokenizer:
     """A `tokenizers.Tokenizer` behind the ssmtune interface.
 
     eos is `<|endoftext|>` unless `tokenizer_config.json` / `special_tokens_map.json` name another. pad is always
-    eos, as in the reference protocol (METHODS.md §7), even where the folder declares a pad token: padded positions
+    eos, as in the reference protocol (docs/methods.md §9), even where the folder declares a pad token: padded positions
     are masked, so only the id's consistency with the reference matters.
     """
 

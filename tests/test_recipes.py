@@ -56,7 +56,7 @@ def test_recipe_parses(path):
 
 
 def test_sot_learning_rates_spot_check():
-    """Values copied by hand from METHODS.md §7, so a typo in the generator's tables shows up."""
+    """Values copied by hand from docs/methods.md §9, so a typo in the generator's tables shows up."""
     gen = _generator()
     assert gen.hyper("mamba-130m", "qqp", "state_offset_h")[:3] == (4e-5, 3, 4)
     assert gen.hyper("mamba-130m", "sst2", "additional_scan")[:3] == (1e-1, 10, 4)

@@ -182,9 +182,9 @@ def test_earlier_run_times_count_only_on_the_same_device(tmp_path: Path) -> None
 
 
 def test_resume_reads_the_gpu_study_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the whole GPU study so far (sessions 3 and 4: one file, the later call copied the earlier rows); its settings are
+    # the GPU study's result file (later runs copied the earlier rows into it); its settings are
     # the defaults of then, and its rows say how many epochs they ran
-    gpu = [ROOT / "docs/img/study-gpu.jsonl"]
+    gpu = [ROOT / "docs/results/study-gpu.jsonl"]
     plans, done = study.read_resume(gpu, dict(study.OLD_DEFAULTS), {})
     assert len(plans) == 1 and len(done) == 403
     with pytest.raises(SystemExit, match="fake=False, this study fake=True"):
@@ -232,7 +232,7 @@ def test_verdicts_and_claims_with_missing_cells(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["study-pilot.jsonl", "study-cpu-mamba2.jsonl"])
 def test_summarize_reads_old_files(name: str) -> None:
-    plan, rows = S.load([ROOT / "docs/img" / name])
+    plan, rows = S.load([ROOT / "docs/results" / name])
     assert plan is None and "| - | wn-pos | state_offset_h |" in S.table(S.summarize(rows), plan)
 
 

@@ -9,7 +9,7 @@ built-in tasks are held out from the built-in base models' pretraining text.
 - ``wn-define``: a word -> its gloss (generation, scored with ROUGE-L).
 - ``wn-pos``: a gloss -> the part of speech of its word (0 noun, 1 verb, 2 adjective, 3 adverb; classification).
 - ``wn-pos-long``: 4-24 distractor glosses, then a target gloss -> the target's part of speech; the question sits at
-  the end of a long input, where the influence of a prompt or initial state has decayed (METHODS.md §4.4-4.5).
+  the end of a long input, where the influence of a prompt or initial state has decayed (docs/methods.md §4.4, §5.1).
 """
 
 from __future__ import annotations

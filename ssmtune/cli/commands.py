@@ -222,7 +222,7 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
 
 
 def _sdt_warmup(model: nn.Module, configs: list, train_ds, tokenizer, args: TrainArgs) -> None:
-    """SDLoRA phase 1 (METHODS.md §4.10): the warm-up that selects channels and states, before the main run."""
+    """SDLoRA phase 1 (docs/methods.md §5.5): the warm-up that selects channels and states, before the main run."""
     from ssmtune.data import Collator
     from ssmtune.methods.sdlora import SDLoraConfig, sdt_select
     from ssmtune.train.loop import resolve_device
@@ -247,7 +247,7 @@ def _sdt_warmup(model: nn.Module, configs: list, train_ds, tokenizer, args: Trai
                 batch = collate([train_ds[j] for j in order[i : i + bs]])
                 yield {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
 
-    # the main run's optimiser: its batch size and its linear decay planned over the whole run (METHODS.md §4.10)
+    # the main run's optimiser: its batch size and its linear decay planned over the whole run (docs/methods.md §5.5)
     total = args.train.epochs * (len(train_ds) // args.train.batch_size)
     if args.train.max_steps:
         total = min(total, args.train.max_steps) if args.train.epochs >= 1 else args.train.max_steps

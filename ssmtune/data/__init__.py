@@ -1,4 +1,4 @@
-"""Tasks, prompt formats, tokenised datasets and data loaders (METHODS.md §7)."""
+"""Tasks, prompt formats, tokenised datasets and data loaders (docs/methods.md §9)."""
 
 from ssmtune.data.sources import find_split_file, load_hub_split, read_records
 from ssmtune.data.tasks import (

@@ -1,4 +1,4 @@
-"""Task registry: raw records -> examples with the exact prompt formats of the reference code (METHODS.md §7).
+"""Task registry: raw records -> examples with the exact prompt formats of the reference code (docs/methods.md §9).
 
 Every example is a dict with
 - `input`: the full prompt string, separators included;
@@ -212,7 +212,7 @@ def load_examples(cfg: TaskConfig, split: Split, *, expand_references: bool | No
 # GLUE
 
 # PromptBench-style instructions as used by the reference code (microsoft/promptbench task prompts, digits as
-# answers). RTE's is quoted verbatim in METHODS.md §7; STS-B's was written for ssmtune in the same style.
+# answers). RTE's is quoted verbatim in docs/methods.md §9; STS-B's was written for ssmtune in the same style.
 GLUE_INSTRUCTIONS = {
     "rte": "Determine if the given pair of sentences displays entailment or not_entailment. "
     "Respond with '0' if entailment or '1' if not_entailment: ",
@@ -434,7 +434,7 @@ class DartTask(Task):
 class SamsumTask(Task):
     """SAMSum: dialogue + "###" -> summary + EOS, with no instruction.
 
-    The [SOT] 1.4B configs evaluate on the **test** split every epoch (METHODS.md §8.2): pass split="test" to
+    The [SOT] 1.4B configs evaluate on the **test** split every epoch (docs/methods.md §10.2): pass split="test" to
     reproduce that; "validation" is the official `val.json`.
     """
 

@@ -1,7 +1,7 @@
 """Evaluate a model (with its adapter) on a task split; the result is a JSON-ready dict.
 
 - every mode: the teacher-forced loss over target tokens (``loss``);
-- ``classification`` (GLUE, METHODS.md §7): the argmax over the *full* vocabulary at the label position of a
+- ``classification`` (GLUE, docs/methods.md §9): the argmax over the *full* vocabulary at the label position of a
   teacher-forced pass, decoded, then ``glue_score`` (strict metrics, reference-style ``ref_*`` ones that drop
   out-of-class predictions, and ``out_of_class``); non-GLUE classification tasks get accuracy;
 - ``generation`` (DART, SAMSum, Spider, user tasks): beam search (``num_beams`` 5 as in the papers) or greedy via

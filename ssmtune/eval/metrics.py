@@ -113,7 +113,7 @@ def _classification_metrics(task: str, preds: np.ndarray, labels: np.ndarray) ->
 
 
 def glue_score(task: str, preds: Sequence, labels: Sequence) -> dict[str, float | int]:
-    """GLUE metrics in two flavours, plus the count of out-of-class predictions (METHODS.md §8.1).
+    """GLUE metrics in two flavours, plus the count of out-of-class predictions (docs/methods.md §10.1).
 
     Predictions are class ids or decoded strings ("0", "1", ...; the argmax token at the label position). A
     prediction outside the label set is out of class:

@@ -3,7 +3,7 @@
     Mamba-1: conv_state [B, D, K-1]          ssm_state [B, D, N] (fp32)
     Mamba-2: conv_state [B, D+2GN, K-1]      ssm_state [B, H, P, N] (fp32)
 
-The cache always holds the un-offset state: state offsets (h', y') act on the read-out only (METHODS.md §4.1).
+The cache always holds the un-offset state: state offsets (h', y') act on the read-out only (docs/methods.md §4.1).
 A layer cache with ``seqlen_offset == 0`` is *fresh*: the next forward is a prefill, where initial states from
 state hooks apply. Otherwise the mixer continues from the cached states, exactly, for any number of tokens.
 """

@@ -1,4 +1,4 @@
-"""Model configs for Mamba-1 (S6) and Mamba-2 (SSD), in mamba_ssm's field names (METHODS.md §1.1 glossary).
+"""Model configs for Mamba-1 (S6) and Mamba-2 (SSD), in mamba_ssm's field names (docs/methods.md §1.1 glossary).
 
 ``MambaConfig`` / ``Mamba2Config`` are plain dataclasses; ``to_dict`` / ``from_dict`` give a JSON round trip.
 HF transformers' ``config.json`` layout is translated in ``convert.py``.

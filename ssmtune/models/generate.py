@@ -3,7 +3,7 @@
 Greedy, sampling (temperature, top-k, top-p) and length-normalised beam search. Rows of different prompt lengths
 (``attention_mask``, either padding side) are prefilled one by one on their real tokens and then decoded together,
 so every row gets what it would get alone: no pad token ever enters a state, and initial states of state hooks act
-at each row's first real token (METHODS.md §4.3).
+at each row's first real token (docs/methods.md §4.3).
 """
 
 from __future__ import annotations

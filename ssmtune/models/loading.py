@@ -33,7 +33,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-# parameters kept in fp32 whatever the requested dtype (METHODS.md §7: A_log and D_skip stay fp32)
+# parameters kept in fp32 whatever the requested dtype (docs/methods.md §9: A_log and D_skip stay fp32)
 FP32_PARAMS = ("A_log", "D")
 
 

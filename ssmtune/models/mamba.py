@@ -1,4 +1,4 @@
-"""Mamba-1 (S6) mixer (METHODS.md §2), with parameter names of HF transformers and mamba_ssm.
+"""Mamba-1 (S6) mixer (docs/methods.md §2), with parameter names of HF transformers and mamba_ssm.
 
 Glossary: ``in_proj`` → x, z; ``conv1d`` → causal conv K; ``x_proj`` → δ (R), B_t, C_t (N each); ``dt_proj`` → Δ before
 softplus (holds b_dt); ``A_log`` → A = −exp(A_log) [D, N]; ``D`` → D_skip [D]; ``out_proj`` → d_model.

@@ -1,10 +1,10 @@
-"""Mamba-2 (SSD) mixer (METHODS.md §3), with parameter names of HF transformers and mamba_ssm.
+"""Mamba-2 (SSD) mixer (docs/methods.md §3), with parameter names of HF transformers and mamba_ssm.
 
 Glossary: ``in_proj`` → [z (D), xBC (D+2GN), dt (H)]; ``conv1d`` over the whole xBC; ``dt_bias`` [H];
 ``A_log`` [H] (A = −exp(A_log), one scalar per head); ``D`` → D_skip [H] (or [D] with ``D_has_hdim``);
 ``norm`` → gated RMSNorm RMSNorm(y ⊙ silu(z))·w in groups of D/G channels; ``out_proj`` → d_model.
 
-The scan runs without z; state offsets are added to y before the gated norm, as METHODS.md §4.1 prescribes.
+The scan runs without z; state offsets are added to y before the gated norm, as docs/methods.md §4.1 prescribes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Pure tensor ops for Mamba-1 (S6) and Mamba-2 (SSD), in mamba_ssm's layouts. No nn.Module, no configs.
 
-Glossary (METHODS.md §1): B batch, L sequence length, D inner channels (``d_inner``), N state size (``d_state``),
+Glossary (docs/methods.md §1): B batch, L sequence length, D inner channels (``d_inner``), N state size (``d_state``),
 H heads, P head dim, G groups sharing B_t/C_t, K conv width. Paper symbols: h_t state, h' state offset (State-offset
 Tuning h), y' output offset (State-offset Tuning y), h_0 initial state (Initial State Tuning).
 
@@ -113,7 +113,7 @@ def _check(name: str, t: torch.Tensor | None, shapes: list[tuple], op: str) -> N
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
-        # one exception type for every bad argument of a public op (STYLE.md rule 9)
+        # one exception type for every bad argument of a public op (the project's error convention)
         raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004
     for s in shapes:
         if t.dim() == len(s) and all(e is None or e == a for e, a in zip(s, t.shape)):

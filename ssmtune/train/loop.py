@@ -51,7 +51,7 @@ FP32_PARAM_SUFFIXES = ("A_log", ".D", "D_skip", "dt_bias")
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Optimisation settings. Defaults follow METHODS.md §7 (HF Trainer defaults as used by the papers)."""
+    """Optimisation settings. Defaults follow docs/methods.md §9 (HF Trainer defaults as used by the papers)."""
 
     epochs: int = 10
     """Passes over the training set."""
@@ -511,7 +511,7 @@ def _prepare_model(model: nn.Module, config: TrainConfig, ctx: D.DistContext, de
         apply_precision(model, config.precision)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (did the adapter attach anything?)")
-    # Trainable parameters live in fp32 (no bf16 optimiser state: METHODS.md §8 pitfall 6, fixed deliberately).
+    # Trainable parameters live in fp32 (no bf16 optimiser state: docs/methods.md §10.6, fixed deliberately).
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

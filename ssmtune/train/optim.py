@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule (METHODS.md §7: HF Trainer defaults).
+"""Optimiser and learning-rate schedule (docs/methods.md §9: HF Trainer defaults).
 
 AdamW with β = (0.9, 0.999), ε = 1e-8 and weight decay 0, then a linear decay of the learning rate to 0 after an
 optional linear warm-up (0 steps by default, as in the papers).

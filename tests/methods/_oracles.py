@@ -1,4 +1,5 @@
-"""Plain-PyTorch sequential mixers (METHODS.md §2-3) with h0, h' and y' arguments: the oracles of the method tests."""
+"""Plain-PyTorch sequential mixers (docs/methods.md §2-3) with h0, h' and y' arguments: the oracles of the method
+tests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Additional-scan (METHODS.md §4.8): init values, placement of the new rows, equality with an N + n' model,
+"""Additional-scan (docs/methods.md §5.4): init values, placement of the new rows, equality with an N + n' model,
 decode with an N + n' cache, counts, Mamba-2 refusal."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""BitFit (METHODS.md §4.7): bias deltas on conv1d / dt_proj (Mamba-2: dt_bias), counts, merge, validation."""
+"""BitFit (docs/methods.md §5.3): bias deltas on conv1d / dt_proj (Mamba-2: dt_bias), counts, merge, validation."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def meta_model(arch: str, size: str):
 @pytest.mark.parametrize(
     ("arch", "size", "count"),
     [
-        ("m1", "130m", 2 * 24 * 1536),  # 73,728 = 0.06% (METHODS §4.0)
+        ("m1", "130m", 2 * 24 * 1536),  # 73,728 = 0.06% (docs/methods.md §6)
         ("m1", "1.4b", 2 * 48 * 4096),
         ("m1", "2.8b", 2 * 64 * 5120),
         ("m2", "130m", 24 * ((1536 + 2 * 128) + 1536 // 64)),  # conv1d.bias [D+2GN] + dt_bias [H]

@@ -1,4 +1,5 @@
-"""Trainable-parameter counts at the papers' model sizes, from configs only (meta device, no weights): METHODS.md §4."""
+"""Trainable-parameter counts at the papers' model sizes, from configs only (meta device, no weights):
+docs/methods.md §6."""
 
 from __future__ import annotations
 
@@ -74,5 +75,5 @@ def test_trainable_count(arch, size, config, count):
 def test_share_of_130m():
     model = get_peft_model(_meta_model("m1", "130m"), StateOffsetConfig())
     base = model.num_parameters() - model.trainable_parameters()
-    assert round(base / 1e6, 1) == 129.1  # METHODS §1.1
+    assert round(base / 1e6, 1) == 129.1  # docs/methods.md §1.1
     assert round(100 * model.trainable_parameters() / base, 3) == 0.457

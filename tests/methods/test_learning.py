@@ -4,7 +4,7 @@ Task: each row repeats a fixed 3-token motif from a random phase, so the next to
 The tiny base model gets a larger embedding init (0.2) so that its tied head can express confident logits.
 Measured on this task (first -> last 3-step mean loss, Mamba-2): state offset h 2.29 -> 0.16, y 2.37 -> 0.21,
 initial state 2.91 -> 0.35, LoRA 2.02 -> 0.09, prefix 3.33 -> 3.03, prompt 3.27 -> 3.10. Prefix and prompt move
-slowly: their effect decays along the sequence (METHODS.md §4.4-4.5), so their bar is lower.
+slowly: their effect decays along the sequence (docs/methods.md §4.4, §5.1), so their bar is lower.
 """
 
 from __future__ import annotations

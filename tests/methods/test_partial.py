@@ -1,4 +1,4 @@
-"""Partial and full fine-tuning (METHODS.md §4.9): pattern matching, counts of the ssm-peft configs, tied embedding,
+"""Partial and full fine-tuning (docs/methods.md §5.6): pattern matching, counts of the ssm-peft configs, tied embedding,
 adapter files holding only the trained tensors."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prefix-Tuning is real per-layer virtual tokens and equals Initial State (+ conv state) Tuning (METHODS.md §4.4);
+"""Prefix-Tuning is real per-layer virtual tokens and equals Initial State (+ conv state) Tuning (docs/methods.md §4.4);
 Prompt Tuning prepends k embeddings and extends mask and labels (§4.5)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SDT / SDLoRA (METHODS.md §4.10): selection rule on constructed deltas, the warm-up of sdt_select, exact trainable
+"""SDT / SDLoRA (docs/methods.md §5.5): selection rule on constructed deltas, the warm-up of sdt_select, exact trainable
 counts (pitfall 7), and that a phase-2 step changes only the selected entries."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Maths of State-offset Tuning (h, y) and Initial State Tuning against plain sequential mixers (METHODS.md §4.1-4.3, §5)."""
+"""Maths of State-offset Tuning (h, y) and Initial State Tuning against plain sequential mixers (docs/methods.md §4.1-4.3, §8)."""
 
 from __future__ import annotations
 

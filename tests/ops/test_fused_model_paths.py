@@ -92,7 +92,7 @@ def test_model_through_fused_kernels_matches_torch_backend_gpu(kind, monkeypatch
     for name, r, t, f in pairs:
         e_torch, e_fused = rel_err(r, t), rel_err(r, f)
         # Mamba-2's first-layer dh' came out 1.0e-1 off through the Triton SSD's bf16 backward against 9.4e-3 through
-        # the torch one, with this file's conv and norm kernels on or off (H200, 2026-12-02; docs/kernels-mamba2.md):
+        # the torch one, with this file's conv and norm kernels on or off (H200, 2026-12-02):
         # an open precision issue of the SSD kernels, bounded here so that a worse one still fails
         slack = 0.15 if kind == "mamba2" and name != "logits" else 2e-3
         assert e_fused <= 2 * e_torch + slack, f"{name}: fused bf16 error {e_fused:.3e} vs torch bf16 {e_torch:.3e}"
@@ -101,7 +101,7 @@ def test_model_through_fused_kernels_matches_torch_backend_gpu(kind, monkeypatch
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_mamba2_head_dim_16_on_the_gpu(monkeypatch):
-    """Head dim 16 (N 16, G 2, L 300): the dx / dC kernels gave wrong gradients there on 8 warps (session 10)."""
+    """Head dim 16 (N 16, G 2, L 300): the dx / dC kernels gave wrong gradients there on 8 warps (H200)."""
     monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
     check("mamba2", 256, 300, "cuda", torch.float32, 1e-4, headdim=16)
 

@@ -193,7 +193,7 @@ def test_ref_and_torch_match_fp64_closed_form(size, per_batch):
 
 
 def test_initial_state_prepended_step_and_superposition_agree():
-    """METHODS §4.3/§5.2: the authors' prepended-step trick, the superposition formula and the h0 scan agree."""
+    """docs/methods.md §4.3/§5.2: the authors' prepended-step trick, the superposition formula and the h0 scan agree."""
     b, d, seqlen, n = 2, 6, 19, 4
     ins = {k: v.detach() for k, v in make_inputs(b, d, seqlen, n, per_batch=True).items()}
     u, A, B, C, D, z, h0 = (ins[k] for k in ("u", "A", "B", "C", "D", "z", "initial_state"))
@@ -218,7 +218,7 @@ def test_initial_state_prepended_step_and_superposition_agree():
 
 @pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan_torch], ids=["ref", "torch"])
 def test_state_offset_equals_dense_skip(fn):
-    """METHODS §5.3: with C_t = W_C u_t, the h-offset equals replacing D_skip by the dense D_skip + h' W_C."""
+    """docs/methods.md §8.3: with C_t = W_C u_t, the h-offset equals replacing D_skip by the dense D_skip + h' W_C."""
     b, d, seqlen, n = 2, 8, 21, 3
     dt = torch.float64 if fn is selective_scan_torch else torch.float32
     u = torch.randn(b, d, seqlen, dtype=dt)

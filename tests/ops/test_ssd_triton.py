@@ -251,6 +251,6 @@ def test_ssd_scan_triton_gpu(seqlen, g, dtype):
 @pytest.mark.parametrize("dtype", list(RATIO_GPU), ids=[str(d)[6:] for d in RATIO_GPU])
 def test_ssd_scan_triton_gpu_short_chunks(dtype):
     """64-step chunks (the default up to L 512) at head dim 64, N 128: in fp32 the dC kernel needed more shared memory
-    than the GPU has with 3 pipeline stages (session 10); the GPU cases above run 256-step chunks."""
+    than the GPU has with 3 pipeline stages; the GPU cases above run 256-step chunks."""
     inputs = make_inputs(2, 300, 8, 64, 128, 1, dtype, ALL, per_row=False)
     check(inputs, softplus=True, chunk_size=64, ratio=RATIO_GPU[dtype])

@@ -1,4 +1,4 @@
-"""Additional-scan: n' extra, trainable state dimensions (Mamba-1), METHODS.md §4.8."""
+"""Additional-scan: n' extra, trainable state dimensions (Mamba-1), docs/methods.md §5.4."""
 
 from ...core.registry import register_method
 from .config import AdditionalScanConfig

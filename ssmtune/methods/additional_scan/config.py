@@ -8,7 +8,7 @@ from ...core.config import AdapterConfig
 
 @dataclass(kw_only=True)
 class AdditionalScanConfig(AdapterConfig):
-    """Additional-scan (MambaPEFT; METHODS.md §4.8): n' extra state dimensions per channel, Mamba-1 only.
+    """Additional-scan (MambaPEFT; docs/methods.md §5.4): n' extra state dimensions per channel, Mamba-1 only.
 
     A_log⁺ [D, n'] is appended to A_log on the state axis, W_B⁺ [n', D] (Kaiming-uniform) to the B rows of ``x_proj``
     and W_C⁺ [n', D] (zero, so the model is unchanged at init) to its C rows; the scan and the decode cache hold

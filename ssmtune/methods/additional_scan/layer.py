@@ -60,7 +60,7 @@ def inject(model: nn.Module, config: AdditionalScanConfig, *, adapter_name: str)
         if is_mamba2(t.mixer):
             raise ValueError(
                 "AdditionalScanConfig: Mamba-2 is not supported (A is one scalar per head, and neither paper has a "
-                f"Mamba-2 Additional-scan; METHODS.md §4.8), got a {type(t.mixer).__name__} at {t.path!r}"
+                f"Mamba-2 Additional-scan; docs/methods.md §5.4), got a {type(t.mixer).__name__} at {t.path!r}"
             )
         # Extending N moves the C rows of x_proj and changes the state shape: adapters attached earlier (LoRA row
         # slices or whole-x_proj deltas, [D, N] state hooks) would silently act on the wrong rows or fail later.

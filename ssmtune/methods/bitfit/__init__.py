@@ -1,4 +1,4 @@
-"""BitFit on conv1d.bias and dt_proj.bias (Mamba-2: dt_bias), METHODS.md §4.7."""
+"""BitFit on conv1d.bias and dt_proj.bias (Mamba-2: dt_bias), docs/methods.md §5.3."""
 
 from ...core.registry import register_method
 from .config import BitFitConfig

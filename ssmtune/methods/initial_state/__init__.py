@@ -1,4 +1,4 @@
-"""Initial State Tuning (h0, optionally conv0), METHODS.md §4.3."""
+"""Initial State Tuning (h0, optionally conv0), docs/methods.md §4.3."""
 
 from ...core.registry import register_method
 from .config import InitialStateConfig

@@ -8,7 +8,7 @@ from ...core.config import AdapterConfig
 
 @dataclass(kw_only=True)
 class InitialStateConfig(AdapterConfig):
-    """Initial State Tuning [SOT, SDT] (METHODS.md §4.3): a trainable h0 [D, N] (Mamba-2: [H, P, N]) per layer.
+    """Initial State Tuning [SOT, SDT] (docs/methods.md §4.3): a trainable h0 [D, N] (Mamba-2: [H, P, N]) per layer.
 
     h0 acts only through the prefill (its contribution decays as ∏Ā); zero init is the base model.
     """

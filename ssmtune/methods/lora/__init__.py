@@ -1,4 +1,4 @@
-"""LoRA and DoRA on the mixers' Linears and their row slices (METHODS.md §4.6)."""
+"""LoRA and DoRA on the mixers' Linears and their row slices (docs/methods.md §5.2)."""
 
 from ...core.registry import register_method
 from .config import LoraConfig

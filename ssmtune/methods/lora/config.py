@@ -5,7 +5,7 @@ from typing import ClassVar
 
 from ...core.config import AdapterConfig
 
-# Targets per architecture: a whole Linear, or a row slice "<linear>.<slice>" (METHODS.md §2-3, §4.6).
+# Targets per architecture: a whole Linear, or a row slice "<linear>.<slice>" (docs/methods.md §2-3, §5.2).
 MAMBA1_TARGETS = (
     "in_proj",
     "in_proj.x",
@@ -22,7 +22,7 @@ MAMBA2_TARGETS = ("in_proj", "in_proj.z", "in_proj.x", "in_proj.B", "in_proj.C",
 
 @dataclass(kw_only=True)
 class LoraConfig(AdapterConfig):
-    """LoRA / DoRA on the mixers' Linears (METHODS.md §4.6): W' = W + (α/r)·B A, A Kaiming-uniform, B zero.
+    """LoRA / DoRA on the mixers' Linears (docs/methods.md §5.2): W' = W + (α/r)·B A, A Kaiming-uniform, B zero.
 
     A target is a whole Linear (``"in_proj"``) or a row slice of it (``"x_proj.B"``): a slice target gets its own
     low-rank pair whose delta touches only those output rows (the paper code's split projections).

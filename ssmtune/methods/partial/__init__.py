@@ -1,4 +1,4 @@
-"""Partial and full fine-tuning as parameter deltas, METHODS.md §4.9."""
+"""Partial and full fine-tuning as parameter deltas, docs/methods.md §5.6."""
 
 from ...core.registry import register_method
 from .config import FullConfig, PartialConfig

@@ -9,7 +9,7 @@ from ...core.config import AdapterConfig
 
 @dataclass(kw_only=True)
 class PartialConfig(AdapterConfig):
-    """Partial fine-tuning (METHODS.md §4.9, "layer freeze"): the named base parameters train, as fp32 zero-init
+    """Partial fine-tuning (docs/methods.md §5.6, "layer freeze"): the named base parameters train, as fp32 zero-init
     deltas W' = W + δ (so disabling, merging and saving work as for every other method; only δ is saved).
 
     A pattern is a glob (``fnmatch``: ``*`` also spans dots) or, with the prefix ``re:``, a regular expression. It
@@ -46,7 +46,7 @@ class PartialConfig(AdapterConfig):
 
 @dataclass(kw_only=True)
 class FullConfig(PartialConfig):
-    """Full fine-tuning (METHODS.md §4.9, ssm-peft 000) as deltas on every base parameter (tied embedding once).
+    """Full fine-tuning (docs/methods.md §5.6, ssm-peft 000) as deltas on every base parameter (tied embedding once).
 
     Memory: one fp32 δ per parameter, i.e. what an fp32 master copy of bf16 weights costs. The CLI's ``--method full``
     trains the bare model instead (no adapter, saved with ``save_pretrained``); this config gives the same update

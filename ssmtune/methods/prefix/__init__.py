@@ -1,4 +1,4 @@
-"""Prefix-Tuning with real per-layer virtual tokens, served as (h0, conv0) (METHODS.md §4.4)."""
+"""Prefix-Tuning with real per-layer virtual tokens, served as (h0, conv0) (docs/methods.md §4.4)."""
 
 from ...core.registry import register_method
 from .config import PrefixTuningConfig

@@ -8,7 +8,7 @@ from ...core.config import AdapterConfig
 
 @dataclass(kw_only=True)
 class PrefixTuningConfig(AdapterConfig):
-    """Prefix-Tuning (METHODS.md §4.4): M trainable virtual-token activations P^l [M, d_model] per layer.
+    """Prefix-Tuning (docs/methods.md §4.4): M trainable virtual-token activations P^l [M, d_model] per layer.
 
     P^l is the input of block l at the M prefix positions. By §4.4 its only effect on the real tokens is the pair of
     final ssm/conv states of running block l's mixer on norm(P^l), which the hook feeds in as (h0, conv0).

@@ -1,4 +1,4 @@
-"""Prompt Tuning: trainable virtual input embeddings (METHODS.md §4.5)."""
+"""Prompt Tuning: trainable virtual input embeddings (docs/methods.md §5.1)."""
 
 from ...core.registry import register_method
 from .config import PromptTuningConfig

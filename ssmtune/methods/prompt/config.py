@@ -8,7 +8,7 @@ from ...core.config import AdapterConfig
 
 @dataclass(kw_only=True)
 class PromptTuningConfig(AdapterConfig):
-    """Prompt Tuning (METHODS.md §4.5): k trainable embeddings [k, d_model] prepended to the input embeddings.
+    """Prompt Tuning (docs/methods.md §5.1): k trainable embeddings [k, d_model] prepended to the input embeddings.
 
     The attention mask is extended with ones and the labels with -100; the LM drops the k positions from its logits.
     **Not identity at init**: the virtual tokens change the state every real token starts from.

@@ -1,4 +1,4 @@
-"""SDT / SDLoRA: sparse channel/state deltas on the SSM parameters + LoRA on the projections, METHODS.md §4.10."""
+"""SDT / SDLoRA: sparse channel/state deltas on the SSM parameters + LoRA on the projections, docs/methods.md §5.5."""
 
 from ...core.registry import register_method
 from .config import SDLoraConfig

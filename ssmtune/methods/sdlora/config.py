@@ -13,7 +13,7 @@ MAMBA2_LORA_DEFAULT = ("in_proj.z", "in_proj.x", "out_proj")
 
 @dataclass(kw_only=True)
 class SDLoraConfig(AdapterConfig):
-    """SDT / SDLoRA [SDT] (METHODS.md §4.10): sparse, zero-init deltas on selected channels/states of the SSM
+    """SDT / SDLoRA [SDT] (docs/methods.md §5.5): sparse, zero-init deltas on selected channels/states of the SSM
     parameters plus LoRA on the linear projections.
 
     Two phases. ``get_peft_model(base, SDLoraConfig())`` attaches the phase-2 adapter with a placeholder selection;
@@ -22,7 +22,7 @@ class SDLoraConfig(AdapterConfig):
     k_c = D − round(β·D) channels by Σ_n Δ_A[d, n]², in each k_s = N − round(α·N) states by Δ_A[d, n]²; A_log trains
     k_c·k_s entries, W_B and W_C the N·k_c entries of the selected input channels (columns). Trainable count:
     n_layer·(k_c·k_s + 2·N·k_c) + LoRA, exactly (only the selected entries are parameters: pitfall 7).
-    Mamba-2 (**proposal**, METHODS.md §4.10): heads play the channels (k_h = ⌈(1−β)·H⌉ heads by ΔA_log² + Δdt_bias²,
+    Mamba-2 (**proposal**, docs/methods.md §5.5): heads play the channels (k_h = ⌈(1−β)·H⌉ heads by ΔA_log² + Δdt_bias²,
     which train A_log and dt_bias), and k_s = ⌈(1−α)·G·N⌉ rows of W_B and W_C (the ``in_proj`` B/C rows, all d_model
     columns) by ‖ΔW_B[n]‖² + ‖ΔW_C[n]‖².
     """

@@ -1,4 +1,5 @@
-"""Phase 1 of SDT / SDLoRA (METHODS.md §4.10): warm-up, then selection of channels and states by update magnitude."""
+"""Phase 1 of SDT / SDLoRA (docs/methods.md §5.5): warm-up, then selection of channels and states by update
+magnitude."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""State-offset Tuning (h and y variants), METHODS.md §4.1-4.2."""
+"""State-offset Tuning (h and y variants), docs/methods.md §4.1-4.2."""
 
 from ...core.registry import register_method
 from .config import StateOffsetConfig

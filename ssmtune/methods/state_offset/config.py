@@ -8,7 +8,7 @@ from ...core.config import AdapterConfig
 
 @dataclass(kw_only=True)
 class StateOffsetConfig(AdapterConfig):
-    """State-offset Tuning [SOT] (METHODS.md §4.1-4.2): a constant offset on the read-out, before the gate.
+    """State-offset Tuning [SOT] (docs/methods.md §4.1-4.2): a constant offset on the read-out, before the gate.
 
     ``variant="h"``: y_t += C_tᵀ h' with h' [D, N] (Mamba-2: [H, P, N]); h' never enters the recurrence.
     ``variant="y"``: y_t += y' with y' [D] (Mamba-2: [H, P]). Zero init, so step 0 is the base model.

@@ -1,7 +1,7 @@
 """Mamba-1 (S6) selective scan in Triton: fused forward and backward with initial state and state offsets.
 
-Semantics are those of ``selective_scan_ref`` / ``selective_state_update_ref`` in ``naive.py`` (METHODS.md §2, §4.1-4.3,
-§5.1); design notes and measurements are in ``docs/kernels-mamba1.md``.
+Semantics are those of ``selective_scan_ref`` / ``selective_state_update_ref`` in ``naive.py``
+(docs/methods.md §2, §4.1-4.3, §8.1); design notes and measurements are in ``docs/kernels.md``.
 
 One program owns one batch row and a block of BLOCK_D channels. It walks the sequence in [BLOCK_D, BLOCK_L] time tiles
 and, inside a tile, loops over the N states (mamba_ssm's order of work): per state, the recurrence
@@ -12,18 +12,18 @@ backward's tile, shorter than the forward's); the backward walks its tiles in re
 that checkpoint and runs the adjoint recurrence λ_t = Ā_{t+1} λ_{t+1} + ĝ_t C_t per state as a forward scan over inputs
 loaded in reversed time order, then one ``tl.gather`` puts λ back in time order. State-offset (h) stays out of the
 backward kernel: its gradient dh' = Σ_t ĝ_t C_tᵀ and C's term h'ᵀ ĝ_t are two small GEMMs per tile of the gated dy ĝ
-in ``state_offset_grad_kernel``, after it (session 13; the cross-lane reduction per state and tile that it replaces
-cost more).
+in ``state_offset_grad_kernel``, after it (the cross-lane reduction per state and tile that it replaces cost
+more).
 
 Time loops are ``while`` loops with a runtime bound, which the CPU interpreter (``TRITON_INTERPRET=1``) accepts, unlike
 ``range`` over a runtime bound (triton 3.6). L is specialised on divisibility by 16 (vectorised loads): two compiled
 kernels per configuration cover every length.
 
-Removed after GPU sweeps (B 8, L 2048, D 1536, N 16, bf16, fwd / fwd+bwd ms; docs/kernels-mamba1.md):
-- H100, 2026-11-23, against these kernels' predecessors (0.788 / 3.282): the session-1 tile kernels, all N states scanned
+Removed after GPU sweeps (B 8, L 2048, D 1536, N 16, bf16, fwd / fwd+bwd ms; docs/kernels.md):
+- H100, 2026-11-23, against these kernels' predecessors (0.788 / 3.282): the earlier tile kernels, all N states scanned
   at once in a [BLOCK_D, N, BLOCK_L] tile (1.249 / 4.900 at their default, 1.49-1.67 / 8.3-8.7 with other tiles), and
   state loops unrolled with ``tl.static_range`` (forward unrolled 0.972 / 3.490, both 0.973 / 7.702);
-- H200, 2026-12-02 (session 9): carried states in a register tile read and written through cross-lane reductions
+- H200, 2026-12-02: carried states in a register tile read and written through cross-lane reductions
   (0.648 / 2.707 with L specialised, against 0.542 / 2.069 through the scratch at the same 128-step tiles), and the
   adjoint as ``associative_scan(reverse=True)``, which triton 3.6 lowers with flips of both operands (3.813 against
   2.069 ms fwd+bwd).
@@ -61,8 +61,8 @@ def _env_flag(name: str, default: str = "0") -> bool:
 # True: calls without gradients, with N <= 16 and a time-major Δ (the mixer's views) run the sequential forward of
 # fused_seq.py, which reads them without copies. Off by default (SSMTUNE_SEQUENTIAL_SCAN=1 turns it on): on an H200
 # it is 1.8-2.4x faster than the copies + n-loop forward at batch 8 and a 130m-shaped model's no-grad forward gains
-# 1.19x, but the model with State-offset (h) and batch-1 forwards were slower in session 6's measurements
-# (docs/kernels-mamba1.md), so it waits for a measured fix.
+# 1.19x, but the model with State-offset (h) and batch-1 forwards were slower in the H200 measurements
+# (docs/kernels.md), so it waits for a measured fix.
 SEQUENTIAL_FORWARD = _env_flag("SSMTUNE_SEQUENTIAL_SCAN")
 
 
@@ -141,7 +141,7 @@ def _bwd_nloop_state(
 
 
 # L is specialised (divisible by 16 or not): with 16-aligned rows the loads vectorise, which took the H200 forward
-# from 0.787 to 0.648 ms (session 9); tile counts are not
+# from 0.787 to 0.648 ms; tile counts are not
 @triton.heuristics(
     {
         "HAS_D": lambda args: args["D"] is not None,
@@ -331,7 +331,7 @@ def selective_scan_bwd_nloop_kernel(
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
 ):
     # Backward of selective_scan_fwd_nloop_kernel: tiles in reverse, and per tile a loop over the N states that
-    # recomputes h_n from the checkpoint and runs the adjoint λ_n as a reverse scan (formulas: docs/kernels-mamba1.md).
+    # recomputes h_n from the checkpoint and runs the adjoint λ_n as a reverse scan (formulas: docs/kernels.md).
     # dB and dC are sums over all channels: fp32 atomic adds into [B, N, L] (as mamba_ssm; the order is not fixed).
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     i_b = i_b.to(tl.int64)
@@ -433,7 +433,7 @@ def selective_scan_bwd_nloop_kernel(
 
     tl.store(dA + i_b * DIM * N + o_dn, b_dA_acc, mask=m_dn)
     if STORE_INITIAL_STATE_GRADIENT:
-        # ∂L/∂h_0 = Ā_1 ⊙ λ_1 (METHODS §5.1); Ā_1 = 1 when L = 0
+        # ∂L/∂h_0 = Ā_1 ⊙ λ_1 (docs/methods.md §8.1); Ā_1 = 1 when L = 0
         tl.debug_barrier()
         b_lam = tl.load(p_carry + (NT % 2) * N + o_c, mask=m_dn, other=0.0)  # λ_1
         b_A2 = tl.load(A + o_dn, mask=m_dn, other=0.0).to(tl.float32) * LOG2E
@@ -479,8 +479,8 @@ def state_offset_grad_kernel(
     # partial sum per channel block, stored to dh_part [L tiles, B, D, N] and summed after in a fixed order, and C's
     # term h'ᵀ ĝ_t, summed over the program's channels in registers, goes to dC by one fp32 atomic add per element
     # (channel splits share dC, as the backward kernel's channel blocks do). tf32x3 dots: fp32 accuracy on tensor
-    # cores (a bf16 ĝ lost it, session 12). DC_TF32 (bf16 C): C's term in one tf32 pass, since dC is rounded to bf16,
-    # which keeps 8 significant bits to tf32's 11 (session 13: the kernel 0.117 -> 0.088 ms). dh' stays tf32x3.
+    # cores (a bf16 ĝ lost it). DC_TF32 (bf16 C): C's term in one tf32 pass, since dC is rounded to bf16,
+    # which keeps 8 significant bits to tf32's 11 (H200: the kernel 0.117 -> 0.088 ms). dh' stays tf32x3.
     i_l, i_b, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_b.to(tl.int64)
     o_t = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -604,7 +604,7 @@ def _config(dim: int, dstate: int, seqlen: int = 1 << 30, training: bool = True)
         )
     cap = triton.next_power_of_2(max(dim, 1))
     # BLOCK_L (forward tile) and BLOCK_L_BWD (backward tile = checkpoint spacing): the sequence rounded up to a power of
-    # two, capped; BLOCK_L_BWD <= BLOCK_L. H200 sweeps of session 9 (docs/kernels-mamba1.md), B 8, L 2048, D 1536:
+    # two, capped; BLOCK_L_BWD <= BLOCK_L. H200 sweeps (docs/kernels.md), B 8, L 2048, D 1536:
     # the inference forward is fastest with 512-step tiles (0.388 ms; 0.433 at 256, 0.541 at 128), a training forward
     # (which also stores a checkpoint every BLOCK_L_BWD steps) with 256 (fwd+bwd 1.98 ms; 2.06 at 512), the backward
     # with 128-step tiles and two channels per program; one warp each.

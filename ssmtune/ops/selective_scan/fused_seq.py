@@ -11,7 +11,7 @@ N states of a channel in one thread, so the read-out Σ_n C_n h_n needs no shuff
     h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t,    y_t = (Σ_n C_t,n (h_t,n + h'_n) + D u_t + y') · silu(z_t)
 
 The inputs of step t + PF are loaded before step t is computed (PF 1 or 2): without that, every step waits for one
-memory latency (docs/kernels-mamba1.md, session 5: sm_90 SASS). When there are too few (channel block, batch row)
+memory latency (from the sm_90 SASS). When there are too few (channel block, batch row)
 programs to fill the GPU, time is cut into chunks of T steps: pass 1 runs every chunk from h = 0 and stores its end
 state S_c and ΣΔ over the chunk; pass 2 starts chunk c from h0 folded through the earlier chunks,
 h ← exp(A ΣΔ_j) h + S_j for j < c, and writes y. Twice the recurrence work for NC times the programs.
@@ -33,7 +33,7 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 MAX_DSTATE = 16  # all N states of a channel live in one thread's registers
 # launch configuration; keys of CONFIG_OVERRIDE (tests and sweeps): BLOCK_D, K, WARPS, PF, CHUNK (0: one pass).
-# Session 6 also timed h' loaded again at every step instead of held in registers: no gain, removed.
+# h' was also timed loaded again at every step instead of held in registers: no gain, removed.
 CONFIG_KEYS = ("BLOCK_D", "K", "WARPS", "PF", "CHUNK")
 CONFIG_OVERRIDE: dict[str, int] = {}
 IDX32_LIMIT = 2**31  # time offsets t * stride at or above this need 64-bit arithmetic
@@ -199,7 +199,7 @@ def _config(batch: int, dim: int, seqlen: int, device: torch.device) -> dict[str
     cfg = {"BLOCK_D": 32, "K": 8, "WARPS": 1, "PF": 2, "CHUNK": 0}
     cfg.update(CONFIG_OVERRIDE)
     if "CHUNK" not in CONFIG_OVERRIDE:
-        # H200, L 2048 (session 6, docs/kernels-mamba1.md): one pass when there are 4 or more one-warp programs per SM
+        # H200, L 2048 (docs/kernels.md): one pass when there are 4 or more one-warp programs per SM
         # (B 8, D 4096 / 5120: chunking lost 1.2-1.5x); below, chunks of 64-512 steps were within 10% of each other
         # where they gave enough programs, and 4-8x faster than one pass at B 1. The chunks aim at ~32 programs per SM,
         # several waves: one wave that just fits (B 8, D 1536 in chunks of 512: 11.6 per SM) turns into two when a

@@ -6,7 +6,7 @@ Layout follows mamba_ssm's ``selective_scan_fn`` (channel-first):
     u, delta, z  [B, D, L]     A  [D, N]     B, C  [B, N, L]     D, delta_bias  [D]
     initial_state  [D, N] or [B, D, N]     state_offset  [D, N] or [B, D, N]     y_offset  [D] or [B, D]
 
-Recurrence (METHODS.md §2, §4.1-4.3), with Δ = softplus(delta + delta_bias) when asked:
+Recurrence (docs/methods.md §2, §4.1-4.3), with Δ = softplus(delta + delta_bias) when asked:
     h_0 = initial_state (0 when None)
     h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t
     y_t = C_tᵀ (h_t + h') + D u_t + y'            h' never enters the recurrence

@@ -196,7 +196,7 @@ def selective_scan_torch(
     """``backend="torch"``: the one place that picks the pure-PyTorch scan (same arguments as ``selective_scan_ref``).
 
     CPU: the sequential loop of ``sequential.py`` (one cache-resident [B, D, N] update per step) beats the Blelloch scan,
-    which materialises several [B, D, L, N] tensors per pass and is memory-bound there (docs/kernels-mamba1.md, "CPU
+    which materialises several [B, D, L, N] tensors per pass and is memory-bound there (docs/kernels.md, "CPU
     torch backend": 4-6x on the scan alone). CUDA: the Blelloch scan, whose O(log L) sweeps are parallel over L.
     """
     fn = selective_scan_sequential if u.device.type == "cpu" else selective_scan_blelloch

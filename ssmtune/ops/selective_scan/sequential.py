@@ -8,7 +8,8 @@ K steps, so the working set is a few [K, B, D, N] tensors (a few MB) that stay i
 One autograd Function owns the whole op (same arguments and maths as ``selective_scan_ref``). The forward keeps only the
 state at each block start (plus the pre-gate output for dz); the backward walks the blocks in reverse, recomputes the
 block's states from its checkpoint, runs the adjoint λ_t = Ā_{t+1} ⊙ λ_{t+1} + ĝ_t C_t backwards through the block and
-reduces the local gradients (docs/kernels-mamba1.md "Backward", METHODS.md §5.1) with one batched op each per block.
+reduces the local gradients (docs/kernels.md, docs/methods.md §8.1) with one batched op each per
+block.
 
 Computes in fp32 (fp64 when the inputs are fp64, for gradcheck); y is returned in u's dtype, h_L in the compute dtype.
 """

@@ -8,9 +8,9 @@ With Q the chunk size, a_t = Σ_{s ≤ t in chunk} Δ_s A (chunk-local cumsum) a
                       then y · silu(z)                                                     (ssd_chunk_scan_fwd_kernel)
 Steps 2 fuses the chunk states with the sequential state passing (one program per [P, N] tile loops over chunks).
 The offset h' never decays, so it is one extra [Q, N] x [N, P] product next to the inter-chunk C·state product in the
-same kernel; y' and D join the epilogue. The backward mirrors these steps; the derivation is in docs/kernels-mamba2.md.
+same kernel; y' and D join the epilogue. The backward mirrors these steps; the derivation is in docs/kernels.md.
 In the backward, dh' = Σ_t ĝ_tᵀ C_t accumulates in the reverse state-passing loop, and dC's h' term ĝ·h' is one GEMM
-over all positions after the dC kernel (measured faster than the same dot inside it, docs/kernels-mamba2.md).
+over all positions after the dC kernel (measured faster than the same dot inside it, docs/kernels.md).
 
 Loop bounds are ``tl.constexpr`` (chunk count, chunk size, heads per program), so the kernels also run under
 ``TRITON_INTERPRET=1`` on CPU tensors. Launches are not wrapped in ``torch.cuda.device``.
@@ -32,11 +32,11 @@ _DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 # Warps of the dx and dC backward kernels; None: 4. With 4 instead of 8 the backward at B 8, L 8192, H 64, P 64, N 128
-# took 8.8 instead of 13.3 ms forward+backward (H200, triton 3.6, session 14, benchmarks/exp_ssd_variants.py); below
+# took 8.8 instead of 13.3 ms forward+backward (H200, triton 3.6); below
 # head dim 32, 8 warps also gave wrong gradients (ssd/__init__.py). exp_ssd_small_headdim.py and exp_ssd_variants.py
 # set it.
 BWD_WARPS: int | None = None
-# Warps of the forward chunk-scan kernel; None: 4 (Triton's default, which it ran on until session 14). Set by
+# Warps of the forward chunk-scan kernel; None: 4 (Triton's default). Set by
 # exp_ssd_variants.py.
 FWD_WARPS: int | None = None
 
@@ -47,7 +47,7 @@ def _bwd_warps() -> int:
 
 def _bwd_stages(*tensors: torch.Tensor) -> int:
     # fp32 tiles at head dim 64, N 128 and 64-step chunks: the dC kernel asked for 256 KiB of shared memory with 3
-    # pipeline stages, over the H100/H200's 227 KiB (an OutOfResources error, session 10); 1 stage needs 128 KiB.
+    # pipeline stages, over the H100/H200's 227 KiB (an OutOfResources error); 1 stage needs 128 KiB.
     # The widest operand decides (x, B and C may differ in dtype)
     return 1 if max(t.element_size() for t in tensors) >= 4 else 3
 
@@ -744,7 +744,7 @@ def _add_dc_state_offset(dC: torch.Tensor, dy: torch.Tensor, h_off: torch.Tensor
     """dC[b, t, g] += Σ_{h in group g} ĝ[b, t, h] · h'[(b,) h], as GEMMs over the (head, p) axis, in place.
 
     h' never decays, so this product needs no per-position factor: a GEMM over all rows reads ĝ once at the memory
-    roofline, where the same dot inside the dC kernel ran at that kernel's lower efficiency (docs/kernels-mamba2.md).
+    roofline, where the same dot inside the dC kernel ran at that kernel's lower efficiency (docs/kernels.md).
     """
     batch, T, H, P = dy.shape
     G, N = dC.shape[2], dC.shape[3]

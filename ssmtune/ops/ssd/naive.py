@@ -7,7 +7,7 @@ Layout follows mamba_ssm's ``mamba_chunk_scan_combined`` (time-first):
     y_offset  [H, P] or [B, H, P]
 
 Head i reads group g(i) = i // (H / G) of B and C (contiguous blocks, repeat_interleave semantics).
-Per head, with Δ = softplus(dt + dt_bias) when asked (METHODS.md §3):
+Per head, with Δ = softplus(dt + dt_bias) when asked (docs/methods.md §3):
     h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ          h ∈ R^{P×N}
     y_t = (h_t + h') C_t + D x_t + y'                  then y_t · silu(z_t) when z is given
 """
