@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import math
 import textwrap
 import types
 import typing
@@ -189,6 +190,11 @@ class ServeArgs:
     """Longest prompt accepted (HTTP 400 beyond)."""
     max_new_tokens: int = 256
     """Largest `max_new_tokens` a request may ask for (HTTP 400 beyond)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body in bytes (HTTP 413 beyond, refused from its Content-Length or as soon as a streamed body
+    crosses it, so an oversized body is never held in memory)."""
+    shutdown_timeout_s: float = 10.0
+    """On SIGTERM / Ctrl-C, how long requests still running may take to finish before they are cut off."""
     device: str = "auto"
     """`auto`, `cpu` or `cuda[:i]`."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -209,11 +215,12 @@ class ServeArgs:
             raise ValueError(f"--adapter names must be unique, got {dup} more than once")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {self.port!r}")
-        for flag in ("max_batch", "max_queue", "max_prompt_tokens", "max_new_tokens"):
+        for flag in ("max_batch", "max_queue", "max_prompt_tokens", "max_new_tokens", "max_body_bytes"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(self, flag)!r}")
-        if self.batch_wait_ms < 0:
-            raise ValueError(f"--batch_wait_ms must be >= 0, got {self.batch_wait_ms!r}")
+        for flag in ("batch_wait_ms", "shutdown_timeout_s"):
+            if not 0 <= getattr(self, flag) < math.inf:
+                raise ValueError(f"--{flag} must be a finite number >= 0, got {getattr(self, flag)!r}")
 
     def adapters(self) -> dict[str, str]:
         """{name: folder} of the --adapter flags."""
