@@ -148,6 +148,7 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     from ssmtune.core.peft_model import get_peft_model
     from ssmtune.data import Collator, get_task, load_examples, tokenize_examples
     from ssmtune.eval.evaluate import evaluate, load_eval_dataset
+    from ssmtune.eval.metrics import finite_json
     from ssmtune.train import fit
     from ssmtune.train.distributed import atomic_write_text
     from ssmtune.train.loop import check_resume
@@ -213,9 +214,9 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         "train_time_s": time.perf_counter() - start,
         "world_size": ctx.world_size,
     }
-    atomic_write_text(run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(run_dir / "results.json", finite_json(summary, indent=2) + "\n")
     plot_run(run_dir)
-    print(json.dumps({k: summary[k] for k in ("run", "trainable_params", "steps", "best_metric", "best_value")}))
+    print(finite_json({k: summary[k] for k in ("run", "trainable_params", "steps", "best_metric", "best_value")}))
     return summary
 
 
@@ -258,7 +259,7 @@ def eval(args: EvalCommandArgs) -> dict[str, Any]:
     from ssmtune.core.io import load_adapter
     from ssmtune.data import get_task
     from ssmtune.eval.evaluate import evaluate
-    from ssmtune.eval.metrics import require_metric_packages
+    from ssmtune.eval.metrics import finite_json, require_metric_packages
 
     require_metric_packages(get_task(args.data.task).metrics, args.data.task)
     tokenizer = load_tokenizer_for(args.tokenizer, args.model)
@@ -268,7 +269,7 @@ def eval(args: EvalCommandArgs) -> dict[str, Any]:
     _cast(model, args.precision, args.device)
     result = evaluate(model, tokenizer, args.data, args.eval)
     result.update({"model": args.model, "adapter": args.adapter})
-    text = json.dumps(result, indent=2)
+    text = finite_json(result, indent=2)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text + "\n")

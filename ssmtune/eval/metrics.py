@@ -7,7 +7,10 @@ scores are on a 0-100 scale (identical strings score 100 for ROUGE and BLEU).
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -248,3 +251,24 @@ def generation_scores(task: str, preds: Sequence[str], references: Sequence[Sequ
             out["meteor_unavailable"] = reason
         return out
     return rouge(preds, references)
+
+
+def finite_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that always writes valid JSON: a NaN or infinite float becomes ``null``, and a top-level
+    ``non_finite`` mapping (for a dict) says where and what it was, e.g. ``{"loss": "nan"}``."""
+    found: dict[str, str] = {}
+
+    def clean(x: Any, where: str) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            found[where or "value"] = str(x)
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        return x
+
+    out = clean(obj, "")
+    if found and isinstance(out, dict):
+        out["non_finite"] = found
+    return json.dumps(out, allow_nan=False, **kwargs)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ssmtune.eval.metrics import finite_json
 from ssmtune.models.lm import causal_lm_loss
 from ssmtune.train import distributed as D
 from ssmtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -319,7 +320,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            # a NaN metric becomes null (with a "non_finite" note): the file stays valid JSON lines
+            f.write(finite_json(record) + "\n")
 
 
 def _progress(total: int, initial: int, enabled: bool):
