@@ -36,7 +36,14 @@ from torch import nn
 from ssmtune.eval.metrics import finite_json
 from ssmtune.models.lm import causal_lm_loss
 from ssmtune.train import distributed as D
-from ssmtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from ssmtune.train.checkpoint import (
+    clean_interrupted_writes,
+    latest_readable_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ssmtune.train.graphs import GraphedTrainStep
 from ssmtune.train.optim import build_optimizer, linear_schedule, set_capturable
 
@@ -119,6 +126,8 @@ class TrainConfig:
         if self.cuda_graph and self.accumulation_steps > 1:
             raise ValueError(f"cuda_graph needs one micro-batch per step, got batch_size={self.batch_size} with "
                              f"micro_batch_size={self.micro_batch_size}")  # fmt: skip
+        if not 0 <= self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
         for name in ("eval_steps", "save_steps", "warmup_steps", "log_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -156,13 +165,14 @@ def check_resume_config(saved: dict[str, Any], config: TrainConfig, n_train: int
 def check_checkpoint_settings(checkpoint: str | Path, config: TrainConfig, n_train: int) -> None:
     """``check_resume_config`` against a checkpoint folder (mmap: only the pickled settings are read, not the
     optimizer's tensors)."""
-    saved = torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+    saved = read_state(checkpoint, mmap=True)
     check_resume_config(saved.get("config") or {}, config, n_train, Path(checkpoint))
 
 
 def check_resume(out_dir: str | Path, config: TrainConfig, n_train: int) -> None:
     """Raise now (before anything is written) if ``fit(..., out_dir=out_dir)`` would refuse to resume."""
-    latest = latest_checkpoint(Path(out_dir) / "checkpoints") if config.resume else None
+    # fit() itself warns about a damaged checkpoint it skips
+    latest = latest_readable_checkpoint(Path(out_dir) / "checkpoints", warn=False) if config.resume else None
     if latest is not None:
         check_checkpoint_settings(latest, config, n_train)
 
@@ -395,12 +405,14 @@ def fit(
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps) if config.epochs >= 1 else config.max_steps
 
+    if ctx.is_main:
+        clean_interrupted_writes(out_dir)
     log = MetricsLog(out_dir / "metrics.jsonl") if ctx.is_main else _NoLog()
     ckpt_root = out_dir / "checkpoints"
     step, best_value, best_step, resumed_from = 0, None, None, None
     last_eval: dict[str, float] = {}
     # Rank 0 picks the checkpoint so that every rank resumes from the same one.
-    latest = ctx.broadcast(latest_checkpoint(ckpt_root) if config.resume else None)
+    latest = ctx.broadcast(latest_readable_checkpoint(ckpt_root) if config.resume else None)
     state = None
     if latest is not None:
         # The settings are checked before any weight is loaded: a refused resume leaves the caller's model untouched.
