@@ -234,6 +234,8 @@ def _bad_invocations(env, tmp: Path) -> list[tuple[str, list[str], int, str]]:
     """(id, argv, exit code, text of the one stderr line) for every kind of user error."""
     (tmp / "bad.yaml").write_text("model: [unclosed\ndata: {task: rte}\n")
     (tmp / "a_file").write_text("x")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 40)
     out_dir = tmp / "out_folder"
     out_dir.mkdir(exist_ok=True)
     gen = ["generate", "--model", str(env["base"]), "--prompt", "hi"]
@@ -255,6 +257,11 @@ def _bad_invocations(env, tmp: Path) -> list[tuple[str, list[str], int, str]]:
         ("generate-too-long", [*gen, "--max_new_tokens", "1000000000"], 2, "--max_new_tokens must be in 1..65536"),
         ("generate-temperature", [*gen, "--temperature", "0"], 2, "--temperature must be a finite number > 0"),
         ("unknown-flag", [*gen, "--nope", "1"], 2, "unrecognized arguments: --nope 1"),
+        ("pretrain-out-file", ["pretrain", "--corpus", str(corpus), "--out", str(tmp / "a_file")], 2,
+         "--out: " + repr(str(tmp / "a_file")) + " is a file, not a folder"),
+        ("compare-out-file", ["compare", "--runs", str(tmp), "--out", str(tmp / "a_file")], 2, "is a file, not a folder"),
+        ("serve-bad-limit", ["serve", "--model", str(env["base"]), "--max_body_bytes", "0"], 2,
+         "--max_body_bytes must be >= 1, got 0"),
     ]  # fmt: skip
 
 
