@@ -335,3 +335,44 @@ def test_a_non_streamed_client_going_away_frees_its_row(served, monkeypatch):
     _wait_idle(engine, timeout=3)
     # freed well before its 24 steps (0.05 s each) were decoded
     assert engine.stats.steps - before < MAX_NEW - 4
+
+
+def test_tokenizing_a_prompt_does_not_stall_the_event_loop(served):
+    """A slow tokenizer (a long prompt) runs off the event loop: /health answers while it works."""
+    from ssmtune.serve.app import create_app
+    from ssmtune.serve.batching import BatchEngine
+
+    _, shared = served
+
+    class SlowTokenizer(ByteTokenizer):
+        def encode(self, text, *args, **kwargs):
+            time.sleep(1.5)
+            return super().encode(text, *args, **kwargs)
+
+    engine = BatchEngine(shared.model, eos_token_id=ByteTokenizer().eos_token_id)
+    app = create_app(engine, SlowTokenizer(), max_prompt_tokens=MAX_PROMPT, max_new_tokens=MAX_NEW)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        done = {}
+        body = {"prompt": "slow", "max_new_tokens": 2, "stream": False}
+        post = threading.Thread(target=lambda: done.update(r=httpx.post(f"{url}/v1/generate", json=body, timeout=20)))
+        post.start()
+        time.sleep(0.3)  # the request is being tokenized now
+        start = time.monotonic()
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        assert time.monotonic() - start < 0.5
+        post.join(20)
+        assert done["r"].status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
