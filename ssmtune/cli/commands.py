@@ -195,8 +195,14 @@ def _check_same_run(run_dir: Path, args: TrainArgs) -> None:
         saved = yaml.safe_load(saved_file.read_text()) or {}
     except yaml.YAMLError:
         return  # an unreadable config.yaml is rewritten; the checkpoint's own checks still apply
+
+    def same(key: str, old: Any, new: Any) -> bool:
+        if key == "model" and isinstance(old, str) and Path(old).exists() and Path(new).exists():
+            return Path(old).resolve() == Path(new).resolve()  # `./base` and `base` are one model
+        return old == new
+
     diffs = [f"--{k}: {saved.get(k)!r} -> {getattr(args, k)!r}" for k in ("model", "method", "method_args")
-             if k in saved and saved[k] != getattr(args, k)]  # fmt: skip
+             if k in saved and not same(k, saved[k], getattr(args, k))]  # fmt: skip
     if diffs:
         raise ValueError(
             f"cannot resume {str(run_dir)!r}: its checkpoints were written with other settings ({'; '.join(diffs)}); "
