@@ -211,3 +211,132 @@ def test_refused_resume_keeps_config_yaml(env, capsys):
     err = capsys.readouterr().err
     assert "cannot resume" in err and "lr: 0.01 -> 0.05" in err
     assert (env["runs"] / "lrchange" / "config.yaml").read_text() == before
+
+
+def _run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """main()'s exit code (argparse's SystemExit included) and its stderr; any other exception fails the test."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "usage:" not in err, err
+    return lines[0]
+
+
+def _bad_invocations(env, tmp: Path) -> list[tuple[str, list[str], int, str]]:
+    """(id, argv, exit code, text of the one stderr line) for every kind of user error."""
+    (tmp / "bad.yaml").write_text("model: [unclosed\ndata: {task: rte}\n")
+    (tmp / "a_file").write_text("x")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 40)
+    out_dir = tmp / "out_folder"
+    out_dir.mkdir(exist_ok=True)
+    gen = ["generate", "--model", str(env["base"]), "--prompt", "hi"]
+    ev = ["eval", "--model", str(env["base"]), "--data.task", "rte", "--data.data_dir", str(env["rte"])]
+    return [
+        ("recipe-yaml", ["train", "--recipe", str(tmp / "bad.yaml")], 2, "is not valid YAML (expected ',' or ']'"),
+        ("method-args-yaml", train_argv(env, "v1", "--method_args", "{r: 8"), 2, "'{r: 8' is not valid YAML"),
+        ("method-args-list", train_argv(env, "v2", "--method_args", "[1, 2]"), 2, "method_args must be a YAML mapping"),
+        ("bad-int", train_argv(env, "v3", "--train.epochs", "two"), 2, "invalid int value: 'two'"),
+        ("lr-nan", train_argv(env, "v4", "--train.lr", "nan"), 2, "lr must be a finite number >= 0, got nan"),
+        ("lr-inf", train_argv(env, "v5", "--train.lr", "inf"), 2, "lr must be a finite number >= 0, got inf"),
+        ("missing-model", [*train_argv(env, "v6"), "--model", str(tmp / "nope")], 2,
+         f"model {str(tmp / 'nope')!r} does not exist"),
+        ("batch-too-big", train_argv(env, "v7", "--train.batch_size", "1000"), 2,
+         "has 16 examples, fewer than batch_size=1000"),
+        ("out-dir-file", [*train_argv(env, "v8"), "--out_dir", str(tmp / "a_file")], 2, "is not a writable folder"),
+        ("eval-output-folder", [*ev, "--output", str(out_dir)], 2, "--output: " + repr(str(out_dir)) + " is a folder"),
+        ("eval-output-under-a-file", [*ev, "--output", str(tmp / "a_file" / "r.json")], 2, "is a file, not a folder"),
+        ("generate-too-long", [*gen, "--max_new_tokens", "1000000000"], 2, "--max_new_tokens must be in 1..65536"),
+        ("generate-temperature", [*gen, "--temperature", "0"], 2, "--temperature must be a finite number > 0"),
+        ("unknown-flag", [*gen, "--nope", "1"], 2, "unrecognized arguments: --nope 1"),
+        ("pretrain-out-file", ["pretrain", "--corpus", str(corpus), "--out", str(tmp / "a_file")], 2,
+         "--out: " + repr(str(tmp / "a_file")) + " is a file, not a folder"),
+        ("compare-out-file", ["compare", "--runs", str(tmp), "--out", str(tmp / "a_file")], 2, "is a file, not a folder"),
+        ("serve-bad-limit", ["serve", "--model", str(env["base"]), "--max_body_bytes", "0"], 2,
+         "--max_body_bytes must be >= 1, got 0"),
+    ]  # fmt: skip
+
+
+def test_every_bad_invocation_ends_with_one_line_and_no_folder(env, tmp_path, capsys):
+    for case, argv, code, text in _bad_invocations(env, tmp_path):
+        got, err = _run_main(argv, capsys)
+        assert got == code, (case, err)
+        line = _one_line_error(err)
+        assert line.startswith(f"ssmtune {argv[0]}: error: ") and text in line, (case, line)
+        # a refused run leaves no run folder behind
+        assert not any((env["runs"] / f"v{i}").exists() for i in range(1, 9)), case
+
+
+def test_ctrl_c_exits_130_with_how_to_resume(env, capsys, monkeypatch):
+    import ssmtune.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ssmtune.train, "fit", interrupted)  # Ctrl-C in the middle of training
+    code, err = _run_main(train_argv(env, "ctrlc"), capsys)
+    assert code == 130
+    assert _one_line_error(err) == "ssmtune train: interrupted; rerun the same command to resume"
+
+
+def test_resume_refusals_fallback_and_leftover_cleanup(env, tmp_path, capsys):
+    """A rerun resumes past a damaged newest checkpoint (saying so), refuses an unsafe pickle and another --model
+    with one line, and removes the temporary files an interrupted write left."""
+    from ssmtune.train.checkpoint import list_checkpoints
+
+    argv = train_argv(env, "ck", "--train.max_steps", "3", "--train.save_steps", "1", "--eval.mode", "none")
+    assert _run_main(argv, capsys)[0] == 0
+    run = env["runs"] / "ck"
+    before, newest = list_checkpoints(run / "checkpoints")[-2:]
+    # a damaged newest checkpoint and the leftovers of a write killed midway
+    (newest / "trainable.safetensors").write_bytes(b"\x00" * 10)
+    (run / ".tmp-best-999999").mkdir()
+    (run / ".tmp-best-999999" / "adapter_model.safetensors").write_bytes(b"half")
+    (run / ".tmp-results.json-999999").write_text("{")
+    with pytest.warns(UserWarning, match="resuming from the previous complete checkpoint") as warned:
+        code, err = _run_main(argv, capsys)
+    assert code == 0, err
+    want = (f"checkpoint {str(newest)!r} cannot be read (SafetensorError: Error while deserializing header: invalid "
+            "JSON in header: EOF while parsing a value at line 1 column 0); resuming from the previous complete "
+            "checkpoint")  # fmt: skip
+    assert [str(w.message) for w in warned if "cannot be read" in str(w.message)] == [want]
+    assert json.loads((run / "results.json").read_text())["resumed_from"] == int(before.name.split("-")[1])
+    assert not list(run.glob(".tmp-*"))
+    # an unsafe pickle in the newest checkpoint is refused, not run and not skipped
+    torch.save({"step": 3, "path": Path("x")}, newest / "state.pt")
+    code, err = _run_main(argv, capsys)
+    assert code == 2 and "unsafe pickle" in _one_line_error(err)
+    shutil.rmtree(newest)
+    # another base model (same shape, other folder) cannot continue these checkpoints
+    other = tmp_path / "other_base"
+    shutil.copytree(env["base"], other)
+    code, err = _run_main([*argv, "--model", str(other)], capsys)
+    assert code == 2
+    line = _one_line_error(err)
+    assert "cannot resume" in line and f"--model: {str(env['base'])!r} -> {str(other)!r}" in line
+
+
+def test_eval_json_parses_when_the_loss_is_nan(env, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    nan_model = tmp_path / "nan_model"
+    shutil.copytree(env["base"], nan_model)
+    weights = load_file(str(nan_model / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("norm_f.weight"))
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, str(nan_model / "model.safetensors"))
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(nan_model), "--data.task", "rte", "--data.data_dir", str(env["rte"]),
+            "--eval.mode", "loss", "--output", str(out)]  # fmt: skip
+    assert _run_main(argv, capsys)[0] == 0
+    result = json.loads(out.read_text())  # strict JSON: no NaN token
+    assert "NaN" not in out.read_text()
+    assert result["loss"] is None and result["non_finite"]["loss"] == "nan"

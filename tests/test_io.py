@@ -73,6 +73,19 @@ def test_corrupt_or_missing_weights_refused(tmp_path):
         PeftModel.from_pretrained(tiny_model("m1"), tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_refused_with_the_tensor_name(tmp_path, bad):
+    from safetensors.torch import save_file
+
+    path = _saved(tmp_path) / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    name = max(tensors)
+    tensors[name].view(-1)[0] = bad
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=rf"tensor '{name}' holds NaN or infinite values"):
+        PeftModel.from_pretrained(tiny_model("m1"), tmp_path)
+
+
 def test_mismatching_tensors_refused(tmp_path):
     from safetensors.torch import save_file
 

@@ -11,6 +11,8 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+import yaml
+
 from ssmtune.cli import commands
 from ssmtune.cli import serve as serve_cli
 
@@ -24,6 +26,10 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "serve": serve_cli.serve,
     "demo": commands.demo,
 }
+
+
+# Commands that continue from their checkpoints when rerun after an interruption.
+RESUMABLE = ("train", "compare", "pretrain")
 
 
 def arg_type(fn: Callable[..., Any]) -> Any:
@@ -65,16 +71,25 @@ def main(argv: list[str] | None = None) -> int:
         except (ImportError, ValueError) as e:  # the registry is optional for --help
             epilog = f"methods: unavailable ({e})"
         epilog += "\nexample: ssmtune train --recipe recipes/mamba-130m/rte/state_offset_h.yaml --train.epochs 1"
-    args = parse(tp, rest, prog=f"ssmtune {name}", epilog=epilog)
     try:
+        args = parse(tp, rest, prog=f"ssmtune {name}", epilog=epilog)
         out = fn(args)
+    except KeyboardInterrupt:
+        again = "; rerun the same command to resume" if name in RESUMABLE else ""
+        print(f"ssmtune {name}: interrupted{again}", file=sys.stderr)
+        return 130
     except NonFiniteLossError as e:
-        print(f"ssmtune {name}: {e}", file=sys.stderr)
+        print(f"ssmtune {name}: {_one_line(e)}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"ssmtune {name}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, yaml.YAMLError) as e:
+        # a user error (a bad value, a path that is missing, a folder, or not writable): one line, no traceback
+        print(f"ssmtune {name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return out if isinstance(out, int) else 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

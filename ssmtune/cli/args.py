@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import math
 import textwrap
 import types
 import typing
@@ -28,6 +29,8 @@ from ssmtune.train.loop import TrainConfig
 from ssmtune.utils.io import atomic_write_text
 
 RECIPE_FLAG = "recipe"
+MAX_GENERATE_TOKENS = 1 << 16
+"""Largest `ssmtune generate --max_new_tokens`."""
 
 
 @dataclass(kw_only=True)
@@ -113,6 +116,16 @@ class GenerateArgs:
     backend: str = "auto"
     """Scan backend."""
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_new_tokens <= MAX_GENERATE_TOKENS:
+            raise ValueError(f"--max_new_tokens must be in 1..{MAX_GENERATE_TOKENS}, got {self.max_new_tokens!r}")
+        if not 1 <= self.num_beams <= 64:
+            raise ValueError(f"--num_beams must be in 1..64, got {self.num_beams!r}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p!r}")
+
 
 @dataclass(kw_only=True)
 class CompareArgs:
@@ -190,6 +203,11 @@ class ServeArgs:
     """Longest prompt accepted (HTTP 400 beyond)."""
     max_new_tokens: int = 256
     """Largest `max_new_tokens` a request may ask for (HTTP 400 beyond)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body in bytes (HTTP 413 beyond, refused from its Content-Length or as soon as a streamed body
+    crosses it, so an oversized body is never held in memory)."""
+    shutdown_timeout_s: float = 10.0
+    """On SIGTERM / Ctrl-C, how long requests still running may take to finish before they are cut off."""
     device: str = "auto"
     """`auto`, `cpu` or `cuda[:i]`."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -210,11 +228,12 @@ class ServeArgs:
             raise ValueError(f"--adapter names must be unique, got {dup} more than once")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {self.port!r}")
-        for flag in ("max_batch", "max_queue", "max_prompt_tokens", "max_new_tokens"):
+        for flag in ("max_batch", "max_queue", "max_prompt_tokens", "max_new_tokens", "max_body_bytes"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(self, flag)!r}")
-        if self.batch_wait_ms < 0:
-            raise ValueError(f"--batch_wait_ms must be >= 0, got {self.batch_wait_ms!r}")
+        for flag in ("batch_wait_ms", "shutdown_timeout_s"):
+            if not 0 <= getattr(self, flag) < math.inf:
+                raise ValueError(f"--{flag} must be a finite number >= 0, got {getattr(self, flag)!r}")
 
     def adapters(self) -> dict[str, str]:
         """{name: folder} of the --adapter flags."""
@@ -298,11 +317,27 @@ def _converter(tp: Any):
             return inner(text)
         if typing.get_origin(inner) is Literal:
             return text
-        value = yaml.safe_load(text)
-        return value
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid YAML ({yaml_problem(e)})") from None
 
     convert.__name__ = getattr(inner, "__name__", str(inner))
     return convert
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad option is reported in one line: the error, not the usage text (that is what --help is for)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def _flat_fields(cls: type, prefix: str = "") -> dict[str, tuple[type, dataclasses.Field, Any]]:
@@ -340,7 +375,7 @@ def _show(value: Any) -> str:
 
 def build_parser(cls: type, *, prog: str, epilog: str = "") -> argparse.ArgumentParser:
     """An argparse parser with one flag per leaf field (dotted for nested dataclasses) and `--recipe`."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description=(inspect.getdoc(cls) or "").split("\n")[0],
         epilog=epilog,
@@ -416,7 +451,11 @@ def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
-    return flatten(yaml.safe_load(path.read_text()) or {}, cls, where=f"recipe {str(path)!r}")
+    try:
+        mapping = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {str(path)!r} is not valid YAML ({yaml_problem(e)})") from None
+    return flatten(mapping or {}, cls, where=f"recipe {str(path)!r}")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -440,7 +479,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if inner is str and isinstance(value, (str, int, float)):
         return str(value)
     origin = typing.get_origin(inner)
-    if origin in (list, dict) and isinstance(value, origin):
+    if origin is list and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return [value]  # `--recipes a.yaml`: one item
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            kind = "a YAML mapping ({key: value, ...})" if origin is dict else "a YAML list ([a, b, ...])"
+            raise ValueError(f"{key} must be {kind}, got {value!r}")
         return value
     if inner in (int, bool, str):
         raise ValueError(f"{key} must be {inner.__name__}, got {value!r}")

@@ -6,7 +6,9 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 from torch import nn
 
 from ssmtune.cli.args import (
@@ -106,6 +109,9 @@ def load_tokenizer_for(tokenizer: str | None, model: str):
     from ssmtune.tokenizer import ByteTokenizer, load_tokenizer
 
     folder = tokenizer or resolve_model_path(model)
+    if tokenizer is None and not Path(folder).exists():
+        # the tokenizer is read from the model folder: say that the model is missing, not its tokenizer
+        raise FileNotFoundError(f"model {model!r} does not exist (no such folder; a hub id needs --tokenizer)")
     if folder == "byte":
         return ByteTokenizer()
     marker = Path(folder) / "tokenizer_config.json"
@@ -148,27 +154,88 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
 
 def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
-    from ssmtune.core.peft_model import get_peft_model
-    from ssmtune.data import Collator, get_task, load_examples, tokenize_examples
-    from ssmtune.eval.evaluate import evaluate, load_eval_dataset
-    from ssmtune.train import fit
+    from ssmtune.data import get_task, load_examples, tokenize_examples
     from ssmtune.train.loop import check_resume
-    from ssmtune.train.plots import plot_run
 
     validate_train_args(args)
     run_dir = Path(args.out_dir) / _run_name(args)
+    check_output_folder(run_dir, "--out_dir/--name")
     task = get_task(args.data.task)
     tokenizer = load_tokenizer_for(args.tokenizer, args.model)
     examples = load_examples(args.data, "train")
     train_ds = tokenize_examples(
         examples, tokenizer, add_eos=task.add_eos, max_length=args.max_length, length_filter=args.data.length_filter
     )
+    if len(train_ds) < args.train.batch_size:
+        raise ValueError(
+            f"the training set has {len(train_ds)} examples, fewer than batch_size={args.train.batch_size}"
+        )
 
+    created = not run_dir.exists()
     if ctx.is_main:
         # a refused resume must not leave config.yaml describing settings its checkpoints were not written with
+        _check_same_run(run_dir, args)
         check_resume(run_dir, args.train, len(train_ds))
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(args, run_dir / "config.yaml")
+    try:
+        return _train_in(run_dir, args, ctx, task, tokenizer, train_ds)
+    except (ValueError, OSError, ImportError):
+        # a run refused before its first checkpoint leaves no folder behind
+        if ctx.is_main and created and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _check_same_run(run_dir: Path, args: TrainArgs) -> None:
+    """Refuse to resume checkpoints written for another base model or method (config.yaml holds what they were)."""
+    from ssmtune.train.checkpoint import latest_checkpoint
+
+    saved_file = run_dir / "config.yaml"
+    if not args.train.resume or latest_checkpoint(run_dir / "checkpoints") is None or not saved_file.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+    except yaml.YAMLError:
+        return  # an unreadable config.yaml is rewritten; the checkpoint's own checks still apply
+
+    def same(key: str, old: Any, new: Any) -> bool:
+        if key == "model" and isinstance(old, str) and Path(old).exists() and Path(new).exists():
+            return Path(old).resolve() == Path(new).resolve()  # `./base` and `base` are one model
+        return old == new
+
+    diffs = [f"--{k}: {saved.get(k)!r} -> {getattr(args, k)!r}" for k in ("model", "method", "method_args")
+             if k in saved and not same(k, saved[k], getattr(args, k))]  # fmt: skip
+    if diffs:
+        raise ValueError(
+            f"cannot resume {str(run_dir)!r}: its checkpoints were written with other settings ({'; '.join(diffs)}); "
+            "rerun with the same ones, pick another --name, or start over with --train.resume false"
+        )
+
+
+def check_output_folder(path: Path, flag: str) -> None:
+    """An output folder must be a folder (or not exist yet) and be writable, checked before any work is done."""
+    parent = next((p for p in (path, *path.parents) if p.exists()), None)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is a file, not a folder")
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise ValueError(f"{flag}: cannot write into {str(path)!r} ({str(parent)!r} is not a writable folder)")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """An output file must not be a folder, and its folder must be writable (checked before the work is done)."""
+    if path.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is a folder; give a file path")
+    check_output_folder(path.parent, flag)
+
+
+def _train_in(run_dir: Path, args: TrainArgs, ctx: DistContext, task, tokenizer, train_ds) -> dict[str, Any]:
+    from ssmtune.core.peft_model import get_peft_model
+    from ssmtune.data import Collator
+    from ssmtune.eval.evaluate import evaluate, load_eval_dataset
+    from ssmtune.train import fit
+    from ssmtune.train.plots import plot_run
+    from ssmtune.utils.io import finite_json
 
     torch.manual_seed(args.train.seed)
     model = load_base_model(args.model, backend=args.backend)
@@ -215,9 +282,9 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         "train_time_s": time.perf_counter() - start,
         "world_size": ctx.world_size,
     }
-    atomic_write_text(run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(run_dir / "results.json", finite_json(summary, indent=2) + "\n")
     plot_run(run_dir)
-    print(json.dumps({k: summary[k] for k in ("run", "trainable_params", "steps", "best_metric", "best_value")}))
+    print(finite_json({k: summary[k] for k in ("run", "trainable_params", "steps", "best_metric", "best_value")}))
     return summary
 
 
@@ -261,8 +328,11 @@ def eval(args: EvalCommandArgs) -> dict[str, Any]:
     from ssmtune.data import get_task
     from ssmtune.eval.evaluate import evaluate
     from ssmtune.eval.metrics import require_metric_packages
+    from ssmtune.utils.io import finite_json
 
     require_metric_packages(get_task(args.data.task).metrics, args.data.task)
+    if args.output:
+        check_output_file(Path(args.output), "--output")
     tokenizer = load_tokenizer_for(args.tokenizer, args.model)
     model = load_base_model(args.model, backend=args.backend)
     if args.adapter is not None:
@@ -270,7 +340,7 @@ def eval(args: EvalCommandArgs) -> dict[str, Any]:
     _cast(model, args.precision, args.device)
     result = evaluate(model, tokenizer, args.data, args.eval)
     result.update({"model": args.model, "adapter": args.adapter})
-    text = json.dumps(result, indent=2)
+    text = finite_json(result, indent=2)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.output, text + "\n")
@@ -307,6 +377,7 @@ def compare(args: CompareArgs) -> list[dict[str, Any]]:
     if not args.recipes and not args.runs:
         raise ValueError("compare needs --recipes and/or --runs")
     overrides = flatten(_nest(args.overrides), TrainArgs, where="--overrides")
+    check_output_folder(Path(args.out), "--out")
     rows = []
     for recipe in args.recipes:
         targs = build(TrainArgs, {**load_recipe(recipe, TrainArgs), **overrides})
@@ -418,6 +489,7 @@ def pretrain(args: PretrainArgs) -> Path:
         return {"loss": total / max(count, 1)}
 
     out = Path(args.out)
+    check_output_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(args, out / "pretrain_config.yaml")
     fit(model, train_ds, collate, config=args.train, out_dir=out / "training", eval_fn=eval_fn,

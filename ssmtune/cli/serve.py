@@ -27,7 +27,8 @@ def build_app(args: ServeArgs) -> tuple[Any, Any]:
         model, eos_token_id=tokenizer.eos_token_id, max_batch=args.max_batch,
         batch_wait_s=args.batch_wait_ms / 1000, max_queue=args.max_queue,
     )  # fmt: skip
-    app = create_app(engine, tokenizer, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
+    app = create_app(engine, tokenizer, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                     max_body_bytes=args.max_body_bytes)  # fmt: skip
     return app, engine
 
 
@@ -38,5 +39,8 @@ def serve(args: ServeArgs) -> int:
     except ImportError as e:
         raise ImportError(f"ssmtune serve needs the serve extra: pip install 'ssmtune[serve]' ({e})") from e
     app, _ = build_app(args)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # bounded: requests still running when SIGTERM comes are cut off after shutdown_timeout_s
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout_s
+    )
     return 0

@@ -112,9 +112,14 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"missing adapter weights {str(path)!r}")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"corrupt adapter weights {str(path)!r}: {e}") from e
+    for name, t in tensors.items():
+        # a NaN/inf adapter makes every output NaN; refused here, where the file and the tensor can be named
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"adapter weights {str(path)!r}: tensor {name!r} holds NaN or infinite values")
+    return tensors
 
 
 def load_adapter(

@@ -52,6 +52,12 @@ class PeftModel(nn.Module):
         super().__init__()
         if isinstance(model, PeftModel):
             raise TypeError("the model is already a PeftModel; use add_adapter() to add another adapter")
+        if any(getattr(m, "_ssmtune_method", None) for m in model.modules()):
+            # a second PeftModel would share (and freeze) the first one's adapter modules inside the same base
+            raise ValueError(
+                "this base model already carries the adapters of another PeftModel (get_peft_model was called on it "
+                "before): add more adapters to that PeftModel with add_adapter(name, config), or load a fresh base"
+            )
         self.base_model = model
         self.peft_config: dict[str, list[AdapterConfig]] = {}
         # name -> {logical path -> adapter module}; the modules are registered inside base_model, not here.
@@ -345,6 +351,7 @@ class PeftModel(nn.Module):
         """The base model's forward; ``adapter_names`` (one per batch row, None for the bare base) routes rows."""
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
+        _check_rows(adapter_names, args, kwargs)
         with self.route(adapter_names):
             return self.base_model(*args, **kwargs)
 
@@ -354,6 +361,7 @@ class PeftModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
         from ..models.generate import generate
 
+        _check_rows(adapter_names, args, kwargs)
         with self.route(adapter_names) as routing:
             return generate(RoutedLM(self.base_model, routing), *args, **kwargs)
 
@@ -374,6 +382,16 @@ class PeftModel(nn.Module):
         from .io import export_peft_lora
 
         export_peft_lora(self, directory, adapter_name=adapter_name)
+
+
+def _check_rows(adapter_names: Sequence[str | None], args: tuple, kwargs: dict) -> None:
+    """One adapter name per batch row, for forward and generate alike."""
+    x = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and len(adapter_names) != x.shape[0]:
+        raise ValueError(
+            f"the batch has {x.shape[0]} rows but {len(adapter_names)} adapter names are routed "
+            f"(adapter_names={list(adapter_names)}): give one adapter name (or None) per row"
+        )
 
 
 def get_peft_model(

@@ -70,6 +70,18 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def jsonl_line(path: str | Path, index: int) -> int | None:
+    """Line number (from 1) of record ``index`` of a JSON-lines file (blank lines hold no record)."""
+    with Path(path).open(encoding="utf-8") as f:
+        seen = -1
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                seen += 1
+                if seen == index:
+                    return lineno
+    return None
+
+
 def find_split_file(data_dir: str | Path, stems: list[str]) -> Path:
     """The first `<data_dir>/<stem><ext>` that exists, trying stems in order and `EXTENSIONS` for each."""
     data_dir = Path(data_dir)

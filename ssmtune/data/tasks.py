@@ -28,7 +28,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from ssmtune.data.sources import find_split_file, load_hub_split, read_records
+from ssmtune.data.sources import find_split_file, jsonl_line, load_hub_split, read_records
 
 SEP = "###"
 Split = Literal["train", "validation", "test"]
@@ -157,6 +157,18 @@ class Task:
     def read_file(self, path: Path) -> list[dict]:
         return read_records(path)
 
+    def locate(self, official: str, cfg: TaskConfig, index: int) -> str:
+        """Where record ``index`` of ``read(official, cfg)`` came from, for error messages: ``<file> line <n>`` for
+        JSON lines, ``<file> record <n>`` otherwise (re-reads the files: only called when something is wrong)."""
+        if cfg.source == "local" or (cfg.source == "auto" and (cfg.data_dir or cfg.data_files)):
+            for path in self.local_files(official, cfg):
+                n = len(self.read_file(path))
+                if index < n:
+                    line = jsonl_line(path, index) if path.suffix.lower() == ".jsonl" else None
+                    return f"{path} line {line}" if line is not None else f"{path} record {index + 1}"
+                index -= n
+        return f"record {index + 1} of split {official!r}"
+
     def to_examples(self, record: dict, cfg: TaskConfig, *, expand_references: bool, where: str) -> list[dict]:
         raise NotImplementedError
 
@@ -197,13 +209,19 @@ def load_examples(cfg: TaskConfig, split: Split, *, expand_references: bool | No
     task = get_task(cfg.task)
     official, part = task.resolve_split(split, cfg)
     records, where = task.read(official, cfg)
+    index = list(range(len(records)))  # each record's place in its files, to name it in errors
     if part is not None:
         train_idx, val_idx = train_val_split(len(records), val_fraction=cfg.val_fraction, seed=cfg.split_seed)
-        records = [records[i] for i in (train_idx if part == "train" else val_idx)]
+        index = train_idx if part == "train" else val_idx
     if cfg.max_examples is not None:
-        records = records[: cfg.max_examples]
+        index = index[: cfg.max_examples]
     expand = split == "train" if expand_references is None else expand_references
-    examples = [ex for r in records for ex in task.to_examples(r, cfg, expand_references=expand, where=where)]
+    examples = []
+    for i in index:
+        try:
+            examples += task.to_examples(records[i], cfg, expand_references=expand, where=where)
+        except ValueError as e:
+            raise ValueError(f"{e} ({task.locate(official, cfg, i)})") from None
     if not examples:
         raise ValueError(f"{task.name}: split {split!r} from {where} yielded no examples")
     return examples
@@ -551,9 +569,13 @@ class JsonlTask(Task):
     def to_examples(self, record: dict, cfg: TaskConfig, *, expand_references: bool, where: str) -> list[dict]:
         text = _field(record, cfg.input_field, self.name, where)
         target = _field(record, cfg.target_field, self.name, where)
-        targets = [str(t) for t in target] if isinstance(target, list) else [str(target)]
+        targets = target if isinstance(target, list) else [target]
         if not targets:
             raise ValueError(f"jsonl: empty target list in field {cfg.target_field!r} of {where}")
+        bad = [t for t in targets if not isinstance(t, str)]
+        if bad:
+            # str() would train on the text "None" or "5"
+            raise ValueError(f"jsonl: field {cfg.target_field!r} holds {bad[0]!r}, not a string (or a list of them)")
         input_ = cfg.instruction + str(text) + cfg.separator
         if cfg.references_field is not None and not expand_references:
             refs = _field(record, cfg.references_field, self.name, where)

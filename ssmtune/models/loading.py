@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,13 @@ def _load_file(file: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(file))
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing to load {str(file)!r}: it is not a file of tensors and plain data (an unsafe pickle, which "
+            f"could run code, or a damaged file): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ With ``"stream": true`` (the default) the answer is server-sent events, one ``da
 "text": "<all>", "tokens": [...], "adapter": ...}``, or ``{"error": "..."}``. Without streaming the final object is
 the JSON body. A beam-search request (``num_beams`` > 1) runs alone and streams all its tokens at the end. Errors
 are JSON ``{"error": "..."}`` with status 400 (prompt too long, setting over a server limit), 404 (unknown adapter),
-422 (malformed body or setting, beams with sampling), 503 (queue full).
+413 (body over ``max_body_bytes``), 422 (malformed body or setting, a value of the wrong JSON type, beams with
+sampling), 500 (this request failed in generation; the other requests go on), 503 (queue full).
 """
 
 from __future__ import annotations
@@ -29,13 +30,23 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.peft_model import PeftModel
-from .batching import MAX_BEAMS, BatchEngine, GenerationRequest, GenerationSettings, QueueFullError
+from .batching import (
+    MAX_BEAMS,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    BatchEngine,
+    GenerationRequest,
+    GenerationSettings,
+    QueueFullError,
+)
 
 
 class GenerateBody(BaseModel):
-    """The body of POST /v1/generate."""
+    """The body of POST /v1/generate. Strict: a value of another JSON type (``"8"`` for 8, ``"yes"`` for true) is
+    refused, not coerced."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, description="The prompt text.")
     adapter: str | None = Field(None, description="Adapter name; null for the bare base model.")
@@ -43,10 +54,10 @@ class GenerateBody(BaseModel):
         None, ge=1, description="Longest continuation (EOS included); null: 32, or the server's limit if lower."
     )
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature.")
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="Sampling temperature.")
     top_k: int | None = Field(None, ge=1, description="Keep the k most likely tokens when sampling.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling threshold.")
-    seed: int | None = Field(None, ge=0, description="Seed of the sampling generator.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the sampling generator (64 bits).")
     num_beams: int = Field(
         1, ge=1, le=MAX_BEAMS, description="Beam search with this many beams (greedy); > 1: tokens sent at the end."
     )
@@ -55,6 +66,55 @@ class GenerateBody(BaseModel):
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before the app reads it, from its Content-Length
+    when there is one, else as soon as the streamed (chunked) body crosses the limit; at most ``limit`` bytes are
+    held. The accepted body is handed to the app whole, then ``receive`` goes on to the server's (disconnects)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._refuse(send, f"Content-Length {int(length)}")
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(send, f"more than {self.limit} bytes streamed")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        first: dict[str, Any] | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> dict[str, Any]:
+            nonlocal first
+            if first is not None:
+                message, first = first, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send, got: str) -> None:
+        body = json.dumps({"error": f"the request body is too large ({got}); this server's limit is {self.limit} "
+                                    "bytes (max_body_bytes)"}).encode()  # fmt: skip
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]  # fmt: skip
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 class _TextStream:
@@ -89,8 +149,10 @@ def create_app(
     *,
     max_prompt_tokens: int = 1024,
     max_new_tokens: int = 256,
+    max_body_bytes: int = 1 << 20,
 ) -> FastAPI:
-    """The FastAPI app around a (not yet started) engine; the app starts and stops it with its lifespan."""
+    """The FastAPI app around a (not yet started) engine; the app starts and stops it with its lifespan. Request
+    bodies over ``max_body_bytes`` get 413 before they are read whole."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,6 +163,7 @@ def create_app(
             engine.stop()
 
     app = FastAPI(title="ssmtune serve", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     model = engine.model
 
     @app.exception_handler(RequestValidationError)
@@ -131,14 +194,15 @@ def create_app(
         return {"adapters": out}
 
     @app.post("/v1/generate", response_model=None)
-    async def generate(body: GenerateBody) -> JSONResponse | StreamingResponse:
+    async def generate(body: GenerateBody, request: Request) -> JSONResponse | StreamingResponse:
         if body.adapter is not None and body.adapter not in engine.adapters:
             return _error(404, f"unknown adapter {body.adapter!r}; adapters: {engine.adapters}")
         if body.max_new_tokens is None:
             body.max_new_tokens = min(32, max_new_tokens)
         if body.max_new_tokens > max_new_tokens:
             return _error(400, f"max_new_tokens={body.max_new_tokens} is over this server's limit of {max_new_tokens}")
-        ids = tokenizer.encode(body.prompt)
+        # off the event loop: a long prompt must not stall the other requests (and /health) while it is tokenized
+        ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
         if len(ids) > max_prompt_tokens:
             return _error(400, f"the prompt has {len(ids)} tokens, over this server's limit of {max_prompt_tokens}")
         try:
@@ -170,9 +234,16 @@ def create_app(
             }  # fmt: skip
 
         if not body.stream:
+            gone = asyncio.ensure_future(_disconnected(request))
             try:
                 while True:
-                    event = await events.get()
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        # the client went away: nobody will read the answer, so its row is freed now
+                        getter.cancel()
+                        return _error(499, "the client went away")
+                    event = getter.result()
                     if "token" in event:
                         text.add(event["token"])
                     elif "error" in event:
@@ -180,6 +251,7 @@ def create_app(
                     else:
                         return JSONResponse(final(event))
             finally:
+                gone.cancel()
                 req.cancelled.set()
 
         async def sse() -> AsyncIterator[str]:
@@ -205,3 +277,9 @@ def create_app(
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client of a request whose body was read has gone away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -33,18 +33,24 @@ from ..models.generate import filter_logits
 
 MAX_BEAMS = 8
 """Largest ``num_beams`` a request may ask for: a beam request decodes its k beams alone, pausing the batch."""
+MAX_SEED = 2**64 - 1
+"""Largest seed a ``torch.Generator`` takes."""
+MIN_TEMPERATURE = 1e-4
+"""Smallest sampling temperature: far below it the scaled logits of float32 overflow (sampling is greedy by then)."""
+MAX_TEMPERATURE = 100.0
+"""Largest sampling temperature (sampling is uniform long before)."""
 
 
 @dataclass(kw_only=True)
 class GenerationSettings:
-    """Per-request decoding settings (the caller validates the sampling ones; ``num_beams`` is checked here)."""
+    """Per-request decoding settings, checked here: a request that cannot be decoded is refused before it is queued."""
 
     max_new_tokens: int = 32
     """Longest continuation, EOS included."""
     do_sample: bool = False
     """Sample instead of greedy decoding."""
     temperature: float = 1.0
-    """Sampling temperature (> 0)."""
+    """Sampling temperature in [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
     top_k: int | None = None
     """Keep the k most likely tokens when sampling."""
     top_p: float | None = None
@@ -55,6 +61,22 @@ class GenerationSettings:
     """Beam search with this many beams (greedy, 1..MAX_BEAMS); > 1 runs outside the batch, tokens sent at the end."""
 
     def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {n!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {t!r}")
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
+        ):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1] or None, got {p!r}")
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+            raise ValueError(f"seed must be an int in 0..{MAX_SEED} (64 bits) or None, got {seed!r}")
         k = self.num_beams
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_BEAMS:
             raise ValueError(f"num_beams must be an int in 1..{MAX_BEAMS}, got {k!r}")
@@ -99,7 +121,7 @@ class EngineStats:
     max_adapters: int = 0
     """Most distinct adapters (None included) in one step."""
     errors: int = 0
-    """Batches that failed with an exception (their rows got an error event)."""
+    """Requests that failed with an exception (each got its error event)."""
     beam_requests: int = 0
     """Beam-search requests run (each alone, outside the batch)."""
 
@@ -198,11 +220,11 @@ class BatchEngine:
                         self._beam_search(self._beams.pop(0))
                     if self._rows:
                         self._step()
-                # keep serving: a failure fails the rows of this batch only
+                # keep serving: a failed forward fails the rows of this batch only (a row's own failure is caught
+                # in _emit_all and fails that row alone)
                 except Exception as e:  # noqa: BLE001
-                    self.stats.errors += 1
                     for row in self._rows:
-                        row.req.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+                        self._fail(row.req, e)
                     self._rows, self._cache = [], None
 
     def _collect(self) -> list[GenerationRequest]:
@@ -272,16 +294,23 @@ class BatchEngine:
         caches = [] if self._cache is None else [self._cache]
         for group in by_len.values():
             self.stats.requests += len(group)
+            # per-request set-up first: a request that cannot start fails alone, before it shares a forward
+            rows = []
+            for req in group:
+                try:
+                    rows.append(_Row(req, self._generator(req.settings)))
+                except Exception as e:  # noqa: BLE001
+                    self._fail(req, e)
+            if not rows:
+                continue
             try:
                 cache = InferenceCache(self.n_layer)
-                ids = torch.tensor([r.prompt_ids for r in group], dtype=torch.long, device=self.device)  # [b, L]
-                logits = self._forward(ids, cache, [r.adapter for r in group])  # [b, V]
+                ids = torch.tensor([r.req.prompt_ids for r in rows], dtype=torch.long, device=self.device)  # [b, L]
+                logits = self._forward(ids, cache, [r.req.adapter for r in rows])  # [b, V]
             except Exception as e:  # noqa: BLE001
-                self.stats.errors += 1
-                for req in group:
-                    req.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+                for row in rows:
+                    self._fail(row.req, e)
                 continue
-            rows = [_Row(req, self._generator(req.settings)) for req in group]
             keep = [i for i, alive in enumerate(self._emit_all(rows, logits)) if alive]
             if keep:
                 if len(keep) < len(rows):
@@ -306,8 +335,7 @@ class BatchEngine:
                 out = self.model.generate(ids, **kw)
             tokens = out[0, ids.shape[1] :].tolist()
         except Exception as e:  # noqa: BLE001
-            self.stats.errors += 1
-            req.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+            self._fail(req, e)
             return
         # as a batch row: tokens up to the EOS, which ends the request without a token event
         ended = self.eos_token_id is not None and self.eos_token_id in tokens
@@ -338,12 +366,22 @@ class BatchEngine:
             else:
                 self._cache = None
 
+    def _fail(self, req: GenerationRequest, e: BaseException) -> None:
+        self.stats.errors += 1
+        req.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+
     def _emit_all(self, rows: list[_Row], logits: torch.Tensor) -> list[bool]:
-        """Next token of every row (greedy rows in one argmax); False for the rows that are finished."""
+        """Next token of every row (greedy rows in one argmax); False for the rows that are finished or failed."""
         greedy = logits.argmax(-1).tolist()  # [B], one device sync
-        return [
-            self._emit(row, logits[i], None if row.req.settings.do_sample else greedy[i]) for i, row in enumerate(rows)
-        ]
+        alive = []
+        for i, row in enumerate(rows):
+            try:
+                alive.append(self._emit(row, logits[i], None if row.req.settings.do_sample else greedy[i]))
+            except Exception as e:  # noqa: BLE001
+                # this row's sampling failed: it ends with its error, the others go on with their own tokens
+                self._fail(row.req, e)
+                alive.append(False)
+        return alive
 
     def _emit(self, row: _Row, logits: torch.Tensor, greedy: int | None) -> bool:
         """Pick (sample, or take ``greedy``) and send the next token of a row; False when it is finished."""
@@ -351,7 +389,11 @@ class BatchEngine:
             return False
         s = row.req.settings
         if s.do_sample:
-            probs = filter_logits((logits / s.temperature)[None], s.top_k, s.top_p).softmax(-1)  # [1, V]
+            # shifted first, so that a low temperature cannot overflow the scaled logits to inf (inf - inf = nan)
+            scaled = (logits - logits.max()) / s.temperature
+            probs = filter_logits(scaled[None], s.top_k, s.top_p).softmax(-1)  # [1, V]
+            if not bool(torch.isfinite(probs).all()):
+                raise ValueError(f"the sampling probabilities are not finite (temperature={s.temperature})")
             tok = int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
         else:
             tok = greedy

@@ -12,14 +12,17 @@ killed with SIGKILL mid-write) sees either the whole folder or nothing. Only the
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -87,6 +90,59 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def latest_readable_checkpoint(root: str | Path, *, warn: bool = True) -> Path | None:
+    """The newest checkpoint whose files open; an unreadable newer one (a damaged disk, a copy cut short) is skipped
+    with a warning that names it, so a rerun resumes from the previous complete one. A ``state.pt`` that holds
+    anything but tensors and plain data is refused (ValueError), not skipped."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            read_state(path, mmap=True)
+            with safe_open(str(path / "trainable.safetensors"), "pt") as f:
+                f.keys()
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001  (any failure to read is a damaged checkpoint)
+            if not warn:
+                continue
+            warnings.warn(
+                f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                "resuming from the previous complete checkpoint",
+                stacklevel=2,
+            )
+            continue
+        return path
+    return None
+
+
+def read_state(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """``<checkpoint>/state.pt``, loaded with ``weights_only=True``: a file holding other objects (code that would
+    run while unpickling) raises ValueError."""
+    file = Path(path) / "state.pt"
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise
+        raise ValueError(
+            f"refusing to load {str(file)!r}: it holds objects other than tensors and plain data (an unsafe pickle, "
+            "which could run code); delete the checkpoint folder if it is not yours"
+        ) from None
+
+
+def clean_interrupted_writes(folder: str | Path) -> None:
+    """Remove the temporary files and folders (``.tmp-best-<pid>``, ``.tmp-results.json-<pid>``, ...) that a run
+    killed in the middle of an atomic write left in ``folder``; this process's own are kept."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.name.startswith(".tmp-") and not p.name.endswith(f"-{os.getpid()}"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def save_checkpoint(
     root: str | Path,
     *,
@@ -141,4 +197,4 @@ def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
     with torch.no_grad():
         for n, t in tensors.items():
             (params[n] if n in params else buffers[n]).copy_(t)
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    return read_state(path)

@@ -39,10 +39,17 @@ from torch import nn
 
 from ssmtune.models.lm import IGNORE_INDEX, count_targets, token_loss, token_loss_sum
 from ssmtune.train import distributed as D
-from ssmtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from ssmtune.train.checkpoint import (
+    clean_interrupted_writes,
+    latest_readable_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ssmtune.train.graphs import GraphedTrainStep
 from ssmtune.train.optim import build_optimizer, linear_schedule, set_capturable
-from ssmtune.utils.io import atomic_write_text, replace_dir
+from ssmtune.utils.io import atomic_write_text, finite_json, replace_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Parameters that stay fp32 when the frozen base is cast down (as in the reference code: A_log and D stay fp32).
@@ -122,6 +129,8 @@ class TrainConfig:
         if self.cuda_graph and self.accumulation_steps > 1:
             raise ValueError(f"cuda_graph needs one micro-batch per step, got batch_size={self.batch_size} with "
                              f"micro_batch_size={self.micro_batch_size}")  # fmt: skip
+        if not 0 <= self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
         for name in ("eval_steps", "save_steps", "warmup_steps", "log_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -159,13 +168,14 @@ def check_resume_config(saved: dict[str, Any], config: TrainConfig, n_train: int
 def check_checkpoint_settings(checkpoint: str | Path, config: TrainConfig, n_train: int) -> None:
     """``check_resume_config`` against a checkpoint folder (mmap: only the pickled settings are read, not the
     optimizer's tensors)."""
-    saved = torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+    saved = read_state(checkpoint, mmap=True)
     check_resume_config(saved.get("config") or {}, config, n_train, Path(checkpoint))
 
 
 def check_resume(out_dir: str | Path, config: TrainConfig, n_train: int) -> None:
     """Raise now (before anything is written) if ``fit(..., out_dir=out_dir)`` would refuse to resume."""
-    latest = latest_checkpoint(Path(out_dir) / "checkpoints") if config.resume else None
+    # fit() itself warns about a damaged checkpoint it skips
+    latest = latest_readable_checkpoint(Path(out_dir) / "checkpoints", warn=False) if config.resume else None
     if latest is not None:
         check_checkpoint_settings(latest, config, n_train)
 
@@ -296,7 +306,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            # a NaN metric becomes null (with a "non_finite" note): the file stays valid JSON lines
+            f.write(finite_json(record) + "\n")
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -449,7 +460,7 @@ class GraphedStep:
 def load_latest(ckpt_root: Path, model: nn.Module, config: TrainConfig, n_train: int, ctx: D.DistContext):
     """The latest checkpoint's state (its weights loaded into ``model``), or None for a fresh run."""
     # Rank 0 picks the checkpoint so that every rank resumes from the same one.
-    latest = ctx.broadcast(latest_checkpoint(ckpt_root) if config.resume else None)
+    latest = ctx.broadcast(latest_readable_checkpoint(ckpt_root) if config.resume else None)
     if latest is None:
         return None
     # The settings are checked before any weight is loaded: a refused resume leaves the caller's model untouched.
@@ -587,6 +598,8 @@ def fit(
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps) if config.epochs >= 1 else config.max_steps
 
+    if ctx.is_main:
+        clean_interrupted_writes(out_dir)
     logger = RunLogger(out_dir, config, ctx)
     ckpt_root = out_dir / "checkpoints"
     state = load_latest(ckpt_root, model, config, len(dataset), ctx)
@@ -688,4 +701,4 @@ def fit(
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    atomic_write_text(path, finite_json(obj, indent=2, default=str) + "\n")

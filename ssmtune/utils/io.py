@@ -7,11 +7,14 @@ Windows when both paths are on one file system).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -72,3 +75,24 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
         os.replace(tmp, final)
     fsync_dir(final.parent)
     return final
+
+
+def finite_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that always writes valid JSON: a NaN or infinite float becomes ``null``, and a top-level
+    ``non_finite`` mapping (for a dict) says where and what it was, e.g. ``{"loss": "nan"}``."""
+    found: dict[str, str] = {}
+
+    def clean(x: Any, where: str) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            found[where or "value"] = str(x)
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        return x
+
+    out = clean(obj, "")
+    if found and isinstance(out, dict):
+        out["non_finite"] = found
+    return json.dumps(out, allow_nan=False, **kwargs)

@@ -1,4 +1,5 @@
 import json
+import re
 import sqlite3
 
 import pytest
@@ -336,3 +337,12 @@ def test_hub_source_goes_through_datasets(monkeypatch):
         GLUE_INSTRUCTIONS["mnli"] + "validation_matched###h###",
         GLUE_INSTRUCTIONS["mnli"] + "validation_mismatched###h###",
     ]
+
+
+@pytest.mark.parametrize("target", [None, 5, ["ok", None], {"text": "x"}])
+def test_jsonl_target_that_is_not_a_string_is_refused_with_file_and_line(tmp_path, target):
+    path = tmp_path / "train.jsonl"
+    rows = [{"input": "a", "target": "fine"}, {"input": "b", "target": target}]
+    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")  # a blank line: the record is on line 3
+    with pytest.raises(ValueError, match=rf"field 'target' holds .*, not a string .*\({re.escape(str(path))} line 3\)"):
+        load_examples(TaskConfig(task="jsonl", data_dir=str(tmp_path)), "train")

@@ -60,3 +60,29 @@ def test_corrupt_sdlora_index_is_refused_at_load(tmp_path):
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="index out of range"):
         PeftModel.from_pretrained(_base(), tmp_path)
+
+
+def test_a_second_get_peft_model_on_one_base_is_refused():
+    base = _base()
+    first = get_peft_model(base, StateOffsetConfig())
+    with pytest.raises(ValueError, match=r"already carries the adapters of another PeftModel.*add_adapter\(name"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=["out_proj"]), adapter_name="second")
+    # the first model is untouched: still one adapter, still trainable
+    assert first.adapter_names == ["default"] and first.trainable_parameters() > 0
+    # once its adapters are gone (merged), the base can be wrapped again
+    lora = get_peft_model(_base(), LoraConfig(r=2, target_modules=["out_proj"]))
+    assert get_peft_model(lora.merge_and_unload(), StateOffsetConfig()).trainable_parameters() > 0
+
+
+@pytest.mark.parametrize("names", [["default"], ["default", None, "default"]])
+def test_forward_and_generate_refuse_adapter_names_of_another_length(names):
+    m = get_peft_model(_base(), StateOffsetConfig()).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    message = rf"the batch has 2 rows but {len(names)} adapter names are routed"
+    with pytest.raises(ValueError, match=message):
+        m(ids, adapter_names=names)
+    with pytest.raises(ValueError, match=message):
+        m.generate(ids, max_new_tokens=2, adapter_names=names)
+    with pytest.raises(ValueError, match=message):
+        m.generate(input_ids=ids, max_new_tokens=2, num_beams=2, adapter_names=names)
+    assert m.generate(ids, max_new_tokens=2, adapter_names=["default", None]).shape == (2, 7)

@@ -191,3 +191,62 @@ def test_submit_needs_a_running_engine():
         engine.submit(req)
     with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
         BatchEngine(_peft(), eos_token_id=EOS, max_batch=0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"seed": 2**64}, "seed must be an int in 0..18446744073709551615 (64 bits) or None, got 18446744073709551616"),
+        ({"seed": -1}, "seed must be an int in 0..18446744073709551615"),
+        ({"temperature": 0.0}, "temperature must be a number in [0.0001, 100.0], got 0.0"),
+        ({"temperature": float("nan")}, "got nan"),
+        ({"temperature": float("inf")}, "got inf"),
+        ({"top_p": 0.0}, "top_p must be a number in (0, 1] or None, got 0.0"),
+        ({"top_k": 0}, "top_k must be an int >= 1 or None, got 0"),
+        ({"max_new_tokens": "8"}, "max_new_tokens must be an int >= 1, got '8'"),
+    ],
+)
+def test_sampling_settings_that_cannot_work_are_refused(kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GenerationSettings(**kw)
+    GenerationSettings(seed=2**64 - 1, temperature=1e-4, do_sample=True)  # the ends of the ranges work
+
+
+def test_a_failing_row_fails_alone_and_its_neighbours_keep_their_tokens():
+    """Two requests that fail inside the worker (one at set-up: a seed torch refuses; one at sampling: a temperature
+    whose softmax is not finite) decode beside good rows of the same prompt length: each bad one gets its own error,
+    each good one the tokens it gets alone, and the engine keeps serving."""
+    peft = _peft()
+    good = [([1, 2], "h", 5), ([3, 4], None, 5), ([5, 6], "lora", 5)]
+    want = _alone(peft, good)
+    engine = BatchEngine(peft, eos_token_id=EOS, batch_wait_s=0.2)
+    engine.start()
+    try:
+        bad_seed = GenerationSettings(max_new_tokens=5, do_sample=True, seed=1)
+        bad_seed.seed = 2**64  # past validation, as a caller that mutates settings could do
+        bad_temp = GenerationSettings(max_new_tokens=5, do_sample=True, seed=1)
+        bad_temp.temperature = float("nan")
+        qs = []
+        settings = [GenerationSettings(max_new_tokens=5), bad_seed, GenerationSettings(max_new_tokens=5), bad_temp,
+                    GenerationSettings(max_new_tokens=5)]  # fmt: skip
+        jobs = [good[0], ([7, 8], "h", 5), good[1], ([9, 10], "h0", 5), good[2]]
+        for (ids, adapter, _), s in zip(jobs, settings):
+            q: queue.Queue = queue.Queue()
+            engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, settings=s, emit=q.put))
+            qs.append(q)
+        events = []
+        for q in qs:
+            got = [q.get(timeout=20)]
+            while "token" in got[-1]:
+                got.append(q.get(timeout=20))
+            events.append(got)
+        assert engine.stats.max_rows >= 3  # the good rows decoded together
+        (again,) = _run(engine, [([1, 2], "h", 5)])
+    finally:
+        engine.stop()
+    for i, w in zip((0, 2, 4), want):
+        assert [e["token"] for e in events[i][:-1]] == w and events[i][-1] == {"done": True, "finish_reason": "length"}
+    assert "Overflow" in events[1][-1]["error"] and len(events[1]) == 1
+    assert "not finite" in events[3][-1]["error"] and len(events[3]) == 1
+    assert again[0] == want[0]
+    assert engine.stats.errors == 2

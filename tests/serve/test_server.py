@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -34,6 +35,7 @@ ADAPTERS = {
 }
 MAX_PROMPT = 40
 MAX_NEW = 24
+MAX_BODY = 4096
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def served(tmp_path_factory):
         flags.append(f"{name}={tmp / name}")
     args = ServeArgs(
         model=str(tmp / "model"), adapter=flags, max_prompt_tokens=MAX_PROMPT, max_new_tokens=MAX_NEW,
-        batch_wait_ms=30, max_batch=16, device="cpu",
+        batch_wait_ms=30, max_batch=16, device="cpu", max_body_bytes=MAX_BODY,
     )  # fmt: skip
     app, engine = build_app(args)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -195,10 +197,18 @@ BAD = [
     ({"prompt": 5}, 422, "prompt"),
     ({"prompt": "hi", "num_beams": 0}, 422, "num_beams: Input should be greater than or equal to 1 (got 0)"),
     ({"prompt": "hi", "num_beams": 9}, 422, "num_beams: Input should be less than or equal to 8 (got 9)"),
-    ({"prompt": "hi", "num_beams": 2.5}, 422, "num_beams: Input should be a valid integer, got a number with a"),
+    ({"prompt": "hi", "num_beams": 2.5}, 422, "num_beams: Input should be a valid integer"),
     ({"prompt": "hi", "num_beams": 2.5}, 422, "(got 2.5)"),
     ({"prompt": "hi", "num_beams": 3, "do_sample": True}, 422, "num_beams=3 is beam search"),
     ({"prompt": "hi", "num_beams": 3, "do_sample": True}, 422, "do_sample must be false (got true)"),
+    # ranges that cannot work in generation are refused before the request joins a batch
+    ({"prompt": "hi", "do_sample": True, "seed": 2**64}, 422, "seed: Input should be less than or equal to 1844"),
+    ({"prompt": "hi", "do_sample": True, "temperature": 1e-300}, 422, "temperature: Input should be greater"),
+    # strict types: no coercion of strings to numbers or booleans
+    ({"prompt": "hi", "max_new_tokens": "8"}, 422, "max_new_tokens: Input should be a valid integer (got '8')"),
+    ({"prompt": "hi", "stream": "yes"}, 422, "stream: Input should be a valid boolean (got 'yes')"),
+    ({"prompt": "hi", "do_sample": 1}, 422, "do_sample: Input should be a valid boolean (got 1)"),
+    ({"prompt": "hi", "seed": "7"}, 422, "seed: Input should be a valid integer (got '7')"),
 ]
 
 
@@ -242,3 +252,127 @@ def test_serve_args_validation():
     with pytest.raises(ValueError, match="max_batch"):
         ServeArgs(model="m", max_batch=0)
     assert ServeArgs(model="m", adapter=["a=x", "b=y=z"]).adapters() == {"a": "x", "b": "y=z"}
+
+
+def test_a_large_temperature_range_and_64_bit_seeds_still_work(served):
+    url, _ = served
+    body = {"prompt": "abc", "do_sample": True, "temperature": 1e-4, "seed": 2**64 - 1, "max_new_tokens": 4,
+            "stream": False}  # fmt: skip
+    (r,) = asyncio.run(_post_all(url, [body]))
+    assert r.status_code == 200 and len(r.json()["tokens"]) <= 4
+
+
+def _raw(port: int, head: bytes, chunks=(), timeout: float = 5.0) -> bytes:
+    """Send a raw HTTP request to 127.0.0.1 (the server may close early: writes after that are dropped)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+        out = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in out or len(out) < 12:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                out += data
+            while True:  # the rest of the (short) body
+                data = sock.recv(65536)
+                if not data:
+                    break
+                out += data
+        return out
+
+
+def _health_is_prompt(url: str) -> None:
+    start = time.monotonic()
+    with httpx.Client(base_url=url, timeout=5) as client:
+        assert client.get("/health").json()["status"] == "ok"
+    assert time.monotonic() - start < 1.0
+
+
+def test_oversized_bodies_get_413_without_being_read(served):
+    url, _ = served
+    port = int(url.rsplit(":", 1)[1])
+    # a Content-Length over the limit: refused from the header, the (never sent) 10 GB body is not waited for
+    head = (b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10000000000\r\n\r\n")  # fmt: skip
+    start = time.monotonic()
+    out = _raw(port, head)
+    assert out.startswith(b"HTTP/1.1 413"), out[:200]
+    assert b"limit is 4096 bytes" in out and time.monotonic() - start < 2.0
+    _health_is_prompt(url)
+    # a chunked body with no length: refused as soon as it crosses the limit; the client's later chunks are not read
+    head = (b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+    piece = b'{"prompt": "' + b"x" * 1000
+    chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] + [b"400\r\n" + b"y" * 1024 + b"\r\n"] * 64
+    out = _raw(port, head, chunks)
+    assert out.startswith(b"HTTP/1.1 413"), out[:200]
+    assert b"more than 4096 bytes streamed" in out
+    _health_is_prompt(url)
+    # a body under the limit still works
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/generate", json={"prompt": "ok", "max_new_tokens": 2, "stream": False})
+    assert r.status_code == 200
+
+
+def test_a_non_streamed_client_going_away_frees_its_row(served, monkeypatch):
+    url, engine = served
+    forward = engine._forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_forward", slow)
+    before = engine.stats.steps
+    body = {"prompt": "long one", "adapter": "h", "max_new_tokens": MAX_NEW, "stream": False}
+    with httpx.Client(base_url=url, timeout=0.3) as client, pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/generate", json=body)
+    _wait_idle(engine, timeout=3)
+    # freed well before its 24 steps (0.05 s each) were decoded
+    assert engine.stats.steps - before < MAX_NEW - 4
+
+
+def test_tokenizing_a_prompt_does_not_stall_the_event_loop(served):
+    """A slow tokenizer (a long prompt) runs off the event loop: /health answers while it works."""
+    from ssmtune.serve.app import create_app
+    from ssmtune.serve.batching import BatchEngine
+
+    _, shared = served
+
+    class SlowTokenizer(ByteTokenizer):
+        def encode(self, text, *args, **kwargs):
+            time.sleep(1.5)
+            return super().encode(text, *args, **kwargs)
+
+    engine = BatchEngine(shared.model, eos_token_id=ByteTokenizer().eos_token_id)
+    app = create_app(engine, SlowTokenizer(), max_prompt_tokens=MAX_PROMPT, max_new_tokens=MAX_NEW)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        done = {}
+        body = {"prompt": "slow", "max_new_tokens": 2, "stream": False}
+        post = threading.Thread(target=lambda: done.update(r=httpx.post(f"{url}/v1/generate", json=body, timeout=20)))
+        post.start()
+        time.sleep(0.3)  # the request is being tokenized now
+        start = time.monotonic()
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        assert time.monotonic() - start < 0.5
+        post.join(20)
+        assert done["r"].status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()

@@ -1,0 +1,61 @@
+"""Resuming past damaged checkpoints: an unreadable newest one is skipped with a warning, an unsafe pickle is refused,
+and the leftovers of interrupted writes are removed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ssmtune.train.checkpoint import (
+    clean_interrupted_writes,
+    latest_readable_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def _two(tmp_path: Path) -> tuple[Path, Path]:
+    model = nn.Linear(3, 2)
+    a = save_checkpoint(tmp_path, step=1, model=model, state={"best_value": None})
+    b = save_checkpoint(tmp_path, step=2, model=model, state={"best_value": None})
+    return a, b
+
+
+@pytest.mark.parametrize("damage", ["truncated_state", "truncated_weights", "missing_state"])
+def test_an_unreadable_newest_checkpoint_is_skipped_with_a_warning(tmp_path, damage):
+    older, newest = _two(tmp_path)
+    if damage == "truncated_state":
+        data = (newest / "state.pt").read_bytes()
+        (newest / "state.pt").write_bytes(data[: len(data) // 3])
+    elif damage == "truncated_weights":
+        (newest / "trainable.safetensors").write_bytes(b"\x08\x00")
+    else:
+        (newest / "state.pt").unlink()
+    with pytest.warns(UserWarning, match=rf"checkpoint '{newest}' cannot be read .*previous complete checkpoint"):
+        assert latest_readable_checkpoint(tmp_path) == older
+    assert latest_readable_checkpoint(tmp_path, warn=False) == older
+    assert load_checkpoint(older, nn.Linear(3, 2))["step"] == 1
+
+
+def test_an_unsafe_pickle_is_refused_not_skipped(tmp_path):
+    _, newest = _two(tmp_path)
+    torch.save({"step": 2, "where": Path("x")}, newest / "state.pt")  # a class weights_only does not allow
+    with pytest.raises(ValueError, match=r"refusing to load .*state\.pt.*unsafe pickle"):
+        latest_readable_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="unsafe pickle"):
+        load_checkpoint(newest, nn.Linear(3, 2))
+
+
+def test_leftovers_of_interrupted_writes_are_removed(tmp_path):
+    (tmp_path / ".tmp-best-123").mkdir()
+    (tmp_path / ".tmp-best-123" / "adapter_model.safetensors").write_bytes(b"half")
+    (tmp_path / ".tmp-results.json-123").write_text("{")
+    mine = tmp_path / f".tmp-final-{os.getpid()}"
+    mine.mkdir()
+    (tmp_path / "results.json").write_text("{}")
+    clean_interrupted_writes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "results.json"])
