@@ -35,7 +35,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def parser_for(bench: Benchmark) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=f"ssmtune bench {bench.name}", description=bench.description)
+    # the benchmark module's docstring says what is measured and how
+    doc = sys.modules[bench.run.__module__].__doc__ or ""
+    ap = argparse.ArgumentParser(prog=f"ssmtune bench {bench.name}", description=bench.description, epilog=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="JSON report (default: bench_<name>.json)")
     ap.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:N or cpu")
     bench.add_args(ap)

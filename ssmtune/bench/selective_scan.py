@@ -95,11 +95,12 @@ def run(args: argparse.Namespace) -> dict:
             if fn is None:
                 continue
             try:
-                check[f"{name} L{seqlen}"] = check_op(name, scan(selective_scan_ref, False), scan(fn, False), peer_in,
-                                                      1e-3)  # fmt: skip
-            except CheckFailed as e:
-                peers[name] = (None, f"check failed: {e}")
-                notes[name] = peers[name][1]
+                err = check_op(name, scan(selective_scan_ref, False), scan(fn, False), peer_in, 1e-3)
+                check[f"{name} L{seqlen}"] = err
+            except Exception as e:  # noqa: BLE001 - a peer that fails its check or errors is reported, not timed
+                why = f"check failed: {e}" if isinstance(e, CheckFailed) else f"error: {type(e).__name__}: {e}"
+                peers[name] = (None, why)
+                notes[name] = why
     bw = copy_bandwidth(device) if device.type == "cuda" else None
     b, seqlen, n = args.batch, args.seqlen, args.dstate
     rows = []
@@ -117,7 +118,13 @@ def run(args: argparse.Namespace) -> dict:
                     continue
                 final = variant == "all"
                 call = functools.partial(fn, **ins, delta_softplus=True, return_final_state=final)
-                row |= measure_op(lambda call=call: _y(call()), list(ins.values()), device, args.rep_ms)
+                try:
+                    row |= measure_op(lambda call=call: _y(call()), list(ins.values()), device, args.rep_ms)
+                except Exception as e:  # a peer failing at one size (e.g. out of memory) loses only its row
+                    if impl == "ssmtune":
+                        raise
+                    row["status"] = f"error: {type(e).__name__}: {str(e)[:120]}"
+                    continue
                 if bw:
                     row["fwd_bw_frac"] = min_bytes(b, d, seqlen, n, 2, flags, False) / (row["fwd_ms"] * 1e-3) / bw
                     row["fwd_bwd_bw_frac"] = (

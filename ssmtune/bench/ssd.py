@@ -121,12 +121,13 @@ def run(args: argparse.Namespace) -> dict:
         ours = impl == "ssmtune"
         try:
             fn32 = implementations(32, peers)[variant, impl]
-            check[f"{impl} {variant}"] = check_op(f"{impl} {variant}", reference(variant), fn32, small,
-                                                  1e-3 if ours else 1e-2)  # fmt: skip
-        except CheckFailed as e:
+            # on CUDA the kernels' fp32 dots run in tf32 (as the GPU tests' tolerance allows)
+            tol = (5e-3 if device.type == "cuda" else 1e-3) if ours else 1e-2
+            check[f"{impl} {variant}"] = check_op(f"{impl} {variant}", reference(variant), fn32, small, tol)
+        except Exception as e:  # a peer that fails its check or errors is reported, not timed
             if ours:
                 raise
-            failed[impl] = f"check failed: {e}"
+            failed[impl] = f"check failed: {e}" if isinstance(e, CheckFailed) else f"error: {type(e).__name__}: {e}"
     rows = []
     for b, seqlen, h, p, n, g in shapes:
         t = make(b, seqlen, h, p, n, g, torch.bfloat16, device)

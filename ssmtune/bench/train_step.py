@@ -525,6 +525,8 @@ def check_backends(args: argparse.Namespace, device: torch.device) -> dict[str, 
     and 64 tokens of the batch; raises CheckFailed on a mismatch. Returns the errors."""
     errs = {}
     backends = sorted({b.removesuffix("+graph") for b in args.backends} - {"ref"})
+    # on CUDA the SSD kernels' fp32 dots run in tf32, through every layer; a wrong kernel is off by far more
+    tol = 1e-2 if device.type == "cuda" else 1e-3
     for name in args.models:
         torch.manual_seed(0)
         klass = MambaForCausalLM if name == "mamba" else Mamba2ForCausalLM
@@ -536,7 +538,8 @@ def check_backends(args: argparse.Namespace, device: torch.device) -> dict[str, 
             ref = model(ids).logits
             for be in backends:
                 model.backend = be
-                errs[f"{name} {be}"] = check_close(f"{name} logits, backend {be}", [ref], [model(ids).logits], 1e-3)
+                out = model(ids).logits
+                errs[f"{name} {be}"] = check_close(f"{name} logits, backend {be}", [ref], [out], tol)
         del model
         free_memory(device)
     return errs
