@@ -45,6 +45,11 @@ def parser_for(bench: Benchmark) -> argparse.ArgumentParser:
     return ap
 
 
+def effective(args: argparse.Namespace) -> dict[str, Any]:
+    """The options as the benchmark ran them (it may resolve some, e.g. a smoke test's fewer steps)."""
+    return {k: v for k, v in vars(args).items() if k != "out"}
+
+
 def listing() -> str:
     benches = load_all()
     width = max(map(len, benches))
@@ -85,13 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["ssmtune", "bench", *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(device),
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
     }
     t0 = time.perf_counter()
     try:
         results = bench.run(args)
     except CheckFailed as e:
-        report.update(status="check failed", error=str(e), seconds=time.perf_counter() - t0)
+        report.update(args=effective(args), status="check failed", error=str(e), seconds=time.perf_counter() - t0)
         write_json(out, report)
         print(f"ssmtune bench {bench.name}: check failed, no timings reported: {e}", file=sys.stderr)
         return 1
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if results is None:  # a non-zero rank of a distributed run: rank 0 reports
         return 0
     table = results.pop("table", "")
-    report.update(status="ok", seconds=time.perf_counter() - t0, results=results)
+    report.update(args=effective(args), status="ok", seconds=time.perf_counter() - t0, results=results)
     write_json(out, report)
     print(f"\n{bench.name}: {report['environment']['device_name']}, torch {report['environment']['torch']}; "
           f"report {out}\n")  # fmt: skip

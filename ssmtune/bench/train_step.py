@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from ssmtune.bench.common import check_close, fmt, sync
-from ssmtune.bench.peers import mamba_ssm_missing
+from ssmtune.bench.peers import mamba_ssm_missing, transformers_peft
 from ssmtune.bench.registry import Benchmark, register
 from ssmtune.models import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 from ssmtune.train.loop import apply_precision
@@ -347,6 +347,9 @@ def run_group(vs: list[Variant], args: argparse.Namespace, device: torch.device,
             v = row.variant
             if v.stack == "mamba_ssm" and (missing := mamba_ssm_missing()):
                 row.status = f"unavailable: {missing}"
+                continue
+            if v.stack == "hf+peft" and (peer := transformers_peft())[0] is None:
+                row.status = f"unavailable: {peer[1]}"
                 continue
             if time.perf_counter() > deadline:
                 row.status = "skipped (budget: --max-seconds reached while building its group)"
