@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -x -p no:cacheprovider --timeout 900
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ssmtune tests benchmarks
+	$(VENV)/bin/ruff check ssmtune tests
 
 # On the GPU machine (torch and triton come with its image): the full kernel sweeps.
 gpu-test:

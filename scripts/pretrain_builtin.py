@@ -1,6 +1,6 @@
-"""Pretrain the built-in base models on the GPU machine within a time budget (one call of the device tool).
+"""Pretrain the built-in base models (how the shipped ones were made) on a GPU within a time budget.
 
-    python scripts/pretrain_builtin.py --corpus out/wordnet-corpus.txt --out $OUT/models --budget-s 200
+    python scripts/pretrain_builtin.py --corpus out/wordnet-corpus.txt --out runs/models --budget-s 200
 
 For each recipe in recipes/builtin/: time a few optimizer steps on the backends in --backends order (the first one
 that runs wins), set max_steps so that training fits the budget, run `ssmtune pretrain`, then cast the weights to

@@ -1,4 +1,4 @@
-"""The method study on the built-in base models and tasks (issue #7): every method, model and task, an LR sweep, seeds.
+"""The method study on the built-in base models and tasks: every method, model and task, an LR sweep, seeds.
 
     PYTHONPATH=. python3 scripts/study.py --out runs/study --workers 12 --max-seconds 480 --hard-seconds 540
 
@@ -18,30 +18,29 @@ the plan; an existing file is continued only through --resume), then the summary
 --max-seconds: no run starts later (nor one that the (model, task)'s slowest run so far says would end after
 --hard-seconds); --hard-seconds: runs still going are abandoned, the summary is printed and the script exits.
 
-GPU memory: the workers share one GPU, and 12 long-sequence runs at ~6 GiB each overran an 80 GiB H100 (39 runs lost
-to out-of-memory errors in the session-3 call). So each worker reports its run's peak (reserved) memory and returns
+GPU memory: the workers share one GPU, and 12 long-sequence runs at ~6 GiB each overrun an 80 GiB H100. So each worker
+reports its run's peak (reserved) memory and returns
 its cache after every run; a run starts only if the peaks of the running runs plus its own (the largest seen for its
 (model, task), or --probe-gib until one of its runs has ended) fit in --gpu-mem-gib (default: the GPU's memory less
 1 GiB per worker for the CUDA contexts). Until a (model, task) has a measured peak, one of its runs at a time is in
-flight (its probe): in session 4 twelve Mamba-1 wn-pos-long runs started on the 8-GiB guess and needed 10-14 GiB each.
+flight (its probe): Mamba-1 wn-pos-long runs need 10-14 GiB each, more than the 8-GiB default guess.
 A run that still fails with an out-of-memory error is queued again (twice at most) instead of being recorded as a
 failure; its kind's estimate grows by a quarter and the retry waits until another run has ended.
-Tasks scored with a metric whose package is missing (wn-define: rouge-score) are refused before anything runs; on the
-GPU machine carry the wheels (scripts/gpu_wheels.sh writes them to .whl/study).
+Tasks scored with a metric whose package is missing (wn-define: rouge-score) are refused before anything runs.
 
-Continuing a study (e.g. in the next GPU call): --resume reads earlier study.jsonl files and does not repeat their
+Continuing a study (e.g. after a time limit): --resume reads earlier study.jsonl files and does not repeat their
 successful runs (same model, task, method, LR and seed; error rows are run again). Their rows are copied to the new
 <out>/study.jsonl, whose plan covers their cells too, so that file alone is the whole study so far. Phase 1 runs only
 the missing LRs; phase 2 uses the best LR over the earlier and new phase-1 results, and starts at once for a cell
 whose phase 1 an earlier file completed. The settings that change results (--epochs, --batch-size, --max-examples,
 --eval-examples, --fake, the TASKS entries) must match the earlier plan's, else the script refuses. --tasks /
---models / --methods select what runs now (the copied rows stay). The next call after docs/results/study-gpu.jsonl:
+--models / --methods select what runs now (the copied rows stay). Continuing the published study:
 
-    PYTHONPATH=. python3 scripts/study.py --resume docs/results/study-gpu.jsonl --out $OUT/study --workers 12 \
-        --threads 1 --max-seconds 440 --hard-seconds 490 > $OUT/study.log 2>&1; \
-    python3 scripts/summarize_study.py $OUT/study/study.jsonl --plot $OUT/study.png --claims > $OUT/summary.md
+    PYTHONPATH=. python3 scripts/study.py --resume docs/results/study-gpu.jsonl --out runs/study --workers 12 \
+        --threads 1 --max-seconds 440 --hard-seconds 490 > runs/study.log 2>&1
+    python3 scripts/summarize_study.py runs/study/study.jsonl --plot runs/study.png --claims > runs/summary.md
 
-(add e.g. --tasks wn-pos-long,wn-category to run those first; the call after that resumes from its study.jsonl.)
+(add e.g. --tasks wn-pos-long,wn-category to run those first; a further run resumes from its study.jsonl.)
 """
 
 from __future__ import annotations
@@ -312,8 +311,7 @@ class Study:
         """An out-of-memory run goes back to the ready list (it lost a race for memory; it is not a failure).
 
         Its kind's memory estimate grows by a quarter (the peaks it was planned with were too small), and it waits
-        until another run has ended: started again at once, it met the same full GPU (session 4: three tries within
-        3 s, then an error row)."""
+        until another run has ended: started again at once, it would meet the same full GPU."""
         key = (job["model"], job["task"])
         self.peak_gib[key] = 1.25 * self.peak_gib.get(key, self.opts.probe_gib)
         self.ready.append({**job, "tries": job.get("tries", 0) + 1, "after": self.ended})
@@ -338,7 +336,7 @@ class Study:
             scale = float(f"{edge * edge / inner:.3g}")
             self.tried[cell].append(scale)
             lr = METHODS[cell[2]][2] * scale
-            if (row := self.done.get(run_key(*cell, lr, self.seeds[0]))) is not None:  # an earlier call ran it
+            if (row := self.done.get(run_key(*cell, lr, self.seeds[0]))) is not None:  # an earlier study ran it
                 self.reused += 1
                 self.phase1[cell].append(row)
                 return self.phase1_done(cell)
@@ -379,8 +377,8 @@ class Study:
             key = (job["model"], job["task"])
             if elapsed + 1.1 * slowest.get(key, 0.0) >= self.opts.hard_seconds:
                 continue
-            # one probe per kind: until a run of it reports its peak, --probe-gib is a guess, and 12 runs of a kind
-            # that needed 10-14 GiB each all started on an 8-GiB guess (session 4)
+            # one probe per kind: until a run of it reports its peak, --probe-gib is a guess (runs of a kind may need
+            # more than it: starting them all on the guess overruns the GPU)
             probing = key not in self.peak_gib and self.opts.gpu_mem_gib != float("inf")
             if probing and any((j["model"], j["task"]) == key for j in running):
                 continue
@@ -459,7 +457,7 @@ def main() -> None:
     for m in methods:
         if m not in METHODS:
             ap.error(f"unknown method {m!r}; known: {', '.join(METHODS)}")
-    if not opts.fake:  # fail now, not after each run has trained (session 4 lost its wn-define runs to rouge_score)
+    if not opts.fake:  # fail now, not after each run has trained
         from ssmtune.data import get_task
         from ssmtune.eval.metrics import require_metric_packages
 

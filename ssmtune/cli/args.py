@@ -240,16 +240,6 @@ class ServeArgs:
         return dict(str(a).split("=", 1) for a in self.adapter)
 
 
-@dataclass(kw_only=True)
-class BenchArgs:
-    """ssmtune bench: run a script of benchmarks/ (kernel and method timings)."""
-
-    script: str = "ops"
-    """Benchmark name: a file `benchmarks/<script>.py`."""
-    args: list[str] = field(default_factory=list)
-    """Extra arguments passed to the script."""
-
-
 # dataclass -> argparse
 
 

@@ -9,8 +9,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +18,6 @@ import yaml
 from torch import nn
 
 from ssmtune.cli.args import (
-    BenchArgs,
     CompareArgs,
     EvalCommandArgs,
     GenerateArgs,
@@ -501,14 +498,11 @@ def pretrain(args: PretrainArgs) -> Path:
     return out
 
 
-def bench(args: BenchArgs) -> int:
-    """Run benchmarks/<script>.py with the given arguments."""
-    root = Path(__file__).resolve().parents[2] / "benchmarks"
-    script = root / f"{args.script}.py"
-    if not script.is_file():
-        found = sorted(p.stem for p in root.glob("*.py")) if root.is_dir() else []
-        raise FileNotFoundError(f"no benchmark {args.script!r} ({script} does not exist); available: {found}")
-    return subprocess.call([sys.executable, str(script), *args.args])
+def bench(argv: list[str]) -> int:
+    """Benchmarks against the peers (ssmtune bench --list)."""
+    from ssmtune.bench.run import main as bench_main
+
+    return bench_main(argv)
 
 
 def demo(argv: list[str]) -> Any:

@@ -128,7 +128,7 @@ class MambaMixer(nn.Module):
             # Without gradients y is written as [B, D, L] rows, what the scan reads. With them, on CUDA, it is written
             # time-major: its two gradients (x_proj's, and the scan's, which the Triton scan returns time-major) then
             # add in one layout; torch's channel-major + time-major sum took 0.174 ms against 0.069 ms for a transpose
-            # and a same-layout sum (H200, 8 x 2048 x 1536, bf16; benchmarks/exp_layout.py). The CPU torch path keeps
+            # and a same-layout sum (H200, 8 x 2048 x 1536, bf16). The CPU torch path keeps
             # one layout (a cached prefix state must equal a fresh one bit for bit: tests/methods/test_prefix_cache.py)
             time_major = (xz.is_cuda or self.backend == "triton") and torch.is_grad_enabled() and xz.requires_grad
             x, conv_last = ops.causal_conv1d(

@@ -4,7 +4,7 @@ Semantics are those of ``causal_conv1d_torch`` in ``conv.py``: y_t = act(bias + 
 xpad = initial_state ⧺ x (zeros without an initial state). Why a kernel: the torch path pads with a ``cat`` (a copy of
 x, transposed when x is the time-major view the mixers hold), runs the depthwise conv in bf16 and the SiLU as a separate
 pass, and each has a backward pass of its own; in a 130m-shaped training step at 8 × 2048 these took 25-30 ms of ~170
-(``benchmarks/profile_train_step.py``). Here one pass reads x once (any strides) and writes y once, in the layout the
+(``ssmtune bench profile``). Here one pass reads x once (any strides) and writes y once, in the layout the
 caller asks for (``channels_last``: [B, L, C] memory behind the [B, C, L] view, what ``x_proj`` and the SSD scan read).
 
 Backward, one program per [BLOCK_L, BLOCK_C] tile of padded positions p (times p − (K−1), so the first tile also covers

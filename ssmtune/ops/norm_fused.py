@@ -4,7 +4,7 @@ Semantics are those of ``rms_norm_torch`` in ``norm.py`` (the models' ``RMSNorm`
 x̂ = x ⊙ silu(z) (when gated), per group of ``group_size`` channels r = rsqrt(mean(x̂²) + eps), n = x̂ · r rounded to
 x's dtype, out = w · n in the promoted dtype of w and x. Why a kernel: the torch path runs ~8 elementwise passes
 forward and ~15 backward over fp32 copies of [B, L, D]; in a Mamba-2-130m-shaped training step at 8 × 2048 these took
-~40 ms of ~150 (``benchmarks/profile_train_step.py``).
+~40 ms of ~150 (``ssmtune bench profile``).
 
 Forward: one program per block of rows, the whole row in registers, one reduction per group (groups are selected by a
 mask over the row, ``NG`` ≤ 16 of them); r is saved per (row, group) for the backward. Backward: a fixed number of

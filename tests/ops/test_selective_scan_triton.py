@@ -5,6 +5,7 @@ On CPU the kernels run under the Triton interpreter (small shapes); ``-m gpu`` r
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -98,12 +99,12 @@ def run(fn, ins: dict, gy: torch.Tensor, gh: torch.Tensor | None, softplus: bool
     return {"y": y, "h_last": h_last} | {f"d{k}": v.grad for k, v in ins.items()}
 
 
-def check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus, final_grad=True) -> None:
+def check_case(b, d, seqlen, n, dtype, flags, per_batch, softplus, final_grad=True, config=None) -> None:
     ins = make_inputs(b, d, seqlen, n, dtype, flags, per_batch, softplus)
     gy = torch.randn(b, d, seqlen, device=DEVICE)
     gh = torch.randn(b, d, n, device=DEVICE) if final_grad else None
     ref = run(selective_scan_ref, ins, gy, gh, softplus)
-    out = run(fused.selective_scan_triton, ins, gy, gh, softplus)
+    out = run(functools.partial(fused.selective_scan_triton, config=config), ins, gy, gh, softplus)
     assert set(ref) == set(out)
     for name in ref:
         assert out[name].dtype == ref[name].dtype, name
@@ -119,15 +120,13 @@ def test_selective_scan_triton(b, d, seqlen, n, dtype, flags, per_batch, softplu
 @pytest.mark.parametrize("gate", [True, False], ids=["gated", "no-gate"])
 @pytest.mark.parametrize("per_batch", [True, False], ids=["rowwise", "shared"])
 @pytest.mark.parametrize(("seqlen", "programs"), [(150, 1), (9, 1024)], ids=["L150-3-tiles-1-split", "L9-3-splits"])
-def test_state_offset_grad_kernel(monkeypatch, seqlen, programs, per_batch, gate):
+def test_state_offset_grad_kernel(seqlen, programs, per_batch, gate):
     """State-offset (h)'s terms of the backward against their formulas: dh'_b = Σ_t ĝ_t C_tᵀ and dC_t += h'ᵀ ĝ_t
     (added to what dC holds). D = 37 in 16-channel blocks (a ragged last block), N = 20 (BLOCK_N 32), bf16
     activations. L = 150 in 64-step tiles (partial sums over three tiles, a ragged last one), each program walking
     all three channel blocks (the prefetch); L = 9 (one 16-step tile) with the channels split over three programs
     (their dC terms summed by atomics)."""
-    monkeypatch.setitem(fused.STATE_OFFSET_GRAD_CONFIG, "BLOCK_L", 64)
-    monkeypatch.setitem(fused.STATE_OFFSET_GRAD_CONFIG, "BLOCK_D", 16)
-    monkeypatch.setitem(fused.STATE_OFFSET_GRAD_CONFIG, "PROGRAMS", programs)
+    config = {"BLOCK_L": 64, "BLOCK_D": 16, "PROGRAMS": programs}
     b, d, n = 2, 37, 20
     gen = torch.Generator().manual_seed(0)
     dy, z = (torch.randn(b, d, seqlen, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
@@ -136,7 +135,7 @@ def test_state_offset_grad_kernel(monkeypatch, seqlen, programs, per_batch, gate
     dC0 = torch.randn(b, n, seqlen, generator=gen).to(DEVICE)
     g = dy.double() * (torch.nn.functional.silu(z.double()) if gate else 1.0)
     dC = dC0.clone()
-    dh = fused.state_offset_grad(dy, z if gate else None, C, h_off, dC)
+    dh = fused.state_offset_grad(dy, z if gate else None, C, h_off, dC, config=config)
     assert dh.shape == h_off.shape and dh.dtype == torch.float32
     ref_dh = torch.einsum("bdl,bnl->bdn", g, C.double())
     assert_close("dstate_offset", ref_dh if per_batch else ref_dh.sum(0), dh.double(), 1e-6)
@@ -147,29 +146,26 @@ def test_state_offset_grad_kernel(monkeypatch, seqlen, programs, per_batch, gate
 
 @pytest.mark.parametrize(("block_d_fwd", "block_d_bwd", "warps"), [(1, 1, 1), (2, 4, 1), (4, 2, 2)],
                          ids=["blockd-1-1", "blockd-2-4", "blockd-4-2-warps2"])  # fmt: skip
-def test_multiple_channel_blocks_and_tiles(monkeypatch, block_d_fwd, block_d_bwd, warps):
+def test_multiple_channel_blocks_and_tiles(block_d_fwd, block_d_bwd, warps):
     """Channel blocks of 1, 2 and 4 in each direction (D = 7 leaves a ragged last block; dB/dC summed over the
     blocks) and short tiles (4 tiles of BLOCK_L 4 over L = 13: many checkpoints), no final-state gradient."""
     cfg = {"BLOCK_L": 4, "BLOCK_D_FWD": block_d_fwd, "BLOCK_D_BWD": block_d_bwd, "WARPS_FWD": warps, "WARPS_BWD": warps}
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", cfg)
-    assert {k: fused._config(7, 5, 13)[k] for k in cfg} == cfg
-    check_case(2, 7, 13, 5, torch.float32, ALL, True, True, final_grad=False)
+    assert {k: fused._config(7, 5, 13, override=cfg)[k] for k in cfg} == cfg
+    check_case(2, 7, 13, 5, torch.float32, ALL, True, True, final_grad=False, config=cfg)
 
 
 @pytest.mark.parametrize(("block_l", "block_l_bwd", "seqlen"), [(8, 4, 13), (16, 4, 33), (16, 8, 16), (8, 2, 9)])
-def test_backward_tiles_shorter_than_forward_tiles(monkeypatch, block_l, block_l_bwd, seqlen):
+def test_backward_tiles_shorter_than_forward_tiles(block_l, block_l_bwd, seqlen):
     """The forward stores the states at the starts of the backward's shorter tiles inside its own tiles (2 or 4
     backward tiles per forward tile; a ragged last tile, one that ends exactly at L, and one with a single step)."""
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": block_l, "BLOCK_L_BWD": block_l_bwd})
-    cfg = fused._config(7, 5, seqlen)
+    override = {"BLOCK_L": block_l, "BLOCK_L_BWD": block_l_bwd}
+    cfg = fused._config(7, 5, seqlen, override=override)
     assert (cfg["BLOCK_L"], cfg["BLOCK_L_BWD"]) == (block_l, block_l_bwd)
-    check_case(2, 7, seqlen, 5, torch.float32, ALL, True, True)
+    check_case(2, 7, seqlen, 5, torch.float32, ALL, True, True, config=override)
 
 
-def test_backward_tile_is_capped_by_the_forward_tile(monkeypatch):
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 4, "BLOCK_L_BWD": 16})
-    assert fused._config(7, 5, 100)["BLOCK_L_BWD"] == 4
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {})
+def test_backward_tile_is_capped_by_the_forward_tile():
+    assert fused._config(7, 5, 100, override={"BLOCK_L": 4, "BLOCK_L_BWD": 16})["BLOCK_L_BWD"] == 4
     assert (fused._config(7, 5, 20)["BLOCK_L"], fused._config(7, 5, 20)["BLOCK_L_BWD"]) == (32, 32)
     assert (fused._config(7, 5, 5000)["BLOCK_L"], fused._config(7, 5, 5000)["BLOCK_L_BWD"]) == (256, 128)
     assert fused._config(7, 5, 5000, training=False)["BLOCK_L"] == 512  # no checkpoints: longer forward tiles
@@ -186,14 +182,14 @@ def test_inference_forward_with_long_tiles():
 
 
 @pytest.mark.parametrize("key", ["ALGO", "UNROLL_FWD", "TILE_BWD", "BLOCK_N", "CARRY_MEM"])
-def test_unknown_override_key_is_rejected(monkeypatch, key):
+def test_unknown_config_key_is_rejected(key):
     """Keys of removed code paths (the tile kernels' ALGO / TILE_*, UNROLL_*) or of derived values fail loudly."""
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 4, key: 1})
+    config = {"BLOCK_L": 4, key: 1}
     with pytest.raises(ValueError, match=rf"unknown key\(s\) \['{key}'\]; allowed keys: BLOCK_L, BLOCK_D_FWD"):
-        fused._config(5, 3, 13)
+        fused._config(5, 3, 13, override=config)
     ins = make_inputs(1, 5, 13, 3, torch.float32, frozenset(), False)
     with pytest.raises(ValueError, match=key):
-        fused.selective_scan_triton(**ins)
+        fused.selective_scan_triton(**ins, config=config)
 
 
 def test_dispatcher_and_no_grad():
@@ -252,13 +248,12 @@ def test_rejects_large_state():
         fused.selective_scan_triton(**ins)
 
 
-def test_nloop_default_blocks_across_tiles_with_final_state_grad(monkeypatch):
+def test_nloop_default_blocks_across_tiles_with_final_state_grad():
     """The default n-loop kernels at their default channel blocks (1 forward, 2 backward: odd D leaves half a block),
     several tiles of a short BLOCK_L with a ragged last one, and a final-state gradient that λ carries across all of
     them (the other multi-tile test has none); batch of 1, N not a power of two."""
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 4})
-    assert fused._config(3, 6, 13)["BLOCK_D_BWD"] == 2
-    check_case(1, 3, 13, 6, torch.float32, ALL, True, True, final_grad=True)
+    assert fused._config(3, 6, 13, override={"BLOCK_L": 4})["BLOCK_D_BWD"] == 2
+    check_case(1, 3, 13, 6, torch.float32, ALL, True, True, final_grad=True, config={"BLOCK_L": 4})
 
 
 def test_empty_sequence():
@@ -330,22 +325,19 @@ GPU_WIDE_TILES = [
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("cfg", GPU_WIDE_TILES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_wide_time_tiles_on_several_warps_gpu(monkeypatch, cfg):
+def test_wide_time_tiles_on_several_warps_gpu(cfg):
     """L 2100 leaves a ragged last tile at every BLOCK_L; all flags, bf16, D odd."""
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", cfg)
-    check_case(2, 37, 2100, 16, torch.bfloat16, ALL, True, True)
+    check_case(2, 37, 2100, 16, torch.bfloat16, ALL, True, True, config=cfg)
 
 
-def test_backward_uses_the_forward_configuration(monkeypatch):
-    """Changing CONFIG_OVERRIDE between forward and backward must not misalign checkpoints or saved tensors."""
+def test_backward_uses_the_forward_configuration():
+    """A forward's configuration (here 4-step tiles and one channel per backward program, not the defaults) is the
+    one its backward launches with: its checkpoints and saved tensors depend on it."""
     ins = make_inputs(2, 5, 13, 3, torch.float32, ALL, False)
     gy = torch.randn(2, 5, 13, device=DEVICE)
     ref = run(selective_scan_ref, ins, gy, None, True)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in ins.items()}
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 4, "BLOCK_D_BWD": 1})
-    y = fused.selective_scan_triton(**leaves, delta_softplus=True)
-    # another tile length (other checkpoint positions) and channel block for the backward: both must be ignored
-    monkeypatch.setattr(fused, "CONFIG_OVERRIDE", {"BLOCK_L": 8, "BLOCK_D_BWD": 4})
+    y = fused.selective_scan_triton(**leaves, delta_softplus=True, config={"BLOCK_L": 4, "BLOCK_D_BWD": 1})
     (y.float() * gy).sum().backward()
     for k, v in leaves.items():
         assert_close(f"d{k}", ref[f"d{k}"], v.grad, RATIO[torch.float32])

@@ -28,42 +28,22 @@ Removed after GPU sweeps (B 8, L 2048, D 1536, N 16, bf16, fwd / fwd+bwd ms; doc
   adjoint as ``associative_scan(reverse=True)``, which triton 3.6 lowers with flips of both operands (3.813 against
   2.069 ms fwd+bwd).
 
-With ``SEQUENTIAL_FORWARD`` (off by default), inference calls on time-major views with N <= 16 go to the sequential
-forward of ``fused_seq.py``.
+The launch configuration (tile lengths, channels per program, warps) has measured defaults (``_config``); the
+``config`` argument of ``selective_scan_triton`` overrides them, for tuning on other hardware.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ssmtune.ops import layout
-from ssmtune.ops.selective_scan import fused_seq
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
-# Optional override of the launch configuration, e.g. {"BLOCK_L": 64, "BLOCK_D_BWD": 4}; used by the benchmark and the
-# tests. Keys: CONFIG_KEYS (another key raises ValueError). BLOCK_L and BLOCK_D_* must be powers of two.
-CONFIG_OVERRIDE: dict[str, int] = {}
+# Keys of the ``config`` override (another key raises ValueError). BLOCK_L and BLOCK_D_* must be powers of two.
 CONFIG_KEYS = ("BLOCK_L", "BLOCK_D_FWD", "BLOCK_D_BWD", "WARPS_FWD", "WARPS_BWD", "BLOCK_L_BWD")
-
-
-def _env_flag(name: str, default: str = "0") -> bool:
-    value = os.environ.get(name, default)
-    if value not in ("0", "1"):
-        raise ValueError(f"environment variable {name} must be 0 or 1, got {value!r}")
-    return value == "1"
-
-
-# True: calls without gradients, with N <= 16 and a time-major Δ (the mixer's views) run the sequential forward of
-# fused_seq.py, which reads them without copies. Off by default (SSMTUNE_SEQUENTIAL_SCAN=1 turns it on): on an H200
-# it is 1.8-2.4x faster than the copies + n-loop forward at batch 8 and a 130m-shaped model's no-grad forward gains
-# 1.19x, but the model with State-offset (h) and batch-1 forwards were slower in the H200 measurements
-# (docs/kernels.md), so it waits for a measured fix.
-SEQUENTIAL_FORWARD = _env_flag("SSMTUNE_SEQUENTIAL_SCAN")
 
 
 @triton.jit
@@ -594,14 +574,15 @@ def selective_state_update_fwd_kernel(
     tl.store(y + i_b * DIM + o_d, b_y.to(y.dtype.element_ty), mask=m_d)
 
 
-def _config(dim: int, dstate: int, seqlen: int = 1 << 30, training: bool = True) -> dict[str, int]:
-    """Launch configuration: the defaults below, then ``CONFIG_OVERRIDE`` (keys ``CONFIG_KEYS``). ``training``: the
+def _config(
+    dim: int, dstate: int, seqlen: int = 1 << 30, training: bool = True, override: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Launch configuration: the defaults below, then ``override`` (keys ``CONFIG_KEYS``). ``training``: the
     forward stores checkpoints for a backward (``False``: an inference forward, which takes longer tiles)."""
-    unknown = sorted(set(CONFIG_OVERRIDE) - set(CONFIG_KEYS))
+    override = override or {}
+    unknown = sorted(set(override) - set(CONFIG_KEYS))
     if unknown:
-        raise ValueError(
-            f"selective scan CONFIG_OVERRIDE: unknown key(s) {unknown}; allowed keys: {', '.join(CONFIG_KEYS)}"
-        )
+        raise ValueError(f"selective scan config: unknown key(s) {unknown}; allowed keys: {', '.join(CONFIG_KEYS)}")
     cap = triton.next_power_of_2(max(dim, 1))
     # BLOCK_L (forward tile) and BLOCK_L_BWD (backward tile = checkpoint spacing): the sequence rounded up to a power of
     # two, capped; BLOCK_L_BWD <= BLOCK_L. H200 sweeps (docs/kernels.md), B 8, L 2048, D 1536:
@@ -609,17 +590,17 @@ def _config(dim: int, dstate: int, seqlen: int = 1 << 30, training: bool = True)
     # (which also stores a checkpoint every BLOCK_L_BWD steps) with 256 (fwd+bwd 1.98 ms; 2.06 at 512), the backward
     # with 128-step tiles and two channels per program; one warp each.
     seq = max(16, triton.next_power_of_2(max(seqlen, 1)))
-    block_l = min(CONFIG_OVERRIDE.get("BLOCK_L", 256 if training else 512), seq)
+    block_l = min(override.get("BLOCK_L", 256 if training else 512), seq)
     cfg = {
         "BLOCK_N": triton.next_power_of_2(max(dstate, 1)),
         "BLOCK_L": block_l,
-        "BLOCK_L_BWD": min(CONFIG_OVERRIDE.get("BLOCK_L_BWD", 128), block_l),
+        "BLOCK_L_BWD": min(override.get("BLOCK_L_BWD", 128), block_l),
         "BLOCK_D_FWD": 1,
         "BLOCK_D_BWD": 2,
         "WARPS_FWD": 1,
         "WARPS_BWD": 1,
     }
-    cfg.update({k: v for k, v in CONFIG_OVERRIDE.items() if k not in ("BLOCK_L", "BLOCK_L_BWD")})
+    cfg.update({k: v for k, v in override.items() if k not in ("BLOCK_L", "BLOCK_L_BWD")})
     cfg["BLOCK_D_FWD"] = min(cap, cfg["BLOCK_D_FWD"])
     cfg["BLOCK_D_BWD"] = min(cap, cfg["BLOCK_D_BWD"])
     return cfg
@@ -755,14 +736,20 @@ STATE_OFFSET_GRAD_CONFIG = {"BLOCK_D": 64, "BLOCK_L": 64, "WARPS": 4, "PROGRAMS"
 
 
 def state_offset_grad(
-    dy: torch.Tensor, z: torch.Tensor | None, C: torch.Tensor, state_offset: torch.Tensor, dC: torch.Tensor
+    dy: torch.Tensor,
+    z: torch.Tensor | None,
+    C: torch.Tensor,
+    state_offset: torch.Tensor,
+    dC: torch.Tensor,
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """State-offset (h)'s terms of the backward, which the backward kernel leaves out: returns dh' in fp32, shaped as
     ``state_offset`` ([D, N] shared: summed over the batch too; or [B, D, N]), and adds h'ᵀ ĝ_t to ``dC`` [B, N, L]
-    (fp32) in place. ``dy``, ``z``, ``C`` are the scan's contiguous [B, *, L] operands."""
+    (fp32) in place. ``dy``, ``z``, ``C`` are the scan's contiguous [B, *, L] operands; ``config`` overrides keys of
+    ``STATE_OFFSET_GRAD_CONFIG``."""
     batch, dim, seqlen = dy.shape
     dstate = C.shape[1]
-    cfg = STATE_OFFSET_GRAD_CONFIG
+    cfg = {**STATE_OFFSET_GRAD_CONFIG, **(config or {})}
     block_l = min(cfg["BLOCK_L"], max(16, triton.next_power_of_2(seqlen)))  # tl.dot needs 16 rows and columns
     block_d = min(cfg["BLOCK_D"], max(16, triton.next_power_of_2(dim)))
     n_l = triton.cdiv(seqlen, block_l)
@@ -790,10 +777,10 @@ class SelectiveScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
-        return_final_state,
+        return_final_state, config,
     ):  # fmt: skip
-        # the backward must use the forward's configuration even if CONFIG_OVERRIDE changes in between
-        ctx.cfg = _config(u.shape[1], A.shape[1], u.shape[2])
+        # the backward uses the forward's configuration (its checkpoints and saved tensors depend on it)
+        ctx.cfg = _config(u.shape[1], A.shape[1], u.shape[2], override=config)
         y, ht, h_ckpt, y_pre = selective_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
             output_final_state=return_final_state, store_checkpoints=True, cfg=ctx.cfg,
@@ -815,7 +802,7 @@ class SelectiveScanFunction(torch.autograd.Function):
             initial_state, state_offset, y_offset, h_ckpt, y_pre, cfg=ctx.cfg,
         )  # fmt: skip
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dh_off, dy_off = grads
-        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dh0, dh_off, dy_off, None
+        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dh0, dh_off, dy_off, None, None
 
 
 @torch.compiler.disable
@@ -834,6 +821,7 @@ def selective_scan_triton(
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused Mamba-1 selective scan (Triton), forward and backward.
 
@@ -851,6 +839,8 @@ def selective_scan_triton(
         state_offset (torch.Tensor | None): h', shape [D, N] or [B, D, N]
         y_offset (torch.Tensor | None): y', shape [D] or [B, D]
         return_final_state (bool): also return h_L
+        config (dict | None): launch configuration overriding the defaults, keys ``CONFIG_KEYS``, e.g.
+            ``{"BLOCK_L": 128, "WARPS_BWD": 2}`` (for tuning; results are the same up to rounding)
     Returns:
         y [B, D, L] in u's dtype, and h_L [B, D, N] in fp32 when ``return_final_state``.
     """
@@ -858,12 +848,6 @@ def selective_scan_triton(
         raise ValueError(f"selective_scan_triton: state size N must be <= 256, got {A.shape[1]}")
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-    if not needs_grad and SEQUENTIAL_FORWARD and fused_seq.suits(delta, A):
-        # inference on the mixer's time-major views: read them as they are instead of copying them into [B, D, L]
-        y, ht = fused_seq.selective_scan_fwd_seq(
-            *args[:8], delta_softplus, *args[8:], output_final_state=return_final_state
-        )  # fmt: skip
-        return (y, ht) if return_final_state else y
     # [B, *, L] operands that are time-major views (the mixer's) go through the tiled transpose, as do their gradients
     u, delta, B, C, z = (layout.channel_major(t) for t in (u, delta, B, C, z))
     A, D, delta_bias, initial_state, state_offset, y_offset = map(
@@ -872,11 +856,12 @@ def selective_scan_triton(
     if needs_grad:
         return SelectiveScanFunction.apply(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
-            return_final_state,
+            return_final_state, config,
         )  # fmt: skip
+    cfg = _config(u.shape[1], A.shape[1], u.shape[2], training=False, override=config)
     y, ht, _, _ = selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
-        output_final_state=return_final_state, store_checkpoints=False,
+        output_final_state=return_final_state, store_checkpoints=False, cfg=cfg,
     )  # fmt: skip
     return (y, ht) if return_final_state else y
 

@@ -31,18 +31,12 @@ _MIN_BLOCK = 16
 _DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-# Warps of the dx and dC backward kernels; None: 4. With 4 instead of 8 the backward at B 8, L 8192, H 64, P 64, N 128
-# took 8.8 instead of 13.3 ms forward+backward (H200, triton 3.6); below
-# head dim 32, 8 warps also gave wrong gradients (ssd/__init__.py). exp_ssd_small_headdim.py and exp_ssd_variants.py
-# set it.
-BWD_WARPS: int | None = None
-# Warps of the forward chunk-scan kernel; None: 4 (Triton's default). Set by
-# exp_ssd_variants.py.
-FWD_WARPS: int | None = None
-
-
-def _bwd_warps() -> int:
-    return BWD_WARPS or 4
+# Warps of the dx and dC backward kernels. With 4 instead of 8 the backward at B 8, L 8192, H 64, P 64, N 128 took
+# 8.8 instead of 13.3 ms forward+backward (H200, triton 3.6); below head dim 32, 8 warps also gave wrong gradients
+# (ssd/__init__.py).
+BWD_NUM_WARPS = 4
+# Warps of the forward chunk-scan kernel (Triton's default).
+FWD_NUM_WARPS = 4
 
 
 def _bwd_stages(*tensors: torch.Tensor) -> int:
@@ -735,7 +729,7 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, 
         x, B, C, dt_p, a_cs, states, D, z, h_off, y_off, y, y_pre,
         _batch_stride(h_off, 4), _batch_stride(y_off, 3), T,
         H=H, G=G, P=P, N=N, TP=TP, NC=NC, CHUNK=chunk_size, BM=BM, BK=blk["BK"], BP=BPs, BN=blk["BNF"],
-        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=FWD_WARPS or 4,
+        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=FWD_NUM_WARPS,
     )  # fmt: skip
     return y, y_pre, dt_p, a_cs, states
 
@@ -817,10 +811,10 @@ def _ssd_bwd(
     stages = _bwd_stages(x, B, C)
     ssd_chunk_scan_bwd_dx_kernel[grid](
         x, B, C, dt_p, a_cs, dy, dstates, D, dx, dB, ddt_direct, da_k, dD_part, dy_sum, T,
-        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=_bwd_warps(), num_stages=stages, **common,
+        D_HAS_HDIM=D is not None and D.dim() == 2, num_warps=BWD_NUM_WARPS, num_stages=stages, **common,
     )  # fmt: skip
     ssd_chunk_scan_bwd_dc_kernel[grid](
-        x, B, C, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=_bwd_warps(), num_stages=stages, **common
+        x, B, C, dt_p, a_cs, dy, states, dC, da_q, T, num_warps=BWD_NUM_WARPS, num_stages=stages, **common
     )  # fmt: skip
     # 3. ∂a → ∂Δ, ∂A through the chunk cumsum, then through softplus and dt_bias
     ddt = torch.empty_like(dt)

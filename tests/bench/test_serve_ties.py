@@ -1,16 +1,13 @@
-"""benchmarks/bench_serve.py's correctness gate: a batched row that differs from the single-row reference counts as a
+"""The serve benchmark's correctness gate: a batched row that differs from the single-row reference counts as a
 tie only when the reference's own logits could not tell the two tokens apart."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import bench_serve
+from ssmtune.bench import serve as bench_serve
 
 
 class FakeModel:

@@ -1,36 +1,27 @@
-"""CPU smoke test of benchmarks/profile_train_step.py: it runs, writes its JSON and groups ops into categories."""
+"""The profile benchmark: a CPU run groups ops into categories and measures the idle gaps; idle_gaps' arithmetic."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from ssmtune.bench.profile_step import idle_gaps
+from ssmtune.bench.run import main
 
 
-def test_profile_train_step_runs_on_cpu(tmp_path):
+def test_profile_runs_on_cpu(tmp_path, capsys) -> None:
     out = tmp_path / "profile.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_train_step.py"), "--tiny", "--device", "cpu",
-           "--warmup", "1", "--steps", "1", "--variants", "ssmtune:mamba:state_offset_h:2x16", "bad:entry:x:1x1",
-           "--out", str(out)]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
-    assert p.returncode != 0 and "bad --variants entry 'bad:entry:x:1x1'" in p.stderr + p.stdout
-    cmd.remove("bad:entry:x:1x1")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
-    assert p.returncode == 0, p.stderr[-2000:]
-    (r,) = json.loads(out.read_text())["results"]
+    argv = ["profile", "--small", "--device", "cpu", "--warmup", "1", "--steps", "1", "--out", str(out), "--variants"]
+    assert main([*argv, "ssmtune:mamba:state_offset_h:2x16", "bad:entry:x:1x1"]) == 2
+    assert "bad --variants entry 'bad:entry:x:1x1'" in capsys.readouterr().err
+    assert main([*argv, "ssmtune:mamba:state_offset_h:2x16"]) == 0
+    (r,) = json.loads(out.read_text())["results"]["rows"]
     assert r["variant"] == "ssmtune:mamba:state_offset_h:2x16"
     assert r["busy_ms"] > 0 and r["categories"] and r["top"]
     assert r["timeline"]["kernels"] > 0 and r["timeline"]["span_ms"] > 0
 
 
-def test_idle_gaps_buckets_and_largest():
+def test_idle_gaps_buckets_and_largest() -> None:
     """Overlapping intervals merge; each gap lands in its bucket once per step; the largest gap names its neighbours."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from profile_train_step import idle_gaps
-
     # two steps; times in µs. Gaps: 3 (a→b), 50 (c→d), 2000 (d→e); b and c overlap (no gap between them)
     iv = [(0, 10, "a"), (13, 40, "b"), (30, 45, "c"), (95, 100, "d"), (2100, 2110, "e")]
     r = idle_gaps(list(reversed(iv)), steps=2)

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Build mamba_ssm's CUDA extension (selective_scan_cuda) from its sdist on the GPU machine, for sm_90 only, into a
-# --target folder, so that benchmarks can time the authors' kernels. Meant to run in the background:
+# Build mamba_ssm's CUDA extension (selective_scan_cuda) from its sdist on a GPU machine, for sm_90 only, into a
+# --target folder, so that `ssmtune bench` can time the authors' kernels beside ssmtune's:
 #
-#   bash benchmarks/build_mamba_ssm.sh .whl/sdist /tmp/mamba_site > $OUT/build.log 2>&1 &
-#   ...                                  # other GPU work meanwhile
+#   pip download --no-deps --no-binary :all: mamba_ssm -d sdist
+#   bash scripts/build_mamba_ssm.sh sdist /tmp/mamba_site > build.log 2>&1 &
 #   cat /tmp/mamba_site.status           # written when done: "status=ok ..." or "status=fail ..."
-#   PYTHONPATH=/tmp/mamba_site:. python3 benchmarks/bench_selective_scan.py --only mamba_ssm
+#   PYTHONPATH=/tmp/mamba_site ssmtune bench selective_scan
 #
 # Arguments: <sdist-dir or .tar.gz> <target-dir>. With --patch-only first: extract and patch into <target-dir>
 # (a source tree), print the diff, build nothing (works on a CPU machine without nvcc).
 #
 # Build levels, tried in order until one builds and imports (MAMBA_BUILD_LEVELS, default "lean real full"):
-#   full  setup.py's gencode list cut to arch=compute_90,code=sm_90 (the recipe of ECOSYSTEM.md §9: 186 s)
+#   full  setup.py's gencode list cut to arch=compute_90,code=sm_90 (about 3 minutes)
 #   real  + no complex-weight kernels: the three *_complex.cu files leave the sources list, the complex instantiations
 #         leave the three forward .cu files, and the weight-type dispatch in selective_scan.cpp loses its complex
 #         branch (complex A then fails with "not implemented for weight type"); fp32/fp16/bf16 inputs all stay

@@ -1,44 +1,36 @@
-"""Model-level training step: ssmtune's PEFT methods on a 130M-shaped Mamba / Mamba-2 against HF transformers + peft.
+"""Training step: ssmtune's PEFT methods on a 130M-shaped Mamba / Mamba-2 against transformers + peft and mamba_ssm.
 
 One step = forward + loss + backward + AdamW step (+ zero_grad), on a randomly initialised model of the mamba-130m
 shape (d_model 768, 24 layers, vocab 50280; Mamba-2: headdim 64, d_state 128) with the frozen base in bf16 and the
-trainable parameters in fp32 under bf16 autocast, as ``ssmtune.train.fit(precision="bf16")`` runs it (docs/methods.md §9,
-with the fp32 adapter fix of §8). Methods: ``none`` (the bare frozen model, see below), State-offset h / y, Initial
-State, LoRA (r 8) and Prefix-Tuning (16 virtual tokens); sizes (B, L) = (4, 512) and (8, 2048).
+trainable parameters in fp32 under bf16 autocast, as ``ssmtune.train.fit(precision="bf16")`` runs it. Methods:
+``none`` (the bare frozen model, see below), State-offset h / y, Initial State, LoRA (r 8) and Prefix-Tuning (16
+virtual tokens); sizes (B, L) = (4, 512) and (8, 2048).
 
 ``none`` has no trainable parameter: the (frozen) input embeddings are made to require grad, so its backward runs
 through every block as an adapter's does. It has no optimizer step, and it computes block 0's input gradient, which an
 adapter's step skips (about 1/24 of the backward); "x bare" (ms/step over the bare ms/step of the same model, backend
 and size) carries both small biases, in opposite directions.
 
-Peers on the same device: HF transformers' MambaForCausalLM / Mamba2ForCausalLM (same shape, random init, bf16) with
-peft LoRA r 8 (Mamba-1: in_proj, x_proj, dt_proj, since peft refuses out_proj; Mamba-2: in_proj). Without mamba_ssm
+Peers on the same device: transformers' MambaForCausalLM / Mamba2ForCausalLM (same shape, random init, bf16) with peft
+LoRA r 8 (Mamba-1: in_proj, x_proj, dt_proj, since peft refuses out_proj; Mamba-2: in_proj). Without mamba_ssm
 transformers runs its torch path (a Python loop over L for Mamba-1), so the peer gets fewer timed steps and its
 (8, 2048) row is skipped when the estimate from its (4, 512) row (time and memory scaled by tokens) is too large.
-``--mamba-ssm`` also tries the authors' stack (mamba_ssm ``MambaLMHeadModel``, unfused path, bare step; it needs the
-compiled extension, e.g. ``PYTHONPATH=/tmp/mamba_site:.`` after ``benchmarks/build_mamba_ssm.sh``). ``--only-stack``
-runs a subset of the stacks (``--only-stack mamba_ssm`` after the extension's build); ``--compare main.json`` merges
-the rows of an earlier run, so that one table shows ours, the peers and mamba_ssm side by side, with the columns
-"x mamba_ssm" (tokens/s over mamba_ssm's bare step at the same model and size) and "mem / mamba_ssm".
+``--mamba-ssm`` also times the authors' stack (mamba_ssm ``MambaLMHeadModel``, unfused path, bare step) when its
+compiled extension imports. ``--only-stack`` runs a subset of the stacks; ``--compare earlier.json`` merges the rows of
+an earlier report, so that one table shows ours, the peers and mamba_ssm side by side.
 
 ``--backends auto+graph`` adds our steps replayed from a CUDA graph (``ssmtune.train.graphs.GraphedStep``, what
-``fit(cuda_graph=True)`` runs): 3 eager warm-up steps and the capture happen while the variant is built, and each graphed
-variant is built, timed and freed on its own (one live graph at a time) instead of in the interleaved rounds below.
+``fit(cuda_graph=True)`` runs): each graphed variant is built, timed and freed on its own (one live graph at a time).
+
+Check: before any timing, each model's loss on the benchmark's batch (first row, 64 tokens, fp32) through the timed
+backend must match the plain reference backend (``ref``).
 
 Timing: the methods of one (model, backend, B, L) are built together and each gets ``--warmup`` untimed steps
-(Triton compilation, allocator); then ``--iters`` interleaved rounds of one step per method, each step bracketed by
-``torch.cuda.synchronize``, and the median is reported. Peak memory: ``torch.cuda.max_memory_allocated`` of a step
-(after ``reset_peak_memory_stats``) minus what was allocated before it, plus the variant's own resident bytes
-(weights, optimizer state), so the other resident models do not count; for a graphed variant the growth of reserved bytes
-while it is built (its graph's memory pool included; a lower bound, see ``free_memory``) counts instead. Each variant runs in its own try/except;
-groups that would start after ``--max-seconds`` are reported as skipped, and the rounds of a group are cut to fit.
-The JSON is rewritten after every group; the Markdown table prints last.
-
-GPU (H100, ~5 minutes):
-
-    PYTHONPATH=. python benchmarks/bench_train_step.py --out bench_train_step.json
-
-CPU smoke test (< 60 s):  PYTHONPATH=. python benchmarks/bench_train_step.py --tiny --device cpu
+(Triton compilation, allocator); then ``--iters`` interleaved rounds of one step per method, each step bracketed by a
+device synchronisation, and the median is reported. Peak memory: ``torch.cuda.max_memory_allocated`` of a step minus
+what was allocated before it, plus the variant's own resident bytes (weights, optimizer state); for a graphed variant
+the growth of reserved bytes while it is built (its graph's pool included; a lower bound). Groups that would start
+after ``--max-seconds`` are reported as skipped, and the rounds of a group are cut to fit.
 """
 
 from __future__ import annotations
@@ -47,9 +39,7 @@ import argparse
 import contextlib
 import gc
 import json
-import platform
 import statistics
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -58,8 +48,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from ssmtune.bench.common import check_close, fmt, sync
+from ssmtune.bench.peers import mamba_ssm_missing, transformers_peft
+from ssmtune.bench.registry import Benchmark, register
 from ssmtune.models import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 from ssmtune.train.loop import apply_precision
 
@@ -78,11 +69,6 @@ LORA_TARGETS = {"mamba": ["in_proj", "x_proj", "dt_proj", "out_proj"], "mamba2":
 PEER_TARGETS = {"mamba": ["in_proj", "x_proj", "dt_proj"], "mamba2": ["in_proj"]}
 PREFIX_TOKENS = 16
 LR = 1e-4
-# Targets from issues #4 / #5: slowdown of State-offset h and Initial State over the bare step; speed-up over the
-# HF + peft LoRA peer per model, with less than this fraction of its peak memory.
-TARGET_VS_BARE = 1.10
-TARGET_VS_PEER = {"mamba": 200.0, "mamba2": 30.0}
-TARGET_MEM_FRACTION = 0.2
 
 
 @dataclass
@@ -127,14 +113,9 @@ class Row:
         return d
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# Once a CUDA graph has been captured in this process, torch.cuda.empty_cache() is never called again: on the H200
-# (torch 2.11) emptying the cache after a graphed variant was freed faulted with an illegal memory access
-# (benchmarks/exp_graph_teardown.py bisects it). So put the graphed backend last (--backends auto auto+graph).
+# Once a CUDA graph has been captured in this process, torch.cuda.empty_cache() is never called again: emptying the
+# cache after a graphed variant was freed faulted with an illegal memory access on an H200 (torch 2.11). So the graphed
+# backend goes last (--backends auto auto+graph).
 _GRAPH_CAPTURED = False
 
 
@@ -342,14 +323,6 @@ def timed(step: Callable[..., None], device: torch.device, probe: Row | None = N
     return time.perf_counter() - t0
 
 
-def mamba_ssm_missing() -> str | None:
-    try:
-        import mamba_ssm  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - ImportError or a broken CUDA extension
-        return f"unavailable: {type(e).__name__}: {str(e)[:120]}"
-    return None
-
-
 def _error(row: Row, e: BaseException) -> None:
     msg = str(e).splitlines()[0][:160] if str(e) else ""
     row.status = f"error: {type(e).__name__}: {msg}"
@@ -373,7 +346,10 @@ def run_group(vs: list[Variant], args: argparse.Namespace, device: torch.device,
         for row in rows:
             v = row.variant
             if v.stack == "mamba_ssm" and (missing := mamba_ssm_missing()):
-                row.status = missing
+                row.status = f"unavailable: {missing}"
+                continue
+            if v.stack == "hf+peft" and (peer := transformers_peft())[0] is None:
+                row.status = f"unavailable: {peer[1]}"
                 continue
             if time.perf_counter() > deadline:
                 row.status = "skipped (budget: --max-seconds reached while building its group)"
@@ -484,18 +460,6 @@ def peer_estimate(v: Variant, rows: list[Row], max_step_s: float, mem_gib: float
     return row
 
 
-def load_rows(path: Path, skip_stacks: set[str]) -> list[Row]:
-    """Rows of an earlier run's JSON (merged rows of its own included), less the stacks this run measures again."""
-    names = {f.name for f in fields(Variant)}
-    row_names = {f.name for f in fields(Row)} - {"variant"}
-    out = []
-    for d in json.loads(path.read_text())["rows"]:
-        if d.get("stack") in skip_stacks:
-            continue
-        out.append(Row(Variant(**{k: d[k] for k in names}), **{k: d[k] for k in row_names if k in d}))
-    return out
-
-
 def _key(r: Row) -> tuple:
     return r.variant.model, r.variant.batch, r.variant.seqlen
 
@@ -535,35 +499,6 @@ def add_ratios(rows: list[Row]) -> list[dict]:
     return out
 
 
-def _f(x: float | None, fmt: str, prefix: str = "") -> str:
-    return "n/a" if x is None else prefix + format(x, fmt)
-
-
-def targets_report(rows: list[dict]) -> list[str]:
-    lines = [("Targets (issues #4/#5): State-offset h and Initial State <= "
-             f"{TARGET_VS_BARE:.2f}x the bare step; >= {TARGET_VS_PEER['mamba']:.0f}x (Mamba-1) / "
-             f"{TARGET_VS_PEER['mamba2']:.0f}x (Mamba-2) the HF+peft LoRA tokens/s with < "
-             f"{TARGET_MEM_FRACTION:.2f} of its peak memory")]  # fmt: skip
-    for d in rows:
-        if d["stack"] != "ssmtune" or d["status"] != "ok" or d["method"] not in ("state_offset_h", "initial_state"):
-            continue
-        where = f"{d['model']} {d['method']} [{d['backend']}] B{d['batch']} L{d['seqlen']}"
-        parts = []
-        if d["vs_bare"] is not None:
-            parts.append(f"{d['vs_bare']:.3f}x bare {'PASS' if d['vs_bare'] <= TARGET_VS_BARE else 'FAIL'}")
-        if d["vs_peer"] is not None:
-            ok = d["vs_peer"] >= TARGET_VS_PEER[d["model"]]
-            est = "~" if d["vs_peer_estimated"] else ""
-            parts.append(f"{est}{d['vs_peer']:.0f}x peer {'PASS' if ok else 'FAIL'}")
-        if d["mem_vs_peer"] is not None:
-            ok = d["mem_vs_peer"] < TARGET_MEM_FRACTION
-            est = "~" if d["vs_peer_estimated"] else ""
-            parts.append(f"{est}{d['mem_vs_peer']:.3f} of peer memory {'PASS' if ok else 'FAIL'}")
-        if parts:
-            lines.append(f"- {where}: " + "; ".join(parts))
-    return lines
-
-
 def markdown(rows: list[dict]) -> str:
     msm = any(d.get("vs_mamba_ssm") is not None for d in rows)  # the two mamba_ssm columns only when they have data
     lines = [("| model | stack | method | backend | B | L | ms/step | tokens/s | peak GiB | x bare | x HF+peft LoRA "
@@ -581,115 +516,101 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"{head} {note[:140]} | | | | | |" + (" | |" if msm else ""))
             continue
         est = "~" if d["vs_peer_estimated"] else ""
-        tail = f" {_f(d.get('vs_mamba_ssm'), '.3f')} | {_f(d.get('mem_vs_mamba_ssm'), '.3f')} |" if msm else ""
-        lines.append(f"{head} {d['ms_step']:.2f} | {d['tokens_per_s']:,.0f} | {_f(d['peak_gib'], '.2f')} | "
-                     f"{_f(d['vs_bare'], '.3f')} | {_f(d['vs_peer'], '.1f', est)} | "
-                     f"{_f(d['mem_vs_peer'], '.3f', est)} |" + tail)  # fmt: skip
+        tail = f" {fmt(d.get('vs_mamba_ssm'), '.3f')} | {fmt(d.get('mem_vs_mamba_ssm'), '.3f')} |" if msm else ""
+        lines.append(f"{head} {d['ms_step']:.2f} | {d['tokens_per_s']:,.0f} | {fmt(d['peak_gib'], '.2f')} | "
+                     f"{fmt(d['vs_bare'], '.3f')} | {fmt(d['vs_peer'], '.1f', est)} | "
+                     f"{fmt(d['mem_vs_peer'], '.3f', est)} |" + tail)  # fmt: skip
     return "\n".join(lines)
 
 
-def meta(args: argparse.Namespace, device: torch.device) -> dict:
-    m = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-         "args": {k: str(val) for k, val in vars(args).items()}}  # fmt: skip
-    if device.type == "cuda":
-        m["device_name"] = torch.cuda.get_device_name(device)
-    for mod in ("triton", "transformers", "peft", "mamba_ssm"):
-        with contextlib.suppress(Exception):
-            from importlib.metadata import version
+def check_backends(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Each model's fp32 logits through every timed ssmtune backend against the ``ref`` backend, on the first row
+    and 64 tokens of the batch; raises CheckFailed on a mismatch. Returns the errors."""
+    errs = {}
+    backends = sorted({b.removesuffix("+graph") for b in args.backends} - {"ref"})
+    # on CUDA the SSD kernels' fp32 dots run in tf32, through every layer; a wrong kernel is off by far more
+    tol = 1e-2 if device.type == "cuda" else 1e-3
+    for name in args.models:
+        torch.manual_seed(0)
+        klass = MambaForCausalLM if name == "mamba" else Mamba2ForCausalLM
+        with torch.device(device):
+            model = klass(ssmtune_config(name, args.shape)).eval()
+        ids = make_batch(1, 64, SHAPES[args.shape]["vocab_size"], device)
+        with torch.no_grad():
+            model.backend = "ref"
+            ref = model(ids).logits
+            for be in backends:
+                model.backend = be
+                out = model(ids).logits
+                errs[f"{name} {be}"] = check_close(f"{name} logits, backend {be}", [ref], [out], tol)
+        del model
+        free_memory(device)
+    return errs
 
-            m[mod] = version(mod)
-    return m
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny shape (d_model 64, 2 layers, vocab 256) for a CPU test")
-    ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--small", action="store_true", help="tiny shape (d_model 64, 2 layers, vocab 256): a CPU test")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    ap.add_argument(
-        "--backends",
-        nargs="+",
-        choices=["auto", "torch", "triton", "ref", "auto+graph"],
-        default=["auto", "torch"],
-        help="ssmtune scan backends; the first is the main one, the others run after the peers; auto+graph: auto "
-        "with the whole step captured in a CUDA graph (ssmtune.train.graphs; CUDA only)",
-    )
+    ap.add_argument("--backends", nargs="+", choices=["auto", "torch", "triton", "ref", "auto+graph"],
+                    default=["auto", "torch"],
+                    help="ssmtune scan backends; the first is the main one, the others run after the peers; "
+                    "auto+graph: auto with the whole step captured in a CUDA graph (CUDA only)")  # fmt: skip
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per ssmtune variant (Triton compilation)")
     ap.add_argument("--iters", type=int, default=10, help="timed steps per ssmtune variant (median reported)")
     ap.add_argument("--peer-warmup", type=int, default=1, help="untimed steps per peer variant")
     ap.add_argument(
         "--peer-iters", type=int, default=2, help="timed steps per peer variant (the HF torch path is slow)"
     )
-    ap.add_argument(
-        "--peer-max-step-s",
-        type=float,
-        default=60.0,
-        help="skip a larger peer size whose estimated step exceeds this many seconds",
-    )
-    ap.add_argument("--no-peers", action="store_true", help="skip the HF transformers + peft peer")
-    ap.add_argument("--mamba-ssm", action="store_true", help="also try mamba_ssm's MambaLMHeadModel (unfused path)")
-    ap.add_argument(
-        "--only-stack",
-        nargs="+",
-        choices=STACKS,
-        default=None,
-        help="run only these stacks' rows (mamba_ssm implies --mamba-ssm, hf+peft ignores --no-peers)",
-    )
-    ap.add_argument(
-        "--compare",
-        type=Path,
-        default=None,
-        help="merge the rows of an earlier run's JSON (e.g. ours + HF) into this run's table and ratios",
-    )
+    ap.add_argument("--peer-max-step-s", type=float, default=60.0,
+                    help="skip a larger peer size whose estimated step exceeds this many seconds")  # fmt: skip
+    ap.add_argument("--no-peers", action="store_true", help="skip the transformers + peft peer")
+    ap.add_argument("--mamba-ssm", action="store_true", help="also time mamba_ssm's MambaLMHeadModel (unfused path)")
+    ap.add_argument("--only-stack", nargs="+", choices=STACKS, default=None,
+                    help="run only these stacks' rows (mamba_ssm implies --mamba-ssm, hf+peft ignores --no-peers)")  # fmt: skip
+    ap.add_argument("--compare", type=Path, default=None,
+                    help="merge the rows of an earlier train_step report into this run's table and ratios")  # fmt: skip
     ap.add_argument(
         "--sizes", nargs="+", default=None, help="(B, L) sizes as BxL, e.g. 4x512 (default: the shape's two)"
     )
     ap.add_argument("--max-seconds", type=float, default=270.0, help="start no variant after this many seconds")
-    ap.add_argument("--out", type=Path, default=Path("bench_train_step.json"))
-    args = ap.parse_args()
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ssmtune.bench.common import parse_sizes
+
     if args.only_stack:
         args.mamba_ssm = args.mamba_ssm or "mamba_ssm" in args.only_stack
         args.no_peers = args.no_peers and "hf+peft" not in args.only_stack
-    for x in args.sizes or []:
-        if not (len(x.split("x")) == 2 and all(p.isdigit() and int(p) > 0 for p in x.split("x"))):
-            raise ValueError(f"--sizes takes BxL with positive integers, e.g. 4x512; got {x!r}")
+    if args.sizes:
+        parse_sizes(args.sizes)
     for name in ("warmup", "iters", "peer_warmup", "peer_iters"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)!r}")
     t_start = time.perf_counter()
     deadline = t_start + args.max_seconds
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    args.shape = "tiny" if args.tiny else "130m"
+    args.shape = "tiny" if args.small else "130m"
     if device.type != "cuda":
         # off CUDA "auto" resolves to "torch": keep one of them
         args.backends = list(dict.fromkeys("auto" if b == "torch" else b for b in args.backends))
         if "auto+graph" in args.backends:
             raise ValueError(f"--backends auto+graph needs a CUDA device, got --device {args.device}")
-        if args.tiny:
+        if args.small:
             # a smoke test: one thread is faster than oversubscribed OpenMP on a shared small machine
             torch.set_num_threads(1)
             args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
             args.peer_iters = min(args.peer_iters, 1)
     mem_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    groups = schedule(args)
+    check = check_backends(args, device) if any(g[0].stack == "ssmtune" for g in groups) else {}
 
     rows: list[Row] = []
-    info = meta(args, device)
     merged: list[Row] = []
     if args.compare is not None:
         merged = load_rows(args.compare, skip_stacks=set(args.only_stack or STACKS))
-        info["merged_from"] = str(args.compare)
         print(f"merged {len(merged)} rows of {args.compare} (stacks not run here)", flush=True)
-
-    def table_rows() -> list[dict]:
-        table = add_ratios(merged + rows)
-        for d in table[: len(merged)]:
-            d["source"] = str(args.compare)
-        return table
-
-    for group in schedule(args):
+    for group in groups:
         elapsed = time.perf_counter() - t_start
         v = group[0]
         if elapsed > args.max_seconds:
@@ -703,17 +624,26 @@ def main() -> None:
         for r in new:
             x = r.variant
             print(f"[{time.perf_counter() - t_start:6.1f} s] {x.stack} {x.model} {x.method} {x.backend} "
-                  f"B{x.batch} L{x.seqlen}: {r.status} {_f(r.ms_step, '.2f')} ms {_f(r.peak_gib, '.2f')} GiB",
+                  f"B{x.batch} L{x.seqlen}: {r.status} {fmt(r.ms_step, '.2f')} ms {fmt(r.peak_gib, '.2f')} GiB",
                   flush=True)  # fmt: skip
-        args.out.write_text(json.dumps({"meta": info, "rows": table_rows()}, indent=1) + "\n")
-    table = table_rows()
-    info["total_s"] = time.perf_counter() - t_start
-    args.out.write_text(json.dumps({"meta": info, "rows": table}, indent=1) + "\n")
-    print()
-    print("\n".join(targets_report(table)))
-    print()
-    print(markdown(table), flush=True)
+    table = add_ratios(merged + rows)
+    for d in table[: len(merged)]:
+        d["source"] = str(args.compare)
+    return {"check_rel_err": check, "rows": table, "table": markdown(table)}
 
 
-if __name__ == "__main__":
-    main()
+def load_rows(path: Path, skip_stacks: set[str]) -> list[Row]:
+    """Rows of an earlier report (merged rows of its own included), less the stacks this run measures again."""
+    names = {f.name for f in fields(Variant)}
+    row_names = {f.name for f in fields(Row)} - {"variant"}
+    data = json.loads(path.read_text())
+    out = []
+    for d in data.get("results", data)["rows"]:
+        if d.get("stack") in skip_stacks:
+            continue
+        out.append(Row(Variant(**{k: d[k] for k in names}), **{k: d[k] for k in row_names if k in d}))
+    return out
+
+
+register(Benchmark("train_step", "training step of every method on Mamba / Mamba-2 against transformers + peft "
+                   "and mamba_ssm", add_args, run))  # fmt: skip
