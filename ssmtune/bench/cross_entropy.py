@@ -20,7 +20,7 @@ from ssmtune.bench.registry import Benchmark, register
 
 
 def impls() -> dict:
-    from ssmtune import ops
+    import ssmtune.ops as ops
 
     return {
         "ssmtune": lambda logits, labels: ops.cross_entropy(logits, labels, backend="triton"),

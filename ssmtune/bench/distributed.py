@@ -33,7 +33,8 @@ METHODS = ("state_offset_h", "full")
 
 
 def build_model(method: str, shape: str, backend: str, device: torch.device) -> torch.nn.Module:
-    from ssmtune import StateOffsetConfig, get_peft_model
+    from ssmtune.core.peft_model import get_peft_model
+    from ssmtune.methods import StateOffsetConfig
     from ssmtune.models import MambaConfig, causal_lm_for
 
     torch.manual_seed(0)

@@ -25,7 +25,8 @@ SHAPES = {
 
 
 def build(args: argparse.Namespace, n_adapters: int):
-    from ssmtune import PrefixTuningConfig, get_peft_model
+    from ssmtune.core.peft_model import get_peft_model
+    from ssmtune.methods import PrefixTuningConfig
     from ssmtune.models import MambaConfig, causal_lm_for
 
     torch.manual_seed(0)

@@ -36,7 +36,7 @@ MODES = ("engine", "generate", "grouped", "switch")
 
 
 def kinds(name: str) -> list:
-    from ssmtune import InitialStateConfig, LoraConfig, StateOffsetConfig
+    from ssmtune.methods import InitialStateConfig, LoraConfig, StateOffsetConfig
 
     state = [StateOffsetConfig(), StateOffsetConfig(variant="y"), InitialStateConfig()]
     lora = [LoraConfig(r=8)]
@@ -44,7 +44,7 @@ def kinds(name: str) -> list:
 
 
 def build(args: argparse.Namespace, n_adapters: int):
-    from ssmtune import get_peft_model
+    from ssmtune.core.peft_model import get_peft_model
     from ssmtune.models import Mamba2Config, MambaConfig, causal_lm_for
 
     shape = SHAPES[args.shape]

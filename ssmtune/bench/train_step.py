@@ -137,7 +137,7 @@ def ssmtune_config(model: str, shape: str):
 
 
 def method_config(method: str, model: str, targets: list[str] | None = None):
-    from ssmtune import InitialStateConfig, LoraConfig, PrefixTuningConfig, StateOffsetConfig
+    from ssmtune.methods import InitialStateConfig, LoraConfig, PrefixTuningConfig, StateOffsetConfig
 
     if method == "state_offset_h":
         return StateOffsetConfig(variant="h")
@@ -154,7 +154,7 @@ def method_config(method: str, model: str, targets: list[str] | None = None):
 
 def attach_lora(base_fn: Callable[[], torch.nn.Module], model: str):
     """ssmtune LoRA on LORA_TARGETS[model]; targets that fail to attach are dropped. Returns (model, targets)."""
-    from ssmtune import get_peft_model
+    from ssmtune.core.peft_model import get_peft_model
 
     try:
         return get_peft_model(base_fn(), method_config("lora", model)), LORA_TARGETS[model]
@@ -170,7 +170,7 @@ def attach_lora(base_fn: Callable[[], torch.nn.Module], model: str):
 
 
 def build_ssmtune(v: Variant, shape: str, device: torch.device) -> tuple[torch.nn.Module, str]:
-    from ssmtune import get_peft_model
+    from ssmtune.core.peft_model import get_peft_model
 
     def base() -> torch.nn.Module:
         torch.manual_seed(0)
