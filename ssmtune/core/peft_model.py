@@ -76,10 +76,19 @@ class PeftModel(nn.Module):
     # reach the mixers (__getattr__ only forwards reads)
     @property
     def backend(self) -> str:
+        if not hasattr(self.base_model, "mixers"):
+            from ..models.hybrid import get_backend
+
+            return get_backend(self.base_model)
         return self.base_model.backend
 
     @backend.setter
     def backend(self, value: str) -> None:
+        if not hasattr(self.base_model, "mixers"):
+            from ..models.hybrid import set_backend
+
+            set_backend(self.base_model, value)
+            return
         self.base_model.backend = value
 
     # --- adapters -------------------------------------------------------------------------------------------------
@@ -328,6 +337,11 @@ class PeftModel(nn.Module):
         """The base model's ``generate``; with ``adapter_names`` each row (and its beams) decodes with its adapter."""
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
+        if not hasattr(self.base_model, "mixers"):
+            from ..models.hybrid import generate_routed
+
+            with self.route(adapter_names) as routing:
+                return generate_routed(self.base_model, routing, *args, **kwargs)
         from ..models.generate import generate
 
         with self.route(adapter_names) as routing:

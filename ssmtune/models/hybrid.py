@@ -210,7 +210,8 @@ class HostedSSDMixer(Mamba2Mixer):
     ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         if self.dt_limit is None:
             return super().scan_dt(dt, attention_mask)
-        # transformers clamps the step of the chunked scan (not of the decode step): done here, outside the kernel
+        # transformers clamps the step of its chunked scan (not of its decode step); here both clamp, so decoding
+        # equals the full forward. Done outside the kernel, which then takes the final step size.
         step = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
         if attention_mask is not None:
             step = step.masked_fill(attention_mask[:, -dt.shape[1] :, None] == 0, 0.0)
@@ -340,3 +341,29 @@ def set_backend(model: nn.Module, value: str) -> None:
         mixer.backend = value
         if mixer.norm is not None:
             mixer.norm.backend = value
+
+
+def generate_routed(model: nn.Module, routing, *args, **kwargs):
+    """transformers' ``generate`` under a per-row routing (``PeftModel.generate(adapter_names=...)``).
+
+    ``generate`` expands each row into its beams (or samples) next to each other before the first forward, so a
+    forward of B·K rows routes row r to ``adapter_names[r // K]``.
+    """
+
+    def select_rows(module, args, kwargs):
+        x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        n, b = len(routing), x.shape[0]
+        if b % n != 0:
+            raise ValueError(f"generate: a batch of {b} rows cannot follow {n} routed rows (adapter_names)")
+        routing.rows = None if b == n else torch.arange(n).repeat_interleave(b // n)
+        routing._rows_cache = {}
+
+    handle = model.register_forward_pre_hook(select_rows, with_kwargs=True)
+    try:
+        return model.generate(*args, **kwargs)
+    finally:
+        handle.remove()
+        routing.rows = None
+        routing._rows_cache = {}

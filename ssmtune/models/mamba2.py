@@ -156,14 +156,14 @@ class Mamba2Mixer(nn.Module):
             Dskip = Dskip.view(h, p)
 
         # 4-5. SSD scan without z; offsets land on y before the gated norm
+        dt, dt_bias, softplus = self.scan_dt(dt, attention_mask)
         if step:
             y = ops.ssd_state_update(
-                cache.ssm_state, x[:, 0], dt[:, 0], A, Bt[:, 0], Ct[:, 0], Dskip, None, self.dt_bias, True,
+                cache.ssm_state, x[:, 0], dt[:, 0], A, Bt[:, 0], Ct[:, 0], Dskip, None, dt_bias, softplus,
                 state_offset=st.h_off, y_offset=st.y_off, backend=self.backend,
             )[:, None]  # fmt: skip
         else:
             h0 = st.h0 if fresh else cache.ssm_state
-            dt, dt_bias, softplus = self.scan_dt(dt, attention_mask)
             out = ops.ssd_scan(
                 x, dt, A, Bt, Ct, chunk_size=self.chunk_size, D=Dskip, dt_bias=dt_bias, dt_softplus=softplus,
                 initial_state=h0, state_offset=st.h_off, y_offset=st.y_off, return_final_state=cache is not None,
@@ -189,7 +189,7 @@ class Mamba2Mixer(nn.Module):
     def scan_dt(
         self, dt: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        """(dt, dt_bias, dt_softplus) for the scan. Padded positions get a zero step, so they neither decay nor feed
+        """(dt, dt_bias, dt_softplus) for the scan and the decode step. Padded positions get a zero step, so they neither decay nor feed
         the state: an initial state acts at each row's first real token, also under left padding."""
         if attention_mask is None:
             return dt, self.dt_bias, True
