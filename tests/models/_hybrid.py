@@ -102,7 +102,8 @@ def tiny_hybrid(model_type: str, *, seed: int = 0, **overrides):
 
 
 def ids(batch: int = 2, length: int = 21, seed: int = 3) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    """Token ids in 1..VOCAB-1 (0 is the pad token of the generate tests)."""
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def decode_logits(model, input_ids: torch.Tensor, prefill: int, **kwargs) -> torch.Tensor:
