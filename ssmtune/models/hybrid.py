@@ -7,10 +7,10 @@ not copied), called with the host layer's signature. Attention, MLP / MoE, norms
 ``generate`` stay transformers'.
 
 The mixer reads and writes its states through the public cache API of transformers (``get_conv_state``,
-``update_conv_state``, ``get_recurrent_state``, ``update_recurrent_state``, ``increase_count``). The cache always
-holds the un-offset state: h' and y' act on the read-out only. Padded positions (``attention_mask == 0``) take a
-zero step, so h0 acts at each row's first real token under left padding, and an initial conv window sits right
-before it.
+``update_conv_state``, ``get_recurrent_state``, ``update_recurrent_state``; ``increase_count`` where it exists).
+The cache always holds the un-offset state: h' and y' act on the read-out only. Padded positions
+(``attention_mask == 0``) take a zero step, so h0 acts at each row's first real token under left padding, and an
+initial conv window sits right before it.
 
 ``MIXER_BUILDERS`` maps a transformers mixer class name to the builder of ours; a new family with an SSD mixer is one
 row there plus its tiny-config test.
@@ -51,7 +51,7 @@ FALCON_H1_ATTRIBUTES = ("mup_vector", "ssm_in_multiplier", "mamba_rms_norm")
 # the host forward's parameters our mixer accepts (the cache under either of its names)
 FORWARD_PARAMETERS = ("hidden_states", "attention_mask")
 CACHE_METHODS = ("get_conv_state", "update_conv_state", "get_recurrent_state", "update_recurrent_state",
-                 "increase_count", "is_recording_past")  # fmt: skip
+                 "is_recording_past")  # fmt: skip
 # keyword arguments of packed (padding-free) batches: the mixer cannot honour them
 _PACKED_KWARGS = ("seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens")
 
@@ -100,7 +100,9 @@ class HostLayerCache:
                 f"{TESTED_TRANSFORMERS} (found {_version()})"
             )
         if cache.is_recording_past(layer_idx):
-            raise ValueError("ssmtune's hybrid mixers do not record past states (assisted decoding); use plain generate")
+            raise ValueError(
+                "ssmtune's hybrid mixers do not record past states (assisted decoding); use plain generate"
+            )
         self.cache = cache
         self.layer_idx = layer_idx
         self.kernel_size = kernel_size
@@ -121,7 +123,11 @@ class HostLayerCache:
     def seqlen_offset(self, seqlen: int) -> None:
         """The mixer advances the cache by ``seqlen`` tokens last; the states are written here."""
         if self._stored is None:  # a decode step: the states were updated in place
-            self.cache.increase_count(self.layer_idx, 0)
+            count = getattr(
+                self.cache, "increase_count", None
+            )  # transformers >= 5.25 counts the tokens of linear layers
+            if count is not None:
+                count(self.layer_idx, 0)
             return
         conv_last, h_last = self._stored
         batch, channels, _ = conv_last.shape
@@ -202,7 +208,9 @@ class HostedSSDMixer(Mamba2Mixer):
         if cache is not None and not isinstance(cache, LayerCache):
             cache = HostLayerCache(cache, self.layer_idx, self.conv1d.weight.shape[-1])
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"{self.family}: the mixer takes a 2D padding mask, got shape {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"{self.family}: the mixer takes a 2D padding mask, got shape {tuple(attention_mask.shape)}"
+            )
         return super().forward(hidden_states, cache, use_state_hooks=use_state_hooks, attention_mask=attention_mask)
 
     def scan_dt(
@@ -283,7 +291,10 @@ def from_transformers(model: nn.Module) -> nn.Module:
         elif _looks_recurrent(module):
             unsupported.append(type(module).__name__)
     if unsupported:
-        raise ValueError(f"unsupported recurrent mixers {sorted(set(unsupported))}; ssmtune supports {_supported()}")
+        raise ValueError(
+            f"unsupported recurrent mixers {sorted(set(unsupported))}; ssmtune supports {_supported()} (load "
+            "mamba / mamba2 checkpoints with ssmtune.load_model)"
+        )
     if not swaps and not hybrid_mixers(model):
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ValueError(f"model type {model_type!r} has no supported recurrent mixer; ssmtune supports {_supported()}")
@@ -367,3 +378,19 @@ def generate_routed(model: nn.Module, routing, *args, **kwargs):
         handle.remove()
         routing.rows = None
         routing._rows_cache = {}
+
+
+def load_hybrid(folder, *, dtype: torch.dtype | None = None, device=None, tokenizer=None) -> nn.Module:
+    """transformers' ``AutoModelForCausalLM.from_pretrained(folder)`` with ssmtune's mixers, in eval mode.
+
+    ``dtype`` defaults to fp32; ``model.tokenizer`` is set to ``tokenizer`` (ssmtune's tokenizer interface)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise ValueError(f"{str(folder)!r} is a transformers hybrid model: pip install 'ssmtune[hf]'") from e
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32)
+    if device is not None:
+        model = model.to(device)
+    from_transformers(model)
+    model.tokenizer = tokenizer
+    return model.eval()
