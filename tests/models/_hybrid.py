@@ -113,6 +113,7 @@ def decode_logits(model, input_ids: torch.Tensor, prefill: int, **kwargs) -> tor
     logits = [out.logits]
     for j in range(prefill, input_ids.shape[1]):
         pos = torch.full((input_ids.shape[0], 1), j)
-        out = model(input_ids[:, j : j + 1], cache=cache, use_cache=True, position_ids=pos, **kwargs)
+        # `past_key_values`: the name transformers 5.23 takes (5.25 also takes `cache`)
+        out = model(input_ids[:, j : j + 1], past_key_values=cache, use_cache=True, position_ids=pos, **kwargs)
         logits.append(out.logits)
     return torch.cat(logits, dim=1)

@@ -111,7 +111,7 @@ def test_decode_matches_forward(case, family):
     _, model = _setup(case, family)
     x = ids(length=13)
     with torch.no_grad():
-        assert_close("decode", model(x).logits, decode_logits(model, x, prefill=8), 1e-5, atol=1e-5)
+        assert_close("decode", model(x).logits, decode_logits(model, x, prefill=8), 1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
