@@ -19,6 +19,7 @@ row there plus its tiny-config test.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,13 @@ CACHE_METHODS = ("get_conv_state", "update_conv_state", "get_recurrent_state", "
                  "is_recording_past")  # fmt: skip
 # keyword arguments of packed (padding-free) batches: the mixer cannot honour them
 _PACKED_KWARGS = ("seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens")
+
+
+def _in_tested_range(version: str) -> bool:
+    import re
+
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return found is not None and (5, 23) <= (int(found[1]), int(found[2])) < (5, 26)
 
 
 def _family(host: nn.Module) -> str:
@@ -298,6 +306,12 @@ def from_transformers(model: nn.Module) -> nn.Module:
     if not swaps and not hybrid_mixers(model):
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ValueError(f"model type {model_type!r} has no supported recurrent mixer; ssmtune supports {_supported()}")
+    if swaps and not _in_tested_range(_version()):
+        warnings.warn(
+            f"ssmtune's hybrid mixers are tested with transformers{TESTED_TRANSFORMERS}, found {_version()}: the "
+            "contract checks still run, and decoding with a cache needs transformers' linear-attention cache API",
+            stacklevel=2,
+        )
     modules = dict(model.named_modules())
     for name, host, builder in swaps:
         parent_name, _, attr = name.rpartition(".")

@@ -106,3 +106,10 @@ def test_pyproject_names_the_tested_range():
 
     text = (Path(__file__).parents[2] / "pyproject.toml").read_text()
     assert f'"transformers{TESTED_TRANSFORMERS}"' in text
+
+
+def test_version_range_check():
+    from ssmtune.models.hybrid import _in_tested_range
+
+    assert _in_tested_range("5.23.0") and _in_tested_range("5.25.1.dev0")
+    assert not _in_tested_range("5.17.0") and not _in_tested_range("5.26.0") and not _in_tested_range("main")
