@@ -375,23 +375,33 @@ def generate_routed(model: nn.Module, routing, *args, **kwargs):
     forward of B·K rows routes row r to ``adapter_names[r // K]``.
     """
 
-    def select_rows(module, args, kwargs):
+    selected: list = []
+
+    def enter(module, args, kwargs):
         x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         if x is None and args:
             x = args[0]
         n, b = len(routing), x.shape[0]
         if b % n != 0:
             raise ValueError(f"generate: a batch of {b} rows cannot follow {n} routed rows (adapter_names)")
-        routing.rows = None if b == n else torch.arange(n).repeat_interleave(b // n)
-        routing._rows_cache = {}
+        block = routing.select(None if b == n else torch.arange(n).repeat_interleave(b // n))
+        block.__enter__()
+        selected.append(block)
 
-    handle = model.register_forward_pre_hook(select_rows, with_kwargs=True)
+    def leave(module, args, kwargs, output):
+        selected.pop().__exit__(None, None, None)
+
+    handles = [
+        model.register_forward_pre_hook(enter, with_kwargs=True),
+        model.register_forward_hook(leave, with_kwargs=True),
+    ]
     try:
         return model.generate(*args, **kwargs)
     finally:
-        handle.remove()
-        routing.rows = None
-        routing._rows_cache = {}
+        for h in handles:
+            h.remove()
+        while selected:  # a forward that raised
+            selected.pop().__exit__(None, None, None)
 
 
 def load_hybrid(folder, *, dtype: torch.dtype | None = None, device=None, tokenizer=None) -> nn.Module:
