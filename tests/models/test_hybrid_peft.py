@@ -195,3 +195,26 @@ def test_layer_selection_and_errors():
         get_peft_model(tiny_hybrid("granitemoehybrid"), LoraConfig(target_modules=["gate_proj"]))
     with pytest.raises(ValueError, match="has no mixers"):
         get_peft_model(tiny_hf("bamba"), StateOffsetConfig())
+
+
+@pytest.mark.parametrize("family", ["falcon_h1", "zamba2"])
+def test_merge_and_unload(family):
+    clean = tiny_hybrid(family)
+    configs = [LoraConfig(r=2, target_modules=["in_proj.x", "out_proj", "q_proj"], use_dora=True), BitFitConfig()]
+    model = get_peft_model(copy.deepcopy(clean), configs)
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        out = model(x).logits
+        merged = model.merge_and_unload()
+        assert type(merged) is type(clean) and sorted(merged.state_dict()) == sorted(clean.state_dict())
+        assert_close("merged", out, merged(x).logits, 1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        get_peft_model(tiny_hybrid(family), StateOffsetConfig()).merge_and_unload()
+
+
+def test_prompt_tuning_refuses_hybrids():
+    from ssmtune import PromptTuningConfig
+
+    with pytest.raises(ValueError, match="PromptTuningConfig needs an ssmtune Mamba / Mamba-2 model"):
+        get_peft_model(tiny_hybrid("bamba"), PromptTuningConfig(num_virtual_tokens=2))
