@@ -51,6 +51,10 @@ class PeftModel(nn.Module):
         super().__init__()
         if isinstance(model, PeftModel):
             raise TypeError("the model is already a PeftModel; use add_adapter() to add another adapter")
+        if not hasattr(model, "mixers"):
+            from ..models.hybrid import swap_if_hybrid
+
+            swap_if_hybrid(model)  # a transformers hybrid gets ssmtune's mixers (same outputs)
         self.base_model = model
         self.peft_config: dict[str, list[AdapterConfig]] = {}
         # name -> {logical path -> adapter module}; the modules are registered inside base_model, not here.

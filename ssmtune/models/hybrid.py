@@ -165,7 +165,6 @@ class HostedSSDMixer(Mamba2Mixer):
         if host.D.dim() != 1:
             raise ValueError(f"{family}: D of shape {tuple(host.D.shape)} is not supported (one value per head)")
         self.family = family
-        self.host_class = type(host).__name__
         self.layer_idx = host.layer_idx
         self.d_inner = host.intermediate_size
         self.ngroups = host.n_groups
@@ -321,6 +320,13 @@ def from_transformers(model: nn.Module) -> nn.Module:
         object.__setattr__(mixer, "host_norm", norm)
         mixer.train(host.training)
         setattr(parent, attr, mixer)
+    return model
+
+
+def swap_if_hybrid(model: nn.Module) -> nn.Module:
+    """``from_transformers(model)`` when the model holds a mixer of ``MIXER_BUILDERS``; otherwise the model as is."""
+    if any(type(m).__name__ in MIXER_BUILDERS for m in model.modules()):
+        from_transformers(model)
     return model
 
 

@@ -193,8 +193,17 @@ def test_layer_selection_and_errors():
         get_peft_model(tiny_hybrid("bamba"), StateOffsetConfig(layers=[1]))
     with pytest.raises(ValueError, match=r"\['gate_proj'\] match no Linear"):
         get_peft_model(tiny_hybrid("granitemoehybrid"), LoraConfig(target_modules=["gate_proj"]))
-    with pytest.raises(ValueError, match="has no mixers"):
-        get_peft_model(tiny_hf("bamba"), StateOffsetConfig())
+    # transformers' own model: get_peft_model swaps the mixers in first
+    raw = tiny_hf("bamba")
+    assert get_peft_model(raw, StateOffsetConfig()).trainable_parameters() == 8 * 16 * 16
+    assert len(iter_mixers(raw)) == 1
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    llama = AutoModelForCausalLM.from_config(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no mixers"):
+        get_peft_model(llama, StateOffsetConfig())
 
 
 @pytest.mark.parametrize("family", ["falcon_h1", "zamba2"])
