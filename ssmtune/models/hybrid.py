@@ -413,7 +413,8 @@ def generate_routed(model: nn.Module, routing, *args, **kwargs):
 def load_hybrid(folder, *, dtype: torch.dtype | None = None, device=None, tokenizer=None) -> nn.Module:
     """transformers' ``AutoModelForCausalLM.from_pretrained(folder)`` with ssmtune's mixers, in eval mode.
 
-    ``dtype`` defaults to fp32; ``model.tokenizer`` is set to ``tokenizer`` (ssmtune's tokenizer interface)."""
+    ``dtype`` defaults to fp32; ``model.tokenizer`` is set to ``tokenizer`` (ssmtune's tokenizer interface). Plain
+    forwards build no transformers cache unless called with ``use_cache=True`` (``generate`` still caches)."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
@@ -422,5 +423,7 @@ def load_hybrid(folder, *, dtype: torch.dtype | None = None, device=None, tokeni
     if device is not None:
         model = model.to(device)
     from_transformers(model)
+    # plain forwards (training, scoring) build no cache unless asked; generate keeps its own use_cache setting
+    model.config.use_cache = False
     model.tokenizer = tokenizer
     return model.eval()

@@ -31,6 +31,9 @@ def test_load_model_from_save_pretrained(family, tmp_path):
     x = ids()
     with torch.no_grad():
         assert_close("loaded", ref(x).logits, model(x).logits, 1e-5, atol=1e-5)
+        assert model(x).past_key_values is None  # training forwards write no states into a cache
+        out = model.generate(x, max_new_tokens=2, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        assert out.past_key_values is not None  # generate still decodes with transformers' cache
 
 
 def test_swapped_model_saves_for_transformers(tmp_path):
