@@ -189,8 +189,8 @@ class Mamba2Mixer(nn.Module):
     def scan_dt(
         self, dt: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        """(dt, dt_bias, dt_softplus) for the scan and the decode step. Padded positions get a zero step, so they neither decay nor feed
-        the state: an initial state acts at each row's first real token, also under left padding."""
+        """(dt, dt_bias, dt_softplus) for the scan and the decode step. Padded positions get a zero step, so they
+        neither decay nor feed the state: an initial state acts at each row's first real token under left padding."""
         if attention_mask is None:
             return dt, self.dt_bias, True
         pad = attention_mask[:, -dt.shape[1] :, None] == 0  # [B, L, 1]
