@@ -86,3 +86,19 @@ def test_left_padding_keeps_initial_state(family):
         gen = model.generate(padded, attention_mask=mask, do_sample=False, **GEN)
         assert torch.equal(gen[0, 4:], model.generate(x[:1], do_sample=False, **GEN)[0])
         assert torch.equal(gen[1], model.generate(padded[1:], do_sample=False, **GEN)[0])
+
+
+@pytest.mark.parametrize("family", ["bamba", "falcon_h1"])
+def test_state_offset_never_enters_the_cache(family):
+    """h' acts on the read-out only: the first mixer's cached states are the base model's."""
+    model = get_peft_model(tiny_hybrid(family), StateOffsetConfig())
+    perturb(model)
+    x = ids(length=9)
+    with torch.no_grad():
+        adapted = model(x, use_cache=True).past_key_values
+        with model.disable_adapters():
+            base = model(x, use_cache=True).past_key_values
+            plain = model(x).logits
+        assert (model(x).logits - plain).abs().max() > 1e-3
+    assert torch.equal(adapted.get_recurrent_state(0), base.get_recurrent_state(0))
+    assert torch.equal(adapted.get_conv_state(0), base.get_conv_state(0))
