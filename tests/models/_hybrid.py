@@ -70,6 +70,19 @@ FAMILIES = list(EXTRA)
 NUM_MIXERS = {"falcon_h1": 2, "nemotron_h": 1, "granitemoehybrid": 1, "bamba": 1, "zamba2": 2}
 
 
+def _cache_kwarg() -> str:
+    """The forward's name for the cache: ``cache`` from transformers 5.25 on, ``past_key_values`` before."""
+    import re
+
+    import transformers
+
+    major, minor = (int(v) for v in re.match(r"(\d+)\.(\d+)", transformers.__version__).groups())
+    return "cache" if (major, minor) >= (5, 25) else "past_key_values"
+
+
+CACHE_KWARG = _cache_kwarg()
+
+
 def tiny_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
@@ -113,7 +126,7 @@ def decode_logits(model, input_ids: torch.Tensor, prefill: int, **kwargs) -> tor
     logits = [out.logits]
     for j in range(prefill, input_ids.shape[1]):
         pos = torch.full((input_ids.shape[0], 1), j)
-        # `past_key_values`: the name transformers 5.23 takes (5.25 also takes `cache`)
-        out = model(input_ids[:, j : j + 1], past_key_values=cache, use_cache=True, position_ids=pos, **kwargs)
+        step = {CACHE_KWARG: cache, "use_cache": True, "position_ids": pos}
+        out = model(input_ids[:, j : j + 1], **step, **kwargs)
         logits.append(out.logits)
     return torch.cat(logits, dim=1)
