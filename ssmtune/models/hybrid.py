@@ -287,6 +287,12 @@ def from_transformers(model: nn.Module) -> nn.Module:
 
     The new mixers share the host's parameters (no copy). Raises ValueError, listing what is supported, when the
     model has no supported mixer or an unsupported recurrent one. Calling it twice is harmless.
+
+    Example::
+
+        model = ssmtune.from_transformers(AutoModelForCausalLM.from_pretrained("tiiuae/Falcon-H1-0.5B-Base"))
+        peft = ssmtune.get_peft_model(model, ssmtune.StateOffsetConfig())
+        out = peft.generate(input_ids, max_new_tokens=32)  # transformers' generate and cache, h' active
     """
     swaps, unsupported = [], []
     for name, module in model.named_modules():
