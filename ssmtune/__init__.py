@@ -11,6 +11,7 @@ from .models import (
     SSMForSequenceClassification,
     load_model,
 )
+from .models.hybrid import from_transformers
 
 __all__ = [
     "Mamba2Config",
@@ -19,6 +20,7 @@ __all__ = [
     "MambaForCausalLM",
     "SSMForCausalLM",
     "SSMForSequenceClassification",
+    "from_transformers",
     "load_model",
 ]
 

@@ -218,8 +218,10 @@ def test_export_refuses_what_peft_cannot_express(tmp_path):
 def test_unknown_names_are_listed():
     with pytest.raises(ValueError, match=r"unknown PEFT method 'bogus'; known methods: \[.*'state_offset'"):
         get_method("bogus")
-    with pytest.raises(ValueError, match=r"unknown targets \['q_proj'\].*x_proj.B"):
-        LoraConfig(target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"unknown targets \['bogus'\].*x_proj.B"):
+        LoraConfig(target_modules=["bogus"])
+    with pytest.raises(ValueError, match=r"\['q_proj'\] are not Mamba-1 targets"):
+        get_peft_model(tiny_model("m1"), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"\['x_proj.B'\] are not Mamba-2 targets"):
         get_peft_model(tiny_model("m2"), LoraConfig(target_modules=["x_proj.B"]))
     with pytest.raises(ValueError, match=r"layer indices \[5\] out of range"):

@@ -20,7 +20,7 @@ from ssmtune.bench.registry import Benchmark, register
 
 
 def impls() -> dict:
-    import ssmtune.ops as ops
+    from ssmtune import ops
 
     return {
         "ssmtune": lambda logits, labels: ops.cross_entropy(logits, labels, backend="triton"),

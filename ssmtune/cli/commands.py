@@ -91,6 +91,10 @@ def load_base_model(spec: str, *, backend: str = "auto") -> nn.Module:
     model = load_model(resolve_model_path(spec))
     if backend != "auto" and hasattr(model, "backend"):
         model.backend = backend
+    elif backend != "auto":  # a transformers hybrid: its ssmtune mixers
+        from ssmtune.models.hybrid import set_backend
+
+        set_backend(model, backend)
     return model
 
 

@@ -35,6 +35,14 @@ SHAPE_FIELDS = (
     "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "headdim", "ngroups", "D_has_hdim",
     "conv_bias", "bias", "padded_vocab_size", "tie_embeddings",
 )  # fmt: skip
+# The same for transformers' hybrid models (``ssmtune.from_transformers``), in their config names
+HF_SHAPE_FIELDS = (
+    "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "tie_word_embeddings", "mamba_n_heads", "mamba_d_head", "mamba_d_state",
+    "mamba_n_groups", "mamba_d_conv", "mamba_expand", "mamba_d_ssm", "mamba_num_heads", "mamba_head_dim",
+    "ssm_state_size", "n_groups", "conv_kernel", "n_mamba_heads", "mamba_headdim", "mamba_ngroups",
+    "layers_block_type", "hybrid_override_pattern", "num_local_experts", "shared_intermediate_size",
+)  # fmt: skip
 
 
 def _version() -> str:
@@ -48,7 +56,7 @@ def base_signature(model: nn.Module) -> dict[str, Any]:
     cfg = model.config
     model_type = getattr(cfg, "model_type", "") or type(model).__name__
     shape = {}
-    for key in SHAPE_FIELDS:
+    for key in SHAPE_FIELDS if hasattr(model, "mixers") else HF_SHAPE_FIELDS:
         if hasattr(cfg, key):
             value = getattr(cfg, key)
             shape[key] = value if isinstance(value, (int, bool, str)) else str(value)

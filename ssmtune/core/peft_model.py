@@ -58,6 +58,10 @@ class PeftModel(nn.Module):
                 "this base model already carries the adapters of another PeftModel (get_peft_model was called on it "
                 "before): add more adapters to that PeftModel with add_adapter(name, config), or load a fresh base"
             )
+        if not hasattr(model, "mixers"):
+            from ..models.hybrid import swap_if_hybrid
+
+            swap_if_hybrid(model)  # a transformers hybrid gets ssmtune's mixers (same outputs)
         self.base_model = model
         self.peft_config: dict[str, list[AdapterConfig]] = {}
         # name -> {logical path -> adapter module}; the modules are registered inside base_model, not here.
@@ -83,10 +87,19 @@ class PeftModel(nn.Module):
     # reach the mixers (__getattr__ only forwards reads)
     @property
     def backend(self) -> str:
+        if not hasattr(self.base_model, "mixers"):
+            from ..models.hybrid import get_backend
+
+            return get_backend(self.base_model)
         return self.base_model.backend
 
     @backend.setter
     def backend(self, value: str) -> None:
+        if not hasattr(self.base_model, "mixers"):
+            from ..models.hybrid import set_backend
+
+            set_backend(self.base_model, value)
+            return
         self.base_model.backend = value
 
     # --- adapters -------------------------------------------------------------------------------------------------
@@ -359,9 +372,14 @@ class PeftModel(nn.Module):
         """The base model's ``generate``; with ``adapter_names`` each row (and its beams) decodes with its adapter."""
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
+        _check_rows(adapter_names, args, kwargs)
+        if not hasattr(self.base_model, "mixers"):
+            from ..models.hybrid import generate_routed
+
+            with self.route(adapter_names) as routing:
+                return generate_routed(self.base_model, routing, *args, **kwargs)
         from ..models.generate import generate
 
-        _check_rows(adapter_names, args, kwargs)
         with self.route(adapter_names) as routing:
             return generate(RoutedLM(self.base_model, routing), *args, **kwargs)
 

@@ -36,16 +36,37 @@ def check_layers(model: nn.Module, layers: list[int] | None, owner: str = "layer
 
 
 def iter_mixers(model: nn.Module, layers: list[int] | None = None) -> list[MixerTarget]:
-    """The selected mixers, in layer order. ``model`` must provide ``mixers()`` yielding ``(layer_idx, mixer)``."""
+    """The selected mixers, in layer order. ``model`` provides ``mixers()`` yielding ``(layer_idx, mixer)``, or is a
+    transformers hybrid model whose mixers ``ssmtune.from_transformers`` swapped (layer = decoder layer index)."""
     if not hasattr(model, "mixers"):
-        raise ValueError(f"{type(model).__name__} has no mixers(); pass an ssmtune Mamba / Mamba-2 model")
+        return _hybrid_targets(model, layers)
     selected = set(check_layers(model, layers))
     paths = module_paths(model)
     return [MixerTarget(paths[id(m)], i, m) for i, m in model.mixers() if i in selected]
 
 
+def _hybrid_targets(model: nn.Module, layers: list[int] | None) -> list[MixerTarget]:
+    from ..models.hybrid import hybrid_mixers
+
+    found = hybrid_mixers(model)
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no mixers(); pass an ssmtune Mamba / Mamba-2 model or a transformers hybrid "
+            "model passed through ssmtune.from_transformers"
+        )
+    valid = [i for i, _, _ in found]
+    bad = sorted(set(layers or []) - set(valid))
+    if bad:
+        raise ValueError(f"layers: layer indices {bad} hold no recurrent mixer in this model (valid {valid})")
+    return [MixerTarget(path, i, m) for i, path, m in found if layers is None or i in layers]
+
+
 def block_of(model: nn.Module, layer: int) -> nn.Module:
     """The residual block holding layer ``layer``'s mixer (``.norm`` and ``.mixer``)."""
+    if not hasattr(model, "mixers"):
+        from ..models.hybrid import host_block
+
+        return host_block(model, layer)
     return model.backbone.layers[layer]
 
 

@@ -1,7 +1,9 @@
-"""Mamba-1 / Mamba-2 models owned by ssmtune: configs, mixers, LMs, cache, generation, checkpoint I/O."""
+"""Mamba-1 / Mamba-2 models owned by ssmtune: configs, mixers, LMs, cache, generation, checkpoint I/O; ssmtune's
+mixers inside transformers' hybrid models (``from_transformers``)."""
 
 from .cache import InferenceCache, LayerCache
 from .config import Mamba2Config, MambaConfig, SSMConfig
+from .hybrid import HostedSSDMixer, from_transformers
 from .lm import (
     CausalLMOutput,
     Mamba2ForCausalLM,
@@ -17,6 +19,7 @@ from .mamba2 import Mamba2Mixer, RMSNormGated
 
 __all__ = [
     "CausalLMOutput",
+    "HostedSSDMixer",
     "InferenceCache",
     "LayerCache",
     "Mamba2Config",
@@ -31,6 +34,7 @@ __all__ = [
     "SSMForSequenceClassification",
     "SequenceClassifierOutput",
     "causal_lm_for",
+    "from_transformers",
     "load_model",
     "save_pretrained",
 ]

@@ -3,7 +3,9 @@
 Folder layouts read by ``load_model``:
 - HF transformers: ``config.json`` with ``model_type`` "mamba" / "mamba2", weights in ``model.safetensors``,
   sharded ``model.safetensors.index.json``, ``pytorch_model.bin`` or ``pytorch_model.bin.index.json``;
-- mamba_ssm ``MambaLMHeadModel``: ``config.json`` with d_model, n_layer, ssm_cfg, and ``pytorch_model.bin``.
+- mamba_ssm ``MambaLMHeadModel``: ``config.json`` with d_model, n_layer, ssm_cfg, and ``pytorch_model.bin``;
+- a transformers hybrid (``model_type`` falcon_h1, nemotron_h, granitemoehybrid, bamba, zamba2): loaded by
+  transformers, then ``from_transformers`` swaps in ssmtune's mixers (``models/hybrid.py``).
 A ``tokenizer.json`` next to the weights is loaded as ``model.tokenizer`` (None otherwise).
 """
 
@@ -20,12 +22,14 @@ import torch
 from ..utils.io import atomic_write
 from .config import SSMConfig
 from .convert import (
+    HF_ARCHITECTURES,
     check_state_dict,
     config_from_hf,
     config_from_mamba_ssm,
     config_to_hf,
     state_dict_to_native,
 )
+from .hybrid import HYBRID_MODEL_TYPES
 from .lm import SSMForCausalLM, causal_lm_for
 
 WEIGHT_FILES = (
@@ -161,7 +165,8 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> SSMForCausalLM:
-    """Load a Mamba / Mamba-2 causal LM from a checkpoint folder (HF transformers or mamba_ssm layout) or a hub id.
+    """Load a Mamba / Mamba-2 causal LM from a checkpoint folder (HF transformers or mamba_ssm layout) or a hub id;
+    a transformers hybrid folder gives transformers' model with ssmtune's mixers (``ssmtune.from_transformers``).
 
     Args:
         path_or_hub_id: a local folder, or an HF hub id (needs huggingface_hub and network access).
@@ -174,6 +179,17 @@ def load_model(
         ValueError: not a checkpoint folder, unknown model_type, missing/unexpected keys, shape mismatches.
     """
     folder = _resolve_folder(path_or_hub_id)
+    cfg_file = folder / "config.json"
+    model_type = json.loads(cfg_file.read_text()).get("model_type") if cfg_file.is_file() else None
+    if model_type in HYBRID_MODEL_TYPES:
+        from .hybrid import load_hybrid
+
+        return load_hybrid(folder, dtype=dtype, device=device, tokenizer=_load_tokenizer(folder))
+    if model_type is not None and model_type not in HF_ARCHITECTURES:
+        raise ValueError(
+            f"unknown model_type {model_type!r} in {str(cfg_file)!r}; ssmtune loads {sorted(HF_ARCHITECTURES)} and "
+            f"the hybrids {sorted(HYBRID_MODEL_TYPES)}"
+        )
     config, _ = read_config(folder)
     sd = state_dict_to_native(read_state_dict(folder))
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -120,7 +120,7 @@ class Mamba2Mixer(nn.Module):
         p = d // h
 
         # 1. z, xBC, dt = in_proj(u)
-        zxbcdt = self.in_proj(mask_padding(hidden_states, attention_mask))  # [B, L, 2D+2GN+H]
+        zxbcdt = self.project(mask_padding(hidden_states, attention_mask))  # [B, L, 2D+2GN+H]
         z, xBC, dt = torch.split(zxbcdt, [d, self.conv_dim, h], dim=-1)
         weight, bias = self.conv1d.weight[:, 0, :], self.conv1d.bias  # [D+2GN, K]
         step = not fresh and seqlen == 1
@@ -131,6 +131,8 @@ class Mamba2Mixer(nn.Module):
             xBC = ops.causal_conv1d_update(xBC[:, :, 0], cache.conv_state, weight, bias, activation="silu")[:, :, None]
         else:
             conv0 = st.conv0 if fresh else cache.conv_state
+            if fresh and conv0 is not None and attention_mask is not None:
+                xBC, conv0 = conv0_at_first_token(xBC, conv0, attention_mask)
             xBC, conv_last = ops.causal_conv1d(
                 xBC,
                 weight,
@@ -154,15 +156,16 @@ class Mamba2Mixer(nn.Module):
             Dskip = Dskip.view(h, p)
 
         # 4-5. SSD scan without z; offsets land on y before the gated norm
+        dt, dt_bias, softplus = self.scan_dt(dt, attention_mask)
         if step:
             y = ops.ssd_state_update(
-                cache.ssm_state, x[:, 0], dt[:, 0], A, Bt[:, 0], Ct[:, 0], Dskip, None, self.dt_bias, True,
+                cache.ssm_state, x[:, 0], dt[:, 0], A, Bt[:, 0], Ct[:, 0], Dskip, None, dt_bias, softplus,
                 state_offset=st.h_off, y_offset=st.y_off, backend=self.backend,
             )[:, None]  # fmt: skip
         else:
             h0 = st.h0 if fresh else cache.ssm_state
             out = ops.ssd_scan(
-                x, dt, A, Bt, Ct, chunk_size=self.chunk_size, D=Dskip, dt_bias=self.dt_bias, dt_softplus=True,
+                x, dt, A, Bt, Ct, chunk_size=self.chunk_size, D=Dskip, dt_bias=dt_bias, dt_softplus=softplus,
                 initial_state=h0, state_offset=st.h_off, y_offset=st.y_off, return_final_state=cache is not None,
                 backend=self.backend,
             )  # fmt: skip
@@ -175,5 +178,46 @@ class Mamba2Mixer(nn.Module):
             cache.seqlen_offset += seqlen
 
         # 6-7. gated RMSNorm, out_proj
-        y = self.norm(y.reshape(batch, seqlen, d), z)
+        y = self.gate_norm(y.reshape(batch, seqlen, d), z)
         return self.out_proj(y.to(hidden_states.dtype))
+
+    # Steps a host model may change (models/hybrid.py): the input projection, the step size of the scan, the gate.
+    def project(self, u: torch.Tensor) -> torch.Tensor:
+        """u [B, L, d_model] -> [z, xBC, dt] [B, L, 2D+2GN+H]."""
+        return self.in_proj(u)
+
+    def scan_dt(
+        self, dt: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(dt, dt_bias, dt_softplus) for the scan and the decode step. Padded positions get a zero step, so they
+        neither decay nor feed the state: an initial state acts at each row's first real token under left padding."""
+        if attention_mask is None:
+            return dt, self.dt_bias, True
+        pad = attention_mask[:, -dt.shape[1] :, None] == 0  # [B, L, 1]
+        # softplus(-1e4 + dt_bias) is 0 in fp32
+        return dt.masked_fill(pad, -1e4), self.dt_bias, True
+
+    def gate_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Gated RMSNorm of the scan output y [B, L, D] by z [B, L, D]."""
+        return self.norm(y, z)
+
+
+def conv0_at_first_token(
+    xBC: torch.Tensor, conv0: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place an initial conv window right before each row's first real token (left padding moves it right).
+
+    xBC [B, C, L] (the conv input), conv0 [C, K-1] or [B, C, K-1], attention_mask [B, >=L]. Returns the conv input and
+    initial state that a row without padding would see at its first token; rows without left padding are unchanged.
+    """
+    batch, channels, seqlen = xBC.shape
+    k1 = conv0.shape[-1]
+    mask = attention_mask[:, -seqlen:]
+    pads = (mask.cumsum(-1) == 0).sum(-1).to(xBC.device)  # [B] leading pad positions
+    ext = torch.cat([conv0.to(xBC.dtype).expand(batch, channels, k1), xBC], dim=-1)  # [B, C, K-1+L]
+    t = torch.arange(k1 + seqlen, device=xBC.device)[None, :]  # [1, K-1+L]
+    real = t >= k1 + pads[:, None]
+    src = torch.where(real, t, t - pads[:, None])  # conv0 shifted right by the row's padding
+    keep = (src >= 0)[:, None, :]
+    out = ext.gather(-1, src.clamp(min=0)[:, None, :].expand(batch, channels, -1)) * keep
+    return out[..., k1:], out[..., :k1]

@@ -12,7 +12,8 @@ for another kind of adapter (prompt, BitFit, partial, SDLoRA, Additional-scan) o
 that same adapter; it waits otherwise, and so do the requests behind it (first come, first served).
 
 A beam-search request (``num_beams`` > 1) never joins the batch: the worker runs it alone, between two decode steps,
-through ``generate(..., num_beams=k, adapter_names=[adapter])``, and sends its tokens when it is done.
+through ``generate(..., num_beams=k, adapter_names=[adapter])``, and sends its tokens when it is done. So does every
+request to a transformers hybrid model (``ssmtune.from_transformers``), whose cache is transformers'.
 """
 
 from __future__ import annotations
@@ -156,7 +157,11 @@ class BatchEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.device = next(model.parameters()).device
-        self.n_layer = len(model.backbone.layers)
+        base = model.base_model if isinstance(model, PeftModel) else model
+        # a transformers hybrid keeps its cache in transformers' classes: its requests run one at a time, through
+        # transformers' generate, as beam requests do
+        self.solo = not hasattr(base, "backbone")
+        self.n_layer = 0 if self.solo else len(base.backbone.layers)
 
     # --- public -----------------------------------------------------------------------------------------------------
 
@@ -261,7 +266,7 @@ class BatchEngine:
         for req in self._collect():
             if req.cancelled.is_set():
                 continue
-            if req.settings.num_beams > 1:
+            if req.settings.num_beams > 1 or self.solo:
                 # runs alone, outside the batch: it takes no row and waits for nobody
                 self._beams.append(req)
                 continue
@@ -329,6 +334,12 @@ class BatchEngine:
         try:
             ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # [1, L]
             kw = {"max_new_tokens": s.max_new_tokens, "num_beams": s.num_beams, "eos_token_id": self.eos_token_id}
+            if self.solo:
+                kw.update(pad_token_id=self.eos_token_id, do_sample=s.do_sample)
+                if s.do_sample:
+                    # transformers samples from the global generator; top_k=0 and top_p=1 filter nothing
+                    torch.manual_seed(s.seed if s.seed is not None else torch.seed())
+                    kw.update(temperature=s.temperature, top_k=s.top_k or 0, top_p=s.top_p or 1.0)
             if isinstance(self.model, PeftModel):
                 out = self.model.generate(ids, adapter_names=[req.adapter], **kw)
             else:

@@ -195,10 +195,13 @@ def resolve_strategy(strategy: str, model: nn.Module, ctx: DistContext) -> Liter
     return "fsdp" if all(p.requires_grad for p in params) else "ddp"
 
 
-def default_wrap_classes() -> tuple[type[nn.Module], ...]:
+def default_wrap_classes(model: nn.Module | None = None) -> tuple[type[nn.Module], ...]:
+    """The FSDP units: ssmtune's Mamba ``Block``s, or a transformers model's decoder layers (``_no_split_modules``)."""
     from ssmtune.models.lm import Block
 
-    return (Block,)
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    hosted = tuple({type(m) for m in model.modules() if type(m).__name__ in names}) if names else ()
+    return hosted or (Block,)
 
 
 def wrap_model(
@@ -213,7 +216,7 @@ def wrap_model(
 
     DDP only all-reduces parameters with ``requires_grad`` (the adapter in PEFT runs); ``find_unused_parameters`` is
     False, so every trainable parameter must take part in each forward. FSDP2 shards each ``wrap_classes`` module
-    (default: every Mamba :class:`Block`), then the root; ``mixed_precision`` sets the all-gathered compute dtype while
+    (default: every Mamba :class:`Block`, or every decoder layer of a transformers model), then the root; ``mixed_precision`` sets the all-gathered compute dtype while
     the sharded master weights and gradient reduction stay fp32.
     """
     if strategy == "none":
@@ -232,7 +235,7 @@ def wrap_model(
 
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
-        classes = default_wrap_classes() if wrap_classes is None else wrap_classes
+        classes = default_wrap_classes(model) if wrap_classes is None else wrap_classes
         for module in list(model.modules()):
             if module is not model and isinstance(module, classes):
                 fully_shard(module, mesh=mesh, mp_policy=mp)

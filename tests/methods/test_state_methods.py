@@ -108,3 +108,34 @@ def test_initial_state_decays_but_offset_does_not():
         contrib[name] = diff.norm(dim=-1)[0]  # [L]
     assert contrib["h0"][-1] < 1e-6 * contrib["h0"][0]
     assert contrib["h_off"][-5:].mean() > 0.1 * contrib["h_off"][:5].mean()
+
+
+@pytest.mark.parametrize("conv_state", [False, True])
+def test_initial_state_acts_at_first_real_token_under_left_padding(conv_state):
+    """Padded positions take a zero step and the initial conv window moves right: a left-padded row is the row alone."""
+    model = get_peft_model(tiny_model("m2"), InitialStateConfig(conv_state=conv_state))
+    perturb(model)
+    ids = torch.randint(0, 37, (2, 7), generator=torch.Generator().manual_seed(2))
+    padded = torch.cat([torch.zeros(2, 3, dtype=ids.dtype), ids], dim=1)
+    mask = torch.ones_like(padded)
+    mask[0, :3] = 0
+    padded[1, :3] = ids[1, :3]
+    with torch.no_grad():
+        alone = model(ids[:1]).logits[0]
+        got = model(padded, attention_mask=mask).logits
+    assert_close("left padded", alone, got[0, 3:], 1e-5, atol=1e-6)
+    assert_close("unpadded row", model(padded[1:]).logits[0], got[1], 1e-5, atol=1e-6)
+
+
+def test_conv0_at_first_token_reference():
+    from ssmtune.models.mamba2 import conv0_at_first_token
+
+    x = torch.randn(3, 5, 6)  # [B, C, L]
+    conv0 = torch.randn(5, 3)  # [C, K-1]
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])
+    out, init = conv0_at_first_token(x, conv0, mask)
+    for b in range(3):
+        pads = int((mask[b] == 0).sum())
+        # the plain construction: zeros, then conv0 right before the first real token, then the real tokens
+        seq = torch.cat([torch.zeros(5, pads), conv0, x[b, :, pads:]], dim=1)
+        torch.testing.assert_close(torch.cat([init[b], out[b]], dim=1), seq)

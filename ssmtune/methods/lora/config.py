@@ -18,6 +18,11 @@ MAMBA1_TARGETS = (
     "out_proj",
 )
 MAMBA2_TARGETS = ("in_proj", "in_proj.z", "in_proj.x", "in_proj.B", "in_proj.C", "in_proj.dt", "out_proj")
+# Attention / MLP Linears of transformers' hybrid models (``ssmtune.from_transformers``), by attribute name
+TRANSFORMER_TARGETS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj", "input_linear",
+    "output_linear",
+)  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -28,6 +33,8 @@ class LoraConfig(AdapterConfig):
     low-rank pair whose delta touches only those output rows (the paper code's split projections).
     Mamba-1 targets: in_proj, in_proj.x, in_proj.z, x_proj, x_proj.dt, x_proj.B, x_proj.C, dt_proj, out_proj.
     Mamba-2 targets: in_proj, in_proj.z, in_proj.x, in_proj.B, in_proj.C, in_proj.dt, out_proj.
+    Hybrid transformers models (``ssmtune.from_transformers``) also take their attention / MLP Linears by name:
+    q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, gate_up_proj, input_linear, output_linear.
     """
 
     method: ClassVar[str] = "lora"
@@ -55,12 +62,12 @@ class LoraConfig(AdapterConfig):
                 f"LoraConfig.target_modules must be a non-empty list of names, got {self.target_modules!r}"
             )
         self.target_modules = list(self.target_modules)
-        valid = set(MAMBA1_TARGETS) | set(MAMBA2_TARGETS)
+        valid = set(MAMBA1_TARGETS) | set(MAMBA2_TARGETS) | set(TRANSFORMER_TARGETS)
         bad = [t for t in self.target_modules if t not in valid]
         if bad:
             raise ValueError(
                 f"LoraConfig.target_modules: unknown targets {bad}; valid for Mamba-1: {list(MAMBA1_TARGETS)}, "
-                f"for Mamba-2: {list(MAMBA2_TARGETS)}"
+                f"for Mamba-2: {list(MAMBA2_TARGETS)}, for hybrid models also: {list(TRANSFORMER_TARGETS)}"
             )
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError(f"LoraConfig.target_modules has duplicates: {self.target_modules!r}")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from ...core.inject import LinearDelta, adapter_key, wrap_linear
 from ...core.routing import ADAPTER_ATTR, ROUTING_ATTR
 from ...core.targets import is_mamba2, iter_mixers
-from .config import MAMBA1_TARGETS, MAMBA2_TARGETS, LoraConfig
+from .config import MAMBA1_TARGETS, MAMBA2_TARGETS, TRANSFORMER_TARGETS, LoraConfig
 
 
 class LoraDelta(LinearDelta):
@@ -133,24 +134,66 @@ def slice_rows(mixer: nn.Module, target: str) -> tuple[str, tuple[int, int] | No
     raise AssertionError(f"unhandled slice {target!r}")
 
 
+def _host_linears(model: nn.Module, names: list[str], layers: list[int] | None) -> list[tuple[str, nn.Module, str]]:
+    """(path, parent, attribute) of the attention / MLP Linears named ``names`` in a hybrid model, in decoder layers
+    ``layers`` (None: all), outside the recurrent mixers."""
+    from ...models.hybrid import hybrid_mixers
+
+    mixers = tuple(path + "." for _, path, _ in hybrid_mixers(model))
+    found = []
+    for path, parent in model.named_modules():
+        if (path + ".").startswith(mixers):
+            continue
+        parts = path.split(".")
+        layer = next((int(b) for a, b in itertools.pairwise(parts) if a == "layers" and b.isdigit()), None)
+        if layers is not None and layer not in layers:
+            continue
+        for attr in names:
+            lin = getattr(parent, attr, None)
+            if isinstance(getattr(lin, "base_layer", lin), nn.Linear) and attr in parent._modules:
+                found.append((f"{path}.{attr}", parent, attr))
+    missing = sorted(set(names) - {attr for _, _, attr in found})
+    if missing:
+        raise ValueError(f"LoraConfig.target_modules: {missing} match no Linear of the selected layers of this model")
+    return found
+
+
 def inject(model: nn.Module, config: LoraConfig, *, adapter_name: str) -> dict[str, nn.Module]:
-    targets = iter_mixers(model, config.layers_to_transform)
+    hybrid = not hasattr(model, "mixers")
+    hosted = [t for t in config.target_modules if t in TRANSFORMER_TARGETS] if hybrid else []
+    host_linears = _host_linears(model, hosted, config.layers_to_transform) if hosted else []
+    if hybrid and config.layers_to_transform is not None:
+        # a hybrid's layer selection may name attention layers too: the mixers are those of the selected layers
+        targets = [t for t in iter_mixers(model) if t.layer in config.layers_to_transform]
+    else:
+        targets = iter_mixers(model, config.layers_to_transform)
+    if not targets and len(hosted) < len(config.target_modules):
+        raise ValueError(f"LoraConfig.layers_to_transform={config.layers_to_transform} select no recurrent mixer for {config.target_modules}")
     for t in targets:
-        valid = MAMBA2_TARGETS if is_mamba2(t.mixer) else MAMBA1_TARGETS
+        valid = (MAMBA2_TARGETS if is_mamba2(t.mixer) else MAMBA1_TARGETS) + tuple(hosted)
         bad = [name for name in config.target_modules if name not in valid]
         if bad:
             arch = "Mamba-2" if is_mamba2(t.mixer) else "Mamba-1"
             raise ValueError(f"LoraConfig.target_modules: {bad} are not {arch} targets; valid: {list(valid)}")
     attached = {}
+    for path, parent, attr in host_linears:
+        lin = getattr(parent, attr)
+        delta = _delta(getattr(lin, "base_layer", lin), None, config)
+        wrap_linear(parent, attr, delta, key=adapter_key(adapter_name, "lora"))
+        attached[f"{path}.lora"] = delta
     for t in targets:
         for target in config.target_modules:
+            if target in hosted:
+                continue
             name, rows = slice_rows(t.mixer, target)
             lin = getattr(t.mixer, name)
             base = getattr(lin, "base_layer", lin)
-            delta = LoraDelta(
-                base, rows, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout, use_dora=config.use_dora
-            )
+            delta = _delta(base, rows, config)
             tag = "lora" if rows is None else f"lora_{target.partition('.')[2]}"
             wrap_linear(t.mixer, name, delta, key=adapter_key(adapter_name, tag))
             attached[f"{t.path}.{target}.lora"] = delta
     return attached
+
+
+def _delta(base: nn.Linear, rows: tuple[int, int] | None, config: LoraConfig) -> LoraDelta:
+    return LoraDelta(base, rows, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout, use_dora=config.use_dora)

@@ -35,6 +35,11 @@ class PromptEmbedding(InputHook):
 
 
 def inject(model: nn.Module, config: PromptTuningConfig, *, adapter_name: str) -> dict[str, nn.Module]:
+    if not hasattr(model, "input_hooks"):
+        raise ValueError(
+            f"PromptTuningConfig needs an ssmtune Mamba / Mamba-2 model (its input hooks); {type(model).__name__} "
+            "takes the state methods, prefix, LoRA / DoRA, BitFit and partial / full fine-tuning"
+        )
     emb = model.backbone.embeddings.weight  # [V, d_model]
     k = config.num_virtual_tokens
     if config.init == "vocab":
