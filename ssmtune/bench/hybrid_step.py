@@ -10,7 +10,10 @@ Stacks, one configuration at a time, each in a fresh model, memory freed in betw
   on the mixers' ``in_proj`` / ``out_proj`` and attention's ``q/k/v/o_proj`` (the targets that attach; recorded).
 * ``hf+peft``: transformers' own model on its default path (mamba_ssm's Triton kernels and causal_conv1d where they
   import; which implementation transformers bound is recorded under ``kernels``) with ``peft`` LoRA r 8 on the same
-  targets where peft accepts them (peft refuses ``out_proj`` on Falcon-H1; recorded per row).
+  targets where peft accepts them (peft refuses ``out_proj`` on Falcon-H1; recorded per row). When mamba_ssm is
+  installed without its CUDA extension (``MAMBA_SKIP_CUDA_BUILD=TRUE``), its ``__init__`` fails and transformers would
+  fall back to torch; ``mamba_ssm_shell`` makes the Triton submodules importable first (see ``kernels``). Its fused
+  training path also needs causal_conv1d built.
 * ``hf+peft:torch``: the same peer with mamba_ssm and causal_conv1d blocked, in a child process (``--no-kernels``),
   so that transformers binds its PyTorch fallbacks. On by default on a GPU only.
 
@@ -41,6 +44,8 @@ import contextlib
 import datetime
 import gc
 import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -50,6 +55,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -175,12 +181,43 @@ def block_kernels() -> bool:
     return not any(f"transformers.models.{m}" in sys.modules for m in mods)
 
 
+def mamba_ssm_shell() -> str:
+    """Make ``import mamba_ssm`` work when only its pure-Python part is installed (``MAMBA_SKIP_CUDA_BUILD=TRUE``).
+
+    ``mamba_ssm/__init__.py`` imports the CUDA selective-scan extension (Mamba-1's) unconditionally, so without it
+    transformers finds no mamba_ssm and binds its torch fallbacks. A bare package module whose ``__path__`` is the
+    installed directory lets transformers import the Triton SSD submodules it binds, the same code a full install
+    runs. Must run before transformers' hybrid modeling modules are imported. Returns what it did."""
+    if "mamba_ssm" in sys.modules:
+        return "already imported"
+    try:
+        importlib.import_module("mamba_ssm")
+        return "full package"
+    except ImportError as e:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or not spec.submodule_search_locations:
+            return f"missing: {type(e).__name__}: {str(e)[:160]}"
+        for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
+            del sys.modules[name]  # the half-imported package
+        shell = types.ModuleType("mamba_ssm")
+        shell.__path__ = list(spec.submodule_search_locations)
+        shell.__file__, shell.__spec__ = spec.origin, spec
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            shell.__version__ = importlib.metadata.version("mamba_ssm")
+        sys.modules["mamba_ssm"] = shell
+        return f"shell package (its __init__ failed: {type(e).__name__}: {str(e)[:120]})"
+
+
 def _version(pkg: str) -> str:
     try:
         mod = importlib.import_module(pkg)
     except Exception as e:  # noqa: BLE001 - ImportError, or a CUDA extension that fails to load
         return f"missing: {type(e).__name__}: {str(e)[:160]}"
-    return str(getattr(mod, "__version__", "unknown"))
+    if hasattr(mod, "__version__"):
+        return str(mod.__version__)
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        return importlib.metadata.version(pkg)
+    return "unknown"
 
 
 def versions() -> dict:
@@ -704,14 +741,17 @@ def run_torch_peer(rows: list[dict], args: argparse.Namespace, deadline: float) 
         cmd = [sys.executable, "-m", "ssmtune.bench.hybrid_step", "--no-kernels", "--stacks", "hf+peft",
                "--methods", "lora", "--models", *models, "--sizes", *sizes, "--no-generate", "--skip-gate",
                "--torch-steps", str(args.torch_steps), "--torch-warmup", str(args.torch_warmup),
-               "--max-step-s", str(args.max_step_s), "--budget-s", str(int(left - 10)), "--out", str(out),
+               "--max-step-s", str(args.max_step_s), "--out", str(out),
                "--device", args.device]  # fmt: skip
         if args.small:
             cmd.append("--small")
+        if left != float("inf"):
+            cmd += ["--budget-s", str(int(left - 10))]
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         try:
-            proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=max(left - 5, 1))
+            timeout = None if left == float("inf") else max(left - 5, 1)
+            proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
             child = json.loads(out.read_text()) if out.exists() else None
             err = "" if proc.returncode == 0 else f"child exit {proc.returncode}: {proc.stderr[-400:]}"
         except subprocess.TimeoutExpired:
@@ -731,6 +771,7 @@ def run(args: argparse.Namespace) -> dict:
     deadline = t0 + args.budget_s if args.budget_s else float("inf")
     if args.no_kernels and not block_kernels():
         raise ValueError("--no-kernels: transformers' hybrid modeling modules were imported before it took effect")
+    shell = "off (--no-kernels)" if args.no_kernels else mamba_ssm_shell()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -741,7 +782,7 @@ def run(args: argparse.Namespace) -> dict:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if getattr(args, "argv", None) is None else args.argv,
         "versions": versions(),
-        "kernels": kernel_report(),
+        "kernels": kernel_report() | {"mamba_ssm_import": shell},
         "shapes": {
             k: {"model_type": v[0], **v[1]}
             for k, v in (SMALL_SHAPES if args.small else SHAPES).items()
@@ -752,6 +793,10 @@ def run(args: argparse.Namespace) -> dict:
         "rows": schedule(args, device),
         "generation": [],
     }
+    uses = [result["kernels"].get(f"{SHAPES[m][0]}_uses", {}) for m in args.models]
+    if device.type == "cuda" and any(u.get("mamba_ssm") and not u.get("causal_conv1d") for u in uses):
+        # transformers' training path calls mamba_ssm's fused conv + SSD, which calls causal_conv1d's CUDA functions
+        result["warnings"] = ["mamba_ssm is bound without causal_conv1d: the peer's training step will fail"]
 
     def save() -> None:
         add_ratios(result["rows"])
