@@ -127,8 +127,9 @@ TARGET_VS_BARE = 1.10
 TARGET_VS_PEER = 1.5
 TARGET_VS_PEER_TORCH = 10.0
 TARGET_GENERATE = 1.0
-GATE_TOL = {"cpu": 1e-4, "cuda": 2e-3}
-"""Largest |ours - transformers| of the fp32 logits, relative to max |transformers|."""
+GATE_TOL = {"cpu": 1e-4, "cuda": 1e-2}
+"""Largest |ours - transformers| of the fp32 mixer outputs and logits, relative to their max |transformers|. On a GPU
+both sides run Triton kernels whose fp32 dots may use TF32 (~1e-3 relative)."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -159,7 +160,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-batches", nargs="+", type=int, default=None, help="default 1 16 (small: 1 2)")
     parser.add_argument("--gen-prompt", type=int, default=None, help="prompt tokens (default 128, small 8)")
     parser.add_argument("--gen-new", type=int, default=None, help="new tokens (default 128, small 4)")
-    parser.add_argument("--gen-reps", type=int, default=None, help="timed generate calls, median reported (3, small 1)")
+    parser.add_argument("--gen-reps", type=int, default=None, help="timed generate calls, median reported (2, small 1)")
     parser.add_argument(
         "--no-kernels",
         action="store_true",
@@ -577,8 +578,11 @@ def run_generation(model: str, batch: int, args: argparse.Namespace, device: tor
                 if out.shape[1] != prompt + new:
                     raise RuntimeError(f"generate returned {out.shape[1] - prompt} new tokens, expected {new}")
 
-            timed_ms(gen, device)  # warm-up: compilation, cache allocation
-            ms = [timed_ms(gen, device) for _ in range(max(1, args.gen_reps or (1 if args.small else 3)))]
+            # warm-up on the same prompt, few new tokens: the kernels compile (prefill and decode), the allocator warms
+            warm = min(new, 4)
+            with torch.no_grad():
+                m.generate(ids, **(kw | {"max_new_tokens": warm, "min_new_tokens": warm}))
+            ms = [timed_ms(gen, device) for _ in range(max(1, args.gen_reps or (1 if args.small else 2)))]
             row["ms"] = statistics.median(ms)
             row["tokens_per_s"] = batch * new / (row["ms"] / 1e3)
         except Exception as e:  # noqa: BLE001
