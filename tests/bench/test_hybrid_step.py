@@ -1,0 +1,81 @@
+"""CPU smoke tests of the hybrid-model benchmark (tiny shapes): the JSON it writes, with and without our stack."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ssmtune
+from ssmtune.bench import hybrid_step
+
+pytest.importorskip("transformers")
+
+TOP_KEYS = {"name", "device", "date", "argv", "versions", "kernels", "shapes", "gate", "rows", "generation", "targets"}
+ROW_KEYS = {"model", "stack", "method", "batch", "seqlen", "status", "ms_step", "tokens_per_s", "vs_bare", "vs_peer",
+            "mem_vs_peer", "vs_peer_torch"}  # fmt: skip
+VERSION_KEYS = {"torch", "triton", "transformers", "peft", "mamba_ssm", "causal_conv1d"}
+
+
+def _check_json(path) -> dict:
+    d = json.loads(path.read_text())
+    assert TOP_KEYS <= d.keys()
+    assert VERSION_KEYS <= d["versions"].keys()
+    assert d["name"] == hybrid_step.NAME
+    for r in d["rows"]:
+        assert ROW_KEYS <= r.keys(), r
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(ssmtune, "from_transformers"), reason="ssmtune.from_transformers is not in this tree")
+def test_small_run_with_our_stack(tmp_path) -> None:
+    pytest.importorskip("peft")
+    out = tmp_path / "hybrid.json"
+    assert hybrid_step.main(["--small", "--device", "cpu", "--steps", "1", "--out", str(out)]) == 0
+    d = _check_json(out)
+    assert d["gate"]["passed"] is True, d["gate"]
+    ours = [r for r in d["rows"] if r["stack"] == "ssmtune"]
+    assert {r["method"] for r in ours} == set(hybrid_step.METHODS)
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in ours), [r["status"] for r in ours]
+    assert all(r["vs_bare"] is not None for r in ours)
+    assert all(r["vs_peer"] is not None for r in ours if r["method"] == "state_offset_h")
+    assert {g["stack"] for g in d["generation"]} == {"hf", "ssmtune"}
+    assert all(g["status"] == "ok" for g in d["generation"]), d["generation"]
+
+
+def test_peer_rows_without_our_stack(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("peft")
+    monkeypatch.delattr(ssmtune, "from_transformers", raising=False)
+    out = tmp_path / "hybrid.json"
+    argv = ["--small", "--device", "cpu", "--steps", "1", "--sizes", "1x16", "--no-generate", "--out", str(out)]
+    assert hybrid_step.main(argv) == 0
+    d = _check_json(out)
+    assert d["gate"]["passed"] is None
+    peers = [r for r in d["rows"] if r["stack"] == "hf+peft"]
+    assert {r["model"] for r in peers} == set(hybrid_step.SHAPES)
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in peers), [r["status"] for r in peers]
+    # peft refuses out_proj on Falcon-H1: the targets it accepted are recorded
+    falcon = next(r for r in peers if r["model"] == "falcon_h1_0.5b")
+    assert "in_proj" in falcon["detail"] and "out_proj" not in falcon["detail"]
+    assert all(r["status"].startswith("skipped") for r in d["rows"] if r["stack"] == "ssmtune")
+
+
+def test_shapes_build_configs() -> None:
+    """The full shapes make valid transformers configs with the published layer layout (no weights allocated)."""
+    from transformers import AutoConfig
+
+    for key, (model_type, cfg) in hybrid_step.SHAPES.items():
+        c = AutoConfig.for_model(model_type, **cfg)
+        assert c.num_hidden_layers == len(cfg.get("layer_types", [None] * c.num_hidden_layers)), key
+    granite = hybrid_step.SHAPES["granite_4.0_h_1b"][1]
+    assert [i for i, t in enumerate(granite["layer_types"]) if t == "attention"] == [5, 15, 25, 35]
+    falcon = hybrid_step.SHAPES["falcon_h1_0.5b"][1]
+    assert falcon["mamba_n_heads"] * falcon["mamba_d_head"] == falcon["mamba_d_ssm"]
+
+
+def test_write_json_is_atomic(tmp_path) -> None:
+    out = tmp_path / "sub" / "x.json"
+    hybrid_step.write_json(str(out), {"a": 1})
+    assert json.loads(out.read_text()) == {"a": 1}
+    assert [p.name for p in out.parent.iterdir()] == ["x.json"]
