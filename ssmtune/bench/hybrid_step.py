@@ -61,11 +61,10 @@ from pathlib import Path
 
 import torch
 
+from ssmtune.bench.registry import Benchmark, register
+
 NAME = "hybrid_step"
-DESCRIPTION = (
-    "Hybrid models (Falcon-H1-0.5B / Granite-4.0-H-1B shapes): one training step with State-offset (h), Initial "
-    "State and LoRA on ssmtune's swapped mixers vs transformers + peft LoRA; generation with a state adapter"
-)
+DESCRIPTION = "hybrid models (Falcon-H1 / Granite-4.0-H shapes): training step and generate against transformers + peft"
 
 # tiiuae/Falcon-H1-0.5B-Instruct config.json (same architecture as -Base; transformers' FalconH1 docs table:
 # 36 layers, d 1024, 8 attention / 2 KV heads, 24 Mamba heads of 64, d_state 128), the µP multipliers included.
@@ -132,9 +131,12 @@ GATE_TOL = {"cpu": 1e-4, "cuda": 1e-2}
 both sides run Triton kernels whose fp32 dots may use TF32 (~1e-3 relative)."""
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
+def add_args(parser: argparse.ArgumentParser, *, standalone: bool = False) -> None:
+    """The options; ``standalone``: also ``--device`` and ``--out``, which ``ssmtune bench`` adds itself."""
     parser.add_argument("--small", action="store_true", help="tiny shapes and sizes (CPU smoke test)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    if standalone:
+        parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+        parser.add_argument("--out", default="hybrid_step.json")
     parser.add_argument("--models", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--sizes", nargs="+", default=None, help="BxL, e.g. 4x1024 8x2048")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -167,7 +169,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="block mamba_ssm and causal_conv1d before transformers is imported (its torch path)",
     )
     parser.add_argument("--skip-gate", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="hybrid_step.json")
 
 
 # ----------------------------------------------------------------------------------------------------- environment
@@ -849,13 +850,29 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m ssmtune.bench.{NAME}", description=DESCRIPTION)
-    add_args(parser)
+    add_args(parser, standalone=True)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     result = run(args)
     print(table(result))
     return 1 if (result.get("gate") or {}).get("passed") is False else 0
 
+
+def _registered_run(args: argparse.Namespace) -> dict:
+    """``ssmtune bench hybrid_step``: the runner owns --device and --out (this run rewrites --out after every row;
+    the runner writes the final report there)."""
+    from ssmtune.bench.common import CheckFailed
+
+    args.device = None if args.device in (None, "auto") else args.device
+    args.out = str(args.out or f"bench_{NAME}.json")
+    result = run(args)
+    if (result.get("gate") or {}).get("passed") is False:
+        raise CheckFailed(f"our swapped model's outputs differ from transformers': {result['gate']}")
+    result["table"] = table(result)
+    return result
+
+
+register(Benchmark(NAME, DESCRIPTION, add_args, _registered_run))
 
 if __name__ == "__main__":
     sys.exit(main())
