@@ -17,7 +17,7 @@ Stacks, one configuration at a time, each in a fresh model, memory freed in betw
 * ``hf+peft:torch``: the same peer with mamba_ssm and causal_conv1d blocked, in a child process (``--no-kernels``),
   so that transformers binds its PyTorch fallbacks. On by default on a GPU only.
 
-``bare`` is the bare step of ``benchmarks/bench_train_step.py``: the frozen model with no trainable parameter, whose
+``bare`` is the bare step of ``ssmtune/bench/train_step.py``: the frozen model with no trainable parameter, whose
 input-embedding output is made to require grad so that the backward runs through every block as an adapter's does;
 no optimizer step. "x bare" (ms/step over our bare ms/step, same model and size) carries its two small biases
 (no AdamW step; the gradient of block 0's input), in opposite directions.

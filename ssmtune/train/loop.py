@@ -129,8 +129,8 @@ class TrainConfig:
         if self.cuda_graph and self.accumulation_steps > 1:
             raise ValueError(f"cuda_graph needs one micro-batch per step, got batch_size={self.batch_size} with "
                              f"micro_batch_size={self.micro_batch_size}")  # fmt: skip
-        if not 0 <= self.lr < math.inf:
-            raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         for name in ("eval_steps", "save_steps", "warmup_steps", "log_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")

@@ -11,7 +11,17 @@ from ssmtune.bench import registry
 from ssmtune.bench.run import main, parser_for, write_json
 from ssmtune.cli.__main__ import main as cli_main
 
-EXPECTED = {"train_step", "profile", "selective_scan", "ssd", "cross_entropy", "serve", "prefix_cache", "distributed"}
+EXPECTED = {
+    "train_step",
+    "profile",
+    "selective_scan",
+    "ssd",
+    "cross_entropy",
+    "serve",
+    "prefix_cache",
+    "distributed",
+    "hybrid_step",
+}
 
 
 def test_every_benchmark_is_registered_described_and_parses_its_defaults() -> None:
