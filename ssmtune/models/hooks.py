@@ -86,6 +86,16 @@ def collect_state(hooks: Iterable[StateHook], batch_size: int, *, initial: bool 
     return merged
 
 
+def check_packed(cu_seqlens: torch.Tensor, cache: object, attention_mask: torch.Tensor | None) -> None:
+    """A mixer's packed forward (``cu_seqlens``) runs without a cache and without an attention mask (no padding)."""
+    if cache is not None:
+        raise ValueError("cu_seqlens: a packed forward takes no cache (prefill prompts one row each)")
+    if attention_mask is not None:
+        raise ValueError("cu_seqlens: a packed batch has no padding; pass attention_mask=None")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D tensor [n_seq + 1], got {cu_seqlens!r}")
+
+
 class InputHook(nn.Module):
     """Edits the input embeddings (and the attention mask and labels) before the first block: Prompt Tuning.
 

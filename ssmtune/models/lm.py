@@ -54,10 +54,17 @@ class Block(nn.Module):
         self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
         self.mixer = make_mixer(config, layer_idx)
 
-    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ):
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
         normed = self.norm(hidden_states.to(self.norm.weight.dtype))
-        return residual + self.mixer(normed, cache, attention_mask=attention_mask)
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        return residual + self.mixer(normed, cache, attention_mask=attention_mask, **packed)
 
 
 class Backbone(nn.Module):
@@ -72,13 +79,15 @@ class Backbone(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: InferenceCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """inputs_embeds [B, L, d_model] → final hidden states [B, L, d_model] (fp32 with residual_in_fp32)."""
+        """inputs_embeds [B, L, d_model] → final hidden states [B, L, d_model] (fp32 with residual_in_fp32);
+        ``cu_seqlens``: a packed [1, total, d_model] batch (see ``SSMForCausalLM.forward``)."""
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model has {len(self.layers)}")
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
-            h = layer(h, None if cache is None else cache[i], attention_mask=attention_mask)
+            h = layer(h, None if cache is None else cache[i], attention_mask=attention_mask, cu_seqlens=cu_seqlens)
         return self.norm_f(h)
 
 
@@ -205,10 +214,18 @@ class SSMForCausalLM(SSMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cache: InferenceCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        """input_ids [B, L] (or inputs_embeds [B, L, d_model]) → logits [B, L, V]; loss when labels [B, L]."""
+        """input_ids [B, L] (or inputs_embeds [B, L, d_model]) → logits [B, L, V]; loss when labels [B, L].
+
+        ``cu_seqlens`` (int32 [n_seq + 1]): input_ids is a packed [1, total] batch of n_seq sequences, each run from
+        its own initial states as if alone (``ssmtune.ops.varlen``); no position predicts the next sequence's first
+        token, so the loss equals the token-weighted loss of the separate sequences.
+        """
+        if cu_seqlens is not None:
+            labels = packed_labels(labels, cu_seqlens, self.input_hooks)
         embeds, mask, hook_labels, added = self._embed(input_ids, inputs_embeds, attention_mask, labels, cache)
-        hidden = self.backbone(embeds, mask, cache)  # [B, L', d_model]
+        hidden = self.backbone(embeds, mask, cache, cu_seqlens=cu_seqlens)  # [B, L', d_model]
         # [B, L', V] in the head's dtype, as transformers' recent LMs: an fp32 copy of bf16 logits is 3.3 GB at 8 x 2048
         # with a 50k vocabulary, and the loss reads them in their own dtype and computes in fp32 anyway
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
@@ -274,6 +291,20 @@ def causal_lm_for(config: SSMConfig, *, init: bool = True) -> SSMForCausalLM:
 
 
 IGNORE_INDEX = -100  # the label of positions without a target (the HF convention)
+
+
+def packed_labels(
+    labels: torch.Tensor | None, cu_seqlens: torch.Tensor, input_hooks: nn.ModuleDict
+) -> torch.Tensor | None:
+    """The labels of a packed batch with each sequence's first label ignored: its unpacked run has no position that
+    predicts it. Input hooks (Prompt Tuning) add positions per row, which a packed row cannot place."""
+    if any(getattr(h, "active", True) for h in input_hooks.values()):
+        raise ValueError("cu_seqlens: input hooks (Prompt Tuning) cannot run on a packed batch")
+    if labels is None:
+        return None
+    labels = labels.clone()
+    labels[:, cu_seqlens[1:-1].long().to(labels.device)] = IGNORE_INDEX
+    return labels
 
 
 def causal_lm_loss(

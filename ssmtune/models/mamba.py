@@ -18,7 +18,7 @@ from torch import nn
 from .. import ops
 from .cache import LayerCache
 from .config import MambaConfig
-from .hooks import MergedState, collect_state
+from .hooks import MergedState, check_packed, collect_state
 
 
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -101,13 +101,20 @@ class MambaMixer(nn.Module):
         *,
         use_state_hooks: bool = True,
         attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """hidden_states [B, L, d_model]; with ``cu_seqlens`` (int32 [n_seq + 1]) a packed [1, total, d_model] batch
+        whose sequences start from their own states (the hooks' states are per sequence; ``ops.varlen``)."""
         batch, seqlen, _ = hidden_states.shape
         fresh = cache is None or cache.fresh
         if cache is not None and not fresh and cache.ssm_state is not None and cache.ssm_state.shape[0] != batch:
             raise ValueError(f"cache holds batch {cache.ssm_state.shape[0]}, got hidden_states batch {batch}")
+        rows = batch
+        if cu_seqlens is not None:
+            check_packed(cu_seqlens, cache, attention_mask)
+            rows = cu_seqlens.numel() - 1  # the hooks' initial states and routed offsets come per sequence
         st = (
-            collect_state(self.state_hooks.values(), batch, initial=fresh)
+            collect_state(self.state_hooks.values(), rows, initial=fresh)
             if use_state_hooks and self.state_hooks
             else MergedState()
         )
@@ -133,7 +140,7 @@ class MambaMixer(nn.Module):
             time_major = (xz.is_cuda or self.backend == "triton") and torch.is_grad_enabled() and xz.requires_grad
             x, conv_last = ops.causal_conv1d(
                 x, weight, bias, initial_state=conv0, activation="silu", return_final_state=True,
-                channels_last=time_major, backend=self.backend,
+                channels_last=time_major, cu_seqlens=cu_seqlens, backend=self.backend,
             )  # [B, D, L], [B, D, K-1]  # fmt: skip
         x = mask_padding(x.transpose(1, 2), attention_mask)  # [B, L, D]
 
@@ -157,7 +164,7 @@ class MambaMixer(nn.Module):
             out = ops.selective_scan(
                 x.transpose(1, 2), delta.transpose(1, 2), A, Bt.transpose(1, 2), Ct.transpose(1, 2), Dskip,
                 z.transpose(1, 2), None, True, initial_state=h0, state_offset=st.h_off, y_offset=st.y_off,
-                return_final_state=cache is not None, backend=self.backend,
+                return_final_state=cache is not None, cu_seqlens=cu_seqlens, backend=self.backend,
             )  # fmt: skip
             if cache is not None:
                 y, h_last = out

@@ -15,7 +15,7 @@ from torch import nn
 from .. import ops
 from .cache import LayerCache
 from .config import Mamba2Config
-from .hooks import MergedState, collect_state
+from .hooks import MergedState, check_packed, collect_state
 from .mamba import _inverse_softplus, mask_padding, sample_dt
 
 
@@ -105,13 +105,20 @@ class Mamba2Mixer(nn.Module):
         *,
         use_state_hooks: bool = True,
         attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """hidden_states [B, L, d_model]; with ``cu_seqlens`` (int32 [n_seq + 1]) a packed [1, total, d_model] batch
+        whose sequences start from their own states (the hooks' states are per sequence; ``ops.varlen``)."""
         batch, seqlen, _ = hidden_states.shape
         fresh = cache is None or cache.fresh
         if cache is not None and not fresh and cache.ssm_state is not None and cache.ssm_state.shape[0] != batch:
             raise ValueError(f"cache holds batch {cache.ssm_state.shape[0]}, got hidden_states batch {batch}")
+        rows = batch
+        if cu_seqlens is not None:
+            check_packed(cu_seqlens, cache, attention_mask)
+            rows = cu_seqlens.numel() - 1  # the hooks' initial states and routed offsets come per sequence
         st = (
-            collect_state(self.state_hooks.values(), batch, initial=fresh)
+            collect_state(self.state_hooks.values(), rows, initial=fresh)
             if use_state_hooks and self.state_hooks
             else MergedState()
         )
@@ -141,6 +148,7 @@ class Mamba2Mixer(nn.Module):
                 activation="silu",
                 return_final_state=True,
                 channels_last=True,
+                cu_seqlens=cu_seqlens,
                 backend=self.backend,
             )  # [B, D+2GN, L] view of [B, L, D+2GN] memory (the scan reads time-major), [B, D+2GN, K-1]
         xBC = mask_padding(xBC.transpose(1, 2), attention_mask)  # [B, L, D+2GN]
@@ -167,7 +175,7 @@ class Mamba2Mixer(nn.Module):
             out = ops.ssd_scan(
                 x, dt, A, Bt, Ct, chunk_size=self.chunk_size, D=Dskip, dt_bias=dt_bias, dt_softplus=softplus,
                 initial_state=h0, state_offset=st.h_off, y_offset=st.y_off, return_final_state=cache is not None,
-                backend=self.backend,
+                cu_seqlens=cu_seqlens, backend=self.backend,
             )  # fmt: skip
             if cache is not None:
                 y, h_last = out

@@ -26,6 +26,7 @@ from .norm import check_rms_norm_args
 from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
 from .ssd import SSD_MIN_HEADDIM_CUDA
 from .ssd.naive import ssd_scan_ref, ssd_state_update_ref
+from .varlen import check_cu_seqlens, run_packed
 
 BACKENDS = ("auto", "ref", "torch", "triton")
 
@@ -137,6 +138,7 @@ def causal_conv1d(
     activation: str | None = None,
     return_final_state: bool = False,
     channels_last: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise conv1d from an initial conv state (``conv.py`` for the maths).
@@ -148,14 +150,30 @@ def causal_conv1d(
         initial_state (torch.Tensor | None): the K-1 inputs before x, shape [C, K-1] or [B, C, K-1]
         activation: None or ``"silu"``
         channels_last: return y as a [B, C, L] view of [B, L, C] memory (what a Linear or the SSD scan reads next)
+        cu_seqlens (torch.Tensor | None): int32 [n_seq + 1], x a packed [1, C, total] batch (``varlen.py``): no window
+            reaches into the previous sequence; initial_state [C, K-1] or [n_seq, C, K-1]
     Returns:
         y [B, C, L] in x's dtype, and the final conv state [B, C, K-1] (the last K-1 inputs of initial_state ⧺ x)
-        when ``return_final_state``.
+        when ``return_final_state`` ([n_seq, C, K-1] with cu_seqlens).
     """
-    check_causal_conv1d_args(x, weight, initial_state, activation)
+    # packed, x is [1, C, total]: the first row of a per-sequence initial state has the shape of an unpacked one
+    check_causal_conv1d_args(x, weight, initial_state if cu_seqlens is None else _row0(initial_state), activation)
     fn = resolve("causal_conv1d", backend, x.device)
+    if cu_seqlens is not None:
+        bounds = check_cu_seqlens("causal_conv1d", cu_seqlens, x.shape[0], x.shape[2])
+        n_seq = len(bounds) - 1
+        if initial_state is not None and initial_state.dim() == 3 and initial_state.shape[0] != n_seq:
+            raise ValueError(f"causal_conv1d: initial_state must be [C, K-1] or [n_seq={n_seq}, C, K-1] with "
+                             f"cu_seqlens, got shape {tuple(initial_state.shape)}")  # fmt: skip
+        return run_packed(fn, bounds, 2, {"x": x}, {"initial_state": (initial_state, 2)}, return_final_state,
+                          weight=weight, bias=bias, activation=activation, channels_last=channels_last)  # fmt: skip
     return fn(x, weight, bias, initial_state=initial_state, activation=activation,
               return_final_state=return_final_state, channels_last=channels_last)  # fmt: skip
+
+
+def _row0(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-sequence tensor's first row (shape checks of packed calls, whose batch is one row)."""
+    return t[:1] if t is not None and t.dim() >= 3 else t
 
 
 def cross_entropy(
@@ -217,6 +235,7 @@ def selective_scan(
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba-1 selective scan with initial state and state offsets (see ``selective_scan/naive.py`` for the maths).
@@ -233,12 +252,16 @@ def selective_scan(
         initial_state (torch.Tensor | None): shape [D, N] or [B, D, N]
         state_offset (torch.Tensor | None): h', shape [D, N] or [B, D, N]
         y_offset (torch.Tensor | None): y', shape [D] or [B, D]
+        cu_seqlens (torch.Tensor | None): int32 [n_seq + 1]: u etc. are a packed [1, D, total] batch of n_seq
+            sequences (``varlen.py``), each scanned from its own state; h0, h', y' shared or [n_seq, ...]
     Returns:
-        y [B, D, L] in u's dtype, and h_L [B, D, N] in fp32 when ``return_final_state``.
+        y [B, D, L] in u's dtype, and h_L [B, D, N] in fp32 when ``return_final_state`` ([n_seq, D, N] packed).
     """
     op = "selective_scan"
     _check("u", u, [(None, None, None)], op)
     b, d, seqlen = u.shape
+    bounds = None if cu_seqlens is None else check_cu_seqlens(op, cu_seqlens, b, seqlen)
+    rows = b if bounds is None else len(bounds) - 1  # the leading dim of per-row states and offsets
     _check("delta", delta, [(b, d, seqlen)], op)
     _check("A", A, [(d, None)], op)
     n = A.shape[1]
@@ -247,11 +270,16 @@ def selective_scan(
     _check("D", D, [(d,)], op)
     _check("z", z, [(b, d, seqlen)], op)
     _check("delta_bias", delta_bias, [(d,)], op)
-    _check("initial_state", initial_state, [(d, n), (b, d, n)], op)
-    _check("state_offset", state_offset, [(d, n), (b, d, n)], op)
-    _check("y_offset", y_offset, [(d,), (b, d)], op)
+    _check("initial_state", initial_state, [(d, n), (rows, d, n)], op)
+    _check("state_offset", state_offset, [(d, n), (rows, d, n)], op)
+    _check("y_offset", y_offset, [(d,), (rows, d)], op)
     _check_float(op, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
     fn = resolve(op, backend, u.device)
+    if bounds is not None:
+        timed = {"u": u, "delta": delta, "B": B, "C": C, "z": z}
+        states = {"initial_state": (initial_state, 2), "state_offset": (state_offset, 2), "y_offset": (y_offset, 1)}
+        return run_packed(fn, bounds, 2, timed, states, return_final_state, A=A, D=D, delta_bias=delta_bias,
+                          delta_softplus=delta_softplus)  # fmt: skip
     return fn(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
@@ -311,6 +339,7 @@ def ssd_scan(
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba-2 SSD scan with initial state and state offsets (see ``ssd/naive.py`` for the maths).
@@ -328,12 +357,17 @@ def ssd_scan(
         initial_state (torch.Tensor | None): shape [H, P, N] or [B, H, P, N]
         state_offset (torch.Tensor | None): h', shape [H, P, N] or [B, H, P, N]
         y_offset (torch.Tensor | None): y', shape [H, P] or [B, H, P]
+        cu_seqlens (torch.Tensor | None): int32 [n_seq + 1]: x etc. are a packed [1, total, ...] batch of n_seq
+            sequences (``varlen.py``), each scanned from its own state; h0, h', y' shared or [n_seq, ...]
     Returns:
-        y [B, L, H, P] in x's dtype, and h_L [B, H, P, N] in fp32 when ``return_final_state``.
+        y [B, L, H, P] in x's dtype, and h_L [B, H, P, N] in fp32 when ``return_final_state`` ([n_seq, H, P, N]
+        packed).
     """
     op = "ssd_scan"
     _check("x", x, [(None, None, None, None)], op)
     b, seqlen, h, p = x.shape
+    bounds = None if cu_seqlens is None else check_cu_seqlens(op, cu_seqlens, b, seqlen)
+    rows = b if bounds is None else len(bounds) - 1  # the leading dim of per-row states and offsets
     _check("dt", dt, [(b, seqlen, h)], op)
     _check("A", A, [(h,)], op)
     _check("B", B, [(b, seqlen, None, None)], op)
@@ -344,9 +378,9 @@ def ssd_scan(
     _check("D", D, [(h,), (h, p)], op)
     _check("z", z, [(b, seqlen, h, p)], op)
     _check("dt_bias", dt_bias, [(h,)], op)
-    _check("initial_state", initial_state, [(h, p, n), (b, h, p, n)], op)
-    _check("state_offset", state_offset, [(h, p, n), (b, h, p, n)], op)
-    _check("y_offset", y_offset, [(h, p), (b, h, p)], op)
+    _check("initial_state", initial_state, [(h, p, n), (rows, h, p, n)], op)
+    _check("state_offset", state_offset, [(h, p, n), (rows, h, p, n)], op)
+    _check("y_offset", y_offset, [(h, p), (rows, h, p)], op)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be positive, got {chunk_size}")
     _check_float(op, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
@@ -358,6 +392,11 @@ def ssd_scan(
                           "CUDA (the Triton backward does not support it)", stacklevel=2)  # fmt: skip
         backend = "torch"
     fn = resolve(op, backend, x.device)
+    if bounds is not None:
+        timed = {"x": x, "dt": dt, "B": B, "C": C, "z": z}
+        states = {"initial_state": (initial_state, 3), "state_offset": (state_offset, 3), "y_offset": (y_offset, 2)}
+        return run_packed(fn, bounds, 1, timed, states, return_final_state, A=A, chunk_size=chunk_size, D=D,
+                          dt_bias=dt_bias, dt_softplus=dt_softplus)  # fmt: skip
     return fn(
         x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
         initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,

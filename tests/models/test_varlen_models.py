@@ -1,0 +1,73 @@
+"""Packed batches (``cu_seqlens``) through whole models: for every adapter method, the packed forward equals separate
+forwards of each example on logits, the token-weighted loss and every trainable gradient."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
+from _peft_cases import CASES, perturb, tiny_model
+
+from ssmtune import PromptTuningConfig, get_peft_model
+from ssmtune.models.lm import token_loss
+from ssmtune.ops.testing import assert_close
+
+LENS = [1, 7, 12, 5]
+PACKABLE = [(c, a) for c in CASES for a in c.arches if c.id != "prompt"]
+
+
+def _packed_vs_separate(model, lens, backend="auto", ratio=1e-5):
+    model.backend = backend
+    ids = [torch.randint(0, 37, (n,)) for n in lens]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    packed_ids = torch.cat(ids)[None]
+    out = model(packed_ids, labels=packed_ids, cu_seqlens=cu)
+    model.zero_grad()
+    out.loss.backward()
+    grads = [p.grad.clone() for p in params]
+    logits, total, count = [], 0.0, 0
+    for x in ids:
+        o = model(x[None])
+        logits.append(o.logits[0])
+        s, c = token_loss(o.logits, x[None])
+        total, count = total + s, count + c
+    model.zero_grad()
+    (total / count).backward()
+    assert_close("logits", torch.cat(logits), out.logits[0], ratio)
+    assert_close("loss", total / count, out.loss, ratio)
+    assert params, "the method trains nothing"
+    for p, g in zip(params, grads, strict=True):
+        assert_close("grad", p.grad, g, ratio, atol=1e-9)
+
+
+@pytest.mark.parametrize(("case", "arch"), PACKABLE, ids=[f"{c.id}-{a}" for c, a in PACKABLE])
+def test_packed_equals_separate(case, arch):
+    model = get_peft_model(tiny_model(arch, dtype=torch.float64), case.make())
+    perturb(model, 0.3)
+    _packed_vs_separate(model, LENS)
+
+
+@pytest.mark.parametrize("arch", ["m1", "m2"])
+def test_ref_backend_and_base_model(arch):
+    model = tiny_model(arch, dtype=torch.float64)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    _packed_vs_separate(model, [3, 1, 8], backend="ref")
+
+
+def test_packed_refusals():
+    model = get_peft_model(tiny_model("m2"), PromptTuningConfig(num_virtual_tokens=2))
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="input hooks"):
+        model(torch.zeros(1, 5, dtype=torch.long), cu_seqlens=cu)
+    base = tiny_model("m1")
+    with pytest.raises(ValueError, match="attention_mask"):
+        base(torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 5), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="packed length 5"):
+        base(torch.zeros(1, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32))
