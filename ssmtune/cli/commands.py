@@ -80,6 +80,10 @@ def validate_train_args(args: TrainArgs) -> None:
     from ssmtune.eval.metrics import require_metric_packages
 
     make_adapter_configs(args.method, args.method_args)
+    if args.data.packing and args.max_length is None:
+        raise ValueError("--data.packing true needs --max_length (the length of a packed row)")
+    if args.data.packing and args.train.cuda_graph:
+        raise ValueError("--data.packing true does not run with --train.cuda_graph true")
     task = get_task(args.data.task)
     require_metric_packages(task.metrics, args.data.task)
 
@@ -232,7 +236,7 @@ def check_output_file(path: Path, flag: str) -> None:
 
 def _train_in(run_dir: Path, args: TrainArgs, ctx: DistContext, task, tokenizer, train_ds) -> dict[str, Any]:
     from ssmtune.core.peft_model import get_peft_model
-    from ssmtune.data import Collator
+    from ssmtune.data import Collator, PackingCollator
     from ssmtune.eval.evaluate import evaluate, load_eval_dataset
     from ssmtune.train import fit
     from ssmtune.train.plots import plot_run
@@ -256,8 +260,9 @@ def _train_in(run_dir: Path, args: TrainArgs, ctx: DistContext, task, tokenizer,
             return evaluate(m, tokenizer, args.data, args.eval, dataset=eval_ds)
 
     start = time.perf_counter()
-    result = fit(model, train_ds, Collator(tokenizer.pad_token_id), config=args.train, out_dir=run_dir, eval_fn=eval_fn,
-                 dist=ctx)  # fmt: skip
+    collate = (PackingCollator(tokenizer.pad_token_id, args.max_length) if args.data.packing
+               else Collator(tokenizer.pad_token_id))  # fmt: skip
+    result = fit(model, train_ds, collate, config=args.train, out_dir=run_dir, eval_fn=eval_fn, dist=ctx)
     if not ctx.is_main:
         return {"run": run_dir.name, "steps": result.step, "world_size": ctx.world_size}
     from ssmtune.train.plots import read_metrics

@@ -16,6 +16,7 @@ from ssmtune.data.tasks import (
 from ssmtune.data.tokenize import (
     IGNORE_INDEX,
     Collator,
+    PackingCollator,
     ResumableBatchSampler,
     TokenizedDataset,
     TokenizeStats,
@@ -28,6 +29,7 @@ __all__ = [
     "IGNORE_INDEX",
     "SEP",
     "Collator",
+    "PackingCollator",
     "ResumableBatchSampler",
     "Task",
     "TaskConfig",

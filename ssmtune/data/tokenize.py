@@ -167,6 +167,68 @@ class Collator:
         }
 
 
+class PackingCollator:
+    """Packs a list of items into rows of ``max_length`` tokens laid end to end as one ``[1, rows * max_length]``
+    batch with ``cu_seqlens`` (int32 ``[n_seq + 1]``), for ``model(input_ids, cu_seqlens=...)``.
+
+    Items fill the rows in order, a new row starting when the next item does not fit; the rest of each row is one
+    padding sequence (labels ignored), so every batch is a whole number of rows (static shapes per row count). Labels
+    keep each example's mask, and the model ignores each sequence's first label (no position predicts it), so the
+    summed loss equals the unpacked one. An item longer than ``max_length`` is refused: tokenise with the same
+    ``max_length`` (training inputs are cut from the left to fit it). ``token_mask`` [1, L] marks real tokens.
+    """
+
+    def __init__(self, pad_token_id: int, max_length: int) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 for packing, got {max_length!r}")
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+
+    def rows(self, lengths: list[int]) -> list[list[int]]:
+        """Item indices per row, in order."""
+        rows: list[list[int]] = []
+        used = self.max_length
+        for i, n in enumerate(lengths):
+            if n > self.max_length:
+                raise ValueError(
+                    f"packing: an example of {n} tokens does not fit a row of max_length={self.max_length}"
+                )
+            if used + n > self.max_length:
+                rows.append([])
+                used = 0
+            rows[-1].append(i)
+            used += n
+        return rows
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        rows = self.rows([len(it["input_ids"]) for it in items])
+        total = len(rows) * self.max_length
+        input_ids = torch.full((1, total), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((1, total), IGNORE_INDEX, dtype=torch.long)
+        token_mask = torch.zeros((1, total), dtype=torch.long)
+        bounds, pos = [0], 0
+        for r, row in enumerate(rows):
+            for i in row:
+                ids = items[i]["input_ids"]
+                input_ids[0, pos : pos + len(ids)] = torch.tensor(ids, dtype=torch.long)
+                labels[0, pos : pos + len(ids)] = torch.tensor(items[i]["labels"], dtype=torch.long)
+                token_mask[0, pos : pos + len(ids)] = 1
+                pos += len(ids)
+                bounds.append(pos)
+            end = (r + 1) * self.max_length
+            if pos < end:  # the row's padding: a sequence of its own
+                pos = end
+                bounds.append(pos)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
+            "token_mask": token_mask,
+            "prompt_lengths": torch.tensor([it["prompt_length"] for it in items], dtype=torch.long),  # [B]
+            "example_index": torch.tensor([it["example_index"] for it in items], dtype=torch.long),  # [B]
+        }
+
+
 class ResumableBatchSampler(Sampler[list[int]]):
     """Batches of indices in an order fixed by (seed, epoch), resumable from any (epoch, index) position.
 

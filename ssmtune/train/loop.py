@@ -251,7 +251,7 @@ def apply_precision(model: nn.Module, precision: str) -> None:
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (unpadded) input tokens of a collated batch, for the tokens/s log."""
-    mask = batch.get("attention_mask")
+    mask = batch.get("attention_mask", batch.get("token_mask"))  # token_mask: a packed batch's real tokens
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
@@ -407,7 +407,8 @@ class EagerStep:
             chunk = {k: v.to(device) if torch.is_tensor(v) else v for k, v in chunk.items()}
             with D.grad_sync(self.model, self.strategy, sync=c == len(chunks) - 1):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    out = self.model(chunk["input_ids"], attention_mask=chunk.get("attention_mask"))
+                    packed = {"cu_seqlens": chunk["cu_seqlens"]} if "cu_seqlens" in chunk else {}
+                    out = self.model(chunk["input_ids"], attention_mask=chunk.get("attention_mask"), **packed)
                 loss_sum, _ = token_loss(out.logits, chunk["labels"])
                 loss = loss_sum / n_targets
                 # One process stops at once; with several, all ranks must agree first (after the step's loop).
@@ -568,7 +569,8 @@ def fit(
         model: a PeftModel (only adapters train) or a bare LM (full fine-tuning); ``model(input_ids,
             attention_mask=..., labels=...)`` returns an object with ``.logits`` [B, L, V].
         dataset: indexable examples; ``collate_fn(list_of_examples)`` returns ``input_ids``, ``attention_mask`` and
-            ``labels`` [B, L] (labels aligned with input_ids, IGNORE_INDEX outside the target).
+            ``labels`` [B, L] (labels aligned with input_ids, IGNORE_INDEX outside the target), or a packed batch:
+            ``input_ids`` and ``labels`` [1, L] with ``cu_seqlens`` (``ssmtune.data.PackingCollator``).
         config: the optimisation settings.
         out_dir: run folder: ``metrics.jsonl``, ``checkpoints/``, ``best/`` (best by ``config.best_metric``) and
             ``final/`` (the adapter, or the whole model for full fine-tuning).
@@ -666,6 +668,8 @@ def fit(
         epoch, index = divmod(progress.step, steps_per_epoch)
         examples = [dataset[i] for i in sampler.batch(epoch, index)]
         chunks = [collate_fn(examples[j : j + micro]) for j in range(0, len(examples), micro)]
+        if config.cuda_graph and "cu_seqlens" in chunks[0]:
+            raise ValueError("cuda_graph does not support packed batches (cu_seqlens); pass --data.packing false")
         n_targets = sum(count_targets(c["labels"]) for c in chunks)
         if ctx.enabled:
             n_targets = int(ctx.all_reduce_sum([n_targets])[0])
