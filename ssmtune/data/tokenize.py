@@ -171,11 +171,12 @@ class PackingCollator:
     """Packs a list of items into rows of ``max_length`` tokens laid end to end as one ``[1, rows * max_length]``
     batch with ``cu_seqlens`` (int32 ``[n_seq + 1]``), for ``model(input_ids, cu_seqlens=...)``.
 
-    Items fill the rows in order, a new row starting when the next item does not fit; the rest of each row is one
+    Each item goes into the first row with room for it (first fit, a new row when none has); the rest of each row is one
     padding sequence (labels ignored), so every batch is a whole number of rows (static shapes per row count). Labels
     keep each example's mask, and the model ignores each sequence's first label (no position predicts it), so the
     summed loss equals the unpacked one. An item longer than ``max_length`` is refused: tokenise with the same
-    ``max_length`` (training inputs are cut from the left to fit it). ``token_mask`` [1, L] marks real tokens.
+    ``max_length`` (training inputs are cut from the left to fit it). ``token_mask`` [1, L] marks real tokens;
+    ``prompt_lengths`` and ``example_index`` follow the items' order, not the packed one.
     """
 
     def __init__(self, pad_token_id: int, max_length: int) -> None:
@@ -185,19 +186,20 @@ class PackingCollator:
         self.max_length = max_length
 
     def rows(self, lengths: list[int]) -> list[list[int]]:
-        """Item indices per row, in order."""
+        """Item indices per row: first fit, each item into the first row with room for it (a new row when none)."""
         rows: list[list[int]] = []
-        used = self.max_length
+        free: list[int] = []
         for i, n in enumerate(lengths):
             if n > self.max_length:
                 raise ValueError(
                     f"packing: an example of {n} tokens does not fit a row of max_length={self.max_length}"
                 )
-            if used + n > self.max_length:
+            r = next((r for r, room in enumerate(free) if room >= n), len(rows))
+            if r == len(rows):
                 rows.append([])
-                used = 0
-            rows[-1].append(i)
-            used += n
+                free.append(self.max_length)
+            rows[r].append(i)
+            free[r] -= n
         return rows
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:

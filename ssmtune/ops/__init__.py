@@ -26,7 +26,7 @@ from .norm import check_rms_norm_args
 from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
 from .ssd import SSD_MIN_HEADDIM_CUDA
 from .ssd.naive import ssd_scan_ref, ssd_state_update_ref
-from .varlen import check_cu_seqlens, run_packed
+from .varlen import check_cu_seqlens, conv_packed, scan_packed
 
 BACKENDS = ("auto", "ref", "torch", "triton")
 
@@ -165,8 +165,8 @@ def causal_conv1d(
         if initial_state is not None and initial_state.dim() == 3 and initial_state.shape[0] != n_seq:
             raise ValueError(f"causal_conv1d: initial_state must be [C, K-1] or [n_seq={n_seq}, C, K-1] with "
                              f"cu_seqlens, got shape {tuple(initial_state.shape)}")  # fmt: skip
-        return run_packed(fn, bounds, 2, {"x": x}, {"initial_state": (initial_state, 2)}, return_final_state,
-                          weight=weight, bias=bias, activation=activation, channels_last=channels_last)  # fmt: skip
+        return conv_packed(fn, bounds, x, initial_state, return_final_state, channels_last, weight=weight, bias=bias,
+                           activation=activation)  # fmt: skip
     return fn(x, weight, bias, initial_state=initial_state, activation=activation,
               return_final_state=return_final_state, channels_last=channels_last)  # fmt: skip
 
@@ -277,9 +277,9 @@ def selective_scan(
     fn = resolve(op, backend, u.device)
     if bounds is not None:
         timed = {"u": u, "delta": delta, "B": B, "C": C, "z": z}
-        states = {"initial_state": (initial_state, 2), "state_offset": (state_offset, 2), "y_offset": (y_offset, 1)}
-        return run_packed(fn, bounds, 2, timed, states, return_final_state, A=A, D=D, delta_bias=delta_bias,
-                          delta_softplus=delta_softplus)  # fmt: skip
+        return scan_packed(fn, bounds, 2, timed, ("delta", "delta_bias", "delta_softplus"), return_final_state, A=A,
+                           D=D, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
+                           state_offset=state_offset, y_offset=y_offset)  # fmt: skip
     return fn(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
@@ -394,9 +394,9 @@ def ssd_scan(
     fn = resolve(op, backend, x.device)
     if bounds is not None:
         timed = {"x": x, "dt": dt, "B": B, "C": C, "z": z}
-        states = {"initial_state": (initial_state, 3), "state_offset": (state_offset, 3), "y_offset": (y_offset, 2)}
-        return run_packed(fn, bounds, 1, timed, states, return_final_state, A=A, chunk_size=chunk_size, D=D,
-                          dt_bias=dt_bias, dt_softplus=dt_softplus)  # fmt: skip
+        return scan_packed(fn, bounds, 1, timed, ("dt", "dt_bias", "dt_softplus"), return_final_state, A=A,
+                           chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                           initial_state=initial_state, state_offset=state_offset, y_offset=y_offset)  # fmt: skip
     return fn(
         x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
         initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,

@@ -163,6 +163,40 @@ def test_shared_offsets_and_single_sequence(op):
     run_packed_vs_separate(op, "torch", torch.float32, [9])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_without_initial_state(backend):
+    lens, x, w = [2, 9, 1], torch.randn(1, 5, 12), torch.randn(5, 4)
+    y, last = ops.causal_conv1d(x, w, return_final_state=True, cu_seqlens=_cu(lens, "cpu"), backend=backend)
+    bounds = _cu(lens, "cpu").tolist()
+    for i in range(3):
+        yi, li = ops.causal_conv1d(x[..., bounds[i] : bounds[i + 1]], w, return_final_state=True, backend="ref")
+        assert_close("y", yi, y[..., bounds[i] : bounds[i + 1]], 1e-6)
+        assert torch.equal(li[0], last[i])
+
+
+@pytest.mark.parametrize("backend", ["torch", "ref"])
+def test_step_size_without_softplus(backend):
+    """Without softplus the bias is folded into the step size, so that a padding step stays an identity."""
+    lens, d, n = [3, 8, 1], 4, 3
+    u, delta = torch.randn(1, d, 12), torch.rand(1, d, 12)
+    A, B, C, bias, h0 = (
+        -torch.rand(d, n),
+        torch.randn(1, n, 12),
+        torch.randn(1, n, 12),
+        torch.rand(d),
+        torch.randn(3, d, n),
+    )
+    y, last = ops.selective_scan(u, delta, A, B, C, delta_bias=bias, initial_state=h0, return_final_state=True,
+                                 cu_seqlens=_cu(lens, "cpu"), backend=backend)  # fmt: skip
+    bounds = _cu(lens, "cpu").tolist()
+    for i in range(3):
+        a, b = bounds[i], bounds[i + 1]
+        yi, li = ops.selective_scan(u[..., a:b], delta[..., a:b], A, B[..., a:b], C[..., a:b], delta_bias=bias,
+                                    initial_state=h0[i], return_final_state=True, backend="ref")  # fmt: skip
+        assert_close("y", yi, y[..., a:b], 1e-5)
+        assert_close("final", li[0], last[i], 1e-5)
+
+
 def test_bad_cu_seqlens():
     x = torch.randn(1, 4, 10)
     w = torch.randn(4, 3)

@@ -35,12 +35,14 @@ def test_rows_and_cu_seqlens():
     batch = [{"input_ids": [1] * n, "labels": [5] * n, "prompt_length": 0, "example_index": i}
              for i, n in enumerate([3, 4, 2, 6, 1])]  # fmt: skip
     out = PackingCollator(0, 8)(batch)
-    # rows: [3, 4, pad 1] [2, 6] [1, pad 7]
-    assert out["input_ids"].shape == (1, 24)
-    assert out["cu_seqlens"].tolist() == [0, 3, 7, 8, 10, 16, 17, 24]
+    # first fit: rows [3, 4, 1] [2, 6]
+    assert out["input_ids"].shape == (1, 16)
+    assert out["cu_seqlens"].tolist() == [0, 3, 7, 8, 10, 16]
     assert out["cu_seqlens"].dtype == torch.int32
     assert int(out["token_mask"].sum()) == 16
-    assert (out["labels"][0, 7] == IGNORE_INDEX) and (out["labels"][0, 17:] == IGNORE_INDEX).all()
+    out = PackingCollator(0, 8)(batch[:2] + batch[3:])  # [3, 4, 1] [6, pad 2]
+    assert out["cu_seqlens"].tolist() == [0, 3, 7, 8, 14, 16]
+    assert int(out["token_mask"].sum()) == 14 and (out["labels"][0, 14:] == IGNORE_INDEX).all()
     with pytest.raises(ValueError, match="does not fit a row of max_length=4"):
         PackingCollator(0, 4)(batch)
 
