@@ -9,6 +9,7 @@ at each row's first real token (docs/methods.md §4.3).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .cache import InferenceCache
 
@@ -23,7 +24,9 @@ def prefill(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> tuple[InferenceCache, torch.Tensor]:
     """Run the prompts through the model with a fresh cache. Returns the cache and the logits [B, V] at each row's
-    last real token. Rows whose mask is not all ones are prefilled one by one on their real tokens."""
+    last real token. Prompts of different lengths (a mask not all ones) are prefilled on their real tokens only: in
+    one packed forward (``cu_seqlens``), or one by one where packing does not apply (input hooks such as Prompt
+    Tuning, per-row adapter routing)."""
     n_layer = len(model.backbone.layers)
     if attention_mask is None or bool(attention_mask.bool().all()):
         cache = InferenceCache(n_layer)
@@ -31,6 +34,15 @@ def prefill(
         return cache, logits
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    if _packable(model):
+        mask = attention_mask.bool()
+        lengths = mask.sum(1)
+        if bool((lengths == 0).any()):
+            raise ValueError("attention_mask has a row with no real token")
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        cache = InferenceCache(n_layer)
+        logits = model(input_ids[mask][None], cache=cache, cu_seqlens=cu).logits[0, cu[1:].long() - 1]
+        return cache, logits
     caches, logits = [], []
     for row, mask in zip(input_ids, attention_mask.bool()):
         ids = row[mask]
@@ -40,6 +52,15 @@ def prefill(
         logits.append(model(ids[None], cache=cache).logits[:, -1])
         caches.append(cache)
     return InferenceCache.cat(caches), torch.cat(logits, 0)
+
+
+def _packable(model) -> bool:
+    """Whether ``model`` can prefill a packed batch: no active input hook, no per-row routing in force."""
+    from .hooks import COLLECTOR_ATTR
+
+    if any(getattr(h, "active", True) for h in getattr(model, "input_hooks", {}).values()):
+        return False
+    return not any(getattr(m, COLLECTOR_ATTR, None) is not None for m in model.modules())
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

@@ -87,9 +87,10 @@ def collect_state(hooks: Iterable[StateHook], batch_size: int, *, initial: bool 
 
 
 def check_packed(cu_seqlens: torch.Tensor, cache: object, attention_mask: torch.Tensor | None) -> None:
-    """A mixer's packed forward (``cu_seqlens``) runs without a cache and without an attention mask (no padding)."""
-    if cache is not None:
-        raise ValueError("cu_seqlens: a packed forward takes no cache (prefill prompts one row each)")
+    """A mixer's packed forward (``cu_seqlens``) takes no attention mask (no padding) and, with a cache, only a fresh
+    one: a packed prefill, which leaves one cache row per sequence."""
+    if cache is not None and not cache.fresh:
+        raise ValueError("cu_seqlens: a packed forward can only prefill a fresh cache, not continue one")
     if attention_mask is not None:
         raise ValueError("cu_seqlens: a packed batch has no padding; pass attention_mask=None")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:

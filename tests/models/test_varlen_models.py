@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
 from _peft_cases import CASES, perturb, tiny_model
 
-from ssmtune import PromptTuningConfig, get_peft_model
+from ssmtune import InitialStateConfig, PromptTuningConfig, get_peft_model
 from ssmtune.models.lm import token_loss
 from ssmtune.ops.testing import assert_close
 
@@ -71,3 +71,29 @@ def test_packed_refusals():
         base(torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 5), cu_seqlens=cu)
     with pytest.raises(ValueError, match="packed length 5"):
         base(torch.zeros(1, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("arch", ["m1", "m2"])
+def test_packed_prefill_equals_row_by_row(arch):
+    from ssmtune.models import generate as gen
+
+    model = get_peft_model(tiny_model(arch), InitialStateConfig(conv_state=True))
+    perturb(model, 0.3)
+    lm = model.base_model
+    ids = torch.randint(0, 37, (3, 9))
+    mask = torch.tensor([[1] * 9, [0] * 4 + [1] * 5, [0] * 8 + [1]])
+    with torch.no_grad():
+        cache, logits = gen.prefill(lm, ids, mask)
+        gen._packable, packable = (lambda m: False), gen._packable
+        try:
+            ref_cache, ref_logits = gen.prefill(lm, ids, mask)
+        finally:
+            gen._packable = packable
+    assert_close("logits", ref_logits, logits, 1e-5)
+    for a, b in zip(ref_cache.layers, cache.layers, strict=True):
+        assert_close("ssm state", a.ssm_state, b.ssm_state, 1e-5)
+        assert_close("conv state", a.conv_state, b.conv_state, 1e-6)
+    out = lm.generate(ids, max_new_tokens=4, attention_mask=mask)
+    for r in range(3):
+        row = ids[r][mask[r].bool()][None]
+        assert torch.equal(lm.generate(row, max_new_tokens=4)[0, -4:], out[r, -4:])
