@@ -32,7 +32,8 @@ if not torch.cuda.is_available():
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LENS = [1, 7, 33, 65]  # odd lengths and a ragged last chunk / tile; 106 tokens in all
-RATIO = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# RMS-relative error against the fp32 reference; on the GPU fp32 dots of the Triton SSD run in TF32
+RATIO = {torch.float32: 5e-3, torch.bfloat16: 3e-2} if DEVICE == "cuda" else {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 BACKENDS = ("ref", "torch", "triton")
 
 
@@ -86,11 +87,12 @@ def _conv(channels_last):
     return call
 
 
-def _specs(op, total, ns, per_seq):
-    """name -> (shape, scale, shift, time dim or None, dims when shared or None)."""
+def _specs(op, total, ns, per_seq, big=False):
+    """name -> (shape, scale, shift, time dim or None, dims when shared or None). ``big``: GPU sizes (the Triton
+    SSD needs head dim >= 16 on the GPU)."""
     r = (ns,) if per_seq else ()
     if op == "selective_scan":
-        d, n = 6, 5
+        d, n = (64, 16) if big else (6, 5)
         return {
             "u": ((1, d, total), 1.0, 0.0, 2, None), "delta": ((1, d, total), 0.5, 0.0, 2, None),
             "A": ((d, n), 0.3, -1.0, None, None), "B": ((1, n, total), 1.0, 0.0, 2, None),
@@ -100,7 +102,7 @@ def _specs(op, total, ns, per_seq):
             "y_off": ((*r, d), 1.0, 0.0, None, 1),
         }  # fmt: skip
     if op == "ssd_scan":
-        h, p, g, n = 4, 8, 2, 16
+        h, p, g, n = (8, 64, 2, 64) if big else (4, 8, 2, 16)
         return {
             "x": ((1, total, h, p), 1.0, 0.0, 1, None), "dt": ((1, total, h), 0.5, 0.0, 1, None),
             "A": ((h,), 0.3, -1.0, None, None), "B": ((1, total, g, n), 1.0, 0.0, 1, None),
@@ -109,7 +111,7 @@ def _specs(op, total, ns, per_seq):
             "h0": ((ns, h, p, n), 1.0, 0.0, None, 3), "h_off": ((*r, h, p, n), 1.0, 0.0, None, 3),
             "y_off": ((*r, h, p), 1.0, 0.0, None, 2),
         }  # fmt: skip
-    c, k = 8, 4
+    c, k = (256 if big else 8), 4
     return {
         "x": ((1, c, total), 1.0, 0.0, 2, None), "w": ((c, k), 0.5, 0.0, None, None),
         "bias": ((c,), 1.0, 0.0, None, None), "h0": ((*r, c, k - 1), 1.0, 0.0, None, 2),
@@ -122,7 +124,7 @@ CALLS = {"selective_scan": (_scan, 2), "ssd_scan": (_ssd, 1), "conv": (_conv(Fal
 def run_packed_vs_separate(op, backend, dtype, lens, per_seq=True, device=DEVICE):
     total, ns = sum(lens), len(lens)
     call, ydim = CALLS[op]
-    specs = _specs("causal_conv1d" if op.startswith("conv") else op, total, ns, per_seq)
+    specs = _specs("causal_conv1d" if op.startswith("conv") else op, total, ns, per_seq, big=device == "cuda")
     leaves = {k: (torch.randn(*s[0], device=device) * s[1] + s[2]).requires_grad_() for k, s in specs.items()}
     ref = _clone(leaves)
     # the packed call on the backend under test, in dtype
@@ -165,8 +167,8 @@ def test_shared_offsets_and_single_sequence(op):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conv_without_initial_state(backend):
-    lens, x, w = [2, 9, 1], torch.randn(1, 5, 12), torch.randn(5, 4)
-    y, last = ops.causal_conv1d(x, w, return_final_state=True, cu_seqlens=_cu(lens, "cpu"), backend=backend)
+    lens, x, w = [2, 9, 1], torch.randn(1, 5, 12, device=DEVICE), torch.randn(5, 4, device=DEVICE)
+    y, last = ops.causal_conv1d(x, w, return_final_state=True, cu_seqlens=_cu(lens, DEVICE), backend=backend)
     bounds = _cu(lens, "cpu").tolist()
     for i in range(3):
         yi, li = ops.causal_conv1d(x[..., bounds[i] : bounds[i + 1]], w, return_final_state=True, backend="ref")
