@@ -73,9 +73,9 @@ class TaskConfig:
     """Drop examples whose input (without its instruction prefix) + target exceed this many tokens, in training and
     evaluation alike (Spider's reference runs: 1536). Default: `None`, keep all."""
     packing: bool = False
-    """Training only: pack the examples of each micro-batch end to end into rows of `--max_length` tokens (which it
-    needs) instead of padding them to the longest; each example still runs from its own initial states and its loss
-    is unchanged (docs/training.md, "Packed sequences"). Not with `--train.cuda_graph`."""
+    """Training only: lay the examples of each micro-batch end to end in one packed row instead of padding them to the
+    longest (needs `--max_length`, which every example must fit); each example still runs from its own initial
+    states and its loss is unchanged (docs/training.md, "Packed sequences"). Not with `--train.cuda_graph`."""
 
     def __post_init__(self) -> None:
         if self.source not in ("auto", "local", "hub"):

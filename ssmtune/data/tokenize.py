@@ -168,22 +168,25 @@ class Collator:
 
 
 class PackingCollator:
-    """Packs a list of items into rows of ``max_length`` tokens laid end to end as one ``[1, rows * max_length]``
-    batch with ``cu_seqlens`` (int32 ``[n_seq + 1]``), for ``model(input_ids, cu_seqlens=...)``.
+    """Packs a list of items end to end into one ``[1, total]`` batch with ``cu_seqlens`` (int32 ``[n_seq + 1]``), for
+    ``model(input_ids, cu_seqlens=...)``.
 
-    Each item goes into the first row with room for it (first fit, a new row when none has); the rest of each row is one
-    padding sequence (labels ignored), so every batch is a whole number of rows (static shapes per row count). Labels
-    keep each example's mask, and the model ignores each sequence's first label (no position predicts it), so the
-    summed loss equals the unpacked one. An item longer than ``max_length`` is refused: tokenise with the same
-    ``max_length`` (training inputs are cut from the left to fit it). ``token_mask`` [1, L] marks real tokens;
+    Labels keep each example's mask, and the model ignores each sequence's first label (no position predicts it), so
+    the summed loss equals the unpacked one. An item longer than ``max_length`` is refused: tokenise with the same
+    ``max_length`` (training inputs are cut from the left to fit it). ``token_mask`` [1, total] marks real tokens;
     ``prompt_lengths`` and ``example_index`` follow the items' order, not the packed one.
+
+    ``pad_rows=True`` lays the items into rows of ``max_length`` tokens instead (first fit: each item into the first
+    row with room for it), the rest of each row one padding sequence with ignored labels: a whole number of rows, the
+    shape static kernels would need. Without such kernels the padding only costs: its tokens run through every layer.
     """
 
-    def __init__(self, pad_token_id: int, max_length: int) -> None:
+    def __init__(self, pad_token_id: int, max_length: int, *, pad_rows: bool = False) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 for packing, got {max_length!r}")
         self.pad_token_id = pad_token_id
         self.max_length = max_length
+        self.pad_rows = pad_rows
 
     def rows(self, lengths: list[int]) -> list[list[int]]:
         """Item indices per row: first fit, each item into the first row with room for it (a new row when none)."""
@@ -203,8 +206,11 @@ class PackingCollator:
         return rows
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        rows = self.rows([len(it["input_ids"]) for it in items])
-        total = len(rows) * self.max_length
+        lengths = [len(it["input_ids"]) for it in items]
+        rows = self.rows(lengths) if self.pad_rows else [list(range(len(items)))]
+        if not self.pad_rows and max(lengths) > self.max_length:
+            self.rows(lengths)  # the same refusal
+        total = len(rows) * self.max_length if self.pad_rows else sum(lengths)
         input_ids = torch.full((1, total), self.pad_token_id, dtype=torch.long)
         labels = torch.full((1, total), IGNORE_INDEX, dtype=torch.long)
         token_mask = torch.zeros((1, total), dtype=torch.long)
@@ -218,7 +224,7 @@ class PackingCollator:
                 pos += len(ids)
                 bounds.append(pos)
             end = (r + 1) * self.max_length
-            if pos < end:  # the row's padding: a sequence of its own
+            if self.pad_rows and pos < end:  # the row's padding: a sequence of its own
                 pos = end
                 bounds.append(pos)
         return {

@@ -277,9 +277,9 @@ def selective_scan(
     fn = resolve(op, backend, u.device)
     if bounds is not None:
         timed = {"u": u, "delta": delta, "B": B, "C": C, "z": z}
-        return scan_packed(fn, bounds, 2, timed, ("delta", "delta_bias", "delta_softplus"), return_final_state, A=A,
-                           D=D, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
-                           state_offset=state_offset, y_offset=y_offset)  # fmt: skip
+        rows = {"initial_state": (initial_state, 2), "state_offset": (state_offset, 2), "y_offset": (y_offset, 1)}
+        return scan_packed(fn, bounds, 2, timed, rows, ("delta", "delta_bias", "delta_softplus"), return_final_state,
+                           A=A, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus)  # fmt: skip
     return fn(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
@@ -394,9 +394,9 @@ def ssd_scan(
     fn = resolve(op, backend, x.device)
     if bounds is not None:
         timed = {"x": x, "dt": dt, "B": B, "C": C, "z": z}
-        return scan_packed(fn, bounds, 1, timed, ("dt", "dt_bias", "dt_softplus"), return_final_state, A=A,
-                           chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                           initial_state=initial_state, state_offset=state_offset, y_offset=y_offset)  # fmt: skip
+        rows = {"initial_state": (initial_state, 3), "state_offset": (state_offset, 3), "y_offset": (y_offset, 2)}
+        return scan_packed(fn, bounds, 1, timed, rows, ("dt", "dt_bias", "dt_softplus"), return_final_state, A=A,
+                           chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)  # fmt: skip
     return fn(
         x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
         initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,

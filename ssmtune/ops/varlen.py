@@ -6,17 +6,19 @@ gives their boundaries. Every sequence starts from its own initial state (row i 
 or the shared one), reads its own state offset h' and output offset y' (shared, or ``[n_seq, ...]``) and yields its
 own final state (``[n_seq, ...]``). The result equals separate runs of the sequences, gradients included.
 
-How: the ops gather the sequences into a left-padded batch of ``n_seq`` rows, one row per sequence ending at the
-last column, run the chosen backend once on it, and gather the real positions back. A padding step is an exact
-identity of the recurrence: its step size is 0 (``softplus(-1e4) == 0`` in fp32, so exp(0·A) = 1 and Δ·x·B = 0),
-so each row's state is its initial state when its first token arrives and its final state is the state after its
-last token. The conv places each sequence's initial conv state in the K-1 columns before its first token. So every
-backend and every flag supports packing with the maths of its unpacked path, in one call per op; the scans run
-``n_seq × longest`` steps (the dense layers around them see only the packed tokens).
+How: the ops sort the sequences by length into buckets whose shortest sequence is at least half their longest,
+gather each bucket into a left-padded batch, one row per sequence ending at the last column, run the chosen backend
+once per bucket, and gather the real positions back. A padding step is an exact identity of the recurrence: its step
+size is 0 (``softplus(-1e4) == 0`` in fp32, so exp(0·A) = 1 and Δ·x·B = 0), so each row's state is its initial
+state when its first token arrives and its final state is the state after its last token. The conv places each
+sequence's initial conv state in the K-1 columns before its first token. So every backend and every flag supports
+packing with the maths of its unpacked path, in one call per bucket (lengths 32..2048: at most 6), and the scans run
+at most about twice the packed steps.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 
@@ -32,7 +34,13 @@ def check_cu_seqlens(op: str, cu_seqlens: object, batch: int, total: int) -> lis
         raise ValueError(f"{op}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
     if batch != 1:
         raise ValueError(f"{op}: cu_seqlens needs a packed batch of one row, got batch {batch}")
-    bounds = [int(v) for v in cu_seqlens.tolist()]
+    # every op of every layer reads the same tensor: one host copy per tensor version, kept on the tensor itself
+    cached = getattr(cu_seqlens, "_ssmtune_bounds", None)
+    if cached is not None and cached[0] == cu_seqlens._version:
+        bounds = cached[1]
+    else:
+        bounds = [int(v) for v in cu_seqlens.tolist()]
+        cu_seqlens._ssmtune_bounds = (cu_seqlens._version, bounds)
     if bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(f"{op}: cu_seqlens must start at 0 and end at the packed length {total}, got {bounds}")
     if any(b <= a for a, b in itertools.pairwise(bounds)):
@@ -41,38 +49,72 @@ def check_cu_seqlens(op: str, cu_seqlens: object, batch: int, total: int) -> lis
 
 
 PAD_LOGIT = -1.0e4  # a padding step's pre-softplus step size: softplus gives exactly 0 in fp32
+BUCKET_RATIO = 2  # a bucket's shortest sequence is at least 1/2 of its longest: at most ~2x the packed steps
 
 
-def _layout(bounds: list[int], width: int, lead: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded rows: ``idx`` [n, width] positions in the packed axis (``total``: the zero slot; ``total + 1 + j``:
-    slot j of the ``lead`` columns before each sequence, e.g. its initial conv state), and ``keep`` [total], the
-    flat positions of the packed tokens in the [n * width] rows."""
-    total, n = bounds[-1], len(bounds) - 1
-    idx = torch.full((n, width), total, dtype=torch.long)
-    keep = []
-    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
-        start = width - (b - a)
-        idx[i, start:] = torch.arange(a, b)
-        if lead:
-            idx[i, start - lead : start] = total + 1 + i * lead + torch.arange(lead)
-        keep.append(i * width + start + torch.arange(b - a))
-    return idx.to(device), torch.cat(keep).to(device)
+@functools.lru_cache(maxsize=64)  # the ops of every layer share a forward's plan
+def _plan(bounds: tuple[int, ...], lead: int, slots: bool, device: torch.device):
+    """Buckets of sequences of similar lengths, longest first, each a left-padded batch of rows.
+
+    Per bucket: ``ids`` [m] (its sequences), ``idx`` [m, width] positions in the packed axis (``total``: the zero
+    slot; with ``slots``, ``total + 1 + i * lead + j``: slot j of the ``lead`` columns before sequence i, e.g. its
+    initial conv state; else those columns are zero padding) and ``keep``, the flat positions of its tokens in its
+    [m * width] rows. ``order`` [total] puts the concatenated buckets' tokens back in packed order, ``seq_order``
+    [n_seq] their sequences."""
+    total = bounds[-1]
+    lens = [b - a for a, b in itertools.pairwise(bounds)]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lens)), key=lambda i: -lens[i]):
+        if groups and lens[i] * BUCKET_RATIO >= lens[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    buckets, positions = [], []
+    for ids in groups:
+        width = lens[ids[0]] + lead
+        idx = torch.full((len(ids), width), total, dtype=torch.long)
+        keep = []
+        for r, i in enumerate(ids):
+            a, b = bounds[i], bounds[i + 1]
+            start = width - (b - a)
+            idx[r, start:] = torch.arange(a, b)
+            if slots:
+                idx[r, start - lead : start] = total + 1 + i * lead + torch.arange(lead)
+            keep.append(r * width + start + torch.arange(b - a))
+            positions.append(torch.arange(a, b))
+        buckets.append((torch.tensor(ids, device=device), idx.to(device), torch.cat(keep).to(device)))
+    order = torch.empty(total, dtype=torch.long)
+    order[torch.cat(positions)] = torch.arange(total)
+    seq_order = torch.argsort(torch.tensor([i for ids in groups for i in ids]))
+    return buckets, order.to(device), seq_order.to(device)
 
 
-def _to_rows(t: torch.Tensor, time_dim: int, idx: torch.Tensor, fill: float = 0.0, lead=None) -> torch.Tensor:
-    """[1, ..., total (at time_dim), ...] -> [n, ..., width, ...]; padding holds ``fill``, lead slots ``lead``
-    ([n * lead, ...] rows in the time-first order)."""
-    src = t[0].movedim(time_dim - 1, 0)  # [total, ...]
+def _to_rows(src: torch.Tensor, time_dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """Time-first source [total + slots, ...] -> rows [m, ..., width (at time_dim), ...]."""
+    return src[idx].movedim(1, time_dim).contiguous()
+
+
+def _time_first(t: torch.Tensor, time_dim: int, fill: float = 0.0, lead: torch.Tensor | None = None) -> torch.Tensor:
+    """[1, ..., total (at time_dim), ...] -> [total + 1 (+ lead rows), ...]: the zero slot holds ``fill``."""
+    src = t[0].movedim(time_dim - 1, 0)
     parts = [src, src.new_full((1, *src.shape[1:]), fill)]
     if lead is not None:
         parts.append(lead.to(src.dtype))
-    return torch.cat(parts)[idx].movedim(1, time_dim).contiguous()  # [n, ..., width, ...]
+    return torch.cat(parts)
 
 
-def _from_rows(y: torch.Tensor, time_dim: int, keep: torch.Tensor) -> torch.Tensor:
-    """[n, ..., width, ...] -> [1, ..., total, ...], the packed positions only."""
-    y = y.movedim(time_dim, 1)
-    return y.reshape(-1, *y.shape[2:])[keep].movedim(0, time_dim - 1).unsqueeze(0)
+def _from_buckets(ys: list[torch.Tensor], keeps: list[torch.Tensor], time_dim: int, order: torch.Tensor):
+    """Bucket outputs [m, ..., width, ...] -> the packed [1, ..., total, ...]."""
+    flat = []
+    for y, keep in zip(ys, keeps, strict=True):
+        y = y.movedim(time_dim, 1)
+        flat.append(y.reshape(-1, *y.shape[2:])[keep])
+    return torch.cat(flat)[order].movedim(0, time_dim - 1).unsqueeze(0)
+
+
+def _pick(t: torch.Tensor | None, shared_ndim: int, ids: torch.Tensor) -> torch.Tensor | None:
+    """A bucket's rows of a per-sequence tensor; a shared one as it is."""
+    return t if t is None or t.dim() == shared_ndim else t.index_select(0, ids)
 
 
 def scan_packed(
@@ -80,17 +122,17 @@ def scan_packed(
     bounds: list[int],
     time_dim: int,
     timed: dict[str, torch.Tensor | None],
+    per_seq: dict[str, tuple[torch.Tensor | None, int]],
     step: tuple[str, str, str],
     return_final_state: bool,
     **fixed,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """A scan (``selective_scan`` / ``ssd_scan``) on the left-padded rows of a packed batch.
+    """A scan (``selective_scan`` / ``ssd_scan``) on the left-padded buckets of a packed batch.
 
-    ``timed``: the packed inputs with a time axis; ``step``: the names of the step size, its bias and softplus flag;
-    ``fixed``: every other argument (per-sequence states and offsets are already [n_seq, ...] rows)."""
-    width = max(b - a for a, b in itertools.pairwise(bounds))
+    ``timed``: the packed inputs with a time axis; ``per_seq``: name -> (tensor, dims when shared), per sequence or
+    shared; ``step``: the names of the step size, its bias and softplus flag; ``fixed``: every other argument."""
     dt_name, bias_name, softplus_name = step
-    idx, keep = _layout(bounds, width, 0, timed[dt_name].device)
+    buckets, order, seq_order = _plan(tuple(bounds), 0, False, timed[dt_name].device)
     if not fixed[softplus_name]:  # fold the bias in, so that a zero pad is a zero step
         bias = fixed.pop(bias_name)
         if bias is not None:
@@ -99,14 +141,18 @@ def scan_packed(
             shape[1 if time_dim == 2 else 2] = -1
             timed[dt_name] = (dt.float() + bias.float().view(shape)).to(dt.dtype)
         fixed[bias_name] = None
-    rows = {}
-    for k, t in timed.items():
-        fill = PAD_LOGIT if k == dt_name and fixed[softplus_name] else 0.0
-        rows[k] = None if t is None else _to_rows(t, time_dim, idx, fill)
-    out = fn(**rows, **fixed, return_final_state=return_final_state)
-    y, final = out if return_final_state else (out, None)
-    y = _from_rows(y, time_dim, keep)
-    return (y, final) if return_final_state else y
+    fill = {k: PAD_LOGIT if k == dt_name and fixed[softplus_name] else 0.0 for k in timed}
+    srcs = {k: None if t is None else _time_first(t, time_dim, fill[k]) for k, t in timed.items()}
+    ys, finals = [], []
+    for ids, idx, _ in buckets:
+        rows = {k: None if t is None else _to_rows(t, time_dim, idx) for k, t in srcs.items()}
+        rows.update({k: _pick(t, nd, ids) for k, (t, nd) in per_seq.items()})
+        out = fn(**rows, **fixed, return_final_state=return_final_state)
+        y, final = out if return_final_state else (out, None)
+        ys.append(y)
+        finals.append(final)
+    y = _from_buckets(ys, [b[2] for b in buckets], time_dim, order)
+    return (y, torch.cat(finals)[seq_order]) if return_final_state else y
 
 
 def conv_packed(
@@ -118,20 +164,26 @@ def conv_packed(
     channels_last: bool,
     **fixed,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``causal_conv1d`` on left-padded rows; each row's initial conv state sits in the K-1 columns before its first
-    token, so no window reaches into another sequence."""
+    """``causal_conv1d`` on left-padded buckets; each row's initial conv state sits in the K-1 columns before its
+    first token, so no window reaches into another sequence."""
     n, lead = len(bounds) - 1, fixed["weight"].shape[1] - 1
-    width = max(b - a for a, b in itertools.pairwise(bounds)) + lead
-    idx, keep = _layout(bounds, width, 0 if initial_state is None else lead, x.device)  # else zero padding
+    buckets, order, seq_order = _plan(tuple(bounds), lead, initial_state is not None, x.device)
     slots = None
     if initial_state is not None:
         h0 = initial_state.expand(n, *initial_state.shape[-2:])  # [n, C, K-1]
         slots = h0.permute(0, 2, 1).reshape(n * lead, -1)  # time-first
-    rows = _to_rows(x, 2, idx, 0.0, slots)
-    out = fn(rows, **fixed, initial_state=None, return_final_state=return_final_state, channels_last=channels_last)
-    y, final = out if return_final_state else (out, None)
+    src = _time_first(x, 2, 0.0, slots)
+    ys, finals = [], []
+    for _, idx, _ in buckets:
+        out = fn(_to_rows(src, 2, idx), **fixed, initial_state=None, return_final_state=return_final_state,
+                 channels_last=channels_last)  # fmt: skip
+        y, final = out if return_final_state else (out, None)
+        ys.append(y)
+        finals.append(final)
+    keeps = [b[2] for b in buckets]
     if channels_last:  # keep the [B, C, L] view of [B, L, C] memory the conv promised
-        y = y.transpose(1, 2).reshape(-1, y.shape[1])[keep].t().unsqueeze(0)
+        flat = [y.transpose(1, 2).reshape(-1, y.shape[1])[keep] for y, keep in zip(ys, keeps, strict=True)]
+        y = torch.cat(flat)[order].t().unsqueeze(0)
     else:
-        y = _from_rows(y, 2, keep)
-    return (y, final) if return_final_state else y
+        y = _from_buckets(ys, keeps, 2, order)
+    return (y, torch.cat(finals)[seq_order]) if return_final_state else y

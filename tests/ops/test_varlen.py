@@ -72,7 +72,7 @@ def _scan(a, cu, backend):
 
 def _ssd(a, cu, backend):
     return ops.ssd_scan(
-        a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size=16, D=a["D"], z=a["z"], dt_bias=a["dt_bias"],
+        a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size=None if DEVICE == "cuda" else 16, D=a["D"], z=a["z"], dt_bias=a["dt_bias"],
         dt_softplus=True, initial_state=a["h0"], state_offset=a["h_off"], y_offset=a["y_off"],
         return_final_state=True, cu_seqlens=cu, backend=backend,
     )  # fmt: skip

@@ -34,24 +34,28 @@ def items(n: int = 12, seed: int = 0, max_len: int = 20) -> list[dict]:
 def test_rows_and_cu_seqlens():
     batch = [{"input_ids": [1] * n, "labels": [5] * n, "prompt_length": 0, "example_index": i}
              for i, n in enumerate([3, 4, 2, 6, 1])]  # fmt: skip
-    out = PackingCollator(0, 8)(batch)
+    out = PackingCollator(0, 8, pad_rows=True)(batch)
     # first fit: rows [3, 4, 1] [2, 6]
     assert out["input_ids"].shape == (1, 16)
     assert out["cu_seqlens"].tolist() == [0, 3, 7, 8, 10, 16]
     assert out["cu_seqlens"].dtype == torch.int32
     assert int(out["token_mask"].sum()) == 16
-    out = PackingCollator(0, 8)(batch[:2] + batch[3:])  # [3, 4, 1] [6, pad 2]
+    out = PackingCollator(0, 8, pad_rows=True)(batch[:2] + batch[3:])  # [3, 4, 1] [6, pad 2]
     assert out["cu_seqlens"].tolist() == [0, 3, 7, 8, 14, 16]
     assert int(out["token_mask"].sum()) == 14 and (out["labels"][0, 14:] == IGNORE_INDEX).all()
-    with pytest.raises(ValueError, match="does not fit a row of max_length=4"):
-        PackingCollator(0, 4)(batch)
+    tight = PackingCollator(0, 8)(batch[:2] + batch[3:])  # end to end, in order
+    assert tight["cu_seqlens"].tolist() == [0, 3, 7, 13, 14] and tight["input_ids"].shape == (1, 14)
+    for pad_rows in (True, False):
+        with pytest.raises(ValueError, match="does not fit a row of max_length=4"):
+            PackingCollator(0, 4, pad_rows=pad_rows)(batch)
 
 
 @pytest.mark.parametrize(("arch", "config"), [("m1", StateOffsetConfig()), ("m2", InitialStateConfig(conv_state=True))])
 def test_packed_training_equals_padded(tmp_path, arch, config):
     data = items(12)
     runs = {}
-    for name, collate in (("padded", Collator(0)), ("packed", PackingCollator(0, 24))):
+    collators = {"padded": Collator(0), "packed": PackingCollator(0, 24), "rows": PackingCollator(0, 24, pad_rows=True)}
+    for name, collate in collators.items():
         model = get_peft_model(tiny_model(arch), config)
         cfg = TrainConfig(max_steps=3, batch_size=4, micro_batch_size=2, lr=3e-2, save_steps=0, progress=False,
                           log_steps=1, seed=3)  # fmt: skip
@@ -60,8 +64,10 @@ def test_packed_training_equals_padded(tmp_path, arch, config):
         losses = [r["loss"] for r in map(json.loads, lines) if r["type"] == "train"]
         weights = [p.detach().clone() for p in model.parameters() if p.requires_grad]
         runs[name] = losses, weights
-    (lp, wp), (lq, wq) = runs["padded"], runs["packed"]
+    lp, wp = runs["padded"]
     assert len(lp) == 3
-    assert lq == pytest.approx(lp, rel=1e-5)
-    for a, b in zip(wp, wq, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for name in ("packed", "rows"):
+        lq, wq = runs[name]
+        assert lq == pytest.approx(lp, rel=1e-5), name
+        for a, b in zip(wp, wq, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
