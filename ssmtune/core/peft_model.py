@@ -403,8 +403,16 @@ class PeftModel(nn.Module):
 
 
 def _check_rows(adapter_names: Sequence[str | None], args: tuple, kwargs: dict) -> None:
-    """One adapter name per batch row, for forward and generate alike."""
+    """One adapter name per batch row (per sequence of a packed batch), for forward and generate alike."""
     x = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    cu = kwargs.get("cu_seqlens")
+    if isinstance(cu, torch.Tensor):  # state adapters are routed per sequence; LoRA's rows are refused by the routing
+        if len(adapter_names) != cu.numel() - 1:
+            raise ValueError(
+                f"the packed batch has {cu.numel() - 1} sequences but {len(adapter_names)} adapter names are routed "
+                f"(adapter_names={list(adapter_names)}): give one adapter name (or None) per sequence"
+            )
+        return
     if isinstance(x, torch.Tensor) and x.dim() >= 2 and len(adapter_names) != x.shape[0]:
         raise ValueError(
             f"the batch has {x.shape[0]} rows but {len(adapter_names)} adapter names are routed "

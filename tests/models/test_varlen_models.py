@@ -97,3 +97,22 @@ def test_packed_prefill_equals_row_by_row(arch):
     for r in range(3):
         row = ids[r][mask[r].bool()][None]
         assert torch.equal(lm.generate(row, max_new_tokens=4)[0, -4:], out[r, -4:])
+
+
+@pytest.mark.parametrize("arch", ["m1", "m2"])
+def test_routed_state_adapters_per_sequence(arch):
+    from ssmtune import StateOffsetConfig
+
+    model = get_peft_model(tiny_model(arch, dtype=torch.float64), InitialStateConfig(conv_state=True), "a")
+    model.add_adapter("b", StateOffsetConfig())
+    perturb(model, 0.3)
+    names = ["a", "b", None, "a"]
+    lens = [3, 6, 1, 4]
+    ids = [torch.randint(0, 37, (n,)) for n in lens]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(torch.cat(ids)[None], cu_seqlens=cu, adapter_names=names).logits[0]
+        separate = torch.cat([model(x[None], adapter_names=[n]).logits[0] for x, n in zip(ids, names, strict=True)])
+    assert_close("routed logits", separate, packed, 1e-6)
+    with pytest.raises(ValueError, match="4 sequences but 2 adapter names"):
+        model(torch.cat(ids)[None], cu_seqlens=cu, adapter_names=["a", "b"])
