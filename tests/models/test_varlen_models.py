@@ -20,10 +20,10 @@ LENS = [1, 7, 12, 5]
 PACKABLE = [(c, a) for c in CASES for a in c.arches if c.id != "prompt"]
 
 
-def _packed_vs_separate(model, lens, backend="auto", ratio=1e-5):
+def _packed_vs_separate(model, lens, backend="auto", ratio=1e-5, device="cpu"):
     model.backend = backend
-    ids = [torch.randint(0, 37, (n,)) for n in lens]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    ids = [torch.randint(0, 37, (n,), device=device) for n in lens]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     packed_ids = torch.cat(ids)[None]
     out = model(packed_ids, labels=packed_ids, cu_seqlens=cu)
@@ -116,3 +116,16 @@ def test_routed_state_adapters_per_sequence(arch):
     assert_close("routed logits", separate, packed, 1e-6)
     with pytest.raises(ValueError, match="4 sequences but 2 adapter names"):
         model(torch.cat(ids)[None], cu_seqlens=cu, adapter_names=["a", "b"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["m1", "m2"])
+def test_packed_equals_separate_gpu(arch):
+    """The fused Triton kernels of a whole model (head dim 64 on Mamba-2), 8 sequences up to 2048 tokens."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    kw = {"d_model": 128, "headdim": 64, "chunk_size": 64} if arch == "m2" else {"d_model": 128}
+    model = get_peft_model(tiny_model(arch, **kw).cuda(), InitialStateConfig(conv_state=True))
+    perturb(model, 0.3)
+    # fp32 through TF32 dots: the tolerance of the fused-path tests
+    _packed_vs_separate(model, [2048, 1, 1031, 64, 2047, 513, 7, 1500], backend="triton", ratio=5e-3, device="cuda")
