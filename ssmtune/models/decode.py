@@ -234,13 +234,16 @@ class GraphedDecoder:
         self.captures += 1
 
 
-def decoder_for(model, cache: InferenceCache, *, capture: bool) -> GraphedDecoder:
-    """The model's decoder for the cache's batch (its bucket), built on first use and kept on the LM."""
+def decoder_for(model, cache: InferenceCache, *, capture: bool, owner: object = None) -> GraphedDecoder:
+    """The model's decoder for the cache's batch (its bucket), built on first use and kept on the LM. ``owner``: a
+    user that keeps live states in the decoder between calls (the serving engine) gets decoders of its own, kept on
+    the owner."""
     lm, _ = unwrap(model)
     batch = cache.batch_size
     ref = cache.layers[0].conv_state
-    key = (bucket_size(batch), ref.device, ref.dtype, capture)
-    decoders = lm.__dict__.setdefault(DECODERS_ATTR, {})
+    # buffers made under inference_mode cannot be updated outside it (and the other way round)
+    key = (bucket_size(batch), ref.device, ref.dtype, capture, torch.is_inference_mode_enabled())
+    decoders = (lm if owner is None else owner).__dict__.setdefault(DECODERS_ATTR, {})
     if key not in decoders:
         decoders[key] = GraphedDecoder(lm, key[0], ref.device, ref.dtype, capture)
     return decoders[key]

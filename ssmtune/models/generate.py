@@ -163,7 +163,8 @@ def generate(
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             finished |= torch.isin(nxt, eos_t)
         tokens.append(nxt)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        # without EOS ids no row finishes: no host sync per token
+        if step == max_new_tokens - 1 or (eos and bool(finished.all())):
             break
         logits = stepper.step(nxt)
     return torch.cat([input_ids, torch.stack(tokens, 1).to(input_ids.device)], dim=1)
