@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .cache import InferenceCache
-from .hooks import COLLECTOR_ATTR, MergedState, collect_state
+from .hooks import COLLECTOR_ATTR, MergedState, StateHook, collect_state
 
 DECODERS_ATTR = "_ssmtune_decoders"  # model attribute: {(bucket, device, dtype): GraphedDecoder}
 
@@ -72,13 +73,25 @@ class _StaticCollector:
 
 
 def _signature(lm: nn.Module) -> tuple:
-    """What a captured step depends on besides its buffers: parameter addresses and shapes, hook flags, backends."""
+    """What a captured step depends on besides its buffers: parameter addresses and shapes (adapters added, deleted
+    or replaced), the ``active`` / ``merged`` flags of modules that run in the step (LoRA), the backends. State hooks'
+    flags are left out: the step reads their offsets from the static buffers, so another mix of adapters is a copy."""
     params = tuple((n, p.data_ptr(), tuple(p.shape), p.dtype) for n, p in lm.named_parameters())
     flags = tuple(
         (n, type(m).__name__, getattr(m, "active", None), getattr(m, "merged", None), getattr(m, "backend", None))
         for n, m in lm.named_modules()
+        if not isinstance(m, StateHook)
     )
     return params, flags
+
+
+@dataclass
+class _Step:
+    """The step for one layout of the offset buffers: the buffers, and on CUDA its graph and output."""
+
+    offsets: list[MergedState] = field(default_factory=list)
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None
 
 
 class GraphedDecoder:
@@ -89,16 +102,25 @@ class GraphedDecoder:
         self.mixers = [m for _, m in lm.mixers()]
         self.cache = lm.allocate_cache(bucket, dtype=dtype, device=device)
         self.ids = torch.zeros(bucket, dtype=torch.long, device=device)
-        self.offsets: list[MergedState] = [MergedState() for _ in self.mixers]
-        self.layout: tuple | None = None  # (shape, dtype) of every offset buffer
+        # one step per layout of the offset buffers (which fields are set, per row or shared, dtypes); all are dropped
+        # when the model's signature changes
+        self.steps: dict[tuple, _Step] = {}
+        self.current = _Step([MergedState() for _ in self.mixers])
         self.signature: tuple | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
         self.batch = 0
         self.routing = None
         self.rows: torch.Tensor | None = None
-        self.replays = 0  # graph replays (tests and benchmarks read it)
-        self.captures = 0
+        self.replays = 0  # graph replays
+        self.captures = 0  # steps built: captured on CUDA (on other devices, the captures that CUDA would make)
+
+    @property
+    def offsets(self) -> list[MergedState]:
+        """Per mixer, the static h' / y' buffers the step reads."""
+        return self.current.offsets
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        return self.current.graph
 
     # --- per generate call ------------------------------------------------------------------------------------------
 
@@ -116,12 +138,13 @@ class GraphedDecoder:
             self.rows = torch.cat([base, base[:1].expand(pad)]) if pad else base
         offsets = self._collect(batch, routing, rows)
         layout = tuple(self._layout(mixer, st) for mixer, st in zip(self.mixers, offsets))
-        if layout != self.layout:
-            self.offsets = [self._buffers(entry) for entry in layout]
-            self.layout, self.graph = layout, None
         signature = _signature(self.lm)
         if signature != self.signature:
-            self.signature, self.graph = signature, None
+            self.signature, self.steps = signature, {}
+        new = layout not in self.steps
+        if new:
+            self.steps[layout] = _Step([self._buffers(entry) for entry in layout])
+        self.current = self.steps[layout]
         for st, buf in zip(offsets, self.offsets):
             for src, dst in ((st.h_off, buf.h_off), (st.y_off, buf.y_off)):
                 if dst is None:
@@ -131,8 +154,10 @@ class GraphedDecoder:
                 else:  # per-row offsets of B rows in a bucket of more
                     dst.zero_()
                     dst[:batch].copy_(src)
-        if self.capture and self.graph is None:
-            self._capture()
+        if new:
+            if self.capture:
+                self._capture()
+            self.captures += 1
         self.ids.zero_()
         for static, layer in zip(self.cache.layers, cache.layers):
             static.conv_state.zero_()
@@ -177,7 +202,7 @@ class GraphedDecoder:
         if self.graph is not None:
             self.graph.replay()
             self.replays += 1
-            logits = self.logits
+            logits = self.current.logits
         else:
             logits = self._forward()
         self.cache.seqlen_offset += 1
@@ -229,9 +254,8 @@ class GraphedDecoder:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self._forward()
-        self.graph = graph
-        self.captures += 1
+            self.current.logits = self._forward()
+        self.current.graph = graph
 
 
 def decoder_for(model, cache: InferenceCache, *, capture: bool, owner: object = None) -> GraphedDecoder:

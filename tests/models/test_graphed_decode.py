@@ -74,10 +74,11 @@ def test_mixed_adapters_per_row(arch, num_beams) -> None:
     kw = {"max_new_tokens": 5, "num_beams": num_beams, "adapter_names": ROWS, "attention_mask": mask}
     eager, static = _both(peft, ids, **kw)
     assert torch.equal(eager, static)
-    # a new mix of the same adapters copies into the same buffers: no new decoder
-    decoders = dict(peft.base_model.__dict__[DECODERS_ATTR])
+    # a new mix of the same adapters copies into the same buffers: no new step ("capture")
+    (dec,) = peft.base_model.__dict__[DECODERS_ATTR].values()
+    captures = dec.captures
     _, again = _both(peft, ids, **(kw | {"adapter_names": ROWS[::-1]}))
-    assert peft.base_model.__dict__[DECODERS_ATTR].keys() == decoders.keys()
+    assert dec.captures == captures
     assert torch.equal(again, peft.generate(ids, cuda_graph=False, **(kw | {"adapter_names": ROWS[::-1]})))
 
 
@@ -207,3 +208,24 @@ def test_cuda_mixed_lora_falls_back_with_a_note() -> None:
     with pytest.warns(UserWarning, match="graphed decoding off"):
         out = peft.generate(ids, max_new_tokens=4, adapter_names=["la", "h"])
     assert torch.equal(out, peft.generate(ids, max_new_tokens=4, adapter_names=["la", "h"], cuda_graph=False))
+
+
+def test_steps_are_kept_per_offset_layout() -> None:
+    """A step is built once per layout of the offset buffers and kept; another mix of adapters reuses it; a model
+    change (an adapter added) drops them all."""
+    peft = _peft("m1", ADAPTERS)
+    ids = _prompts(4)
+
+    def run(names):
+        static = peft.generate(ids, max_new_tokens=3, cuda_graph=True, adapter_names=names)
+        assert torch.equal(static, peft.generate(ids, max_new_tokens=3, cuda_graph=False, adapter_names=names))
+        (dec,) = peft.base_model.__dict__[DECODERS_ATTR].values()
+        return dec.captures
+
+    assert run(["h", "y", "h", None]) == 1
+    assert run(["h_lowrank", "y", "y", "h"]) == 1  # h' and y' per row again: same buffers
+    assert run(["h", "h", None, "h"]) == 2  # h' only
+    assert run(["y", None, "h", "y"]) == 2
+    assert run(["h", None, None, "h_lowrank"]) == 2
+    peft.add_adapter("extra", StateOffsetConfig())
+    assert run(["h", "y", "h", None]) == 3
