@@ -229,3 +229,23 @@ def test_steps_are_kept_per_offset_layout() -> None:
     assert run(["h", None, None, "h_lowrank"]) == 2
     peft.add_adapter("extra", StateOffsetConfig())
     assert run(["h", "y", "h", None]) == 3
+
+
+def test_eval_generation_passes_cuda_graph_off(monkeypatch) -> None:
+    from ssmtune.eval.generation import complete
+
+    peft = _peft("m1", {"h": StateOffsetConfig()})
+    seen = []
+    generate = peft.generate
+    monkeypatch.setattr(peft, "generate", lambda *a, **kw: seen.append(kw.get("cuda_graph")) or generate(*a, **kw))
+
+    class Tok:
+        eos_token_id, pad_token_id = 0, 0
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    assert complete(peft, Tok(), [1, 2, 3], max_new_tokens=4) == complete(
+        peft, Tok(), [1, 2, 3], max_new_tokens=4, cuda_graph=False
+    )
+    assert seen == [None, False]
