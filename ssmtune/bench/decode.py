@@ -8,6 +8,9 @@ batch's rows to the N adapters in turn (``adapter_names=``, rows r -> adapter r 
 The peers have no adapter: they decode the bare model of the same shape (Mamba-1: d_state 16; Mamba-2: headdim 64,
 d_state 128). mamba_ssm is timed when it imports (its default fused path, CUDA graphs on).
 
+``--num-beams k`` times beam search instead (what ``ssmtune eval`` runs on generation tasks, k = 5, batch 1): tok/s
+count the rows' tokens, not the beams'; mamba_ssm has no beam search (its rows are skipped).
+
 Stacks: ``graph`` = ``generate(cuda_graph=None)`` (captured on CUDA; on the CPU the static decoder runs eagerly),
 ``eager`` = ``generate(cuda_graph=False)``, ``mamba_ssm``, ``transformers``.
 
@@ -91,17 +94,19 @@ def build_transformers(model: str, shape: str, device: torch.device, dtype: torc
     return m.to(dtype=dtype).eval()
 
 
-def generator_fn(stack: str, m, ids: torch.Tensor, names: list[str] | None) -> Callable[[int], torch.Tensor]:
-    """``fn(n)``: greedy generate of n tokens after ``ids`` on the stack's model."""
+def generator_fn(
+    stack: str, m, ids: torch.Tensor, names: list[str] | None, beams: int = 1
+) -> Callable[[int], torch.Tensor]:
+    """``fn(n)``: greedy (or beam search) generate of n tokens after ``ids`` on the stack's model."""
     length = ids.shape[1]
     if stack in ("graph", "eager"):
         cg = None if stack == "graph" else False
-        return lambda n: m.generate(ids, max_new_tokens=n, cuda_graph=cg, adapter_names=names)
+        return lambda n: m.generate(ids, max_new_tokens=n, num_beams=beams, cuda_graph=cg, adapter_names=names)
     if stack == "mamba_ssm":
         return lambda n: m.generate(ids, max_length=length + n, cg=True, top_k=1)
     mask = torch.ones_like(ids)
     return lambda n: m.generate(
-        ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, num_beams=beams
     )
 
 
@@ -121,10 +126,11 @@ def time_generate(fn: Callable[[int], torch.Tensor], n: int, repeats: int, devic
     return statistics.median(t_n), statistics.median(t_1)
 
 
-def check(peft, ids: torch.Tensor, names: list[str] | None) -> None:
+def check(peft, ids: torch.Tensor, names: list[str] | None, beams: int = 1) -> None:
+    kw = {"max_new_tokens": 16, "adapter_names": names, "num_beams": beams}
     with torch.inference_mode():
-        eager = peft.generate(ids, max_new_tokens=16, cuda_graph=False, adapter_names=names)
-        graph = peft.generate(ids, max_new_tokens=16, cuda_graph=None if ids.is_cuda else True, adapter_names=names)
+        eager = peft.generate(ids, cuda_graph=False, **kw)
+        graph = peft.generate(ids, cuda_graph=None if ids.is_cuda else True, **kw)
     if not torch.equal(eager, graph):
         same = (eager == graph).float().mean().item()
         raise CheckFailed(f"graphed decoding differs from eager decoding ({same:.1%} of the tokens agree)")
@@ -138,6 +144,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128)")
     ap.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 128)")
     ap.add_argument("--adapters", type=int, default=None, help="State-offset adapters of the mixed rows (default 16)")
+    ap.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")
     ap.add_argument("--repeats", type=int, default=3)
 
 
@@ -150,14 +157,16 @@ def run(args: argparse.Namespace) -> dict:
     n_adapters = args.adapters or (4 if args.small else 16)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vocab = SHAPES[shape]["vocab_size"]
-    missing = {"mamba_ssm": mamba_ssm_missing() if device.type == "cuda" else "needs CUDA",
+    beams = args.num_beams
+    missing = {"mamba_ssm": ("no beam search" if beams > 1 else mamba_ssm_missing() if device.type == "cuda"
+                             else "needs CUDA"),
                "transformers": None if transformers_peft()[0] is not None else transformers_peft()[1]}  # fmt: skip
     rows = []
     for model in args.models:
         peft = build_ours(model, shape, n_adapters, device, dtype)
         ids0 = torch.randint(1, vocab, (batches[0], prompt_len), generator=torch.Generator().manual_seed(0))
         mixed0 = [f"a{r % n_adapters}" for r in range(batches[0])] if batches[0] >= n_adapters else None
-        check(peft, ids0.to(device), mixed0)
+        check(peft, ids0.to(device), mixed0, beams)
         peers = {}
         for stack in args.stacks:
             why = missing.get(stack)
@@ -171,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
                     mixes = [("bare", None)]
                 for mix, names in mixes:
                     row = {"model": model, "stack": stack, "batch": batch, "adapters": mix, "prompt_len": prompt_len,
-                           "new_tokens": new, "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+                           "new_tokens": new, "num_beams": beams, "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
                     rows.append(row)
                     if why is not None:
                         row["status"] = f"unavailable: {why}"
@@ -181,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
                             build = build_mamba_ssm if stack == "mamba_ssm" else build_transformers
                             peers[stack] = build(model, shape, device, dtype)
                         m = peers.get(stack, peft)
-                        t_n, t_1 = time_generate(generator_fn(stack, m, ids, names), new, args.repeats, device)
+                        t_n, t_1 = time_generate(generator_fn(stack, m, ids, names, beams), new, args.repeats, device)
                         row.update(status="ok", s_new=t_n, s_one=t_1, e2e_tok_s=batch * new / t_n)
                         row["decode_tok_s"] = batch * (new - 1) / (t_n - t_1) if t_n > t_1 else None
                     except Exception as e:  # noqa: BLE001 - a peer's failure is a row, not the end of the run
