@@ -132,6 +132,7 @@ class GraphedDecoder:
             raise ValueError(f"cache batch {batch} does not fit the decoder's bucket of {self.bucket} rows")
         self.batch, self.routing = batch, routing
         pad = self.bucket - batch
+        self.rows = None
         if routing is not None:
             base = torch.arange(len(routing)) if rows is None else rows.cpu()
             # pad rows follow row 0's adapter: their logits are never read
@@ -258,6 +259,16 @@ class GraphedDecoder:
         self.current.graph = graph
 
 
+class _Decoders(dict):
+    """The decoders kept on a model: copies of the model (``copy.deepcopy``, pickling) start without them."""
+
+    def __deepcopy__(self, memo) -> _Decoders:
+        return _Decoders()
+
+    def __reduce__(self):
+        return _Decoders, ()
+
+
 def decoder_for(model, cache: InferenceCache, *, capture: bool, owner: object = None) -> GraphedDecoder:
     """The model's decoder for the cache's batch (its bucket), built on first use and kept on the LM. ``owner``: a
     user that keeps live states in the decoder between calls (the serving engine) gets decoders of its own, kept on
@@ -267,7 +278,7 @@ def decoder_for(model, cache: InferenceCache, *, capture: bool, owner: object = 
     ref = cache.layers[0].conv_state
     # buffers made under inference_mode cannot be updated outside it (and the other way round)
     key = (bucket_size(batch), ref.device, ref.dtype, capture, torch.is_inference_mode_enabled())
-    decoders = (lm if owner is None else owner).__dict__.setdefault(DECODERS_ATTR, {})
+    decoders = (lm if owner is None else owner).__dict__.setdefault(DECODERS_ATTR, _Decoders())
     if key not in decoders:
         decoders[key] = GraphedDecoder(lm, key[0], ref.device, ref.dtype, capture)
     return decoders[key]

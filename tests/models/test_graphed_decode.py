@@ -5,6 +5,7 @@ On the CPU the decoder runs its step eagerly (``cuda_graph=True``); the tests ma
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -130,6 +131,9 @@ def test_decoder_buffers_are_static() -> None:
         assert torch.equal(layer.ssm_state[:3], old[[2, 0, 0]])
     with pytest.raises(ValueError, match="reorder index has 2 rows"):
         dec.reorder(torch.tensor([0, 1]))
+    # copies of the model do not carry the decoders (graphs and static buffers)
+    assert DECODERS_ATTR in peft.base_model.__dict__
+    assert not copy.deepcopy(peft).base_model.__dict__[DECODERS_ATTR]
     clear_decoders(peft.base_model)
     assert DECODERS_ATTR not in peft.base_model.__dict__
 
