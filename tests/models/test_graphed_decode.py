@@ -180,19 +180,32 @@ def _cuda_model(arch: str, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("num_beams", [1, 2])
-def test_cuda_graphed_equals_eager(arch, num_beams) -> None:
+@pytest.mark.parametrize("rows", [ROWS + ["y", None], ROWS], ids=["bucket", "padded"])
+def test_cuda_graphed_equals_eager(arch, num_beams, rows) -> None:
+    # "bucket": 8 rows, the eager and the captured step run the same kernels; "padded": 6 rows in a bucket of 8
     peft = _cuda_model(arch, torch.float32)
-    ids = _prompts(len(ROWS), device="cuda")
+    ids = _prompts(len(rows), device="cuda")
     kw = {"max_new_tokens": 12, "num_beams": num_beams}
-    eager, graphed = _both(peft, ids, graphed=None, adapter_names=ROWS, **kw)
+    eager, graphed = _both(peft, ids, graphed=None, adapter_names=rows, **kw)
     assert torch.equal(eager, graphed)
     (dec,) = peft.base_model.__dict__[DECODERS_ATTR].values()
     assert dec.graph is not None and dec.replays > 0 and dec.captures == 1
     # another mix of the same adapters: replayed, not captured again
-    eager, graphed = _both(peft, ids, graphed=None, adapter_names=ROWS[::-1], **kw)
+    eager, graphed = _both(peft, ids, graphed=None, adapter_names=rows[::-1], **kw)
     assert torch.equal(eager, graphed) and dec.captures == 1
     eager, graphed = _both(peft, ids[:1], graphed=None, adapter_names=["h"], **kw)
     assert torch.equal(eager, graphed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("case", "arch"), METHOD_PARAMS)
+def test_cuda_every_method_graphed_equals_eager(case, arch) -> None:
+    peft = get_peft_model(tiny_model(arch), case.make())
+    perturb(peft)
+    peft.cuda()
+    eager, graphed = _both(peft, _prompts(4, device="cuda"), graphed=None, max_new_tokens=8)
+    assert torch.equal(eager, graphed)
+    assert any(d.graph is not None for d in peft.base_model.__dict__[DECODERS_ATTR].values())
 
 
 @pytest.mark.gpu
