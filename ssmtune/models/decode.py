@@ -24,6 +24,7 @@ the graph, on the logits it returns.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -157,7 +158,12 @@ class GraphedDecoder:
                     dst[:batch].copy_(src)
         if new:
             if self.capture:
-                self._capture()
+                try:
+                    self._capture()
+                except Exception as e:  # noqa: BLE001 - an op that cannot be captured: decode, eagerly, all the same
+                    self.capture, self.current.graph = False, None
+                    warnings.warn(f"graphed decoding off for this model, decoding eagerly: the capture failed "
+                                  f"({type(e).__name__}: {str(e)[:200]})", stacklevel=3)  # fmt: skip
             self.captures += 1
         self.ids.zero_()
         for static, layer in zip(self.cache.layers, cache.layers):

@@ -266,3 +266,22 @@ def test_eval_generation_passes_cuda_graph_off(monkeypatch) -> None:
         peft, Tok(), [1, 2, 3], max_new_tokens=4, cuda_graph=False
     )
     assert seen == [None, False]
+
+
+def test_a_failed_capture_decodes_eagerly() -> None:
+    """A capture that raises (here: no CUDA) leaves a decoder that steps eagerly on its buffers, with a warning."""
+    from ssmtune.models.decode import decoder_for
+    from ssmtune.models.generate import EagerStep, prefill
+
+    peft = _peft("m2", {"h": StateOffsetConfig()})
+    lm, ids = peft.base_model, _prompts(4)  # a full bucket: the same shapes as the eager step
+    with torch.no_grad():
+        cache, _ = prefill(lm, ids)
+        ref_cache, _ = prefill(lm, ids)
+        dec = decoder_for(lm, cache, capture=True)
+        with pytest.warns(UserWarning, match="capture failed"):
+            dec.start(cache)
+        assert dec.graph is None and not dec.capture
+        eager = EagerStep(lm, ref_cache)
+        for tok in (ids[:, -1], ids[:, 0]):
+            assert torch.equal(dec.step(tok), eager.step(tok))
