@@ -12,12 +12,12 @@ owns every tensor the step touches, at fixed addresses:
 
 On CUDA the step is captured as a CUDA graph (``capture=True``); elsewhere the same object runs the step eagerly, so
 the buffer logic (bucket padding, routing buffers, in-place beam reorder) is tested on the CPU too. Captured graphs
-are kept on the model per (bucket, device, dtype) and reused while the model's parameters (addresses, shapes), the
-adapters' ``active`` / ``merged`` flags, the backend and the layout of the offset buffers stay the same; otherwise
-the next ``generate`` captures again.
+are kept on the model per (bucket, device, dtype), one per layout of the offset buffers, and reused while the
+model's parameters (addresses, shapes), the LoRA modules' ``active`` / ``merged`` flags and the backends stay the
+same; otherwise the next ``generate`` captures again. A capture that fails warns and leaves the step eager.
 
 Routed LoRA/DoRA (LoRA rows mixed with other rows) picks its rows on the host each step, so it cannot be replayed:
-``supported`` says why and ``generate`` then decodes eagerly. Sampling, beam bookkeeping and stopping stay outside
+``unsupported_reason`` says why and ``generate`` then decodes eagerly. Sampling, beam bookkeeping and stopping stay outside
 the graph, on the logits it returns.
 """
 
