@@ -142,7 +142,9 @@ class GraphedDecoder:
         layout = tuple(self._layout(mixer, st) for mixer, st in zip(self.mixers, offsets))
         signature = _signature(self.lm)
         if signature != self.signature:
+            # the state shapes may have changed too (Additional-scan extends N): fresh buffers
             self.signature, self.steps = signature, {}
+            self.cache = self.lm.allocate_cache(self.bucket, dtype=self.dtype, device=self.device)
         new = layout not in self.steps
         if new:
             self.steps[layout] = _Step([self._buffers(entry) for entry in layout])

@@ -285,3 +285,17 @@ def test_a_failed_capture_decodes_eagerly() -> None:
         eager = EagerStep(lm, ref_cache)
         for tok in (ids[:, -1], ids[:, 0]):
             assert torch.equal(dec.step(tok), eager.step(tok))
+
+
+def test_an_adapter_that_changes_the_state_size() -> None:
+    from ssmtune import AdditionalScanConfig
+
+    # a decoder built for N states, then the model gains states: its buffers are built again
+    peft = _peft("m1", {"lora": LoraConfig(r=2, target_modules=["out_proj"])})
+    ids = _prompts(2)
+    peft.generate(ids, max_new_tokens=3, cuda_graph=True)
+    peft.add_adapter("scan", AdditionalScanConfig(n_states=3))
+    perturb(peft)
+    peft.set_adapter(["lora", "scan"])
+    eager, static = _both(peft, ids, max_new_tokens=5)
+    assert torch.equal(eager, static)
