@@ -261,10 +261,19 @@ class GraphedDecoder:
             for _ in range(warmup):
                 self._forward()
         torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        # capture_begin / capture_end rather than the torch.cuda.graph context, which empties the allocator's cache
+        # first: a model change frees the captured steps, and emptying the cache after freed graphs has faulted
+        # (bench/train_step.py)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.current.logits = self._forward()
-        self.current.graph = graph
+        with torch.cuda.stream(side):
+            graph.capture_begin()
+            try:
+                logits = self._forward()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.current.logits, self.current.graph = logits, graph
 
 
 class _Decoders(dict):
