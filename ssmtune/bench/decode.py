@@ -43,7 +43,8 @@ STACKS = ("graph", "eager", "mamba_ssm", "transformers")
 
 
 def build_ours(model: str, shape: str, n_adapters: int, device: torch.device, dtype: torch.dtype):
-    from ssmtune import StateOffsetConfig, get_peft_model
+    from ssmtune.core.peft_model import get_peft_model
+    from ssmtune.methods import StateOffsetConfig
     from ssmtune.models import causal_lm_for
 
     torch.manual_seed(0)
