@@ -292,15 +292,10 @@ def sync(device: torch.device) -> None:
 
 
 def from_transformers_fn() -> tuple[Callable | None, str]:
-    """``ssmtune.from_transformers``, or None and why not."""
-    try:
-        import ssmtune
-    except Exception as e:  # noqa: BLE001
-        return None, f"ssmtune does not import: {type(e).__name__}: {e}"
-    fn = getattr(ssmtune, "from_transformers", None)
-    if fn is None:
-        return None, "ssmtune.from_transformers is missing (the hybrid mixer swap is not in this tree)"
-    return fn, ""
+    """``ssmtune.from_transformers`` (and the reason ours are skipped: none)."""
+    from ssmtune.models.hybrid import from_transformers
+
+    return from_transformers, ""
 
 
 def hf_model(model: str, small: bool, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -315,7 +310,7 @@ def hf_model(model: str, small: bool, device: torch.device, dtype: torch.dtype) 
 
 
 def ours_config(method: str, targets: list[str] | None = None):
-    from ssmtune import InitialStateConfig, LoraConfig, StateOffsetConfig
+    from ssmtune.methods import InitialStateConfig, LoraConfig, StateOffsetConfig
 
     if method == "state_offset_h":
         return StateOffsetConfig(variant="h")
@@ -327,7 +322,7 @@ def ours_config(method: str, targets: list[str] | None = None):
 
 
 def build_ours(model: str, method: str, small: bool, device: torch.device, targets: list[str] | None = None):
-    from ssmtune import get_peft_model
+    from ssmtune.core.peft_model import get_peft_model
 
     fn, why = from_transformers_fn()
     if fn is None:
@@ -562,7 +557,7 @@ def run_generation(model: str, batch: int, args: argparse.Namespace, device: tor
             if stack == "hf":
                 m = hf_model(model, args.small, device, torch.bfloat16)
             else:
-                from ssmtune import get_peft_model
+                from ssmtune.core.peft_model import get_peft_model
 
                 fn = from_transformers_fn()[0]
                 m = get_peft_model(

@@ -10,7 +10,7 @@ from typing import Any
 
 # the modules that register benchmarks, imported on first use (they import torch, transformers, ...)
 MODULES = ("train_step", "profile_step", "selective_scan", "ssd", "cross_entropy", "serve", "prefix_cache",
-           "distributed", "hybrid_step", "packing")  # fmt: skip
+           "distributed", "hybrid_step", "decode", "packing")  # fmt: skip
 
 
 @dataclass(frozen=True)

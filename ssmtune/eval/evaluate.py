@@ -50,6 +50,9 @@ class EvalConfig:
     """Beam scores are divided by length**length_penalty (length-normalised beam scoring)."""
     max_length: int | None = None
     """Cut evaluation inputs from the left to fit this many tokens. Default: `None`, no limit."""
+    cuda_graph: bool = True
+    """Generation on CUDA decodes from captured CUDA graphs (docs/serving.md, Graphed decoding); `false`: eager steps
+    (the same tokens, slower)."""
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -144,7 +147,8 @@ def evaluate(
                 preds.append(complete(model, tokenizer, item["input_ids"][: item["prompt_length"]],
                                       max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
                                       min_new_tokens=config.min_new_tokens,
-                                      length_penalty=config.length_penalty).strip())  # fmt: skip
+                                      length_penalty=config.length_penalty,
+                                      cuda_graph=config.cuda_graph).strip())  # fmt: skip
                 ex = dataset.example(i)
                 refs.append(ex.get("references") or [ex["target"]])
             scores = generation_scores(task_name, preds, refs)

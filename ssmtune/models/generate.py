@@ -4,14 +4,21 @@ Greedy, sampling (temperature, top-k, top-p) and length-normalised beam search. 
 (``attention_mask``, either padding side) are prefilled one by one on their real tokens and then decoded together,
 so every row gets what it would get alone: no pad token ever enters a state, and initial states of state hooks act
 at each row's first real token (docs/methods.md §4.3).
+
+Decoding steps run through ``decode.GraphedDecoder`` on CUDA (``cuda_graph=None``, the default): the one-token step
+is captured once per batch-size bucket and replayed; prefill, sampling and beam bookkeeping stay eager. When the
+model cannot decode from a graph (``decode.unsupported_reason``) a one-line warning says why and decoding is eager.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .cache import InferenceCache
+from .decode import decoder_for, unsupported_reason
 
 
 def _eos_list(eos_token_id: int | list[int] | None) -> list[int]:
@@ -63,6 +70,40 @@ def _packable(model) -> bool:
     return not any(getattr(m, COLLECTOR_ATTR, None) is not None for m in model.modules())
 
 
+class EagerStep:
+    """The decode step without a graph: the model's forward on one token per row, the cache reordered by copy."""
+
+    def __init__(self, model, cache: InferenceCache) -> None:
+        self.model, self.cache = model, cache
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens[:, None], cache=self.cache).logits[:, -1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.cache.reorder(index)
+
+
+def decode_step(model, cache: InferenceCache, cuda_graph: bool | None = None, rows: torch.Tensor | None = None):
+    """The step object for decoding from a prefilled ``cache``: ``step(tokens [B]) -> logits [B, V]`` and
+    ``reorder(index)``. ``cuda_graph``: None = a graphed decoder on CUDA when the model supports it, else eager;
+    False = eager; True = the static decoder (captured on CUDA, run eagerly on other devices; ValueError when the
+    model does not support it). ``rows``: the routed row of each cache row (beams), for a routed model."""
+    if cuda_graph is False:
+        return EagerStep(model, cache)
+    on_cuda = cache.layers[0].conv_state is not None and cache.layers[0].conv_state.is_cuda
+    if cuda_graph is None and not on_cuda:
+        return EagerStep(model, cache)
+    reason = unsupported_reason(model, capture=on_cuda)
+    if reason is not None:
+        if cuda_graph:
+            raise ValueError(f"cuda_graph=True is not supported here: {reason}")
+        warnings.warn(f"graphed decoding off, decoding eagerly: {reason}", stacklevel=3)
+        return EagerStep(model, cache)
+    decoder = decoder_for(model, cache, capture=on_cuda)
+    decoder.start(cache, getattr(model, "routing", None), rows)
+    return decoder
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the smallest set with probability >= top_p."""
     if top_k is not None and top_k < logits.shape[-1]:
@@ -94,10 +135,12 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     min_new_tokens: int = 0,
     generator: torch.Generator | None = None,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after ``input_ids`` [B, L]. Returns [B, L + new] (the prompts as given,
     then the new tokens; rows that stopped early are filled with ``pad_token_id``, or the first EOS id).
-    Generation stops early when every row has produced an EOS."""
+    Generation stops early when every row has produced an EOS. ``cuda_graph``: see ``decode_step`` (None: graphed
+    decoding on CUDA when supported; False: eager)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -118,12 +161,15 @@ def generate(
         return input_ids
     cache, logits = prefill(model, input_ids, attention_mask)
     if num_beams > 1:
-        new = beam_search(model, cache, logits, max_new_tokens, num_beams, length_penalty, eos, pad, min_new_tokens)
+        new = beam_search(
+            model, cache, logits, max_new_tokens, num_beams, length_penalty, eos, pad, min_new_tokens, cuda_graph
+        )
         return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
 
     batch = input_ids.shape[0]
     eos_t = torch.tensor(eos, dtype=torch.long, device=logits.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)
+    stepper = decode_step(model, cache, cuda_graph) if max_new_tokens > 1 else None
     tokens = []
     for step in range(max_new_tokens):
         logits = logits.float()
@@ -138,9 +184,10 @@ def generate(
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             finished |= torch.isin(nxt, eos_t)
         tokens.append(nxt)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        # without EOS ids no row finishes: no host sync per token
+        if step == max_new_tokens - 1 or (eos and bool(finished.all())):
             break
-        logits = model(nxt[:, None], cache=cache).logits[:, -1]
+        logits = stepper.step(nxt)
     return torch.cat([input_ids, torch.stack(tokens, 1).to(input_ids.device)], dim=1)
 
 
@@ -154,17 +201,20 @@ def beam_search(
     eos: list[int] | None = None,
     pad: int = 0,
     min_new_tokens: int = 0,
+    cuda_graph: bool | None = False,
 ) -> torch.Tensor:
     """Beam search from a prefilled cache and the next-token logits [B, V]. Returns the new tokens [B, T].
 
     Hypothesis score = sum of log-probabilities / (number of new tokens, EOS included) ** length_penalty. A row stops
     when it holds ``num_beams`` finished hypotheses and no running beam can beat the worst of them (HF's
-    ``early_stopping=False`` rule)."""
+    ``early_stopping=False`` rule). ``cuda_graph``: see ``decode_step``."""
     eos = eos or []
     batch, vocab = logits.shape
     k = num_beams
     device = logits.device
-    cache.reorder(torch.arange(batch, device=device).repeat_interleave(k))
+    expand = torch.arange(batch, device=device).repeat_interleave(k)
+    cache.reorder(expand)
+    stepper = decode_step(model, cache, cuda_graph, rows=expand) if max_new_tokens > 1 else None
     beam_scores = torch.zeros(batch, k, device=device)
     beam_scores[:, 1:] = float("-inf")  # the first step expands one beam per row
     logprobs = logits.float().log_softmax(-1).repeat_interleave(k, 0)  # [B*K, V]
@@ -211,8 +261,8 @@ def beam_search(
         beam_scores = next_scores
         if all(done) or step == max_new_tokens - 1:
             break
-        cache.reorder(src_flat)
-        logprobs = model(next_tokens.view(-1, 1), cache=cache).logits[:, -1].float().log_softmax(-1)
+        stepper.reorder(src_flat)
+        logprobs = stepper.step(next_tokens.view(-1)).float().log_softmax(-1)
 
     for b in range(batch):
         if not done[b]:

@@ -254,15 +254,16 @@ class SSMForCausalLM(SSMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         min_new_tokens: int = 0,
         generator: torch.Generator | None = None,
+        cuda_graph: bool | None = None,
     ) -> torch.Tensor:
         """Greedy / sampling / beam search with the recurrent cache; returns [B, prompt + new] token ids.
-        See ``ssmtune.models.generate.generate``."""
+        See ``ssmtune.models.generate.generate`` (``cuda_graph``: graphed decoding, on CUDA by default)."""
         from .generate import generate
 
         return generate(
             self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             num_beams=num_beams, length_penalty=length_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            attention_mask=attention_mask, min_new_tokens=min_new_tokens, generator=generator,
+            attention_mask=attention_mask, min_new_tokens=min_new_tokens, generator=generator, cuda_graph=cuda_graph,
         )  # fmt: skip
 
 

@@ -14,13 +14,19 @@ that same adapter; it waits otherwise, and so do the requests behind it (first c
 A beam-search request (``num_beams`` > 1) never joins the batch: the worker runs it alone, between two decode steps,
 through ``generate(..., num_beams=k, adapter_names=[adapter])``, and sends its tokens when it is done. So does every
 request to a transformers hybrid model (``ssmtune.from_transformers``), whose cache is transformers'.
+
+Decode steps run through a ``models.decode.GraphedDecoder`` (``cuda_graph``; default: on CUDA): the live rows' states
+move into its static buffers when the batch changes (rows joined or finished) and stay there while it does not, each
+step replaying the captured one-token forward. Rows that join or leave hand the states back to ``_cache`` first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +35,9 @@ import torch
 from torch import nn
 
 from ..core.peft_model import PeftModel
+from ..core.routing import RoutedLM
 from ..models.cache import InferenceCache
+from ..models.decode import GraphedDecoder, decoder_for, unsupported_reason
 from ..models.generate import filter_logits
 
 MAX_BEAMS = 8
@@ -138,6 +146,7 @@ class BatchEngine:
         max_batch: int = 16,
         batch_wait_s: float = 0.005,
         max_queue: int = 256,
+        cuda_graph: bool | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
@@ -162,6 +171,11 @@ class BatchEngine:
         # transformers' generate, as beam requests do
         self.solo = not hasattr(base, "backbone")
         self.n_layer = 0 if self.solo else len(base.backbone.layers)
+        self.base = base
+        # decode steps on a GraphedDecoder: by default on CUDA (captured); True on the CPU runs it eagerly
+        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        # the decoder holding the live rows' states; None: they are in _cache; False: this batch decodes eagerly
+        self._decoder: GraphedDecoder | bool | None = None
 
     # --- public -----------------------------------------------------------------------------------------------------
 
@@ -196,7 +210,7 @@ class BatchEngine:
             self._thread = None
         for row in self._rows:
             row.req.emit({"error": "the server is shutting down"})
-        self._rows, self._cache = [], None
+        self._rows, self._cache, self._decoder = [], None, None
         while True:
             try:
                 self._queue.get_nowait().emit({"error": "the server is shutting down"})
@@ -221,6 +235,7 @@ class BatchEngine:
                 try:
                     self._admit()
                     if self._beams:
+                        self._detach_decoder()
                         # one at a time, so the batch only pauses for one beam search per step
                         self._beam_search(self._beams.pop(0))
                     if self._rows:
@@ -230,7 +245,7 @@ class BatchEngine:
                 except Exception as e:  # noqa: BLE001
                     for row in self._rows:
                         self._fail(row.req, e)
-                    self._rows, self._cache = [], None
+                    self._rows, self._cache, self._decoder = [], None, None
 
     def _collect(self) -> list[GenerationRequest]:
         """Requests to consider now: the deferred ones first, then new ones from the queue."""
@@ -296,6 +311,7 @@ class BatchEngine:
         by_len: dict[int, list[GenerationRequest]] = {}
         for req in reqs:
             by_len.setdefault(len(req.prompt_ids), []).append(req)
+        self._detach_decoder()
         caches = [] if self._cache is None else [self._cache]
         for group in by_len.values():
             self.stats.requests += len(group)
@@ -368,14 +384,54 @@ class BatchEngine:
         self.stats.max_rows = max(self.stats.max_rows, len(rows))
         self.stats.max_adapters = max(self.stats.max_adapters, len(set(adapters)))
         ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # [B, 1]
-        logits = self._forward(ids, self._cache, adapters)  # [B, V]
+        logits = self._decode(ids, adapters)  # [B, V]
         keep = [i for i, alive in enumerate(self._emit_all(rows, logits)) if alive]
         if len(keep) < len(rows):
+            self._detach_decoder()
             self._rows = [rows[i] for i in keep]
             if keep:
                 self._cache.reorder(torch.tensor(keep, device=self.device))
             else:
                 self._cache = None
+
+    # --- graphed decode steps -------------------------------------------------------------------------------------
+
+    def _route(self, adapters: list[str | None]):
+        return self.model.route(adapters) if isinstance(self.model, PeftModel) else contextlib.nullcontext(None)
+
+    def _decode(self, ids: torch.Tensor, adapters: list[str | None]) -> torch.Tensor:
+        """One step of the live rows: on the decoder (its states stay in its buffers), else eagerly on ``_cache``."""
+        if self.cuda_graph and self._decoder is None:
+            self._decoder = self._start_decoder(adapters)
+        dec = self._decoder
+        if not dec:
+            return self._forward(ids, self._cache, adapters)
+        if dec.graph is not None:
+            return dec.step(ids[:, 0]).float()
+        with self._route(adapters) as routing:  # run eagerly: the adapters' flags and LoRA rows must be set
+            dec.routing = routing  # this block's Routing (the rows are those of start())
+            return dec.step(ids[:, 0]).float()
+
+    def _start_decoder(self, adapters: list[str | None]) -> GraphedDecoder | bool:
+        """Move the live rows into the engine's decoder for their bucket; False when this batch cannot use one."""
+        capture = self.device.type == "cuda"
+        with self._route(adapters) as routing:
+            model = self.base if routing is None else RoutedLM(self.base, routing)
+            reason = unsupported_reason(model, capture=capture)
+            if reason is not None:
+                warnings.warn(f"graphed decoding off for this batch, decoding eagerly: {reason}", stacklevel=2)
+                return False
+            dec = decoder_for(model, self._cache, capture=capture, owner=self)
+            dec.start(self._cache, routing)
+        return dec
+
+    def _detach_decoder(self) -> None:
+        """Copy the live rows' states from the decoder's buffers back into ``_cache`` (the rows are about to change)."""
+        dec, self._decoder = self._decoder, None
+        if dec and self._cache is not None:
+            for mine, static in zip(self._cache.layers, dec.cache.layers):
+                mine.conv_state.copy_(static.conv_state[: dec.batch])
+                mine.ssm_state.copy_(static.ssm_state[: dec.batch])
 
     def _fail(self, req: GenerationRequest, e: BaseException) -> None:
         self.stats.errors += 1

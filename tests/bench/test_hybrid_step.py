@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-import ssmtune
 from ssmtune.bench import hybrid_step
 
 pytest.importorskip("transformers")
@@ -28,7 +27,6 @@ def _check_json(path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(ssmtune, "from_transformers"), reason="ssmtune.from_transformers is not in this tree")
 def test_small_run_with_our_stack(tmp_path) -> None:
     pytest.importorskip("peft")
     out = tmp_path / "hybrid.json"
@@ -44,11 +42,11 @@ def test_small_run_with_our_stack(tmp_path) -> None:
     assert all(g["status"] == "ok" for g in d["generation"]), d["generation"]
 
 
-def test_peer_rows_without_our_stack(tmp_path, monkeypatch) -> None:
+def test_peer_rows_alone(tmp_path) -> None:
     pytest.importorskip("peft")
-    monkeypatch.delattr(ssmtune, "from_transformers", raising=False)
     out = tmp_path / "hybrid.json"
-    argv = ["--small", "--device", "cpu", "--steps", "1", "--sizes", "1x16", "--no-generate", "--out", str(out)]
+    argv = ["--small", "--device", "cpu", "--steps", "1", "--sizes", "1x16", "--no-generate", "--stacks", "hf+peft",
+            "--out", str(out)]  # fmt: skip
     assert hybrid_step.main(argv) == 0
     d = _check_json(out)
     assert d["gate"]["passed"] is None
@@ -58,7 +56,7 @@ def test_peer_rows_without_our_stack(tmp_path, monkeypatch) -> None:
     # peft refuses out_proj on Falcon-H1: the targets it accepted are recorded
     falcon = next(r for r in peers if r["model"] == "falcon_h1_0.5b")
     assert "in_proj" in falcon["detail"] and "out_proj" not in falcon["detail"]
-    assert all(r["status"].startswith("skipped") for r in d["rows"] if r["stack"] == "ssmtune")
+    assert not [r for r in d["rows"] if r["stack"] == "ssmtune"]
 
 
 def test_shapes_build_configs() -> None:

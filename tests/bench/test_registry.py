@@ -21,6 +21,7 @@ EXPECTED = {
     "prefix_cache",
     "distributed",
     "hybrid_step",
+    "decode",
     "packing",
 }
 

@@ -1,0 +1,220 @@
+"""Decoding throughput: ssmtune's graphed decoding against its eager decoding, mamba_ssm's ``generate(cg=True)`` and
+transformers' ``generate``, on randomly initialised 130M-shaped Mamba / Mamba-2 models in bf16.
+
+Workload: ``--batches`` rows (1, 16, 64) of ``--prompt-len`` random tokens (128), then ``--new-tokens`` greedy tokens
+(128; no EOS, every row runs to the end). ssmtune's models carry ``--adapters`` State-offset (h) adapters (16),
+perturbed away from their zero init; ``1 adapter`` rows decode with one active adapter, ``N adapters`` rows route the
+batch's rows to the N adapters in turn (``adapter_names=``, rows r -> adapter r mod N; batches of at least N rows).
+The peers have no adapter: they decode the bare model of the same shape (Mamba-1: d_state 16; Mamba-2: headdim 64,
+d_state 128). mamba_ssm is timed when it imports (its default fused path, CUDA graphs on).
+
+``--num-beams k`` times beam search instead (what ``ssmtune eval`` runs on generation tasks, k = 5, batch 1): tok/s
+count the rows' tokens, not the beams'; mamba_ssm has no beam search (its rows are skipped).
+
+Stacks: ``graph`` = ``generate(cuda_graph=None)`` (captured on CUDA; on the CPU the static decoder runs eagerly),
+``eager`` = ``generate(cuda_graph=False)``, ``mamba_ssm``, ``transformers``.
+
+Check: before timing, ssmtune's graphed and eager decoding must give the same tokens (the first batch size, mixed
+adapters when N > 1, 16 tokens); otherwise the benchmark reports no timings.
+
+Timing: each configuration runs once untimed (Triton compilation, graph capture), then ``--repeats`` times a
+generate of ``new-tokens`` tokens and one of a single token, alternated; medians. ``decode tok/s`` = rows x
+(new-tokens - 1) / (t(new) - t(1)), the decode steps alone; ``e2e tok/s`` = rows x new-tokens / t(new), prefill
+included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+
+import torch
+
+from ssmtune.bench.common import CheckFailed, error_text, fmt, markdown, sync
+from ssmtune.bench.peers import mamba_ssm_missing, transformers_peft
+from ssmtune.bench.registry import Benchmark, register
+from ssmtune.bench.train_step import MAMBA2_EXTRA, SHAPES, ssmtune_config
+
+MODELS = ("mamba", "mamba2")
+STACKS = ("graph", "eager", "mamba_ssm", "transformers")
+
+
+def build_ours(model: str, shape: str, n_adapters: int, device: torch.device, dtype: torch.dtype):
+    from ssmtune.core.peft_model import get_peft_model
+    from ssmtune.methods import StateOffsetConfig
+    from ssmtune.models import causal_lm_for
+
+    torch.manual_seed(0)
+    base = causal_lm_for(ssmtune_config(model, shape)).to(device=device, dtype=dtype).eval()
+    peft = get_peft_model(base, StateOffsetConfig(), adapter_name="a0")
+    for i in range(1, n_adapters):
+        peft.add_adapter(f"a{i}", StateOffsetConfig())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p) * 0.05)
+    peft.set_adapter("a0")
+    return peft.eval()
+
+
+def build_mamba_ssm(model: str, shape: str, device: torch.device, dtype: torch.dtype):
+    from mamba_ssm.models.config_mamba import MambaConfig as MSConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    s = SHAPES[shape]
+    if model == "mamba":
+        ssm_cfg = {"layer": "Mamba1"}
+    else:
+        e = MAMBA2_EXTRA[shape]
+        ssm_cfg = {"layer": "Mamba2", "headdim": e["headdim"], "d_state": e["d_state"]}
+    cfg = MSConfig(d_model=s["d_model"], n_layer=s["n_layer"], vocab_size=s["vocab_size"], ssm_cfg=ssm_cfg)
+    torch.manual_seed(0)
+    return MambaLMHeadModel(cfg, device=device, dtype=dtype).eval()
+
+
+def build_transformers(model: str, shape: str, device: torch.device, dtype: torch.dtype):
+    import transformers
+
+    s = SHAPES[shape]
+    common = {"vocab_size": s["vocab_size"], "hidden_size": s["d_model"], "num_hidden_layers": s["n_layer"],
+              "expand": 2, "conv_kernel": 4, "use_cache": True, "tie_word_embeddings": True}  # fmt: skip
+    if model == "mamba":
+        cfg, klass = transformers.MambaConfig(state_size=16, **common), transformers.MambaForCausalLM
+    else:
+        e = MAMBA2_EXTRA[shape]
+        cfg = transformers.Mamba2Config(num_heads=2 * s["d_model"] // e["headdim"], head_dim=e["headdim"],
+                                        state_size=e["d_state"], n_groups=1, **common)  # fmt: skip
+        klass = transformers.Mamba2ForCausalLM
+    torch.manual_seed(0)
+    with torch.device(device):
+        m = klass(cfg)
+    return m.to(dtype=dtype).eval()
+
+
+def generator_fn(
+    stack: str, m, ids: torch.Tensor, names: list[str] | None, beams: int = 1
+) -> Callable[[int], torch.Tensor]:
+    """``fn(n)``: greedy (or beam search) generate of n tokens after ``ids`` on the stack's model."""
+    length = ids.shape[1]
+    if stack in ("graph", "eager"):
+        cg = None if stack == "graph" else False
+        return lambda n: m.generate(ids, max_new_tokens=n, num_beams=beams, cuda_graph=cg, adapter_names=names)
+    if stack == "mamba_ssm":
+        return lambda n: m.generate(ids, max_length=length + n, cg=True, top_k=1)
+    mask = torch.ones_like(ids)
+    return lambda n: m.generate(
+        ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, num_beams=beams
+    )
+
+
+def time_generate(fn: Callable[[int], torch.Tensor], n: int, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds of fn(n) and of fn(1), after one untimed fn(n) (the longer first: peers size caches by it)."""
+    with torch.inference_mode():
+        fn(n)
+        fn(1)
+        t_n, t_1 = [], []
+        for _ in range(repeats):
+            for k, out in ((n, t_n), (1, t_1)):
+                sync(device)
+                t0 = time.perf_counter()
+                fn(k)
+                sync(device)
+                out.append(time.perf_counter() - t0)
+    return statistics.median(t_n), statistics.median(t_1)
+
+
+def check(peft, ids: torch.Tensor, names: list[str] | None, beams: int = 1) -> None:
+    kw = {"max_new_tokens": 16, "adapter_names": names, "num_beams": beams}
+    with torch.inference_mode():
+        eager = peft.generate(ids, cuda_graph=False, **kw)
+        graph = peft.generate(ids, cuda_graph=None if ids.is_cuda else True, **kw)
+    if not torch.equal(eager, graph):
+        same = (eager == graph).float().mean().item()
+        raise CheckFailed(f"graphed decoding differs from eager decoding ({same:.1%} of the tokens agree)")
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--small", action="store_true", help="tiny shape (d_model 64, 2 layers, vocab 256): a CPU test")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--stacks", nargs="+", choices=STACKS, default=list(STACKS))
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="rows per generate (default 1 16 64)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 128)")
+    ap.add_argument("--adapters", type=int, default=None, help="State-offset adapters of the mixed rows (default 16)")
+    ap.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")
+    ap.add_argument("--repeats", type=int, default=3)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    shape = "tiny" if args.small else "130m"
+    batches = args.batches or ([1, 4] if args.small else [1, 16, 64])
+    prompt_len = args.prompt_len or (8 if args.small else 128)
+    new = args.new_tokens or (8 if args.small else 128)
+    n_adapters = args.adapters or (4 if args.small else 16)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vocab = SHAPES[shape]["vocab_size"]
+    beams = args.num_beams
+    missing = {"mamba_ssm": ("no beam search" if beams > 1 else mamba_ssm_missing() if device.type == "cuda"
+                             else "needs CUDA"),
+               "transformers": None if transformers_peft()[0] is not None else transformers_peft()[1]}  # fmt: skip
+    rows = []
+    for model in args.models:
+        peft = build_ours(model, shape, n_adapters, device, dtype)
+        ids0 = torch.randint(1, vocab, (batches[0], prompt_len), generator=torch.Generator().manual_seed(0))
+        mixed0 = [f"a{r % n_adapters}" for r in range(batches[0])] if batches[0] >= n_adapters else None
+        check(peft, ids0.to(device), mixed0, beams)
+        peers = {}
+        for stack in args.stacks:
+            why = missing.get(stack)
+            for batch in batches:
+                ids = torch.randint(1, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
+                ids = ids.to(device)
+                mixes = [("1 adapter", None)]
+                if stack in ("graph", "eager") and batch >= n_adapters > 1:
+                    mixes.append((f"{n_adapters} adapters", [f"a{r % n_adapters}" for r in range(batch)]))
+                if stack in ("mamba_ssm", "transformers"):
+                    mixes = [("bare", None)]
+                for mix, names in mixes:
+                    row = {"model": model, "stack": stack, "batch": batch, "adapters": mix, "prompt_len": prompt_len,
+                           "new_tokens": new, "num_beams": beams, "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+                    rows.append(row)
+                    if why is not None:
+                        row["status"] = f"unavailable: {why}"
+                        continue
+                    try:
+                        if stack in ("mamba_ssm", "transformers") and stack not in peers:
+                            build = build_mamba_ssm if stack == "mamba_ssm" else build_transformers
+                            peers[stack] = build(model, shape, device, dtype)
+                        m = peers.get(stack, peft)
+                        t_n, t_1 = time_generate(generator_fn(stack, m, ids, names, beams), new, args.repeats, device)
+                        row.update(status="ok", s_new=t_n, s_one=t_1, e2e_tok_s=batch * new / t_n)
+                        row["decode_tok_s"] = batch * (new - 1) / (t_n - t_1) if t_n > t_1 else None
+                    except Exception as e:  # noqa: BLE001 - a peer's failure is a row, not the end of the run
+                        row["status"] = f"error: {error_text(e)}"
+                        row["detail"] = traceback.format_exc()[-600:]
+        del peers, peft
+    return {"rows": rows, "table": table(rows)}
+
+
+def table(rows: list[dict]) -> str:
+    """One line per (model, batch, stack, adapters): tok/s, and the graphed 1-adapter row over each (x graph)."""
+    ours = {(r["model"], r["batch"]): r for r in rows if r["stack"] == "graph" and r["adapters"] == "1 adapter"}
+    out = []
+    for r in sorted(rows, key=lambda r: (r["model"], r["batch"], STACKS.index(r["stack"]))):
+        base = ours.get((r["model"], r["batch"]))
+        dec = r.get("decode_tok_s")
+        ratio = fmt(base["decode_tok_s"] / dec, ".2f") if base and base.get("decode_tok_s") and dec else ""
+        status = "" if r.get("status") == "ok" else r.get("status", "not run")[:80]
+        out.append([r["model"], r["batch"], r["stack"], r["adapters"], fmt(dec, ",.0f"), fmt(r.get("e2e_tok_s"), ",.0f"),
+                    fmt(r.get("s_new"), ".3f"), ratio, status])  # fmt: skip
+    header = ["model", "batch", "stack", "adapters", "decode tok/s", "e2e tok/s", "s / generate", "x graph", "status"]
+    return markdown(header, out)
+
+
+register(Benchmark("decode", "decode tokens/s: graphed vs eager generate, mamba_ssm generate(cg=True), transformers",
+                   add_args, run))  # fmt: skip

@@ -1,0 +1,307 @@
+"""Graphed decoding: the one-token step on static buffers, captured once per batch-size bucket and replayed.
+
+A decode step of a small Mamba is host-bound: a few hundred small kernels, each queued by Python. ``GraphedDecoder``
+owns every tensor the step touches, at fixed addresses:
+
+- ``ids`` [bucket]: the next token of each row (rows past the batch are padding, token 0);
+- ``cache``: an ``InferenceCache`` of ``bucket`` rows, filled from the prefill and updated in place by the step;
+- per mixer, the state offsets h' / y' that its state hooks contribute to the step (``MergedState.h_off`` /
+  ``y_off``), computed once per ``generate`` call (under a routing: one row per batch row) and copied into static
+  buffers, so a new adapter mix per row only copies, it never recaptures;
+- ``logits`` [bucket, V]: the graph's output.
+
+On CUDA the step is captured as a CUDA graph (``capture=True``); elsewhere the same object runs the step eagerly, so
+the buffer logic (bucket padding, routing buffers, in-place beam reorder) is tested on the CPU too. Captured graphs
+are kept on the model per (bucket, device, dtype), one per layout of the offset buffers, and reused while the
+model's parameters (addresses, shapes), the LoRA modules' ``active`` / ``merged`` flags and the backends stay the
+same; otherwise the next ``generate`` captures again. A capture that fails warns and leaves the step eager.
+
+Routed LoRA/DoRA (LoRA rows mixed with other rows) picks its rows on the host each step, so it cannot be replayed:
+``unsupported_reason`` says why and ``generate`` then decodes eagerly. Sampling, beam bookkeeping and stopping stay outside
+the graph, on the logits it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .cache import InferenceCache
+from .hooks import COLLECTOR_ATTR, MergedState, StateHook, collect_state
+
+DECODERS_ATTR = "_ssmtune_decoders"  # model attribute: {(bucket, device, dtype): GraphedDecoder}
+
+
+def bucket_size(batch: int) -> int:
+    """The smallest power of two >= ``batch``: 1, 2, 4, 8, 16, 32, 64, ..."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return 1 << (batch - 1).bit_length()
+
+
+def unwrap(model) -> tuple[nn.Module, object | None]:
+    """(the LM, its Routing or None) for a plain LM or a ``core.routing.RoutedLM``."""
+    routing = getattr(model, "routing", None) if not isinstance(model, nn.Module) else None
+    return (model.model, routing) if routing is not None else (model, None)
+
+
+def unsupported_reason(model, capture: bool = True) -> str | None:
+    """Why ``model`` cannot decode on static buffers (``capture``: from a captured graph); None when it can."""
+    lm, routing = unwrap(model)
+    if not hasattr(lm, "allocate_cache"):
+        return f"{type(lm).__name__} has no static inference cache"
+    if capture and routing is not None and len(set(routing.names)) > 1:
+        # LoRA/DoRA under a routing gathers its rows on the host (Routing.rows_of): not replayable
+        for m in lm.modules():
+            if getattr(m, COLLECTOR_ATTR, None) is routing and hasattr(m, "lora_A"):
+                return "LoRA/DoRA rows mixed with other rows select their rows on the host"
+    return None
+
+
+class _StaticCollector:
+    """A state collector (``models/hooks.py``) that hands the mixer the decoder's static offset buffers."""
+
+    def __init__(self, merged: MergedState) -> None:
+        self.merged = merged
+
+    def collect_state(self, hooks, batch_size: int, *, initial: bool = True) -> MergedState:
+        return self.merged
+
+
+def _signature(lm: nn.Module) -> tuple:
+    """What a captured step depends on besides its buffers: parameter addresses and shapes (adapters added, deleted
+    or replaced), the ``active`` / ``merged`` flags of modules that run in the step (LoRA), the backends. State hooks'
+    flags are left out: the step reads their offsets from the static buffers, so another mix of adapters is a copy."""
+    params = tuple((n, p.data_ptr(), tuple(p.shape), p.dtype) for n, p in lm.named_parameters())
+    flags = tuple(
+        (n, type(m).__name__, getattr(m, "active", None), getattr(m, "merged", None), getattr(m, "backend", None))
+        for n, m in lm.named_modules()
+        if not isinstance(m, StateHook)
+    )
+    return params, flags
+
+
+@dataclass
+class _Step:
+    """The step for one layout of the offset buffers: the buffers, and on CUDA its graph and output."""
+
+    offsets: list[MergedState] = field(default_factory=list)
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None
+
+
+class GraphedDecoder:
+    """The decode step of ``lm`` for up to ``bucket`` rows on static buffers (see the module docstring)."""
+
+    def __init__(self, lm: nn.Module, bucket: int, device: torch.device, dtype: torch.dtype, capture: bool) -> None:
+        self.lm, self.bucket, self.device, self.dtype, self.capture = lm, bucket, device, dtype, capture
+        self.mixers = [m for _, m in lm.mixers()]
+        self.cache = lm.allocate_cache(bucket, dtype=dtype, device=device)
+        self.ids = torch.zeros(bucket, dtype=torch.long, device=device)
+        # one step per layout of the offset buffers (which fields are set, per row or shared, dtypes); all are dropped
+        # when the model's signature changes
+        self.steps: dict[tuple, _Step] = {}
+        self.current = _Step([MergedState() for _ in self.mixers])
+        self.signature: tuple | None = None
+        self.batch = 0
+        self.routing = None
+        self.rows: torch.Tensor | None = None
+        self.replays = 0  # graph replays
+        self.captures = 0  # steps built: captured on CUDA (on other devices, the captures that CUDA would make)
+
+    @property
+    def offsets(self) -> list[MergedState]:
+        """Per mixer, the static h' / y' buffers the step reads."""
+        return self.current.offsets
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        return self.current.graph
+
+    # --- per generate call ------------------------------------------------------------------------------------------
+
+    def start(self, cache: InferenceCache, routing=None, rows: torch.Tensor | None = None) -> None:
+        """Load a prefilled ``cache`` of B <= bucket rows and the adapters' offsets for these rows (``rows``: the
+        routed row of each cache row, e.g. beams; None: one cache row per routed row)."""
+        batch = cache.batch_size
+        if batch is None or batch > self.bucket:
+            raise ValueError(f"cache batch {batch} does not fit the decoder's bucket of {self.bucket} rows")
+        self.batch, self.routing = batch, routing
+        pad = self.bucket - batch
+        self.rows = None
+        if routing is not None:
+            base = torch.arange(len(routing)) if rows is None else rows.cpu()
+            # pad rows follow row 0's adapter: their logits are never read
+            self.rows = torch.cat([base, base[:1].expand(pad)]) if pad else base
+        offsets = self._collect(batch, routing, rows)
+        layout = tuple(self._layout(mixer, st) for mixer, st in zip(self.mixers, offsets))
+        signature = _signature(self.lm)
+        if signature != self.signature:
+            # the state shapes may have changed too (Additional-scan extends N): fresh buffers
+            self.signature, self.steps = signature, {}
+            self.cache = self.lm.allocate_cache(self.bucket, dtype=self.dtype, device=self.device)
+        new = layout not in self.steps
+        if new:
+            self.steps[layout] = _Step([self._buffers(entry) for entry in layout])
+        self.current = self.steps[layout]
+        for st, buf in zip(offsets, self.offsets):
+            for src, dst in ((st.h_off, buf.h_off), (st.y_off, buf.y_off)):
+                if dst is None:
+                    continue
+                if dst.shape == src.shape:
+                    dst.copy_(src)
+                else:  # per-row offsets of B rows in a bucket of more
+                    dst.zero_()
+                    dst[:batch].copy_(src)
+        if new:
+            if self.capture:
+                try:
+                    self._capture()
+                except Exception as e:  # noqa: BLE001 - an op that cannot be captured: decode, eagerly, all the same
+                    self.capture, self.current.graph = False, None
+                    warnings.warn(f"graphed decoding off for this model, decoding eagerly: the capture failed "
+                                  f"({type(e).__name__}: {str(e)[:200]})", stacklevel=3)  # fmt: skip
+            self.captures += 1
+        self.ids.zero_()
+        for static, layer in zip(self.cache.layers, cache.layers):
+            static.conv_state.zero_()
+            static.ssm_state.zero_()
+            static.conv_state[:batch].copy_(layer.conv_state)
+            static.ssm_state[:batch].copy_(layer.ssm_state)
+        self.cache.seqlen_offset = max(cache.seqlen_offset, 1)
+
+    def _collect(self, batch: int, routing, rows: torch.Tensor | None) -> list[MergedState]:
+        """The step's h' / y' of every mixer, for the B cache rows (batched [B, ...] under a routing)."""
+        select = contextlib.nullcontext() if routing is None else routing.select(rows)
+        out = []
+        with select:
+            for mixer in self.mixers:
+                st = collect_state(mixer.state_hooks.values(), batch, initial=False) if mixer.state_hooks else None
+                out.append(MergedState(h_off=st.h_off, y_off=st.y_off) if st is not None else MergedState())
+        return out
+
+    @staticmethod
+    def _layout(mixer: nn.Module, st: MergedState) -> tuple:
+        """((batched, shape, dtype) or None) for h' and y': what the captured step reads, whatever the batch."""
+        out = []
+        for t, dims in ((st.h_off, len(mixer.state_shape)), (st.y_off, len(mixer.state_shape) - 1)):
+            batched = t is not None and t.dim() > dims
+            out.append(None if t is None else (batched, tuple(t.shape[1:] if batched else t.shape), t.dtype))
+        return tuple(out)
+
+    def _buffers(self, entry: tuple) -> MergedState:
+        """Static offset buffers of one mixer: [bucket, ...] for per-row offsets, the offset's own shape otherwise."""
+        bufs = [
+            None if e is None else torch.zeros((self.bucket, *e[1]) if e[0] else e[1], dtype=e[2], device=self.device)
+            for e in entry
+        ]
+        return MergedState(h_off=bufs[0], y_off=bufs[1])
+
+    # --- per token --------------------------------------------------------------------------------------------------
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` [B]; returns the next-token logits [B, V] (a view of a static buffer on CUDA: read it
+        before the next step)."""
+        self.ids[: self.batch].copy_(tokens)
+        if self.graph is not None:
+            self.graph.replay()
+            self.replays += 1
+            logits = self.current.logits
+        else:
+            logits = self._forward()
+        self.cache.seqlen_offset += 1
+        return logits[: self.batch]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows become ``row[index]`` (beam search), in place: the buffers keep their addresses."""
+        index = index.to(self.device)
+        n = index.numel()
+        if n != self.batch:
+            raise ValueError(f"reorder index has {n} rows, the decoder holds {self.batch}")
+        for layer in self.cache.layers:
+            for buf in (layer.conv_state, layer.ssm_state):
+                buf[:n].copy_(buf.index_select(0, index))
+
+    @contextlib.contextmanager
+    def _static_offsets(self) -> Iterator[None]:
+        """Within the block every mixer's hooks hand out the static offset buffers (the previous collectors, e.g. a
+        Routing, are put back after)."""
+        saved = []
+        try:
+            for mixer, st in zip(self.mixers, self.offsets):
+                collector = _StaticCollector(st)
+                for hook in mixer.state_hooks.values():
+                    saved.append((hook, getattr(hook, COLLECTOR_ATTR, None)))
+                    object.__setattr__(hook, COLLECTOR_ATTR, collector)
+            yield
+        finally:
+            for hook, prev in saved:
+                object.__setattr__(hook, COLLECTOR_ATTR, prev)
+
+    def _forward(self) -> torch.Tensor:
+        select = contextlib.nullcontext() if self.routing is None else self.routing.select(self.rows)
+        offset = self.cache.seqlen_offset
+        with self._static_offsets(), select:
+            logits = self.lm(self.ids[:, None], cache=self.cache).logits[:, -1]
+        self.cache.seqlen_offset = offset  # the mixers count tokens on the host; step() does it once
+        return logits
+
+    def _capture(self, warmup: int = 2) -> None:
+        # warm-up on a side stream (allocator, Triton compilation and autotuning happen outside the graph); it changes
+        # the static states, which start() overwrites after the capture
+        self.cache.seqlen_offset = 1
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._forward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        # capture_begin / capture_end rather than the torch.cuda.graph context, which empties the allocator's cache
+        # first: a model change frees the captured steps, and emptying the cache after freed graphs has faulted
+        # (bench/train_step.py)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            graph.capture_begin()
+            try:
+                logits = self._forward()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.current.logits, self.current.graph = logits, graph
+
+
+class _Decoders(dict):
+    """The decoders kept on a model: copies of the model (``copy.deepcopy``, pickling) start without them."""
+
+    def __deepcopy__(self, memo) -> _Decoders:
+        return _Decoders()
+
+    def __reduce__(self):
+        return _Decoders, ()
+
+
+def decoder_for(model, cache: InferenceCache, *, capture: bool, owner: object = None) -> GraphedDecoder:
+    """The model's decoder for the cache's batch (its bucket), built on first use and kept on the LM. ``owner``: a
+    user that keeps live states in the decoder between calls (the serving engine) gets decoders of its own, kept on
+    the owner."""
+    lm, _ = unwrap(model)
+    batch = cache.batch_size
+    ref = cache.layers[0].conv_state
+    # buffers made under inference_mode cannot be updated outside it (and the other way round)
+    key = (bucket_size(batch), ref.device, ref.dtype, capture, torch.is_inference_mode_enabled())
+    decoders = (lm if owner is None else owner).__dict__.setdefault(DECODERS_ATTR, _Decoders())
+    if key not in decoders:
+        decoders[key] = GraphedDecoder(lm, key[0], ref.device, ref.dtype, capture)
+    return decoders[key]
+
+
+def clear_decoders(model) -> None:
+    """Drop the model's captured decoders and their buffers (e.g. to free GPU memory)."""
+    lm, _ = unwrap(model)
+    lm.__dict__.pop(DECODERS_ATTR, None)

@@ -1,0 +1,23 @@
+"""The decode benchmark on the CPU: a tiny model, graphed (the static decoder, run eagerly) and eager rows."""
+
+from __future__ import annotations
+
+import json
+
+from ssmtune.bench.run import main
+
+
+def test_decode_bench_small_writes_rows(tmp_path) -> None:
+    out = tmp_path / "decode.json"
+    argv = ["decode", "--device", "cpu", "--small", "--models", "mamba2", "--stacks", "graph", "eager",
+            "--batches", "2", "--prompt-len", "4", "--new-tokens", "3", "--adapters", "2", "--repeats", "1",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["results"]["rows"]
+    assert {(r["stack"], r["adapters"]) for r in rows} == {
+        ("graph", "1 adapter"),
+        ("graph", "2 adapters"),
+        ("eager", "1 adapter"),
+        ("eager", "2 adapters"),
+    }
+    assert all(r["status"] == "ok" and r["e2e_tok_s"] > 0 for r in rows)
