@@ -59,7 +59,8 @@ def skewed_items(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[di
 
 
 def build(args: argparse.Namespace, shape: dict):
-    from ssmtune import StateOffsetConfig, get_peft_model
+    from ssmtune.core.peft_model import get_peft_model
+    from ssmtune.methods import StateOffsetConfig
     from ssmtune.models import Mamba2Config, MambaConfig, causal_lm_for
 
     torch.manual_seed(0)
