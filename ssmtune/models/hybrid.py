@@ -270,8 +270,23 @@ MIXER_BUILDERS: dict[str, Callable[[nn.Module], HostedSSDMixer]] = {
     "Zamba2MambaMixer": HostedSSDMixer,
 }
 
+
+def _register_gated_delta() -> None:
+    """The Gated DeltaNet hybrids (models/gated_delta.py), which build on this module's cache adapter."""
+    from .gated_delta import GDN_BUILDERS, GDN_MODEL_TYPES
+
+    HYBRID_MODEL_TYPES.update(GDN_MODEL_TYPES)
+    MIXER_BUILDERS.update(GDN_BUILDERS)
+
+
 # the block's norm in front of the mixer, by the attribute name the decoder layers use
 _PRE_NORMS = ("input_layernorm", "norm")
+
+
+def _hosted() -> tuple[type, ...]:
+    from .gated_delta import HostedGDNMixer
+
+    return (HostedSSDMixer, HostedGDNMixer)
 
 
 def _supported() -> str:
@@ -296,7 +311,7 @@ def from_transformers(model: nn.Module) -> nn.Module:
     """
     swaps, unsupported = [], []
     for name, module in model.named_modules():
-        if isinstance(module, HostedSSDMixer):
+        if isinstance(module, _hosted()):
             continue
         builder = MIXER_BUILDERS.get(type(module).__name__)
         if builder is not None:
@@ -338,7 +353,7 @@ def swap_if_hybrid(model: nn.Module) -> nn.Module:
 
 def hybrid_mixers(model: nn.Module) -> list[tuple[int, str, HostedSSDMixer]]:
     """(layer index, module path, mixer) of every swapped mixer, in layer order."""
-    found = [(m.layer_idx, name, m) for name, m in model.named_modules() if isinstance(m, HostedSSDMixer)]
+    found = [(m.layer_idx, name, m) for name, m in model.named_modules() if isinstance(m, _hosted())]
     return sorted(found, key=lambda t: t[0])
 
 
@@ -376,7 +391,7 @@ def set_backend(model: nn.Module, value: str) -> None:
         raise ValueError(f"backend must be one of {ops.BACKENDS}, got {value!r}")
     for _, _, mixer in hybrid_mixers(model):
         mixer.backend = value
-        if mixer.norm is not None:
+        if isinstance(getattr(mixer, "norm", None), RMSNormGated):
             mixer.norm.backend = value
 
 
@@ -433,3 +448,6 @@ def load_hybrid(folder, *, dtype: torch.dtype | None = None, device=None, tokeni
     model.config.use_cache = False
     model.tokenizer = tokenizer
     return model.eval()
+
+
+_register_gated_delta()
