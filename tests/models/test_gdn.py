@@ -12,9 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 from _gdn import GDN_FAMILIES, MIXER_LINEARS, tiny_gdn, tiny_gdn_hf
-from _hybrid import decode_logits, ids
+from _hybrid import decode_logits, ids, tiny_hybrid
 
-from ssmtune import InitialStateConfig, LoraConfig, PeftModel, StateOffsetConfig, from_transformers, get_peft_model
+from ssmtune import (
+    InitialStateConfig,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    StateOffsetConfig,
+    from_transformers,
+    get_peft_model,
+    load_model,
+)
 from ssmtune.core.targets import iter_mixers
 from ssmtune.models.gated_delta import HostedGDNMixer
 from ssmtune.ops.testing import assert_close
@@ -37,6 +46,28 @@ def test_parity_with_transformers(family):
         assert_close("prefill + steps", ref, decode_logits(model, x, prefill=13), 1e-5, atol=1e-5)
 
 
+def test_vision_language_wrapper_swaps_the_text_tower(tmp_path):
+    from _gdn import EXTRA
+    from _hybrid import COMMON
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+              "patch_size": 4, "temporal_patch_size": 1, "spatial_merge_size": 1}  # fmt: skip
+    config = AutoConfig.for_model("qwen3_5", text_config={**COMMON, **EXTRA["qwen3_5_text"]}, vision_config=vision)
+    torch.manual_seed(0)
+    vl = AutoModelForImageTextToText.from_config(config).eval()
+    model = from_transformers(copy.deepcopy(vl))
+    paths = [n for n, m in model.named_modules() if isinstance(m, HostedGDNMixer)]
+    assert paths == ["model.language_model.layers.0.linear_attn"]
+    x = ids(length=11)
+    with torch.no_grad():
+        assert_close("text logits", vl(input_ids=x).logits, model(input_ids=x).logits, 1e-5, atol=1e-5)
+    assert get_peft_model(model, StateOffsetConfig()).trainable_parameters() == 4 * 8 * 6
+    vl.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)  # the text model of the checkpoint, mixers swapped
+    assert [type(m) for m in loaded.modules() if isinstance(m, HostedGDNMixer)] == [HostedGDNMixer]
+
+
 def test_shares_parameters_with_the_host():
     hf = tiny_gdn_hf("qwen3_5_text")
     before = {id(p) for p in hf.parameters()}
@@ -50,6 +81,7 @@ class Case:
     id: str
     make: object  # family -> config
     per_mixer: object = None  # mixer -> trainable parameter count
+    identity_at_init: bool = True
 
 
 def _state(m):
@@ -65,6 +97,7 @@ CASES = [
         lambda f: InitialStateConfig(conv_state=True),
         lambda m: _state(m) + math.prod(m.conv_state_shape),
     ),
+    Case("prefix", lambda f: PrefixTuningConfig(num_virtual_tokens=3), identity_at_init=False),
     Case("lora_mixer", lambda f: LoraConfig(r=2, target_modules=MIXER_LINEARS[f])),
     Case("lora_attn_mlp", lambda f: LoraConfig(r=2, target_modules=["q_proj", "v_proj"])),
 ]
@@ -86,7 +119,11 @@ def test_identity_at_init_and_counts(case, family):
     clean, model = _setup(case, family, perturbed=False)
     x = ids()
     with torch.no_grad():
-        assert_close("identity", clean(x).logits, model(x).logits, 0, atol=1e-6)
+        out, ref = model(x).logits, clean(x).logits
+    if case.identity_at_init:
+        assert_close("identity", ref, out, 0, atol=1e-6)
+    else:
+        assert (out - ref).abs().max() > 1e-4
     if case.per_mixer is not None:
         assert model.trainable_parameters() == sum(case.per_mixer(t.mixer) for t in iter_mixers(model.base_model))
 
@@ -174,9 +211,17 @@ def test_save_load_round_trip(tmp_path):
         assert_close("reloaded", out, loaded(x).logits, 1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("config", [StateOffsetConfig(scale=0.07), InitialStateConfig(scale=0.07)])
-def test_scale_applies_at_inference_only(config):
-    clean = tiny_gdn("qwen3_5_text")
+@pytest.mark.parametrize(
+    ("config", "family"),
+    [
+        (StateOffsetConfig(scale=0.07), "qwen3_5_text"),
+        (InitialStateConfig(scale=0.07), "qwen3_5_text"),
+        (StateOffsetConfig(variant="y", scale=0.5), "olmo_hybrid"),
+        (InitialStateConfig(scale=0.65), "bamba"),  # the SSD mixers take it too
+    ],
+)
+def test_scale_applies_at_inference_only(config, family):
+    clean = tiny_gdn(family) if family in GDN_FAMILIES else tiny_hybrid(family)
     model = get_peft_model(copy.deepcopy(clean), config)
     perturb(model)
     hook = next(iter(model.adapter_modules().values()))
@@ -184,9 +229,9 @@ def test_scale_applies_at_inference_only(config):
     with torch.no_grad():
         model.eval()
         scaled = model(x).logits
-        hook.scale = 1.0
+        alpha, hook.scale = hook.scale, 1.0
         full = model(x).logits
-        hook.scale = 0.07
+        hook.scale = alpha
         model.train()
         trained = model(x).logits  # no dropout in these models: only the scale differs
     assert_close("training is unscaled", full, trained, 1e-6, atol=1e-6)
