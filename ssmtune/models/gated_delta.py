@@ -1,4 +1,5 @@
-"""Gated DeltaNet hybrids (Qwen3.5 / 3.6, Qwen3.5-MoE, Qwen3-Next, OLMo-Hybrid) with ssmtune's gated delta rule.
+"""Gated DeltaNet and KDA hybrids (Qwen3.5 / 3.6, Qwen3.5-MoE, Qwen3-Next, OLMo-Hybrid, Kimi-Linear) with ssmtune's
+gated delta rule.
 
 ``from_transformers`` (models/hybrid.py) swaps each transformers Gated DeltaNet for a ``HostedGDNMixer``: the host's
 projections, conv, ``A_log``, ``dt_bias``, gated norm and output projection, shared by reference under the host's
@@ -42,24 +43,24 @@ class HostedGDNMixer(nn.Module):
     NORM = "norm"
     OUT = "out_proj"
 
+    ATTRIBUTES = GDN_ATTRIBUTES
+    SHARED = ("conv1d", "dt_bias", "A_log")  # besides the Linears and the norm, shared by reference
+
     def __init__(self, host: nn.Module) -> None:
         super().__init__()
-        check_contract(host, GDN_ATTRIBUTES + self.PROJECTIONS + (self.NORM, self.OUT))
+        check_contract(host, self.ATTRIBUTES + self.PROJECTIONS + (self.NORM, self.OUT))
         family = _family(host)
         if host.activation not in ("silu", "swish"):
             raise ValueError(f"{family}: conv activation {host.activation!r} is not supported (only 'silu')")
         self.family = family
         self.layer_idx = host.layer_idx
-        self.num_k_heads, self.num_v_heads = host.num_k_heads, host.num_v_heads
-        self.head_k_dim, self.head_v_dim = host.head_k_dim, host.head_v_dim
+        self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim = self.head_dims(host)
         if self.num_v_heads % self.num_k_heads != 0:
             raise ValueError(f"{family}: value heads ({self.num_v_heads}) must be a multiple of key heads "
                              f"({self.num_k_heads})")  # fmt: skip
         self.chunk_size = GDN_CHUNK
-        for name in (*self.PROJECTIONS, self.NORM, self.OUT, "conv1d"):
+        for name in (*self.PROJECTIONS, self.NORM, self.OUT, *self.SHARED):
             setattr(self, name, getattr(host, name))  # by reference: the host's parameter names stay
-        self.dt_bias = host.dt_bias
-        self.A_log = host.A_log
         self.beta_scale = 1.0
         self.state_hooks = nn.ModuleDict()
         self.backend = "auto"
@@ -68,6 +69,11 @@ class HostedGDNMixer(nn.Module):
             raise ValueError(f"{family}: conv channels {self.conv_dim} != 2·Hk·K + H·V = {want}")
         # the block's pre-norm, for Prefix-Tuning (a plain reference: the block owns it)
         object.__setattr__(self, "host_norm", None)
+
+    @staticmethod
+    def head_dims(host: nn.Module) -> tuple[int, int, int, int]:
+        """(key heads, value heads, key head dim, value head dim) of the host."""
+        return host.num_k_heads, host.num_v_heads, host.head_k_dim, host.head_v_dim
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
@@ -98,6 +104,10 @@ class HostedGDNMixer(nn.Module):
     def project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """u [B, L, d_model] -> (q|k|v [B, L, conv channels], z [B, L, H·V], b [B, L, H], a [B, L, H])."""
         return self.in_proj_qkv(u), self.in_proj_z(u), self.in_proj_b(u), self.in_proj_a(u)
+
+    def decay(self, a: torch.Tensor) -> torch.Tensor:
+        """The log-decay g [B, L, H] from the gate input a [B, L, H]: -exp(A_log) · softplus(a + dt_bias)."""
+        return -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
 
     def forward(
         self,
@@ -146,10 +156,11 @@ class HostedGDNMixer(nn.Module):
         q, k, v = torch.split(qkv, [hk * dk, hk * dk, h * dv], dim=-1)
         q, k, v = q.reshape(batch, seqlen, hk, dk), k.reshape(batch, seqlen, hk, dk), v.reshape(batch, seqlen, h, dv)
         beta = b.sigmoid() * self.beta_scale
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        g = self.decay(a)
         if attention_mask is not None:  # a zero step: no decay, no write
             pad = attention_mask[:, -seqlen:, None] == 0
-            g, beta = g.masked_fill(pad, 0.0), beta.masked_fill(pad, 0.0)
+            beta = beta.masked_fill(pad, 0.0)
+            g = g.masked_fill(pad if g.dim() == 3 else pad[..., None], 0.0)
         h0 = st.h0 if fresh else cache.ssm_state
         out = ops.gated_delta_rule(
             q, k, v, g, beta, use_qk_l2norm=True, initial_state=h0, state_offset=st.h_off, output_offset=st.y_off,
@@ -204,6 +215,37 @@ class OlmoHybridGDNMixer(HostedGDNMixer):
         return qkv, self.g_proj(u), self.b_proj(u), self.a_proj(u)
 
 
+class KimiLinearKDAMixer(HostedGDNMixer):
+    """Kimi-Linear (KDA): the gated delta rule with one decay per key channel, from the low-rank ``forget_gate``
+    (its ``A_log`` [H], ``dt_bias`` [H·K]); the output gate is low-rank too (``g_a_proj``, ``g_b_proj``), and the
+    gated norm uses a sigmoid (the host's norm module, shared)."""
+
+    PROJECTIONS = ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "g_b_proj")
+    NORM = "o_norm"
+    OUT = "o_proj"
+    ATTRIBUTES = ("conv1d", "forget_gate", "num_heads", "head_dim", "layer_idx", "activation")
+    SHARED = ("conv1d", "forget_gate")
+
+    @staticmethod
+    def head_dims(host: nn.Module) -> tuple[int, int, int, int]:
+        return host.num_heads, host.num_heads, host.head_dim, host.head_dim
+
+    @property
+    def A_log(self) -> torch.Tensor:
+        return self.forget_gate.A_log
+
+    def project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        qkv = torch.cat([self.q_proj(u), self.k_proj(u), self.v_proj(u)], dim=-1)
+        gate = self.forget_gate
+        return qkv, self.g_b_proj(self.g_a_proj(u)), self.b_proj(u), gate.f_b_proj(gate.f_a_proj(u))
+
+    def decay(self, a: torch.Tensor) -> torch.Tensor:
+        """g [B, L, H, K] = -exp(A_log_h) · softplus(a + dt_bias), one decay per key channel."""
+        h, dk = self.num_v_heads, self.head_k_dim
+        g = F.softplus(a.float() + self.forget_gate.dt_bias.float()).unflatten(-1, (h, dk))
+        return -self.forget_gate.A_log.float().reshape(h, 1).exp() * g
+
+
 # model_type -> the transformers class of its Gated DeltaNet; class name -> our builder
 GDN_MODEL_TYPES: dict[str, str] = {
     "qwen3_5_text": "Qwen3_5GatedDeltaNet",
@@ -212,10 +254,12 @@ GDN_MODEL_TYPES: dict[str, str] = {
     "qwen3_5_moe": "Qwen3_5MoeGatedDeltaNet",
     "qwen3_next": "Qwen3NextGatedDeltaNet",
     "olmo_hybrid": "OlmoHybridGatedDeltaNet",
+    "kimi_linear": "KimiLinearDeltaAttention",
 }
 GDN_BUILDERS = {
     "Qwen3_5GatedDeltaNet": HostedGDNMixer,
     "Qwen3_5MoeGatedDeltaNet": HostedGDNMixer,
     "Qwen3NextGatedDeltaNet": Qwen3NextGDNMixer,
     "OlmoHybridGatedDeltaNet": OlmoHybridGDNMixer,
+    "KimiLinearDeltaAttention": KimiLinearKDAMixer,
 }

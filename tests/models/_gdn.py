@@ -19,6 +19,31 @@ EXTRA = {
     "qwen3_5_moe_text": {**_GDN, **_MOE, "head_dim": 16},
     "qwen3_next": {**_GDN, **_MOE, "head_dim": 16},
     "olmo_hybrid": {**_GDN, "linear_num_key_heads": 4, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1},
+    # KDA: one decay per key channel; multi-head latent attention in the other layer
+    "kimi_linear": {
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 4,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 1,
+        "linear_attn_config": {
+            "head_dim": 8,
+            "num_heads": 4,
+            "short_conv_kernel_size": 4,
+            "full_attn_layers": [2],
+            "kda_layers": [1],
+        },
+        "q_lora_rank": None,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 8,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "n_group": 1,
+        "topk_group": 1,
+    },
 }
 GDN_FAMILIES = list(EXTRA)
 # the mixer's own Linears per family (LoRA targets)
@@ -27,6 +52,7 @@ MIXER_LINEARS = {
     "qwen3_5_moe_text": ["in_proj_qkv", "in_proj_b", "out_proj"],
     "qwen3_next": ["in_proj_qkvz", "in_proj_ba", "out_proj"],
     "olmo_hybrid": ["a_proj", "b_proj", "g_proj"],
+    "kimi_linear": ["b_proj", "g_a_proj", "g_b_proj"],
 }
 
 
@@ -39,11 +65,11 @@ def tiny_gdn_hf(model_type: str, *, seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for m in model.modules():
-            if hasattr(m, "A_log") and hasattr(m, "dt_bias"):
+            if hasattr(m, "A_log") and hasattr(m, "dt_bias"):  # the mixer, or KDA's forget gate
                 m.dt_bias.uniform_(-1.0, 1.0)
                 m.A_log.uniform_(-2.0, 0.0)  # slow decays: the state carries over many tokens
-                norm = getattr(m, "norm", None) or m.o_norm
-                norm.weight.uniform_(0.5, 1.5)
+            if hasattr(m, "conv1d"):  # the mixer: its gated norm
+                (getattr(m, "norm", None) or m.o_norm).weight.uniform_(0.5, 1.5)
     return model
 
 

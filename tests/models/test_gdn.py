@@ -99,7 +99,10 @@ CASES = [
     ),
     Case("prefix", lambda f: PrefixTuningConfig(num_virtual_tokens=3), identity_at_init=False),
     Case("lora_mixer", lambda f: LoraConfig(r=2, target_modules=MIXER_LINEARS[f])),
-    Case("lora_attn_mlp", lambda f: LoraConfig(r=2, target_modules=["q_proj", "v_proj"])),
+    # Kimi-Linear's latent attention has no v_proj
+    Case(
+        "lora_attn", lambda f: LoraConfig(r=2, target_modules=["q_proj", "o_proj" if f == "kimi_linear" else "v_proj"])
+    ),
 ]
 PARAMS = [(c, f) for c in CASES for f in GDN_FAMILIES]
 IDS = [f"{c.id}-{f}" for c, f in PARAMS]

@@ -18,9 +18,10 @@ MAMBA1_TARGETS = (
     "out_proj",
 )
 MAMBA2_TARGETS = ("in_proj", "in_proj.z", "in_proj.x", "in_proj.B", "in_proj.C", "in_proj.dt", "out_proj")
-# Linears of transformers' Gated DeltaNet mixers (Qwen3.5, Qwen3-Next, OLMo-Hybrid), besides out_proj / o_proj
+# Linears of transformers' Gated DeltaNet / KDA mixers (Qwen3.5, Qwen3-Next, OLMo-Hybrid, Kimi-Linear), besides
+# out_proj / o_proj
 GDN_TARGETS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba", "a_proj", "b_proj",
-               "g_proj")  # fmt: skip
+               "g_proj", "g_a_proj", "g_b_proj")  # fmt: skip
 # Attention / MLP Linears of transformers' hybrid models (``ssmtune.from_transformers``), by attribute name
 TRANSFORMER_TARGETS = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj", "input_linear",
