@@ -22,7 +22,7 @@ from torch import nn
 from .. import ops
 from .cache import LayerCache
 from .hooks import MergedState, collect_state
-from .hybrid import _PACKED_KWARGS, HostLayerCache, _family, check_contract
+from .hybrid import _PACKED_KWARGS, HYBRID_MODEL_TYPES, MIXER_BUILDERS, HostLayerCache, _family, check_contract
 from .mamba import mask_padding
 from .mamba2 import conv0_at_first_token
 
@@ -263,3 +263,6 @@ GDN_BUILDERS = {
     "OlmoHybridGatedDeltaNet": OlmoHybridGDNMixer,
     "KimiLinearDeltaAttention": KimiLinearKDAMixer,
 }
+# rows of models/hybrid.py's tables: from_transformers, load_model and the error messages see these families
+HYBRID_MODEL_TYPES.update(GDN_MODEL_TYPES)
+MIXER_BUILDERS.update(GDN_BUILDERS)

@@ -271,14 +271,6 @@ MIXER_BUILDERS: dict[str, Callable[[nn.Module], HostedSSDMixer]] = {
 }
 
 
-def _register_gated_delta() -> None:
-    """The Gated DeltaNet hybrids (models/gated_delta.py), which build on this module's cache adapter."""
-    from .gated_delta import GDN_BUILDERS, GDN_MODEL_TYPES
-
-    HYBRID_MODEL_TYPES.update(GDN_MODEL_TYPES)
-    MIXER_BUILDERS.update(GDN_BUILDERS)
-
-
 # the block's norm in front of the mixer, by the attribute name the decoder layers use
 _PRE_NORMS = ("input_layernorm", "norm")
 
@@ -450,4 +442,5 @@ def load_hybrid(folder, *, dtype: torch.dtype | None = None, device=None, tokeni
     return model.eval()
 
 
-_register_gated_delta()
+# the Gated DeltaNet / KDA hybrids build on this module's cache adapter and add their rows to the tables above
+from . import gated_delta  # noqa: F401
