@@ -42,6 +42,7 @@ class HostedGDNMixer(nn.Module):
     PROJECTIONS: tuple[str, ...] = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
     NORM = "norm"
     OUT = "out_proj"
+    CHUNK: int | None = GDN_CHUNK  # the torch path's chunk length (None: the op's default)
 
     ATTRIBUTES = GDN_ATTRIBUTES
     SHARED = ("conv1d", "dt_bias", "A_log")  # besides the Linears and the norm, shared by reference
@@ -58,7 +59,7 @@ class HostedGDNMixer(nn.Module):
         if self.num_v_heads % self.num_k_heads != 0:
             raise ValueError(f"{family}: value heads ({self.num_v_heads}) must be a multiple of key heads "
                              f"({self.num_k_heads})")  # fmt: skip
-        self.chunk_size = GDN_CHUNK
+        self.chunk_size = self.CHUNK
         for name in (*self.PROJECTIONS, self.NORM, self.OUT, *self.SHARED):
             setattr(self, name, getattr(host, name))  # by reference: the host's parameter names stay
         self.beta_scale = 1.0
@@ -225,6 +226,7 @@ class KimiLinearKDAMixer(HostedGDNMixer):
     OUT = "o_proj"
     ATTRIBUTES = ("conv1d", "forget_gate", "num_heads", "head_dim", "layer_idx", "activation")
     SHARED = ("conv1d", "forget_gate")
+    CHUNK = None  # the op's shorter chunk for per-channel gates
 
     @staticmethod
     def head_dims(host: nn.Module) -> tuple[int, int, int, int]:

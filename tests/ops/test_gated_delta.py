@@ -60,6 +60,23 @@ def test_reference_matches_transformers_recurrence():
         assert_close("state", s2, s, 1e-5)
 
 
+def test_reference_matches_transformers_kda():
+    kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+    x = make_inputs(2, 19, 3, 3, 8, 8, True, batched_state=True)
+    o, s = gated_delta_rule_ref(
+        x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm=True, initial_state=x["initial_state"],
+        output_final_state=True,
+    )  # fmt: skip
+    fns = ((kimi.recurrent_kimi_delta_attention, {}), (kimi.chunk_kimi_delta_attention, {"chunk_size": 8}))
+    for fn, kw in fns:
+        o2, s2 = fn(
+            x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], initial_state=x["initial_state"],
+            output_final_state=True, use_qk_l2norm_in_kernel=True, **kw,
+        )  # fmt: skip
+        assert_close("o", o2, o, 1e-5)
+        assert_close("state", s2, s, 1e-5)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_chunked_matches_reference(case):
     _, b, seqlen, hk, h, dk, dv, per_channel, chunk = case

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from .naive import prepare_qk, read_offsets
 
 DEFAULT_CHUNK = 64
+# A per-channel gate (KDA) needs the decayed Gram as [C, C, K] per chunk: memory ~ L·C·K per head, so a shorter chunk
+DEFAULT_CHUNK_PER_CHANNEL = 16
 
 
 def _decayed_gram(a: torch.Tensor, b: torch.Tensor, G: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
@@ -44,10 +46,11 @@ def gated_delta_rule_torch(
     output_final_state: bool = False,
     chunk_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Same arguments and results as ``naive.gated_delta_rule_ref``; ``chunk_size`` defaults to 64."""
+    """Same arguments and results as ``naive.gated_delta_rule_ref``; ``chunk_size`` defaults to 64 (16 for a
+    per-channel gate)."""
     batch, seqlen, nheads, dv = v.shape
     out_dtype = v.dtype
-    c = chunk_size or DEFAULT_CHUNK
+    c = chunk_size or (DEFAULT_CHUNK_PER_CHANNEL if g.dim() == 4 else DEFAULT_CHUNK)
     q_hat, k_hat = prepare_qk(q, k, nheads, scale=scale, use_qk_l2norm=use_qk_l2norm)
     dk = q_hat.shape[-1]
     per_channel = g.dim() == 4
