@@ -44,31 +44,25 @@ def _run(fn, inputs, **kw):
     return fn(*args, **rest, output_final_state=True, use_qk_l2norm=True, **kw)
 
 
-def test_reference_matches_transformers_recurrence():
-    qwen = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
-    x = make_inputs(2, 23, 2, 4, 8, 6, False, batched_state=True)
+# transformers' own recurrences (sequential and chunked): Gated DeltaNet (Qwen3.5) and KDA (Kimi-Linear)
+TRANSFORMERS = [
+    ("qwen3_5", "torch_recurrent_gated_delta_rule", "torch_chunk_gated_delta_rule", False),
+    ("kimi_linear", "recurrent_kimi_delta_attention", "chunk_kimi_delta_attention", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "recurrent", "chunked", "per_channel"), TRANSFORMERS, ids=[t[0] for t in TRANSFORMERS]
+)
+def test_reference_matches_transformers(model, recurrent, chunked, per_channel):
+    module = pytest.importorskip(f"transformers.models.{model}.modeling_{model}")
+    heads = (3, 3) if per_channel else (2, 4)
+    x = make_inputs(2, 23, *heads, 8, 6 + 2 * per_channel, per_channel, batched_state=True)
     o, s = gated_delta_rule_ref(
         x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm=True, initial_state=x["initial_state"],
         output_final_state=True,
     )  # fmt: skip
-    for fn, kw in ((qwen.torch_recurrent_gated_delta_rule, {}), (qwen.torch_chunk_gated_delta_rule, {"chunk_size": 8})):
-        o2, s2 = fn(
-            x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], initial_state=x["initial_state"],
-            output_final_state=True, use_qk_l2norm_in_kernel=True, **kw,
-        )  # fmt: skip
-        assert_close("o", o2, o, 1e-5)
-        assert_close("state", s2, s, 1e-5)
-
-
-def test_reference_matches_transformers_kda():
-    kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
-    x = make_inputs(2, 19, 3, 3, 8, 8, True, batched_state=True)
-    o, s = gated_delta_rule_ref(
-        x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm=True, initial_state=x["initial_state"],
-        output_final_state=True,
-    )  # fmt: skip
-    fns = ((kimi.recurrent_kimi_delta_attention, {}), (kimi.chunk_kimi_delta_attention, {"chunk_size": 8}))
-    for fn, kw in fns:
+    for fn, kw in ((getattr(module, recurrent), {}), (getattr(module, chunked), {"chunk_size": 8})):
         o2, s2 = fn(
             x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], initial_state=x["initial_state"],
             output_final_state=True, use_qk_l2norm_in_kernel=True, **kw,
