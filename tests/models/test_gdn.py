@@ -249,3 +249,26 @@ def test_scale_must_be_positive():
         StateOffsetConfig(scale=0)
     with pytest.raises(ValueError, match="InitialStateConfig.scale_in_training must be a bool"):
         InitialStateConfig(scale_in_training="yes")
+
+
+@pytest.mark.parametrize("family", GDN_FAMILIES)
+def test_contract_names_the_missing_attribute(family):
+    from ssmtune.models.hybrid import MIXER_BUILDERS
+
+    host = next(m for m in tiny_gdn_hf(family).modules() if type(m).__name__ in MIXER_BUILDERS)
+    builder = MIXER_BUILDERS[type(host).__name__]
+    del host.conv1d
+    with pytest.raises(ValueError, match=rf"{family}.*transformers .*no attribute 'conv1d'"):
+        builder(host)
+
+
+def test_bf16_forward_follows_fp32():
+    hf = tiny_gdn_hf("qwen3_5_text")
+    model = get_peft_model(from_transformers(copy.deepcopy(hf)), StateOffsetConfig())
+    perturb(model)
+    x = ids(length=21)
+    with torch.no_grad():
+        ref = model(x).logits
+        out = model.to(torch.bfloat16)(x).logits
+    assert out.dtype == torch.bfloat16
+    assert_close("bf16", ref, out.float(), 3e-2)
