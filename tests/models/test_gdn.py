@@ -272,3 +272,16 @@ def test_bf16_forward_follows_fp32():
         out = model.to(torch.bfloat16)(x).logits
     assert out.dtype == torch.bfloat16
     assert_close("bf16", ref, out.float(), 3e-2)
+
+
+def test_saved_adapter_keeps_its_scale(tmp_path):
+    clean = tiny_gdn("qwen3_5_text")
+    model = get_peft_model(copy.deepcopy(clean), InitialStateConfig(scale=0.07))
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        out = model.eval()(x).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(clean, tmp_path)
+    with torch.no_grad():
+        assert_close("reloaded with its scale", out, loaded.eval()(x).logits, 1e-6, atol=1e-6)

@@ -145,3 +145,16 @@ def test_fla_backend_without_fla_names_the_extra():
     x = make_inputs(1, 3, 1, 1, 4, 4, False)
     with pytest.raises(ValueError, match=r"ssmtune\[fla\]"):
         ops.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], backend="fla")
+
+
+@pytest.mark.parametrize(
+    ("capability", "triton", "ok"),
+    [((9, 0), (3, 6, 0), False), ((9, 0), (3, 7, 1), True), ((9, 0), (3, 3, 1), True), ((8, 0), (3, 6, 0), True)],
+)
+def test_fla_backward_refused_on_hopper_with_triton_3_4_to_3_7_0(monkeypatch, capability, triton, ok):
+    from ssmtune.ops.gated_delta import fla
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(fla, "_triton_version", lambda: triton)
+    assert fla.fla_backward_ok(torch.device("cuda", 0)) is ok
+    assert not fla.fla_backward_ok(torch.device("cpu"))
