@@ -24,6 +24,15 @@ HYBRID_MODELS = {
     "zamba2-1.2b": ("Zyphra/Zamba2-1.2B", ("rte",)),
 }
 HYBRID_METHODS = ("state_offset_h", "initial_state", "lora")
+# Gated DeltaNet / KDA hybrids: folder name -> (a hub id of the checkpoint, its tasks, its methods). The state methods
+# scale the learned state by GDN_SCALE at inference (the published initial-state study's alpha for Gated DeltaNet).
+GDN_MODELS = {
+    "qwen3.5-0.8b": ("Qwen/Qwen3.5-0.8B", ("rte",), HYBRID_METHODS),
+    "qwen3.5-2b": ("Qwen/Qwen3.5-2B", ("rte",), HYBRID_METHODS),
+    "qwen3.5-4b": ("Qwen/Qwen3.5-4B", ("rte",), HYBRID_METHODS),
+    "kimi-linear-48b-a3b": ("moonshotai/Kimi-Linear-48B-A3B-Base", ("rte",), ("state_offset_h", "initial_state")),
+}
+GDN_SCALE = 0.07
 # [SOT] table: state-offset (h), state-offset (y), init state, LoRA (S6), Additional-scan.
 SOT = {
     "dart": (4e-4, 4e-3, 2e-3, 4e-3, 4e-3),
@@ -54,6 +63,8 @@ METHODS = {
              "LoRA on the S6 projections x_proj + dt_proj (the [SOT] 'LoRA (S6)' column), docs/methods.md §5.2"),
     "lora_ssd": ("lora", {"r": 8, "lora_alpha": 8, "target_modules": ["in_proj", "out_proj"]},
                  "LoRA on the Mamba-2 mixers' in_proj + out_proj, docs/methods.md §5.2"),
+    "lora_gdn": ("lora", {"r": 8, "lora_alpha": 8, "target_modules": ["in_proj_qkv", "in_proj_z", "out_proj"]},
+                 "LoRA on the Gated DeltaNet mixers' in_proj_qkv + in_proj_z + out_proj, docs/methods.md §5.2"),
     "additional_scan": ("additional_scan", {}, "Additional-scan, docs/methods.md §5.4"),
     "prefix": ("prefix", {"num_virtual_tokens": VIRTUAL_TOKENS}, "Prefix-Tuning, docs/methods.md §4.4"),
     "prompt": ("prompt", {"num_virtual_tokens": VIRTUAL_TOKENS}, "Prompt Tuning, docs/methods.md §5.1"),
@@ -73,7 +84,7 @@ def hyper(model: str, task: str, method: str) -> tuple[float, int, int, dict[str
     notes: dict[str, str] = {}
     short = task in ("qqp", "mnli")
     epochs, batch = (3 if short else 10), 4
-    if model in HYBRID_MODELS:
+    if model in HYBRID_MODELS or model in GDN_MODELS:
         lr, source, epochs = SOT[task][SOT_METHODS.index(method)], "", 3
         notes["lr"] = NOT_PUBLISHED + " (the [SOT] value for Mamba)"
     elif method in SOT_METHODS:
@@ -97,12 +108,17 @@ def hyper(model: str, task: str, method: str) -> tuple[float, int, int, dict[str
 
 
 def render(model: str, task: str, method: str) -> str:
-    hybrid = model in HYBRID_MODELS
-    name, options, title = METHODS["lora_ssd" if hybrid and method == "lora" else method]
+    gdn = model in GDN_MODELS
+    hybrid = model in HYBRID_MODELS or gdn
+    lora = "lora_gdn" if gdn else "lora_ssd"
+    name, options, title = METHODS[lora if hybrid and method == "lora" else method]
+    if gdn and name in ("state_offset", "initial_state"):
+        options = {**options, "scale": GDN_SCALE}
     lr, epochs, batch, notes = hyper(model, task, method)
     generation = task in ("dart", "samsum")
+    hub = (GDN_MODELS[model] if gdn else HYBRID_MODELS.get(model, ("",)))[0]
     where = (
-        f"a local copy of {HYBRID_MODELS[model][0]} (transformers layout, tokenizer.json)"
+        f"a local copy of {hub} (transformers layout, tokenizer.json)"
         if hybrid
         else "a local checkpoint folder (HF or mamba_ssm layout) with its tokenizer.json"
     )
@@ -117,6 +133,8 @@ def render(model: str, task: str, method: str) -> str:
         for k, v in options.items():
             value = "[" + ", ".join(v) + "]" if isinstance(v, list) else v
             note = NOT_PUBLISHED if k in ("r", "lora_alpha", "num_virtual_tokens") else ""
+            if k == "scale":
+                note = "  # alpha at inference only, the study's value for Gated DeltaNet"
             lines.append(f"  {k}: {value}{note}")
     lines += ["data:", f"  task: {task}", f"  data_dir: data/{task}  # local files: train/validation[/test]"]
     if task == "spider":
@@ -152,9 +170,10 @@ def render(model: str, task: str, method: str) -> str:
 
 def layout() -> list[tuple[str, str, str]]:
     """(model, task, method) of every recipe."""
-    native = [(m, t, meth) for m, tasks in MODELS.items() for t in tasks for meth in METHODS if meth != "lora_ssd"]
+    native = [(m, t, meth) for m, tasks in MODELS.items() for t in tasks for meth in METHODS if meth not in ("lora_ssd", "lora_gdn")]
     hybrid = [(m, t, meth) for m, (_, tasks) in HYBRID_MODELS.items() for t in tasks for meth in HYBRID_METHODS]
-    return native + hybrid
+    gdn = [(m, t, meth) for m, (_, tasks, methods) in GDN_MODELS.items() for t in tasks for meth in methods]
+    return native + hybrid + gdn
 
 
 def main() -> list[Path]:

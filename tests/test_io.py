@@ -40,8 +40,9 @@ def test_files_and_metadata(tmp_path):
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert meta["base_model"]["model_type"] == "mamba"
     assert meta["methods"] == [
-        {"method": "state_offset", "layers_to_transform": None, "variant": "h", "rank": None, "r_ratio": 1}
-    ]
+        {"method": "state_offset", "layers_to_transform": None, "variant": "h", "rank": None, "r_ratio": 1,
+         "scale": 1.0, "scale_in_training": False}
+    ]  # fmt: skip
     keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
     assert keys == [f"backbone.layers.{i}.mixer.state_offset_h.h_off" for i in range(2)]
 

@@ -35,8 +35,9 @@ def _generator():
 def test_layout_is_complete():
     gen = _generator()
     expected = {ROOT / m / t / f"{meth}.yaml" for m, t, meth in gen.layout()}
-    # 100 for the Mamba checkpoints of the papers, 15 for five hybrid checkpoints (state_offset_h, initial_state, lora)
-    assert set(RECIPES) == expected and len(RECIPES) == 115
+    # 100 for the Mamba checkpoints of the papers, 15 for five hybrid checkpoints (state_offset_h, initial_state, lora),
+    # 11 for the Gated DeltaNet / KDA ones (three Qwen3.5 sizes with all three, Kimi-Linear without LoRA)
+    assert set(RECIPES) == expected and len(RECIPES) == 126
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -103,7 +103,7 @@ def _expected_shape(hook: nn.Module, field: str) -> tuple[int, ...] | None:
     if field in ("h0", "h_off"):
         return tuple(mixer.state_shape)
     if field == "y_off":
-        return tuple(mixer.state_shape[:-1])
+        return tuple(getattr(mixer, "output_offset_shape", mixer.state_shape[:-1]))
     return tuple(mixer.conv_state_shape)
 
 

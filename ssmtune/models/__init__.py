@@ -3,6 +3,7 @@ mixers inside transformers' hybrid models (``from_transformers``)."""
 
 from .cache import InferenceCache, LayerCache
 from .config import Mamba2Config, MambaConfig, SSMConfig
+from .gated_delta import HostedGDNMixer
 from .hybrid import HostedSSDMixer, from_transformers
 from .lm import (
     CausalLMOutput,
@@ -19,6 +20,7 @@ from .mamba2 import Mamba2Mixer, RMSNormGated
 
 __all__ = [
     "CausalLMOutput",
+    "HostedGDNMixer",
     "HostedSSDMixer",
     "InferenceCache",
     "LayerCache",

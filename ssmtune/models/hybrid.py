@@ -270,8 +270,15 @@ MIXER_BUILDERS: dict[str, Callable[[nn.Module], HostedSSDMixer]] = {
     "Zamba2MambaMixer": HostedSSDMixer,
 }
 
+
 # the block's norm in front of the mixer, by the attribute name the decoder layers use
 _PRE_NORMS = ("input_layernorm", "norm")
+
+
+def _hosted() -> tuple[type, ...]:
+    from .gated_delta import HostedGDNMixer
+
+    return (HostedSSDMixer, HostedGDNMixer)
 
 
 def _supported() -> str:
@@ -296,7 +303,7 @@ def from_transformers(model: nn.Module) -> nn.Module:
     """
     swaps, unsupported = [], []
     for name, module in model.named_modules():
-        if isinstance(module, HostedSSDMixer):
+        if isinstance(module, _hosted()):
             continue
         builder = MIXER_BUILDERS.get(type(module).__name__)
         if builder is not None:
@@ -338,7 +345,7 @@ def swap_if_hybrid(model: nn.Module) -> nn.Module:
 
 def hybrid_mixers(model: nn.Module) -> list[tuple[int, str, HostedSSDMixer]]:
     """(layer index, module path, mixer) of every swapped mixer, in layer order."""
-    found = [(m.layer_idx, name, m) for name, m in model.named_modules() if isinstance(m, HostedSSDMixer)]
+    found = [(m.layer_idx, name, m) for name, m in model.named_modules() if isinstance(m, _hosted())]
     return sorted(found, key=lambda t: t[0])
 
 
@@ -376,7 +383,7 @@ def set_backend(model: nn.Module, value: str) -> None:
         raise ValueError(f"backend must be one of {ops.BACKENDS}, got {value!r}")
     for _, _, mixer in hybrid_mixers(model):
         mixer.backend = value
-        if mixer.norm is not None:
+        if isinstance(getattr(mixer, "norm", None), RMSNormGated):
             mixer.norm.backend = value
 
 
@@ -433,3 +440,7 @@ def load_hybrid(folder, *, dtype: torch.dtype | None = None, device=None, tokeni
     model.config.use_cache = False
     model.tokenizer = tokenizer
     return model.eval()
+
+
+# the Gated DeltaNet / KDA hybrids build on this module's cache adapter and add their rows to the tables above
+from . import gated_delta  # noqa: F401

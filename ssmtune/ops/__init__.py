@@ -458,3 +458,75 @@ __all__ = [
     "ssd_state_update",
     "ssd_state_update_ref",
 ]
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+    initial_state: torch.Tensor | None = None,
+    state_offset: torch.Tensor | None = None,
+    output_offset: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Gated delta rule (Gated DeltaNet; KDA with a per-channel gate) with initial state and read-out offsets
+    (``gated_delta/naive.py`` for the maths).
+
+    Args:
+        q, k (torch.Tensor): shape [B, L, Hk, K]
+        v (torch.Tensor): shape [B, L, H, V], H a multiple of Hk
+        g (torch.Tensor): log-decay, shape [B, L, H] or [B, L, H, K] (KDA)
+        beta (torch.Tensor): shape [B, L, H]
+        scale (float | None): the query scale, K^-1/2 by default
+        use_qk_l2norm (bool): L2-normalise q and k per head first
+        initial_state (torch.Tensor | None): S_0, shape [H, K, V] or [B, H, K, V]
+        state_offset (torch.Tensor | None): S', shape [H, K, V] or [B, H, K, V] (read out, never decayed)
+        output_offset (torch.Tensor | None): y', shape [H, V] or [B, H, V]
+        backend: ``"ref"``, ``"torch"`` (chunked, autograd), ``"fla"`` (flash-linear-attention), or ``"auto"`` /
+            ``"triton"``: fla on CUDA when it imports and, when a gradient is needed, its backward works there; else
+            torch.
+    Returns:
+        o [B, L, H, V] in v's dtype, and S_L [B, H, K, V] in fp32 when ``output_final_state``.
+    """
+    from .gated_delta import GATED_DELTA_BACKENDS
+    from .gated_delta.chunk import gated_delta_rule_torch
+    from .gated_delta.fla import fla_backward_ok, fla_importable, gated_delta_rule_fla
+    from .gated_delta.naive import gated_delta_rule_ref
+
+    op = "gated_delta_rule"
+    if backend not in GATED_DELTA_BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {GATED_DELTA_BACKENDS}, got {backend!r}")
+    _check("q", q, [(None, None, None, None)], op)
+    b, seqlen, hk, dk = q.shape
+    _check("k", k, [(b, seqlen, hk, dk)], op)
+    _check("v", v, [(b, seqlen, None, None)], op)
+    h, dv = v.shape[2], v.shape[3]
+    if h % hk != 0:
+        raise ValueError(f"{op}: value heads ({h}) must be a multiple of key heads ({hk})")
+    _check("g", g, [(b, seqlen, h), (b, seqlen, h, dk)], op)
+    _check("beta", beta, [(b, seqlen, h)], op)
+    _check("initial_state", initial_state, [(h, dk, dv), (b, h, dk, dv)], op)
+    _check("state_offset", state_offset, [(h, dk, dv), (b, h, dk, dv)], op)
+    _check("output_offset", output_offset, [(h, dv), (b, h, dv)], op)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be positive, got {chunk_size}")
+    _check_float(op, q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, state_offset=state_offset)
+    if backend in ("auto", "triton"):
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state, state_offset, output_offset)
+        )
+        usable = v.is_cuda and fla_importable() and (not grad or fla_backward_ok(v.device))
+        backend = "fla" if usable else "torch"
+    fn = {"ref": gated_delta_rule_ref, "torch": gated_delta_rule_torch, "fla": gated_delta_rule_fla}[backend]
+    return fn(
+        q, k, v, g, beta, scale=scale, use_qk_l2norm=use_qk_l2norm, initial_state=initial_state,
+        state_offset=state_offset, output_offset=output_offset, output_final_state=output_final_state,
+        chunk_size=chunk_size,
+    )  # fmt: skip

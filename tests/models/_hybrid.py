@@ -93,6 +93,10 @@ def tiny_hf(model_type: str, *, seed: int = 0, **overrides):
     """transformers' own model from a tiny config, in eval mode, with a dt bias that makes the state matter."""
     from transformers import AutoModelForCausalLM
 
+    if model_type not in EXTRA:  # the Gated DeltaNet families
+        from _gdn import tiny_gdn_hf
+
+        return tiny_gdn_hf(model_type, seed=seed, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval()
     with torch.no_grad():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _gdn import GDN_FAMILIES, MIXER_LINEARS
 from _hybrid import FAMILIES, ids, tiny_hybrid
 
 from ssmtune import InitialStateConfig, LoraConfig, PrefixTuningConfig, StateOffsetConfig, get_peft_model
@@ -20,8 +21,17 @@ NEW = 6
 GEN = {"max_new_tokens": NEW, "min_new_tokens": NEW, "pad_token_id": 0}
 
 
+def _mixer_lora(family: str) -> list[str]:
+    """A Linear of the recurrent mixer (the Gated DeltaNets name theirs)."""
+    return MIXER_LINEARS[family][-1:] if family in MIXER_LINEARS else ["out_proj"]
+
+
 def _adapted(family: str):
-    configs = [StateOffsetConfig(), InitialStateConfig(conv_state=True), LoraConfig(r=2, target_modules=["out_proj"])]
+    configs = [
+        StateOffsetConfig(),
+        InitialStateConfig(conv_state=True),
+        LoraConfig(r=2, target_modules=_mixer_lora(family)),
+    ]
     model = get_peft_model(tiny_hybrid(family), configs)
     perturb(model)
     return model.eval()
@@ -35,7 +45,7 @@ def _argmax_continuation(model, x: torch.Tensor, steps: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + GDN_FAMILIES)
 def test_greedy_and_beam_generate(family):
     model = _adapted(family)
     x = ids(batch=2, length=7)
@@ -49,12 +59,13 @@ def test_greedy_and_beam_generate(family):
     assert not torch.equal(base, greedy)  # the adapters act during generate
 
 
-@pytest.mark.parametrize("family", ["bamba", "falcon_h1"])
+@pytest.mark.parametrize("family", ["bamba", "falcon_h1", "qwen3_5_text", "kimi_linear"])
 def test_generate_with_adapters_per_row(family):
     model = get_peft_model(tiny_hybrid(family), StateOffsetConfig(), adapter_name="h")
     model.add_adapter("h0", InitialStateConfig(conv_state=True))
     model.add_adapter("prefix", PrefixTuningConfig(num_virtual_tokens=2))
-    model.add_adapter("lora", LoraConfig(r=2, target_modules=["in_proj.x", "out_proj", "q_proj"]))
+    lora = ["in_proj.x", "out_proj"] if family in FAMILIES else MIXER_LINEARS[family][:2]
+    model.add_adapter("lora", LoraConfig(r=2, target_modules=[*lora, "q_proj"]))
     names = ["h", "h0", "prefix", "lora"]
     for n in names:
         model.set_adapter(n)
@@ -69,7 +80,7 @@ def test_generate_with_adapters_per_row(family):
                 assert torch.equal(mixed[b], alone[0]), (beams, b, name)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + GDN_FAMILIES)
 def test_left_padding_keeps_initial_state(family):
     """A left-padded row gives the logits and the continuation of the same row without padding."""
     model = _adapted(family)

@@ -53,8 +53,8 @@ def test_unsupported_models_list_what_is_supported(tmp_path):
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config("bamba")
-    (tmp_path / "config.json").write_text(cfg.to_json_string().replace('"bamba"', '"qwen3_next"'))
-    with pytest.raises(ValueError, match=r"unknown model_type 'qwen3_next'.*\['mamba', 'mamba2'\].*'falcon_h1'"):
+    (tmp_path / "config.json").write_text(cfg.to_json_string().replace('"bamba"', '"jamba"'))
+    with pytest.raises(ValueError, match=r"unknown model_type 'jamba'.*\['mamba', 'mamba2'\].*'falcon_h1'"):
         ssmtune.load_model(tmp_path)
     from transformers import LlamaConfig, Mamba2Config
 

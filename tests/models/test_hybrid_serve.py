@@ -32,8 +32,9 @@ def _alone(peft, jobs) -> list[list[int]]:
     return out
 
 
-def test_requests_match_generate_alone():
-    peft = get_peft_model(tiny_hybrid("bamba"), StateOffsetConfig(), adapter_name="h")
+@pytest.mark.parametrize("family", ["bamba", "qwen3_5_text"])
+def test_requests_match_generate_alone(family):
+    peft = get_peft_model(tiny_hybrid(family), StateOffsetConfig(), adapter_name="h")
     peft.add_adapter("h0", InitialStateConfig(conv_state=True))
     peft.add_adapter("lora", LoraConfig(r=2, target_modules=["out_proj", "q_proj"]))
     for name in peft.adapter_names:

@@ -17,8 +17,17 @@ class InitialStateConfig(AdapterConfig):
 
     conv_state: bool = False
     """Also train conv0 [conv_dim, K-1], the conv window before the first token (zero = the usual left padding)."""
+    scale: float = 1.0
+    """alpha: the learned h0 (not conv0) is multiplied by it at inference (the published study uses 0.07
+    for Gated DeltaNet, 0.65 for Mamba-2); in training too only with ``scale_in_training``. 1.0: as learned."""
+    scale_in_training: bool = False
+    """Also apply ``scale`` in training mode (otherwise the adapter trains unscaled and is scaled at inference)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.conv_state, bool):
             raise TypeError(f"InitialStateConfig.conv_state must be a bool, got {self.conv_state!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale > 0:
+            raise ValueError(f"InitialStateConfig.scale must be a positive number, got {self.scale!r}")
+        if not isinstance(self.scale_in_training, bool):
+            raise ValueError(f"InitialStateConfig.scale_in_training must be a bool, got {self.scale_in_training!r}")  # noqa: TRY004

@@ -17,14 +17,21 @@ class InitialState(StateHook):
         state_shape: tuple[int, ...],
         conv_state_shape: tuple[int, int] | None = None,
         *,
+        scale: float = 1.0,
+        scale_in_training: bool = False,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
+        self.scale = scale
+        self.scale_in_training = scale_in_training
         self.h0 = nn.Parameter(torch.zeros(state_shape, device=device))
         self.conv0 = None if conv_state_shape is None else nn.Parameter(torch.zeros(conv_state_shape, device=device))
 
     def initial_state(self, batch_size: int) -> torch.Tensor:
-        return self.h0
+        # alpha scales h0 at inference, and in training only when asked (conv0 is an input window: never scaled)
+        if self.scale == 1.0 or (self.training and not self.scale_in_training):
+            return self.h0
+        return self.h0 * self.scale
 
     def initial_conv_state(self, batch_size: int) -> torch.Tensor | None:
         return self.conv0
@@ -34,6 +41,12 @@ def inject(model: nn.Module, config: InitialStateConfig, *, adapter_name: str) -
     attached = {}
     for t in iter_mixers(model, config.layers_to_transform):
         conv_shape = t.mixer.conv_state_shape if config.conv_state else None
-        hook = InitialState(t.mixer.state_shape, conv_shape, device=t.mixer.A_log.device)
+        hook = InitialState(
+            t.mixer.state_shape,
+            conv_shape,
+            scale=config.scale,
+            scale_in_training=config.scale_in_training,
+            device=t.mixer.A_log.device,
+        )
         attached[f"{t.path}.initial_state"] = add_state_hook(t.mixer, adapter_key(adapter_name, "initial_state"), hook)
     return attached

@@ -18,6 +18,10 @@ MAMBA1_TARGETS = (
     "out_proj",
 )
 MAMBA2_TARGETS = ("in_proj", "in_proj.z", "in_proj.x", "in_proj.B", "in_proj.C", "in_proj.dt", "out_proj")
+# Linears of transformers' Gated DeltaNet / KDA mixers (Qwen3.5, Qwen3-Next, OLMo-Hybrid, Kimi-Linear), besides
+# out_proj / o_proj
+GDN_TARGETS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba", "a_proj", "b_proj",
+               "g_proj", "g_a_proj", "g_b_proj")  # fmt: skip
 # Attention / MLP Linears of transformers' hybrid models (``ssmtune.from_transformers``), by attribute name
 TRANSFORMER_TARGETS = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj", "input_linear",
@@ -62,12 +66,13 @@ class LoraConfig(AdapterConfig):
                 f"LoraConfig.target_modules must be a non-empty list of names, got {self.target_modules!r}"
             )
         self.target_modules = list(self.target_modules)
-        valid = set(MAMBA1_TARGETS) | set(MAMBA2_TARGETS) | set(TRANSFORMER_TARGETS)
+        valid = set(MAMBA1_TARGETS) | set(MAMBA2_TARGETS) | set(TRANSFORMER_TARGETS) | set(GDN_TARGETS)
         bad = [t for t in self.target_modules if t not in valid]
         if bad:
             raise ValueError(
                 f"LoraConfig.target_modules: unknown targets {bad}; valid for Mamba-1: {list(MAMBA1_TARGETS)}, "
-                f"for Mamba-2: {list(MAMBA2_TARGETS)}, for hybrid models also: {list(TRANSFORMER_TARGETS)}"
+                f"for Mamba-2: {list(MAMBA2_TARGETS)}, for hybrid models also: {list(TRANSFORMER_TARGETS)}, "
+                f"for Gated DeltaNet mixers: {list(GDN_TARGETS)}"
             )
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError(f"LoraConfig.target_modules has duplicates: {self.target_modules!r}")

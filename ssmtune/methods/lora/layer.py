@@ -170,10 +170,11 @@ def inject(model: nn.Module, config: LoraConfig, *, adapter_name: str) -> dict[s
     if not targets and len(hosted) < len(config.target_modules):
         raise ValueError(f"LoraConfig.layers_to_transform={config.layers_to_transform} select no recurrent mixer for {config.target_modules}")
     for t in targets:
-        valid = (MAMBA2_TARGETS if is_mamba2(t.mixer) else MAMBA1_TARGETS) + tuple(hosted)
+        own = getattr(t.mixer, "lora_targets", None)  # a Gated DeltaNet names its own Linears
+        valid = (own or (MAMBA2_TARGETS if is_mamba2(t.mixer) else MAMBA1_TARGETS)) + tuple(hosted)
         bad = [name for name in config.target_modules if name not in valid]
         if bad:
-            arch = "Mamba-2" if is_mamba2(t.mixer) else "Mamba-1"
+            arch = getattr(t.mixer, "family", None) if own else "Mamba-2" if is_mamba2(t.mixer) else "Mamba-1"
             raise ValueError(f"LoraConfig.target_modules: {bad} are not {arch} targets; valid: {list(valid)}")
     attached = {}
     for path, parent, attr in host_linears:

@@ -22,6 +22,11 @@ class StateOffsetConfig(AdapterConfig):
     """Low-rank h' = B_r A_r with B_r [D/ρ, r] (zero init) and A_r [r, N·ρ] (Kaiming-uniform). ``None``: dense h'."""
     r_ratio: int = 1
     """ρ of the low-rank factorisation: the (D/ρ)×(N·ρ) product is reshaped to D×N. Must divide D."""
+    scale: float = 1.0
+    """alpha: the learned offset (h' or y') is multiplied by it at inference (the published study uses 0.07
+    for Gated DeltaNet, 0.65 for Mamba-2); in training too only with ``scale_in_training``. 1.0: as learned."""
+    scale_in_training: bool = False
+    """Also apply ``scale`` in training mode (otherwise the adapter trains unscaled and is scaled at inference)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -33,3 +38,7 @@ class StateOffsetConfig(AdapterConfig):
             raise ValueError(f"StateOffsetConfig.rank applies to variant 'h' only, got rank={self.rank!r} with 'y'")
         if not isinstance(self.r_ratio, int) or self.r_ratio < 1:
             raise ValueError(f"StateOffsetConfig.r_ratio must be a positive int, got {self.r_ratio!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale > 0:
+            raise ValueError(f"StateOffsetConfig.scale must be a positive number, got {self.scale!r}")
+        if not isinstance(self.scale_in_training, bool):
+            raise ValueError(f"StateOffsetConfig.scale_in_training must be a bool, got {self.scale_in_training!r}")  # noqa: TRY004

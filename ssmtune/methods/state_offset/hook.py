@@ -21,14 +21,21 @@ class StateOffset(StateHook):
         variant: str = "h",
         rank: int | None = None,
         r_ratio: int = 1,
+        output_shape: tuple[int, ...] | None = None,
+        scale: float = 1.0,
+        scale_in_training: bool = False,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        self.state_shape = tuple(state_shape)  # (D, N) or (H, P, N)
+        self.state_shape = tuple(state_shape)  # (D, N), (H, P, N) or Gated DeltaNet's (H, K, V)
         self.variant = variant
         self.rank = rank
+        self.scale = scale
+        self.scale_in_training = scale_in_training
         if variant == "y":
-            self.y_off = nn.Parameter(torch.zeros(self.state_shape[:-1], device=device))  # [D] or [H, P]
+            # [D] or [H, P]; Gated DeltaNet reads out V, the last axis of its state: [H, V]
+            shape = self.state_shape[:-1] if output_shape is None else tuple(output_shape)
+            self.y_off = nn.Parameter(torch.zeros(shape, device=device))
         elif rank is None:
             self.h_off = nn.Parameter(torch.zeros(self.state_shape, device=device))  # [D, N] or [H, P, N]
         else:
@@ -39,15 +46,21 @@ class StateOffset(StateHook):
             self.offset_A = nn.Parameter(torch.empty(rank, n * r_ratio, device=device))  # [r, N·ρ]
             nn.init.kaiming_uniform_(self.offset_A, a=math.sqrt(5))
 
+    def _scaled(self, t: torch.Tensor) -> torch.Tensor:
+        # alpha acts at inference, and in training only when asked
+        if self.scale == 1.0 or (self.training and not self.scale_in_training):
+            return t
+        return t * self.scale
+
     def state_offset(self) -> torch.Tensor | None:
         if self.variant == "y":
             return None
         if self.rank is None:
-            return self.h_off
-        return (self.offset_B @ self.offset_A).reshape(self.state_shape)
+            return self._scaled(self.h_off)
+        return self._scaled((self.offset_B @ self.offset_A).reshape(self.state_shape))
 
     def output_offset(self) -> torch.Tensor | None:
-        return self.y_off if self.variant == "y" else None
+        return self._scaled(self.y_off) if self.variant == "y" else None
 
 
 def inject(model: nn.Module, config: StateOffsetConfig, *, adapter_name: str) -> dict[str, nn.Module]:
@@ -59,6 +72,9 @@ def inject(model: nn.Module, config: StateOffsetConfig, *, adapter_name: str) ->
             variant=config.variant,
             rank=config.rank,
             r_ratio=config.r_ratio,
+            output_shape=getattr(t.mixer, "output_offset_shape", None),
+            scale=config.scale,
+            scale_in_training=config.scale_in_training,
             device=t.mixer.A_log.device,
         )
         attached[f"{t.path}.{tag}"] = add_state_hook(t.mixer, adapter_key(adapter_name, tag), hook)
