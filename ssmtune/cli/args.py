@@ -214,7 +214,7 @@ class ServeArgs:
     """dtype of the model weights."""
     backend: str = "auto"
     """Scan backend."""
-    cuda_graph: bool = True
+    cuda_graph: bool = False
     """On CUDA, run the batch's decode steps from captured CUDA graphs (docs/serving.md, Graphed decoding); `false`:
     eager steps."""
 

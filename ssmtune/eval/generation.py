@@ -26,18 +26,19 @@ def complete(
     temperature: float = 1.0,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-    cuda_graph: bool = True,
+    cuda_graph: bool = False,
 ) -> str:
     """Decode the continuation of one prompt (token ids) and return it as text, stopping at EOS. ``cuda_graph=False``
-    decodes with eager steps (by default ssmtune's models decode from CUDA graphs on CUDA)."""
+    decodes with eager steps; True decodes ssmtune's own models from CUDA graphs on CUDA."""
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty")
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=_device(model))  # [1, L]
     kwargs = {"do_sample": do_sample, "temperature": temperature, "generator": generator} if do_sample else {}
     if top_p is not None:
         kwargs["top_p"] = top_p
-    if not cuda_graph and hasattr(getattr(model, "base_model", model), "backbone"):
-        kwargs["cuda_graph"] = False  # ssmtune's own models only: a transformers hybrid's generate has no such option
+    if hasattr(getattr(model, "base_model", model), "backbone"):
+        # ssmtune's own models only: a transformers hybrid's generate has no such option
+        kwargs["cuda_graph"] = bool(cuda_graph) and ids.is_cuda
     out = model.generate(
         ids,
         max_new_tokens=max_new_tokens,

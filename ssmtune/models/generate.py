@@ -5,8 +5,9 @@ Greedy, sampling (temperature, top-k, top-p) and length-normalised beam search. 
 so every row gets what it would get alone: no pad token ever enters a state, and initial states of state hooks act
 at each row's first real token (docs/methods.md §4.3).
 
-Decoding steps run through ``decode.GraphedDecoder`` on CUDA (``cuda_graph=None``, the default): the one-token step
-is captured once per batch-size bucket and replayed; prefill, sampling and beam bookkeeping stay eager. When the
+With ``cuda_graph=True`` decoding steps run through ``decode.GraphedDecoder``: on CUDA the one-token step is captured
+once per batch-size bucket and replayed; prefill, sampling and beam bookkeeping stay eager. ``None`` (the default)
+follows ``decode.GRAPHED_BY_DEFAULT``. When the
 model cannot decode from a graph (``decode.unsupported_reason``) a one-line warning says why and decoding is eager.
 """
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import InferenceCache
-from .decode import decoder_for, unsupported_reason
+from .decode import GRAPHED_BY_DEFAULT, decoder_for, unsupported_reason
 
 
 def _eos_list(eos_token_id: int | list[int] | None) -> list[int]:
@@ -85,13 +86,14 @@ class EagerStep:
 
 def decode_step(model, cache: InferenceCache, cuda_graph: bool | None = None, rows: torch.Tensor | None = None):
     """The step object for decoding from a prefilled ``cache``: ``step(tokens [B]) -> logits [B, V]`` and
-    ``reorder(index)``. ``cuda_graph``: None = a graphed decoder on CUDA when the model supports it, else eager;
+    ``reorder(index)``. ``cuda_graph``: None = a graphed decoder on CUDA when ``GRAPHED_BY_DEFAULT`` is on and the
+    model supports it, else eager;
     False = eager; True = the static decoder (captured on CUDA, run eagerly on other devices; ValueError when the
     model does not support it). ``rows``: the routed row of each cache row (beams), for a routed model."""
     if cuda_graph is False:
         return EagerStep(model, cache)
     on_cuda = cache.layers[0].conv_state is not None and cache.layers[0].conv_state.is_cuda
-    if cuda_graph is None and not on_cuda:
+    if cuda_graph is None and not (on_cuda and GRAPHED_BY_DEFAULT):
         return EagerStep(model, cache)
     reason = unsupported_reason(model, capture=on_cuda)
     if reason is not None:
@@ -139,8 +141,8 @@ def generate(
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after ``input_ids`` [B, L]. Returns [B, L + new] (the prompts as given,
     then the new tokens; rows that stopped early are filled with ``pad_token_id``, or the first EOS id).
-    Generation stops early when every row has produced an EOS. ``cuda_graph``: see ``decode_step`` (None: graphed
-    decoding on CUDA when supported; False: eager)."""
+    Generation stops early when every row has produced an EOS. ``cuda_graph``: see ``decode_step`` (None: the
+    library default, ``decode.GRAPHED_BY_DEFAULT``; True: graphed; False: eager)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 0:

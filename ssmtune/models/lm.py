@@ -257,7 +257,7 @@ class SSMForCausalLM(SSMPreTrainedModel):
         cuda_graph: bool | None = None,
     ) -> torch.Tensor:
         """Greedy / sampling / beam search with the recurrent cache; returns [B, prompt + new] token ids.
-        See ``ssmtune.models.generate.generate`` (``cuda_graph``: graphed decoding, on CUDA by default)."""
+        See ``ssmtune.models.generate.generate`` (``cuda_graph``: graphed decoding, see there)."""
         from .generate import generate
 
         return generate(

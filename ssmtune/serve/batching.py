@@ -15,7 +15,7 @@ A beam-search request (``num_beams`` > 1) never joins the batch: the worker runs
 through ``generate(..., num_beams=k, adapter_names=[adapter])``, and sends its tokens when it is done. So does every
 request to a transformers hybrid model (``ssmtune.from_transformers``), whose cache is transformers'.
 
-Decode steps run through a ``models.decode.GraphedDecoder`` (``cuda_graph``; default: on CUDA): the live rows' states
+With ``cuda_graph`` on, decode steps run through a ``models.decode.GraphedDecoder``: the live rows' states
 move into its static buffers when the batch changes (rows joined or finished) and stay there while it does not, each
 step replaying the captured one-token forward. Rows that join or leave hand the states back to ``_cache`` first.
 """
@@ -37,7 +37,7 @@ from torch import nn
 from ..core.peft_model import PeftModel
 from ..core.routing import RoutedLM
 from ..models.cache import InferenceCache
-from ..models.decode import GraphedDecoder, decoder_for, unsupported_reason
+from ..models.decode import GRAPHED_BY_DEFAULT, GraphedDecoder, decoder_for, unsupported_reason
 from ..models.generate import filter_logits
 
 MAX_BEAMS = 8
@@ -172,8 +172,10 @@ class BatchEngine:
         self.solo = not hasattr(base, "backbone")
         self.n_layer = 0 if self.solo else len(base.backbone.layers)
         self.base = base
-        # decode steps on a GraphedDecoder: by default on CUDA (captured); True on the CPU runs it eagerly
-        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        # decode steps on a GraphedDecoder (captured on CUDA; True on the CPU runs it eagerly); None: the library default
+        self.cuda_graph = (
+            (GRAPHED_BY_DEFAULT and self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        )
         # the decoder holding the live rows' states; None: they are in _cache; False: this batch decodes eagerly
         self._decoder: GraphedDecoder | bool | None = None
 

@@ -262,10 +262,11 @@ def test_eval_generation_passes_cuda_graph_off(monkeypatch) -> None:
         def decode(self, ids):
             return " ".join(map(str, ids))
 
-    assert complete(peft, Tok(), [1, 2, 3], max_new_tokens=4) == complete(
-        peft, Tok(), [1, 2, 3], max_new_tokens=4, cuda_graph=False
-    )
-    assert seen == [None, False]
+    default = complete(peft, Tok(), [1, 2, 3], max_new_tokens=4)
+    assert default == complete(peft, Tok(), [1, 2, 3], max_new_tokens=4, cuda_graph=False)
+    assert default == complete(peft, Tok(), [1, 2, 3], max_new_tokens=4, cuda_graph=True)
+    # off by default; asked for, it is passed on only for CUDA tensors (a CPU run decodes eagerly)
+    assert seen == [False, False, False]
 
 
 def test_a_failed_capture_decodes_eagerly() -> None:
