@@ -1,7 +1,12 @@
 """One training step and generation on hybrid transformers models: ssmtune's swapped mixers against transformers + peft.
 
 Models: a Falcon-H1-0.5B-shaped and a Granite-4.0-H-1B-shaped transformers model (``AutoConfig.for_model`` +
-``AutoModelForCausalLM.from_config``: random weights, nothing downloaded), sizes (B, L) = (4, 1024) and (8, 2048).
+``AutoModelForCausalLM.from_config``: random weights, nothing downloaded), sizes (B, L) = (4, 1024) and (8, 2048);
+on request (``--models qwen3_5_0.8b``) a Qwen3.5-0.8B-shaped text model, the Gated DeltaNet family: our mixers are
+``HostedGDNMixer`` around ``ops.gated_delta_rule`` (backend auto: fla on CUDA when its backward works there, else
+the chunked torch path; recorded per row), LoRA on ``in_proj_qkv`` / ``in_proj_z`` / ``out_proj`` and attention's
+``q/k/v/o_proj`` for both stacks, and the peer's default path is fla's kernels where fla imports (``kernels``
+reports ``fla_importable`` and what transformers bound), else its torch path.
 
 Stacks, one configuration at a time, each in a fresh model, memory freed in between:
 
@@ -14,7 +19,7 @@ Stacks, one configuration at a time, each in a fresh model, memory freed in betw
   installed without its CUDA extension (``MAMBA_SKIP_CUDA_BUILD=TRUE``), its ``__init__`` fails and transformers would
   fall back to torch; ``mamba_ssm_shell`` makes the Triton submodules importable first (see ``kernels``). Its fused
   training path also needs causal_conv1d built.
-* ``hf+peft:torch``: the same peer with mamba_ssm and causal_conv1d blocked, in a child process (``--no-kernels``),
+* ``hf+peft:torch``: the same peer with mamba_ssm, causal_conv1d and fla blocked, in a child process (``--no-kernels``),
   so that transformers binds its PyTorch fallbacks. On by default on a GPU only.
 
 ``bare`` is the bare step of ``ssmtune/bench/train_step.py``: the frozen model with no trainable parameter, whose
@@ -34,6 +39,7 @@ A correctness gate runs first: on the small shapes, our swapped model's fp32 log
 no timing is reported. The JSON (``--out``) is rewritten after every row; ``--budget-s`` stops before the deadline.
 
 GPU:  python -m ssmtune.bench.hybrid_step --out hybrid_step.json --budget-s 1500
+      python -m ssmtune.bench.hybrid_step --models qwen3_5_0.8b --out hybrid_step_qwen3_5.json --budget-s 1500
 CPU smoke test (seconds):  python -m ssmtune.bench.hybrid_step --small --device cpu --steps 1
 """
 
@@ -95,8 +101,26 @@ GRANITE_4_H_1B = {
     "embedding_multiplier": 12.0, "attention_multiplier": 0.0078125, "residual_multiplier": 0.22,
     "logits_scaling": 8.0,
 }  # fmt: skip
+# Qwen/Qwen3.5-0.8B config.json, its text_config (the language model of the released vision-language checkpoint; same
+# values as transformers' Qwen3_5TextConfig takes them): 24 layers of three Gated DeltaNet then one gated attention,
+# d 1024, 16 key / 16 value GDN heads of 128, 8 attention / 2 KV heads of 256, partial (0.25) interleaved M-RoPE,
+# tied embeddings.
+QWEN3_5_08B = {
+    "hidden_size": 1024, "num_hidden_layers": 24, "intermediate_size": 3584, "vocab_size": 248320,
+    "tie_word_embeddings": True, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 16, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+    "linear_conv_kernel_dim": 4, "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 6,
+    "hidden_act": "silu", "rms_norm_eps": 1e-6, "attention_bias": False, "max_position_embeddings": 262144,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                        "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+}  # fmt: skip
 # model key -> (transformers model_type, config)
-SHAPES = {"falcon_h1_0.5b": ("falcon_h1", FALCON_H1_05B), "granite_4.0_h_1b": ("granitemoehybrid", GRANITE_4_H_1B)}
+SHAPES = {
+    "falcon_h1_0.5b": ("falcon_h1", FALCON_H1_05B),
+    "granite_4.0_h_1b": ("granitemoehybrid", GRANITE_4_H_1B),
+    "qwen3_5_0.8b": ("qwen3_5_text", QWEN3_5_08B),
+}
+DEFAULT_MODELS = ["falcon_h1_0.5b", "granite_4.0_h_1b"]  # the Gated DeltaNet model runs on request
 # tiny shapes of the same families, for the CPU smoke test and the correctness gate
 SMALL_SHAPES = {
     "falcon_h1_0.5b": ("falcon_h1", {
@@ -112,19 +136,38 @@ SMALL_SHAPES = {
         "layer_types": ["mamba", "attention", "mamba", "mamba"], "mamba_n_heads": 8, "mamba_d_head": 16,
         "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_chunk_size": 16,
     }),
+    "qwen3_5_0.8b": ("qwen3_5_text", {
+        "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128, "vocab_size": 256,
+        "tie_word_embeddings": True, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "linear_num_key_heads": 4, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4, "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                            "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    }),
 }  # fmt: skip
 SIZES = [(4, 1024), (8, 2048)]
 SMALL_SIZES = [(1, 16), (2, 32)]
 METHODS = ("bare", "state_offset_h", "initial_state", "lora")
 STACKS = ("ssmtune", "hf+peft", "hf+peft:torch")
 LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
-KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
+# Gated DeltaNet: its q|k|v and gate projections and its output (the 16-wide beta / decay inputs are left out)
+GDN_LORA_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+MODEL_LORA_TARGETS = {"qwen3_5_0.8b": GDN_LORA_TARGETS}
+KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d", "fla")
+# kernel-report key -> transformers modeling module of each hybrid family
+HYBRID_MODULES = {
+    "falcon_h1": "falcon_h1.modeling_falcon_h1",
+    "granitemoehybrid": "granitemoehybrid.modeling_granitemoehybrid",
+    "qwen3_5_text": "qwen3_5.modeling_qwen3_5",
+}
 LR = 1e-4
 # targets of the issue: State-offset (h) over our bare step; tokens/s over the peer's with / without mamba_ssm, at no
 # more memory; generation with a state adapter over transformers' generate
 TARGET_VS_BARE = 1.10
 TARGET_VS_PEER = 1.5
 TARGET_VS_PEER_TORCH = 10.0
+# the Gated DeltaNet family's (tokens/s over the peer with fla, over its torch path)
+MODEL_PEER_TARGETS = {"qwen3_5_0.8b": (1.3, 5.0)}
 TARGET_GENERATE = 1.0
 GATE_TOL = {"cpu": 1e-4, "cuda": 1e-2}
 """Largest |ours - transformers| of the fp32 mixer outputs and logits, relative to their max |transformers|. On a GPU
@@ -137,7 +180,8 @@ def add_args(parser: argparse.ArgumentParser, *, standalone: bool = False) -> No
     if standalone:
         parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
         parser.add_argument("--out", default="hybrid_step.json")
-    parser.add_argument("--models", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--models", nargs="+", choices=list(SHAPES), default=DEFAULT_MODELS,
+                        help=f"default: {' '.join(DEFAULT_MODELS)}")  # fmt: skip
     parser.add_argument("--sizes", nargs="+", default=None, help="BxL, e.g. 4x1024 8x2048")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--stacks", nargs="+", choices=STACKS, default=None,
@@ -166,7 +210,7 @@ def add_args(parser: argparse.ArgumentParser, *, standalone: bool = False) -> No
     parser.add_argument(
         "--no-kernels",
         action="store_true",
-        help="block mamba_ssm and causal_conv1d before transformers is imported (its torch path)",
+        help="block mamba_ssm, causal_conv1d and fla before transformers is imported (its torch path)",
     )
     parser.add_argument("--skip-gate", action="store_true", help=argparse.SUPPRESS)
 
@@ -175,12 +219,11 @@ def add_args(parser: argparse.ArgumentParser, *, standalone: bool = False) -> No
 
 
 def block_kernels() -> bool:
-    """Make ``import mamba_ssm`` / ``import causal_conv1d`` fail, so transformers binds its torch fallbacks. Returns
+    """Make ``import mamba_ssm`` / ``causal_conv1d`` / ``fla`` fail, so transformers binds its torch fallbacks. Returns
     False when a transformers hybrid modeling module was imported already (then it has bound its kernels)."""
     for pkg in KERNEL_PACKAGES:
         sys.modules[pkg] = None  # type: ignore[assignment]
-    mods = ("falcon_h1.modeling_falcon_h1", "granitemoehybrid.modeling_granitemoehybrid")
-    return not any(f"transformers.models.{m}" in sys.modules for m in mods)
+    return not any(f"transformers.models.{m}" in sys.modules for m in HYBRID_MODULES.values())
 
 
 def mamba_ssm_shell() -> str:
@@ -255,15 +298,18 @@ def _bound(fn) -> str:
 
 
 def kernel_report() -> dict:
-    """Which SSD / conv implementation transformers bound in each hybrid modeling module, and the packages."""
+    """Which SSD / gated-delta / conv implementation transformers bound in each hybrid modeling module (fla's where
+    it imports, else transformers' torch functions), and the packages."""
     out: dict = {pkg: _version(pkg) for pkg in KERNEL_PACKAGES}
+    out["fla_importable"] = not out["fla"].startswith("missing")
     # the module-level names differ between transformers releases
     names = ("mamba_chunk_scan_combined", "mamba2_chunk_scan", "mamba_split_conv1d_scan_combined",
              "mamba2_split_conv1d_scan_combined", "selective_state_update", "mamba2_selective_state_update",
-             "causal_conv1d_fn", "causal_conv1d_update")  # fmt: skip
-    for mt, mod in (("falcon_h1", "modeling_falcon_h1"), ("granitemoehybrid", "modeling_granitemoehybrid")):
+             "causal_conv1d_fn", "causal_conv1d_update", "torch_chunk_gated_delta_rule",
+             "torch_recurrent_gated_delta_rule")  # fmt: skip
+    for mt, mod in HYBRID_MODULES.items():
         try:
-            m = importlib.import_module(f"transformers.models.{mt}.{mod}")
+            m = importlib.import_module(f"transformers.models.{mod}")
         except Exception as e:  # noqa: BLE001
             out[mt] = f"missing: {type(e).__name__}: {str(e)[:160]}"
             continue
@@ -272,7 +318,7 @@ def kernel_report() -> dict:
             bound["is_fast_path_available"] = bool(m.is_fast_path_available)
         out[mt] = bound
         # whether the peer's training step runs the kernels (the torch fallbacks live in transformers' modules)
-        out[f"{mt}_uses"] = {pkg: any(str(v).startswith(pkg) for v in bound.values()) for pkg in KERNEL_PACKAGES}
+        out[f"{mt}_uses"] = {pkg: any(str(v).startswith(pkg + ".") for v in bound.values()) for pkg in KERNEL_PACKAGES}
     return out
 
 
@@ -289,6 +335,28 @@ def sync(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- models
+
+
+def is_gdn(model: str) -> bool:
+    """A Gated DeltaNet model (Qwen3.5)."""
+    return SHAPES[model][0].startswith("qwen3_5")
+
+
+def gdn_backend(model: str, device: torch.device, grad: bool) -> str | None:
+    """The backend ``ops.gated_delta_rule(backend="auto")`` picks for our mixers of a Gated DeltaNet model (None for
+    the others): fla on CUDA when it imports and, for a gradient, its backward works there; else the torch path."""
+    if not is_gdn(model):
+        return None
+    from ssmtune.ops.gated_delta.fla import fla_backward_ok, fla_importable
+
+    usable = device.type == "cuda" and fla_importable() and (not grad or fla_backward_ok(device))
+    return "fla" if usable else "torch"
+
+
+def peer_gdn_impl() -> str:
+    """The chunked gated delta rule transformers bound for Qwen3.5: fla's (used on CUDA inputs) or its torch one."""
+    m = importlib.import_module(f"transformers.models.{HYBRID_MODULES['qwen3_5_text']}")
+    return _bound(m.torch_chunk_gated_delta_rule)
 
 
 def from_transformers_fn() -> tuple[Callable | None, str]:
@@ -353,12 +421,12 @@ _TARGETS: dict[tuple[str, str], list[str]] = {}
 
 
 def lora_targets(stack: str, model: str) -> list[str]:
-    """The LORA_TARGETS that the stack attaches on this model family, tried one by one on the small shape."""
+    """The model's LoRA targets that the stack attaches on this model family, tried one by one on the small shape."""
     key = (stack, model)
     if key not in _TARGETS:
         build = build_ours if stack == "ssmtune" else build_peer
         ok = []
-        for t in LORA_TARGETS:
+        for t in MODEL_LORA_TARGETS.get(model, LORA_TARGETS):
             with contextlib.suppress(Exception):
                 build(model, "lora", True, torch.device("cpu"), [t])
                 ok.append(t)
@@ -507,7 +575,11 @@ def run_row(row: dict, args: argparse.Namespace, device: torch.device, deadline:
             targets = lora_targets(row["stack"], row["model"])
             row["detail"] = "targets " + "+".join(targets)
             if not targets:
-                raise RuntimeError(f"no LoRA target of {LORA_TARGETS} attaches")
+                raise RuntimeError(f"no LoRA target of {MODEL_LORA_TARGETS.get(row['model'], LORA_TARGETS)} attaches")
+        if row["stack"] == "ssmtune" and (backend := gdn_backend(row["model"], device, grad=True)):
+            row["detail"] = (row["detail"] + f" | gated_delta_rule backend {backend} (auto)").strip(" |")
+        elif row["stack"] != "ssmtune" and is_gdn(row["model"]):
+            row["detail"] = (row["detail"] + f" | transformers' gated delta rule: {peer_gdn_impl()}").strip(" |")
         model = build(row["model"], row["method"], args.small, device, targets)
         step, row["trainable_params"] = make_step(model, row["method"], ids)
         row["warmup_ms"] = []
@@ -564,6 +636,8 @@ def run_generation(model: str, batch: int, args: argparse.Namespace, device: tor
                     fn(hf_model(model, args.small, device, torch.bfloat16)), ours_config("state_offset_h")
                 )
                 m = m.to(torch.bfloat16)  # the adapter in the model's dtype, as served
+                if backend := gdn_backend(model, device, grad=False):
+                    row["detail"] = f"gated_delta_rule backend {backend} (auto; decode steps on the recurrent path)"
             m.eval()
             kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "use_cache": True,
                   "pad_token_id": 0, "attention_mask": torch.ones_like(ids)}  # fmt: skip
@@ -631,7 +705,8 @@ def targets_report(rows: list[dict], gen: list[dict]) -> list[dict]:
         v = r.get("vs_bare")
         out.append(where | {"target": f"x bare <= {TARGET_VS_BARE}", "value": v,
                             "passed": None if v is None else v <= TARGET_VS_BARE})  # fmt: skip
-        for suffix, goal in (("", TARGET_VS_PEER), ("_torch", TARGET_VS_PEER_TORCH)):
+        goals = MODEL_PEER_TARGETS.get(r["model"], (TARGET_VS_PEER, TARGET_VS_PEER_TORCH))
+        for suffix, goal in zip(("", "_torch"), goals, strict=True):
             v, mem = r.get("vs_peer" + suffix), r.get("mem_vs_peer" + suffix)
             passed = None if v is None else v >= goal and (mem is None or mem <= 1.0)
             out.append(where | {"target": f"tokens/s >= {goal}x hf+peft{suffix.replace('_', ':')}, memory <= peer's",
@@ -797,6 +872,10 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda" and any(u.get("mamba_ssm") and not u.get("causal_conv1d") for u in uses):
         # transformers' training path calls mamba_ssm's fused conv + SSD, which calls causal_conv1d's CUDA functions
         result["warnings"] = ["mamba_ssm is bound without causal_conv1d: the peer's training step will fail"]
+    gdn = any(is_gdn(m) for m in args.models)
+    if device.type == "cuda" and gdn and not args.no_kernels and not result["kernels"]["fla_importable"]:
+        # then the default peer is transformers' torch path, as hf+peft:torch is
+        result.setdefault("warnings", []).append("fla does not import: hf+peft runs transformers' torch path")
 
     def save() -> None:
         add_ratios(result["rows"])

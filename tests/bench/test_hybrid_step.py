@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 TOP_KEYS = {"name", "device", "date", "argv", "versions", "kernels", "shapes", "gate", "rows", "generation", "targets"}
 ROW_KEYS = {"model", "stack", "method", "batch", "seqlen", "status", "ms_step", "tokens_per_s", "vs_bare", "vs_peer",
             "mem_vs_peer", "vs_peer_torch"}  # fmt: skip
-VERSION_KEYS = {"torch", "triton", "transformers", "peft", "mamba_ssm", "causal_conv1d"}
+VERSION_KEYS = {"torch", "triton", "transformers", "peft", "mamba_ssm", "causal_conv1d", "fla"}
 
 
 def _check_json(path) -> dict:
@@ -42,6 +42,38 @@ def test_small_run_with_our_stack(tmp_path) -> None:
     assert all(g["status"] == "ok" for g in d["generation"]), d["generation"]
 
 
+@pytest.mark.slow
+def test_small_run_gated_deltanet(tmp_path) -> None:
+    """Qwen3.5 (Gated DeltaNet): the gate covers it, both stacks train, generation runs, the backend is recorded."""
+    pytest.importorskip("peft")
+    out = tmp_path / "hybrid.json"
+    argv = ["--small", "--models", "qwen3_5_0.8b", "--device", "cpu", "--steps", "1", "--out", str(out)]
+    assert hybrid_step.main(argv) == 0
+    d = _check_json(out)
+    gate = d["gate"]["models"]["qwen3_5_0.8b"]
+    assert d["gate"]["passed"] is True and gate["mixers"] == 3, d["gate"]
+    assert max(gate["max_rel_err_mixer"], gate["max_rel_err_logits"]) <= hybrid_step.GATE_TOL["cpu"]
+    assert {r["model"] for r in d["rows"]} == {"qwen3_5_0.8b"}
+    assert d["shapes"]["qwen3_5_0.8b"]["model_type"] == "qwen3_5_text"
+    ours = [r for r in d["rows"] if r["stack"] == "ssmtune"]
+    peers = [r for r in d["rows"] if r["stack"] == "hf+peft"]
+    assert {r["method"] for r in ours} == set(hybrid_step.METHODS)
+    assert len(peers) == len(hybrid_step.SMALL_SIZES) and {r["method"] for r in peers} == {"lora"}
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in ours + peers), [r["status"] for r in d["rows"]]
+    assert all(r["dead_params"] == 0 for r in ours + peers)
+    # no fla and no CUDA here: our mixers and the peer both run the torch path
+    assert all("gated_delta_rule backend torch" in r["detail"] for r in ours)
+    assert all("torch_chunk_gated_delta_rule" in r["detail"] for r in peers)
+    assert "fla_importable" in d["kernels"] and "qwen3_5_text_uses" in d["kernels"]
+    lora = [r for r in ours + peers if r["method"] == "lora"]
+    assert all("in_proj_qkv" in r["detail"] and "out_proj" in r["detail"] for r in lora), [r["detail"] for r in lora]
+    assert all(r["vs_peer"] is not None for r in ours if r["method"] == "state_offset_h")
+    goals = {t["target"] for t in d["targets"]}
+    assert any(g.startswith("tokens/s >= 1.3x hf+peft,") for g in goals), goals
+    assert {g["stack"] for g in d["generation"]} == {"hf", "ssmtune"}
+    assert all(g["status"] == "ok" for g in d["generation"]), d["generation"]
+
+
 def test_peer_rows_alone(tmp_path) -> None:
     pytest.importorskip("peft")
     out = tmp_path / "hybrid.json"
@@ -51,7 +83,7 @@ def test_peer_rows_alone(tmp_path) -> None:
     d = _check_json(out)
     assert d["gate"]["passed"] is None
     peers = [r for r in d["rows"] if r["stack"] == "hf+peft"]
-    assert {r["model"] for r in peers} == set(hybrid_step.SHAPES)
+    assert {r["model"] for r in peers} == set(hybrid_step.DEFAULT_MODELS)
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in peers), [r["status"] for r in peers]
     # peft refuses out_proj on Falcon-H1: the targets it accepted are recorded
     falcon = next(r for r in peers if r["model"] == "falcon_h1_0.5b")
@@ -68,6 +100,8 @@ def test_shapes_build_configs() -> None:
         assert c.num_hidden_layers == len(cfg.get("layer_types", [None] * c.num_hidden_layers)), key
     granite = hybrid_step.SHAPES["granite_4.0_h_1b"][1]
     assert [i for i, t in enumerate(granite["layer_types"]) if t == "attention"] == [5, 15, 25, 35]
+    qwen = hybrid_step.SHAPES["qwen3_5_0.8b"][1]
+    assert [i for i, t in enumerate(qwen["layer_types"]) if t == "full_attention"] == [3, 7, 11, 15, 19, 23]
     falcon = hybrid_step.SHAPES["falcon_h1_0.5b"][1]
     assert falcon["mamba_n_heads"] * falcon["mamba_d_head"] == falcon["mamba_d_ssm"]
 
