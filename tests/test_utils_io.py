@@ -1,5 +1,6 @@
 """ssmtune.utils.io: the one atomic-write helper every writer uses."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,16 @@ def test_replace_dir_swaps_the_whole_folder(tmp_path):
     assert replace_dir(tmp, final) == final
     assert [p.name for p in final.iterdir()] == ["adapter_model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_written_files_get_the_umask_mode_or_keep_the_old_one(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "a.json"
+        atomic_write_text(path, "{}")
+        assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: other users can read an adapter
+        path.chmod(0o600)
+        atomic_write_text(path, "[]")
+        assert path.stat().st_mode & 0o777 == 0o600 and path.read_text() == "[]"
+    finally:
+        os.umask(old)

@@ -171,8 +171,8 @@ class PackingCollator:
     """Packs a list of items end to end into one ``[1, total]`` batch with ``cu_seqlens`` (int32 ``[n_seq + 1]``), for
     ``model(input_ids, cu_seqlens=...)``.
 
-    Labels keep each example's mask, and the model ignores each sequence's first label (no position predicts it), so
-    the summed loss equals the unpacked one. An item longer than ``max_length`` is refused: tokenise with the same
+    Labels keep each example's mask, and each sequence's first label is ignored (no position predicts it; the model
+    does the same for packed batches given to it directly), so the summed loss equals the unpacked one. An item longer than ``max_length`` is refused: tokenise with the same
     ``max_length`` (training inputs are cut from the left to fit it). ``token_mask`` [1, total] marks real tokens;
     ``prompt_lengths`` and ``example_index`` follow the items' order, not the packed one.
 
@@ -227,6 +227,8 @@ class PackingCollator:
             if self.pad_rows and pos < end:  # the row's padding: a sequence of its own
                 pos = end
                 bounds.append(pos)
+        # no position predicts a sequence's first token (the previous sequence's last one must not): as unpacked
+        labels[0, bounds[:-1]] = IGNORE_INDEX
         return {
             "input_ids": input_ids,
             "labels": labels,

@@ -78,11 +78,19 @@ class _StaticCollector:
 
 def _signature(lm: nn.Module) -> tuple:
     """What a captured step depends on besides its buffers: parameter addresses and shapes (adapters added, deleted
-    or replaced), the ``active`` / ``merged`` flags of modules that run in the step (LoRA), the backends. State hooks'
-    flags are left out: the step reads their offsets from the static buffers, so another mix of adapters is a copy."""
+    or replaced), train / eval mode (dropout), the ``active`` / ``merged`` flags of modules that run in the step
+    (LoRA), the backends. State hooks' flags are left out: the step reads their offsets from the static buffers, so
+    another mix of adapters is a copy."""
     params = tuple((n, p.data_ptr(), tuple(p.shape), p.dtype) for n, p in lm.named_parameters())
     flags = tuple(
-        (n, type(m).__name__, getattr(m, "active", None), getattr(m, "merged", None), getattr(m, "backend", None))
+        (
+            n,
+            type(m).__name__,
+            m.training,
+            getattr(m, "active", None),
+            getattr(m, "merged", None),
+            getattr(m, "backend", None),
+        )
         for n, m in lm.named_modules()
         if not isinstance(m, StateHook)
     )
@@ -137,8 +145,10 @@ class GraphedDecoder:
         self.batch, self.routing = batch, routing
         pad = self.bucket - batch
         self.rows = None
+        # the routing indexes its slot table (on the CPU) with these rows: beam search passes them on the device
+        rows = None if rows is None else rows.cpu()
         if routing is not None:
-            base = torch.arange(len(routing)) if rows is None else rows.cpu()
+            base = torch.arange(len(routing)) if rows is None else rows
             # pad rows follow row 0's adapter: their logits are never read
             self.rows = torch.cat([base, base[:1].expand(pad)]) if pad else base
         offsets = self._collect(batch, routing, rows)

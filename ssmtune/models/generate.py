@@ -203,7 +203,7 @@ def beam_search(
     eos: list[int] | None = None,
     pad: int = 0,
     min_new_tokens: int = 0,
-    cuda_graph: bool | None = False,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Beam search from a prefilled cache and the next-token logits [B, V]. Returns the new tokens [B, T].
 

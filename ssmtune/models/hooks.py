@@ -94,7 +94,8 @@ def check_packed(cu_seqlens: torch.Tensor, cache: object, attention_mask: torch.
     if attention_mask is not None:
         raise ValueError("cu_seqlens: a packed batch has no padding; pass attention_mask=None")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be a 1-D tensor [n_seq + 1], got {cu_seqlens!r}")
+        what = list(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"cu_seqlens must be a 1-D tensor [n_seq + 1], got {what}")
 
 
 class InputHook(nn.Module):

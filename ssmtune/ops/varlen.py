@@ -54,6 +54,12 @@ BUCKET_RATIO = 2  # a bucket's shortest sequence is at least 1/2 of its longest:
 
 @functools.lru_cache(maxsize=64)  # the ops of every layer share a forward's plan
 def _plan(bounds: tuple[int, ...], lead: int, slots: bool, device: torch.device):
+    """``_build_plan``, cached; built outside inference mode, since later forwards that record autograd reuse it."""
+    with torch.inference_mode(False):
+        return _build_plan(bounds, lead, slots, device)
+
+
+def _build_plan(bounds: tuple[int, ...], lead: int, slots: bool, device: torch.device):
     """Buckets of sequences of similar lengths, longest first, each a left-padded batch of rows.
 
     Per bucket: ``ids`` [m] (its sequences), ``idx`` [m, width] positions in the packed axis (``total``: the zero

@@ -36,6 +36,12 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """``write(tmp_path)`` writes the content to a temporary file in the same folder, which then replaces ``path``.
 
@@ -46,6 +52,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     try:
         write(tmp)
         fsync_file(tmp)
+        # mkstemp makes the file private (0600): give it the mode a plain open() would (the umask's), or the old file's
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

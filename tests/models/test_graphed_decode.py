@@ -186,14 +186,14 @@ def test_cuda_graphed_equals_eager(arch, num_beams, rows) -> None:
     peft = _cuda_model(arch, torch.float32)
     ids = _prompts(len(rows), device="cuda")
     kw = {"max_new_tokens": 12, "num_beams": num_beams}
-    eager, graphed = _both(peft, ids, graphed=None, adapter_names=rows, **kw)
+    eager, graphed = _both(peft, ids, graphed=True, adapter_names=rows, **kw)
     assert torch.equal(eager, graphed)
     (dec,) = peft.base_model.__dict__[DECODERS_ATTR].values()
     assert dec.graph is not None and dec.replays > 0 and dec.captures == 1
     # another mix of the same adapters: replayed, not captured again
-    eager, graphed = _both(peft, ids, graphed=None, adapter_names=rows[::-1], **kw)
+    eager, graphed = _both(peft, ids, graphed=True, adapter_names=rows[::-1], **kw)
     assert torch.equal(eager, graphed) and dec.captures == 1
-    eager, graphed = _both(peft, ids[:1], graphed=None, adapter_names=["h"], **kw)
+    eager, graphed = _both(peft, ids[:1], graphed=True, adapter_names=["h"], **kw)
     assert torch.equal(eager, graphed)
 
 
@@ -203,7 +203,7 @@ def test_cuda_every_method_graphed_equals_eager(case, arch) -> None:
     peft = get_peft_model(tiny_model(arch), case.make())
     perturb(peft)
     peft.cuda()
-    eager, graphed = _both(peft, _prompts(4, device="cuda"), graphed=None, max_new_tokens=8)
+    eager, graphed = _both(peft, _prompts(4, device="cuda"), graphed=True, max_new_tokens=8)
     assert torch.equal(eager, graphed)
     assert any(d.graph is not None for d in peft.base_model.__dict__[DECODERS_ATTR].values())
 
@@ -214,7 +214,7 @@ def test_cuda_graphed_bf16_bucket_batch(arch) -> None:
     # a batch that fills its bucket runs the same kernels eagerly and graphed: the same tokens in bf16 too
     peft = _peft(arch, {"h": StateOffsetConfig()}, device="cuda", dtype=torch.bfloat16)
     ids = _prompts(16, device="cuda")
-    eager, graphed = _both(peft, ids, graphed=None, max_new_tokens=16)
+    eager, graphed = _both(peft, ids, graphed=True, max_new_tokens=16)
     assert torch.equal(eager, graphed)
 
 
@@ -222,8 +222,10 @@ def test_cuda_graphed_bf16_bucket_batch(arch) -> None:
 def test_cuda_mixed_lora_falls_back_with_a_note() -> None:
     peft = _peft("m1", {"la": LoraConfig(r=2, target_modules=["out_proj"]), "h": StateOffsetConfig()}, "cuda")
     ids = _prompts(2, device="cuda")
-    with pytest.warns(UserWarning, match="graphed decoding off"):
-        out = peft.generate(ids, max_new_tokens=4, adapter_names=["la", "h"])
+    # asked for explicitly, an unsupported batch is an error; the default decodes it eagerly without a note
+    with pytest.raises(ValueError, match="cuda_graph=True is not supported here"):
+        peft.generate(ids, max_new_tokens=4, adapter_names=["la", "h"], cuda_graph=True)
+    out = peft.generate(ids, max_new_tokens=4, adapter_names=["la", "h"])
     assert torch.equal(out, peft.generate(ids, max_new_tokens=4, adapter_names=["la", "h"], cuda_graph=False))
 
 

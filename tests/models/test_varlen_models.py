@@ -129,3 +129,17 @@ def test_packed_equals_separate_gpu(arch):
     perturb(model, 0.3)
     # fp32 through TF32 dots: the tolerance of the fused-path tests
     _packed_vs_separate(model, [2048, 1, 1031, 64, 2047, 513, 7, 1500], backend="triton", ratio=5e-3, device="cuda")
+
+
+@pytest.mark.parametrize("arch", ["m1", "m2"])
+def test_a_plan_cached_in_inference_mode_serves_training(arch):
+    """The packed plan is cached per boundaries: one first built under inference_mode must not break a later backward."""
+    from ssmtune import StateOffsetConfig
+
+    model = get_peft_model(tiny_model(arch), StateOffsetConfig())
+    ids = torch.randint(0, 37, (1, 13))
+    cu = torch.tensor([0, 6, 13], dtype=torch.int32)
+    with torch.inference_mode():
+        model(ids, cu_seqlens=cu)
+    model(ids, labels=ids, cu_seqlens=cu).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

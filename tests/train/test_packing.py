@@ -48,6 +48,8 @@ def test_rows_and_cu_seqlens():
     for pad_rows in (True, False):
         with pytest.raises(ValueError, match="does not fit a row of max_length=4"):
             PackingCollator(0, 4, pad_rows=pad_rows)(batch)
+    # each sequence's first label is ignored: the previous sequence's last token must not be trained to predict it
+    assert (tight["labels"][0, [0, 3, 7, 13]] == IGNORE_INDEX).all() and (tight["labels"][0, [1, 4, 8]] == 5).all()
 
 
 @pytest.mark.parametrize(("arch", "config"), [("m1", StateOffsetConfig()), ("m2", InitialStateConfig(conv_state=True))])
