@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .cache import LayerCache
 from .hooks import MergedState, collect_state
-from .hybrid import _PACKED_KWARGS, HYBRID_MODEL_TYPES, MIXER_BUILDERS, HostLayerCache, _family, check_contract
+from .hybrid import HYBRID_MODEL_TYPES, MIXER_BUILDERS, _family, check_contract, host_cache
 from .mamba import mask_padding
 from .mamba2 import conv0_at_first_token
 
@@ -120,16 +119,7 @@ class HostedGDNMixer(nn.Module):
         cache_params=None,
         **kwargs,
     ) -> torch.Tensor:
-        packed = [k for k in _PACKED_KWARGS if kwargs.get(k) is not None]
-        if packed:
-            raise ValueError(f"{self.family}: packed sequences ({packed}) are not supported by ssmtune's mixer")
-        cache = cache if cache is not None else cache_params
-        if cache is not None and not isinstance(cache, LayerCache):
-            cache = HostLayerCache(cache, self.layer_idx, self.conv1d.weight.shape[-1])
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(
-                f"{self.family}: the mixer takes a 2D padding mask, got shape {tuple(attention_mask.shape)}"
-            )
+        cache = host_cache(self, cache, cache_params, attention_mask, kwargs)
         batch, seqlen, _ = hidden_states.shape
         fresh = cache is None or cache.fresh
         st = (

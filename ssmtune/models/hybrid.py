@@ -57,6 +57,21 @@ CACHE_METHODS = ("get_conv_state", "update_conv_state", "get_recurrent_state", "
 _PACKED_KWARGS = ("seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens")
 
 
+def host_cache(mixer: nn.Module, cache, cache_params, attention_mask: torch.Tensor | None, kwargs: dict):
+    """The checks every hosted mixer makes on the host layer's call, and its cache as a ``LayerCache``: transformers'
+    cache (``cache`` or ``cache_params``) behind ``HostLayerCache``; packed-sequence arguments and masks other than a
+    2D padding mask are refused."""
+    packed = [k for k in _PACKED_KWARGS if kwargs.get(k) is not None]
+    if packed:
+        raise ValueError(f"{mixer.family}: packed sequences ({packed}) are not supported by ssmtune's mixer")
+    cache = cache if cache is not None else cache_params
+    if cache is not None and not isinstance(cache, LayerCache):
+        cache = HostLayerCache(cache, mixer.layer_idx, mixer.conv1d.weight.shape[-1])
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"{mixer.family}: the mixer takes a 2D padding mask, got shape {tuple(attention_mask.shape)}")
+    return cache
+
+
 def _in_tested_range(version: str) -> bool:
     import re
 
@@ -208,16 +223,7 @@ class HostedSSDMixer(Mamba2Mixer):
         cache_params=None,
         **kwargs,
     ) -> torch.Tensor:
-        packed = [k for k in _PACKED_KWARGS if kwargs.get(k) is not None]
-        if packed:
-            raise ValueError(f"{self.family}: packed sequences ({packed}) are not supported by ssmtune's mixer")
-        cache = cache if cache is not None else cache_params
-        if cache is not None and not isinstance(cache, LayerCache):
-            cache = HostLayerCache(cache, self.layer_idx, self.conv1d.weight.shape[-1])
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(
-                f"{self.family}: the mixer takes a 2D padding mask, got shape {tuple(attention_mask.shape)}"
-            )
+        cache = host_cache(self, cache, cache_params, attention_mask, kwargs)
         return super().forward(hidden_states, cache, use_state_hooks=use_state_hooks, attention_mask=attention_mask)
 
     def scan_dt(
