@@ -90,10 +90,11 @@ def decode_step(model, cache: InferenceCache, cuda_graph: bool | None = None, ro
     model supports it, else eager;
     False = eager; True = the static decoder (captured on CUDA, run eagerly on other devices; ValueError when the
     model does not support it). ``rows``: the routed row of each cache row (beams), for a routed model."""
-    if cuda_graph is False:
+    if cuda_graph is False or (cuda_graph is None and not GRAPHED_BY_DEFAULT):
         return EagerStep(model, cache)
-    on_cuda = cache.layers[0].conv_state is not None and cache.layers[0].conv_state.is_cuda
-    if cuda_graph is None and not (on_cuda and GRAPHED_BY_DEFAULT):
+    first = cache.layers[0] if len(cache.layers) else None
+    on_cuda = first is not None and first.conv_state is not None and first.conv_state.is_cuda
+    if cuda_graph is None and not on_cuda:
         return EagerStep(model, cache)
     reason = unsupported_reason(model, capture=on_cuda)
     if reason is not None:
