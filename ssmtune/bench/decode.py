@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -197,6 +198,8 @@ def run(args: argparse.Namespace) -> dict:
                     except Exception as e:  # noqa: BLE001 - a peer's failure is a row, not the end of the run
                         row["status"] = f"error: {error_text(e)}"
                         row["detail"] = traceback.format_exc()[-600:]
+                    print(f"decode: {model} {stack} batch {batch} {mix}: {row.get('decode_tok_s') or row['status']}",
+                          file=sys.stderr, flush=True)  # fmt: skip
         del peers, peft
     return {"rows": rows, "table": table(rows)}
 

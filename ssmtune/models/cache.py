@@ -33,15 +33,16 @@ class LayerCache:
         return self.seqlen_offset == 0
 
     def store(self, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
-        """Write prefill results, in place when a buffer of the same shape exists (pre-allocated caches)."""
+        """Write prefill results, in place when a buffer of the same shape exists (pre-allocated caches). Stored
+        states are contiguous: the decode kernels update them in place (a scan's final state can be a strided view)."""
         if self.conv_state is not None and self.conv_state.shape == conv_state.shape:
             self.conv_state.copy_(conv_state)
         else:
-            self.conv_state = conv_state
+            self.conv_state = conv_state.contiguous()
         if self.ssm_state is not None and self.ssm_state.shape == ssm_state.shape:
             self.ssm_state.copy_(ssm_state)
         else:
-            self.ssm_state = ssm_state.float()
+            self.ssm_state = ssm_state.float().contiguous()
 
 
 class InferenceCache:

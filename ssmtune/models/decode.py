@@ -34,9 +34,9 @@ from torch import nn
 from .cache import InferenceCache
 from .hooks import COLLECTOR_ATTR, MergedState, StateHook, collect_state
 
-# What ``cuda_graph=None`` means on CUDA. Off until the captured step has been checked against the eager one on a
-# GPU (tests/models/test_graphed_decode.py, -m gpu); ``cuda_graph=True`` turns it on per call.
-GRAPHED_BY_DEFAULT = False
+# What ``cuda_graph=None`` means on CUDA: the graphed decoder where the model supports it (checked against the eager
+# step token for token by tests/models/test_graphed_decode.py, -m gpu); ``cuda_graph=False`` turns it off per call.
+GRAPHED_BY_DEFAULT = True
 DECODERS_ATTR = "_ssmtune_decoders"  # model attribute: {(bucket, device, dtype): GraphedDecoder}
 
 

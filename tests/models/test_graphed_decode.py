@@ -50,6 +50,19 @@ def _prompts(batch: int, length: int = 5, device="cpu") -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(batch)).to(device)
 
 
+@pytest.mark.parametrize("arch", ARCHES)
+def test_prefilled_states_are_contiguous(arch) -> None:
+    # the decode kernels update the cache's states in place and refuse strided views (a scan's final state can be one)
+    from ssmtune.models.cache import InferenceCache
+
+    peft = _peft(arch, ADAPTERS)
+    cache = InferenceCache(len(peft.base_model.backbone.layers))
+    with torch.no_grad():
+        peft(_prompts(len(ROWS)), cache=cache, adapter_names=ROWS)
+    for layer in cache.layers:
+        assert layer.ssm_state.is_contiguous() and layer.conv_state.is_contiguous()
+
+
 def test_bucket_sizes() -> None:
     assert [bucket_size(b) for b in (1, 2, 3, 5, 16, 17, 64)] == [1, 2, 4, 8, 16, 32, 64]
     with pytest.raises(ValueError, match="batch must be >= 1"):
