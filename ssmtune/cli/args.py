@@ -214,9 +214,9 @@ class ServeArgs:
     """dtype of the model weights."""
     backend: str = "auto"
     """Scan backend."""
-    cuda_graph: bool = False
-    """On CUDA, run the batch's decode steps from captured CUDA graphs (docs/serving.md, Graphed decoding); `false`:
-    eager steps."""
+    cuda_graph: bool | None = None
+    """Decode steps from captured CUDA graphs (docs/serving.md, Graphed decoding): default on CUDA where the model
+    supports it; `true` insists, `false`: eager steps."""
 
     def __post_init__(self) -> None:
         if isinstance(self.adapter, str):

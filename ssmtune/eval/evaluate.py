@@ -50,9 +50,9 @@ class EvalConfig:
     """Beam scores are divided by length**length_penalty (length-normalised beam scoring)."""
     max_length: int | None = None
     """Cut evaluation inputs from the left to fit this many tokens. Default: `None`, no limit."""
-    cuda_graph: bool = False
-    """Generation on CUDA decodes from captured CUDA graphs (docs/serving.md, Graphed decoding); `false`: eager steps
-    (the same tokens)."""
+    cuda_graph: bool | None = None
+    """Generation decodes from captured CUDA graphs (docs/serving.md, Graphed decoding): default on CUDA where the
+    model supports it; `true` insists, `false`: eager steps (the same tokens)."""
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:

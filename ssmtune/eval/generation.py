@@ -26,10 +26,11 @@ def complete(
     temperature: float = 1.0,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
 ) -> str:
-    """Decode the continuation of one prompt (token ids) and return it as text, stopping at EOS. ``cuda_graph=False``
-    decodes with eager steps; True decodes ssmtune's own models from CUDA graphs on CUDA."""
+    """Decode the continuation of one prompt (token ids) and return it as text, stopping at EOS. ``cuda_graph``
+    (ssmtune's own models on CUDA): None = the library default (graphed where supported), True = graphed, False =
+    eager steps."""
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty")
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=_device(model))  # [1, L]
@@ -38,7 +39,7 @@ def complete(
         kwargs["top_p"] = top_p
     if hasattr(getattr(model, "base_model", model), "backbone"):
         # ssmtune's own models only: a transformers hybrid's generate has no such option
-        kwargs["cuda_graph"] = bool(cuda_graph) and ids.is_cuda
+        kwargs["cuda_graph"] = cuda_graph if ids.is_cuda else False
     out = model.generate(
         ids,
         max_new_tokens=max_new_tokens,

@@ -263,7 +263,7 @@ def test_steps_are_kept_per_offset_layout() -> None:
     assert run(["h", "y", "h", None]) == 3
 
 
-def test_eval_generation_passes_cuda_graph_off(monkeypatch) -> None:
+def test_eval_generation_passes_cuda_graph_on_cuda_only(monkeypatch) -> None:
     from ssmtune.eval.generation import complete
 
     peft = _peft("m1", {"h": StateOffsetConfig()})
@@ -280,7 +280,7 @@ def test_eval_generation_passes_cuda_graph_off(monkeypatch) -> None:
     default = complete(peft, Tok(), [1, 2, 3], max_new_tokens=4)
     assert default == complete(peft, Tok(), [1, 2, 3], max_new_tokens=4, cuda_graph=False)
     assert default == complete(peft, Tok(), [1, 2, 3], max_new_tokens=4, cuda_graph=True)
-    # off by default; asked for, it is passed on only for CUDA tensors (a CPU run decodes eagerly)
+    # the choice reaches generate only for CUDA tensors (a CPU run decodes eagerly)
     assert seen == [False, False, False]
 
 
