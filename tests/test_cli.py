@@ -65,6 +65,28 @@ def test_train_help_lists_every_option(capsys):
     assert "state_offset_h" in out and "full" in out  # the method list in the epilog
 
 
+@pytest.mark.parametrize(("flag", "value"), [(None, None), ("auto", None), ("AUTO", None), ("true", True),
+                                             ("false", False), ("null", None)])  # fmt: skip
+def test_train_cuda_graph_flag_reads_auto_true_false(tmp_path, flag, value):
+    """--train.cuda_graph: auto (the default) is None; a recipe may say `cuda_graph: auto` too."""
+    from ssmtune.cli.args import TrainArgs, parse
+
+    argv = ["--model", "m", "--data.task", "rte"] + ([] if flag is None else ["--train.cuda_graph", flag])
+    assert parse(TrainArgs, argv, prog="t").train.cuda_graph is value
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"train: {{cuda_graph: {flag or 'auto'}}}\n")
+    assert parse(TrainArgs, ["--recipe", str(recipe), "--model", "m", "--data.task", "rte"],
+                 prog="t").train.cuda_graph is value  # fmt: skip
+
+
+def test_train_cuda_graph_flag_refuses_other_words(capsys):
+    from ssmtune.cli.args import TrainArgs, parse
+
+    with pytest.raises(SystemExit):
+        parse(TrainArgs, ["--model", "m", "--data.task", "rte", "--train.cuda_graph", "maybe"], prog="t")
+    assert "--train.cuda_graph: expected auto/true/false, got 'maybe'" in capsys.readouterr().err
+
+
 def test_train_eval_generate(env, capsys):
     assert main(train_argv(env, "soh")) == 0
     run = env["runs"] / "soh"

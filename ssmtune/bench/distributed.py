@@ -62,9 +62,11 @@ def run_one(method: str, args: argparse.Namespace, ctx) -> dict:
     strategy = resolve_strategy(args.strategy, model, ctx)
     batch = args.global_batch or args.batch_per_gpu * ctx.world_size
     steps = args.warmup + args.steps
+    # eager on every world size: a single process would otherwise capture its step, and the scaling against 1 GPU
+    # would compare a graphed step with DDP's eager ones
     cfg = TrainConfig(epochs=1, max_steps=steps, batch_size=batch, micro_batch_size=args.micro_batch, lr=args.lr,
                       precision=args.precision, save_steps=0, log_steps=0, eval_every_epoch=False, progress=False,
-                      device=str(device), strategy=args.strategy)  # fmt: skip
+                      device=str(device), strategy=args.strategy, cuda_graph=False)  # fmt: skip
     g = torch.Generator().manual_seed(1)
     vocab = SHAPES[args.shape]["vocab_size"]
     data = [{"input_ids": torch.randint(1, vocab, (args.seq_len,), generator=g)} for _ in range(batch * steps)]

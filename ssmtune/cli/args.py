@@ -288,13 +288,13 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _bool(text: str) -> bool:
+def _bool(text: str, *, auto: bool = False) -> bool:
     low = str(text).lower()
     if low in ("1", "true", "yes", "on"):
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected {'auto/' if auto else ''}true/false, got {text!r}")
 
 
 def _converter(tp: Any):
@@ -302,10 +302,11 @@ def _converter(tp: Any):
     inner, optional = _strip_optional(tp)
 
     def convert(text: str):
-        if optional and str(text).lower() in ("none", "null"):
+        # `bool | None` fields read None as "decide for me" (e.g. --train.cuda_graph auto)
+        if optional and str(text).lower() in ("none", "null") + (("auto",) if inner is bool else ()):
             return None
         if inner is bool:
-            return _bool(text)
+            return _bool(text, auto=optional)
         if inner in (int, float, str):
             return inner(text)
         if typing.get_origin(inner) is Literal:
@@ -398,11 +399,13 @@ def _add_fields(parser, group, cls: type, prefix: str, parent_default: Any) -> N
         if _is_dataclass_type(tp):
             nested.append((f, tp, default))
             continue
-        inner, _ = _strip_optional(tp)
+        inner, optional = _strip_optional(tp)
         kwargs: dict[str, Any] = {"type": _converter(tp), "dest": f"{prefix}{f.name}"}
         if typing.get_origin(inner) is Literal:
             kwargs["choices"] = list(typing.get_args(inner))
             kwargs["metavar"] = "{" + ",".join(map(str, kwargs["choices"])) + "}"
+        elif inner is bool and optional:
+            kwargs["metavar"] = "{auto,true,false}"
         else:
             kwargs["metavar"] = getattr(inner, "__name__", "VALUE").upper()
         if f.metadata.get("repeatable"):
@@ -454,6 +457,8 @@ def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert a recipe value against the field type (YAML already gives ints, floats, lists)."""
     inner, optional = _strip_optional(tp)
+    if optional and inner is bool and isinstance(value, str) and value.lower() == "auto":
+        value = None  # a recipe's `cuda_graph: auto`
     if value is None:
         if optional:
             return None

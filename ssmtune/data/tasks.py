@@ -75,7 +75,8 @@ class TaskConfig:
     packing: bool = False
     """Training only: lay the examples of each micro-batch end to end in one packed row instead of padding them to the
     longest (needs `--max_length`, which every example must fit); each example still runs from its own initial
-    states and its loss is unchanged (docs/training.md, "Packed sequences"). Not with `--train.cuda_graph`."""
+    states and its loss is unchanged (docs/training.md, "Packed sequences"). Trains eagerly (not with
+    `--train.cuda_graph true`)."""
 
     def __post_init__(self) -> None:
         if self.source not in ("auto", "local", "hub"):

@@ -200,3 +200,14 @@ class GraphedTrainStep:
         if self.graph is None:
             self.graph = GraphedStep(self._step, b, optimizers=[self.optimizer], warmup=self.warmup, restore=True)
         return self.graph.run(b)
+
+    def close(self) -> None:
+        """Free the graph and the gradients its last replay left on the parameters; the next call captures again.
+
+        The captured backward allocated those gradients in the graph's private memory pool. Left on the parameters
+        they would keep part of that pool alive after the graph is gone, and a later eager backward on the model (a
+        second ``fit``: the eager step zeroes gradients after its update, not before) would add to the last
+        replay's gradients instead of starting from zero."""
+        self.graph = None
+        for p in self.trainable:
+            p.grad = None

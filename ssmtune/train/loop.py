@@ -22,13 +22,13 @@ raise ``NonFiniteLossError``), a ``Checkpointer`` (restore and save) and a ``Run
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
 import shutil
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +50,8 @@ from ssmtune.train.checkpoint import (
 from ssmtune.train.graphs import GraphedTrainStep
 from ssmtune.train.optim import build_optimizer, linear_schedule, set_capturable
 from ssmtune.utils.io import atomic_write_text, finite_json, replace_dir
+
+_log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Parameters that stay fp32 when the frozen base is cast down (as in the reference code: A_log and D stay fp32).
@@ -104,12 +106,13 @@ class TrainConfig:
     """Multi-process training (under torchrun / accelerate launch): `ddp` (replicated model, only trainable
     gradients all-reduced), `fsdp` (FSDP2, one shard unit per Mamba block), or `auto`: DDP for PEFT, FSDP for full
     fine-tuning. Ignored in a single process. batch_size is the global batch and must divide by the world size."""
-    cuda_graph: bool = False
-    """Experimental: replay every optimizer step (forward, backward, clipping, AdamW) from one CUDA graph, so that
-    Python and kernel launches no longer bound small steps (2.3x / 6.6x faster at 4 x 512 on a 130M Mamba-1 / Mamba-2,
-    docs/training.md).
-    Single CUDA process, precision bf16 or fp32, no gradient accumulation; every batch is padded to the longest example
-    of the training set (right padding, ignored labels: the loss is unchanged)."""
+    cuda_graph: bool | None = None
+    """Replay every optimizer step (forward, backward, clipping, AdamW) from one CUDA graph, so that Python and kernel
+    launches no longer bound small steps (docs/training.md, "CUDA graphs"); every batch is then padded to the longest
+    example of the training set (right padding, ignored labels: the loss is unchanged). `None` (`auto`): graphed
+    where it applies (`graph_decision`: one CUDA process, bf16 or fp32, no accumulation or packing, an ssmtune Mamba
+    model, little extra padding), else eager with a one-line note; `True`: graphed, or a ValueError saying why not;
+    `False`: eager. Default: `auto`."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 and not self.max_steps:
@@ -123,12 +126,11 @@ class TrainConfig:
             raise ValueError(f"strategy must be one of {D.STRATEGIES}, got {self.strategy!r}")
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {self.precision!r}")
-        if self.cuda_graph and self.precision == "fp16":
-            raise ValueError("cuda_graph does not support precision 'fp16' (its loss scaler checks for inf on the "
-                             "host every step); use bf16 or fp32")  # fmt: skip
-        if self.cuda_graph and self.accumulation_steps > 1:
-            raise ValueError(f"cuda_graph needs one micro-batch per step, got batch_size={self.batch_size} with "
-                             f"micro_batch_size={self.micro_batch_size}")  # fmt: skip
+        if self.cuda_graph not in (None, True, False):
+            raise ValueError(f"cuda_graph must be None (auto), True or False, got {self.cuda_graph!r}")
+        if self.cuda_graph and (reason := _config_graph_reason(self.precision, self.accumulation_steps,
+                                                               self.batch_size)):  # fmt: skip
+            raise ValueError(f"cuda_graph=True cannot run: {reason}")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         for name in ("eval_steps", "save_steps", "warmup_steps", "log_steps"):
@@ -142,6 +144,75 @@ class TrainConfig:
     @property
     def maximize(self) -> bool:
         return self.greater_is_better if self.greater_is_better is not None else "loss" not in self.best_metric
+
+
+# Graphed or eager steps (``TrainConfig.cuda_graph``)
+
+GRAPH_MAX_PADDING = 0.25
+"""Auto captures the step only when padding every batch to the training set's longest example costs at most this
+fraction more tokens than padding each batch to its own longest example (over the first epoch's batches)."""
+
+GRAPH_METHODS = frozenset({"additional_scan", "bitfit", "full", "initial_state", "lora", "partial", "prefix", "prompt",
+                           "sdlora", "state_offset"})  # fmt: skip
+"""Methods whose step auto captures (each checked against eager steps on the GPU by tests/train/test_graphs.py); a
+method registered outside ssmtune trains eagerly unless ``cuda_graph=True``."""
+
+
+def _config_graph_reason(precision: str, accumulation_steps: int, batch_size: int) -> str | None:
+    """What a graph cannot do among the settings alone (TrainConfig refuses ``cuda_graph=True`` with them)."""
+    if precision == "fp16":
+        return (
+            "precision 'fp16' is not captured (its loss scaler checks for inf on the host every step); use bf16 or fp32"
+        )
+    if accumulation_steps > 1:
+        return (f"gradient accumulation ({accumulation_steps} micro-batches of {batch_size // accumulation_steps} per "
+                f"step) is not captured; a graph runs one micro-batch of batch_size={batch_size}")  # fmt: skip
+    return None
+
+
+def padding_overhead(lengths: Sequence[int], batch_size: int, *, seed: int = 0) -> float:
+    """Extra tokens of padding every batch to ``max(lengths)`` over padding each batch to its own longest example, as
+    a fraction (0.25: a quarter more), over the batches of the first epoch (``EpochSampler`` with ``seed``)."""
+    sampler = EpochSampler(len(lengths), batch_size, seed=seed)
+    own = sum(max(lengths[i] for i in sampler.batch(0, b)) for b in range(len(sampler)))
+    return len(sampler) * max(lengths) / own - 1.0 if own else 0.0
+
+
+def graph_decision(*, device_type: str, world_size: int, precision: str, accumulation_steps: int, packed: bool,
+                   methods: Collection[str], native_model: bool, lengths: Sequence[int] | Callable[[], Sequence[int]],
+                   batch_size: int, seed: int = 0, forced: bool = False) -> str | None:  # fmt: skip
+    """Why ``fit`` must run its optimizer step eagerly, or None to capture it in a CUDA graph.
+
+    A graph needs a CUDA device, one process (no DDP/FSDP), precision bf16 or fp32, one micro-batch per step and
+    batches of one shape (no packing: a packed batch's shape changes with every batch). ``forced``
+    (``cuda_graph=True``) asks only that; auto (``cuda_graph=None``) also wants an ssmtune Mamba / Mamba-2 model
+    (``native_model``; transformers hybrids are not tested under capture), methods from ``GRAPH_METHODS`` and at most
+    ``GRAPH_MAX_PADDING`` extra padding (``padding_overhead``). ``lengths``: every training example's length in
+    tokens; a callable is only called when everything else allows a graph (collating each example takes time).
+    """
+    if device_type != "cuda":
+        return f"device {device_type!r} is not CUDA"
+    if world_size > 1:
+        return f"{world_size} processes (DDP/FSDP) are not captured; a graph runs in a single process"
+    reason = _config_graph_reason(precision, accumulation_steps, batch_size)
+    if reason is not None:
+        return reason
+    if packed:
+        return "packed batches (cu_seqlens) are not captured: their shapes change with every batch"
+    if forced:
+        return None
+    if not native_model:
+        return "capture is tested on ssmtune's Mamba / Mamba-2 models only (cuda_graph=True forces it)"
+    unknown = sorted(set(methods) - GRAPH_METHODS)
+    if unknown:
+        return f"method(s) {unknown} are not known to capture (cuda_graph=True forces it)"
+    lengths = lengths() if callable(lengths) else lengths
+    extra = padding_overhead(lengths, batch_size, seed=seed)
+    if extra > GRAPH_MAX_PADDING:
+        return (f"padding every batch to the longest example ({max(lengths)} tokens) would cost {extra:.0%} more "
+                f"tokens than padding each batch to its own longest (limit {GRAPH_MAX_PADDING:.0%}); shorten the "
+                "longest examples, or cuda_graph=True forces it")  # fmt: skip
+    return None
 
 
 # Settings that define the optimisation trajectory: a resumed run must use the same ones (the others, e.g. eval_steps,
@@ -438,6 +509,9 @@ class EagerStep:
     def _lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)  # a step that raised leaves its gradients
+
 
 class GraphedStep:
     """One optimizer step replayed from a CUDA graph (``GraphedTrainStep``): one micro-batch, padded to a fixed
@@ -456,6 +530,9 @@ class GraphedStep:
                                      f"{step + 1} (epoch {epoch}, lr {lr:.3g}); training stopped (the step applied "
                                      f"zero gradients). {_ADVICE}")  # fmt: skip
         return StepResult(loss_total, grad_norm, lr, count_tokens(chunk))
+
+    def close(self) -> None:
+        self.graphed.close()
 
 
 def load_latest(ckpt_root: Path, model: nn.Module, config: TrainConfig, n_train: int, ctx: D.DistContext):
@@ -530,22 +607,48 @@ def _prepare_model(model: nn.Module, config: TrainConfig, ctx: D.DistContext, de
     return strategy
 
 
-def _graphed_step(train_model: nn.Module, optimizer, scheduler, trainable: list[nn.Parameter], dataset: Sequence[Any],
-                  collate_fn: Callable, *, config: TrainConfig, ctx: D.DistContext,
-                  device: torch.device) -> GraphedStep:  # fmt: skip
-    if device.type != "cuda" or ctx.enabled:
-        raise ValueError(f"cuda_graph needs a single CUDA process, got device {device} with world size "
-                         f"{ctx.world_size}")  # fmt: skip
-    warnings.warn("cuda_graph is experimental: fit's graphed path passed its GPU tests, but emptying the CUDA "
-                  "cache after a graph was freed faulted once in a benchmark (do not call torch.cuda.empty_cache() "
-                  "after a graphed fit; docs/training.md, 'CUDA graphs')", stacklevel=3)  # fmt: skip
+def _graphed_step(train_model: nn.Module, optimizer, scheduler, trainable: list[nn.Parameter], *, length: int,
+                  config: TrainConfig) -> GraphedStep:  # fmt: skip
     set_capturable(optimizer, True)  # after the checkpoint's state: loading resets the groups' settings
     # every step replays one graph of one shape: the global batch, padded to the longest example
-    length = max(collate_fn([dataset[i]])["input_ids"].shape[1] for i in range(len(dataset)))
     graphed = GraphedTrainStep(train_model, optimizer, trainable, rows=config.batch_size, length=length,
                                clip=config.max_grad_norm or float("inf"), autocast_dtype=DTYPES[config.precision],
                                loss_fn=token_loss_sum, ignore_index=IGNORE_INDEX)  # fmt: skip
     return GraphedStep(graphed, scheduler)
+
+
+def _choose_step(model: nn.Module, dataset: Sequence[Any], collate_fn: Callable, *, config: TrainConfig,
+                 ctx: D.DistContext, device: torch.device) -> int | None:  # fmt: skip
+    """The length every batch is padded to for a graphed step, or None to train eagerly (``config.cuda_graph``: see
+    ``graph_decision``; auto notes why it stays eager in one logged line, except on the CPU)."""
+    if config.cuda_graph is False or (config.cuda_graph is None and device.type != "cuda"):
+        return None
+    from ssmtune.core.peft_model import PeftModel
+    from ssmtune.models.lm import SSMPreTrainedModel
+
+    base = model.base_model if isinstance(model, PeftModel) else model
+    methods = ({c.method for configs in model.peft_config.values() for c in configs} if isinstance(model, PeftModel)
+               else {"full"})  # fmt: skip
+    lengths: list[int] = []
+
+    def example_lengths() -> list[int]:
+        if not lengths:
+            lengths.extend(collate_fn([dataset[i]])["input_ids"].shape[1] for i in range(len(dataset)))
+        return lengths
+
+    reason = graph_decision(
+        device_type=device.type, world_size=ctx.world_size if ctx.enabled else 1, precision=config.precision,
+        accumulation_steps=config.accumulation_steps, packed="cu_seqlens" in collate_fn([dataset[0]]),
+        methods=methods, native_model=isinstance(base, SSMPreTrainedModel), lengths=example_lengths,
+        batch_size=config.batch_size, seed=config.seed, forced=bool(config.cuda_graph),
+    )  # fmt: skip
+    if reason is None:
+        return max(example_lengths())
+    if config.cuda_graph:
+        raise ValueError(f"cuda_graph=True cannot run: {reason}")
+    if ctx.is_main:
+        _log.warning("training eagerly: %s", reason)
+    return None
 
 
 def fit(
@@ -627,10 +730,10 @@ def fit(
                 if stale.exists():
                     shutil.rmtree(stale)
 
-    if config.cuda_graph:
-        train_step: EagerStep | GraphedStep = _graphed_step(
-            train_model, optimizer, scheduler, trainable, dataset, collate_fn, config=config, ctx=ctx, device=device
-        )
+    length = _choose_step(model, dataset, collate_fn, config=config, ctx=ctx, device=device)
+    if length is not None:
+        train_step: EagerStep | GraphedStep = _graphed_step(train_model, optimizer, scheduler, trainable,
+                                                            length=length, config=config)  # fmt: skip
     else:
         if state is not None:
             set_capturable(optimizer, False)  # a checkpoint of a CUDA-graph run holds device step counts
@@ -668,7 +771,7 @@ def fit(
         epoch, index = divmod(progress.step, steps_per_epoch)
         examples = [dataset[i] for i in sampler.batch(epoch, index)]
         chunks = [collate_fn(examples[j : j + micro]) for j in range(0, len(examples), micro)]
-        if config.cuda_graph and "cu_seqlens" in chunks[0]:
+        if length is not None and "cu_seqlens" in chunks[0]:
             raise ValueError("cuda_graph does not support packed batches (cu_seqlens); pass --data.packing false")
         n_targets = sum(count_targets(c["labels"]) for c in chunks)
         if ctx.enabled:
@@ -679,6 +782,7 @@ def fit(
             result = train_step(chunks, n_targets, step=progress.step, epoch=epoch)
         except NonFiniteLossError as e:
             logger.error(progress.step + 1, epoch, str(e))
+            train_step.close()
             raise
         scheduler.step()
         progress.step += 1
@@ -693,6 +797,8 @@ def fit(
             checkpointer.save(progress, epoch, index)
         if on_step is not None:
             on_step(step)
+    # the graph's gradients and memory pool go now, not whenever the step object is collected
+    train_step.close()
     logger.close()
     step = progress.step
     if eval_fn is not None and last_eval_step != step:

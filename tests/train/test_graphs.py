@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch
 from ssmtune import LoraConfig, StateOffsetConfig, get_peft_model
 from ssmtune.models import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 from ssmtune.train import TrainConfig, fit
-from ssmtune.train.graphs import GraphedStep, pad_batch
+from ssmtune.train.graphs import GraphedStep, GraphedTrainStep, pad_batch
+from ssmtune.train.loop import GRAPH_METHODS, graph_decision, padding_overhead
 from ssmtune.train.optim import set_capturable
 
 
@@ -116,14 +118,133 @@ def test_set_capturable_round_trip():
 def test_fit_config_refuses_what_a_graph_cannot_do(tmp_path):
     from tiny import TinyLM, collate, make_dataset
 
-    with pytest.raises(ValueError, match="cuda_graph does not support precision 'fp16'"):
+    with pytest.raises(ValueError, match="cuda_graph=True cannot run: precision 'fp16' is not captured"):
         TrainConfig(cuda_graph=True, precision="fp16")
-    with pytest.raises(ValueError, match="cuda_graph needs one micro-batch per step.*micro_batch_size=2"):
+    with pytest.raises(ValueError, match=r"cuda_graph=True cannot run: gradient accumulation \(2 micro-batches of 2"):
         TrainConfig(cuda_graph=True, batch_size=4, micro_batch_size=2)
-    if not torch.cuda.is_available():
-        cfg = TrainConfig(cuda_graph=True, device="cpu", progress=False, save_steps=0)
-        with pytest.raises(ValueError, match="cuda_graph needs a single CUDA process, got device cpu"):
-            fit(TinyLM(), make_dataset(8), collate, config=cfg, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="cuda_graph must be None \\(auto\\), True or False, got 'auto'"):
+        TrainConfig(cuda_graph="auto")
+    TrainConfig(precision="fp16", micro_batch_size=2)  # auto: eager, no error
+    cfg = TrainConfig(cuda_graph=True, device="cpu", progress=False, save_steps=0)
+    with pytest.raises(ValueError, match="cuda_graph=True cannot run: device 'cpu' is not CUDA"):
+        fit(TinyLM(), make_dataset(8), collate, config=cfg, out_dir=tmp_path)
+
+
+_GRAPHABLE = {"device_type": "cuda", "world_size": 1, "precision": "bf16", "accumulation_steps": 1, "packed": False,
+              "methods": {"state_offset"}, "native_model": True, "lengths": [8] * 8, "batch_size": 4}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({}, None),
+        ({"precision": "fp32", "methods": set(GRAPH_METHODS)}, None),
+        ({"device_type": "cpu"}, "device 'cpu' is not CUDA"),
+        ({"world_size": 2}, r"2 processes \(DDP/FSDP\) are not captured"),
+        ({"precision": "fp16"}, "precision 'fp16' is not captured"),
+        ({"accumulation_steps": 2}, r"gradient accumulation \(2 micro-batches of 2 per step\)"),
+        ({"packed": True}, r"packed batches \(cu_seqlens\) are not captured"),
+        ({"native_model": False}, "capture is tested on ssmtune's Mamba / Mamba-2 models only"),
+        ({"methods": {"lora", "mine"}}, r"method\(s\) \['mine'\] are not known to capture"),
+        ({"lengths": [2] * 7 + [8]}, r"longest example \(8 tokens\) would cost 60% more tokens .*limit 25%"),
+        ({"lengths": [4] * 7 + [5]}, None),  # 4 + 5 tokens per row padded: 5 + 5, 11% more
+    ],
+)
+def test_graph_decision_branches(change, reason):
+    """Each condition of the auto decision alone; the padding cost is the first epoch's (seed 0: [2, 2, 2, 2] and
+    [2, 2, 2, 8] per row, 10 tokens against 16 padded to 8)."""
+    got = graph_decision(**(_GRAPHABLE | change))
+    assert got is None if reason is None else re.search(reason, got), got
+
+
+def test_graph_decision_forced_asks_only_what_a_graph_cannot_do():
+    """cuda_graph=True: untested models and methods and a long outlier do not stop it (the lengths are never read);
+    what a graph cannot do still does."""
+    untested = {"native_model": False, "methods": {"mine"}, "lengths": _no_lengths}
+    assert graph_decision(**(_GRAPHABLE | untested), forced=True) is None
+    for change in ({"device_type": "cpu"}, {"world_size": 2}, {"precision": "fp16"}, {"accumulation_steps": 4},
+                   {"packed": True}):  # fmt: skip
+        assert graph_decision(**(_GRAPHABLE | untested | change), forced=True) is not None, change
+
+
+def _no_lengths():
+    raise AssertionError("the lengths must not be read")
+
+
+def test_graph_decision_reads_lengths_last():
+    """Collating every example takes time: the lengths are read only when nothing else keeps the step eager."""
+    for change in ({"device_type": "cpu"}, {"packed": True}, {"native_model": False}, {"methods": {"mine"}}):
+        assert graph_decision(**(_GRAPHABLE | change | {"lengths": _no_lengths})) is not None
+    assert graph_decision(**(_GRAPHABLE | {"lengths": lambda: [8] * 8})) is None
+
+
+def test_padding_overhead():
+    assert padding_overhead([8] * 8, 4) == 0.0
+    assert padding_overhead([2] * 7 + [8], 4, seed=0) == pytest.approx(16 / 10 - 1)
+    assert padding_overhead([2] * 7 + [8], 8) == 0.0  # one batch: its own longest is the longest
+    assert padding_overhead([3, 9], 4) == 0.0  # no full batch
+
+
+def _notes(caplog) -> list[str]:
+    """What fit logged about its step."""
+    return [r.getMessage() for r in caplog.records if r.name == "ssmtune.train.loop"]
+
+
+def _peft_mamba():
+    return _model("mamba", "state_offset_h", device="cpu")
+
+
+def test_choose_step_on_cuda_settings(caplog):
+    """fit's wiring of the decision (on the host; no GPU is touched): a Mamba PeftModel on CUDA pads to the longest
+    example; packed batches and a model other than ssmtune's train eagerly with one logged line, or raise with
+    cuda_graph=True; the CPU stays eager silently."""
+    from tiny import TinyLM, collate, make_dataset
+
+    from ssmtune.data import PackingCollator
+    from ssmtune.train.distributed import DistContext
+    from ssmtune.train.loop import _choose_step
+
+    data, ctx, cuda = make_dataset(26), DistContext(), torch.device("cuda")
+    packed = PackingCollator(0, 16)
+    rows = [{**e, "labels": e["input_ids"], "prompt_length": 1, "example_index": i} for i, e in enumerate(data)]
+
+    def choose(model, dataset, coll, graph=None, device=cuda):
+        cfg = TrainConfig(batch_size=4, precision="bf16", cuda_graph=graph)
+        return _choose_step(model, dataset, coll, config=cfg, ctx=ctx, device=device)
+
+    with caplog.at_level("DEBUG", logger="ssmtune.train.loop"):
+        assert choose(_peft_mamba(), data, collate) == max(len(e["input_ids"]) for e in data)
+        assert choose(_peft_mamba(), data, collate, graph=False) is None
+        assert choose(_peft_mamba(), rows, packed, device=torch.device("cpu")) is None
+        assert _notes(caplog) == []
+        assert choose(_peft_mamba(), rows, packed) is None
+        assert choose(TinyLM(), data, collate) is None
+    assert [m.split(":")[:2] for m in _notes(caplog)] == [
+        ["training eagerly", " packed batches (cu_seqlens) are not captured"],
+        ["training eagerly", " capture is tested on ssmtune's Mamba / Mamba-2 models only (cuda_graph=True forces it)"],
+    ]
+    with pytest.raises(ValueError, match=r"cuda_graph=True cannot run: packed batches \(cu_seqlens\)"):
+        choose(_peft_mamba(), rows, packed, graph=True)
+    assert choose(TinyLM(), data, collate, graph=True) == max(len(e["input_ids"]) for e in data)
+
+
+def test_fit_by_default_on_the_cpu_trains_eagerly_as_before(tmp_path, caplog):
+    """The default (auto) on the CPU is the eager loop: the losses of cuda_graph=False, bit for bit, and no note."""
+    import json
+
+    from tiny import TinyLM, collate, make_dataset
+
+    losses = {}
+    for graph in (None, False):
+        torch.manual_seed(0)
+        cfg = TrainConfig(epochs=2, batch_size=4, lr=3e-2, device="cpu", progress=False, save_steps=0, log_steps=1,
+                          seed=3, cuda_graph=graph)  # fmt: skip
+        with caplog.at_level("DEBUG", logger="ssmtune.train.loop"):
+            fit(TinyLM(), make_dataset(26), collate, config=cfg, out_dir=tmp_path / str(graph), save_fn=None)
+        recs = (tmp_path / str(graph) / "metrics.jsonl").read_text().splitlines()
+        losses[graph] = [r["loss"] for r in map(json.loads, recs) if r["type"] == "train"]
+    assert losses[None] == losses[False] and len(losses[None]) == 12
+    assert _notes(caplog) == []
 
 
 @pytest.mark.gpu
@@ -273,3 +394,123 @@ def test_graphed_train_step_body_matches_the_eager_step_on_cpu():
     assert not torch.isfinite(loss_bad)
     assert all(torch.isfinite(p).all() for p in trainable)
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in trainable)
+
+
+def _graphed_train_step(model: torch.nn.Module, length: int) -> GraphedTrainStep:
+    from ssmtune.train.loop import IGNORE_INDEX, token_loss_sum
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, capturable=True)
+    return GraphedTrainStep(model, opt, trainable, rows=4, length=length, clip=1.0, autocast_dtype=torch.bfloat16,
+                            loss_fn=token_loss_sum, ignore_index=IGNORE_INDEX)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_train_steps_survive_repeated_capture_and_teardown():
+    """30 cycles of capture, 3 replays and teardown (close, gc, synchronize, empty_cache: emptying the cache after a
+    graph was freed is where a fault was once seen) on Mamba-1 and Mamba-2: every cycle logs the eager step body's
+    losses, leaves no gradient behind, and CUDA stays healthy (an eager step after the last cycle)."""
+    import gc
+
+    from tiny import collate, make_dataset
+
+    from ssmtune.train.loop import count_targets
+
+    data = make_dataset(12)
+    batches = [collate(data[i : i + 4]) for i in range(0, 12, 4)]
+    targets = [count_targets(b["labels"]) for b in batches]
+    length = max(len(e["input_ids"]) for e in data)
+    bases = {kind: _model(kind, "state_offset_h") for kind in ("mamba", "mamba2")}
+    eager = {}
+    for kind, base in bases.items():
+        ref = _graphed_train_step(copy.deepcopy(base), length)  # its step body, run eagerly: never captured
+        eager[kind] = []
+        for b, n in zip(batches, targets, strict=True):
+            padded = {k: v.cuda() for k, v in pad_batch(b, 4, length, ignore_index=-100).items()}
+            eager[kind].append(ref._step(padded | {"n_targets": torch.tensor(float(n), device="cuda")})[0].item())
+    for cycle in range(30):
+        kind = ("mamba", "mamba2")[cycle % 2]
+        model = copy.deepcopy(bases[kind])
+        step = _graphed_train_step(model, length)
+        losses = [step(b, n)[0].item() for b, n in zip(batches, targets, strict=True)]
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager[kind]), rtol=1e-3, atol=1e-3,
+                                   msg=lambda m, c=cycle: f"cycle {c}: {m}")  # fmt: skip
+        step.close()
+        assert all(p.grad is None for p in model.parameters()), cycle
+        del step, model
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    model = copy.deepcopy(bases["mamba"])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(batches[0]["input_ids"].cuda()).logits.float().sum()
+    loss.backward()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_captures_by_default_on_cuda(tmp_path, monkeypatch, caplog):
+    """The default (auto) on CUDA captures the step of a Mamba PeftModel (lengths 5-9: little padding) without a
+    note, leaves no gradient on the parameters, and stays eager with one note for packed batches."""
+    from tiny import collate, make_dataset
+
+    from ssmtune.data import PackingCollator
+    from ssmtune.train import loop
+
+    built = []
+    monkeypatch.setattr(loop, "GraphedTrainStep", lambda *a, **k: built.append(1) or GraphedTrainStep(*a, **k))
+    model = _model("mamba", "state_offset_h")
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=3e-2, precision="bf16", progress=False, save_steps=0, seed=3)
+    with caplog.at_level("INFO", logger="ssmtune.train.loop"):
+        fit(model, make_dataset(26), collate, config=cfg, out_dir=tmp_path / "auto", save_fn=None)
+    assert built == [1] and _notes(caplog) == []
+    assert all(p.grad is None for p in model.parameters())
+    rows = [{**e, "labels": e["input_ids"], "prompt_length": 1, "example_index": i}
+            for i, e in enumerate(make_dataset(26))]  # fmt: skip
+    with caplog.at_level("INFO", logger="ssmtune.train.loop"):
+        fit(_model("mamba", "state_offset_h"), rows, PackingCollator(0, 16), config=cfg, out_dir=tmp_path / "packed",
+            save_fn=None)  # fmt: skip
+    notes = _notes(caplog)
+    assert built == [1] and len(notes) == 1 and "packed batches" in notes[0]
+
+
+_METHOD_CONFIGS = {
+    "additional_scan": {}, "bitfit": {}, "full": None, "initial_state": {}, "lora": {}, "partial": {},
+    "prefix": {"num_virtual_tokens": 4}, "prompt": {"num_virtual_tokens": 4}, "sdlora": {"lora_dropout": 0.0},
+    "state_offset": {},
+}  # fmt: skip
+
+
+def test_every_auto_graphed_method_has_a_gpu_check():
+    from ssmtune.core.registry import known_methods
+
+    assert set(_METHOD_CONFIGS) == GRAPH_METHODS <= {*known_methods(), "full"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", sorted(_METHOD_CONFIGS))
+def test_every_auto_graphed_method_trains_as_eagerly(tmp_path, method):
+    """Each method of GRAPH_METHODS (the ones auto captures): a graphed fit of 6 steps logs the eager fit's losses."""
+    import json
+
+    from tiny import collate, make_dataset
+
+    from ssmtune.cli.commands import make_adapter_configs
+
+    runs = {}
+    for graph in (False, True):
+        torch.manual_seed(0)
+        base = MambaForCausalLM(MambaConfig(d_model=64, n_layer=2, vocab_size=97))
+        base.backend = "triton"
+        configs = make_adapter_configs(method, _METHOD_CONFIGS[method] or {})
+        model = base.requires_grad_(True) if configs is None else get_peft_model(base, configs)
+        cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, precision="bf16", progress=False, save_steps=0,
+                          log_steps=1, seed=3, cuda_graph=graph)  # fmt: skip
+        fit(model, make_dataset(26), collate, config=cfg, out_dir=tmp_path / str(graph), save_fn=None)
+        recs = (tmp_path / str(graph) / "metrics.jsonl").read_text().splitlines()
+        runs[graph] = [r["loss"] for r in map(json.loads, recs) if r["type"] == "train"]
+    assert len(runs[True]) == 6
+    torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=2e-2, atol=2e-2)
