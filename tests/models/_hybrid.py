@@ -129,8 +129,16 @@ def decode_logits(model, input_ids: torch.Tensor, prefill: int, **kwargs) -> tor
     cache = out.past_key_values
     logits = [out.logits]
     for j in range(prefill, input_ids.shape[1]):
-        pos = torch.full((input_ids.shape[0], 1), j)
+        pos = torch.full((input_ids.shape[0], 1), j, device=input_ids.device)
         step = {CACHE_KWARG: cache, "use_cache": True, "position_ids": pos}
         out = model(input_ids[:, j : j + 1], **step, **kwargs)
         logits.append(out.logits)
     return torch.cat(logits, dim=1)
+
+
+def argmax_continuation(model, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by full forwards over the whole sequence (no cache)."""
+    for _ in range(steps):
+        nxt = model(x).logits[:, -1].argmax(-1, keepdim=True)
+        x = torch.cat([x, nxt], dim=1)
+    return x

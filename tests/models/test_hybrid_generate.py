@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from _gdn import GDN_FAMILIES, MIXER_LINEARS
-from _hybrid import FAMILIES, ids, tiny_hybrid
+from _hybrid import FAMILIES, argmax_continuation, ids, tiny_hybrid
 
 from ssmtune import InitialStateConfig, LoraConfig, PrefixTuningConfig, StateOffsetConfig, get_peft_model
 from ssmtune.ops.testing import assert_close
@@ -37,21 +37,13 @@ def _adapted(family: str):
     return model.eval()
 
 
-def _argmax_continuation(model, x: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy decoding by full forwards over the whole sequence (no cache)."""
-    for _ in range(steps):
-        nxt = model(x).logits[:, -1].argmax(-1, keepdim=True)
-        x = torch.cat([x, nxt], dim=1)
-    return x
-
-
 @pytest.mark.parametrize("family", FAMILIES + GDN_FAMILIES)
 def test_greedy_and_beam_generate(family):
     model = _adapted(family)
     x = ids(batch=2, length=7)
     with torch.no_grad():
         greedy = model.generate(x, do_sample=False, **GEN)
-        assert torch.equal(greedy, _argmax_continuation(model, x, NEW))
+        assert torch.equal(greedy, argmax_continuation(model, x, NEW))
         beams = model.generate(x, do_sample=False, num_beams=3, **GEN)
         assert torch.equal(beams, model.generate(x, do_sample=False, num_beams=3, use_cache=False, **GEN))
         with model.disable_adapters():

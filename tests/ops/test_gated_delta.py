@@ -1,5 +1,6 @@
 """Gated delta rule: the reference against transformers' own recurrence, the chunked torch path against the reference
-(outputs, final states, gradients of every input), the dispatcher's checks."""
+(outputs, final states, gradients of every input), the dispatcher's checks. ``-m gpu``: the torch and fla backends
+on CUDA in fp32 and bf16 (``check_backend`` takes a device, so it runs on the CPU too)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ CASES = [
 GRADS = ("q", "k", "v", "g", "beta", "initial_state", "state_offset", "output_offset")
 
 
-def make_inputs(b, seqlen, hk, h, dk, dv, per_channel, *, seed=0, batched_state=False):
+def make_inputs(b, seqlen, hk, h, dk, dv, per_channel, *, seed=0, batched_state=False, decay=0.7):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)
     lead = (b,) if batched_state else ()
@@ -30,7 +31,7 @@ def make_inputs(b, seqlen, hk, h, dk, dv, per_channel, *, seed=0, batched_state=
         "q": r(b, seqlen, hk, dk),
         "k": r(b, seqlen, hk, dk),
         "v": r(b, seqlen, h, dv),
-        "g": -torch.rand(*((b, seqlen, h, dk) if per_channel else (b, seqlen, h)), generator=gen) * 0.7,
+        "g": -torch.rand(*((b, seqlen, h, dk) if per_channel else (b, seqlen, h)), generator=gen) * decay,
         "beta": torch.rand(b, seqlen, h, generator=gen),
         "initial_state": r(*lead, h, dk, dv) * 0.5,
         "state_offset": r(*lead, h, dk, dv) * 0.5,
@@ -158,3 +159,104 @@ def test_fla_backward_refused_on_hopper_with_triton_3_4_to_3_7_0(monkeypatch, ca
     monkeypatch.setattr(fla, "_triton_version", lambda: triton)
     assert fla.fla_backward_ok(torch.device("cuda", 0)) is ok
     assert not fla.fla_backward_ok(torch.device("cpu"))
+
+
+# --- CUDA (-m gpu): the torch and fla backends against the fp32 reference -------------------------------------------
+
+# (id, B, L, Hk, H, K, V, per-channel gate, per-row states): lengths that fla's 64-step chunks do not divide, grouped
+# value heads, head dims fla's kernels take (16, 32, 64)
+GPU_CASES = [
+    ("L67-gdn-grouped", 2, 67, 2, 4, 32, 16, False, False),
+    ("L130-gdn-rows", 2, 130, 1, 1, 64, 64, False, True),
+    ("L67-kda-grouped-rows", 2, 67, 1, 2, 16, 32, True, True),
+    ("L130-kda", 1, 130, 2, 2, 32, 32, True, False),
+]
+# RMS-relative error against the fp32 reference on the same (rounded) inputs: (o and final state, gradients).
+# fla runs its fp32 dots in TF32; in bf16 it rounds operands of its dots to bf16
+GPU_RATIO = {
+    ("torch", torch.float32): (1e-4, 1e-3),
+    ("fla", torch.float32): (5e-3, 2e-2),
+    ("torch", torch.bfloat16): (2e-2, 5e-2),
+    ("fla", torch.bfloat16): (2e-2, 5e-2),
+}
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _device_inputs(case, dtype, device):
+    """Leaves on ``device``: q, k, v, beta in ``dtype``; g and the states in fp32, as the mixers pass them.
+
+    Decay rates from 0.003 to 1 per step across heads (key channels for KDA), so that the initial state still shows
+    after 130 steps and a per-channel gate differs from its mean; small offsets, so that the recurrence dominates o
+    (dropping h0, the offsets or the per-channel gate moves o by > 20%)."""
+    _, b, seqlen, hk, h, dk, dv, per_channel, rows = case
+    rates = 10 ** torch.linspace(-2.5, 0, dk if per_channel else h)
+    x = make_inputs(b, seqlen, hk, h, dk, dv, per_channel, batched_state=rows, decay=rates)
+    x["state_offset"] *= 0.2
+    x["output_offset"] *= 0.2
+    low = ("q", "k", "v", "beta")
+    return {n: t.to(device, dtype if n in low else torch.float32).requires_grad_() for n, t in x.items()}
+
+
+def _grads(o, s, do, ds, leaves):
+    return torch.autograd.grad((o.float() * do).sum() + (s * ds).sum(), [leaves[n] for n in GRADS])
+
+
+def _spy(monkeypatch, picked):
+    """Record which implementation the dispatcher calls (it imports them from their modules at each call)."""
+    from ssmtune.ops.gated_delta import chunk, fla
+
+    def recording(fn, name):
+        def wrapper(*args, **kwargs):
+            picked.append(name)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for module, attr, name in ((fla, "gated_delta_rule_fla", "fla"), (chunk, "gated_delta_rule_torch", "torch")):
+        monkeypatch.setattr(module, attr, recording(getattr(module, attr), name))
+
+
+def check_backend(case, backend, dtype, device, monkeypatch):
+    """Outputs, final state and every gradient of ``backend`` against the reference. Where fla's backward does not
+    work (``fla_backward_ok``), fla's forward only, and ``backend="auto"`` must then train on a path whose backward
+    works (and still take fla without a gradient)."""
+    from ssmtune.ops.gated_delta.fla import fla_backward_ok, fla_importable
+
+    x = _device_inputs(case, dtype, device)
+    ref = {n: t.detach().float().requires_grad_() for n, t in x.items()}
+    o_ref, s_ref = _run(gated_delta_rule_ref, ref)
+    gen = torch.Generator().manual_seed(1)
+    do, ds = (torch.randn(t.shape, generator=gen).to(device) for t in (o_ref, s_ref))
+    ref_grads = _grads(o_ref, s_ref, do, ds, ref)
+    ratio, grad_ratio = GPU_RATIO[backend, dtype]
+    backward = backend != "fla" or fla_backward_ok(torch.device(device))
+    with torch.set_grad_enabled(backward):
+        o, s = _run(ops.gated_delta_rule, x, backend=backend)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    assert_close("o", o_ref, o, ratio)  # also fails on NaN / inf
+    assert_close("final state", s_ref, s, ratio)
+    if not backward:
+        picked = []
+        _spy(monkeypatch, picked)
+        o, s = _run(ops.gated_delta_rule, x, backend="auto")
+        assert picked == ["torch"], picked
+        ratio, grad_ratio = GPU_RATIO["torch", dtype]
+        assert_close("o (auto)", o_ref, o, ratio)
+        with torch.no_grad():
+            _run(ops.gated_delta_rule, x, backend="auto")
+        on_fla = torch.device(device).type == "cuda" and fla_importable()
+        assert picked == ["torch", "fla" if on_fla else "torch"], picked
+    for name, want, got in zip(GRADS, ref_grads, _grads(o, s, do, ds, x)):
+        assert_close(f"d{name}", want, got, grad_ratio)
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("device", ["cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+@pytest.mark.parametrize("backend", ["torch", "fla"])
+def test_backend_matches_reference_cuda(backend, case, dtype, device, monkeypatch):
+    if backend == "fla":
+        pytest.importorskip("fla")
+    check_backend(case, backend, dtype, device, monkeypatch)
