@@ -158,3 +158,18 @@ def test_fla_backward_refused_on_hopper_with_triton_3_4_to_3_7_0(monkeypatch, ca
     monkeypatch.setattr(fla, "_triton_version", lambda: triton)
     assert fla.fla_backward_ok(torch.device("cuda", 0)) is ok
     assert not fla.fla_backward_ok(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("backward_ok", "grad", "per_channel", "usable"),
+    [(True, True, True, True), (False, False, True, True), (False, True, False, True), (False, True, True, False)],
+)
+def test_auto_trains_gated_deltanet_on_fla_with_our_dqkwg(monkeypatch, backward_ok, grad, per_channel, usable):
+    """Where fla refuses its gated chunk_bwd_dqkwg, Gated DeltaNet still trains on fla (our port installed); KDA not."""
+    from ssmtune.ops.gated_delta import fla, fla_bwd
+
+    monkeypatch.setattr(fla, "fla_importable", lambda: True)
+    monkeypatch.setattr(fla, "fla_backward_ok", lambda device: backward_ok)
+    monkeypatch.setattr(fla_bwd, "install", lambda: True)
+    assert fla.fla_usable(torch.device("cuda", 0), grad, per_channel) is usable
+    assert not fla.fla_usable(torch.device("cpu"), grad, per_channel)
