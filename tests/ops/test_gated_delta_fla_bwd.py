@@ -26,7 +26,17 @@ from ssmtune.ops.gated_delta import fla_bwd
 from ssmtune.ops.gated_delta.naive import gated_delta_rule_ref
 from ssmtune.ops.testing import assert_close
 
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+
+def _interpreted() -> bool:
+    from fla.ops.common import chunk_o
+
+    fn = chunk_o.chunk_bwd_kernel_dqkwg
+    while hasattr(fn, "fn") and "Interpreted" not in type(fn).__name__:
+        fn = fn.fn
+    return "Interpreted" in type(fn).__name__
+
+
+if not torch.cuda.is_available() and not _interpreted():
     pytest.skip("fla was imported before TRITON_INTERPRET was set (run this file alone)", allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -161,7 +171,8 @@ def run_gdn(monkeypatch, dtype, b, t, hk, h, dk, dv, seed=0):
         grads = torch.autograd.grad((o.float() * do).sum() + (s * ds).sum(), fla_in)
     assert calls, "fla's backward did not call the port"
     ref_grads = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), ref_in)
-    ratio = 1e-4 if dtype == torch.float32 else 3e-2
+    # fla's fp32 dots run in TF32 on CUDA; the interpreter's are fp32
+    ratio = 3e-2 if dtype == torch.bfloat16 else 5e-3 if DEVICE == "cuda" else 1e-4
     assert_close("o", o_ref, o.float(), ratio)
     assert_close("final state", s_ref, s, ratio)
     for name, want, got in zip(names, ref_grads, grads, strict=True):

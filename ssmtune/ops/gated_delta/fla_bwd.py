@@ -1,30 +1,35 @@
 """Our stand-in for fla's gated ``chunk_bwd_dqkwg`` where fla refuses it (Hopper with Triton >= 3.4 and < 3.7.1, where
 Triton miscompiles that kernel), so that fla's Gated DeltaNet backward runs there with every other kernel its own.
 
-What the kernel computes, for one chunk of BT rows of one (batch, value head) (rows i, j = 0 .. n-1, n <= BT valid):
+What the kernel computes, per (batch, value head) and chunk of n <= BT valid rows i, j (l = n - 1, the last one), with
+h, dh read as K×V matrices: the gradients through the chunk's output and the state it passes on,
 
-    inputs   q, k  [B, T, H, K]       v (fla's v_new, the delta-rule values), do, dv  [B, T, HV, V]
-             w  [B, T, HV, K]          g  [B, T, HV] fp32: the gate cumulated within each chunk, in log2 units
-             h, dh  [B, NT, HV, K, V]  ([..., V, K] when ``state_v_first``): the state entering each chunk and its
-             gradient (NT = ceil(T / BT); varlen: [1, chunks, HV, K, V] with chunks listed by ``chunk_indices``)
+    o_i    = scale · 2^g_i · hᵀ q_i  +  Σ_{j<=i} scale · 2^(g_i - g_j) (q_i · k_j) v_j
+    h_next = 2^g_l · h  +  Σ_j 2^(g_l - g_j) k_j v_jᵀ
+
+    inputs   q, k  [B, T, H, K]        do, dv, v (fla's v_new: the delta rule's corrected values)  [B, T, HV, V]
+             w  [B, T, HV, K]           g  [B, T, HV] fp32: the log-decay cumulated within each chunk, in log2 units
+             h, dh  [B, NT, HV, K, V]   ([..., V, K] when ``state_v_first``): the state entering each chunk and the
+             gradient of the state it passes on (NT = ceil(T / BT); varlen: [1, chunks, HV, K, V] by ``chunk_indices``)
     key head of value head i_h: i_h // (HV // H)
 
-    A_ij   = scale · (do_i · v_j) · 2^(g_i - g_j)   for j <= i, else 0     (rounded to k's dtype before its products)
-    dq_i   = scale · 2^g_i · h do_i  +  Σ_j A_ij k_j
-    dk_j   = 2^(g_n-1 - g_j) · dh v_j  +  Σ_i A_ij q_i
-    dw_i   = -h dv_i
-    dg_i   = q_i · dq_i - k_i · dk_j=i  +  [i = n-1] · (2^g_n-1 · Σ h ⊙ dh  +  Σ_j 2^(g_n-1 - g_j) k_j · dh v_j)
+    A_ij = scale · (do_i · v_j) · 2^(g_i - g_j)  for j <= i, else 0   (rounded to k's dtype before its products)
+    dq_i = scale · 2^g_i · h do_i  +  Σ_j A_ij k_j
+    dk_j = 2^(g_l - g_j) · dh v_j  +  Σ_i A_ij q_i
+    dw_i = -h dv_i
+    dg_i = q_i · dq_i  -  k_i · dk_i  +  [i = l] · (2^g_l · Σ h ⊙ dh  +  Σ_j 2^(g_l - g_j) k_j · dh v_j)
 
-dq, dk come back [B, T, H, K] (summed over the value heads of each key head) in q's / k's dtype, dw in w's, dg [B, T, HV]
-in fp32. dg is the gradient with respect to the natural-log cumulated gate (g · ln 2), before fla's reverse cumsum within
-each chunk; dk and dg are the parts this kernel owns (fla adds the WY-representation's own afterwards). Products run in
-fp32 on the inputs as stored; h and dh are rounded to do's / v's dtype for their products, as fla's kernel does.
+dq, dk come back [B, T, H, K] (summed over the value heads of each key head) in q's / k's dtype, dw in w's, and dg
+[B, T, HV] in fp32: the gradient with respect to the natural-log cumulated gate (g · ln 2), before fla's reverse cumsum
+within each chunk. dk and dg are this kernel's parts (fla adds the WY representation's afterwards). Products run in fp32
+on the inputs as stored; h and dh are rounded to do's / v's dtype for their products, as fla's kernel does.
 
 Mechanism: fla routes ``chunk_bwd_dqkwg`` through its backend registry (``fla.backends``), the extension point its own
 TileLang port of this kernel uses. We register one more backend there whose verifier accepts only the calls fla would
-refuse (gated, no ``g_gamma``, on a CUDA device where ``fla_backward_ok`` is False) or every gated call inside ``forced()``,
-so no call that fla can serve changes hands; a working TileLang backend (lower priority number) still comes first.
-Re-running fla's backward ourselves in an ``autograd.Function`` would tie us to a dozen of fla's private signatures.
+refuse (gated, no ``g_gamma``, on a CUDA device where ``fla_backward_ok`` is False), or every gated call inside
+``forced()``: no call that fla can serve changes hands, and a working TileLang backend (lower priority number) still
+comes first. Re-running fla's backward ourselves in an ``autograd.Function`` would tie us to a dozen of fla's private
+signatures.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ SLICE_ELEMENTS = 1 << 25  # chunks go in slices of about this many elements per 
 
 @contextlib.contextmanager
 def forced() -> Iterator[None]:
-    """Route every gated ``chunk_bwd_dqkwg`` call to ``chunk_bwd_dqkwg_torch`` (tests; fla's kernel as the reference)."""
+    """Route every gated ``chunk_bwd_dqkwg`` call to ``chunk_bwd_dqkwg_torch`` (tests, where fla's kernel also runs)."""
     global _forced
     _forced += 1
     try:
