@@ -492,7 +492,7 @@ def gated_delta_rule(
         backend: ``"ref"``, ``"torch"`` (chunked, autograd), ``"fla"`` (flash-linear-attention), or ``"auto"`` /
             ``"triton"``: fla on CUDA when it imports and, when a gradient is needed, its backward works there; else
             torch. On Hopper with Triton >= 3.4 and < 3.7.1, where fla refuses one kernel of the Gated DeltaNet
-            backward (``chunk_bwd_dqkwg``), our torch port of it stands in (``gated_delta/fla_bwd.py``) and fla
+            backward (``chunk_bwd_dqkwg``), our port of it stands in (``gated_delta/fla_bwd.py``) and fla
             still trains Gated DeltaNet; KDA trains there on torch.
     Returns:
         o [B, L, H, V] in v's dtype, and S_L [B, H, K, V] in fp32 when ``output_final_state``.

@@ -1,8 +1,9 @@
-"""Our torch port of fla's gated ``chunk_bwd_dqkwg`` against fla's own kernel, and fla's whole Gated DeltaNet backward
-with the port in place against the fp32 reference (gradients of q, k, v, g, beta and the initial state).
+"""Our ports of fla's gated ``chunk_bwd_dqkwg`` (torch, and our Triton kernel) against fla's own kernel and each other,
+and fla's whole Gated DeltaNet backward with each in place against the fp32 reference (gradients of q, k, v, g, beta
+and the initial state).
 
 Needs fla (``ssmtune[fla]``); skipped without it. On CPU fla's kernels run under the Triton interpreter, in fp32 only
-(the interpreter's bf16 loses fla's results) and with one autotune config each (it cannot time them); ``-m gpu`` runs
+(the interpreter's bf16 dots lose the kernels' results) and with one autotune config each (it cannot time them); ``-m gpu`` runs
 bf16 and fp32 on CUDA with the port forced on.
 """
 
@@ -95,42 +96,68 @@ def fla_refuses() -> bool:
     return DEVICE == "cuda" and not fla_backward_ok(torch.device(DEVICE))
 
 
-@pytest.mark.parametrize(
-    "case",
-    [*KERNEL_CASES, pytest.param(("T1000-bf16", 2, 1000, 2, 4, 128, 128, 64, False, None), marks=pytest.mark.gpu)],
-    ids=[c[0] for c in KERNEL_CASES] + ["T1000-bf16"],
-)
-def test_port_matches_fla_kernel(case, interpreted_fla):
-    from fla.ops.common.chunk_o import chunk_bwd_dqkwg
+# and the mixers' size in bf16 on CUDA
+WIDE_CASES = [
+    *KERNEL_CASES,
+    pytest.param(("T1000-bf16", 2, 1000, 2, 4, 128, 128, 64, True, None), marks=pytest.mark.gpu),
+]
+WIDE_IDS = [c[0] for c in KERNEL_CASES] + ["T1000-bf16"]
 
-    if fla_refuses():
-        pytest.skip("fla refuses its own kernel on this GPU (the full-backward tests cover the port here)")
+
+def case_inputs(case) -> tuple[dict, bool]:
     _, b, t, hk, h, dk, dv, chunk, v_first, cu = case
     bf16 = case[0].endswith("bf16")
     if bf16 and DEVICE == "cpu":
-        pytest.skip("needs CUDA (the interpreter's bf16 loses fla's results)")
+        pytest.skip("needs CUDA (the interpreter's bf16 dots lose the kernels' results)")
     x = kernel_inputs(b, t, hk, h, dk, dv, chunk, state_v_first=v_first, cu_seqlens=cu,
                       dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
-    want = inspect.unwrap(chunk_bwd_dqkwg)(**x)  # fla's Triton kernel itself, past its backend registry
-    got = fla_bwd.chunk_bwd_dqkwg_torch(**x)
+    return x, bf16
+
+
+def ported(monkeypatch, impl: str, x: dict):
+    monkeypatch.setattr(fla_bwd, "IMPL", impl)
+    return fla_bwd.port(**x)
+
+
+def assert_grads_close(want, got, bf16: bool) -> None:
+    # fp32 tl.dot runs in TF32 on CUDA
+    ratio = 1e-2 if bf16 else 5e-3 if DEVICE == "cuda" else 1e-5
     for name, ref, out in zip(("dq", "dk", "dw", "dg"), want, got, strict=True):
         assert out.dtype == ref.dtype, name
-        assert_close(name, ref.float(), out.float(), 1e-2 if bf16 else 1e-5)
+        assert_close(name, ref.float(), out.float(), ratio)
+
+
+@pytest.mark.parametrize("case", WIDE_CASES, ids=WIDE_IDS)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_port_matches_fla_kernel(impl, case, interpreted_fla, monkeypatch):
+    from fla.ops.common.chunk_o import chunk_bwd_dqkwg
+
+    if fla_refuses():
+        pytest.skip("fla refuses its own kernel on this GPU (the torch port is the reference there)")
+    x, bf16 = case_inputs(case)
+    want = inspect.unwrap(chunk_bwd_dqkwg)(**x)  # fla's Triton kernel itself, past its backend registry
+    assert_grads_close(want, ported(monkeypatch, impl, x), bf16)
+
+
+@pytest.mark.parametrize("case", WIDE_CASES, ids=WIDE_IDS)
+def test_triton_port_matches_torch_port(case, interpreted_fla, monkeypatch):
+    x, bf16 = case_inputs(case)
+    assert_grads_close(ported(monkeypatch, "torch", x), ported(monkeypatch, "triton", x), bf16)
 
 
 @pytest.mark.parametrize("case", [KERNEL_CASES[0], KERNEL_CASES[-1]], ids=[KERNEL_CASES[0][0], KERNEL_CASES[-1][0]])
-def test_port_in_slices_matches_one_pass(case, monkeypatch):
-    x = kernel_inputs(*case[1:8], state_v_first=case[8], cu_seqlens=case[9])
-    whole = fla_bwd.chunk_bwd_dqkwg_torch(**x)
+def test_torch_port_in_slices_matches_one_pass(case, monkeypatch):
+    x, _ = case_inputs(case)
+    whole = ported(monkeypatch, "torch", x)
     monkeypatch.setattr(fla_bwd, "SLICE_ELEMENTS", 1)  # one chunk per slice
-    for name, ref, out in zip(("dq", "dk", "dw", "dg"), whole, fla_bwd.chunk_bwd_dqkwg_torch(**x), strict=True):
+    for name, ref, out in zip(("dq", "dk", "dw", "dg"), whole, fla_bwd.port(**x), strict=True):
         assert_close(name, ref, out, 1e-6)
 
 
 def test_port_refuses_ungated_calls():
     x = kernel_inputs(1, 5, 1, 1, 4, 4, 16)
     with pytest.raises(ValueError, match="needs a per-token gate"):
-        fla_bwd.chunk_bwd_dqkwg_torch(**{**x, "g": None})
+        fla_bwd.port(**{**x, "g": None})
 
 
 def test_registry_takes_only_what_fla_refuses(monkeypatch):
@@ -145,11 +172,12 @@ def test_registry_takes_only_what_fla_refuses(monkeypatch):
     assert not fla_bwd.install()
 
 
-def run_gdn(monkeypatch, dtype, b, t, hk, h, dk, dv, seed=0):
-    """fla's Gated DeltaNet forward and backward with the port forced on, against the fp32 reference."""
+def run_gdn(monkeypatch, impl, dtype, b, t, hk, h, dk, dv, seed=0):
+    """fla's Gated DeltaNet forward and backward with port ``impl`` forced on, against the fp32 reference."""
     calls = []
-    port = fla_bwd.chunk_bwd_dqkwg_torch
-    monkeypatch.setattr(fla_bwd, "chunk_bwd_dqkwg_torch", lambda *a, **kw: calls.append(1) or port(*a, **kw))
+    port = fla_bwd.port
+    monkeypatch.setattr(fla_bwd, "IMPL", impl)
+    monkeypatch.setattr(fla_bwd, "port", lambda *a, **kw: calls.append(1) or port(*a, **kw))
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)
     x = {
@@ -179,15 +207,17 @@ def run_gdn(monkeypatch, dtype, b, t, hk, h, dk, dv, seed=0):
         assert_close(f"d{name}", want, got.float(), ratio)
 
 
-def test_fla_backward_with_port_matches_reference(interpreted_fla, monkeypatch):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_fla_backward_with_port_matches_reference(impl, interpreted_fla, monkeypatch):
     if DEVICE == "cuda":
         pytest.skip("the CPU interpreter case (-m gpu runs it on CUDA)")
-    run_gdn(monkeypatch, torch.float32, 2, 19, 1, 2, 8, 8)
+    run_gdn(monkeypatch, impl, torch.float32, 2, 19, 1, 2, 8, 8)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 200, 2, 4, 64, 64), (1, 1000, 4, 4, 128, 128)], ids=["T200-grouped", "T1000"])
-def test_fla_backward_with_port_matches_reference_gpu(dtype, shape, monkeypatch):
-    run_gdn(monkeypatch, dtype, *shape)
+def test_fla_backward_with_port_matches_reference_gpu(impl, dtype, shape, monkeypatch):
+    run_gdn(monkeypatch, impl, dtype, *shape)

@@ -3,7 +3,7 @@
 fla runs the recurrence (``chunk_gated_delta_rule``; ``chunk_kda`` for per-channel gates), with the initial state and
 its gradient; the offsets are read out beside it (``naive.read_offsets``), with q̂ recomputed in fp32 as the kernel
 normalises and scales it. fla refuses one kernel of its Gated DeltaNet backward (``chunk_bwd_dqkwg``, miscompiled on
-Hopper by Triton >= 3.4 and < 3.7.1); there ``fla_bwd.py`` registers our torch port of it with fla's backend registry,
+Hopper by Triton >= 3.4 and < 3.7.1); there ``fla_bwd.py`` registers our port of it with fla's backend registry,
 and the rest of the backward stays fla's. KDA's backward does not use that kernel but is not vetted there either, so
 ``backend="auto"`` trains KDA there on the torch path.
 """

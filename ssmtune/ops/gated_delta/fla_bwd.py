@@ -24,6 +24,9 @@ dq, dk come back [B, T, H, K] (summed over the value heads of each key head) in 
 within each chunk. dk and dg are this kernel's parts (fla adds the WY representation's afterwards). Products run in fp32
 on the inputs as stored; h and dh are rounded to do's / v's dtype for their products, as fla's kernel does.
 
+Two ports: ``chunk_bwd_dqkwg_torch`` below (batched matmuls over all chunks, in slices; the default) and our Triton
+kernel (``fla_bwd_triton.py``), chosen by ``IMPL``.
+
 Mechanism: fla routes ``chunk_bwd_dqkwg`` through its backend registry (``fla.backends``), the extension point its own
 TileLang port of this kernel uses. We register one more backend there whose verifier accepts only the calls fla would
 refuse (gated, no ``g_gamma``, on a CUDA device where ``fla_backward_ok`` is False), or every gated call inside
@@ -45,11 +48,14 @@ from .fla import fla_backward_ok
 _forced = 0  # module-wide, not thread-local: CUDA autograd runs backward on its own thread
 _installed: bool | None = None
 SLICE_ELEMENTS = 1 << 25  # chunks go in slices of about this many elements per fp32 temporary (memory on long inputs)
+# which port fla's backward calls: "torch" (chunk_bwd_dqkwg_torch) or "triton" (fla_bwd_triton.py, our kernel, which
+# avoids the pattern Triton miscompiles but has yet to be checked on Hopper: tests/ops/test_gated_delta_fla_bwd.py -m gpu)
+IMPL = "torch"
 
 
 @contextlib.contextmanager
 def forced() -> Iterator[None]:
-    """Route every gated ``chunk_bwd_dqkwg`` call to ``chunk_bwd_dqkwg_torch`` (tests, where fla's kernel also runs)."""
+    """Route every gated ``chunk_bwd_dqkwg`` call to ``port`` (tests, on devices where fla's kernel also runs)."""
     global _forced
     _forced += 1
     try:
@@ -69,10 +75,6 @@ def _chunk_rows(
         start = seq * seqlen + torch.arange(nt, device=device).repeat(batch) * chunk
         end = seq * seqlen + seqlen
     else:
-        if chunk_indices is None:
-            from fla.ops.utils import prepare_chunk_indices
-
-            chunk_indices = prepare_chunk_indices(cu_seqlens, chunk)
         seq, part = chunk_indices[:, 0].long(), chunk_indices[:, 1].long()
         start = cu_seqlens.long()[seq] + part * chunk
         end = cu_seqlens.long()[seq + 1]
@@ -82,27 +84,9 @@ def _chunk_rows(
 
 
 def chunk_bwd_dqkwg_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    do: torch.Tensor,
-    h: torch.Tensor,
-    dh: torch.Tensor,
-    w: torch.Tensor | None = None,
-    g: torch.Tensor | None = None,
-    g_gamma: torch.Tensor | None = None,
-    dv: torch.Tensor | None = None,
-    scale: float | None = None,
-    state_v_first: bool = False,
-    cu_seqlens: torch.LongTensor | None = None,
-    chunk_size: int = 64,
-    chunk_indices: torch.LongTensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """fla's gated ``chunk_bwd_dqkwg`` (same arguments and results; the module docstring has the maths) as batched
-    matmuls over all chunks at once: ``(dq, dk, dw, dg)``."""
-    if g is None or g_gamma is not None:
-        raise ValueError(f"chunk_bwd_dqkwg_torch: needs a per-token gate g and no g_gamma, got g={g is not None}, "
-                         f"g_gamma={g_gamma is not None}")  # fmt: skip
+    q, k, v, do, h, dh, w, g, dv, scale: float, state_v_first: bool, cu_seqlens, chunk_size: int, chunk_indices,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:  # fmt: skip
+    """``port`` as batched matmuls over all chunks at once (in slices of ``SLICE_ELEMENTS``)."""
     batch, seqlen, nk, kdim = k.shape
     nv = v.shape[2]
     rows, valid = _chunk_rows(k, chunk_size, cu_seqlens, chunk_indices)
@@ -121,9 +105,8 @@ def chunk_bwd_dqkwg_torch(
     for s in range(0, n, step):
         part = slice(s, s + step)
         grads = _chunk_grads(
-            q, k, v, do, dv if w is not None else None, g, hs[part], dhs[part], rows[part], valid[part],
-            kdim**-0.5 if scale is None else scale,
-        )  # fmt: skip
+            q, k, v, do, dv if w is not None else None, g, hs[part], dhs[part], rows[part], valid[part], scale
+        )
         for out, grad in zip((dq, dk, dw, dg), grads, strict=True):
             if out is not None:
                 out[dest[part].flatten()] = grad.transpose(1, 2).flatten(0, 1).to(out.dtype)
@@ -179,6 +162,40 @@ def _chunk_grads(
     return dq, dk, dw, dg
 
 
+def port(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    h: torch.Tensor,
+    dh: torch.Tensor,
+    w: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
+    g_gamma: torch.Tensor | None = None,
+    dv: torch.Tensor | None = None,
+    scale: float | None = None,
+    state_v_first: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    chunk_size: int = 64,
+    chunk_indices: torch.LongTensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """fla's gated ``chunk_bwd_dqkwg`` (same arguments and results; the module docstring has the maths) by ``IMPL``'s
+    port: ``(dq, dk, dw, dg)``."""
+    if g is None or g_gamma is not None:
+        raise ValueError(f"chunk_bwd_dqkwg port: needs a per-token gate g and no g_gamma, got g={g is not None}, "
+                         f"g_gamma={g_gamma is not None}")  # fmt: skip
+    if cu_seqlens is not None and chunk_indices is None:
+        from fla.ops.utils import prepare_chunk_indices
+
+        chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)
+    if IMPL == "triton":
+        from .fla_bwd_triton import chunk_bwd_dqkwg_triton as fn
+    else:
+        fn = chunk_bwd_dqkwg_torch
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    return fn(q, k, v, do, h, dh, w, g, dv, scale, state_v_first, cu_seqlens, chunk_size, chunk_indices)
+
+
 def _takes(q, k, v, do, h, dh, w=None, g=None, g_gamma=None, *args, **kwargs) -> tuple[bool, str | None]:
     """fla's verifier protocol: (accepted, reason). Gated calls that fla refuses, or all gated ones when forced."""
     if g is None or g_gamma is not None:
@@ -189,7 +206,7 @@ def _takes(q, k, v, do, h, dh, w=None, g=None, g_gamma=None, *args, **kwargs) ->
 
 
 def install() -> bool:
-    """Register ``chunk_bwd_dqkwg_torch`` with fla's backend registry once; False where that cannot take effect (fla
+    """Register ``port`` with fla's backend registry once; False where that cannot take effect (fla
     without a registry, or ``FLA_DISABLE_BACKEND_DISPATCH=1``, which bypasses it)."""
     global _installed
     if _installed is None:
@@ -209,7 +226,7 @@ def install() -> bool:
                 return _takes(*args, **kwargs)
 
             def chunk_bwd_dqkwg(self, *args, **kwargs):
-                return chunk_bwd_dqkwg_torch(*args, **kwargs)
+                return port(*args, **kwargs)
 
         register("common")(SsmtuneDqkwgBackend)
         _installed = True
