@@ -101,7 +101,7 @@ def chunk_bwd_dqkwg_kernel(
     tl.store(dk + p_out, b_dk.to(dk.dtype.element_ty), mask=m_tk)
     if HAS_DW:
         tl.store(dw + p_out, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
-    tl.store(dg + i_k * N_ROWS * HV + o_t * HV + i_h, b_dg, mask=m_t)
+    tl.store(dg + i_k.to(tl.int64) * N_ROWS * HV + o_t * HV + i_h, b_dg, mask=m_t)
 
 
 def chunk_bwd_dqkwg_triton(
