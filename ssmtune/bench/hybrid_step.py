@@ -344,13 +344,12 @@ def is_gdn(model: str) -> bool:
 
 def gdn_backend(model: str, device: torch.device, grad: bool) -> str | None:
     """The backend ``ops.gated_delta_rule(backend="auto")`` picks for our mixers of a Gated DeltaNet model (None for
-    the others): fla on CUDA when it imports and, for a gradient, its backward works there; else the torch path."""
+    the others): ``gated_delta.fla.fla_usable``, else the torch path."""
     if not is_gdn(model):
         return None
-    from ssmtune.ops.gated_delta.fla import fla_backward_ok, fla_importable
+    from ssmtune.ops.gated_delta.fla import fla_usable
 
-    usable = device.type == "cuda" and fla_importable() and (not grad or fla_backward_ok(device))
-    return "fla" if usable else "torch"
+    return "fla" if fla_usable(device, grad) else "torch"
 
 
 def peer_gdn_impl() -> str:

@@ -491,13 +491,15 @@ def gated_delta_rule(
         output_offset (torch.Tensor | None): y', shape [H, V] or [B, H, V]
         backend: ``"ref"``, ``"torch"`` (chunked, autograd), ``"fla"`` (flash-linear-attention), or ``"auto"`` /
             ``"triton"``: fla on CUDA when it imports and, when a gradient is needed, its backward works there; else
-            torch.
+            torch. On Hopper with Triton >= 3.4 and < 3.7.1, where fla refuses one kernel of the Gated DeltaNet
+            backward (``chunk_bwd_dqkwg``), our port of it stands in (``gated_delta/fla_bwd.py``) and fla
+            still trains Gated DeltaNet; KDA trains there on torch.
     Returns:
         o [B, L, H, V] in v's dtype, and S_L [B, H, K, V] in fp32 when ``output_final_state``.
     """
     from .gated_delta import GATED_DELTA_BACKENDS
     from .gated_delta.chunk import gated_delta_rule_torch
-    from .gated_delta.fla import fla_backward_ok, fla_importable, gated_delta_rule_fla
+    from .gated_delta.fla import fla_usable, gated_delta_rule_fla
     from .gated_delta.naive import gated_delta_rule_ref
 
     op = "gated_delta_rule"
@@ -522,8 +524,7 @@ def gated_delta_rule(
         grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state, state_offset, output_offset)
         )
-        usable = v.is_cuda and fla_importable() and (not grad or fla_backward_ok(v.device))
-        backend = "fla" if usable else "torch"
+        backend = "fla" if fla_usable(v.device, grad, per_channel=g.dim() == 4) else "torch"
     fn = {"ref": gated_delta_rule_ref, "torch": gated_delta_rule_torch, "fla": gated_delta_rule_fla}[backend]
     return fn(
         q, k, v, g, beta, scale=scale, use_qk_l2norm=use_qk_l2norm, initial_state=initial_state,

@@ -218,9 +218,9 @@ def _spy(monkeypatch, picked):
 
 def check_backend(case, backend, dtype, device, monkeypatch):
     """Outputs, final state and every gradient of ``backend`` against the reference. Where fla's backward does not
-    work (``fla_backward_ok``), fla's forward only, and ``backend="auto"`` must then train on a path whose backward
+    work (``fla_usable``: KDA where fla refuses its gated backward), fla's forward only, and ``backend="auto"`` must then train on a path whose backward
     works (and still take fla without a gradient)."""
-    from ssmtune.ops.gated_delta.fla import fla_backward_ok, fla_importable
+    from ssmtune.ops.gated_delta.fla import fla_importable, fla_usable
 
     x = _device_inputs(case, dtype, device)
     ref = {n: t.detach().float().requires_grad_() for n, t in x.items()}
@@ -229,7 +229,9 @@ def check_backend(case, backend, dtype, device, monkeypatch):
     do, ds = (torch.randn(t.shape, generator=gen).to(device) for t in (o_ref, s_ref))
     ref_grads = _grads(o_ref, s_ref, do, ds, ref)
     ratio, grad_ratio = GPU_RATIO[backend, dtype]
-    backward = backend != "fla" or fla_backward_ok(torch.device(device))
+    per_channel = x["g"].dim() == 4
+    # fla trains where its backward works, and Gated DeltaNet also where our chunk_bwd_dqkwg port stands in for it
+    backward = backend != "fla" or fla_usable(torch.device(device), True, per_channel)
     with torch.set_grad_enabled(backward):
         o, s = _run(ops.gated_delta_rule, x, backend=backend)
     assert o.dtype == dtype and s.dtype == torch.float32
@@ -260,3 +262,18 @@ def test_backend_matches_reference_cuda(backend, case, dtype, device, monkeypatc
     if backend == "fla":
         pytest.importorskip("fla")
     check_backend(case, backend, dtype, device, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("backward_ok", "grad", "per_channel", "usable"),
+    [(True, True, True, True), (False, False, True, True), (False, True, False, True), (False, True, True, False)],
+)
+def test_auto_trains_gated_deltanet_on_fla_with_our_dqkwg(monkeypatch, backward_ok, grad, per_channel, usable):
+    """Where fla refuses its gated chunk_bwd_dqkwg, Gated DeltaNet still trains on fla (our port installed); KDA not."""
+    from ssmtune.ops.gated_delta import fla, fla_bwd
+
+    monkeypatch.setattr(fla, "fla_importable", lambda: True)
+    monkeypatch.setattr(fla, "fla_backward_ok", lambda device: backward_ok)
+    monkeypatch.setattr(fla_bwd, "install", lambda: True)
+    assert fla.fla_usable(torch.device("cuda", 0), grad, per_channel) is usable
+    assert not fla.fla_usable(torch.device("cpu"), grad, per_channel)

@@ -2,8 +2,10 @@
 
 fla runs the recurrence (``chunk_gated_delta_rule``; ``chunk_kda`` for per-channel gates), with the initial state and
 its gradient; the offsets are read out beside it (``naive.read_offsets``), with q̂ recomputed in fp32 as the kernel
-normalises and scales it. fla's gated backward raises on Hopper with Triton >= 3.4 and < 3.7.1, so ``backend="auto"``
-trains there on the torch path.
+normalises and scales it. fla refuses one kernel of its Gated DeltaNet backward (``chunk_bwd_dqkwg``, miscompiled on
+Hopper by Triton >= 3.4 and < 3.7.1); there ``fla_bwd.py`` registers our port of it with fla's backend registry,
+and the rest of the backward stays fla's. KDA's backward does not use that kernel but is not vetted there either, so
+``backend="auto"`` trains KDA there on the torch path.
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ def fla_backward_ok(device: torch.device) -> bool:
     return not (hopper and (3, 4, 0) <= _triton_version() < (3, 7, 1))
 
 
+def fla_usable(device: torch.device, grad: bool, per_channel: bool = False) -> bool:
+    """Whether ``backend="auto"`` runs fla: on CUDA when fla imports and, for a gradient, its backward works there,
+    Gated DeltaNet's (``per_channel`` False) with our ``chunk_bwd_dqkwg`` where fla refuses its own."""
+    if device.type != "cuda" or not fla_importable():
+        return False
+    if not grad or fla_backward_ok(device):
+        return True
+    from .fla_bwd import install
+
+    return not per_channel and install()
+
+
 def gated_delta_rule_fla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -76,6 +90,10 @@ def gated_delta_rule_fla(
     qr, kr = (q, k) if rep == 1 else (q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2))
     h0 = None if initial_state is None else initial_state.float().expand(batch, nheads, dk, dv).contiguous()
     fn = chunk_kda if g.dim() == 4 else chunk_gdn
+    if fn is chunk_gdn and v.is_cuda and not fla_backward_ok(v.device):
+        from .fla_bwd import install
+
+        install()  # idempotent; takes only the calls fla would refuse
     o, final = fn(
         qr, kr, v, g.float(), beta, scale=dk**-0.5 if scale is None else scale, initial_state=h0,
         output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm,
