@@ -27,10 +27,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from ..models.hooks import COLLECTOR_ATTR, MergedState, StateHook, add_optional
+from ..models.hooks import ADAPTER_ATTR, COLLECTOR_ATTR, MergedState, StateHook, add_optional
 
 # Attribute names set on hooks (plain attributes, never submodules).
-ADAPTER_ATTR = "_ssmtune_adapter"
 ROUTING_ATTR = COLLECTOR_ATTR  # the hooks' collect_state finds the Routing there and calls Routing.collect_state
 _FIELDS = ("h0", "conv0", "h_off", "y_off")
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .cache import InferenceCache
-from .hooks import COLLECTOR_ATTR, MergedState, StateHook, collect_state
+from .hooks import ADAPTER_ATTR, COLLECTOR_ATTR, MergedState, StateHook, collect_state
 
 # What ``cuda_graph=None`` means on CUDA: the graphed decoder where the model supports it (checked against the eager
 # step token for token by tests/models/test_graphed_decode.py, -m gpu); ``cuda_graph=False`` turns it off per call.
@@ -59,9 +59,15 @@ def unsupported_reason(model, capture: bool = True) -> str | None:
     if not hasattr(lm, "allocate_cache"):
         return f"{type(lm).__name__} has no static inference cache"
     if capture and routing is not None and len(set(routing.names)) > 1:
-        # LoRA/DoRA under a routing gathers its rows on the host (Routing.rows_of): not replayable
+        # LoRA/DoRA with rows in a mixed batch gathers them on the host (Routing.rows_of): not replayable. A LoRA
+        # adapter with no rows here is a no-op in the step, and a batch that brings its rows in is refused here
+        names = set(routing.names)
         for m in lm.modules():
-            if getattr(m, COLLECTOR_ATTR, None) is routing and hasattr(m, "lora_A"):
+            if (
+                getattr(m, COLLECTOR_ATTR, None) is routing
+                and hasattr(m, "lora_A")
+                and getattr(m, ADAPTER_ATTR, None) in names
+            ):
                 return "LoRA/DoRA rows mixed with other rows select their rows on the host"
     return None
 

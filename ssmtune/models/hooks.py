@@ -52,6 +52,7 @@ class MergedState:
 
 # Attribute (a plain attribute, never a submodule) under which a hook carries its state collector.
 COLLECTOR_ATTR = "_ssmtune_routing"
+ADAPTER_ATTR = "_ssmtune_adapter"  # the adapter a hook or LoRA module belongs to (set by the PeftModel)
 
 
 def add_optional(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

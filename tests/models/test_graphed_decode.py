@@ -242,6 +242,19 @@ def test_cuda_mixed_lora_falls_back_with_a_note() -> None:
     assert torch.equal(out, peft.generate(ids, max_new_tokens=4, adapter_names=["la", "h"], cuda_graph=False))
 
 
+def test_a_lora_adapter_without_rows_in_the_batch_does_not_block_capture() -> None:
+    from ssmtune.core.routing import RoutedLM
+    from ssmtune.models.decode import unsupported_reason
+
+    peft = _peft("m1", {"la": LoraConfig(r=2, target_modules=["out_proj"]), "h": StateOffsetConfig(),
+                        "y": StateOffsetConfig(variant="y")})  # fmt: skip
+    for names, blocked in ((["h", "y", None], False), (["la", "h"], True), (["la", "la"], False)):
+        with peft.route(names) as routing:
+            reason = unsupported_reason(RoutedLM(peft.base_model, routing), capture=True)
+        assert (reason is not None) is blocked, (names, reason)
+        assert unsupported_reason(RoutedLM(peft.base_model, routing), capture=False) is None
+
+
 def test_steps_are_kept_per_offset_layout() -> None:
     """A step is built once per layout of the offset buffers and kept; another mix of adapters reuses it; a model
     change (an adapter added) drops them all."""
