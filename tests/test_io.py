@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def _saved(tmp_path: Path, arch: str = "m1", config=None) -> Path:
     perturb(model)
     model.save_pretrained(tmp_path)
     return tmp_path
+
+
+def _drop_digest(folder: Path) -> None:
+    """Make the folder an older ssmtune's (no weights digest), so a test can change the weights file on purpose."""
+    path = folder / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    del meta["weights_sha256"]
+    path.write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -60,6 +69,7 @@ def test_wrong_base_refused(tmp_path, arch, kw):
 
 def test_corrupt_or_missing_weights_refused(tmp_path):
     path = _saved(tmp_path) / "adapter_model.safetensors"
+    _drop_digest(tmp_path)  # the reader's own checks (a recorded digest refuses any changed file first)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt adapter weights"):
@@ -79,6 +89,7 @@ def test_non_finite_weights_refused_with_the_tensor_name(tmp_path, bad):
     from safetensors.torch import save_file
 
     path = _saved(tmp_path) / "adapter_model.safetensors"
+    _drop_digest(tmp_path)
     tensors = load_file(str(path))
     name = max(tensors)
     tensors[name].view(-1)[0] = bad
@@ -91,6 +102,7 @@ def test_mismatching_tensors_refused(tmp_path):
     from safetensors.torch import save_file
 
     path = _saved(tmp_path) / "adapter_model.safetensors"
+    _drop_digest(tmp_path)
     tensors = load_file(path)
     tensors["backbone.layers.0.mixer.state_offset_h.h_off"] = torch.zeros(3, 3)
     save_file(tensors, path)
@@ -188,6 +200,95 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_config_records_the_digest_of_its_weights(tmp_path):
+    import hashlib
+
+    _saved(tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["weights_sha256"] == hashlib.sha256((tmp_path / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def _other_adapter() -> PeftModel:
+    model = get_peft_model(tiny_model("m1"), StateOffsetConfig())
+    perturb(model, scale=0.7)  # the same shapes as _saved's adapter, other values
+    return model
+
+
+def _logits(model) -> torch.Tensor:
+    return model(torch.arange(6).view(1, 6)).logits
+
+
+def test_save_interrupted_before_its_renames_keeps_the_old_adapter(tmp_path, monkeypatch):
+    import ssmtune.core.io as adapter_io
+
+    _saved(tmp_path)
+    expected = _logits(PeftModel.from_pretrained(tiny_model("m1"), tmp_path))
+    (tmp_path / "README.md").write_text("mine")
+    (tmp_path / "other").mkdir()  # peft's layout for a second adapter name
+    (tmp_path / "other" / "adapter_config.json").write_text("{}")
+    staged = []
+    real_sha256 = adapter_io.file_sha256
+
+    def sha256_spy(path):
+        staged.append(path)
+        return real_sha256(path)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # the new weights are staged, then Ctrl-C while the config is written
+    monkeypatch.setattr(adapter_io, "file_sha256", sha256_spy)
+    monkeypatch.setattr(Path, "write_text", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        _other_adapter().save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert len(staged) == 1
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "other"]  # no temp files
+    assert torch.equal(_logits(PeftModel.from_pretrained(tiny_model("m1"), tmp_path)), expected)
+    assert (tmp_path / "README.md").read_text() == "mine" and (tmp_path / "other" / "adapter_config.json").is_file()
+
+
+def test_crash_between_the_two_renames_is_refused(tmp_path, monkeypatch):
+    import ssmtune.utils.io as io_utils
+
+    _saved(tmp_path)
+    real = os.replace
+    calls = []
+
+    def dies_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process ends after the weights were renamed, before the config was
+        real(src, dst)
+
+    monkeypatch.setattr(io_utils.os, "replace", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        _other_adapter().save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert [Path(c).name for c in calls] == ["adapter_model.safetensors", "adapter_config.json"]
+    with pytest.raises(ValueError, match=rf"in '{tmp_path}' is not the file adapter_config.json was saved with.*"
+                       "a save was interrupted") as err:  # fmt: skip
+        PeftModel.from_pretrained(tiny_model("m1"), tmp_path)
+    assert "\n" not in str(err.value)
+    _other_adapter().save_pretrained(tmp_path)  # saving again repairs the folder
+    assert torch.equal(_logits(PeftModel.from_pretrained(tiny_model("m1"), tmp_path)), _logits(_other_adapter()))
+
+
+def test_changed_weights_refused_unless_the_digest_is_removed(tmp_path):
+    _saved(tmp_path / "a")
+    _other_adapter().save_pretrained(tmp_path / "b")
+    # same keys and shapes: without the digest this would silently load b's adapter under a's config
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+    )
+    with pytest.raises(ValueError, match="changed or damaged since.*delete 'weights_sha256'"):
+        PeftModel.from_pretrained(tiny_model("m1"), tmp_path / "a")
+    _drop_digest(tmp_path / "a")  # as an older ssmtune wrote it, or a change made on purpose: loads unchecked
+    loaded = PeftModel.from_pretrained(tiny_model("m1"), tmp_path / "a")
+    assert torch.equal(_logits(loaded), _logits(_other_adapter()))
 
 
 def test_export_peft_lora(tmp_path):

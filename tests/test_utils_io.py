@@ -1,11 +1,12 @@
 """ssmtune.utils.io: the one atomic-write helper every writer uses."""
 
+import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-from ssmtune.utils.io import atomic_write, atomic_write_text, replace_dir
+from ssmtune.utils.io import atomic_write, atomic_write_files, atomic_write_text, file_sha256, replace_dir
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
@@ -21,6 +22,24 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
     atomic_write_text(path, "new ✓\n")
     assert path.read_text(encoding="utf-8") == "new ✓\n"
+
+
+def test_files_written_together_change_together(tmp_path):
+    a, b = tmp_path / "weights.bin", tmp_path / "config.json"
+    atomic_write_files({a: lambda p: Path(p).write_bytes(b"old"), b: lambda p: Path(p).write_text("old")})
+    staged = []
+
+    def interrupted(tmp: str) -> None:
+        staged.extend(p.name for p in tmp_path.glob(".weights.bin.*.tmp"))  # the first file is staged, not renamed
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_files({a: lambda p: Path(p).write_bytes(b"new"), b: interrupted})
+    assert len(staged) == 1 and a.read_bytes() == b"old" and b.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "weights.bin"]
+    atomic_write_files({a: lambda p: Path(p).write_bytes(b"new"), b: lambda p: Path(p).write_text("new")})
+    assert a.read_bytes() == b"new" and b.read_text() == "new"
+    assert file_sha256(a) == hashlib.sha256(b"new").hexdigest()
 
 
 def test_replace_dir_swaps_the_whole_folder(tmp_path):

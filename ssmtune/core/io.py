@@ -4,7 +4,12 @@
 
     {"format": "ssmtune-adapter", "ssmtune_version": "...", "adapter_name": "default",
      "base_model": {"model_type": "mamba", "fingerprint": "<sha256[:16]>", "shape": {"d_model": 768, ...}},
-     "methods": [{"method": "state_offset", ...}, ...]}
+     "methods": [{"method": "state_offset", ...}, ...], "weights_sha256": "<sha256 of adapter_model.safetensors>"}
+
+Both files are written to temporary files first and then renamed into place, weights first; the config records the
+digest of the weights it belongs to, so a folder that a crash left with new weights beside an old config (or a weights
+file changed since) is refused, not loaded as the wrong adapter. Files without ``weights_sha256`` (older ssmtune) load
+unchecked. Other files in the folder are left alone.
 
 Loading refuses a base whose shape fingerprint differs, and missing, corrupt or mismatching tensors, with a ValueError.
 ``export_peft_lora`` writes pure-LoRA adapters in Hugging Face peft's layout.
@@ -22,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..utils.io import atomic_write
+from ..utils.io import atomic_write_files, file_sha256
 from .config import AdapterConfig
 from .peft_model import PeftModel, get_peft_model
 
@@ -81,8 +86,18 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike, adapter_name: s
         "base_model": base_signature(model.base_model),
         "methods": [cfg.to_dict() for cfg in model.peft_config[name]],
     }
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+
+    def write_weights(path: str) -> None:
+        save_file(tensors, path, metadata={"format": "pt"})
+        meta["weights_sha256"] = file_sha256(path)
+
+    # both files are staged before either replaces the old pair; the digest ties the config to these weights
+    atomic_write_files(
+        {
+            out / WEIGHTS_NAME: write_weights,
+            out / CONFIG_NAME: lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"),
+        }
+    )
 
 
 def read_adapter_config(directory: str | os.PathLike) -> tuple[dict[str, Any], list[AdapterConfig]]:
@@ -95,7 +110,23 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[dict[str, Any], l
         raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not an ssmtune adapter config (format={meta.get('format')!r})")
+    check_weights_digest(meta, directory)  # before anything else in the config is trusted
     return meta, [AdapterConfig.from_dict(d) for d in meta["methods"]]
+
+
+def check_weights_digest(meta: dict[str, Any], directory: str | os.PathLike) -> None:
+    """Refuse weights that are not the file the config was saved with (a save cut short between its two renames, or
+    a file changed since); configs without ``weights_sha256`` (older ssmtune) are not checked."""
+    want, path = meta.get("weights_sha256"), Path(directory) / WEIGHTS_NAME
+    if want is None or not path.is_file():  # a missing file is named by the weights reader
+        return
+    got = file_sha256(path)
+    if got != want:
+        raise ValueError(
+            f"{WEIGHTS_NAME} in {str(directory)!r} is not the file {CONFIG_NAME} was saved with (sha256 {got[:12]}..., "
+            f"recorded {str(want)[:12]}...): a save was interrupted, or the file was changed or damaged since; save the "
+            f"adapter again (or delete 'weights_sha256' from {CONFIG_NAME} to load a file changed on purpose)"
+        )
 
 
 def check_base(meta: dict[str, Any], model: nn.Module, where: str) -> None:
@@ -223,5 +254,10 @@ def export_peft_lora(model: PeftModel, directory: str | os.PathLike, adapter_nam
     }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_cfg, indent=2) + "\n"))
+    # peft's format has no digest field: staging both files first leaves only the two renames to interrupt
+    atomic_write_files(
+        {
+            out / WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+            out / CONFIG_NAME: lambda p: Path(p).write_text(json.dumps(peft_cfg, indent=2) + "\n"),
+        }
+    )

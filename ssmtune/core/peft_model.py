@@ -385,7 +385,8 @@ class PeftModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter (default: the single active
-        one); ``PeftModel.from_pretrained`` reads it back."""
+        one); ``PeftModel.from_pretrained`` reads it back. The config records the weights' sha256, so a save cut short
+        is refused at load rather than read as the wrong adapter; other files in ``directory`` are left alone."""
         from .io import save_adapter
 
         save_adapter(self, directory, adapter_name=adapter_name)

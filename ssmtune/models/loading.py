@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..utils.io import atomic_write
+from ..utils.io import atomic_write_files
 from .config import SSMConfig
 from .convert import (
     HF_ARCHITECTURES,
@@ -211,8 +211,8 @@ def load_model(
 
 def save_pretrained(model: SSMForCausalLM, save_directory: str | os.PathLike) -> None:
     """Write ``config.json`` (HF transformers style) and ``model.safetensors`` so that transformers'
-    ``MambaForCausalLM`` / ``Mamba2ForCausalLM.from_pretrained`` opens the folder. Each file is written to a temp
-    file first and moved into place. Adapters must be merged or removed first: state hooks and input hooks are
+    ``MambaForCausalLM`` / ``Mamba2ForCausalLM.from_pretrained`` opens the folder. Every file is written to a temp
+    file first, then all are moved into place. Adapters must be merged or removed first: state hooks and input hooks are
     skipped, and any other extra key (e.g. an unmerged LoRA wrapper) or changed shape raises ValueError."""
     from safetensors.torch import save_file
 
@@ -227,10 +227,14 @@ def save_pretrained(model: SSMForCausalLM, save_directory: str | os.PathLike) ->
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     dtype = model.backbone.embeddings.weight.dtype
     hf_config = config_to_hf(config, dtype)
-    atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2) + "\n"))
+    writes = {
+        folder / "model.safetensors": lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        folder / "config.json": lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2) + "\n"),
+    }
     tok = getattr(model, "tokenizer", None)
     # a raw tokenizers.Tokenizer, or ssmtune's wrapper around one
     save = getattr(tok, "save", None) or getattr(getattr(tok, "_tok", None), "save", None)
     if callable(save):
-        atomic_write(folder / "tokenizer.json", lambda tmp: save(tmp))
+        writes[folder / "tokenizer.json"] = lambda tmp: save(tmp)
+    # all staged before any replaces the old files, so an interrupted save leaves the old model whole
+    atomic_write_files(writes)

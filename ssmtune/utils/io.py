@@ -7,6 +7,7 @@ Windows when both paths are on one file system).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -46,19 +47,40 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     """``write(tmp_path)`` writes the content to a temporary file in the same folder, which then replaces ``path``.
 
     The temporary file is removed if ``write`` fails, and ``path`` keeps its old content."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    atomic_write_files({path: write})
+
+
+def atomic_write_files(writes: dict[str | os.PathLike, Callable[[str], object]]) -> None:
+    """``atomic_write`` for files that belong together: every ``write(tmp_path)`` runs first, then the renames that
+    publish them follow back to back, in order. If any write fails (or is interrupted), none of the files changes;
+    only a crash between two renames can publish some of them (readers that must notice record a digest)."""
+    staged: list[tuple[str, Path]] = []
     try:
-        write(tmp)
-        fsync_file(tmp)
-        # mkstemp makes the file private (0600): give it the mode a plain open() would (the umask's), or the old file's
-        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            path = Path(path)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            staged.append((tmp, path))
+            write(tmp)
+            fsync_file(tmp)
+            # mkstemp makes the file private (0600): give it the mode a plain open() would (umask's), or the old file's
+            os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

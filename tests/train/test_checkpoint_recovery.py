@@ -50,6 +50,23 @@ def test_an_unsafe_pickle_is_refused_not_skipped(tmp_path):
         load_checkpoint(newest, nn.Linear(3, 2))
 
 
+def test_a_checkpoint_interrupted_between_its_two_files_is_never_listed(tmp_path, monkeypatch):
+    import ssmtune.train.checkpoint as ckpt
+
+    older, _ = _two(tmp_path)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.torch, "save", ctrl_c)  # trainable.safetensors is written, state.pt is not
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, step=3, model=nn.Linear(3, 2), state={"best_value": None})
+    monkeypatch.undo()
+    assert (tmp_path / f".tmp-step-00000003-{os.getpid()}" / "trainable.safetensors").is_file()
+    assert latest_readable_checkpoint(tmp_path).name == "step-00000002"
+    assert load_checkpoint(older, nn.Linear(3, 2))["step"] == 1
+
+
 def test_leftovers_of_interrupted_writes_are_removed(tmp_path):
     (tmp_path / ".tmp-best-123").mkdir()
     (tmp_path / ".tmp-best-123" / "adapter_model.safetensors").write_bytes(b"half")
