@@ -135,7 +135,9 @@ class Mamba2Mixer(nn.Module):
         # 2. causal conv + silu over the whole xBC
         xBC = xBC.transpose(1, 2)  # [B, D+2GN, L]
         if step:
-            xBC = ops.causal_conv1d_update(xBC[:, :, 0], cache.conv_state, weight, bias, activation="silu")[:, :, None]
+            xBC = ops.causal_conv1d_update(
+                xBC[:, :, 0], cache.conv_state, weight, bias, activation="silu", backend=self.backend
+            )[:, :, None]
         else:
             conv0 = st.conv0 if fresh else cache.conv_state
             if fresh and conv0 is not None and attention_mask is not None:
@@ -159,7 +161,8 @@ class Mamba2Mixer(nn.Module):
         Bt = Bt.reshape(batch, seqlen, g, n)
         Ct = Ct.reshape(batch, seqlen, g, n)
         A = -torch.exp(self.A_log.float())  # [H]
-        Dskip = self.D.float()
+        # the decode step reads D in its own dtype (in fp32, in the kernel): no cast per step
+        Dskip = self.D if step else self.D.float()
         if Dskip.shape[0] != h:
             Dskip = Dskip.view(h, p)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from .conv import causal_conv1d_update, check_causal_conv1d_args
+from .conv import check_causal_conv1d_args
 from .cross_entropy import check_cross_entropy_args
 from .norm import check_rms_norm_args
 from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
@@ -36,6 +36,11 @@ _IMPLS: dict[str, dict[str, str]] = {
         "ref": "ssmtune.ops.conv:causal_conv1d_torch",
         "torch": "ssmtune.ops.conv:causal_conv1d_torch",
         "triton": "ssmtune.ops.conv_fused:causal_conv1d_triton",
+    },
+    "causal_conv1d_update": {
+        "ref": "ssmtune.ops.conv:causal_conv1d_update",
+        "torch": "ssmtune.ops.conv:causal_conv1d_update",
+        "triton": "ssmtune.ops.conv_fused:causal_conv1d_update_triton",
     },
     "cross_entropy": {
         "ref": "ssmtune.ops.cross_entropy:cross_entropy_torch",
@@ -169,6 +174,29 @@ def causal_conv1d(
                            activation=activation)  # fmt: skip
     return fn(x, weight, bias, initial_state=initial_state, activation=activation,
               return_final_state=return_final_state, channels_last=channels_last)  # fmt: skip
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One decode step of ``causal_conv1d``: x [B, C]; conv_state [B, C, K-1] (the last K-1 inputs) is rolled in
+    place; returns y [B, C] in x's dtype. weight [C, K]; bias [C]; activation None or ``"silu"``."""
+    op = "causal_conv1d_update"
+    _check("x", x, [(None, None)], op)
+    b, c = x.shape
+    _check("weight", weight, [(c, None)], op)
+    _check("conv_state", conv_state, [(b, c, weight.shape[1] - 1)], op)
+    _check("bias", bias, [(c,)], op)
+    if activation not in (None, "silu"):
+        raise ValueError(f"{op}: activation must be None or 'silu', got {activation!r}")
+    fn = resolve(op, backend, x.device)
+    return fn(x, conv_state, weight, bias, activation)
 
 
 def _row0(t: torch.Tensor | None) -> torch.Tensor | None:
