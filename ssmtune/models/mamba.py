@@ -153,16 +153,17 @@ class MambaMixer(nn.Module):
         # GEMM (addmm) instead of a separate pass over the [B, L, D] output. A decode step passes the [B, R] slice
         # itself: a 2-D input with unit column stride goes to addmm as it is, without the copy
         delta = self.dt_proj(dt[:, 0])[:, None] if step else self.dt_proj(dt.contiguous())  # [B, L, D]
-        A = -torch.exp(self.A_log.float())  # [D, N]
 
         # 5-8. scan (offsets before the gate), gate by silu(z)
         if step:
-            # D in its own dtype and B_t, C_t, z as strided slices: the step reads them in fp32 in place (no copies)
+            # A_log, D in their own dtype and B_t, C_t, z as strided slices: the step's kernel reads them in place and
+            # computes A = -exp(A_log) itself (no copies, casts or A kernels per step)
             y = ops.selective_state_update(
-                cache.ssm_state, x[:, 0], delta[:, 0], A, Bt[:, 0], Ct[:, 0], self.D, z[:, 0], None, True,
-                state_offset=st.h_off, y_offset=st.y_off, backend=self.backend,
+                cache.ssm_state, x[:, 0], delta[:, 0], self.A_log, Bt[:, 0], Ct[:, 0], self.D, z[:, 0], None, True,
+                state_offset=st.h_off, y_offset=st.y_off, A_is_log=True, backend=self.backend,
             )[:, None]  # fmt: skip
         else:
+            A = -torch.exp(self.A_log.float())  # [D, N]
             Dskip = self.D.float()
             h0 = st.h0 if fresh else cache.ssm_state
             out = ops.selective_scan(

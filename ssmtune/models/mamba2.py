@@ -160,8 +160,9 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(batch, seqlen, h, p)
         Bt = Bt.reshape(batch, seqlen, g, n)
         Ct = Ct.reshape(batch, seqlen, g, n)
-        A = -torch.exp(self.A_log.float())  # [H]
-        # the decode step reads D in its own dtype (in fp32, in the kernel): no cast per step
+        # the decode step reads A_log and D in their own dtype and computes A = -exp(A_log) in its kernel: no casts or
+        # A kernels per step
+        A = self.A_log if step else -torch.exp(self.A_log.float())  # [H]
         Dskip = self.D if step else self.D.float()
         if Dskip.shape[0] != h:
             Dskip = Dskip.view(h, p)
@@ -171,7 +172,7 @@ class Mamba2Mixer(nn.Module):
         if step:
             y = ops.ssd_state_update(
                 cache.ssm_state, x[:, 0], dt[:, 0], A, Bt[:, 0], Ct[:, 0], Dskip, None, dt_bias, softplus,
-                state_offset=st.h_off, y_offset=st.y_off, backend=self.backend,
+                state_offset=st.h_off, y_offset=st.y_off, A_is_log=True, backend=self.backend,
             )[:, None]  # fmt: skip
         else:
             h0 = st.h0 if fresh else cache.ssm_state

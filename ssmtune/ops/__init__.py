@@ -230,6 +230,7 @@ def rms_norm(
     z: torch.Tensor | None = None,
     eps: float = 1e-5,
     group_size: int | None = None,
+    input_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """RMSNorm of x (gated by silu(z) first when z is given) per group of ``group_size`` channels (``norm.py``).
@@ -239,13 +240,15 @@ def rms_norm(
         weight (torch.Tensor): shape [H]
         z (torch.Tensor | None): x's shape; the gate of Mamba-2's ``RMSNormGated``
         group_size (int | None): divides H; None: one group (plain RMSNorm)
+        input_dtype (torch.dtype | None): normalise ``x.to(input_dtype)`` (the Triton path casts inside its kernel when
+            no gradient is needed: one kernel less, e.g. the fp32 residual stream into a bf16 model's norm)
     Returns:
-        x's shape, in the promoted dtype of weight and x.
+        x's shape, in the promoted dtype of weight and x (x's after the cast).
     """
     check_rms_norm_args(x, weight, z, group_size)
     _check_float("rms_norm", x=x, weight=weight, z=z)
     fn = resolve("rms_norm", backend, x.device)
-    return fn(x, weight, z=z, eps=eps, group_size=group_size)
+    return fn(x, weight, z=z, eps=eps, group_size=group_size, input_dtype=input_dtype)
 
 
 def selective_scan(
@@ -329,11 +332,14 @@ def selective_state_update(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    A_is_log: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One Mamba-1 decode step; ``state`` [B, D, N] (fp32) is updated in place, y [B, D] is returned.
 
     x, dt, z [B, D]; A [D, N]; B, C [B, N]; D, dt_bias [D]; state_offset [D, N] or [B, D, N]; y_offset [D] or [B, D].
+    ``A_is_log``: A holds the mixers' A_log and the step uses -exp(A_log) in fp32 (computed inside the step's kernel,
+    not as separate kernels per step).
     """
     op = "selective_state_update"
     _check("x", x, [(None, None)], op)
@@ -348,7 +354,8 @@ def selective_state_update(
     _check("state_offset", state_offset, [(d, n), (b, d, n)], op)
     _check("y_offset", y_offset, [(d,), (b, d)], op)
     fn = resolve(op, backend, x.device)
-    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_offset=state_offset, y_offset=y_offset)
+    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_offset=state_offset, y_offset=y_offset,
+              A_is_log=A_is_log)  # fmt: skip
 
 
 def ssd_scan(
@@ -446,11 +453,13 @@ def ssd_state_update(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    A_is_log: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One Mamba-2 decode step; ``state`` [B, H, P, N] (fp32) is updated in place, y [B, H, P] is returned.
 
-    x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H].
+    x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H]. ``A_is_log``: A holds A_log (see
+    ``selective_state_update``).
     """
     op = "ssd_state_update"
     _check("x", x, [(None, None, None)], op)
@@ -467,7 +476,8 @@ def ssd_state_update(
     _check("state_offset", state_offset, [(h, p, n), (b, h, p, n)], op)
     _check("y_offset", y_offset, [(h, p), (b, h, p)], op)
     fn = resolve(op, backend, x.device)
-    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_offset=state_offset, y_offset=y_offset)
+    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_offset=state_offset, y_offset=y_offset,
+              A_is_log=A_is_log)  # fmt: skip
 
 
 __all__ = [

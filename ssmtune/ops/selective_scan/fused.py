@@ -542,6 +542,7 @@ def selective_state_update_fwd_kernel(
     HAS_DT_BIAS: tl.constexpr,
     USE_STATE_OFFSET: tl.constexpr,
     USE_Y_OFFSET: tl.constexpr,
+    A_IS_LOG: tl.constexpr,
 ):
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     i_b = i_b.to(tl.int64)
@@ -561,6 +562,8 @@ def selective_state_update_fwd_kernel(
     if DT_SOFTPLUS:
         b_dt = _softplus(b_dt)
     b_A = tl.load(A + o_dn, mask=m_dn, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        b_A = -tl.exp(b_A)
     b_B = tl.load(B + i_b * stride_B_b + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
     b_C = tl.load(C + i_b * stride_C_b + o_n, mask=m_n, other=0.0).to(tl.float32)
     b_s = tl.exp(b_dt[:, None] * b_A) * b_s + (b_dt * b_x)[:, None] * b_B[None, :]
@@ -886,6 +889,7 @@ def selective_state_update_triton(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decode step (Triton); ``state`` is updated in place with the un-offset state. No autograd.
 
@@ -901,6 +905,7 @@ def selective_state_update_triton(
         dt_bias (torch.Tensor | None): shape [D]
         state_offset (torch.Tensor | None): h', shape [D, N] or [B, D, N]
         y_offset (torch.Tensor | None): y', shape [D] or [B, D]
+        A_is_log (bool): A holds A_log; the kernel uses A = -exp(A_log)
     Returns:
         y [B, D] in x's dtype.
     """
@@ -920,6 +925,6 @@ def selective_state_update_triton(
         state, x, dt, A, B, C, D, z, dt_bias, state_offset, y_offset, y,
         x.stride(0), dt.stride(0), B.stride(0), C.stride(0), 0 if z is None else z.stride(0),
         _batch_stride(state_offset, 3), _batch_stride(y_offset, 2),
-        DIM=dim, N=dstate, DT_SOFTPLUS=dt_softplus, BLOCK_D=block_d, BLOCK_N=block_n,
+        DIM=dim, N=dstate, DT_SOFTPLUS=dt_softplus, BLOCK_D=block_d, BLOCK_N=block_n, A_IS_LOG=A_is_log,
     )  # fmt: skip
     return y

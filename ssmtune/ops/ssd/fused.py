@@ -648,6 +648,7 @@ def ssd_state_update_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     USE_STATE_OFFSET: tl.constexpr,
     USE_Y_OFFSET: tl.constexpr,
+    A_IS_LOG: tl.constexpr,
 ):
     i_p, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -662,7 +663,10 @@ def ssd_state_update_fwd_kernel(
         b_dt += tl.load(dt_bias + i_h + 0 * o_p).to(tl.float32)
     if SOFTPLUS:
         b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
-    b_dA = tl.exp(b_dt * tl.load(A + i_h + 0 * o_p).to(tl.float32))
+    b_A = tl.load(A + i_h + 0 * o_p).to(tl.float32)
+    if A_IS_LOG:
+        b_A = -tl.exp(b_A)
+    b_dA = tl.exp(b_dt * b_A)
     b_x = tl.load(x + i_b * s_xb + i_h * s_xh + o_p, mask=m_p, other=0.0).to(tl.float32)
     b_B = tl.load(Bm + i_b * s_Bb + i_g * s_Bg + o_n, mask=m_n, other=0.0).to(tl.float32)
     b_C = tl.load(Cm + i_b * s_Cb + i_g * s_Cg + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -957,11 +961,13 @@ def ssd_state_update_triton(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decode step (Triton). ``state`` [B, H, P, N] is updated in place (un-offset); returns y [B, H, P].
 
     x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H];
-    state_offset [H, P, N] or [B, H, P, N]; y_offset [H, P] or [B, H, P]. Not differentiable.
+    state_offset [H, P, N] or [B, H, P, N]; y_offset [H, P] or [B, H, P]; ``A_is_log``: A holds A_log, the kernel uses
+    A = -exp(A_log). Not differentiable.
     """
     if not state.is_contiguous():
         raise ValueError(
@@ -980,6 +986,7 @@ def ssd_state_update_triton(
         state, x, dt, A, B, C, D, z, dt_bias, h_off, y_off, y, *x.stride()[:2], *dt.stride(), *B.stride()[:2],
         *C.stride()[:2], *zs, _batch_stride(h_off, 4), _batch_stride(y_off, 3),
         H=H, G=G, P=P, N=N, BP=BP, BN=_pow2(N), SOFTPLUS=dt_softplus, D_HAS_HDIM=D is not None and D.dim() == 2,
+        A_IS_LOG=A_is_log,
     )  # fmt: skip
     return y
 
