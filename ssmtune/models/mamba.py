@@ -147,7 +147,9 @@ class MambaMixer(nn.Module):
         x = mask_padding(x.transpose(1, 2), attention_mask)  # [B, L, D]
 
         # 3-4. δ, B_t, C_t = x_proj(x); Δ before softplus = dt_proj(δ) (holds b_dt)
-        x_dbl = self.x_proj(x)  # [B, L, R+2N]
+        # a decode step's x is a [B, 1, D] view of the conv's [B, D] output, which F.linear runs as a broadcast bmm: the
+        # 2-D x goes to one plain GEMM (mm)
+        x_dbl = self.x_proj(x[:, 0])[:, None] if step else self.x_proj(x)  # [B, L, R+2N]
         dt, Bt, Ct = torch.split(x_dbl, [x_dbl.shape[-1] - 2 * N, N, N], dim=-1)
         # dt is a strided slice of x_dbl: made contiguous (R columns, a small copy), F.linear adds the bias inside the
         # GEMM (addmm) instead of a separate pass over the [B, L, D] output. A decode step passes the [B, R] slice

@@ -38,7 +38,7 @@ NO_KERNEL = {"empty", "empty_like", "empty_strided", "_unsafe_view", "promote_ty
 #   rms_norm            the pre-norm (Triton), the fp32 residual stream cast to bf16 in its load
 #   mm                  in_proj
 #   causal_conv1d_update  conv window roll + depthwise conv + bias + SiLU (Triton)
-#   [Mamba-1: bmm x_proj; addmm dt_proj, its bias inside the GEMM, on the strided dt slice]
+#   [Mamba-1: mm x_proj; addmm dt_proj, its bias inside the GEMM, on the strided dt slice]
 #   state update        A = -exp(A_log), dt softplus, dA, dBx, state, C·(h + h'), D skip, [Mamba-1: z gate] (Triton);
 #                       B_t, C_t, z, x and dt are read in place from their projections (no copies), A_log and D in
 #                       their own dtype
@@ -47,7 +47,7 @@ NO_KERNEL = {"empty", "empty_like", "empty_strided", "_unsafe_view", "promote_ty
 #   add                 the residual
 EXPECTED = {
     "m1": {
-        "rms_norm_fwd_kernel": 1, "mm": 2, "causal_conv1d_update_kernel": 1, "bmm": 1, "addmm": 1,
+        "rms_norm_fwd_kernel": 1, "mm": 3, "causal_conv1d_update_kernel": 1, "addmm": 1,
         "selective_state_update_fwd_kernel": 1, "add": 1,
     },
     "m2": {
