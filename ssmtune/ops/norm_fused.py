@@ -175,16 +175,15 @@ def rms_norm_triton(
     group_size: int | None = None, input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """``rms_norm`` on the Triton kernels; arguments validated by ``ssmtune.ops.rms_norm``."""
-    if input_dtype is not None and input_dtype != x.dtype:
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, z))
-        if not grad and input_dtype in _TL_DTYPES and z is None and x.numel():
-            # the cast x.to(input_dtype) in the kernel's load (a decode step saves a kernel per norm); with autograd
-            # the cast stays a torch op, whose backward rounds the gradient as before
-            return RMSNormFunction.apply(x, weight, None, eps, x.shape[-1] if group_size is None else group_size,
-                                         input_dtype)  # fmt: skip
-        x = x.to(input_dtype)
     group_size = x.shape[-1] if group_size is None else group_size
     if x.shape[-1] // group_size > MAX_GROUPS or x.numel() == 0:
         # more groups than the kernel unrolls, or nothing to launch: the torch path
-        return rms_norm_torch(x, weight, z=z, eps=eps, group_size=group_size)
-    return RMSNormFunction.apply(x, weight, z, eps, group_size)
+        return rms_norm_torch(x, weight, z=z, eps=eps, group_size=group_size, input_dtype=input_dtype)
+    if input_dtype is None or input_dtype == x.dtype:
+        return RMSNormFunction.apply(x, weight, z, eps, group_size)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, z))
+    if grad or input_dtype not in _TL_DTYPES:
+        # with autograd the cast stays a torch op, whose backward rounds the gradient as before
+        return RMSNormFunction.apply(x.to(input_dtype), weight, z, eps, group_size)
+    # the cast x.to(input_dtype) in the kernel's load: a decode step saves a kernel per norm
+    return RMSNormFunction.apply(x, weight, z, eps, group_size, input_dtype)
