@@ -134,7 +134,10 @@ class HostedGDNMixer(nn.Module):
         step = not fresh and seqlen == 1
         qkv = qkv.transpose(1, 2)  # [B, C, L]
         if step:
-            qkv = ops.causal_conv1d_update(qkv[:, :, 0], cache.conv_state, weight, bias, activation="silu")[..., None]
+            qkv = ops.causal_conv1d_update(
+                qkv[:, :, 0], cache.conv_state, weight, bias, activation="silu",
+                backend=self.backend if self.backend != "fla" else "auto",
+            )[..., None]  # fmt: skip
         else:
             conv0 = st.conv0 if fresh else cache.conv_state
             if fresh and conv0 is not None and attention_mask is not None:

@@ -32,8 +32,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.backend: str = "auto"  # ssmtune.ops.rms_norm's: the fused Triton kernels on CUDA
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, eps=self.eps, backend=self.backend)
+    def forward(self, x: torch.Tensor, input_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``input_dtype``: normalise ``x.to(input_dtype)`` (``ops.rms_norm``: the cast inside the kernel)."""
+        return ops.rms_norm(x, self.weight, eps=self.eps, input_dtype=input_dtype, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -62,7 +63,7 @@ class Block(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
     ):
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
-        normed = self.norm(hidden_states.to(self.norm.weight.dtype))
+        normed = self.norm(hidden_states, input_dtype=self.norm.weight.dtype)
         packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         return residual + self.mixer(normed, cache, attention_mask=attention_mask, **packed)
 

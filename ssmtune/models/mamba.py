@@ -129,7 +129,9 @@ class MambaMixer(nn.Module):
 
         # 2. x = silu(conv(x)), from the cached window, the hook's conv0, or zero padding
         if step:
-            x = ops.causal_conv1d_update(x[:, :, 0], cache.conv_state, weight, bias, activation="silu")[:, :, None]
+            x = ops.causal_conv1d_update(
+                x[:, :, 0], cache.conv_state, weight, bias, activation="silu", backend=self.backend
+            )[:, :, None]
         else:
             conv0 = st.conv0 if fresh else cache.conv_state
             # Without gradients y is written as [B, D, L] rows, what the scan reads. With them, on CUDA, it is written
@@ -145,21 +147,26 @@ class MambaMixer(nn.Module):
         x = mask_padding(x.transpose(1, 2), attention_mask)  # [B, L, D]
 
         # 3-4. δ, B_t, C_t = x_proj(x); Δ before softplus = dt_proj(δ) (holds b_dt)
-        x_dbl = self.x_proj(x)  # [B, L, R+2N]
+        # a decode step's x is a [B, 1, D] view of the conv's [B, D] output, which F.linear runs as a broadcast bmm: the
+        # 2-D x goes to one plain GEMM (mm)
+        x_dbl = self.x_proj(x[:, 0])[:, None] if step else self.x_proj(x)  # [B, L, R+2N]
         dt, Bt, Ct = torch.split(x_dbl, [x_dbl.shape[-1] - 2 * N, N, N], dim=-1)
         # dt is a strided slice of x_dbl: made contiguous (R columns, a small copy), F.linear adds the bias inside the
-        # GEMM (addmm) instead of a separate pass over the [B, L, D] output
-        delta = self.dt_proj(dt.contiguous())  # [B, L, D]
-        A = -torch.exp(self.A_log.float())  # [D, N]
-        Dskip = self.D.float()
+        # GEMM (addmm) instead of a separate pass over the [B, L, D] output. A decode step passes the [B, R] slice
+        # itself: a 2-D input with unit column stride goes to addmm as it is, without the copy
+        delta = self.dt_proj(dt[:, 0])[:, None] if step else self.dt_proj(dt.contiguous())  # [B, L, D]
 
         # 5-8. scan (offsets before the gate), gate by silu(z)
         if step:
+            # A_log, D in their own dtype and B_t, C_t, z as strided slices: the step's kernel reads them in place and
+            # computes A = -exp(A_log) itself (no copies, casts or A kernels per step)
             y = ops.selective_state_update(
-                cache.ssm_state, x[:, 0], delta[:, 0], A, Bt[:, 0], Ct[:, 0], Dskip, z[:, 0], None, True,
-                state_offset=st.h_off, y_offset=st.y_off, backend=self.backend,
+                cache.ssm_state, x[:, 0], delta[:, 0], self.A_log, Bt[:, 0], Ct[:, 0], self.D, z[:, 0], None, True,
+                state_offset=st.h_off, y_offset=st.y_off, A_is_log=True, backend=self.backend,
             )[:, None]  # fmt: skip
         else:
+            A = -torch.exp(self.A_log.float())  # [D, N]
+            Dskip = self.D.float()
             h0 = st.h0 if fresh else cache.ssm_state
             out = ops.selective_scan(
                 x.transpose(1, 2), delta.transpose(1, 2), A, Bt.transpose(1, 2), Ct.transpose(1, 2), Dskip,

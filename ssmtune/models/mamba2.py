@@ -135,7 +135,9 @@ class Mamba2Mixer(nn.Module):
         # 2. causal conv + silu over the whole xBC
         xBC = xBC.transpose(1, 2)  # [B, D+2GN, L]
         if step:
-            xBC = ops.causal_conv1d_update(xBC[:, :, 0], cache.conv_state, weight, bias, activation="silu")[:, :, None]
+            xBC = ops.causal_conv1d_update(
+                xBC[:, :, 0], cache.conv_state, weight, bias, activation="silu", backend=self.backend
+            )[:, :, None]
         else:
             conv0 = st.conv0 if fresh else cache.conv_state
             if fresh and conv0 is not None and attention_mask is not None:
@@ -158,8 +160,10 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(batch, seqlen, h, p)
         Bt = Bt.reshape(batch, seqlen, g, n)
         Ct = Ct.reshape(batch, seqlen, g, n)
-        A = -torch.exp(self.A_log.float())  # [H]
-        Dskip = self.D.float()
+        # the decode step reads A_log and D in their own dtype and computes A = -exp(A_log) in its kernel: no casts or
+        # A kernels per step
+        A = self.A_log if step else -torch.exp(self.A_log.float())  # [H]
+        Dskip = self.D if step else self.D.float()
         if Dskip.shape[0] != h:
             Dskip = Dskip.view(h, p)
 
@@ -168,7 +172,7 @@ class Mamba2Mixer(nn.Module):
         if step:
             y = ops.ssd_state_update(
                 cache.ssm_state, x[:, 0], dt[:, 0], A, Bt[:, 0], Ct[:, 0], Dskip, None, dt_bias, softplus,
-                state_offset=st.h_off, y_offset=st.y_off, backend=self.backend,
+                state_offset=st.h_off, y_offset=st.y_off, A_is_log=True, backend=self.backend,
             )[:, None]  # fmt: skip
         else:
             h0 = st.h0 if fresh else cache.ssm_state

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from .conv import causal_conv1d_update, check_causal_conv1d_args
+from .conv import check_causal_conv1d_args
 from .cross_entropy import check_cross_entropy_args
 from .norm import check_rms_norm_args
 from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
@@ -36,6 +36,11 @@ _IMPLS: dict[str, dict[str, str]] = {
         "ref": "ssmtune.ops.conv:causal_conv1d_torch",
         "torch": "ssmtune.ops.conv:causal_conv1d_torch",
         "triton": "ssmtune.ops.conv_fused:causal_conv1d_triton",
+    },
+    "causal_conv1d_update": {
+        "ref": "ssmtune.ops.conv:causal_conv1d_update",
+        "torch": "ssmtune.ops.conv:causal_conv1d_update",
+        "triton": "ssmtune.ops.conv_fused:causal_conv1d_update_triton",
     },
     "cross_entropy": {
         "ref": "ssmtune.ops.cross_entropy:cross_entropy_torch",
@@ -171,6 +176,29 @@ def causal_conv1d(
               return_final_state=return_final_state, channels_last=channels_last)  # fmt: skip
 
 
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One decode step of ``causal_conv1d``: x [B, C]; conv_state [B, C, K-1] (the last K-1 inputs) is rolled in
+    place; returns y [B, C] in x's dtype. weight [C, K]; bias [C]; activation None or ``"silu"``."""
+    op = "causal_conv1d_update"
+    _check("x", x, [(None, None)], op)
+    b, c = x.shape
+    _check("weight", weight, [(c, None)], op)
+    _check("conv_state", conv_state, [(b, c, weight.shape[1] - 1)], op)
+    _check("bias", bias, [(c,)], op)
+    if activation not in (None, "silu"):
+        raise ValueError(f"{op}: activation must be None or 'silu', got {activation!r}")
+    fn = resolve(op, backend, x.device)
+    return fn(x, conv_state, weight, bias, activation)
+
+
 def _row0(t: torch.Tensor | None) -> torch.Tensor | None:
     """A per-sequence tensor's first row (shape checks of packed calls, whose batch is one row)."""
     return t[:1] if t is not None and t.dim() >= 3 else t
@@ -202,6 +230,7 @@ def rms_norm(
     z: torch.Tensor | None = None,
     eps: float = 1e-5,
     group_size: int | None = None,
+    input_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """RMSNorm of x (gated by silu(z) first when z is given) per group of ``group_size`` channels (``norm.py``).
@@ -211,13 +240,15 @@ def rms_norm(
         weight (torch.Tensor): shape [H]
         z (torch.Tensor | None): x's shape; the gate of Mamba-2's ``RMSNormGated``
         group_size (int | None): divides H; None: one group (plain RMSNorm)
+        input_dtype (torch.dtype | None): normalise ``x.to(input_dtype)`` (the Triton path casts inside its kernel when
+            no gradient is needed: one kernel less, e.g. the fp32 residual stream into a bf16 model's norm)
     Returns:
-        x's shape, in the promoted dtype of weight and x.
+        x's shape, in the promoted dtype of weight and x (x's after the cast).
     """
     check_rms_norm_args(x, weight, z, group_size)
     _check_float("rms_norm", x=x, weight=weight, z=z)
     fn = resolve("rms_norm", backend, x.device)
-    return fn(x, weight, z=z, eps=eps, group_size=group_size)
+    return fn(x, weight, z=z, eps=eps, group_size=group_size, input_dtype=input_dtype)
 
 
 def selective_scan(
@@ -301,11 +332,14 @@ def selective_state_update(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    A_is_log: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One Mamba-1 decode step; ``state`` [B, D, N] (fp32) is updated in place, y [B, D] is returned.
 
     x, dt, z [B, D]; A [D, N]; B, C [B, N]; D, dt_bias [D]; state_offset [D, N] or [B, D, N]; y_offset [D] or [B, D].
+    ``A_is_log``: A holds the mixers' A_log and the step uses -exp(A_log) in fp32 (computed inside the step's kernel,
+    not as separate kernels per step).
     """
     op = "selective_state_update"
     _check("x", x, [(None, None)], op)
@@ -320,7 +354,8 @@ def selective_state_update(
     _check("state_offset", state_offset, [(d, n), (b, d, n)], op)
     _check("y_offset", y_offset, [(d,), (b, d)], op)
     fn = resolve(op, backend, x.device)
-    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_offset=state_offset, y_offset=y_offset)
+    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_offset=state_offset, y_offset=y_offset,
+              A_is_log=A_is_log)  # fmt: skip
 
 
 def ssd_scan(
@@ -418,11 +453,13 @@ def ssd_state_update(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    A_is_log: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One Mamba-2 decode step; ``state`` [B, H, P, N] (fp32) is updated in place, y [B, H, P] is returned.
 
-    x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H].
+    x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H]. ``A_is_log``: A holds A_log (see
+    ``selective_state_update``).
     """
     op = "ssd_state_update"
     _check("x", x, [(None, None, None)], op)
@@ -439,7 +476,8 @@ def ssd_state_update(
     _check("state_offset", state_offset, [(h, p, n), (b, h, p, n)], op)
     _check("y_offset", y_offset, [(h, p), (b, h, p)], op)
     fn = resolve(op, backend, x.device)
-    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_offset=state_offset, y_offset=y_offset)
+    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_offset=state_offset, y_offset=y_offset,
+              A_is_log=A_is_log)  # fmt: skip
 
 
 __all__ = [

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import layout
 from .conv import causal_conv1d_torch
 
 
@@ -119,6 +120,33 @@ def causal_conv1d_bwd_kernel(
         tl.store(dh0 + i_b * C * (K - 1) + o_c[None, :] * (K - 1) + (o_t + K - 1)[:, None], b_dx, mask=m0)
 
 
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias"] is not None})
+@triton.jit
+def causal_conv1d_update_kernel(
+    x, state, w, bias, y, sxb, ssb, ssc, swc, C,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    # one decode step: window = state ⧺ x_t ([BLOCK_C, BLOCK_K] tile, columns >= K unused), y = act(bias + Σ_k w[k] ·
+    # window[k]) in fp32, then the state becomes window[1:] (every load precedes the stores: in place is safe)
+    i_c, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_k = tl.arange(0, BLOCK_K)
+    m_c = o_c < C
+    p_s = state + i_b * ssb + o_c[:, None] * ssc + o_k[None, :]
+    b_win = tl.load(p_s, mask=m_c[:, None] & (o_k < K - 1)[None, :], other=0.0).to(tl.float32)
+    b_x = tl.load(x + i_b * sxb + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_win = tl.where((o_k == K - 1)[None, :], b_x[:, None], b_win)
+    b_w = tl.load(w + o_c[:, None] * swc + o_k[None, :], mask=m_c[:, None] & (o_k < K)[None, :], other=0.0)
+    acc = tl.sum(b_win * b_w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y + i_b * C + o_c, acc.to(y.dtype.element_ty), mask=m_c)
+    m_shift = m_c[:, None] & ((o_k >= 1) & (o_k < K))[None, :]
+    tl.store(p_s - 1, b_win.to(state.dtype.element_ty), mask=m_shift)
+
+
 def _blocks(channels_last: bool) -> tuple[int, int]:
     # channels contiguous: wide channel tiles for coalescing; [B, C, L] inputs: wide time tiles
     return (32, 64) if channels_last else (64, 32)
@@ -205,3 +233,29 @@ def causal_conv1d_triton(
         pad = x.new_zeros(channels, width - 1) if initial_state is None else initial_state.to(x.dtype)
         last = torch.cat([pad.expand(batch, channels, width - 1), x], dim=-1)[..., -(width - 1) :]
     return y, last
+
+
+def causal_conv1d_update_triton(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """``causal_conv1d_update`` in one kernel (the torch path runs six: cat, mul, sum, bias add, state copy, SiLU);
+    accumulation in fp32 as in ``causal_conv1d_triton``. No autograd."""
+    batch, channels = x.shape
+    width = weight.shape[1]
+    if conv_state.stride(-1) != 1:
+        raise ValueError(f"causal_conv1d_update: conv_state must have a unit last stride (it is updated in place), "
+                         f"got strides {conv_state.stride()}")  # fmt: skip
+    x = layout.unit_last(x)
+    weight = layout.unit_last(weight)
+    y = torch.empty(batch, channels, dtype=x.dtype, device=x.device)
+    block_c = min(256, triton.next_power_of_2(channels))
+    causal_conv1d_update_kernel[(triton.cdiv(channels, block_c), batch)](
+        x, conv_state, weight, bias, y, x.stride(0), conv_state.stride(0), conv_state.stride(1), weight.stride(0),
+        channels, K=width, BLOCK_K=triton.next_power_of_2(width), SILU=activation == "silu", BLOCK_C=block_c,
+        num_warps=4,
+    )  # fmt: skip
+    return y

@@ -95,3 +95,9 @@ def contiguous_rows(t: torch.Tensor) -> torch.Tensor:
     if _use_kernel(t):
         return transpose_last2(t.transpose(1, 2))
     return t.contiguous()
+
+
+def unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself when its last dim is dense (a kernel that takes the other strides reads it in place), else a
+    contiguous copy."""
+    return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()

@@ -26,9 +26,11 @@ def check_rms_norm_args(x, weight, z, group_size) -> None:
 
 def rms_norm_torch(
     x: torch.Tensor, weight: torch.Tensor, *, z: torch.Tensor | None = None, eps: float = 1e-5,
-    group_size: int | None = None,
+    group_size: int | None = None, input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The torch path of ``ssmtune.ops.rms_norm``."""
+    if input_dtype is not None:
+        x = x.to(input_dtype)
     dtype = x.dtype
     xf = x.float()
     if z is not None:

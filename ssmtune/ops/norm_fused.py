@@ -22,6 +22,7 @@ import triton.language as tl
 from .norm import rms_norm_torch
 
 MAX_GROUPS = 16
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -40,13 +41,15 @@ def _group_stat(v, o_n, GS: tl.constexpr, NG: tl.constexpr):
 def rms_norm_fwd_kernel(
     x, z, w, out, rstd, stride_x, stride_z, rows, H, eps,
     GS: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_Z: tl.constexpr,
+    IN_DTYPE: tl.constexpr,
 ):  # fmt: skip
+    # IN_DTYPE: the dtype x is normalised in (x's own, or narrower: the cast x.to(IN_DTYPE) fused into the load)
     i_r = tl.program_id(0)
     o_r = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
     m_r, m_n = o_r < rows, o_n < H
     m = m_r[:, None] & m_n[None, :]
-    b_x = tl.load(x + o_r[:, None] * stride_x + o_n[None, :], mask=m, other=0.0).to(tl.float32)
+    b_x = tl.load(x + o_r[:, None] * stride_x + o_n[None, :], mask=m, other=0.0).to(IN_DTYPE).to(tl.float32)
     if HAS_Z:
         b_z = tl.load(z + o_r[:, None] * stride_z + o_n[None, :], mask=m, other=0.0).to(tl.float32)
         b_x = b_x * b_z * tl.sigmoid(b_z)
@@ -54,7 +57,7 @@ def rms_norm_fwd_kernel(
     for g in tl.static_range(NG):
         # every column of a group holds its r: store the group's first column
         tl.store(rstd + o_r * NG + g, tl.sum(tl.where((o_n == g * GS)[None, :], b_r, 0.0), axis=1), mask=m_r)
-    b_n = (b_x * b_r).to(x.dtype.element_ty).to(tl.float32)
+    b_n = (b_x * b_r).to(IN_DTYPE).to(tl.float32)
     b_w = tl.load(w + o_n, mask=m_n, other=0.0).to(tl.float32)
     tl.store(out + o_r[:, None] * H + o_n[None, :], (b_w[None, :] * b_n).to(out.dtype.element_ty), mask=m)
 
@@ -118,20 +121,23 @@ def _warps(block_n: int) -> int:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, z, eps, group_size):
+    def forward(ctx, x, weight, z, eps, group_size, input_dtype=None):
+        # input_dtype (no autograd: the backward assumes x's own dtype): normalise x.to(input_dtype), cast in the kernel
+        in_dtype = x.dtype if input_dtype is None else input_dtype
         hidden = x.shape[-1]
         ng = hidden // group_size
         x2 = _rows(x)
         z2 = None if z is None else _rows(z)
         rows = x2.shape[0]
-        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+        out_dtype = torch.promote_types(weight.dtype, in_dtype)
         out = torch.empty(rows, hidden, dtype=out_dtype, device=x.device)
         rstd = torch.empty(rows, ng, dtype=torch.float32, device=x.device)
         block_n = triton.next_power_of_2(hidden)
         block_r = max(1, min(16, 4096 // block_n))
         rms_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
             x2, z2, weight, out, rstd, x2.stride(0), 0 if z2 is None else z2.stride(0), rows, hidden, eps,
-            GS=group_size, NG=ng, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=_warps(block_n * block_r),
+            GS=group_size, NG=ng, BLOCK_R=block_r, BLOCK_N=block_n, IN_DTYPE=_TL_DTYPES[in_dtype],
+            num_warps=_warps(block_n * block_r),
         )  # fmt: skip
         ctx.save_for_backward(x2, z2, weight, rstd)
         ctx.group_size, ctx.shape = group_size, x.shape
@@ -155,7 +161,7 @@ class RMSNormFunction(torch.autograd.Function):
         )  # fmt: skip
         d_w = dw.sum(0).to(weight.dtype) if need_w else None
         d_z = None if dz is None else dz.view(ctx.shape)
-        return dx.view(ctx.shape), d_w, d_z, None, None
+        return dx.view(ctx.shape), d_w, d_z, None, None, None
 
 
 def _sm_count(device: torch.device) -> int:
@@ -166,11 +172,18 @@ def _sm_count(device: torch.device) -> int:
 
 def rms_norm_triton(
     x: torch.Tensor, weight: torch.Tensor, *, z: torch.Tensor | None = None, eps: float = 1e-5,
-    group_size: int | None = None,
+    group_size: int | None = None, input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """``rms_norm`` on the Triton kernels; arguments validated by ``ssmtune.ops.rms_norm``."""
     group_size = x.shape[-1] if group_size is None else group_size
     if x.shape[-1] // group_size > MAX_GROUPS or x.numel() == 0:
         # more groups than the kernel unrolls, or nothing to launch: the torch path
-        return rms_norm_torch(x, weight, z=z, eps=eps, group_size=group_size)
-    return RMSNormFunction.apply(x, weight, z, eps, group_size)
+        return rms_norm_torch(x, weight, z=z, eps=eps, group_size=group_size, input_dtype=input_dtype)
+    if input_dtype is None or input_dtype == x.dtype:
+        return RMSNormFunction.apply(x, weight, z, eps, group_size)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, z))
+    if grad or input_dtype not in _TL_DTYPES:
+        # with autograd the cast stays a torch op, whose backward rounds the gradient as before
+        return RMSNormFunction.apply(x.to(input_dtype), weight, z, eps, group_size)
+    # the cast x.to(input_dtype) in the kernel's load: a decode step saves a kernel per norm
+    return RMSNormFunction.apply(x, weight, z, eps, group_size, input_dtype)

@@ -115,3 +115,34 @@ def test_conv_triton_empty_sequence_keeps_the_initial_state():
     y, last = ops.causal_conv1d(x, torch.randn(5, 4, device=DEVICE), initial_state=init, activation="silu",
                                 return_final_state=True, backend="triton")  # fmt: skip
     assert y.shape == (2, 5, 0) and torch.equal(last, init)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("width", "bias", "silu"), [(4, True, True), (2, False, False), (3, True, False)])
+def test_conv_update_triton_matches_torch(dtype, width, bias, silu):
+    """Decode steps on the Triton kernel (x a strided column slice, as the mixers pass it) against the torch update in
+    fp64: outputs, and the rolled state exactly (it holds inputs, no arithmetic)."""
+    b, c, steps = 3, 70, 5
+    xs = torch.randn(b, steps, 2 * c, device=DEVICE).to(dtype)[..., :c]  # [B, L, C] view of [B, L, 2C] memory
+    w = torch.randn(c, width, device=DEVICE)
+    bs = torch.randn(c, device=DEVICE) if bias else None
+    state = torch.randn(b, c, width - 1, device=DEVICE).to(dtype)
+    ref_state = state.double()
+    act = "silu" if silu else None
+    for t in range(steps):
+        y = ops.causal_conv1d_update(xs[:, t], state, w, bs, activation=act, backend="triton")
+        ry = ops.causal_conv1d_update(xs[:, t].double(), ref_state, w.double(), None if bs is None else bs.double(),
+                                      activation=act, backend="torch")  # fmt: skip
+        assert y.dtype == dtype and y.shape == (b, c)
+        assert_close(f"y[{t}]", ry, y.double(), RATIO[dtype])
+        assert torch.equal(state.double(), ref_state), f"state after step {t}"
+
+
+def test_conv_update_rejects_bad_arguments():
+    x, w = torch.randn(2, 5, device=DEVICE), torch.randn(5, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"conv_state must have shape \[2, 5, 3\], got \[2, 5, 4\]"):
+        ops.causal_conv1d_update(x, torch.zeros(2, 5, 4, device=DEVICE), w, backend="triton")
+    with pytest.raises(ValueError, match="unit last stride"):
+        ops.causal_conv1d_update(x, torch.zeros(2, 3, 5, device=DEVICE).transpose(1, 2), w, backend="triton")
+    with pytest.raises(ValueError, match="activation must be None or 'silu'"):
+        ops.causal_conv1d_update(x, torch.zeros(2, 5, 3, device=DEVICE), w, activation="relu")

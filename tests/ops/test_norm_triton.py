@@ -83,6 +83,29 @@ def test_frozen_weight_and_bad_group_size():
         ops.rms_norm(x, torch.ones(7))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_input_dtype_cast_in_the_kernel(dtype):
+    """``input_dtype``: an fp32 x (the residual stream) normalised as ``x.to(dtype)``, the cast in the kernel's load,
+    gives the bits of the cast-then-norm on CUDA (the interpreter rounds fp32 -> bf16 by truncation, torch to nearest:
+    one ulp here); with autograd the cast stays a torch op (the same gradient as before)."""
+    x = torch.randn(3, 2, 40, device=DEVICE) * 3
+    w = (1 + 0.1 * torch.randn(40, device=DEVICE)).to(dtype)
+    with torch.no_grad():
+        fused = ops.rms_norm(x, w, input_dtype=dtype, backend="triton")
+        cast = ops.rms_norm(x.to(dtype), w, backend="triton")
+        ref = ops.rms_norm(x, w, input_dtype=dtype, backend="torch")
+    assert fused.dtype == cast.dtype == ref.dtype == dtype
+    if DEVICE == "cuda":
+        assert torch.equal(fused, cast)
+    assert_close("out", cast.double(), fused.double(), RATIO[dtype])
+    assert_close("out", ref.double(), fused.double(), RATIO[dtype])
+    xg = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(ops.rms_norm(xg, w, input_dtype=dtype, backend="triton").float().sum(), [xg])
+    xc = x.clone().requires_grad_()
+    (dx_cast,) = torch.autograd.grad(ops.rms_norm(xc.to(dtype), w, backend="triton").float().sum(), [xc])
+    assert dx.dtype == torch.float32 and torch.equal(dx, dx_cast)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("hidden,groups", [(768, 1), (1536, 1), (4096, 8), (5120, 1)])

@@ -242,6 +242,27 @@ def test_state_update_matches_scan(dtype, per_batch):
     assert_close("state_vs_scan", h_scan, state, RATIO[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_state_update_from_A_log(dtype):
+    """``A_is_log``: the step computes A = -exp(A_log) itself (the mixers' decode step), from A_log in its own dtype."""
+    b, d, n = 2, 5, 3
+    ins = {k: v.detach() for k, v in make_inputs(b, d, 1, n, dtype, ALL, True).items()}
+    A_log = torch.randn(d, n, device=DEVICE).to(dtype)
+    step = {
+        "x": ins["u"][:, :, 0], "dt": ins["delta"][:, :, 0], "B": ins["B"][:, :, 0], "C": ins["C"][:, :, 0],
+        "D": ins["D"].to(dtype), "z": ins["z"][:, :, 0], "dt_bias": ins["delta_bias"], "dt_softplus": True,
+        "state_offset": ins["state_offset"], "y_offset": ins["y_offset"],
+    }  # fmt: skip
+    state = ins["initial_state"].clone()
+    state_ref, state_torch = state.clone(), state.clone()
+    y = selective_state_update(state, A=A_log, A_is_log=True, **step, backend="triton")
+    y_torch = selective_state_update(state_torch, A=A_log, A_is_log=True, **step, backend="torch")
+    y_ref = selective_state_update_ref(state_ref, A=-torch.exp(A_log.float()), **step)
+    assert torch.equal(y_torch, y_ref) and torch.equal(state_torch, state_ref)
+    assert_close("y", y_ref, y, RATIO[dtype])
+    assert_close("state", state_ref, state, RATIO[torch.float32])
+
+
 def test_rejects_large_state():
     ins = make_inputs(1, 2, 3, 257, torch.float32, frozenset(), False)
     with pytest.raises(ValueError, match="257"):

@@ -525,6 +525,11 @@ def selective_state_update_fwd_kernel(
     h_off,
     y_off,
     y,
+    stride_x_b,
+    stride_dt_b,
+    stride_B_b,
+    stride_C_b,
+    stride_z_b,
     stride_hoff_b,
     stride_yoff_b,
     DIM,
@@ -537,6 +542,7 @@ def selective_state_update_fwd_kernel(
     HAS_DT_BIAS: tl.constexpr,
     USE_STATE_OFFSET: tl.constexpr,
     USE_Y_OFFSET: tl.constexpr,
+    A_IS_LOG: tl.constexpr,
 ):
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     i_b = i_b.to(tl.int64)
@@ -549,15 +555,17 @@ def selective_state_update_fwd_kernel(
     p_s = state + i_b * DIM * N + o_dn
 
     b_s = tl.load(p_s, mask=m_dn, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_N]
-    b_x = tl.load(x + i_b * DIM + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
-    b_dt = tl.load(dt + i_b * DIM + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_x = tl.load(x + i_b * stride_x_b + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
+    b_dt = tl.load(dt + i_b * stride_dt_b + o_d, mask=m_d, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
         b_dt += tl.load(dt_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
     if DT_SOFTPLUS:
         b_dt = _softplus(b_dt)
     b_A = tl.load(A + o_dn, mask=m_dn, other=0.0).to(tl.float32)
-    b_B = tl.load(B + i_b * N + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
-    b_C = tl.load(C + i_b * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        b_A = -tl.exp(b_A)
+    b_B = tl.load(B + i_b * stride_B_b + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
+    b_C = tl.load(C + i_b * stride_C_b + o_n, mask=m_n, other=0.0).to(tl.float32)
     b_s = tl.exp(b_dt[:, None] * b_A) * b_s + (b_dt * b_x)[:, None] * b_B[None, :]
     tl.store(p_s, b_s.to(state.dtype.element_ty), mask=m_dn)
     # the cache keeps the un-offset state; h' only enters the read-out
@@ -569,7 +577,7 @@ def selective_state_update_fwd_kernel(
     if USE_Y_OFFSET:
         b_y += tl.load(y_off + i_b * stride_yoff_b + o_d, mask=m_d, other=0.0).to(tl.float32)
     if HAS_Z:
-        b_z = tl.load(z + i_b * DIM + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_z = tl.load(z + i_b * stride_z_b + o_d, mask=m_d, other=0.0).to(tl.float32)
         b_y = b_y * b_z * tl.sigmoid(b_z)
     tl.store(y + i_b * DIM + o_d, b_y.to(y.dtype.element_ty), mask=m_d)
 
@@ -881,6 +889,7 @@ def selective_state_update_triton(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decode step (Triton); ``state`` is updated in place with the un-offset state. No autograd.
 
@@ -896,6 +905,7 @@ def selective_state_update_triton(
         dt_bias (torch.Tensor | None): shape [D]
         state_offset (torch.Tensor | None): h', shape [D, N] or [B, D, N]
         y_offset (torch.Tensor | None): y', shape [D] or [B, D]
+        A_is_log (bool): A holds A_log; the kernel uses A = -exp(A_log)
     Returns:
         y [B, D] in x's dtype.
     """
@@ -903,16 +913,18 @@ def selective_state_update_triton(
         raise ValueError(f"selective_state_update_triton: state must be contiguous, got strides {state.stride()}")
     batch, dim = x.shape
     dstate = A.shape[1]
-    x, dt, A, B, C, D, z, dt_bias, state_offset, y_offset = [
-        _contig(t) for t in (x, dt, A, B, C, D, z, dt_bias, state_offset, y_offset)
-    ]
-    y = torch.empty_like(x)  # [B, D]
+    # the per-row inputs are read through their row stride: in a decode step they are column slices of the
+    # projections (B_t, C_t of x_proj's output, z of in_proj's), which a copy per step would cost a kernel each
+    x, dt, B, C, z = [layout.unit_last(t) for t in (x, dt, B, C, z)]
+    A, D, dt_bias, state_offset, y_offset = [_contig(t) for t in (A, D, dt_bias, state_offset, y_offset)]
+    y = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
     block_n = triton.next_power_of_2(dstate)
     block_d = min(triton.next_power_of_2(dim), max(1, 2048 // block_n))
     grid = (triton.cdiv(dim, block_d), batch)
     selective_state_update_fwd_kernel[grid](
         state, x, dt, A, B, C, D, z, dt_bias, state_offset, y_offset, y,
+        x.stride(0), dt.stride(0), B.stride(0), C.stride(0), 0 if z is None else z.stride(0),
         _batch_stride(state_offset, 3), _batch_stride(y_offset, 2),
-        DIM=dim, N=dstate, DT_SOFTPLUS=dt_softplus, BLOCK_D=block_d, BLOCK_N=block_n,
+        DIM=dim, N=dstate, DT_SOFTPLUS=dt_softplus, BLOCK_D=block_d, BLOCK_N=block_n, A_IS_LOG=A_is_log,
     )  # fmt: skip
     return y

@@ -93,10 +93,12 @@ def selective_state_update_ref(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decode step. ``state`` [B, D, N] is updated in place (un-offset); returns y [B, D] in x's dtype.
 
     x, dt, z [B, D]; A [D, N]; B, C [B, N]; D, dt_bias [D]; state_offset [D, N] or [B, D, N]; y_offset [D] or [B, D].
+    ``A_is_log``: A holds A_log, A = -exp(A_log).
     """
     out_dtype = x.dtype
     batch = x.shape[0]
@@ -105,7 +107,8 @@ def selective_state_update_ref(
         dt = dt + dt_bias.float()
     if dt_softplus:
         dt = F.softplus(dt)
-    dA = torch.exp(dt.unsqueeze(-1) * A.float())  # [B, D, N]
+    A = -torch.exp(A.float()) if A_is_log else A.float()
+    dA = torch.exp(dt.unsqueeze(-1) * A)  # [B, D, N]
     dBx = dt.unsqueeze(-1) * B.float().unsqueeze(1) * xf.unsqueeze(-1)  # [B, D, N]
     new_state = dA * state.float() + dBx
     state.copy_(new_state)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmtune.ops import layout
 from ssmtune.ops.ssd import SSD_MIN_HEADDIM_CUDA
 
 _MIN_BLOCK = 16
@@ -622,6 +623,16 @@ def ssd_state_update_fwd_kernel(
     h_off,
     y_off,
     y,
+    s_xb,
+    s_xh,
+    s_dtb,
+    s_dth,
+    s_Bb,
+    s_Bg,
+    s_Cb,
+    s_Cg,
+    s_zb,
+    s_zh,
     s_hob,
     s_yob,
     H: tl.constexpr,
@@ -637,6 +648,7 @@ def ssd_state_update_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     USE_STATE_OFFSET: tl.constexpr,
     USE_Y_OFFSET: tl.constexpr,
+    A_IS_LOG: tl.constexpr,
 ):
     i_p, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -646,15 +658,18 @@ def ssd_state_update_fwd_kernel(
     m_p, m_n = o_p < P, o_n < N
     m_pn = m_p[:, None] & m_n[None, :]
     o_pn = o_p[:, None] * N + o_n[None, :]
-    b_dt = tl.load(dt + i_bh + 0 * o_p).to(tl.float32)  # [BP], one value
+    b_dt = tl.load(dt + i_b * s_dtb + i_h * s_dth + 0 * o_p).to(tl.float32)  # [BP], one value
     if HAS_BIAS:
         b_dt += tl.load(dt_bias + i_h + 0 * o_p).to(tl.float32)
     if SOFTPLUS:
         b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
-    b_dA = tl.exp(b_dt * tl.load(A + i_h + 0 * o_p).to(tl.float32))
-    b_x = tl.load(x + i_bh * P + o_p, mask=m_p, other=0.0).to(tl.float32)
-    b_B = tl.load(Bm + (i_b * G + i_g) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_C = tl.load(Cm + (i_b * G + i_g) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_A = tl.load(A + i_h + 0 * o_p).to(tl.float32)
+    if A_IS_LOG:
+        b_A = -tl.exp(b_A)
+    b_dA = tl.exp(b_dt * b_A)
+    b_x = tl.load(x + i_b * s_xb + i_h * s_xh + o_p, mask=m_p, other=0.0).to(tl.float32)
+    b_B = tl.load(Bm + i_b * s_Bb + i_g * s_Bg + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_C = tl.load(Cm + i_b * s_Cb + i_g * s_Cg + o_n, mask=m_n, other=0.0).to(tl.float32)
     p_s = state + i_bh * P * N + o_pn
     b_s = tl.load(p_s, mask=m_pn, other=0.0).to(tl.float32)
     b_s = b_s * b_dA[:, None] + (b_dt * b_x)[:, None] * b_B[None, :]
@@ -671,7 +686,7 @@ def ssd_state_update_fwd_kernel(
     if USE_Y_OFFSET:
         b_y += tl.load(y_off + i_b * s_yob + i_h * P + o_p, mask=m_p, other=0.0).to(tl.float32)
     if HAS_Z:
-        b_z = tl.load(z + i_bh * P + o_p, mask=m_p, other=0.0).to(tl.float32)
+        b_z = tl.load(z + i_b * s_zb + i_h * s_zh + o_p, mask=m_p, other=0.0).to(tl.float32)
         b_y = b_y * b_z * tl.sigmoid(b_z)
     tl.store(y + i_bh * P + o_p, b_y.to(y.dtype.element_ty), mask=m_p)
 
@@ -946,11 +961,13 @@ def ssd_state_update_triton(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decode step (Triton). ``state`` [B, H, P, N] is updated in place (un-offset); returns y [B, H, P].
 
     x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H];
-    state_offset [H, P, N] or [B, H, P, N]; y_offset [H, P] or [B, H, P]. Not differentiable.
+    state_offset [H, P, N] or [B, H, P, N]; y_offset [H, P] or [B, H, P]; ``A_is_log``: A holds A_log, the kernel uses
+    A = -exp(A_log). Not differentiable.
     """
     if not state.is_contiguous():
         raise ValueError(
@@ -958,12 +975,18 @@ def ssd_state_update_triton(
         )
     batch, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
-    x, dt, A, B, C, D, z, dt_bias, h_off, y_off = map(_contig, (x, dt, A, B, C, D, z, dt_bias, state_offset, y_offset))
-    y = torch.empty_like(x)
+    # the per-row inputs are read through their strides: in a decode step x, B_t, C_t are column slices of the conv
+    # output and dt one of in_proj's, which a copy per step would cost a kernel each
+    x, dt, B, C, z = (layout.unit_last(t) for t in (x, dt, B, C, z))
+    A, D, dt_bias, h_off, y_off = map(_contig, (A, D, dt_bias, state_offset, y_offset))
+    y = torch.empty(batch, H, P, dtype=x.dtype, device=x.device)
     BP = min(64, _pow2(P))
+    zs = (0, 0) if z is None else z.stride()[:2]
     ssd_state_update_fwd_kernel[(triton.cdiv(P, BP), batch * H)](
-        state, x, dt, A, B, C, D, z, dt_bias, h_off, y_off, y, _batch_stride(h_off, 4), _batch_stride(y_off, 3),
+        state, x, dt, A, B, C, D, z, dt_bias, h_off, y_off, y, *x.stride()[:2], *dt.stride(), *B.stride()[:2],
+        *C.stride()[:2], *zs, _batch_stride(h_off, 4), _batch_stride(y_off, 3),
         H=H, G=G, P=P, N=N, BP=BP, BN=_pow2(N), SOFTPLUS=dt_softplus, D_HAS_HDIM=D is not None and D.dim() == 2,
+        A_IS_LOG=A_is_log,
     )  # fmt: skip
     return y
 

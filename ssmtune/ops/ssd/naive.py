@@ -99,10 +99,12 @@ def ssd_state_update_ref(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decode step. ``state`` [B, H, P, N] is updated in place (un-offset); returns y [B, H, P] in x's dtype.
 
     x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H].
+    ``A_is_log``: A holds A_log, A = -exp(A_log).
     """
     out_dtype = x.dtype
     batch, nheads, _ = x.shape
@@ -113,7 +115,8 @@ def ssd_state_update_ref(
         dt = F.softplus(dt)
     Bh = _expand_groups(B.float(), nheads, 1)  # [B, H, N]
     Ch = _expand_groups(C.float(), nheads, 1)  # [B, H, N]
-    dA = torch.exp(dt * A.float())  # [B, H]
+    A = -torch.exp(A.float()) if A_is_log else A.float()
+    dA = torch.exp(dt * A)  # [B, H]
     new_state = dA[:, :, None, None] * state.float() + (dt.unsqueeze(-1) * xf).unsqueeze(-1) * Bh.unsqueeze(2)
     state.copy_(new_state)
     h = new_state

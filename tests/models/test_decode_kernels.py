@@ -1,0 +1,158 @@
+"""The kernels of one decode step, per layer, on the path CUDA takes (the Triton backend; here under the interpreter).
+
+Inside a captured CUDA graph the host is gone and a decode step of a small model costs what its kernels cost: a few
+microseconds each even when tiny. These tests count the step's ops that are kernels on CUDA (aten ops other than
+views and allocations, and Triton launches) for one layer of a bf16 Mamba-1 and Mamba-2 with a State-offset (h)
+adapter, so that a change that adds a kernel to the step fails here; and check the Triton step against the torch one.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
+pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction
+
+from ssmtune import StateOffsetConfig, get_peft_model
+from ssmtune.models.cache import InferenceCache
+from ssmtune.models.decode import GraphedDecoder
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "methods"))
+from _peft_cases import VOCAB, perturb, tiny_model
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts Triton launches of the CPU interpreter")
+
+# aten ops that launch nothing: allocations, and metadata ops that the view check (OpOverload.is_view) misses
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "_unsafe_view", "promote_types", "lift_fresh", "detach", "alias"}
+
+# One layer's step (bf16, the residual stream in fp32):
+#   rms_norm            the pre-norm (Triton), the fp32 residual stream cast to bf16 in its load
+#   mm                  in_proj
+#   causal_conv1d_update  conv window roll + depthwise conv + bias + SiLU (Triton)
+#   [Mamba-1: mm x_proj; addmm dt_proj, its bias inside the GEMM, on the strided dt slice]
+#   state update        A = -exp(A_log), dt softplus, dA, dBx, state, C·(h + h'), D skip, [Mamba-1: z gate] (Triton);
+#                       B_t, C_t, z, x and dt are read in place from their projections (no copies), A_log and D in
+#                       their own dtype
+#   [Mamba-2: rms_norm  the gated group norm (Triton)]
+#   mm                  out_proj
+#   add                 the residual
+EXPECTED = {
+    "m1": {
+        "rms_norm_fwd_kernel": 1, "mm": 3, "causal_conv1d_update_kernel": 1, "addmm": 1,
+        "selective_state_update_fwd_kernel": 1, "add": 1,
+    },
+    "m2": {
+        "rms_norm_fwd_kernel": 2, "mm": 2, "causal_conv1d_update_kernel": 1,
+        "ssd_state_update_fwd_kernel": 1, "add": 1,
+    },
+}  # fmt: skip
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts aten ops that are kernels on CUDA, and (through ``launch``) Triton launches, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+        self.active = False
+        self.in_kernel = 0  # the interpreter runs a kernel's body as torch/numpy ops: not counted
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.in_kernel and not func.is_view and func._opname not in NO_KERNEL:
+            self.counts[func._opname] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _interpreted() -> bool:
+    from ssmtune.ops import conv_fused, norm_fused
+    from ssmtune.ops.selective_scan import fused as ss_fused
+    from ssmtune.ops.ssd import fused as ssd_fused
+
+    kernels = (conv_fused.causal_conv1d_update_kernel, norm_fused.rms_norm_fwd_kernel,
+               ss_fused.selective_state_update_fwd_kernel, ssd_fused.ssd_state_update_fwd_kernel)  # fmt: skip
+    return all("Interpreted" in type(k.fn).__name__ for k in kernels)
+
+
+@pytest.fixture
+def interpreted() -> None:
+    if not _interpreted():
+        pytest.skip("the kernels were imported before TRITON_INTERPRET was set (run this file alone)")
+
+
+def _model(arch: str, n_layer: int, backend: str):
+    # chunk_size 16: the Triton SSD scan (the prefill) takes powers of two >= 16
+    extra = {"chunk_size": 16} if arch == "m2" else {}
+    peft = get_peft_model(tiny_model(arch, n_layer=n_layer, **extra), StateOffsetConfig())
+    perturb(peft)
+    peft = peft.to(torch.bfloat16)
+    peft.backend = backend
+    return peft
+
+
+def _step(peft, monkeypatch, count: bool) -> tuple[torch.Tensor, collections.Counter]:
+    """Prefill 2 rows, then one step of the decoder (run eagerly: the step a CUDA graph captures)."""
+    lm = peft.base_model
+    for name in ("empty", "empty_like"):  # tests/conftest.py's NaN poisoning adds a fill per allocation: not a kernel
+        monkeypatch.setattr(torch, name, getattr(getattr(torch, name), "__wrapped__", getattr(torch, name)))
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # not inference_mode: under it the dispatch mode sees composite ops undecomposed
+        cache = InferenceCache(len(lm.backbone.layers))
+        peft(ids, cache=cache)
+        decoder = GraphedDecoder(lm, 2, torch.device("cpu"), torch.bfloat16, capture=False)
+        decoder.start(cache)
+        decoder.ids.copy_(ids[:, -1])
+        mode = KernelCount()
+        run = InterpretedFunction.run
+
+        def launch(self, *args, **kwargs):
+            if mode.active:
+                mode.counts[self.fn.__name__] += 1
+            mode.in_kernel += 1
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                mode.in_kernel -= 1
+
+        monkeypatch.setattr(InterpretedFunction, "run", launch)
+        if count:
+            with mode:
+                logits = decoder._forward()
+        else:
+            logits = decoder._forward()
+    return logits.float(), mode.counts
+
+
+@pytest.mark.parametrize("arch", ["m1", "m2"])
+def test_decode_step_kernels_per_layer(arch, monkeypatch, interpreted) -> None:
+    one = _step(_model(arch, 1, "triton"), monkeypatch, count=True)[1]
+    two = _step(_model(arch, 2, "triton"), monkeypatch, count=True)[1]
+    per_layer = {k: two[k] - one[k] for k in two if two[k] != one[k]}
+    assert per_layer == EXPECTED[arch], f"kernels per layer: {per_layer} (total {sum(per_layer.values())})"
+    # outside the layers: the embedding and its cast to the fp32 residual stream (in the first block), the final norm,
+    # the cast to bf16 and the LM head
+    assert sum(one.values()) - sum(per_layer.values()) == 5, dict(one)
+
+
+@pytest.mark.parametrize("arch", ["m1", "m2"])
+def test_triton_decode_step_matches_torch(arch, monkeypatch, interpreted) -> None:
+    ref = _step(_model(arch, 2, "torch"), monkeypatch, count=False)[0]
+    got = _step(_model(arch, 2, "triton"), monkeypatch, count=False)[0]
+    # bf16: the Triton kernels accumulate in fp32 where the torch conv update rounds each product to bf16
+    torch.testing.assert_close(got, ref, atol=0.05, rtol=0.05)
