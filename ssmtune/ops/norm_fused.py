@@ -22,7 +22,9 @@ import triton.language as tl
 from .norm import rms_norm_torch
 
 MAX_GROUPS = 16
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# the dtype x is normalised in, as a small int for the kernel's constexpr (0: x's own; a plain flag compiles the same
+# on every Triton release, where dtype-valued constexprs have not always been accepted)
+_IN_KINDS = {torch.bfloat16: 1, torch.float16: 2}
 
 
 @triton.jit
@@ -41,15 +43,20 @@ def _group_stat(v, o_n, GS: tl.constexpr, NG: tl.constexpr):
 def rms_norm_fwd_kernel(
     x, z, w, out, rstd, stride_x, stride_z, rows, H, eps,
     GS: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_Z: tl.constexpr,
-    IN_DTYPE: tl.constexpr,
+    IN_KIND: tl.constexpr,
 ):  # fmt: skip
-    # IN_DTYPE: the dtype x is normalised in (x's own, or narrower: the cast x.to(IN_DTYPE) fused into the load)
+    # IN_KIND: the dtype x is normalised in: 0 = x's own, 1 = bf16, 2 = fp16 (the cast x.to(...) fused into the load)
     i_r = tl.program_id(0)
     o_r = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
     m_r, m_n = o_r < rows, o_n < H
     m = m_r[:, None] & m_n[None, :]
-    b_x = tl.load(x + o_r[:, None] * stride_x + o_n[None, :], mask=m, other=0.0).to(IN_DTYPE).to(tl.float32)
+    b_x = tl.load(x + o_r[:, None] * stride_x + o_n[None, :], mask=m, other=0.0)
+    if IN_KIND == 1:
+        b_x = b_x.to(tl.bfloat16)
+    elif IN_KIND == 2:
+        b_x = b_x.to(tl.float16)
+    b_x = b_x.to(tl.float32)
     if HAS_Z:
         b_z = tl.load(z + o_r[:, None] * stride_z + o_n[None, :], mask=m, other=0.0).to(tl.float32)
         b_x = b_x * b_z * tl.sigmoid(b_z)
@@ -57,7 +64,12 @@ def rms_norm_fwd_kernel(
     for g in tl.static_range(NG):
         # every column of a group holds its r: store the group's first column
         tl.store(rstd + o_r * NG + g, tl.sum(tl.where((o_n == g * GS)[None, :], b_r, 0.0), axis=1), mask=m_r)
-    b_n = (b_x * b_r).to(IN_DTYPE).to(tl.float32)
+    if IN_KIND == 1:
+        b_n = (b_x * b_r).to(tl.bfloat16).to(tl.float32)
+    elif IN_KIND == 2:
+        b_n = (b_x * b_r).to(tl.float16).to(tl.float32)
+    else:
+        b_n = (b_x * b_r).to(x.dtype.element_ty).to(tl.float32)
     b_w = tl.load(w + o_n, mask=m_n, other=0.0).to(tl.float32)
     tl.store(out + o_r[:, None] * H + o_n[None, :], (b_w[None, :] * b_n).to(out.dtype.element_ty), mask=m)
 
@@ -136,7 +148,8 @@ class RMSNormFunction(torch.autograd.Function):
         block_r = max(1, min(16, 4096 // block_n))
         rms_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
             x2, z2, weight, out, rstd, x2.stride(0), 0 if z2 is None else z2.stride(0), rows, hidden, eps,
-            GS=group_size, NG=ng, BLOCK_R=block_r, BLOCK_N=block_n, IN_DTYPE=_TL_DTYPES[in_dtype],
+            GS=group_size, NG=ng, BLOCK_R=block_r, BLOCK_N=block_n,
+            IN_KIND=0 if in_dtype == x.dtype else _IN_KINDS[in_dtype],
             num_warps=_warps(block_n * block_r),
         )  # fmt: skip
         ctx.save_for_backward(x2, z2, weight, rstd)
@@ -182,7 +195,7 @@ def rms_norm_triton(
     if input_dtype is None or input_dtype == x.dtype:
         return RMSNormFunction.apply(x, weight, z, eps, group_size)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, z))
-    if grad or input_dtype not in _TL_DTYPES:
+    if grad or input_dtype not in _IN_KINDS:
         # with autograd the cast stays a torch op, whose backward rounds the gradient as before
         return RMSNormFunction.apply(x.to(input_dtype), weight, z, eps, group_size)
     # the cast x.to(input_dtype) in the kernel's load: a decode step saves a kernel per norm
