@@ -128,6 +128,17 @@ def _check(name: str, t: torch.Tensor | None, shapes: list[tuple], op: str) -> N
     raise ValueError(f"{op}: {name} must have shape {want}, got {list(t.shape)}")
 
 
+def _check_offset_index(op: str, index: torch.Tensor | None, batch: int) -> int | None:
+    """Validate a decode step's ``offset_index`` (int32 [B]); returns the leading dim its per-row offsets must have
+    (None: any, they are tables read through the index; ``batch`` without an index)."""
+    if index is None:
+        return batch
+    if not isinstance(index, torch.Tensor) or index.dtype != torch.int32 or tuple(index.shape) != (batch,):
+        got = f"{index.dtype} {list(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
+        raise ValueError(f"{op}: offset_index must be an int32 tensor of shape [{batch}], got {got}")
+    return None
+
+
 def _check_float(op: str, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and not t.is_floating_point():
@@ -332,12 +343,16 @@ def selective_state_update(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    offset_index: torch.Tensor | None = None,
     A_is_log: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One Mamba-1 decode step; ``state`` [B, D, N] (fp32) is updated in place, y [B, D] is returned.
 
     x, dt, z [B, D]; A [D, N]; B, C [B, N]; D, dt_bias [D]; state_offset [D, N] or [B, D, N]; y_offset [D] or [B, D].
+    ``offset_index`` (int32 [B]): per-row offsets are instead tables [n, D, N] / [n, D] and row b reads entry
+    ``offset_index[b]`` (rows sharing an adapter read one entry); shared offsets are unaffected. Its values are not
+    checked (that would synchronise with the device): each must be in [0, n).
     ``A_is_log``: A holds the mixers' A_log and the step uses -exp(A_log) in fp32 (computed inside the step's kernel,
     not as separate kernels per step).
     """
@@ -351,11 +366,12 @@ def selective_state_update(
     _check("B", B, [(b, n)], op)
     _check("C", C, [(b, n)], op)
     _check("z", z, [(b, d)], op)
-    _check("state_offset", state_offset, [(d, n), (b, d, n)], op)
-    _check("y_offset", y_offset, [(d,), (b, d)], op)
+    rows = _check_offset_index(op, offset_index, b)
+    _check("state_offset", state_offset, [(d, n), (rows, d, n)], op)
+    _check("y_offset", y_offset, [(d,), (rows, d)], op)
     fn = resolve(op, backend, x.device)
     return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_offset=state_offset, y_offset=y_offset,
-              A_is_log=A_is_log)  # fmt: skip
+              offset_index=offset_index, A_is_log=A_is_log)  # fmt: skip
 
 
 def ssd_scan(
@@ -453,13 +469,15 @@ def ssd_state_update(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    offset_index: torch.Tensor | None = None,
     A_is_log: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One Mamba-2 decode step; ``state`` [B, H, P, N] (fp32) is updated in place, y [B, H, P] is returned.
 
-    x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H]. ``A_is_log``: A holds A_log (see
-    ``selective_state_update``).
+    x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H]; state_offset [H, P, N] or
+    [B, H, P, N]; y_offset [H, P] or [B, H, P]. ``offset_index`` (int32 [B]): per-row offsets are tables [n, H, P, N] /
+    [n, H, P] read through it; ``A_is_log``: A holds A_log (both as in ``selective_state_update``).
     """
     op = "ssd_state_update"
     _check("x", x, [(None, None, None)], op)
@@ -473,11 +491,12 @@ def ssd_state_update(
     _check("A", A, [(h,)], op)
     _check("C", C, [(b, g, n)], op)
     _check("z", z, [(b, h, p)], op)
-    _check("state_offset", state_offset, [(h, p, n), (b, h, p, n)], op)
-    _check("y_offset", y_offset, [(h, p), (b, h, p)], op)
+    rows = _check_offset_index(op, offset_index, b)
+    _check("state_offset", state_offset, [(h, p, n), (rows, h, p, n)], op)
+    _check("y_offset", y_offset, [(h, p), (rows, h, p)], op)
     fn = resolve(op, backend, x.device)
     return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_offset=state_offset, y_offset=y_offset,
-              A_is_log=A_is_log)  # fmt: skip
+              offset_index=offset_index, A_is_log=A_is_log)  # fmt: skip
 
 
 __all__ = [

@@ -509,6 +509,7 @@ def state_offset_grad_kernel(
         "HAS_DT_BIAS": lambda args: args["dt_bias"] is not None,
         "USE_STATE_OFFSET": lambda args: args["h_off"] is not None,
         "USE_Y_OFFSET": lambda args: args["y_off"] is not None,
+        "HAS_OFF_IDX": lambda args: args["off_idx"] is not None,
     }
 )
 @triton.jit
@@ -524,6 +525,7 @@ def selective_state_update_fwd_kernel(
     dt_bias,
     h_off,
     y_off,
+    off_idx,
     y,
     stride_x_b,
     stride_dt_b,
@@ -542,10 +544,16 @@ def selective_state_update_fwd_kernel(
     HAS_DT_BIAS: tl.constexpr,
     USE_STATE_OFFSET: tl.constexpr,
     USE_Y_OFFSET: tl.constexpr,
+    HAS_OFF_IDX: tl.constexpr,
     A_IS_LOG: tl.constexpr,
 ):
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     i_b = i_b.to(tl.int64)
+    # the row of the per-row offsets: the batch row, or its entry in the offset table (rows sharing an adapter read
+    # the same entry, from cache)
+    i_o = i_b
+    if HAS_OFF_IDX:
+        i_o = tl.load(off_idx + i_b).to(tl.int64)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_n = tl.arange(0, BLOCK_N)
     m_d = o_d < DIM
@@ -570,12 +578,12 @@ def selective_state_update_fwd_kernel(
     tl.store(p_s, b_s.to(state.dtype.element_ty), mask=m_dn)
     # the cache keeps the un-offset state; h' only enters the read-out
     if USE_STATE_OFFSET:
-        b_s += tl.load(h_off + i_b * stride_hoff_b + o_dn, mask=m_dn, other=0.0).to(tl.float32)
+        b_s += tl.load(h_off + i_o * stride_hoff_b + o_dn, mask=m_dn, other=0.0).to(tl.float32)
     b_y = tl.sum(b_s * b_C[None, :], axis=1)  # [BLOCK_D]
     if HAS_D:
         b_y += tl.load(D + o_d, mask=m_d, other=0.0).to(tl.float32) * b_x
     if USE_Y_OFFSET:
-        b_y += tl.load(y_off + i_b * stride_yoff_b + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_y += tl.load(y_off + i_o * stride_yoff_b + o_d, mask=m_d, other=0.0).to(tl.float32)
     if HAS_Z:
         b_z = tl.load(z + i_b * stride_z_b + o_d, mask=m_d, other=0.0).to(tl.float32)
         b_y = b_y * b_z * tl.sigmoid(b_z)
@@ -889,6 +897,7 @@ def selective_state_update_triton(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    offset_index: torch.Tensor | None = None,
     A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decode step (Triton); ``state`` is updated in place with the un-offset state. No autograd.
@@ -905,6 +914,8 @@ def selective_state_update_triton(
         dt_bias (torch.Tensor | None): shape [D]
         state_offset (torch.Tensor | None): h', shape [D, N] or [B, D, N]
         y_offset (torch.Tensor | None): y', shape [D] or [B, D]
+        offset_index (torch.Tensor | None): int32 [B]; per-row offsets are then tables [n, D, N] / [n, D] and row b
+            reads entry ``offset_index[b]``
         A_is_log (bool): A holds A_log; the kernel uses A = -exp(A_log)
     Returns:
         y [B, D] in x's dtype.
@@ -916,13 +927,15 @@ def selective_state_update_triton(
     # the per-row inputs are read through their row stride: in a decode step they are column slices of the
     # projections (B_t, C_t of x_proj's output, z of in_proj's), which a copy per step would cost a kernel each
     x, dt, B, C, z = [layout.unit_last(t) for t in (x, dt, B, C, z)]
-    A, D, dt_bias, state_offset, y_offset = [_contig(t) for t in (A, D, dt_bias, state_offset, y_offset)]
+    A, D, dt_bias, state_offset, y_offset, offset_index = [
+        _contig(t) for t in (A, D, dt_bias, state_offset, y_offset, offset_index)
+    ]
     y = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
     block_n = triton.next_power_of_2(dstate)
     block_d = min(triton.next_power_of_2(dim), max(1, 2048 // block_n))
     grid = (triton.cdiv(dim, block_d), batch)
     selective_state_update_fwd_kernel[grid](
-        state, x, dt, A, B, C, D, z, dt_bias, state_offset, y_offset, y,
+        state, x, dt, A, B, C, D, z, dt_bias, state_offset, y_offset, offset_index, y,
         x.stride(0), dt.stride(0), B.stride(0), C.stride(0), 0 if z is None else z.stride(0),
         _batch_stride(state_offset, 3), _batch_stride(y_offset, 2),
         DIM=dim, N=dstate, DT_SOFTPLUS=dt_softplus, BLOCK_D=block_d, BLOCK_N=block_n, A_IS_LOG=A_is_log,

@@ -31,6 +31,14 @@ def _batched(
     return t.unsqueeze(0).expand(batch, *t.shape) if t.dim() == ndim - 1 else t
 
 
+def _rows_at(t: torch.Tensor | None, index: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+    """A per-row offset table [n, ...] read through ``index`` [B] (row b: ``t[index[b]]``); shared offsets (``ndim - 1``
+    dims) and a None index pass through. Shared by the decode steps' references."""
+    if t is None or index is None or t.dim() == ndim - 1:
+        return t
+    return t.index_select(0, index)
+
+
 def selective_scan_ref(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -93,13 +101,16 @@ def selective_state_update_ref(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    offset_index: torch.Tensor | None = None,
     A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decode step. ``state`` [B, D, N] is updated in place (un-offset); returns y [B, D] in x's dtype.
 
     x, dt, z [B, D]; A [D, N]; B, C [B, N]; D, dt_bias [D]; state_offset [D, N] or [B, D, N]; y_offset [D] or [B, D].
-    ``A_is_log``: A holds A_log, A = -exp(A_log).
+    ``offset_index`` (int32 [B]): per-row offsets are tables [n, D, N] / [n, D] and row b reads entry
+    ``offset_index[b]``. ``A_is_log``: A holds A_log, A = -exp(A_log).
     """
+    state_offset, y_offset = _rows_at(state_offset, offset_index, 3), _rows_at(y_offset, offset_index, 2)
     out_dtype = x.dtype
     batch = x.shape[0]
     xf, dt = x.float(), dt.float()

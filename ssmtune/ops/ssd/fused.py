@@ -607,6 +607,7 @@ def ssd_chunk_cumsum_bwd_kernel(
         "HAS_BIAS": lambda args: args["dt_bias"] is not None,
         "USE_STATE_OFFSET": lambda args: args["h_off"] is not None,
         "USE_Y_OFFSET": lambda args: args["y_off"] is not None,
+        "HAS_OFF_IDX": lambda args: args["off_idx"] is not None,
     }
 )
 @triton.jit
@@ -622,6 +623,7 @@ def ssd_state_update_fwd_kernel(
     dt_bias,
     h_off,
     y_off,
+    off_idx,
     y,
     s_xb,
     s_xh,
@@ -648,10 +650,16 @@ def ssd_state_update_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     USE_STATE_OFFSET: tl.constexpr,
     USE_Y_OFFSET: tl.constexpr,
+    HAS_OFF_IDX: tl.constexpr,
     A_IS_LOG: tl.constexpr,
 ):
     i_p, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
+    # the row of the per-row offsets: the batch row, or its entry in the offset table (rows sharing an adapter read
+    # the same entry, from cache)
+    i_o = i_b
+    if HAS_OFF_IDX:
+        i_o = tl.load(off_idx + i_b).to(tl.int64)
     i_g = i_h // (H // G)
     o_p = i_p * BP + tl.arange(0, BP)
     o_n = tl.arange(0, BN)
@@ -675,7 +683,7 @@ def ssd_state_update_fwd_kernel(
     b_s = b_s * b_dA[:, None] + (b_dt * b_x)[:, None] * b_B[None, :]
     tl.store(p_s, b_s.to(state.dtype.element_ty), mask=m_pn)
     if USE_STATE_OFFSET:
-        b_s += tl.load(h_off + i_b * s_hob + i_h * P * N + o_pn, mask=m_pn, other=0.0).to(tl.float32)
+        b_s += tl.load(h_off + i_o * s_hob + i_h * P * N + o_pn, mask=m_pn, other=0.0).to(tl.float32)
     b_y = tl.sum(b_s * b_C[None, :], axis=1)
     if HAS_D:
         if D_HAS_HDIM:
@@ -684,7 +692,7 @@ def ssd_state_update_fwd_kernel(
             b_D = tl.load(D + i_h + 0 * o_p).to(tl.float32)
         b_y += b_D * b_x
     if USE_Y_OFFSET:
-        b_y += tl.load(y_off + i_b * s_yob + i_h * P + o_p, mask=m_p, other=0.0).to(tl.float32)
+        b_y += tl.load(y_off + i_o * s_yob + i_h * P + o_p, mask=m_p, other=0.0).to(tl.float32)
     if HAS_Z:
         b_z = tl.load(z + i_b * s_zb + i_h * s_zh + o_p, mask=m_p, other=0.0).to(tl.float32)
         b_y = b_y * b_z * tl.sigmoid(b_z)
@@ -961,12 +969,14 @@ def ssd_state_update_triton(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    offset_index: torch.Tensor | None = None,
     A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decode step (Triton). ``state`` [B, H, P, N] is updated in place (un-offset); returns y [B, H, P].
 
     x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H];
-    state_offset [H, P, N] or [B, H, P, N]; y_offset [H, P] or [B, H, P]; ``A_is_log``: A holds A_log, the kernel uses
+    state_offset [H, P, N] or [B, H, P, N]; y_offset [H, P] or [B, H, P]; ``offset_index`` (int32 [B]): per-row
+    offsets are tables [n, ...] and row b reads entry ``offset_index[b]``; ``A_is_log``: A holds A_log, the kernel uses
     A = -exp(A_log). Not differentiable.
     """
     if not state.is_contiguous():
@@ -978,12 +988,12 @@ def ssd_state_update_triton(
     # the per-row inputs are read through their strides: in a decode step x, B_t, C_t are column slices of the conv
     # output and dt one of in_proj's, which a copy per step would cost a kernel each
     x, dt, B, C, z = (layout.unit_last(t) for t in (x, dt, B, C, z))
-    A, D, dt_bias, h_off, y_off = map(_contig, (A, D, dt_bias, state_offset, y_offset))
+    A, D, dt_bias, h_off, y_off, off_idx = map(_contig, (A, D, dt_bias, state_offset, y_offset, offset_index))
     y = torch.empty(batch, H, P, dtype=x.dtype, device=x.device)
     BP = min(64, _pow2(P))
     zs = (0, 0) if z is None else z.stride()[:2]
     ssd_state_update_fwd_kernel[(triton.cdiv(P, BP), batch * H)](
-        state, x, dt, A, B, C, D, z, dt_bias, h_off, y_off, y, *x.stride()[:2], *dt.stride(), *B.stride()[:2],
+        state, x, dt, A, B, C, D, z, dt_bias, h_off, y_off, off_idx, y, *x.stride()[:2], *dt.stride(), *B.stride()[:2],
         *C.stride()[:2], *zs, _batch_stride(h_off, 4), _batch_stride(y_off, 3),
         H=H, G=G, P=P, N=N, BP=BP, BN=_pow2(N), SOFTPLUS=dt_softplus, D_HAS_HDIM=D is not None and D.dim() == 2,
         A_IS_LOG=A_is_log,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..selective_scan.naive import _batched
+from ..selective_scan.naive import _batched, _rows_at
 
 
 def _expand_groups(t: torch.Tensor, nheads: int, dim: int) -> torch.Tensor:
@@ -99,13 +99,16 @@ def ssd_state_update_ref(
     *,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    offset_index: torch.Tensor | None = None,
     A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decode step. ``state`` [B, H, P, N] is updated in place (un-offset); returns y [B, H, P] in x's dtype.
 
     x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H].
-    ``A_is_log``: A holds A_log, A = -exp(A_log).
+    ``offset_index`` (int32 [B]): per-row offsets are tables [n, H, P, N] / [n, H, P] and row b reads entry
+    ``offset_index[b]``. ``A_is_log``: A holds A_log, A = -exp(A_log).
     """
+    state_offset, y_offset = _rows_at(state_offset, offset_index, 4), _rows_at(y_offset, offset_index, 3)
     out_dtype = x.dtype
     batch, nheads, _ = x.shape
     xf, dt = x.float(), dt.float()

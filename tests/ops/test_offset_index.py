@@ -1,0 +1,120 @@
+"""The decode steps' ``offset_index``: per-row offsets read from a table through an int32 row -> entry index.
+
+The Triton kernels (under the interpreter on CPU) and the references with an index must equal the references given
+the gathered per-row offsets; shared offsets are unaffected; bad indices are one-line ValueErrors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # must be set before the kernels are decorated, i.e. before fused.py is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from ssmtune import ops
+from ssmtune.ops.selective_scan import fused as s6_fused
+from ssmtune.ops.ssd import fused as ssd_fused
+from ssmtune.ops.testing import assert_close
+
+if not torch.cuda.is_available():
+    # another module may have imported the kernels before TRITON_INTERPRET was set
+    if "Interpreted" not in type(ssd_fused.ssd_state_update_fwd_kernel.fn).__name__:
+        ssd_fused = importlib.reload(ssd_fused)
+    if "Interpreted" not in type(s6_fused.selective_state_update_fwd_kernel.fn).__name__:
+        s6_fused = importlib.reload(s6_fused)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RATIO = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+INDEX = [2, 0, 2, 1, 2]  # 5 rows over a table of 3 entries (plus an unused 4th), with repeats
+
+
+def _index() -> torch.Tensor:
+    return torch.tensor(INDEX, dtype=torch.int32, device=DEVICE)
+
+
+def _mamba2(dtype):
+    b, h, p, n, g = len(INDEX), 3, 5, 6, 1  # odd sizes: masked P and N tiles
+    act = {"dtype": dtype, "device": DEVICE}
+    args = (
+        torch.randn(b, h, p, **act), torch.randn(b, h, **act), -torch.rand(h, device=DEVICE) - 0.5,
+        torch.randn(b, g, n, **act), torch.randn(b, g, n, **act), torch.randn(h, device=DEVICE), torch.randn(b, h, p, **act),
+        torch.randn(h, device=DEVICE), True,
+    )  # fmt: skip
+    return args, (h, p, n), (h, p)
+
+
+def _mamba1(dtype):
+    b, d, n = len(INDEX), 7, 5
+    act = {"dtype": dtype, "device": DEVICE}
+    args = (
+        torch.randn(b, d, **act), torch.randn(b, d, **act), -torch.rand(d, n, device=DEVICE) - 0.5,
+        torch.randn(b, n, **act), torch.randn(b, n, **act), torch.randn(d, device=DEVICE), torch.randn(b, d, **act),
+        torch.randn(d, device=DEVICE), True,
+    )  # fmt: skip
+    return args, (d, n), (d,)
+
+
+# (inputs, op, reference, Triton step)
+ARCHES = {
+    "m2": (_mamba2, "ssd_state_update", lambda: ssd_fused.ssd_state_update_triton),
+    "m1": (_mamba1, "selective_state_update", lambda: s6_fused.selective_state_update_triton),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["m2", "m1"])
+@pytest.mark.parametrize("fields", ["h", "y", "hy", "h_shared_y"])
+def test_indexed_offsets_equal_gathered_rows(arch, dtype, fields) -> None:
+    make, op, triton_step = ARCHES[arch]
+    args, h_shape, y_shape = make(dtype)
+    index = _index()
+    entries = max(INDEX) + 2
+    h_off = torch.randn(entries, *h_shape, device=DEVICE) if "h" in fields else None
+    y_off = torch.randn(entries, *y_shape, device=DEVICE) if "y" in fields else None
+    if fields == "h_shared_y":  # a shared offset next to a table: read as before
+        y_off = torch.randn(*y_shape, device=DEVICE)
+    rows = {
+        "state_offset": None if h_off is None else h_off[index.long()],
+        "y_offset": y_off if y_off is None or y_off.dim() == len(y_shape) else y_off[index.long()],
+    }
+    state = torch.randn(len(INDEX), *h_shape, device=DEVICE)
+    states = [state.clone() for _ in range(3)]
+    y_rows = getattr(ops, op)(states[0], *args, **rows, backend="ref")
+    y_ref = getattr(ops, op)(states[1], *args, state_offset=h_off, y_offset=y_off, offset_index=index, backend="ref")
+    y_kernel = triton_step()(states[2], *args, state_offset=h_off, y_offset=y_off, offset_index=index)
+    torch.testing.assert_close(y_ref, y_rows, atol=0, rtol=0)
+    assert_close("y", y_rows, y_kernel, RATIO[dtype])
+    assert_close("state", states[0], states[2], 1e-5)
+
+
+@pytest.mark.parametrize("arch", ["m2", "m1"])
+def test_shared_offsets_ignore_the_index(arch) -> None:
+    make, op, triton_step = ARCHES[arch]
+    args, h_shape, y_shape = make(torch.float32)
+    h_off, y_off = torch.randn(*h_shape, device=DEVICE), torch.randn(*y_shape, device=DEVICE)
+    state = torch.randn(len(INDEX), *h_shape, device=DEVICE)
+    states = [state.clone() for _ in range(2)]
+    y_plain = getattr(ops, op)(states[0], *args, state_offset=h_off, y_offset=y_off, backend="ref")
+    y_kernel = triton_step()(states[1], *args, state_offset=h_off, y_offset=y_off, offset_index=_index())
+    assert_close("y", y_plain, y_kernel, RATIO[torch.float32])
+
+
+@pytest.mark.parametrize("arch", ["m2", "m1"])
+def test_bad_offset_index(arch) -> None:
+    make, op, _ = ARCHES[arch]
+    args, h_shape, _ = make(torch.float32)
+    state = torch.randn(len(INDEX), *h_shape, device=DEVICE)
+    table = torch.randn(2, *h_shape, device=DEVICE)
+    msg = rf"{op}: offset_index must be an int32 tensor of shape \[5\], got "
+    for bad, got in ((_index().long(), "torch.int64"), (_index()[:3], r"\[3\]"), ([0, 1], "list")):
+        with pytest.raises(ValueError, match=msg + f".*{got}"):
+            getattr(ops, op)(state, *args, state_offset=table, offset_index=bad, backend="ref")
+    # without an index, per-row offsets still need one row per batch row
+    with pytest.raises(ValueError, match=f"{op}: state_offset must have shape"):
+        getattr(ops, op)(state, *args, state_offset=table, backend="ref")
