@@ -7,7 +7,10 @@ owns every tensor the step touches, at fixed addresses:
 - ``cache``: an ``InferenceCache`` of ``bucket`` rows, filled from the prefill and updated in place by the step;
 - per mixer, the state offsets h' / y' that its state hooks contribute to the step (``MergedState.h_off`` /
   ``y_off``), computed once per ``generate`` call (under a routing: one row per batch row) and copied into static
-  buffers, so a new adapter mix per row only copies, it never recaptures;
+  buffers, so a new adapter mix per row only copies, it never recaptures. Per-row offsets of the mixers that set
+  ``reads_offset_index`` (Mamba, Mamba-2) are kept as a table of the distinct rows' offsets (one entry per adapter
+  in the batch) plus ``offset_index`` [bucket] (int32, row -> entry, ``MergedState.offset_index``): rows that share
+  an adapter read the same memory, rather than a copy each. Other mixers get one offset row per batch row;
 - ``logits`` [bucket, V]: the graph's output.
 
 On CUDA the step is captured as a CUDA graph (``capture=True``); elsewhere the same object runs the step eagerly, so
@@ -72,6 +75,15 @@ def unsupported_reason(model, capture: bool = True) -> str | None:
     return None
 
 
+def _table(keys: list) -> tuple[list[int], list[int]]:
+    """(the first row of each distinct key, in order of first appearance; each row's entry among those)."""
+    first: dict = {}
+    for row, key in enumerate(keys):
+        first.setdefault(key, row)
+    entry = {key: i for i, key in enumerate(first)}
+    return list(first.values()), [entry[key] for key in keys]
+
+
 class _StaticCollector:
     """A state collector (``models/hooks.py``) that hands the mixer the decoder's static offset buffers."""
 
@@ -120,6 +132,8 @@ class GraphedDecoder:
         self.mixers = [m for _, m in lm.mixers()]
         self.cache = lm.allocate_cache(bucket, dtype=dtype, device=device)
         self.ids = torch.zeros(bucket, dtype=torch.long, device=device)
+        # row -> entry of the per-row offset tables (shared by every mixer that reads through it); pad rows read entry 0
+        self.offset_index = torch.zeros(bucket, dtype=torch.int32, device=device)
         # one step per layout of the offset buffers (which fields are set, per row or shared, dtypes); all are dropped
         # when the model's signature changes
         self.steps: dict[tuple, _Step] = {}
@@ -157,7 +171,7 @@ class GraphedDecoder:
             base = torch.arange(len(routing)) if rows is None else rows
             # pad rows follow row 0's adapter: their logits are never read
             self.rows = torch.cat([base, base[:1].expand(pad)]) if pad else base
-        offsets = self._collect(batch, routing, rows)
+        offsets, keys = self._collect(batch, routing, rows)
         layout = tuple(self._layout(mixer, st) for mixer, st in zip(self.mixers, offsets))
         signature = _signature(self.lm)
         if signature != self.signature:
@@ -166,17 +180,22 @@ class GraphedDecoder:
             self.cache = self.lm.allocate_cache(self.bucket, dtype=self.dtype, device=self.device)
         new = layout not in self.steps
         if new:
-            self.steps[layout] = _Step([self._buffers(entry) for entry in layout])
+            self.steps[layout] = _Step([self._buffers(m, entry) for m, entry in zip(self.mixers, layout)])
         self.current = self.steps[layout]
-        for st, buf in zip(offsets, self.offsets):
-            for src, dst in ((st.h_off, buf.h_off), (st.y_off, buf.y_off)):
+        firsts, index = _table(keys)
+        self.offset_index.copy_(torch.tensor(index + [0] * pad, dtype=torch.int32))
+        firsts = torch.tensor(firsts, device=self.device)
+        for st, buf, entry in zip(offsets, self.offsets, layout):
+            for src, dst, e in ((st.h_off, buf.h_off, entry[0]), (st.y_off, buf.y_off, entry[1])):
                 if dst is None:
                     continue
+                if e[0] and buf.offset_index is not None:  # per row, read through the index: the distinct rows
+                    src = src.index_select(0, firsts)
                 if dst.shape == src.shape:
                     dst.copy_(src)
-                else:  # per-row offsets of B rows in a bucket of more
+                else:  # per-row offsets of fewer rows than the bucket
                     dst.zero_()
-                    dst[:batch].copy_(src)
+                    dst[: src.shape[0]].copy_(src)
         if new:
             if self.capture:
                 try:
@@ -194,15 +213,18 @@ class GraphedDecoder:
             static.ssm_state[:batch].copy_(layer.ssm_state)
         self.cache.seqlen_offset = max(cache.seqlen_offset, 1)
 
-    def _collect(self, batch: int, routing, rows: torch.Tensor | None) -> list[MergedState]:
-        """The step's h' / y' of every mixer, for the B cache rows (batched [B, ...] under a routing)."""
+    def _collect(self, batch: int, routing, rows: torch.Tensor | None) -> tuple[list[MergedState], list]:
+        """The step's h' / y' of every mixer, for the B cache rows (batched [B, ...] under a routing), and a key per
+        row such that rows with equal keys have equal per-row offsets: the routing's adapter slot (its per-row
+        offsets are gathered by slot), else the row itself."""
         select = contextlib.nullcontext() if routing is None else routing.select(rows)
         out = []
         with select:
             for mixer in self.mixers:
                 st = collect_state(mixer.state_hooks.values(), batch, initial=False) if mixer.state_hooks else None
                 out.append(MergedState(h_off=st.h_off, y_off=st.y_off) if st is not None else MergedState())
-        return out
+            keys = list(range(batch)) if routing is None else routing.slot_index(batch).tolist()
+        return out, keys
 
     @staticmethod
     def _layout(mixer: nn.Module, st: MergedState) -> tuple:
@@ -213,13 +235,15 @@ class GraphedDecoder:
             out.append(None if t is None else (batched, tuple(t.shape[1:] if batched else t.shape), t.dtype))
         return tuple(out)
 
-    def _buffers(self, entry: tuple) -> MergedState:
-        """Static offset buffers of one mixer: [bucket, ...] for per-row offsets, the offset's own shape otherwise."""
+    def _buffers(self, mixer: nn.Module, entry: tuple) -> MergedState:
+        """Static offset buffers of one mixer: [bucket, ...] for per-row offsets (a table of up to ``bucket`` distinct
+        rows when the mixer reads them through ``offset_index``), the offset's own shape otherwise."""
         bufs = [
             None if e is None else torch.zeros((self.bucket, *e[1]) if e[0] else e[1], dtype=e[2], device=self.device)
             for e in entry
         ]
-        return MergedState(h_off=bufs[0], y_off=bufs[1])
+        indexed = getattr(mixer, "reads_offset_index", False) and any(e is not None and e[0] for e in entry)
+        return MergedState(h_off=bufs[0], y_off=bufs[1], offset_index=self.offset_index if indexed else None)
 
     # --- per token --------------------------------------------------------------------------------------------------
 

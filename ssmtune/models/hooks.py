@@ -8,6 +8,10 @@ Per-row adapters: a hook may carry an object under ``COLLECTOR_ATTR`` with a met
 ``collect_state(hooks, batch_size, *, initial)``; ``collect_state`` then hands the whole merge to it.
 ``core/routing.py``'s ``Routing`` installs itself there inside ``PeftModel.route``, so this layer needs no routing.
 
+The graphed decoder (``models/decode.py``) may hand a mixer whose class sets ``reads_offset_index`` per-row h' / y'
+as tables of the distinct adapters' offsets plus ``MergedState.offset_index`` (int32 [B], row b reads entry
+``offset_index[b]``); such a mixer passes the index to its decode step's op.
+
 Shapes (a leading batch axis is always allowed, so per-row adapters can be served side by side):
     Mamba-1: initial_state [D, N]       state_offset [D, N]       output_offset [D]      initial_conv_state [D, K-1]
     Mamba-2: initial_state [H, P, N]    state_offset [H, P, N]    output_offset [H, P]   initial_conv_state [D+2GN, K-1]
@@ -44,6 +48,9 @@ class MergedState:
     conv0: torch.Tensor | None = None
     h_off: torch.Tensor | None = None
     y_off: torch.Tensor | None = None
+    # int32 [B]: per-row h_off / y_off are tables and row b reads entry offset_index[b] (set by the graphed decoder
+    # only, read by the decode step only)
+    offset_index: torch.Tensor | None = None
 
     @property
     def empty(self) -> bool:

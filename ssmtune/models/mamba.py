@@ -42,6 +42,8 @@ def mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.
 class MambaMixer(nn.Module):
     """Selective-scan mixer: ``forward(hidden_states [B, L, d_model], cache) -> [B, L, d_model]``."""
 
+    reads_offset_index = True  # the decode step takes MergedState.offset_index (models/hooks.py)
+
     def __init__(self, config: MambaConfig, layer_idx: int) -> None:
         super().__init__()
         self.config = config
@@ -162,7 +164,8 @@ class MambaMixer(nn.Module):
             # computes A = -exp(A_log) itself (no copies, casts or A kernels per step)
             y = ops.selective_state_update(
                 cache.ssm_state, x[:, 0], delta[:, 0], self.A_log, Bt[:, 0], Ct[:, 0], self.D, z[:, 0], None, True,
-                state_offset=st.h_off, y_offset=st.y_off, A_is_log=True, backend=self.backend,
+                state_offset=st.h_off, y_offset=st.y_off, offset_index=st.offset_index, A_is_log=True,
+                backend=self.backend,
             )[:, None]  # fmt: skip
         else:
             A = -torch.exp(self.A_log.float())  # [D, N]

@@ -39,6 +39,8 @@ class RMSNormGated(nn.Module):
 class Mamba2Mixer(nn.Module):
     """SSD mixer: ``forward(hidden_states [B, L, d_model], cache) -> [B, L, d_model]``."""
 
+    reads_offset_index = True  # the decode step takes MergedState.offset_index (models/hooks.py)
+
     def __init__(self, config: Mamba2Config, layer_idx: int) -> None:
         super().__init__()
         self.config = config
@@ -172,7 +174,8 @@ class Mamba2Mixer(nn.Module):
         if step:
             y = ops.ssd_state_update(
                 cache.ssm_state, x[:, 0], dt[:, 0], A, Bt[:, 0], Ct[:, 0], Dskip, None, dt_bias, softplus,
-                state_offset=st.h_off, y_offset=st.y_off, A_is_log=True, backend=self.backend,
+                state_offset=st.h_off, y_offset=st.y_off, offset_index=st.offset_index, A_is_log=True,
+                backend=self.backend,
             )[:, None]  # fmt: skip
         else:
             h0 = st.h0 if fresh else cache.ssm_state

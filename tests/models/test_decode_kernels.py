@@ -9,6 +9,7 @@ adapter, so that a change that adds a kernel to the step fails here; and check t
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -106,17 +107,21 @@ def _model(arch: str, n_layer: int, backend: str):
     return peft
 
 
-def _step(peft, monkeypatch, count: bool) -> tuple[torch.Tensor, collections.Counter]:
-    """Prefill 2 rows, then one step of the decoder (run eagerly: the step a CUDA graph captures)."""
+def _step(peft, monkeypatch, count: bool, names: list | None = None) -> tuple[torch.Tensor, collections.Counter]:
+    """Prefill 2 rows (or one per adapter name, routed), then one step of the decoder (run eagerly: the step a CUDA
+    graph captures)."""
     lm = peft.base_model
     for name in ("empty", "empty_like"):  # tests/conftest.py's NaN poisoning adds a fill per allocation: not a kernel
         monkeypatch.setattr(torch, name, getattr(getattr(torch, name), "__wrapped__", getattr(torch, name)))
-    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # not inference_mode: under it the dispatch mode sees composite ops undecomposed
+    batch = 2 if names is None else len(names)
+    ids = torch.randint(0, VOCAB, (batch, 5), generator=torch.Generator().manual_seed(0))
+    # not inference_mode: under it the dispatch mode sees composite ops undecomposed
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        routing = None if names is None else stack.enter_context(peft.route(names))
         cache = InferenceCache(len(lm.backbone.layers))
         peft(ids, cache=cache)
-        decoder = GraphedDecoder(lm, 2, torch.device("cpu"), torch.bfloat16, capture=False)
-        decoder.start(cache)
+        decoder = GraphedDecoder(lm, batch, torch.device("cpu"), torch.bfloat16, capture=False)
+        decoder.start(cache, routing)
         decoder.ids.copy_(ids[:, -1])
         mode = KernelCount()
         run = InterpretedFunction.run
@@ -155,4 +160,22 @@ def test_triton_decode_step_matches_torch(arch, monkeypatch, interpreted) -> Non
     ref = _step(_model(arch, 2, "torch"), monkeypatch, count=False)[0]
     got = _step(_model(arch, 2, "triton"), monkeypatch, count=False)[0]
     # bf16: the Triton kernels accumulate in fp32 where the torch conv update rounds each product to bf16
+    torch.testing.assert_close(got, ref, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("arch", ["m1", "m2"])
+def test_routed_step_reads_offsets_through_the_index(arch, monkeypatch, interpreted) -> None:
+    """Rows sharing adapters: the step's kernel reads h' / y' through offset_index (no extra kernel), == torch."""
+    names = ["default", "y", None, "default", "y", "default"]
+
+    def model(n_layer, backend):
+        peft = _model(arch, n_layer, backend)
+        peft.add_adapter("y", StateOffsetConfig(variant="y"))
+        perturb(peft)
+        return peft.to(torch.bfloat16)
+
+    ref = _step(model(2, "torch"), monkeypatch, count=False, names=names)[0]
+    got, two = _step(model(2, "triton"), monkeypatch, count=True, names=names)
+    one = _step(model(1, "triton"), monkeypatch, count=True, names=names)[1]
+    assert {k: two[k] - one[k] for k in two if two[k] != one[k]} == EXPECTED[arch]
     torch.testing.assert_close(got, ref, atol=0.05, rtol=0.05)

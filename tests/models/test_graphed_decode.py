@@ -177,6 +177,42 @@ def test_adapter_changes_are_seen() -> None:
     )
 
 
+# 13 State-offset adapters (h' and y') and base-model rows, over 24 rows (a bucket of 32): rows share adapters
+MANY = {f"h{i}": StateOffsetConfig() for i in range(8)} | {f"y{i}": StateOffsetConfig(variant="y") for i in range(5)}
+MANY_ROWS = [list(MANY)[(5 * i) % 13] if i % 7 else None for i in range(24)]
+
+
+def _many_adapters_decode_as_eager(arch: str, device: str = "cpu") -> None:
+    peft = _peft(arch, MANY, device=device)
+    ids = _prompts(len(MANY_ROWS), device=device)
+    kw = {"max_new_tokens": 5, "adapter_names": MANY_ROWS}
+    eager, static = _both(peft, ids, **kw)
+    assert torch.equal(eager, static)
+    (dec,) = peft.base_model.__dict__[DECODERS_ATTR].values()
+    # the per-row offsets are a table of the distinct adapters (None: one zero entry), read through offset_index
+    index = dec.offset_index.tolist()
+    names = list(dict.fromkeys(MANY_ROWS))
+    assert index == [names.index(n) for n in MANY_ROWS] + [0] * (dec.bucket - len(MANY_ROWS))
+    with peft.route(MANY_ROWS) as routing:
+        per_row, _ = dec._collect(len(MANY_ROWS), routing, None)
+    rows = dec.offset_index[: len(MANY_ROWS)].long()
+    for st, want in zip(dec.offsets, per_row):
+        assert st.offset_index is dec.offset_index
+        assert torch.equal(st.h_off[rows], want.h_off) and torch.equal(st.y_off[rows], want.y_off)
+        assert not st.h_off[len(names) :].any() and not st.y_off[len(names) :].any()
+    # another mix of the same adapters (more of them in the batch, other repeats): a copy into the same buffers
+    captures = dec.captures
+    for names in (MANY_ROWS[::-1], [f"h{i % 8}" if i % 3 else f"y{i % 5}" for i in range(24)]):
+        _, again = _both(peft, ids, **(kw | {"adapter_names": names}))
+        assert dec.captures == captures
+        assert torch.equal(again, peft.generate(ids, cuda_graph=False, **(kw | {"adapter_names": names})))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_many_adapters_share_offset_entries(arch) -> None:
+    _many_adapters_decode_as_eager(arch)
+
+
 def test_auto_is_eager_on_cpu() -> None:
     peft = _peft("m1", {"h": StateOffsetConfig()})
     peft.generate(_prompts(2), max_new_tokens=3)
@@ -188,6 +224,13 @@ def test_auto_is_eager_on_cpu() -> None:
 
 def _cuda_model(arch: str, dtype):
     return _peft(arch, ADAPTERS, device="cuda", dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHES)
+def test_cuda_many_adapters_share_offset_entries(arch) -> None:
+    # the captured step's Triton kernels read the offsets through offset_index
+    _many_adapters_decode_as_eager(arch, "cuda")
 
 
 @pytest.mark.gpu
