@@ -365,7 +365,7 @@ class PeftModel(nn.Module):
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
         _check_rows(adapter_names, args, kwargs)
-        with self.route(adapter_names):
+        with self.route(adapter_names) as routing, routing.packed(kwargs.get("cu_seqlens")):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
@@ -407,12 +407,7 @@ def _check_rows(adapter_names: Sequence[str | None], args: tuple, kwargs: dict) 
     """One adapter name per batch row (per sequence of a packed batch), for forward and generate alike."""
     x = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     cu = kwargs.get("cu_seqlens")
-    if isinstance(cu, torch.Tensor):  # state adapters are routed per sequence; LoRA's rows are refused by the routing
-        if len(adapter_names) != cu.numel() - 1:
-            raise ValueError(
-                f"the packed batch has {cu.numel() - 1} sequences but {len(adapter_names)} adapter names are routed "
-                f"(adapter_names={list(adapter_names)}): give one adapter name (or None) per sequence"
-            )
+    if isinstance(cu, torch.Tensor):  # one name per sequence: checked by ``Routing.packed``
         return
     if isinstance(x, torch.Tensor) and x.dim() >= 2 and len(adapter_names) != x.shape[0]:
         raise ValueError(

@@ -10,12 +10,15 @@ and the LoRA/DoRA deltas.
   plain forward.
 - LoRA/DoRA (``methods/lora``): each delta asks ``Routing.rows_of`` for the rows of its adapter and adapts only
   those (its low-rank product on ``x[rows]``, copied back into ``y[rows]``); other rows keep the base output.
+  In a packed forward (``cu_seqlens``, one [1, total] row holding n sequences) ``Routing.packed`` makes the rows of
+  ``rows_of`` the tokens: each token is routed with its sequence, while the state hooks see one row per sequence.
 
 A batch may mix both kinds and ``None``. Methods that change shared weights or inputs otherwise (BitFit, partial /
 full, SDLoRA's sparse part, Additional-scan, prompt tuning), and merged LoRA weights, are not routed per row.
 
 ``Routing.rows`` maps the rows of the current forward to the routed rows. It is ``None`` for a forward over the whole
-batch; ``RoutedLM`` sets it for the row-by-row prefill and the beam expansion of ``models.generate``, and
+batch (or a packed one); ``RoutedLM`` sets it for the row-by-row prefill and the beam expansion of ``models.generate``,
+and
 ``routed_state`` for the one-row pass of a Prefix adapter over its virtual tokens (``Routing.as_adapter``).
 """
 
@@ -46,6 +49,8 @@ class Routing:
         slot = {n: i + 1 for i, n in enumerate(self.adapters)}
         self.slots = torch.tensor([0 if n is None else slot[n] for n in self.names], dtype=torch.long)  # [B]
         self.rows: torch.Tensor | None = None
+        # under ``packed``: the routed row of each token of the packed forward (what ``rows_of`` selects from)
+        self.tokens: torch.Tensor | None = None
         self._slot = slot
         # (adapter, batch size, device) -> rows_of's answer, valid until ``rows`` changes
         self._rows_cache: dict[tuple[str, int, torch.device], torch.Tensor | None] = {}
@@ -56,13 +61,36 @@ class Routing:
     @contextlib.contextmanager
     def select(self, rows: torch.Tensor | Sequence[int] | None) -> Iterator[None]:
         """Within the block, forward row i is routed row ``rows[i]`` (e.g. one row of a row-by-row prefill)."""
-        prev = self.rows
+        prev = self.rows, self.tokens
         self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        self.tokens = None  # a selected forward is unpacked (e.g. a Prefix adapter's pass inside a packed one)
         self._rows_cache = {}
         try:
             yield
         finally:
-            self.rows = prev
+            self.rows, self.tokens = prev
+            self._rows_cache = {}
+
+    @contextlib.contextmanager
+    def packed(self, cu_seqlens: torch.Tensor | None) -> Iterator[None]:
+        """Within the block, forwards are packed (``cu_seqlens`` [n + 1], one sequence per routed row): ``rows_of``
+        answers with the tokens of each adapter's sequences. None: a no-op (an unpacked forward)."""
+        if cu_seqlens is None:
+            yield
+            return
+        lengths = cu_seqlens.diff().long().cpu()
+        if lengths.numel() != len(self):
+            raise ValueError(
+                f"the packed batch has {lengths.numel()} sequences but {len(self)} adapter names are routed "
+                f"(adapter_names={self.names}): give one adapter name (or None) per sequence"
+            )
+        prev = self.tokens
+        self.tokens = torch.arange(len(self)).repeat_interleave(lengths)
+        self._rows_cache = {}
+        try:
+            yield
+        finally:
+            self.tokens = prev
             self._rows_cache = {}
 
     def as_adapter(self, adapter: str) -> contextlib.AbstractContextManager[None]:
@@ -84,10 +112,17 @@ class Routing:
         return idx
 
     def rows_of(self, adapter: str, batch_size: int, device: torch.device) -> torch.Tensor | None:
-        """Rows of the current forward routed to ``adapter``, as indices on ``device``; None when it is all of them."""
+        """Rows of the current forward routed to ``adapter``, as indices on ``device``; None when it is all of them.
+        Under ``packed`` the rows are the tokens of the packed forward (``batch_size``: their number)."""
         key = (adapter, batch_size, device)
         if key not in self._rows_cache:
-            mine = self.slot_index(batch_size) == self._slot.get(adapter, -1)
+            if self.tokens is None:
+                idx = self.slot_index(batch_size)
+            elif self.tokens.numel() == batch_size:
+                idx = self.slots[self.tokens]
+            else:
+                raise ValueError(f"a packed forward of {self.tokens.numel()} tokens got {batch_size} rows to route")
+            mine = idx == self._slot.get(adapter, -1)
             # every row: the caller takes its plain path (no gather, no copy)
             self._rows_cache[key] = None if bool(mine.all()) else mine.nonzero().squeeze(1).to(device)
         return self._rows_cache[key]
@@ -172,8 +207,9 @@ class RoutedLM:
     """A causal LM seen through a routing, for ``models.generate.generate``.
 
     It sets ``Routing.rows`` from each call, following ``generate``'s row order: a batch of all B rows is routed as
-    is; a fresh one-row cache while B > 1 is the next row of the row-by-row prefill (rows in order); B·K rows are K
-    beams per row (beam search only reorders beams within a row). Everything else is delegated to the model.
+    is, and so is a packed one (``cu_seqlens``: B sequences, ``Routing.packed``); a fresh one-row cache while B > 1 is
+    the next row of the row-by-row prefill (rows in order); B·K rows are K beams per row (beam search only reorders
+    beams within a row). Everything else is delegated to the model.
     """
 
     def __init__(self, model: nn.Module, routing: Routing) -> None:
@@ -188,6 +224,10 @@ class RoutedLM:
         x = input_ids if input_ids is not None else kwargs["inputs_embeds"]
         n, b = len(self.routing), x.shape[0]
         fresh = cache is None or cache.seqlen_offset == 0
+        cu = kwargs.get("cu_seqlens")
+        if cu is not None:
+            with self.routing.packed(cu):
+                return self.model(input_ids, cache=cache, **kwargs)
         if b == n:
             rows = None
         elif fresh and b == 1:

@@ -1,9 +1,10 @@
 """Recurrent generation: prefill once with the cache, then one token per step (L = 1).
 
 Greedy, sampling (temperature, top-k, top-p) and length-normalised beam search. Rows of different prompt lengths
-(``attention_mask``, either padding side) are prefilled one by one on their real tokens and then decoded together,
-so every row gets what it would get alone: no pad token ever enters a state, and initial states of state hooks act
-at each row's first real token (docs/methods.md §4.3).
+(``attention_mask``, either padding side) are prefilled on their real tokens only, in one packed forward
+(``cu_seqlens``; one by one under Prompt Tuning), and then decoded together, so every row gets what it would get alone:
+no pad token ever enters a state, and initial states of state hooks act at each row's first real token
+(docs/methods.md §4.3).
 
 With ``cuda_graph=True`` decoding steps run through ``decode.GraphedDecoder``: on CUDA the one-token step is captured
 once per batch-size bucket and replayed; prefill, sampling and beam bookkeeping stay eager. ``None`` (the default)
@@ -33,8 +34,8 @@ def prefill(
 ) -> tuple[InferenceCache, torch.Tensor]:
     """Run the prompts through the model with a fresh cache. Returns the cache and the logits [B, V] at each row's
     last real token. Prompts of different lengths (a mask not all ones) are prefilled on their real tokens only: in
-    one packed forward (``cu_seqlens``), or one by one where packing does not apply (input hooks such as Prompt
-    Tuning, per-row adapter routing)."""
+    one packed forward (``cu_seqlens``), per-row adapter routing included (each sequence with its row's adapter), or
+    one by one where packing does not apply (an active input hook: Prompt Tuning)."""
     n_layer = len(model.backbone.layers)
     if attention_mask is None or bool(attention_mask.bool().all()):
         cache = InferenceCache(n_layer)
@@ -47,7 +48,8 @@ def prefill(
         lengths = mask.sum(1)
         if bool((lengths == 0).any()):
             raise ValueError("attention_mask has a row with no real token")
-        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        with torch.inference_mode(False):  # a tensor with a version counter: the ops read its boundaries once
+            cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         cache = InferenceCache(n_layer)
         logits = model(input_ids[mask][None], cache=cache, cu_seqlens=cu).logits[0, cu[1:].long() - 1]
         return cache, logits
@@ -63,12 +65,10 @@ def prefill(
 
 
 def _packable(model) -> bool:
-    """Whether ``model`` can prefill a packed batch: no active input hook, no per-row routing in force."""
-    from .hooks import COLLECTOR_ATTR
-
-    if any(getattr(h, "active", True) for h in getattr(model, "input_hooks", {}).values()):
-        return False
-    return not any(getattr(m, COLLECTOR_ATTR, None) is not None for m in model.modules())
+    """Whether ``model`` can prefill a packed batch: no active input hook (Prompt Tuning edits each row's embeddings
+    and mask, which a packed row of several sequences cannot take). Per-row routing packs: the state hooks give one
+    state per sequence and LoRA/DoRA deltas route each token with its sequence (``core/routing.py``)."""
+    return not any(getattr(h, "active", True) for h in getattr(model, "input_hooks", {}).values())
 
 
 class EagerStep:

@@ -35,12 +35,15 @@ def check_cu_seqlens(op: str, cu_seqlens: object, batch: int, total: int) -> lis
     if batch != 1:
         raise ValueError(f"{op}: cu_seqlens needs a packed batch of one row, got batch {batch}")
     # every op of every layer reads the same tensor: one host copy per tensor version, kept on the tensor itself
-    cached = getattr(cu_seqlens, "_ssmtune_bounds", None)
+    # (an inference tensor has no version counter: it is read every time)
+    versioned = not cu_seqlens.is_inference()
+    cached = getattr(cu_seqlens, "_ssmtune_bounds", None) if versioned else None
     if cached is not None and cached[0] == cu_seqlens._version:
         bounds = cached[1]
     else:
         bounds = [int(v) for v in cu_seqlens.tolist()]
-        cu_seqlens._ssmtune_bounds = (cu_seqlens._version, bounds)
+        if versioned:
+            cu_seqlens._ssmtune_bounds = (cu_seqlens._version, bounds)
     if bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(f"{op}: cu_seqlens must start at 0 and end at the packed length {total}, got {bounds}")
     if any(b <= a for a, b in itertools.pairwise(bounds)):

@@ -2,8 +2,9 @@
 
 One worker thread owns the model. Requests wait in a queue; when the engine is idle it collects the requests that
 arrive within ``batch_wait_s`` (up to ``max_batch``), and while it is decoding it admits new requests at every step
-boundary. A new row is prefilled alone (its own fresh cache, its adapter routed, no padding anywhere) and its cache
-is concatenated to the running batch: an SSM's state is a fixed-size tensor per row, so rows of different lengths
+boundary. New rows are prefilled together in one forward, each on its own tokens with its adapter (prompts of
+different lengths packed, no padding entering a state; ``models.generate.prefill``), and their cache is concatenated
+to the running batch: an SSM's state is a fixed-size tensor per row, so rows of different lengths
 and ages decode together with no padding. Each step runs one forward over all live rows, with
 ``adapter_names=[adapter of each row]`` (``PeftModel.route``); rows that finish are dropped from the cache.
 
@@ -38,7 +39,7 @@ from ..core.peft_model import PeftModel
 from ..core.routing import RoutedLM
 from ..models.cache import InferenceCache
 from ..models.decode import GRAPHED_BY_DEFAULT, GraphedDecoder, decoder_for, unsupported_reason
-from ..models.generate import filter_logits
+from ..models.generate import filter_logits, prefill
 
 MAX_BEAMS = 8
 """Largest ``num_beams`` a request may ask for: a beam request decodes its k beams alone, pausing the batch."""
@@ -309,39 +310,41 @@ class BatchEngine:
         return out.logits[:, -1].float()
 
     def _prefill(self, reqs: list[GenerationRequest]) -> None:
-        """Prefill new rows, those of one prompt length together (no padding), and append them to the batch."""
-        by_len: dict[int, list[GenerationRequest]] = {}
-        for req in reqs:
-            by_len.setdefault(len(req.prompt_ids), []).append(req)
+        """Prefill new rows in one forward (``models.generate.prefill``: prompts of different lengths packed, each on
+        its real tokens with its adapter) and append them to the batch."""
         self._detach_decoder()
-        caches = [] if self._cache is None else [self._cache]
-        for group in by_len.values():
-            self.stats.requests += len(group)
-            # per-request set-up first: a request that cannot start fails alone, before it shares a forward
-            rows = []
-            for req in group:
-                try:
-                    rows.append(_Row(req, self._generator(req.settings)))
-                except Exception as e:  # noqa: BLE001
-                    self._fail(req, e)
-            if not rows:
-                continue
+        self.stats.requests += len(reqs)
+        # per-request set-up first: a request that cannot start fails alone, before it shares a forward
+        rows = []
+        for req in reqs:
             try:
-                cache = InferenceCache(self.n_layer)
-                ids = torch.tensor([r.req.prompt_ids for r in rows], dtype=torch.long, device=self.device)  # [b, L]
-                logits = self._forward(ids, cache, [r.req.adapter for r in rows])  # [b, V]
+                rows.append(_Row(req, self._generator(req.settings)))
             except Exception as e:  # noqa: BLE001
-                for row in rows:
-                    self._fail(row.req, e)
-                continue
-            keep = [i for i, alive in enumerate(self._emit_all(rows, logits)) if alive]
-            if keep:
-                if len(keep) < len(rows):
-                    cache.reorder(torch.tensor(keep, device=self.device))
-                caches.append(cache)
-                self._rows.extend(rows[i] for i in keep)
-        if caches:
-            self._cache = caches[0] if len(caches) == 1 else InferenceCache.cat(caches)
+                self._fail(req, e)
+        if not rows:
+            return
+        try:
+            width = max(len(r.req.prompt_ids) for r in rows)
+            ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+            mask = torch.zeros_like(ids)
+            for i, r in enumerate(rows):  # left padding; the prefill never reads the pads
+                n = len(r.req.prompt_ids)
+                ids[i, width - n :] = torch.tensor(r.req.prompt_ids, dtype=torch.long)
+                mask[i, width - n :] = 1
+            with self._route([r.req.adapter for r in rows]) as routing:
+                model = self.base if routing is None else RoutedLM(self.base, routing)
+                cache, logits = prefill(model, ids, mask)  # [b, V]
+            logits = logits.float()
+        except Exception as e:  # noqa: BLE001
+            for row in rows:
+                self._fail(row.req, e)
+            return
+        keep = [i for i, alive in enumerate(self._emit_all(rows, logits)) if alive]
+        if keep:
+            if len(keep) < len(rows):
+                cache.reorder(torch.tensor(keep, device=self.device))
+            self._cache = cache if self._cache is None else InferenceCache.cat([self._cache, cache])
+            self._rows.extend(rows[i] for i in keep)
 
     def _beam_search(self, req: GenerationRequest) -> None:
         """Run a beam-search request alone with the library's ``generate``, then send its tokens at once."""

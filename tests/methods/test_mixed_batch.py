@@ -232,3 +232,38 @@ def test_merged_lora_weights_cannot_be_routed():
         peft(ids, adapter_names=["la", "lb"])
     # every row on the merged adapter: its weights are the base weights now, the delta is skipped
     assert_close("merged", want, peft(ids, adapter_names=["la", "la"]).logits, 1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["state", "lora"])
+@pytest.mark.parametrize("arch", ["m1", "m2"])
+def test_routed_prefill_of_mixed_lengths_is_one_forward_equal_to_row_by_row(arch, kind, monkeypatch):
+    from ssmtune.core.routing import RoutedLM
+    from ssmtune.models import generate as gen
+
+    peft, rows = _case(kind, arch, torch.float32)
+    ids = torch.randint(1, VOCAB, (len(rows), 9))
+    mask = torch.ones_like(ids)
+    for i in range(len(rows)):
+        mask[i, : (3 * i) % 8] = 0  # lengths 9, 6, 3, 8, 5, 2, 7, 4: several chunks of the Mamba-2 scan
+    lm, packable = peft.base_model, gen._packable
+    calls = []
+    forward = type(lm).forward
+    monkeypatch.setattr(type(lm), "forward", lambda self, *a, **k: calls.append(a[0].shape) or forward(self, *a, **k))
+    with torch.no_grad(), peft.route(rows) as routing:
+        cache, logits = gen.prefill(RoutedLM(lm, routing), ids, mask)
+        assert calls == [torch.Size([1, int(mask.sum())])]  # one packed forward for all rows
+        monkeypatch.setattr(gen, "_packable", lambda m: False)
+        ref_cache, ref_logits = gen.prefill(RoutedLM(lm, routing), ids, mask)
+        assert len(calls) == 1 + len(rows)
+    assert_close("logits", ref_logits, logits, 1e-5)
+    for a, b in zip(ref_cache.layers, cache.layers, strict=True):
+        assert_close("ssm state", a.ssm_state, b.ssm_state, 1e-5)
+        assert_close("conv state", a.conv_state, b.conv_state, 1e-6)
+    # generate's tokens, greedy and beams, are those of the row-by-row prefill
+    kw = {"max_new_tokens": 5, "pad_token_id": 0}
+    for beams in (1, 3):
+        monkeypatch.setattr(gen, "_packable", packable)
+        out = peft.generate(ids, attention_mask=mask, adapter_names=rows, num_beams=beams, **kw)
+        monkeypatch.setattr(gen, "_packable", lambda m: False)
+        ref = peft.generate(ids, attention_mask=mask, adapter_names=rows, num_beams=beams, **kw)
+        assert torch.equal(out, ref), (beams, out, ref)

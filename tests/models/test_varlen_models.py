@@ -101,20 +101,26 @@ def test_packed_prefill_equals_row_by_row(arch):
 
 @pytest.mark.parametrize("arch", ["m1", "m2"])
 def test_routed_state_adapters_per_sequence(arch):
-    from ssmtune import StateOffsetConfig
+    from ssmtune import LoraConfig, StateOffsetConfig
 
     model = get_peft_model(tiny_model(arch, dtype=torch.float64), InitialStateConfig(conv_state=True), "a")
     model.add_adapter("b", StateOffsetConfig())
-    perturb(model, 0.3)
-    names = ["a", "b", None, "a"]
-    lens = [3, 6, 1, 4]
+    model.add_adapter("c", LoraConfig(r=2, use_dora=True))  # LoRA/DoRA route each token with its sequence
+    for n in model.adapter_names:  # perturb moves the trainable (active) adapter only
+        model.set_adapter(n)
+        perturb(model, 0.3)
+    names = ["a", "b", None, "c", "a"]
+    lens = [3, 6, 1, 5, 4]
     ids = [torch.randint(0, 37, (n,)) for n in lens]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     with torch.no_grad():
         packed = model(torch.cat(ids)[None], cu_seqlens=cu, adapter_names=names).logits[0]
         separate = torch.cat([model(x[None], adapter_names=[n]).logits[0] for x, n in zip(ids, names, strict=True)])
     assert_close("routed logits", separate, packed, 1e-6)
-    with pytest.raises(ValueError, match="4 sequences but 2 adapter names"):
+    with torch.no_grad():
+        base = model(ids[0][None], adapter_names=[None]).logits
+        assert all((model(ids[0][None], adapter_names=[n]).logits - base).abs().max() > 1e-3 for n in "abc")
+    with pytest.raises(ValueError, match="5 sequences but 2 adapter names"):
         model(torch.cat(ids)[None], cu_seqlens=cu, adapter_names=["a", "b"])
 
 
@@ -143,3 +149,18 @@ def test_a_plan_cached_in_inference_mode_serves_training(arch):
         model(ids, cu_seqlens=cu)
     model(ids, labels=ids, cu_seqlens=cu).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_packed_prefill_under_inference_mode():
+    """Inference tensors have no version counter: the boundaries of an inference-mode ``cu_seqlens`` are read anew."""
+    from ssmtune.models import generate as gen
+
+    lm = tiny_model("m1")
+    ids = torch.randint(0, 37, (2, 5))
+    mask = torch.tensor([[1] * 5, [0] * 2 + [1] * 3])
+    with torch.no_grad():
+        want = gen.prefill(lm, ids, mask)[1]
+    with torch.inference_mode():
+        assert_close("logits", want, gen.prefill(lm, ids, mask)[1], 1e-6)
+        cu = torch.tensor([0, 5, 8], dtype=torch.int32)
+        assert_close("logits", want, lm(ids[mask.bool()][None], cu_seqlens=cu).logits[0, [4, 7]], 1e-6)

@@ -88,6 +88,33 @@ def test_rows_join_and_match_generate_alone():
     assert engine.stats.requests == len(jobs)
 
 
+def test_rows_of_different_prompt_lengths_and_adapters_prefill_in_one_forward(monkeypatch):
+    peft = _peft()
+    jobs = [
+        ([1, 2, 3], "h", 4),
+        ([4], "lora", 4),
+        ([5, 6], None, 4),
+        ([7, 8, 9, 10, 11], "lora2", 4),
+        ([3, 3], "h0", 4),
+    ]
+    want = _alone(peft, jobs)
+    lm = peft.base_model
+    prefills = []
+    forward = type(lm).forward
+
+    def counting(self, input_ids=None, *a, **k):
+        if input_ids.shape[1] > 1:  # decode steps have one token per row
+            prefills.append(input_ids.shape)
+        return forward(self, input_ids, *a, **k)
+
+    monkeypatch.setattr(type(lm), "forward", counting)
+    engine = BatchEngine(peft, eos_token_id=EOS, batch_wait_s=0.5)
+    got = _serve(engine, jobs)
+    assert [tokens for tokens, _ in got] == want
+    assert engine.stats.max_rows == len(jobs)  # admitted together ...
+    assert prefills == [torch.Size([1, 13])]  # ... and prefilled in one packed forward
+
+
 def _spy_steps(engine) -> list[set]:
     """The adapters of the live rows at every decode step."""
     seen = []

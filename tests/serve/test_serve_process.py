@@ -85,7 +85,7 @@ def test_a_failing_request_fails_alone_and_sigterm_stops_the_server(tmp_path: Pa
         good = [{"prompt": p, "max_new_tokens": 12} for p in prompts]
         alone = [asyncio.run(_post_all(url, [b]))[0] for b in good]
         want = [_sse(r.text)[-1]["text"] for r in alone]
-        # the failing one shares the first batch (same prompt length as "a dog": one prefill group) with the others
+        # the failing one shares the first batch (one prefill forward) with the others
         bad = {"prompt": "a cow", "do_sample": True, "seed": FAILING_SEED, "max_new_tokens": 12}
         bad_plain = {**bad, "stream": False}
         responses = asyncio.run(_post_all(url, [good[0], bad, good[1], bad_plain, good[2]]))

@@ -60,6 +60,13 @@ class LoraDelta(LinearDelta):
         routing = getattr(self, ROUTING_ATTR, None)
         if routing is None:
             return self._adapt(x, y, base)
+        if routing.tokens is not None:
+            # a packed forward [1, total, features]: its tokens are routed with their sequences, one row each
+            flat = self._routed(routing, x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), base)
+            return flat.view(y.shape)
+        return self._routed(routing, x, y, base)
+
+    def _routed(self, routing, x: torch.Tensor, y: torch.Tensor, base: nn.Linear) -> torch.Tensor:
         rows = routing.rows_of(getattr(self, ADAPTER_ATTR), x.shape[0], x.device)  # x, y: [B, ..., features]
         if rows is None:
             return self._adapt(x, y, base)
