@@ -200,6 +200,8 @@ def run(args: argparse.Namespace) -> dict:
                         row["detail"] = traceback.format_exc()[-600:]
                     print(f"decode: {model} {stack} batch {batch} {mix}: {row.get('decode_tok_s') or row['status']}",
                           file=sys.stderr, flush=True)  # fmt: skip
+                    if getattr(args, "report_partial", None) is not None:
+                        args.report_partial({"rows": rows})
         del peers, peft
     return {"rows": rows, "table": table(rows)}
 

@@ -47,7 +47,7 @@ def parser_for(bench: Benchmark) -> argparse.ArgumentParser:
 
 def effective(args: argparse.Namespace) -> dict[str, Any]:
     """The options as the benchmark ran them (it may resolve some, e.g. a smoke test's fewer steps)."""
-    return {k: v for k, v in vars(args).items() if k != "out"}
+    return {k: v for k, v in vars(args).items() if k not in ("out", "report_partial")}
 
 
 def listing() -> str:
@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(device),
     }
     t0 = time.perf_counter()
+
+    def report_partial(results: dict[str, Any]) -> None:
+        # a benchmark may call this after each row: a run cut short (a time limit, Ctrl-C) keeps what it measured
+        write_json(out, {**report, "args": effective(args), "status": "running", "seconds": time.perf_counter() - t0,
+                         "results": results})  # fmt: skip
+
+    args.report_partial = report_partial
     try:
         results = bench.run(args)
     except CheckFailed as e:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ssmtune.bench.run import main
 
 
@@ -21,3 +23,26 @@ def test_decode_bench_small_writes_rows(tmp_path) -> None:
         ("eager", "2 adapters"),
     }
     assert all(r["status"] == "ok" and r["e2e_tok_s"] > 0 for r in rows)
+
+
+def test_decode_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch) -> None:
+    from ssmtune.bench import decode
+
+    real, calls = decode.time_generate, []
+
+    def stop_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "time_generate", stop_at_the_third)
+    out = tmp_path / "decode.json"
+    argv = ["decode", "--device", "cpu", "--small", "--models", "mamba2", "--stacks", "graph", "eager",
+            "--batches", "2", "--prompt-len", "4", "--new-tokens", "3", "--adapters", "2", "--repeats", "1",
+            "--out", str(out)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    report = json.loads(out.read_text())
+    assert report["status"] == "running" and "report_partial" not in report["args"]
+    assert [r["status"] for r in report["results"]["rows"]] == ["ok", "ok"]
