@@ -142,3 +142,67 @@ def argmax_continuation(model, x: torch.Tensor, steps: int) -> torch.Tensor:
         nxt = model(x).logits[:, -1].argmax(-1, keepdim=True)
         x = torch.cat([x, nxt], dim=1)
     return x
+
+
+# --- the generic PEFT checks that the SSD hybrids and the Gated DeltaNet models share --------------------------------
+
+
+def check_identity_at_init(clean, model, identity_at_init: bool) -> None:
+    """A fresh adapter leaves the logits as they were, or (Prefix, which adds tokens) visibly changes them."""
+    from ssmtune.ops.testing import assert_close
+
+    x = ids()
+    with torch.no_grad():
+        out, ref = model(x).logits, clean(x).logits
+    if identity_at_init:
+        assert_close("identity", ref, out, 0, atol=1e-6)
+    else:
+        assert (out - ref).abs().max() > 1e-4
+
+
+def check_trains_only_adapters(clean, model) -> None:
+    """Only the adapter's parameters train and get gradients; two steps change the output; disabled, it is the base."""
+    from ssmtune.ops.testing import assert_close
+
+    model.train()
+    adapter = {id(p) for m in model.adapter_modules().values() for p in m.parameters()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == adapter
+    x = ids()
+    # Adam: steps of ~lr whatever the gradient's scale (Falcon-H1's multipliers make some tiny)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(2):  # LoRA's B starts at zero: its A gets a gradient from the second step on
+        opt.zero_grad()
+        model(x, labels=x).loss.backward()
+        for n, p in model.named_parameters():
+            assert (p.grad is not None) == (id(p) in adapter), n
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(x).logits - clean(x).logits).abs().max().item() > 1e-4
+        with model.disable_adapter():
+            assert_close("disabled", clean(x).logits, model(x).logits, 0, atol=1e-5)
+
+
+def check_decode_matches_forward(model) -> None:
+    from ssmtune.ops.testing import assert_close
+
+    x = ids(length=13)
+    with torch.no_grad():
+        assert_close("decode", model(x).logits, decode_logits(model, x, prefill=8), 1e-4, atol=1e-5)
+
+
+def check_rows_match_alone(peft, rows: list) -> None:
+    """A batch with one adapter per row (None: no adapter) equals each row run alone with its adapter."""
+    from ssmtune.ops.testing import assert_close
+
+    x = ids(batch=len(rows), length=9)
+    with torch.no_grad():
+        mixed = peft(x, adapter_names=rows).logits
+        for b, name in enumerate(rows):
+            if name is None:
+                with peft.disable_adapter():
+                    alone = peft(x[b : b + 1]).logits
+            else:
+                peft.set_adapter(name)
+                alone = peft(x[b : b + 1]).logits
+            assert_close(f"row {b} ({name})", alone[0], mixed[b], 1e-5, atol=1e-5)

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from _gdn import GDN_FAMILIES, MIXER_LINEARS, tiny_gdn, tiny_gdn_hf
-from _hybrid import decode_logits, ids, tiny_hybrid
+from _hybrid import (
+    check_decode_matches_forward,
+    check_identity_at_init,
+    check_rows_match_alone,
+    check_trains_only_adapters,
+    decode_logits,
+    ids,
+    tiny_hybrid,
+)
 
 from ssmtune import (
     InitialStateConfig,
@@ -120,44 +128,19 @@ def _setup(case: Case, family: str, *, perturbed: bool = True):
 @pytest.mark.parametrize(("case", "family"), PARAMS, ids=IDS)
 def test_identity_at_init_and_counts(case, family):
     clean, model = _setup(case, family, perturbed=False)
-    x = ids()
-    with torch.no_grad():
-        out, ref = model(x).logits, clean(x).logits
-    if case.identity_at_init:
-        assert_close("identity", ref, out, 0, atol=1e-6)
-    else:
-        assert (out - ref).abs().max() > 1e-4
+    check_identity_at_init(clean, model, case.identity_at_init)
     if case.per_mixer is not None:
         assert model.trainable_parameters() == sum(case.per_mixer(t.mixer) for t in iter_mixers(model.base_model))
 
 
 @pytest.mark.parametrize(("case", "family"), PARAMS, ids=IDS)
 def test_trains_only_adapters_and_changes_output(case, family):
-    clean, model = _setup(case, family, perturbed=False)
-    model.train()
-    adapter = {id(p) for m in model.adapter_modules().values() for p in m.parameters()}
-    assert {id(p) for p in model.parameters() if p.requires_grad} == adapter
-    x = ids()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for _ in range(2):  # LoRA's B starts at zero: its A gets a gradient from the second step on
-        opt.zero_grad()
-        model(x, labels=x).loss.backward()
-        for n, p in model.named_parameters():
-            assert (p.grad is not None) == (id(p) in adapter), n
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        assert (model(x).logits - clean(x).logits).abs().max().item() > 1e-4
-        with model.disable_adapter():
-            assert_close("disabled", clean(x).logits, model(x).logits, 0, atol=1e-5)
+    check_trains_only_adapters(*_setup(case, family, perturbed=False))
 
 
 @pytest.mark.parametrize(("case", "family"), PARAMS, ids=IDS)
 def test_decode_matches_forward(case, family):
-    _, model = _setup(case, family)
-    x = ids(length=13)
-    with torch.no_grad():
-        assert_close("decode", model(x).logits, decode_logits(model, x, prefill=8), 1e-4, atol=1e-5)
+    check_decode_matches_forward(_setup(case, family)[1])
 
 
 def test_state_offset_never_enters_the_recurrence():
@@ -189,18 +172,7 @@ def test_mixed_adapters_per_row(family):
     for name in adapters:
         peft.set_adapter(name)
         perturb(peft)
-    rows = ["h", None, "y", "h0", "lora", "h"]
-    x = ids(batch=len(rows), length=9)
-    with torch.no_grad():
-        mixed = peft(x, adapter_names=rows).logits
-        for b, name in enumerate(rows):
-            if name is None:
-                with peft.disable_adapter():
-                    alone = peft(x[b : b + 1]).logits
-            else:
-                peft.set_adapter(name)
-                alone = peft(x[b : b + 1]).logits
-            assert_close(f"row {b} ({name})", alone[0], mixed[b], 1e-5, atol=1e-5)
+    check_rows_match_alone(peft, ["h", None, "y", "h0", "lora", "h"])
 
 
 def test_save_load_round_trip(tmp_path):

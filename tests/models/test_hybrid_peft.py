@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from _hybrid import FAMILIES, decode_logits, ids, tiny_hf, tiny_hybrid
+from _hybrid import (
+    FAMILIES,
+    check_decode_matches_forward,
+    check_identity_at_init,
+    check_rows_match_alone,
+    check_trains_only_adapters,
+    ids,
+    tiny_hf,
+    tiny_hybrid,
+)
 
 from ssmtune import (
     BitFitConfig,
@@ -71,13 +80,7 @@ def _setup(case: Case, family: str, *, perturbed: bool = True):
 @pytest.mark.parametrize(("case", "family"), PARAMS, ids=IDS)
 def test_identity_at_init_and_counts(case, family):
     clean, model = _setup(case, family, perturbed=False)
-    x = ids()
-    with torch.no_grad():
-        out, ref = model(x).logits, clean(x).logits
-    if case.identity_at_init:
-        assert_close("identity", ref, out, 0, atol=1e-6)
-    else:
-        assert (out - ref).abs().max() > 1e-4
+    check_identity_at_init(clean, model, case.identity_at_init)
     if case.state_count:
         states = sum(math.prod(t.mixer.state_shape) for t in iter_mixers(model.base_model))
         assert model.trainable_parameters() == states
@@ -85,33 +88,12 @@ def test_identity_at_init_and_counts(case, family):
 
 @pytest.mark.parametrize(("case", "family"), PARAMS, ids=IDS)
 def test_trains_only_adapters_and_changes_output(case, family):
-    clean, model = _setup(case, family, perturbed=False)
-    model.train()
-    adapter = {id(p) for m in model.adapter_modules().values() for p in m.parameters()}
-    assert {id(p) for p in model.parameters() if p.requires_grad} == adapter
-    x = ids()
-    # Adam: steps of ~lr whatever the gradient's scale (Falcon-H1's multipliers make some tiny)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for _ in range(2):  # LoRA's B starts at zero: its A gets a gradient from the second step on
-        opt.zero_grad()
-        model(x, labels=x).loss.backward()
-        for n, p in model.named_parameters():
-            assert (p.grad is not None) == (id(p) in adapter), n
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        change = (model(x).logits - clean(x).logits).abs().max().item()
-        assert change > 1e-4
-        with model.disable_adapters():
-            assert_close("disabled", clean(x).logits, model(x).logits, 0, atol=1e-5)
+    check_trains_only_adapters(*_setup(case, family, perturbed=False))
 
 
 @pytest.mark.parametrize(("case", "family"), PARAMS, ids=IDS)
 def test_decode_matches_forward(case, family):
-    _, model = _setup(case, family)
-    x = ids(length=13)
-    with torch.no_grad():
-        assert_close("decode", model(x).logits, decode_logits(model, x, prefill=8), 1e-4, atol=1e-5)
+    check_decode_matches_forward(_setup(case, family)[1])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -170,18 +152,7 @@ def _routed(family: str):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_adapters_per_row(family):
-    peft = _routed(family)
-    x = ids(batch=len(ROWS), length=9)
-    with torch.no_grad():
-        mixed = peft(x, adapter_names=ROWS).logits
-        for b, name in enumerate(ROWS):
-            if name is None:
-                with peft.disable_adapters():
-                    alone = peft(x[b : b + 1]).logits
-            else:
-                peft.set_adapter(name)
-                alone = peft(x[b : b + 1]).logits
-            assert_close(f"row {b} ({name})", alone[0], mixed[b], 1e-5, atol=1e-5)
+    check_rows_match_alone(_routed(family), ROWS)
 
 
 def test_layer_selection_and_errors():
