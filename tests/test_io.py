@@ -277,6 +277,33 @@ def test_crash_between_the_two_renames_is_refused(tmp_path, monkeypatch):
     assert torch.equal(_logits(PeftModel.from_pretrained(tiny_model("m1"), tmp_path)), _logits(_other_adapter()))
 
 
+def test_files_a_killed_save_staged_are_ignored_then_removed(tmp_path):
+    """A save killed between staging and its renames leaves ``.<name>.<random>.tmp`` files: loading reads fixed names
+    and ignores them, the next save of the folder removes them (other files stay)."""
+    from ssmtune.models.loading import load_model, save_pretrained
+
+    model = get_peft_model(tiny_model("m1"), StateOffsetConfig())
+    perturb(model)
+    model.save_pretrained(tmp_path)
+    stale = [tmp_path / ".adapter_model.safetensors.k3x9a0_q.tmp", tmp_path / ".adapter_config.json.0_zz91ab.tmp"]
+    stale[0].write_bytes(b"half a safetensors file")
+    stale[1].write_text("{")
+    (tmp_path / "notes.txt").write_text("the user's")
+    loaded = PeftModel.from_pretrained(tiny_model("m1"), tmp_path).adapter_state_dict()
+    assert all(torch.equal(loaded[k], t) for k, t in model.adapter_state_dict().items())
+    model.save_pretrained(tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    # a model folder likewise
+    base = tmp_path / "base"
+    save_pretrained(tiny_model("m1"), base)
+    staged = base / ".model.safetensors.k3x9a0_q.tmp"
+    staged.write_bytes(b"half")
+    load_model(base)
+    save_pretrained(tiny_model("m1"), base)
+    assert sorted(p.name for p in base.iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_changed_weights_refused_unless_the_digest_is_removed(tmp_path):
     _saved(tmp_path / "a")
     _other_adapter().save_pretrained(tmp_path / "b")

@@ -17,7 +17,8 @@ On CUDA the step is captured as a CUDA graph (``capture=True``); elsewhere the s
 the buffer logic (bucket padding, routing buffers, in-place beam reorder) is tested on the CPU too. Captured graphs
 are kept on the model per (bucket, device, dtype), one per layout of the offset buffers, and reused while the
 model's parameters (addresses, shapes), the LoRA modules' ``active`` / ``merged`` flags and the backends stay the
-same; otherwise the next ``generate`` captures again. A capture that fails warns and leaves the step eager.
+same; otherwise the next ``generate`` captures again. That is checked at every ``start`` against a snapshot
+(``_Watch``) without walking the model by name; the walk runs again only when the snapshot sees a change. A capture that fails warns and leaves the step eager.
 
 Routed LoRA/DoRA (LoRA rows mixed with other rows) picks its rows on the host each step, so it cannot be replayed:
 ``unsupported_reason`` says why and ``generate`` then decodes eagerly. Sampling, beam bookkeeping and stopping stay outside
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -115,6 +117,51 @@ def _signature(lm: nn.Module) -> tuple:
     return params, flags
 
 
+_FLAGS = ("active", "merged", "backend")
+
+
+def _flag_defaults(cls: type) -> tuple:
+    """The class defaults of ``_FLAGS`` (None where unset). A property (the LM's ``backend``) counts as None: its value
+    comes from its modules' own flags (each mixer's ``backend``), which are read, and reading it would walk them."""
+    found = (getattr(cls, a, None) for a in _FLAGS)
+    return tuple(None if hasattr(type(v), "__get__") else v for v in found)
+
+
+class _Watch:
+    """What ``_signature`` read, checked again without walking the model by name: ``unchanged()`` is True only when
+    every module the walk found is still alive and has the same children (names and objects), the same parameters
+    (names, addresses, shapes, dtypes) and the same ``training`` / flags, so that the walk would give the same
+    signature. It sees edits made behind ssmtune's back too (``.to()`` and back, ``.train()``, ``p.data = ...``, a
+    module swapped or deleted). Modules are held weakly: a deleted adapter is not kept alive by a decoder."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        mods = list(lm.modules())
+        self.refs = [weakref.ref(m) for m in mods]
+        # per module, the class defaults of its flags, read from its __dict__ (fast); None: left out (state hooks, as
+        # _signature does)
+        self.reads = [None if isinstance(m, StateHook) else _flag_defaults(type(m)) for m in mods]
+        self.state = self._probe(mods)
+
+    def _probe(self, mods: list[nn.Module]) -> tuple:
+        # children by id: every child was among the modules found, which are all alive when this runs, so an equal id
+        # is the same object
+        kids = [(k, id(c)) for m in mods for k, c in m._modules.items()]
+        params = [
+            (k, None) if p is None else (k, p.data_ptr(), p.shape, p.dtype)
+            for m in mods
+            for k, p in m._parameters.items()
+        ]
+        flags = [
+            None if read is None else (m.training, *map(m.__dict__.get, _FLAGS, read))
+            for m, read in zip(mods, self.reads)
+        ]
+        return kids, params, flags
+
+    def unchanged(self) -> bool:
+        mods = [r() for r in self.refs]
+        return all(m is not None for m in mods) and self._probe(mods) == self.state
+
+
 @dataclass
 class _Step:
     """The step for one layout of the offset buffers: the buffers, and on CUDA its graph and output."""
@@ -139,6 +186,7 @@ class GraphedDecoder:
         self.steps: dict[tuple, _Step] = {}
         self.current = _Step([MergedState() for _ in self.mixers])
         self.signature: tuple | None = None
+        self.watch: _Watch | None = None  # tells start() when the signature must be walked again
         self.batch = 0
         self.routing = None
         self.rows: torch.Tensor | None = None
@@ -173,11 +221,15 @@ class GraphedDecoder:
             self.rows = torch.cat([base, base[:1].expand(pad)]) if pad else base
         offsets, keys = self._collect(batch, routing, rows)
         layout = tuple(self._layout(mixer, st) for mixer, st in zip(self.mixers, offsets))
-        signature = _signature(self.lm)
-        if signature != self.signature:
-            # the state shapes may have changed too (Additional-scan extends N): fresh buffers
-            self.signature, self.steps = signature, {}
-            self.cache = self.lm.allocate_cache(self.bucket, dtype=self.dtype, device=self.device)
+        # the walk by name costs milliseconds on a large model (the engine starts a decoder whenever its rows change):
+        # it runs again only when the watch sees something it reads change
+        if self.watch is None or not self.watch.unchanged():
+            signature = _signature(self.lm)
+            if signature != self.signature:
+                # the state shapes may have changed too (Additional-scan extends N): fresh buffers
+                self.signature, self.steps = signature, {}
+                self.cache = self.lm.allocate_cache(self.bucket, dtype=self.dtype, device=self.device)
+            self.watch = _Watch(self.lm)
         new = layout not in self.steps
         if new:
             self.steps[layout] = _Step([self._buffers(m, entry) for m, entry in zip(self.mixers, layout)])

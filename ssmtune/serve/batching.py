@@ -110,6 +110,9 @@ class QueueFullError(RuntimeError):
     """The engine has ``max_queue`` requests waiting."""
 
 
+_SHUTDOWN = {"error": "the server is shutting down"}  # to every request waiting or running when the worker ends
+
+
 @dataclass
 class _Row:
     req: GenerationRequest
@@ -166,6 +169,8 @@ class BatchEngine:
         self._cache: InferenceCache | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # submit() puts under it, the worker's last drain of the queue takes it: no request is queued after the drain
+        self._submit_lock = threading.Lock()
         self.device = next(model.parameters()).device
         base = model.base_model if isinstance(model, PeftModel) else model
         # a transformers hybrid keeps its cache in transformers' classes: its requests run one at a time, through
@@ -198,7 +203,20 @@ class BatchEngine:
     def active_rows(self) -> int:
         return len(self._rows)
 
+    @property
+    def running(self) -> bool:
+        """Started and not asked to stop."""
+        return self._thread is not None and not self._stop.is_set()
+
+    @property
+    def stopping(self) -> bool:
+        """Asked to stop, but the worker is still running (``stop`` timed out): it cannot be started again yet."""
+        return self._thread is not None and self._stop.is_set()
+
     def start(self) -> None:
+        """Start the worker; a no-op on a running engine. RuntimeError while a timed-out ``stop`` is still pending."""
+        if self.stopping:
+            raise RuntimeError("the engine is still stopping: its worker has not ended; call stop() again to wait")
         if self._thread is not None:
             return
         self._stop.clear()
@@ -206,49 +224,72 @@ class BatchEngine:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker; requests still waiting or running get an error event."""
+        """Stop the worker and wait up to ``timeout`` seconds for it to end; requests still waiting or running get an
+        error event from the worker as it ends. A no-op on an engine that is not running.
+
+        RuntimeError when the worker is still running after ``timeout`` (a forward or beam search in progress): the
+        engine is then ``stopping``, refuses new requests and cannot be started; call ``stop`` again to wait longer.
+        The model is the worker's until ``stop`` returns."""
+        thread = self._thread
+        if thread is None:
+            return
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        for row in self._rows:
-            row.req.emit({"error": "the server is shutting down"})
-        self._rows, self._cache, self._decoder = [], None, None
-        while True:
-            try:
-                self._queue.get_nowait().emit({"error": "the server is shutting down"})
-            except queue.Empty:
-                break
-        for req in self._deferred + self._beams:
-            req.emit({"error": "the server is shutting down"})
-        self._deferred, self._beams = [], []
+        thread.join(timeout)
+        if thread.is_alive():
+            raise RuntimeError(
+                f"the engine's worker is still running {timeout} s after stop() (a forward or beam search in "
+                f"progress); it ends after that step; call stop() again to wait for it"
+            )
+        self._thread = None
 
     def submit(self, req: GenerationRequest) -> None:
-        if self._thread is None:
-            raise RuntimeError("the engine is not running (call start())")
-        if self.pending >= self.max_queue:
-            raise QueueFullError(f"{self.pending} requests are waiting (max_queue={self.max_queue}); retry later")
-        self._queue.put(req)
+        with self._submit_lock:
+            if self._thread is None:
+                raise RuntimeError("the engine is not running (call start())")
+            if self._stop.is_set():
+                raise RuntimeError("the engine is stopping: it takes no new requests")
+            if self.pending >= self.max_queue:
+                raise QueueFullError(f"{self.pending} requests are waiting (max_queue={self.max_queue}); retry later")
+            self._queue.put(req)
 
     # --- worker -----------------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while not self._stop.is_set():
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    try:
+                        self._admit()
+                        if self._beams:
+                            self._detach_decoder()
+                            # one at a time, so the batch only pauses for one beam search per step
+                            self._beam_search(self._beams.pop(0))
+                        if self._rows:
+                            self._step()
+                    # keep serving: a failed forward fails the rows of this batch only (a row's own failure is caught
+                    # in _emit_all and fails that row alone)
+                    except Exception as e:  # noqa: BLE001
+                        for row in self._rows:
+                            self._fail(row.req, e)
+                        self._rows, self._cache, self._decoder = [], None, None
+        finally:
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        """The worker's last act: every request it still holds or that waits gets the shutdown event (here, as the
+        worker owns the rows: a ``stop`` that timed out leaves them alone)."""
+        reqs = [row.req for row in self._rows] + self._deferred + self._beams
+        self._rows, self._cache, self._decoder, self._deferred, self._beams = [], None, None, [], []
+        with self._submit_lock:
+            while True:
                 try:
-                    self._admit()
-                    if self._beams:
-                        self._detach_decoder()
-                        # one at a time, so the batch only pauses for one beam search per step
-                        self._beam_search(self._beams.pop(0))
-                    if self._rows:
-                        self._step()
-                # keep serving: a failed forward fails the rows of this batch only (a row's own failure is caught
-                # in _emit_all and fails that row alone)
-                except Exception as e:  # noqa: BLE001
-                    for row in self._rows:
-                        self._fail(row.req, e)
-                    self._rows, self._cache, self._decoder = [], None, None
+                    reqs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+        for req in reqs:
+            # a caller's broken callback must not keep the others from their event
+            with contextlib.suppress(Exception):
+                req.emit(dict(_SHUTDOWN))
 
     def _collect(self) -> list[GenerationRequest]:
         """Requests to consider now: the deferred ones first, then new ones from the queue."""

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ssmtune.utils.io import replace_dir
+from ssmtune.utils.io import remove_stale_staging, replace_dir
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -130,11 +130,13 @@ def read_state(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
 
 
 def clean_interrupted_writes(folder: str | Path) -> None:
-    """Remove the temporary files and folders (``.tmp-best-<pid>``, ``.tmp-results.json-<pid>``, ...) that a run
-    killed in the middle of an atomic write left in ``folder``; this process's own are kept."""
+    """Remove the temporary files and folders (``.tmp-best-<pid>``, ``.tmp-results.json-<pid>``, files staged by
+    ``atomic_write_files`` such as ``.results.json.k3x9a0_q.tmp``) that a run killed in the middle of an atomic write
+    left in ``folder``; this process's own are kept, and so are those of a live writer."""
     folder = Path(folder)
     if not folder.is_dir():
         return
+    remove_stale_staging(folder)
     for p in folder.iterdir():
         if p.name.startswith(".tmp-") and not p.name.endswith(f"-{os.getpid()}"):
             if p.is_dir() and not p.is_symlink():

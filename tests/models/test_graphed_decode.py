@@ -371,3 +371,70 @@ def test_an_adapter_that_changes_the_state_size() -> None:
     peft.set_adapter(["lora", "scan"])
     eager, static = _both(peft, ids, max_new_tokens=5)
     assert torch.equal(eager, static)
+
+
+def _count_walks(monkeypatch) -> list:
+    from ssmtune.models import decode
+
+    walks = []
+    walk = decode._signature
+    monkeypatch.setattr(decode, "_signature", lambda lm: walks.append(1) or walk(lm))
+    return walks
+
+
+def test_repeated_generate_calls_do_not_walk_the_model(monkeypatch) -> None:
+    """The signature walk runs on a decoder's first start; later starts (new prompts, another mix of state adapters,
+    beams) check the model against a snapshot instead, and reuse the steps."""
+    walks = _count_walks(monkeypatch)
+    peft = _peft("m1", ADAPTERS)
+    ids = _prompts(4)
+    for names in (None, ["h", "y", "h", None], ["y", None, "h", "y"], ["h", "y", "h", None], None):
+        static = peft.generate(ids, max_new_tokens=3, cuda_graph=True, adapter_names=names)
+        assert torch.equal(static, peft.generate(ids, max_new_tokens=3, cuda_graph=False, adapter_names=names))
+    assert len(walks) == 1
+    peft.generate(_prompts(4, length=7), max_new_tokens=3, cuda_graph=True)
+    assert len(walks) == 1
+    (dec,) = peft.base_model.__dict__[DECODERS_ATTR].values()
+    assert dec.watch.unchanged()
+
+
+def test_model_changes_still_walk_and_invalidate(monkeypatch) -> None:
+    """Every change the signature reads is seen by the cheap check: adapters added, switched, deleted, LoRA flags set
+    by hand, train / eval, a parameter's storage replaced (as ``.to()`` and back does). Each walks again, and the
+    step decodes as the eager one."""
+    import gc
+    import weakref
+
+    walks = _count_walks(monkeypatch)
+    peft = _peft("m1", {"h": StateOffsetConfig()})
+    ids = _prompts(2)
+
+    def check() -> int:
+        static = peft.generate(ids, max_new_tokens=4, cuda_graph=True)
+        assert torch.equal(static, peft.generate(ids, max_new_tokens=4, cuda_graph=False))
+        return len(walks)
+
+    def lora_modules():
+        return list(peft.adapter_modules("la").values())
+
+    assert check() == 1
+    peft.add_adapter("la", LoraConfig(r=2, target_modules=["out_proj"]))
+    perturb(peft)
+    assert check() == 2
+    peft.set_adapter(["h", "la"])
+    assert check() == 3 and check() == 3
+    lora_modules()[0].active = False  # by hand, behind ssmtune's back
+    assert check() == 4
+    peft.train()
+    assert check() == 5
+    peft.eval()
+    assert check() == 6
+    weight = peft.base_model.backbone.layers[0].mixer.out_proj.base_layer.weight
+    weight.data = weight.data.clone()  # same values, another address: a captured graph would read the old one
+    assert check() == 7
+    gone = weakref.ref(lora_modules()[0])
+    peft.delete_adapter("la")
+    assert check() == 8
+    # the decoder's snapshot does not keep a deleted adapter alive
+    gc.collect()
+    assert gone() is None

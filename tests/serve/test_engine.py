@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import re
+import threading
 import time
 
 import pytest
@@ -218,6 +219,70 @@ def test_submit_needs_a_running_engine():
         engine.submit(req)
     with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
         BatchEngine(_peft(), eos_token_id=EOS, max_batch=0)
+
+
+def test_stop_says_so_while_the_worker_still_runs(monkeypatch):
+    """A worker stuck in a step past stop()'s timeout: stop raises, and the engine stays "stopping" (no new requests,
+    no second worker, the rows left to the worker) until the next stop() sees the worker end; the worker sends its
+    row the shutdown event as it ends, and the engine can start again."""
+    engine = BatchEngine(_peft(), eos_token_id=EOS, batch_wait_s=0.0)
+    entered, release = threading.Event(), threading.Event()
+    step = engine._step
+
+    def slow_step():
+        entered.set()
+        release.wait(timeout=30)
+        step()
+
+    monkeypatch.setattr(engine, "_step", slow_step)
+    engine.start()
+    events: queue.Queue = queue.Queue()
+
+    def request(q: queue.Queue) -> GenerationRequest:
+        return GenerationRequest(prompt_ids=[1, 2], adapter="h", settings=GenerationSettings(max_new_tokens=40),
+                                 emit=q.put)  # fmt: skip
+
+    engine.submit(request(events))
+    try:
+        assert entered.wait(timeout=20)
+        with pytest.raises(RuntimeError, match=re.escape("worker is still running 0.05 s after stop()")):
+            engine.stop(timeout=0.05)
+        assert engine.stopping and not engine.running
+        with pytest.raises(RuntimeError, match="the engine is stopping: it takes no new requests"):
+            engine.submit(request(queue.Queue()))
+        with pytest.raises(RuntimeError, match="still stopping: its worker has not ended"):
+            engine.start()
+        with pytest.raises(RuntimeError, match="still running"):
+            engine.stop(timeout=0.01)
+        assert all("token" in e for e in list(events.queue))  # the row is still the worker's: no error from stop()
+    finally:
+        release.set()
+    engine.stop(timeout=20)
+    assert not engine.stopping and not engine.running
+    got = list(events.queue)
+    assert got[-1] == {"error": "the server is shutting down"} and all("token" in e for e in got[:-1])
+    engine.stop()  # stopped: a no-op
+    with pytest.raises(RuntimeError, match="not running"):
+        engine.submit(request(queue.Queue()))
+    monkeypatch.setattr(engine, "_step", step)
+    ((tokens, done),) = _serve(engine, [([1, 2], "h", 3)])
+    assert done == {"done": True, "finish_reason": "length"} and len(tokens) == 3
+
+
+def test_requests_waiting_at_stop_get_the_shutdown_event():
+    """Requests queued behind a busy worker are not dropped: the worker sends each the shutdown event as it ends."""
+    engine = BatchEngine(_peft(), eos_token_id=EOS, batch_wait_s=0.0, max_batch=1)
+    qs = [queue.Queue() for _ in range(3)]
+    engine.start()
+    for q in qs:
+        engine.submit(GenerationRequest(prompt_ids=[3], adapter=None, settings=GenerationSettings(max_new_tokens=500),
+                                        emit=q.put))  # fmt: skip
+    qs[0].get(timeout=20)  # the first one is decoding
+    engine.stop(timeout=20)
+    for q in qs:
+        got = list(q.queue)
+        assert got[-1] == {"error": "the server is shutting down"}, got[-1:]
+        assert all("token" in e for e in got[:-1])
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from torch import nn
 from ssmtune.train.checkpoint import (
     clean_interrupted_writes,
     latest_readable_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -76,3 +77,19 @@ def test_leftovers_of_interrupted_writes_are_removed(tmp_path):
     (tmp_path / "results.json").write_text("{}")
     clean_interrupted_writes(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "results.json"])
+
+
+def test_files_staged_by_a_killed_atomic_write_are_removed_and_never_listed(tmp_path):
+    """``atomic_write_files`` stages ``.<name>.<random>.tmp``: a run killed before the rename leaves them in the run
+    folder (results, logs) or the checkpoint root; the next run removes them, and listing never takes one for a
+    checkpoint."""
+    older, newest = _two(tmp_path)
+    staged = [tmp_path / ".results.json.k3x9a0_q.tmp", tmp_path / ".step-00000009.0_zz91ab.tmp"]
+    for p in staged:
+        p.write_text("{")
+    (tmp_path / ".tmp-step-00000009-123").mkdir()
+    (tmp_path / "notes.tmp").write_text("the user's")
+    assert list_checkpoints(tmp_path) == [older, newest]
+    assert latest_readable_checkpoint(tmp_path) == newest
+    clean_interrupted_writes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp", older.name, newest.name]
