@@ -194,7 +194,8 @@ class ServeArgs:
     port: int = 8000
     """TCP port."""
     max_batch: int = 16
-    """Most rows decoded together (a beam-search request, `num_beams` > 1, runs alone outside this batch)."""
+    """Most rows decoded together (a beam-search request, `num_beams` > 1, runs alone outside this batch); on a
+    transformers hybrid, most requests in one `generate` call."""
     batch_wait_ms: float = 5.0
     """When idle, how long to collect requests arriving together into the first batch."""
     max_queue: int = 256

@@ -13,8 +13,19 @@ for another kind of adapter (prompt, BitFit, partial, SDLoRA, Additional-scan) o
 that same adapter; it waits otherwise, and so do the requests behind it (first come, first served).
 
 A beam-search request (``num_beams`` > 1) never joins the batch: the worker runs it alone, between two decode steps,
-through ``generate(..., num_beams=k, adapter_names=[adapter])``, and sends its tokens when it is done. So does every
-request to a transformers hybrid model (``ssmtune.from_transformers``), whose cache is transformers'.
+through ``generate(..., num_beams=k, adapter_names=[adapter])``, and sends its tokens when it is done.
+
+A transformers hybrid model (``ssmtune.from_transformers``) keeps its cache in transformers' classes, so its requests
+run through transformers' ``generate`` instead of the batch above, a group of them per call: the first waiting request
+with the later ones that can share its call (up to ``max_batch``), their prompts left-padded (``attention_mask``; the
+mixers start each row's state at its first real token, so a row's tokens are those it gets alone, as the tests check
+for every hybrid family), with ``adapter_names=[adapter of each row]`` and the group's largest ``max_new_tokens``.
+Each row's tokens are sent as generate picks them, and the row stops at its own ``max_new_tokens`` or EOS (generate
+stops once every row has). Requests share a call when they decode alike: all greedy, or all sampled with the same
+temperature, top_k and top_p; rows of adapters that are not routable (above) only with rows of the same adapter. A
+sampled request with a ``seed`` runs alone: transformers samples every row from one global generator, so only alone
+are its tokens a function of its seed (the same tokens each time); one without a seed shares. Beam requests run alone.
+Later requests may join a call ahead of an earlier one that cannot; that one leads the next call.
 
 With ``cuda_graph`` on, decode steps run through a ``models.decode.GraphedDecoder``: the live rows' states
 move into its static buffers when the batch changes (rows joined or finished) and stay there while it does not, each
@@ -128,7 +139,7 @@ class EngineStats:
     requests: int = 0
     """Requests admitted into a batch."""
     steps: int = 0
-    """Batched decode steps."""
+    """Batched decode steps (of the engine's own batch; a hybrid's requests decode in ``generate_calls``)."""
     max_rows: int = 0
     """Most rows decoded together in one step."""
     max_adapters: int = 0
@@ -137,6 +148,8 @@ class EngineStats:
     """Requests that failed with an exception (each got its error event)."""
     beam_requests: int = 0
     """Beam-search requests run (each alone, outside the batch)."""
+    generate_calls: int = 0
+    """transformers ``generate`` calls running a group of a hybrid model's requests (beam requests not included)."""
 
 
 class BatchEngine:
@@ -173,8 +186,8 @@ class BatchEngine:
         self._submit_lock = threading.Lock()
         self.device = next(model.parameters()).device
         base = model.base_model if isinstance(model, PeftModel) else model
-        # a transformers hybrid keeps its cache in transformers' classes: its requests run one at a time, through
-        # transformers' generate, as beam requests do
+        # a transformers hybrid keeps its cache in transformers' classes: its requests wait with the beam requests and
+        # run in groups through transformers' generate (_generate)
         self.solo = not hasattr(base, "backbone")
         self.n_layer = 0 if self.solo else len(base.backbone.layers)
         self.base = base
@@ -262,8 +275,12 @@ class BatchEngine:
                         self._admit()
                         if self._beams:
                             self._detach_decoder()
-                            # one at a time, so the batch only pauses for one beam search per step
-                            self._beam_search(self._beams.pop(0))
+                            # one call at a time, so the batch only pauses for one beam search per step
+                            group = self._next_group()
+                            if group[0].settings.num_beams > 1:
+                                self._beam_search(group[0])
+                            else:
+                                self._generate(group)
                         if self._rows:
                             self._step()
                     # keep serving: a failed forward fails the rows of this batch only (a row's own failure is caught
@@ -326,7 +343,7 @@ class BatchEngine:
             if req.cancelled.is_set():
                 continue
             if req.settings.num_beams > 1 or self.solo:
-                # runs alone, outside the batch: it takes no row and waits for nobody
+                # runs outside the batch (alone, or in a hybrid's generate call): it takes no row, waits for nobody
                 self._beams.append(req)
                 continue
             joined = names | {req.adapter}
@@ -365,13 +382,7 @@ class BatchEngine:
         if not rows:
             return
         try:
-            width = max(len(r.req.prompt_ids) for r in rows)
-            ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-            mask = torch.zeros_like(ids)
-            for i, r in enumerate(rows):  # left padding; the prefill never reads the pads
-                n = len(r.req.prompt_ids)
-                ids[i, width - n :] = torch.tensor(r.req.prompt_ids, dtype=torch.long)
-                mask[i, width - n :] = 1
+            ids, mask = self._left_pad([r.req.prompt_ids for r in rows])  # the prefill never reads the pads
             with self._route([r.req.adapter for r in rows]) as routing:
                 model = self.base if routing is None else RoutedLM(self.base, routing)
                 cache, logits = prefill(model, ids, mask)  # [b, V]
@@ -387,6 +398,72 @@ class BatchEngine:
             self._cache = cache if self._cache is None else InferenceCache.cat([self._cache, cache])
             self._rows.extend(rows[i] for i in keep)
 
+    def _next_group(self) -> list[GenerationRequest]:
+        """The first request set apart, with (on a hybrid) the later ones that can share its ``generate`` call."""
+        head = self._beams.pop(0)
+        key = _group_key(head.settings)
+        if not self.solo or key is None:
+            return [head]
+        group, rest = [head], []
+        for req in self._beams:
+            mixes = req.adapter == head.adapter or (self.routable(req.adapter) and self.routable(head.adapter))
+            if len(group) < self.max_batch and mixes and _group_key(req.settings) == key:
+                group.append(req)
+            else:
+                rest.append(req)
+        self._beams = rest
+        return group
+
+    def _generate(self, reqs: list[GenerationRequest]) -> None:
+        """Run a group of a hybrid model's requests in one transformers ``generate`` call (``_next_group``): prompts
+        left-padded, each row with its adapter; each row's tokens are sent as they come (``_RowStops``)."""
+        reqs = [r for r in reqs if not r.cancelled.is_set()]
+        if not reqs:
+            return
+        self.stats.requests += len(reqs)
+        self.stats.generate_calls += 1
+        self.stats.max_rows = max(self.stats.max_rows, len(reqs))
+        self.stats.max_adapters = max(self.stats.max_adapters, len({r.adapter for r in reqs}))
+        stops = _RowStops(self, [_Row(r, None) for r in reqs])
+        s = reqs[0].settings  # the group decodes alike (_group_key)
+        try:
+            ids, mask = self._left_pad([r.prompt_ids for r in reqs])  # the mixers and attention skip the pads
+            kw = {
+                "attention_mask": mask,
+                "max_new_tokens": max(r.settings.max_new_tokens for r in reqs),
+                "eos_token_id": self.eos_token_id,
+                # what generate feeds the rows that are done (_RowStops): a valid id, read by no other row
+                "pad_token_id": 0,
+                "do_sample": s.do_sample,
+                "stopping_criteria": [stops],
+            }
+            if s.do_sample:
+                # transformers samples from the global generator; top_k=0 and top_p=1 filter nothing
+                torch.manual_seed(s.seed if s.seed is not None else torch.seed())
+                kw.update(temperature=s.temperature, top_k=s.top_k or 0, top_p=s.top_p or 1.0)
+            if isinstance(self.model, PeftModel):
+                self.model.generate(ids, adapter_names=[r.adapter for r in reqs], **kw)
+            else:
+                self.model.generate(ids, **kw)
+        except Exception as e:  # noqa: BLE001
+            for i, row in enumerate(stops.rows):
+                if not stops.done[i]:
+                    self._fail(row.req, e)
+            return
+        for i, row in enumerate(stops.rows):
+            if not stops.done[i]:  # generate stopped on a criterion of the model's own generation config
+                row.req.emit({"done": True, "finish_reason": "length"})
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, longest] left-padded with 0, and their attention mask (1 on the real tokens)."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        return ids, mask
+
     def _beam_search(self, req: GenerationRequest) -> None:
         """Run a beam-search request alone with the library's ``generate``, then send its tokens at once."""
         if req.cancelled.is_set():
@@ -396,12 +473,8 @@ class BatchEngine:
         try:
             ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # [1, L]
             kw = {"max_new_tokens": s.max_new_tokens, "num_beams": s.num_beams, "eos_token_id": self.eos_token_id}
-            if self.solo:
-                kw.update(pad_token_id=self.eos_token_id, do_sample=s.do_sample)
-                if s.do_sample:
-                    # transformers samples from the global generator; top_k=0 and top_p=1 filter nothing
-                    torch.manual_seed(s.seed if s.seed is not None else torch.seed())
-                    kw.update(temperature=s.temperature, top_k=s.top_k or 0, top_p=s.top_p or 1.0)
+            if self.solo:  # beam search is greedy (GenerationSettings); sampled requests go to _generate
+                kw.update(pad_token_id=self.eos_token_id, do_sample=False)
             if isinstance(self.model, PeftModel):
                 out = self.model.generate(ids, adapter_names=[req.adapter], **kw)
             else:
@@ -510,6 +583,11 @@ class BatchEngine:
             tok = int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
         else:
             tok = greedy
+        return self._send(row, tok)
+
+    def _send(self, row: _Row, tok: int) -> bool:
+        """Send a row's next token (or its end, at EOS or ``max_new_tokens``); False when it is finished."""
+        s = row.req.settings
         row.produced += 1
         row.last = tok
         if self.eos_token_id is not None and tok == self.eos_token_id:
@@ -520,3 +598,34 @@ class BatchEngine:
             row.req.emit({"done": True, "finish_reason": "length"})
             return False
         return True
+
+
+def _group_key(s: GenerationSettings) -> tuple | None:
+    """Requests of a hybrid model with equal keys can share one ``generate`` call; None: the request runs alone."""
+    if s.num_beams > 1 or (s.do_sample and s.seed is not None):
+        return None
+    if not s.do_sample:
+        return ("greedy",)
+    return ("sample", float(s.temperature), s.top_k or 0, float(s.top_p or 1.0))
+
+
+class _RowStops:
+    """A stopping criterion of transformers' ``generate`` (which only calls it: no base class needed) that sends each
+    row's new token as soon as it is picked (``BatchEngine._send``) and stops the rows finished, cancelled or failed."""
+
+    def __init__(self, engine: BatchEngine, rows: list[_Row]) -> None:
+        self.engine, self.rows = engine, rows
+        self.done = [False] * len(rows)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        for i, tok in enumerate(input_ids[:, -1].tolist()):  # one device sync per step
+            if self.done[i]:
+                continue
+            row = self.rows[i]
+            try:
+                self.done[i] = row.req.cancelled.is_set() or not self.engine._send(row, tok)
+            except Exception as e:  # noqa: BLE001
+                # this row's emit failed: it ends with its error, the others go on
+                self.engine._fail(row.req, e)
+                self.done[i] = True
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
