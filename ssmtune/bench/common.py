@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import platform
 import statistics
 import time
@@ -94,9 +95,13 @@ def environment(device: torch.device) -> dict[str, Any]:
     else:
         env["device_name"] = platform.processor() or platform.machine()
         env["threads"] = torch.get_num_threads()
-    for pkg in ("ssmtune", "torch", "triton", "transformers", "peft", "mamba_ssm"):
+    for pkg in ("ssmtune", "torch", "triton", "transformers", "peft", "mamba_ssm", "causal_conv1d", "fla-core"):
         with contextlib.suppress(Exception):
             env[pkg] = version(pkg)
+    # the peers' compiled extensions change their speed several-fold (mamba_ssm's decode without causal_conv1d's
+    # kernel falls back to torch ops): record whether they are there, not only the package versions
+    for ext in ("selective_scan_cuda", "causal_conv1d_cuda"):
+        env[ext] = importlib.util.find_spec(ext) is not None
     env["torch"] = torch.__version__
     return env
 

@@ -349,7 +349,9 @@ def gdn_backend(model: str, device: torch.device, grad: bool) -> str | None:
         return None
     from ssmtune.ops.gated_delta.fla import fla_usable
 
-    return "fla" if fla_usable(device, grad) else "torch"
+    cfg = SHAPES[model][1]
+    dims = (cfg["linear_key_head_dim"], cfg["linear_value_head_dim"])
+    return "fla" if fla_usable(device, grad, head_dims=dims) else "torch"
 
 
 def peer_gdn_impl() -> str:

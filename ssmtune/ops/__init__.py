@@ -550,7 +550,8 @@ def gated_delta_rule(
             ``"triton"``: fla on CUDA when it imports and, when a gradient is needed, its backward works there; else
             torch. On Hopper with Triton >= 3.4 and < 3.7.1, where fla refuses one kernel of the Gated DeltaNet
             backward (``chunk_bwd_dqkwg``), our port of it stands in (``gated_delta/fla_bwd.py``) and fla
-            still trains Gated DeltaNet; KDA trains there on torch.
+            still trains Gated DeltaNet at head dims that are multiples of 64; KDA and other head dims train there
+            on torch.
     Returns:
         o [B, L, H, V] in v's dtype, and S_L [B, H, K, V] in fp32 when ``output_final_state``.
     """
@@ -581,7 +582,7 @@ def gated_delta_rule(
         grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state, state_offset, output_offset)
         )
-        backend = "fla" if fla_usable(v.device, grad, per_channel=g.dim() == 4) else "torch"
+        backend = "fla" if fla_usable(v.device, grad, per_channel=g.dim() == 4, head_dims=(dk, dv)) else "torch"
     fn = {"ref": gated_delta_rule_ref, "torch": gated_delta_rule_torch, "fla": gated_delta_rule_fla}[backend]
     return fn(
         q, k, v, g, beta, scale=scale, use_qk_l2norm=use_qk_l2norm, initial_state=initial_state,

@@ -161,6 +161,26 @@ def test_fla_backward_refused_on_hopper_with_triton_3_4_to_3_7_0(monkeypatch, ca
     assert not fla.fla_backward_ok(torch.device("cpu"))
 
 
+@pytest.mark.parametrize(("hopper", "dims", "train"), [
+    (True, (128, 128), True), (True, (64, 192), True), (True, (32, 16), False), (True, (128, 96), False),
+    (False, (32, 16), True),
+])  # fmt: skip
+def test_auto_trains_on_fla_only_at_vetted_head_dims_where_ours_stands_in(monkeypatch, hopper, dims, train):
+    """Where fla refuses its gated backward (Hopper, Triton 3.4-3.7.0) auto trains Gated DeltaNet on fla only at head
+    dims that are multiples of 64 (fla's own backward crashed at K=32, V=16 there); forward-only and other GPUs keep
+    fla at any head dims."""
+    from ssmtune.ops.gated_delta import fla, fla_bwd
+
+    monkeypatch.setattr(fla, "fla_importable", lambda: True)
+    monkeypatch.setattr(fla, "fla_backward_ok", lambda device: not hopper)
+    monkeypatch.setattr(fla_bwd, "install", lambda: True)
+    cuda = torch.device("cuda", 0)
+    assert fla.fla_usable(cuda, True, head_dims=dims) is train
+    assert fla.fla_usable(cuda, False, head_dims=dims)
+    assert fla.fla_usable(cuda, True) is True  # no dims given: the device rule alone
+    assert not fla.fla_usable(cuda, True, per_channel=True, head_dims=(128, 128)) or not hopper
+
+
 # --- CUDA (-m gpu): the torch and fla backends against the fp32 reference -------------------------------------------
 
 # (id, B, L, Hk, H, K, V, per-channel gate, per-row states): lengths that fla's 64-step chunks do not divide, grouped
@@ -218,7 +238,8 @@ def _spy(monkeypatch, picked):
 
 def check_backend(case, backend, dtype, device, monkeypatch):
     """Outputs, final state and every gradient of ``backend`` against the reference. Where fla's backward does not
-    work (``fla_usable``: KDA where fla refuses its gated backward), fla's forward only, and ``backend="auto"`` must then train on a path whose backward
+    work (``fla_usable``: KDA, or head dims fla's backward crashed on, where fla refuses its gated backward), fla's
+    forward only, and ``backend="auto"`` must then train on a path whose backward
     works (and still take fla without a gradient)."""
     from ssmtune.ops.gated_delta.fla import fla_importable, fla_usable
 
@@ -231,7 +252,8 @@ def check_backend(case, backend, dtype, device, monkeypatch):
     ratio, grad_ratio = GPU_RATIO[backend, dtype]
     per_channel = x["g"].dim() == 4
     # fla trains where its backward works, and Gated DeltaNet also where our chunk_bwd_dqkwg port stands in for it
-    backward = backend != "fla" or fla_usable(torch.device(device), True, per_channel)
+    dims = (x["q"].shape[-1], x["v"].shape[-1])
+    backward = backend != "fla" or fla_usable(torch.device(device), True, per_channel, head_dims=dims)
     with torch.set_grad_enabled(backward):
         o, s = _run(ops.gated_delta_rule, x, backend=backend)
     assert o.dtype == dtype and s.dtype == torch.float32

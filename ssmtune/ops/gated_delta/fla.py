@@ -55,13 +55,24 @@ def fla_backward_ok(device: torch.device) -> bool:
     return not (hopper and (3, 4, 0) <= _triton_version() < (3, 7, 1))
 
 
-def fla_usable(device: torch.device, grad: bool, per_channel: bool = False) -> bool:
+# Where fla refuses its own gated backward (and ours stands in), fla's backward has been run at head dims that are
+# multiples of 64 (every released Gated DeltaNet / KDA checkpoint uses 128); at K = 32, V = 16 in bf16 one of fla's own
+# kernels (chunk_bwd_dv_local) hit an illegal memory access there (H100, Triton 3.6.0, fla-core 0.6.0)
+VETTED_HEAD_DIM = 64
+
+
+def fla_usable(
+    device: torch.device, grad: bool, per_channel: bool = False, head_dims: tuple[int, int] | None = None
+) -> bool:
     """Whether ``backend="auto"`` runs fla: on CUDA when fla imports and, for a gradient, its backward works there,
-    Gated DeltaNet's (``per_channel`` False) with our ``chunk_bwd_dqkwg`` where fla refuses its own."""
+    Gated DeltaNet's (``per_channel`` False) with our ``chunk_bwd_dqkwg`` where fla refuses its own, at head dims
+    ``(K, V)`` that are multiples of ``VETTED_HEAD_DIM`` there."""
     if device.type != "cuda" or not fla_importable():
         return False
     if not grad or fla_backward_ok(device):
         return True
+    if head_dims is not None and any(d % VETTED_HEAD_DIM for d in head_dims):
+        return False
     from .fla_bwd import install
 
     return not per_channel and install()
