@@ -138,6 +138,15 @@ def check(peft, ids: torch.Tensor, names: list[str] | None, beams: int = 1) -> N
         raise CheckFailed(f"graphed decoding differs from eager decoding ({same:.1%} of the tokens agree)")
 
 
+def unavailable(stack: str, device: torch.device, beams: int = 1) -> str | None:
+    """Why ``stack`` cannot decode here (None: it can)."""
+    if stack == "mamba_ssm":
+        return "no beam search" if beams > 1 else mamba_ssm_missing() if device.type == "cuda" else "needs CUDA"
+    if stack == "transformers":
+        return transformers_peft()[1] if transformers_peft()[0] is None else None
+    return None
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--small", action="store_true", help="tiny shape (d_model 64, 2 layers, vocab 256): a CPU test")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -160,9 +169,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vocab = SHAPES[shape]["vocab_size"]
     beams = args.num_beams
-    missing = {"mamba_ssm": ("no beam search" if beams > 1 else mamba_ssm_missing() if device.type == "cuda"
-                             else "needs CUDA"),
-               "transformers": None if transformers_peft()[0] is not None else transformers_peft()[1]}  # fmt: skip
+    missing = {stack: unavailable(stack, device, beams) for stack in args.stacks}
     rows = []
     for model in args.models:
         peft = build_ours(model, shape, n_adapters, device, dtype)
