@@ -144,7 +144,7 @@ def add_case(shape, x_dtype, y_dtype, w_dtype, *, group_size=None, input_dtype=N
     assert torch.equal(t_out, rms_norm_torch(s, w, **kw))
 
 
-# (fp32 stream, bf16 output): the models' case; a bf16 stream; and one whose sum is wider than the stream (x + y's dtype)
+# (fp32 stream, bf16 output): the models' case; a bf16 stream; one whose sum is wider than the stream (x + y's dtype)
 ADD_DTYPES = [(torch.float32, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
               (torch.bfloat16, torch.float32)]  # fmt: skip
 
