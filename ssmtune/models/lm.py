@@ -2,7 +2,10 @@
 
 The native state-dict layout is HF transformers' one: ``backbone.embeddings.weight``, ``backbone.layers.{i}.norm.weight``,
 ``backbone.layers.{i}.mixer.*``, ``backbone.norm_f.weight``, ``lm_head.weight`` (tied to the embedding by default).
-Block: out = U + mixer(RMSNorm(U)), with the residual stream in fp32 when ``residual_in_fp32``.
+Block: out = U + mixer(RMSNorm(U)), with the residual stream in fp32 when ``residual_in_fp32``. With no gradient to
+take on the Triton backend the backbone chains the blocks as mamba_ssm's fused add + norm does: each block hands
+(U, mixer output) on unadded, and the next norm (finally ``norm_f``) adds them in its kernel (``ops.add_rms_norm``):
+one kernel less per layer, the same bits.
 """
 
 from __future__ import annotations
@@ -32,8 +35,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.backend: str = "auto"  # ssmtune.ops.rms_norm's: the fused Triton kernels on CUDA
 
-    def forward(self, x: torch.Tensor, input_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``input_dtype``: normalise ``x.to(input_dtype)`` (``ops.rms_norm``: the cast inside the kernel)."""
+    def forward(
+        self, x: torch.Tensor, input_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``input_dtype``: normalise ``x.to(input_dtype)`` (``ops.rms_norm``: the cast inside the kernel).
+        ``residual``: normalise ``residual + x`` and return (residual + x, the norm) (``ops.add_rms_norm``)."""
+        if residual is not None:
+            return ops.add_rms_norm(
+                residual, x, self.weight, eps=self.eps, input_dtype=input_dtype, backend=self.backend
+            )
         return ops.rms_norm(x, self.weight, eps=self.eps, input_dtype=input_dtype, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -61,11 +71,21 @@ class Block(nn.Module):
         cache=None,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-    ):
-        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
-        normed = self.norm(hidden_states, input_dtype=self.norm.weight.dtype)
+        *,
+        residual: torch.Tensor | None = None,
+        defer_add: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states → hidden_states + mixer(norm(hidden_states)). The fused chain of ``Backbone.forward`` (no
+        gradient): ``residual`` given, the block's input is ``residual + hidden_states`` (the previous block's pair),
+        added in this block's norm; ``defer_add``: return (the residual stream, the mixer output) unadded."""
+        if residual is None:
+            residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+            normed = self.norm(hidden_states, input_dtype=self.norm.weight.dtype)
+        else:
+            residual, normed = self.norm(hidden_states, input_dtype=self.norm.weight.dtype, residual=residual)
         packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
-        return residual + self.mixer(normed, cache, attention_mask=attention_mask, **packed)
+        out = self.mixer(normed, cache, attention_mask=attention_mask, **packed)
+        return (residual, out) if defer_add else residual + out
 
 
 class Backbone(nn.Module):
@@ -86,10 +106,30 @@ class Backbone(nn.Module):
         ``cu_seqlens``: a packed [1, total, d_model] batch (see ``SSMForCausalLM.forward``)."""
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model has {len(self.layers)}")
-        h = inputs_embeds
+        h, residual = inputs_embeds, None
+        fuse = self.fuses_add(inputs_embeds)
         for i, layer in enumerate(self.layers):
-            h = layer(h, None if cache is None else cache[i], attention_mask=attention_mask, cu_seqlens=cu_seqlens)
-        return self.norm_f(h)
+            layer_cache = None if cache is None else cache[i]
+            if fuse:  # (stream, mixer output): the add happens in the next norm's kernel
+                residual, h = layer(h, layer_cache, attention_mask, cu_seqlens, residual=residual, defer_add=True)
+            else:
+                h = layer(h, layer_cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+        return self.norm_f(h) if residual is None else self.norm_f(h, residual=residual)[1]
+
+    def fuses_add(self, inputs_embeds: torch.Tensor) -> bool:
+        """Whether ``forward`` hands each block's residual add to the next norm (``ops.add_rms_norm``): when every norm
+        runs on the Triton kernels, no gradient is taken (the kernel has no backward), and no block or norm has
+        forward hooks (they would see the unadded pair rather than the block's usual input and output)."""
+        norms = [layer.norm for layer in self.layers] + [self.norm_f]
+        if not all(n.backend == "triton" or (n.backend == "auto" and inputs_embeds.is_cuda) for n in norms):
+            return False
+        hooked = [m for layer in self.layers for m in (layer, layer.norm)] + [self.norm_f]
+        if any(m._forward_hooks or m._forward_pre_hooks for m in hooked):
+            return False
+        grad = torch.is_grad_enabled() and (
+            inputs_embeds.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        return not grad
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 
 from .conv import check_causal_conv1d_args
 from .cross_entropy import check_cross_entropy_args
-from .norm import check_rms_norm_args
+from .norm import check_add_rms_norm_args, check_rms_norm_args
 from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
 from .ssd import SSD_MIN_HEADDIM_CUDA
 from .ssd.naive import ssd_scan_ref, ssd_state_update_ref
@@ -32,6 +32,11 @@ BACKENDS = ("auto", "ref", "torch", "triton")
 
 # op name -> backend -> "module:function" (imported lazily so that ops never require triton).
 _IMPLS: dict[str, dict[str, str]] = {
+    "add_rms_norm": {
+        "ref": "ssmtune.ops.norm:add_rms_norm_torch",
+        "torch": "ssmtune.ops.norm:add_rms_norm_torch",
+        "triton": "ssmtune.ops.norm_fused:add_rms_norm_triton",
+    },
     "causal_conv1d": {
         "ref": "ssmtune.ops.conv:causal_conv1d_torch",
         "torch": "ssmtune.ops.conv:causal_conv1d_torch",
@@ -260,6 +265,37 @@ def rms_norm(
     _check_float("rms_norm", x=x, weight=weight, z=z)
     fn = resolve("rms_norm", backend, x.device)
     return fn(x, weight, z=z, eps=eps, group_size=group_size, input_dtype=input_dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    eps: float = 1e-5,
+    group_size: int | None = None,
+    input_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add of a pre-norm block fused into the next norm: (s, rms_norm(s)) with s = x + y (``norm.py``).
+
+    The results are those of ``s = x + y`` followed by ``rms_norm(s, weight, ...)``; the Triton path computes both in
+    one kernel when no gradient is needed (forward only; with autograd the add stays a torch op before the norm).
+
+    Args:
+        x (torch.Tensor): shape [..., H]; the residual stream (e.g. fp32 under ``residual_in_fp32``)
+        y (torch.Tensor): x's shape; the block's output added to it (e.g. bf16)
+        weight (torch.Tensor): shape [H]
+        group_size (int | None): divides H; None: one group
+        input_dtype (torch.dtype | None): normalise ``s.to(input_dtype)``, as ``rms_norm``'s
+    Returns:
+        (s in the promoted dtype of x and y, the normed s in the promoted dtype of weight and s (or input_dtype)),
+        both of x's shape.
+    """
+    check_add_rms_norm_args(x, y, weight, group_size)
+    _check_float("add_rms_norm", x=x, y=y, weight=weight)
+    fn = resolve("add_rms_norm", backend, x.device)
+    return fn(x, y, weight, eps=eps, group_size=group_size, input_dtype=input_dtype)
 
 
 def selective_scan(
@@ -501,6 +537,7 @@ def ssd_state_update(
 
 __all__ = [
     "BACKENDS",
+    "add_rms_norm",
     "causal_conv1d",
     "causal_conv1d_update",
     "cross_entropy",

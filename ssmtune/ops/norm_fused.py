@@ -11,6 +11,9 @@ mask over the row, ``NG`` ≤ 16 of them); r is saved per (row, group) for the b
 programs walk the rows (grid-stride), recompute x̂ and n from x, z and r, and write
 dx̂ = r · (g − x̂ r · mean_group(g · x̂ r)) with g = dout · w, then dx = dx̂ · silu(z), dz = dx̂ · x · silu'(z);
 dw is summed per program in fp32 registers and the per-program rows are summed by the launcher (deterministic).
+
+``add_rms_norm_triton``: the same forward kernel with the residual add of a pre-norm block in its load (``HAS_RES``):
+s = x + y is stored (the next residual stream) and normalised, one launch where the add was a kernel of its own.
 """
 
 from __future__ import annotations
@@ -38,20 +41,26 @@ def _group_stat(v, o_n, GS: tl.constexpr, NG: tl.constexpr):
     return out
 
 
-@triton.heuristics({"HAS_Z": lambda args: args["z"] is not None})
+@triton.heuristics({"HAS_Z": lambda args: args["z"] is not None, "HAS_RES": lambda args: args["y"] is not None})
 @triton.jit(do_not_specialize=["rows"])
 def rms_norm_fwd_kernel(
-    x, z, w, out, rstd, stride_x, stride_z, rows, H, eps,
+    x, y, z, w, out, res, rstd, stride_x, stride_y, stride_z, rows, H, eps,
     GS: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_Z: tl.constexpr,
-    IN_KIND: tl.constexpr,
+    HAS_RES: tl.constexpr, IN_KIND: tl.constexpr,
 ):  # fmt: skip
     # IN_KIND: the dtype x is normalised in: 0 = x's own, 1 = bf16, 2 = fp16 (the cast x.to(...) fused into the load)
+    # HAS_RES: the residual add of ``add_rms_norm``: s = x + y in fp32, rounded to res's dtype (that of ``x + y``) and
+    # stored to res; s is normalised in x's place (rounded first, as the unfused add hands the norm its stored sum)
     i_r = tl.program_id(0)
     o_r = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
     m_r, m_n = o_r < rows, o_n < H
     m = m_r[:, None] & m_n[None, :]
     b_x = tl.load(x + o_r[:, None] * stride_x + o_n[None, :], mask=m, other=0.0)
+    if HAS_RES:
+        b_y = tl.load(y + o_r[:, None] * stride_y + o_n[None, :], mask=m, other=0.0)
+        b_x = (b_x.to(tl.float32) + b_y.to(tl.float32)).to(res.dtype.element_ty)
+        tl.store(res + o_r[:, None] * H + o_n[None, :], b_x, mask=m)
     if IN_KIND == 1:
         b_x = b_x.to(tl.bfloat16)
     elif IN_KIND == 2:
@@ -68,6 +77,8 @@ def rms_norm_fwd_kernel(
         b_n = (b_x * b_r).to(tl.bfloat16).to(tl.float32)
     elif IN_KIND == 2:
         b_n = (b_x * b_r).to(tl.float16).to(tl.float32)
+    elif HAS_RES:
+        b_n = (b_x * b_r).to(res.dtype.element_ty).to(tl.float32)
     else:
         b_n = (b_x * b_r).to(x.dtype.element_ty).to(tl.float32)
     b_w = tl.load(w + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -131,27 +142,33 @@ def _warps(block_n: int) -> int:
     return min(16, max(4, block_n // 512))
 
 
+def _forward(x2, weight, eps, group_size, in_dtype, *, z2=None, y2=None):
+    """Launch the forward kernel on [rows, H] views: (out, the residual x2 + y2 when y2 is given, rstd)."""
+    rows, hidden = x2.shape
+    ng = hidden // group_size
+    # the dtype s = x + y is stored in and normalised from (``x + y``'s); x's own without y
+    base = x2.dtype if y2 is None else torch.promote_types(x2.dtype, y2.dtype)
+    out = torch.empty(rows, hidden, dtype=torch.promote_types(weight.dtype, in_dtype), device=x2.device)
+    res = None if y2 is None else torch.empty(rows, hidden, dtype=base, device=x2.device)
+    rstd = torch.empty(rows, ng, dtype=torch.float32, device=x2.device)
+    block_n = triton.next_power_of_2(hidden)
+    block_r = max(1, min(16, 4096 // block_n))
+    rms_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
+        x2, y2, z2, weight, out, res, rstd, x2.stride(0), 0 if y2 is None else y2.stride(0),
+        0 if z2 is None else z2.stride(0), rows, hidden, eps, GS=group_size, NG=ng, BLOCK_R=block_r, BLOCK_N=block_n,
+        IN_KIND=0 if in_dtype == base else _IN_KINDS[in_dtype], num_warps=_warps(block_n * block_r),
+    )  # fmt: skip
+    return out, res, rstd
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, z, eps, group_size, input_dtype=None):
         # input_dtype (no autograd: the backward assumes x's own dtype): normalise x.to(input_dtype), cast in the kernel
         in_dtype = x.dtype if input_dtype is None else input_dtype
-        hidden = x.shape[-1]
-        ng = hidden // group_size
         x2 = _rows(x)
         z2 = None if z is None else _rows(z)
-        rows = x2.shape[0]
-        out_dtype = torch.promote_types(weight.dtype, in_dtype)
-        out = torch.empty(rows, hidden, dtype=out_dtype, device=x.device)
-        rstd = torch.empty(rows, ng, dtype=torch.float32, device=x.device)
-        block_n = triton.next_power_of_2(hidden)
-        block_r = max(1, min(16, 4096 // block_n))
-        rms_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
-            x2, z2, weight, out, rstd, x2.stride(0), 0 if z2 is None else z2.stride(0), rows, hidden, eps,
-            GS=group_size, NG=ng, BLOCK_R=block_r, BLOCK_N=block_n,
-            IN_KIND=0 if in_dtype == x.dtype else _IN_KINDS[in_dtype],
-            num_warps=_warps(block_n * block_r),
-        )  # fmt: skip
+        out, _, rstd = _forward(x2, weight, eps, group_size, in_dtype, z2=z2)
         ctx.save_for_backward(x2, z2, weight, rstd)
         ctx.group_size, ctx.shape = group_size, x.shape
         return out.view(x.shape)
@@ -200,3 +217,23 @@ def rms_norm_triton(
         return RMSNormFunction.apply(x.to(input_dtype), weight, z, eps, group_size)
     # the cast x.to(input_dtype) in the kernel's load: a decode step saves a kernel per norm
     return RMSNormFunction.apply(x, weight, z, eps, group_size, input_dtype)
+
+
+def add_rms_norm_triton(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5, group_size: int | None = None,
+    input_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``add_rms_norm`` in one launch of the forward kernel; arguments validated by ``ssmtune.ops.add_rms_norm``.
+    Forward only: with a gradient to take (or a case the kernel leaves out) the add is a torch op before the norm."""
+    group_size = x.shape[-1] if group_size is None else group_size
+    base = torch.promote_types(x.dtype, y.dtype)
+    in_dtype = base if input_dtype is None else input_dtype
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, weight))
+    unfused = (
+        x.shape[-1] // group_size > MAX_GROUPS or x.numel() == 0 or (in_dtype != base and in_dtype not in _IN_KINDS)
+    )
+    if grad or unfused:
+        s = x + y
+        return s, rms_norm_triton(s, weight, eps=eps, group_size=group_size, input_dtype=input_dtype)
+    out, res, _ = _forward(_rows(x), weight, eps, group_size, in_dtype, y2=_rows(y))
+    return res.view(x.shape), out.view(x.shape)

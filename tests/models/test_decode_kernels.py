@@ -36,7 +36,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts Triton
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "_unsafe_view", "promote_types", "lift_fresh", "detach", "alias"}
 
 # One layer's step (bf16, the residual stream in fp32):
-#   rms_norm            the pre-norm (Triton), the fp32 residual stream cast to bf16 in its load
+#   rms_norm            the pre-norm (Triton), the fp32 residual stream cast to bf16 in its load; from the second
+#                       layer on it also adds the previous layer's output to the stream (ops.add_rms_norm)
 #   mm                  in_proj
 #   causal_conv1d_update  conv window roll + depthwise conv + bias + SiLU (Triton)
 #   [Mamba-1: mm x_proj; addmm dt_proj, its bias inside the GEMM, on the strided dt slice]
@@ -45,17 +46,20 @@ NO_KERNEL = {"empty", "empty_like", "empty_strided", "_unsafe_view", "promote_ty
 #                       their own dtype
 #   [Mamba-2: rms_norm  the gated group norm (Triton)]
 #   mm                  out_proj
-#   add                 the residual
+# (no add: the residual add is in the next layer's norm, the last layer's in the final norm)
 EXPECTED = {
     "m1": {
         "rms_norm_fwd_kernel": 1, "mm": 3, "causal_conv1d_update_kernel": 1, "addmm": 1,
-        "selective_state_update_fwd_kernel": 1, "add": 1,
+        "selective_state_update_fwd_kernel": 1,
     },
     "m2": {
         "rms_norm_fwd_kernel": 2, "mm": 2, "causal_conv1d_update_kernel": 1,
-        "ssd_state_update_fwd_kernel": 1, "add": 1,
+        "ssd_state_update_fwd_kernel": 1,
     },
 }  # fmt: skip
+# Outside the layers: the embedding, its cast to the fp32 residual stream (in the first block), the final norm (with
+# the last layer's residual add), the cast of its output to bf16 and the LM head
+OUTSIDE = {"embedding": 1, "_to_copy": 2, "rms_norm_fwd_kernel": 1, "mm": 1}
 
 
 class KernelCount(TorchDispatchMode):
@@ -150,9 +154,12 @@ def test_decode_step_kernels_per_layer(arch, monkeypatch, interpreted) -> None:
     two = _step(_model(arch, 2, "triton"), monkeypatch, count=True)[1]
     per_layer = {k: two[k] - one[k] for k in two if two[k] != one[k]}
     assert per_layer == EXPECTED[arch], f"kernels per layer: {per_layer} (total {sum(per_layer.values())})"
-    # outside the layers: the embedding and its cast to the fp32 residual stream (in the first block), the final norm,
-    # the cast to bf16 and the LM head
-    assert sum(one.values()) - sum(per_layer.values()) == 5, dict(one)
+    # the whole step, so that the final norm's fused add is pinned too
+    for n_layer, counts in ((1, one), (2, two)):
+        want = collections.Counter(OUTSIDE)
+        for _ in range(n_layer):
+            want.update(EXPECTED[arch])
+        assert counts == want, f"{n_layer}-layer step: {dict(counts)} (total {counts.total()})"
 
 
 @pytest.mark.parametrize("arch", ["m1", "m2"])
@@ -179,3 +186,69 @@ def test_routed_step_reads_offsets_through_the_index(arch, monkeypatch, interpre
     one = _step(model(1, "triton"), monkeypatch, count=True, names=names)[1]
     assert {k: two[k] - one[k] for k in two if two[k] != one[k]} == EXPECTED[arch]
     torch.testing.assert_close(got, ref, atol=0.05, rtol=0.05)
+
+
+def _fast_scans(peft):
+    """The mixers on the torch backend, the norms on Triton: the fused add is the norms' business, and the
+    interpreter's Mamba-1 scan takes seconds per prefill."""
+    for _, mixer in peft.base_model.mixers():
+        mixer.backend = "torch"
+    return peft
+
+
+@pytest.mark.parametrize("arch", ["m1", "m2"])
+def test_fused_residual_add_gives_the_bits_of_the_unfused_chain(arch, monkeypatch, interpreted) -> None:
+    """No gradient on the Triton backend: each block's residual add happens in the next norm's kernel (finally
+    norm_f's). A forward, a packed forward, greedy generate (eager and through the decoder) and a decode step give the
+    bits of the unfused chain."""
+    peft = _fast_scans(_model(arch, 2, "triton"))
+    backbone = peft.base_model.backbone
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=gen)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+
+    def run() -> list[torch.Tensor]:
+        with torch.no_grad():
+            out = [peft(ids).logits, peft(ids.reshape(1, 12), cu_seqlens=cu).logits]
+            out += [peft.generate(ids, max_new_tokens=4, cuda_graph=graphed) for graphed in (False, True)]
+        return [*out, _step(peft, monkeypatch, count=False)[0]]
+
+    with torch.no_grad():
+        assert backbone.fuses_add(peft.base_model.backbone.embeddings(ids))
+    fused = run()
+    monkeypatch.setattr(type(backbone), "fuses_add", lambda self, h: False)
+    unfused = run()
+    for name, got, want in zip(["forward", "packed", "generate", "generate graphed", "step"], fused, unfused):
+        assert torch.equal(got, want), name
+
+
+def test_fused_residual_add_only_without_gradient_or_hooks(interpreted) -> None:
+    """The chain fuses only where nothing needs the unadded block outputs: no gradient (the kernel has no backward),
+    the Triton backend, no forward hooks on a block or a norm (they see the block's usual input and output)."""
+    peft = _fast_scans(_model("m1", 2, "triton"))
+    backbone = peft.base_model.backbone
+    ids = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(2))
+    h = backbone.embeddings(ids)
+    assert not backbone.fuses_add(h)  # the adapter's offsets are trainable
+    with torch.no_grad():
+        assert backbone.fuses_add(h)
+        ref = peft(ids).logits
+    trainable = [p for p in peft.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    assert backbone.fuses_add(h)  # nothing to differentiate
+    assert not backbone.fuses_add(h.detach().requires_grad_())
+    for p in trainable:
+        p.requires_grad_(True)
+    seen = []
+    for module in (backbone.layers[1], backbone.layers[0].norm, backbone.norm_f):
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(out))
+        with torch.no_grad():
+            assert not backbone.fuses_add(h)
+            assert torch.equal(peft(ids).logits, ref)
+        handle.remove()
+        assert seen and all(isinstance(t, torch.Tensor) for t in seen)
+        seen.clear()
+    peft.backend = "torch"
+    with torch.no_grad():
+        assert not backbone.fuses_add(h)
