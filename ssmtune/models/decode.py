@@ -20,6 +20,9 @@ model's parameters (addresses, shapes), the LoRA modules' ``active`` / ``merged`
 same; otherwise the next ``generate`` captures again. That is checked at every ``start`` against a snapshot
 (``_Watch``) without walking the model by name; the walk runs again only when the snapshot sees a change. A capture that fails warns and leaves the step eager.
 
+The transformers hybrids decode through ``hybrid_decode.HybridDecoder``, a subclass that keeps the offset buffers,
+the signature / watch and the capture (``capture_graph``) of this one around transformers' ``StaticCache``.
+
 Routed LoRA/DoRA (LoRA rows mixed with other rows) picks its rows on the host each step, so it cannot be replayed:
 ``unsupported_reason`` says why and ``generate`` then decodes eagerly. Sampling, beam bookkeeping and stopping stay outside
 the graph, on the logits it returns.
@@ -63,17 +66,20 @@ def unsupported_reason(model, capture: bool = True) -> str | None:
     lm, routing = unwrap(model)
     if not hasattr(lm, "allocate_cache"):
         return f"{type(lm).__name__} has no static inference cache"
-    if capture and routing is not None and len(set(routing.names)) > 1:
-        # LoRA/DoRA with rows in a mixed batch gathers them on the host (Routing.rows_of): not replayable. A LoRA
-        # adapter with no rows here is a no-op in the step, and a batch that brings its rows in is refused here
-        names = set(routing.names)
-        for m in lm.modules():
-            if (
-                getattr(m, COLLECTOR_ATTR, None) is routing
-                and hasattr(m, "lora_A")
-                and getattr(m, ADAPTER_ATTR, None) in names
-            ):
-                return "LoRA/DoRA rows mixed with other rows select their rows on the host"
+    return routed_lora_reason(lm, routing) if capture else None
+
+
+def routed_lora_reason(lm: nn.Module, routing) -> str | None:
+    """Why a captured step cannot serve ``routing`` on ``lm``: LoRA/DoRA with rows in a mixed batch gathers them on the
+    host (``Routing.rows_of``), which a replay cannot repeat. A LoRA adapter with no rows here is a no-op in the step,
+    and a batch that brings its rows in is refused here. None when the routing is replayable."""
+    if routing is None or len(set(routing.names)) <= 1:
+        return None
+    names = set(routing.names)
+    for m in lm.modules():
+        lora = hasattr(m, "lora_A") and getattr(m, ADAPTER_ATTR, None) in names
+        if lora and getattr(m, COLLECTOR_ATTR, None) is routing:
+            return "LoRA/DoRA rows mixed with other rows select their rows on the host"
     return None
 
 
@@ -176,8 +182,8 @@ class GraphedDecoder:
 
     def __init__(self, lm: nn.Module, bucket: int, device: torch.device, dtype: torch.dtype, capture: bool) -> None:
         self.lm, self.bucket, self.device, self.dtype, self.capture = lm, bucket, device, dtype, capture
-        self.mixers = [m for _, m in lm.mixers()]
-        self.cache = lm.allocate_cache(bucket, dtype=dtype, device=device)
+        self.mixers = self._mixers()
+        self._fresh_buffers()
         self.ids = torch.zeros(bucket, dtype=torch.long, device=device)
         # row -> entry of the per-row offset tables (shared by every mixer that reads through it); pad rows read entry 0
         self.offset_index = torch.zeros(bucket, dtype=torch.int32, device=device)
@@ -210,6 +216,26 @@ class GraphedDecoder:
         batch = cache.batch_size
         if batch is None or batch > self.bucket:
             raise ValueError(f"cache batch {batch} does not fit the decoder's bucket of {self.bucket} rows")
+        if self.load_offsets(batch, routing, rows):
+            if self.capture:
+                try:
+                    self._capture()
+                except Exception as e:  # noqa: BLE001 - an op that cannot be captured: decode, eagerly, all the same
+                    self.capture, self.current.graph = False, None
+                    capture_failed(e)
+            self.captures += 1
+        self.ids.zero_()
+        for static, layer in zip(self.cache.layers, cache.layers):
+            static.conv_state.zero_()
+            static.ssm_state.zero_()
+            static.conv_state[:batch].copy_(layer.conv_state)
+            static.ssm_state[:batch].copy_(layer.ssm_state)
+        self.cache.seqlen_offset = max(cache.seqlen_offset, 1)
+
+    def load_offsets(self, batch: int, routing=None, rows: torch.Tensor | None = None) -> bool:
+        """Copy the adapters' offsets for ``batch`` rows into the static buffers of their layout (``rows``: as in
+        ``start``); True when that layout has no step yet (it must be built). A model whose signature changed drops
+        its steps and gets fresh buffers (``_fresh_buffers``)."""
         self.batch, self.routing = batch, routing
         pad = self.bucket - batch
         self.rows = None
@@ -228,8 +254,9 @@ class GraphedDecoder:
             if signature != self.signature:
                 # the state shapes may have changed too (Additional-scan extends N): fresh buffers
                 self.signature, self.steps = signature, {}
-                self.cache = self.lm.allocate_cache(self.bucket, dtype=self.dtype, device=self.device)
+                self._fresh_buffers()
             self.watch = _Watch(self.lm)
+        self.layout = layout
         new = layout not in self.steps
         if new:
             self.steps[layout] = _Step([self._buffers(m, entry) for m, entry in zip(self.mixers, layout)])
@@ -248,22 +275,15 @@ class GraphedDecoder:
                 else:  # per-row offsets of fewer rows than the bucket
                     dst.zero_()
                     dst[: src.shape[0]].copy_(src)
-        if new:
-            if self.capture:
-                try:
-                    self._capture()
-                except Exception as e:  # noqa: BLE001 - an op that cannot be captured: decode, eagerly, all the same
-                    self.capture, self.current.graph = False, None
-                    warnings.warn(f"graphed decoding off for this model, decoding eagerly: the capture failed "
-                                  f"({type(e).__name__}: {str(e)[:200]})", stacklevel=3)  # fmt: skip
-            self.captures += 1
-        self.ids.zero_()
-        for static, layer in zip(self.cache.layers, cache.layers):
-            static.conv_state.zero_()
-            static.ssm_state.zero_()
-            static.conv_state[:batch].copy_(layer.conv_state)
-            static.ssm_state[:batch].copy_(layer.ssm_state)
-        self.cache.seqlen_offset = max(cache.seqlen_offset, 1)
+        return new
+
+    def _mixers(self) -> list[nn.Module]:
+        """The mixers whose state hooks the step reads, in layer order."""
+        return [m for _, m in self.lm.mixers()]
+
+    def _fresh_buffers(self) -> None:
+        """The static cache, new (at the start and when the model changed)."""
+        self.cache = self.lm.allocate_cache(self.bucket, dtype=self.dtype, device=self.device)
 
     def _collect(self, batch: int, routing, rows: torch.Tensor | None) -> tuple[list[MergedState], list]:
         """The step's h' / y' of every mixer, for the B cache rows (batched [B, ...] under a routing), and a key per
@@ -346,29 +366,41 @@ class GraphedDecoder:
         self.cache.seqlen_offset = offset  # the mixers count tokens on the host; step() does it once
         return logits
 
-    def _capture(self, warmup: int = 2) -> None:
-        # warm-up on a side stream (allocator, Triton compilation and autotuning happen outside the graph); it changes
-        # the static states, which start() overwrites after the capture
+    def _capture(self) -> None:
+        # the warm-up changes the static states, which start() overwrites after the capture
         self.cache.seqlen_offset = 1
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._forward()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        # capture_begin / capture_end rather than the torch.cuda.graph context, which empties the allocator's cache
-        # first: a model change frees the captured steps, and emptying the cache after freed graphs has faulted
-        # (bench/train_step.py)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(side):
-            graph.capture_begin()
-            try:
-                logits = self._forward()
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.current.logits, self.current.graph = logits, graph
+        self.current.graph, self.current.logits = capture_graph(self._forward, self.device)
+
+
+def capture_graph(forward, device: torch.device, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, output) of ``forward()`` captured on ``device``, after ``warmup`` eager calls on a side stream
+    (allocator, Triton compilation and autotuning happen outside the graph). The warm-up runs the step for real: the
+    caller restores what it changes. Replaying the graph reruns the step on the same buffers."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    # capture_begin / capture_end rather than the torch.cuda.graph context, which empties the allocator's cache
+    # first: a model change frees the captured steps, and emptying the cache after freed graphs has faulted
+    # (bench/train_step.py)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        graph.capture_begin()
+        try:
+            out = forward()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return graph, out
+
+
+def capture_failed(error: Exception) -> None:
+    """The one-line warning of a capture that failed (the step then runs eagerly)."""
+    warnings.warn(f"graphed decoding off for this model, decoding eagerly: the capture failed "
+                  f"({type(error).__name__}: {str(error)[:200]})", stacklevel=4)  # fmt: skip
 
 
 class _Decoders(dict):

@@ -339,6 +339,10 @@ def from_transformers(model: nn.Module) -> nn.Module:
         object.__setattr__(mixer, "host_norm", norm)
         mixer.train(host.training)
         setattr(parent, attr, mixer)
+    if hasattr(type(model), "generate") and "generate" not in model.__dict__:
+        from .hybrid_decode import GenerateWithGraph
+
+        model.generate = GenerateWithGraph(model)  # generate(..., cuda_graph=True): models/hybrid_decode.py
     return model
 
 
