@@ -10,6 +10,12 @@
 # Arguments: <sdist-dir or .tar.gz> <target-dir>. With --patch-only first: extract and patch into <target-dir>
 # (a source tree), print the diff, build nothing (works on a CPU machine without nvcc).
 #
+# causal_conv1d: when <sdist-dir> also holds a causal_conv1d-*.tar.gz (`pip download --no-deps --no-binary :all:
+# causal_conv1d -d sdist`, or curl it from PyPI), it is built beside mamba_ssm, in parallel, for the same single
+# architecture, into the same target (about 6 minutes, the longer of the two). mamba_ssm's decoding and
+# transformers' fast Mamba / hybrid paths use it: without it they fall back to torch ops, about half as fast in
+# decoding. The marker then also says cc1d=ok|fail|absent. Debug info is stripped from the built libraries.
+#
 # Build levels, tried in order until one builds and imports (MAMBA_BUILD_LEVELS, default "lean real full"):
 #   full  setup.py's gencode list cut to arch=compute_90,code=sm_90 (about 3 minutes)
 #   real  + no complex-weight kernels: the three *_complex.cu files leave the sources list, the complex instantiations
@@ -151,8 +157,9 @@ fi
 
 status=fail
 used=none
+cc1d=absent
 write_marker() {
-    echo "status=$status level=$used seconds=$((SECONDS - t0)) target=$target" >"$marker.tmp" && mv "$marker.tmp" "$marker"
+    echo "status=$status level=$used cc1d=$cc1d seconds=$((SECONDS - t0)) target=$target" >"$marker.tmp" && mv "$marker.tmp" "$marker"
 }
 trap write_marker EXIT
 rm -f "$marker"
@@ -160,6 +167,41 @@ rm -f "$marker"
 ts "sdist $sdist -> $target; levels: $levels; MAX_JOBS=${MAX_JOBS:-16}"
 ts "$("$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -n 1)"
 ts "nvcc: $(command -v nvcc || echo 'not on PATH') $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || true)"
+# causal_conv1d: its own sdist, built in the background while mamba_ssm builds (setup.py's gencode list cut to
+# MAMBA_GENCODE, the same edit as mamba_ssm's "full" level)
+cc1d_sdist=""
+[ -d "$src_arg" ] && cc1d_sdist=$(ls "$src_arg"/causal_conv1d-*.tar.gz 2>/dev/null | sort | tail -n 1)
+cc1d_pid=""
+if [ -n "$cc1d_sdist" ]; then
+    cc1d_work=/tmp/causal_conv1d_build
+    if extract "$cc1d_sdist" "$cc1d_work" && "$PY" - "$cc1d_work/setup.py" "${MAMBA_GENCODE:-arch=compute_90,code=sm_90}" <<'PYEOF'
+import re
+import sys
+
+path, gencode = sys.argv[1], sys.argv[2]
+s = open(path).read()
+pairs = r'cc_flag\.append\("-gencode"\)\s*\n\s*cc_flag\.append\("arch=compute_\d+,code=sm_\d+"\)'
+found = re.findall(pairs, s)
+assert found, "causal_conv1d setup.py: no gencode pairs found"
+s = re.sub(pairs, "pass", s)
+anchor = "    if FORCE_CXX11_ABI:"
+assert s.count(anchor) == 1, "causal_conv1d setup.py: anchor not found"
+s = s.replace(anchor, f'    cc_flag += ["-gencode", "{gencode}"]  # ssmtune benchmark build: one architecture\n' + anchor)
+open(path, "w").write(s)
+PYEOF
+    then
+        ts "causal_conv1d: building $cc1d_sdist in the background"
+        rm -rf "$target.cc1d"
+        (cd "$cc1d_work" && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=4 TORCH_CUDA_ARCH_LIST=9.0 \
+            "$PY" -m pip install -v --no-build-isolation --no-deps --no-index --no-cache-dir --target "$target.cc1d" . \
+            >"$target.cc1d.log" 2>&1) &
+        cc1d_pid=$!
+    else
+        ts "causal_conv1d: patch failed"
+        cc1d=fail
+    fi
+fi
+
 for level in $levels; do
     tl=$SECONDS
     work=/tmp/mamba_ssm_build_$level
@@ -190,4 +232,17 @@ for level in $levels; do
     break
 done
 [ $status = ok ] || ts "FAILED: no level built (total $((SECONDS - t0)) s)"
+if [ -n "$cc1d_pid" ]; then
+    ts "causal_conv1d: waiting for its build"
+    if wait "$cc1d_pid" && PYTHONPATH=$target.cc1d "$PY" -c 'import torch, causal_conv1d_cuda, causal_conv1d'; then
+        mkdir -p "$target" && cp -r "$target.cc1d"/. "$target"/ && rm -rf "$target.cc1d"
+        cc1d=ok
+        ts "causal_conv1d: OK (log $target.cc1d.log)"
+    else
+        cc1d=fail
+        ts "causal_conv1d: FAILED (log $target.cc1d.log)"
+    fi
+fi
+# the libraries carry debug info several times their code's size: strip it (a folder small enough to copy around)
+[ $status = ok ] && find "$target" -maxdepth 1 -name '*.so' -exec strip --strip-debug {} + 2>/dev/null
 [ $status = ok ]
