@@ -1,4 +1,5 @@
-"""The decode steps' ``offset_index``: per-row offsets read from a table through an int32 row -> entry index.
+"""The decode steps' ``offset_index``: per-row offsets read from a table through an int32 row -> entry index; and the
+kernels' tiles (``ops.launch.decode_tile``): any tile gives the reference's step.
 
 The Triton kernels (under the interpreter on CPU) and the references with an index must equal the references given
 the gathered per-row offsets; shared offsets are unaffected; bad indices are one-line ValueErrors.
@@ -18,8 +19,11 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from ssmtune import ops
+from ssmtune.ops import launch
 from ssmtune.ops.selective_scan import fused as s6_fused
+from ssmtune.ops.selective_scan.naive import selective_state_update_ref
 from ssmtune.ops.ssd import fused as ssd_fused
+from ssmtune.ops.ssd.naive import ssd_state_update_ref
 from ssmtune.ops.testing import assert_close
 
 if not torch.cuda.is_available():
@@ -118,3 +122,80 @@ def test_bad_offset_index(arch) -> None:
     # without an index, per-row offsets still need one row per batch row
     with pytest.raises(ValueError, match=f"{op}: state_offset must have shape"):
         getattr(ops, op)(state, *args, state_offset=table, backend="ref")
+
+
+# --- tiles: on CUDA about 512 state elements per program (mamba_ssm's table), big ones under the interpreter ----------
+
+CUDA = torch.device("cuda")
+OFFSETS = ["shared", "rows", "index"]
+
+
+def test_cuda_tiles_follow_the_512_element_table():
+    # (rows of N elements per program, warps) for N = 16 / 32 / 64 / 128 / 256: mamba_ssm's hand-tuned table
+    assert [launch.decode_tile(4096, n, CUDA) for n in (16, 32, 64, 128, 256)] == [
+        (32, 4), (16, 4), (8, 4), (4, 4), (4, 8),
+    ]  # fmt: skip
+    assert launch.decode_tile(3, 16, CUDA) == (4, 4)  # never more rows than the next power of two of the rows
+    assert launch.decode_tile(64, 128, torch.device("cpu"))[0] == 64  # interpreter: one big tile
+
+
+def _offsets(kind: str, batch: int, shape: tuple[int, ...]):
+    """(h' or y', offset_index) of the given kind: one shared, one per row, or a table of 3 read through an index."""
+    gen = torch.Generator().manual_seed(len(shape))
+    if kind == "shared":
+        return torch.randn(*shape, generator=gen).to(DEVICE), None
+    if kind == "rows":
+        return torch.randn(batch, *shape, generator=gen).to(DEVICE), None
+    index = torch.tensor([2, 0, 2][:batch], dtype=torch.int32, device=DEVICE)
+    return torch.randn(3, *shape, generator=gen).to(DEVICE), index
+
+
+def _gathered(t, index):
+    return t if index is None else t[index.long()]
+
+
+@pytest.mark.parametrize("tile", [None, (4, 4), (2, 4), (64, 4)], ids=["default", "4rows", "2rows", "64rows"])
+@pytest.mark.parametrize("kind", OFFSETS)
+def test_selective_state_update_any_tile(tile, kind):
+    b, d, n = 3, 37, 16
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)
+    x, dt, z, B, C = r(b, d), r(b, d), r(b, d), r(b, n), r(b, n)
+    A, D, dt_bias = -torch.rand(d, n, generator=gen).to(DEVICE) - 0.5, r(d), r(d)
+    h_off, index = _offsets(kind, b, (d, n))
+    y_off, _ = _offsets(kind, b, (d,))
+    state = r(b, d, n)
+    state_ref = state.clone()
+    y = s6_fused.selective_state_update_triton(
+        state, x, dt, A, B, C, D, z, dt_bias, True, state_offset=h_off, y_offset=y_off, offset_index=index, tile=tile
+    )
+    y_ref = selective_state_update_ref(
+        state_ref, x, dt, A, B, C, D, z, dt_bias, True,
+        state_offset=_gathered(h_off, index), y_offset=_gathered(y_off, index),
+    )  # fmt: skip
+    assert_close("state", state_ref, state, 1e-5)
+    assert_close("y", y_ref, y, 1e-5)
+
+
+@pytest.mark.parametrize("tile", [None, (4, 4), (2, 4), (32, 4)], ids=["default", "4rows", "2rows", "32rows"])
+@pytest.mark.parametrize("kind", OFFSETS)
+def test_ssd_state_update_any_tile(tile, kind):
+    b, h, p, n, g = 3, 4, 24, 16, 2
+    gen = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)
+    x, z, dt = r(b, h, p), r(b, h, p), r(b, h)
+    A, D, dt_bias = -torch.rand(h, generator=gen).to(DEVICE) - 0.5, r(h, p), r(h)
+    B, C = r(b, g, n), r(b, g, n)
+    h_off, index = _offsets(kind, b, (h, p, n))
+    y_off, _ = _offsets(kind, b, (h, p))
+    state = r(b, h, p, n)
+    state_ref = state.clone()
+    y = ssd_fused.ssd_state_update_triton(
+        state, x, dt, A, B, C, D, z, dt_bias, True, state_offset=h_off, y_offset=y_off, offset_index=index, tile=tile
+    )
+    y_ref = ssd_state_update_ref(
+        state_ref, x, dt, A, B, C, D, z, dt_bias, True,
+        state_offset=_gathered(h_off, index), y_offset=_gathered(y_off, index),
+    )  # fmt: skip
+    assert_close("state", state_ref, state, 1e-5)
+    assert_close("y", y_ref, y, 1e-5)

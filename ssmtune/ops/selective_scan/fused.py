@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmtune.ops import layout
+from ssmtune.ops import launch, layout
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -899,6 +899,7 @@ def selective_state_update_triton(
     y_offset: torch.Tensor | None = None,
     offset_index: torch.Tensor | None = None,
     A_is_log: bool = False,
+    tile: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """One decode step (Triton); ``state`` is updated in place with the un-offset state. No autograd.
 
@@ -917,6 +918,7 @@ def selective_state_update_triton(
         offset_index (torch.Tensor | None): int32 [B]; per-row offsets are then tables [n, D, N] / [n, D] and row b
             reads entry ``offset_index[b]``
         A_is_log (bool): A holds A_log; the kernel uses A = -exp(A_log)
+        tile (tuple[int, int] | None): (rows per program, warps); default ``launch.decode_tile``
     Returns:
         y [B, D] in x's dtype.
     """
@@ -932,12 +934,13 @@ def selective_state_update_triton(
     ]
     y = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
     block_n = triton.next_power_of_2(dstate)
-    block_d = min(triton.next_power_of_2(dim), max(1, 2048 // block_n))
+    block_d, warps = launch.decode_tile(dim, dstate, x.device) if tile is None else tile
     grid = (triton.cdiv(dim, block_d), batch)
     selective_state_update_fwd_kernel[grid](
         state, x, dt, A, B, C, D, z, dt_bias, state_offset, y_offset, offset_index, y,
         x.stride(0), dt.stride(0), B.stride(0), C.stride(0), 0 if z is None else z.stride(0),
         _batch_stride(state_offset, 3), _batch_stride(y_offset, 2),
         DIM=dim, N=dstate, DT_SOFTPLUS=dt_softplus, BLOCK_D=block_d, BLOCK_N=block_n, A_IS_LOG=A_is_log,
+        num_warps=warps,
     )  # fmt: skip
     return y

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmtune.ops import layout
+from ssmtune.ops import launch, layout
 from ssmtune.ops.ssd import SSD_MIN_HEADDIM_CUDA
 
 _MIN_BLOCK = 16
@@ -971,13 +971,15 @@ def ssd_state_update_triton(
     y_offset: torch.Tensor | None = None,
     offset_index: torch.Tensor | None = None,
     A_is_log: bool = False,
+    tile: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """One decode step (Triton). ``state`` [B, H, P, N] is updated in place (un-offset); returns y [B, H, P].
 
     x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H];
     state_offset [H, P, N] or [B, H, P, N]; y_offset [H, P] or [B, H, P]; ``offset_index`` (int32 [B]): per-row
     offsets are tables [n, ...] and row b reads entry ``offset_index[b]``; ``A_is_log``: A holds A_log, the kernel uses
-    A = -exp(A_log). Not differentiable.
+    A = -exp(A_log); ``tile``: (rows of P per program, warps), default ``launch.decode_tile``. Not
+    differentiable.
     """
     if not state.is_contiguous():
         raise ValueError(
@@ -990,13 +992,13 @@ def ssd_state_update_triton(
     x, dt, B, C, z = (layout.unit_last(t) for t in (x, dt, B, C, z))
     A, D, dt_bias, h_off, y_off, off_idx = map(_contig, (A, D, dt_bias, state_offset, y_offset, offset_index))
     y = torch.empty(batch, H, P, dtype=x.dtype, device=x.device)
-    BP = min(64, _pow2(P))
+    BP, warps = launch.decode_tile(P, N, x.device) if tile is None else tile
     zs = (0, 0) if z is None else z.stride()[:2]
     ssd_state_update_fwd_kernel[(triton.cdiv(P, BP), batch * H)](
         state, x, dt, A, B, C, D, z, dt_bias, h_off, y_off, off_idx, y, *x.stride()[:2], *dt.stride(), *B.stride()[:2],
         *C.stride()[:2], *zs, _batch_stride(h_off, 4), _batch_stride(y_off, 3),
         H=H, G=G, P=P, N=N, BP=BP, BN=_pow2(N), SOFTPLUS=dt_softplus, D_HAS_HDIM=D is not None and D.dim() == 2,
-        A_IS_LOG=A_is_log,
+        A_IS_LOG=A_is_log, num_warps=warps,
     )  # fmt: skip
     return y
 
