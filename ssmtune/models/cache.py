@@ -52,7 +52,8 @@ class LayerCache:
 
     def store(self, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
         """Write prefill results, in place when a buffer of the same shape exists (pre-allocated caches). Stored
-        states are contiguous: the decode kernels update them in place (a scan's final state can be a strided view). The scans' fp32 final state is rounded into ``state_dtype``."""
+        states are contiguous: the decode kernels update them in place (a scan's final state can be a strided view).
+        The scans' fp32 final state is rounded into ``state_dtype`` (into the buffer's dtype when written in place)."""
         if self.conv_state is not None and self.conv_state.shape == conv_state.shape:
             self.conv_state.copy_(conv_state)
         else:

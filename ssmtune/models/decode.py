@@ -15,9 +15,9 @@ owns every tensor the step touches, at fixed addresses:
 
 On CUDA the step is captured as a CUDA graph (``capture=True``); elsewhere the same object runs the step eagerly, so
 the buffer logic (bucket padding, routing buffers, in-place beam reorder) is tested on the CPU too. Captured graphs
-are kept on the model per (bucket, device, dtype, state dtype), one per layout of the offset buffers, and reused while the
-model's parameters (addresses, shapes), the LoRA modules' ``active`` / ``merged`` flags and the backends stay the
-same; otherwise the next ``generate`` captures again. That is checked at every ``start`` against a snapshot
+are kept on the model per (bucket, device, dtype, state dtype), one per layout of the offset buffers, and reused
+while the model's parameters (addresses, shapes), the LoRA modules' ``active`` / ``merged`` flags and the backends
+stay the same; otherwise the next ``generate`` captures again. That is checked at every ``start`` against a snapshot
 (``_Watch``) without walking the model by name; the walk runs again only when the snapshot sees a change. A capture that fails warns and leaves the step eager.
 
 The transformers hybrids decode through ``hybrid_decode.HybridDecoder``, a subclass that keeps the offset buffers,

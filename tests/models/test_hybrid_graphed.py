@@ -230,7 +230,8 @@ def test_state_dtype_is_refused_on_a_hybrid() -> None:
     from ssmtune.serve import BatchEngine
 
     model = _adapted(FAMILIES[0])
-    msg = r"^state_dtype=torch.bfloat16 is not supported on a transformers hybrid \(transformers' cache keeps its states\)$"
+    msg = r"^state_dtype=torch.bfloat16 is not supported on a transformers hybrid \(transformers' cache keeps its "
+    msg += r"states\)$"
     with pytest.raises(ValueError, match=msg):
         model.generate(ids(), max_new_tokens=2, state_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=msg):
