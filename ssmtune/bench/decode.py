@@ -11,6 +11,10 @@ d_state 128). mamba_ssm is timed when it imports (its default fused path, CUDA g
 ``--num-beams k`` times beam search instead (what ``ssmtune eval`` runs on generation tasks, k = 5, batch 1): tok/s
 count the rows' tokens, not the beams'; mamba_ssm has no beam search (its rows are skipped).
 
+``--state-dtype bf16`` decodes ssmtune's rows with bf16 SSM states (``generate(state_dtype=torch.bfloat16)``; default
+fp32, ssmtune's default), which the peers keep in the model's dtype (bf16 on CUDA); each row records its stack's state
+dtype.
+
 Stacks: ``graph`` = ``generate(cuda_graph=None)`` (captured on CUDA; on the CPU the static decoder runs eagerly),
 ``eager`` = ``generate(cuda_graph=False)``, ``mamba_ssm``, ``transformers``.
 
@@ -40,6 +44,7 @@ from ssmtune.bench.registry import Benchmark, register
 from ssmtune.bench.train_step import MAMBA2_EXTRA, SHAPES, ssmtune_config
 
 MODELS = ("mamba", "mamba2")
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STACKS = ("graph", "eager", "mamba_ssm", "transformers")
 
 
@@ -97,13 +102,15 @@ def build_transformers(model: str, shape: str, device: torch.device, dtype: torc
 
 
 def generator_fn(
-    stack: str, m, ids: torch.Tensor, names: list[str] | None, beams: int = 1
+    stack: str, m, ids: torch.Tensor, names: list[str] | None, beams: int = 1, state_dtype: torch.dtype | None = None
 ) -> Callable[[int], torch.Tensor]:
-    """``fn(n)``: greedy (or beam search) generate of n tokens after ``ids`` on the stack's model."""
+    """``fn(n)``: greedy (or beam search) generate of n tokens after ``ids`` on the stack's model (``state_dtype``:
+    ssmtune's decode states)."""
     length = ids.shape[1]
     if stack in ("graph", "eager"):
         cg = None if stack == "graph" else False
-        return lambda n: m.generate(ids, max_new_tokens=n, num_beams=beams, cuda_graph=cg, adapter_names=names)
+        return lambda n: m.generate(ids, max_new_tokens=n, num_beams=beams, cuda_graph=cg, adapter_names=names,
+                                    state_dtype=state_dtype)  # fmt: skip
     if stack == "mamba_ssm":
         return lambda n: m.generate(ids, max_length=length + n, cg=True, top_k=1)
     mask = torch.ones_like(ids)
@@ -128,8 +135,10 @@ def time_generate(fn: Callable[[int], torch.Tensor], n: int, repeats: int, devic
     return statistics.median(t_n), statistics.median(t_1)
 
 
-def check(peft, ids: torch.Tensor, names: list[str] | None, beams: int = 1) -> None:
-    kw = {"max_new_tokens": 16, "adapter_names": names, "num_beams": beams}
+def check(
+    peft, ids: torch.Tensor, names: list[str] | None, beams: int = 1, state_dtype: torch.dtype | None = None
+) -> None:
+    kw = {"max_new_tokens": 16, "adapter_names": names, "num_beams": beams, "state_dtype": state_dtype}
     with torch.inference_mode():
         eager = peft.generate(ids, cuda_graph=False, **kw)
         graph = peft.generate(ids, cuda_graph=None if ids.is_cuda else True, **kw)
@@ -156,6 +165,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 128)")
     ap.add_argument("--adapters", type=int, default=None, help="State-offset adapters of the mixed rows (default 16)")
     ap.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")
+    ap.add_argument(
+        "--state-dtype",
+        choices=tuple(STATE_DTYPES),
+        default="fp32",
+        help="dtype of ssmtune's decode states (default fp32; the peers keep the model's dtype)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
 
 
@@ -169,13 +184,15 @@ def run(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vocab = SHAPES[shape]["vocab_size"]
     beams = args.num_beams
+    state_name = getattr(args, "state_dtype", "fp32")
+    state_dtype = STATE_DTYPES[state_name]
     missing = {stack: unavailable(stack, device, beams) for stack in args.stacks}
     rows = []
     for model in args.models:
         peft = build_ours(model, shape, n_adapters, device, dtype)
         ids0 = torch.randint(1, vocab, (batches[0], prompt_len), generator=torch.Generator().manual_seed(0))
         mixed0 = [f"a{r % n_adapters}" for r in range(batches[0])] if batches[0] >= n_adapters else None
-        check(peft, ids0.to(device), mixed0, beams)
+        check(peft, ids0.to(device), mixed0, beams, state_dtype)
         peers = {}
         for stack in args.stacks:
             why = missing.get(stack)
@@ -189,7 +206,9 @@ def run(args: argparse.Namespace) -> dict:
                     mixes = [("bare", None)]
                 for mix, names in mixes:
                     row = {"model": model, "stack": stack, "batch": batch, "adapters": mix, "prompt_len": prompt_len,
-                           "new_tokens": new, "num_beams": beams, "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+                           "new_tokens": new, "num_beams": beams, "dtype": str(dtype).removeprefix("torch."),
+                           "state_dtype": state_name if stack in ("graph", "eager")
+                           else str(dtype).removeprefix("torch.")}  # fmt: skip
                     rows.append(row)
                     if why is not None:
                         row["status"] = f"unavailable: {why}"
@@ -199,7 +218,9 @@ def run(args: argparse.Namespace) -> dict:
                             build = build_mamba_ssm if stack == "mamba_ssm" else build_transformers
                             peers[stack] = build(model, shape, device, dtype)
                         m = peers.get(stack, peft)
-                        t_n, t_1 = time_generate(generator_fn(stack, m, ids, names, beams), new, args.repeats, device)
+                        t_n, t_1 = time_generate(
+                            generator_fn(stack, m, ids, names, beams, state_dtype), new, args.repeats, device
+                        )
                         row.update(status="ok", s_new=t_n, s_one=t_1, e2e_tok_s=batch * new / t_n)
                         row["decode_tok_s"] = batch * (new - 1) / (t_n - t_1) if t_n > t_1 else None
                     except Exception as e:  # noqa: BLE001 - a peer's failure is a row, not the end of the run
@@ -210,7 +231,7 @@ def run(args: argparse.Namespace) -> dict:
                     if getattr(args, "report_partial", None) is not None:
                         args.report_partial({"rows": rows})
         del peers, peft
-    return {"rows": rows, "table": table(rows)}
+    return {"rows": rows, "state_dtype": state_name, "table": table(rows)}
 
 
 def table(rows: list[dict]) -> str:

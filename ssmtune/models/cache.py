@@ -1,7 +1,12 @@
 """Inference cache: per layer, the conv window and the SSM state of the tokens seen so far.
 
-    Mamba-1: conv_state [B, D, K-1]          ssm_state [B, D, N] (fp32)
-    Mamba-2: conv_state [B, D+2GN, K-1]      ssm_state [B, H, P, N] (fp32)
+    Mamba-1: conv_state [B, D, K-1]          ssm_state [B, D, N] (fp32 by default)
+    Mamba-2: conv_state [B, D+2GN, K-1]      ssm_state [B, H, P, N] (fp32 by default)
+
+The SSM state is fp32 unless a cache is made with another ``state_dtype`` (bf16 or fp16, ``generate(...,
+state_dtype=...)``): fp32 continues the training scan's fp32 states exactly; a 16-bit state halves the state's memory
+traffic per decode step (what mamba_ssm and transformers keep: the model's dtype). The decode kernels load it, compute
+in fp32 and store it back in its dtype; a prefill's fp32 final states are rounded into it when stored.
 
 The cache always holds the un-offset state: state offsets (h', y') act on the read-out only (docs/methods.md §4.1).
 A layer cache with ``seqlen_offset == 0`` is *fresh*: the next forward is a prefill, where initial states from
@@ -16,6 +21,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ops import STATE_DTYPES  # what the decode kernels store
+
+
+def state_dtype_of(value: torch.dtype | None) -> torch.dtype:
+    """The SSM state dtype a cache keeps for ``value``: None is the default, fp32; else fp32, bf16 or fp16."""
+    if value is None:
+        return torch.float32
+    if value not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {value!r}")
+    return value
+
 
 @dataclass
 class LayerCache:
@@ -24,9 +40,11 @@ class LayerCache:
     conv_state: torch.Tensor | None = None
     """[B, conv_dim, K-1], in the activations' dtype."""
     ssm_state: torch.Tensor | None = None
-    """[B, D, N] or [B, H, P, N], fp32."""
+    """[B, D, N] or [B, H, P, N], in ``state_dtype``."""
     seqlen_offset: int = 0
     """Tokens already consumed by this layer."""
+    state_dtype: torch.dtype = torch.float32
+    """The dtype ``store`` keeps the SSM state in (``state_dtype_of``)."""
 
     @property
     def fresh(self) -> bool:
@@ -34,7 +52,8 @@ class LayerCache:
 
     def store(self, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
         """Write prefill results, in place when a buffer of the same shape exists (pre-allocated caches). Stored
-        states are contiguous: the decode kernels update them in place (a scan's final state can be a strided view)."""
+        states are contiguous: the decode kernels update them in place (a scan's final state can be a strided view).
+        The scans' fp32 final state is rounded into ``state_dtype`` (into the buffer's dtype when written in place)."""
         if self.conv_state is not None and self.conv_state.shape == conv_state.shape:
             self.conv_state.copy_(conv_state)
         else:
@@ -42,14 +61,20 @@ class LayerCache:
         if self.ssm_state is not None and self.ssm_state.shape == ssm_state.shape:
             self.ssm_state.copy_(ssm_state)
         else:
-            self.ssm_state = ssm_state.float().contiguous()
+            self.ssm_state = ssm_state.to(self.state_dtype).contiguous()
 
 
 class InferenceCache:
-    """Caches of all layers, indexed by layer. ``InferenceCache(n_layer)`` is empty; mixers fill it on prefill."""
+    """Caches of all layers, indexed by layer. ``InferenceCache(n_layer)`` is empty; mixers fill it on prefill.
+    ``state_dtype``: the SSM states' dtype (None: fp32; ``state_dtype_of``)."""
 
-    def __init__(self, num_layers: int) -> None:
-        self.layers = [LayerCache() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, state_dtype: torch.dtype | None = None) -> None:
+        dtype = state_dtype_of(state_dtype)
+        self.layers = [LayerCache(state_dtype=dtype) for _ in range(num_layers)]
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return self.layers[0].state_dtype if self.layers else torch.float32
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -81,16 +106,18 @@ class InferenceCache:
         batch_size: int,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> InferenceCache:
-        """Zero states for each mixer, with shapes from its current ``conv_state_shape`` / ``state_shape``."""
+        """Zero states for each mixer, with shapes from its current ``conv_state_shape`` / ``state_shape``; SSM states
+        in ``state_dtype`` (None: fp32)."""
         mixers = list(mixers)
-        cache = cls(len(mixers))
+        cache = cls(len(mixers), state_dtype)
         for layer, mixer in zip(cache.layers, mixers):
             # the conv window holds activations: default to the conv weight's dtype (A_log stays fp32)
             ref = mixer.conv1d.weight
             dev = ref.device if device is None else torch.device(device)
             layer.conv_state = torch.zeros(batch_size, *mixer.conv_state_shape, dtype=dtype or ref.dtype, device=dev)
-            layer.ssm_state = torch.zeros(batch_size, *mixer.state_shape, dtype=torch.float32, device=dev)
+            layer.ssm_state = torch.zeros(batch_size, *mixer.state_shape, dtype=layer.state_dtype, device=dev)
         return cache
 
     def reset(self) -> None:
@@ -110,7 +137,12 @@ class InferenceCache:
         """Concatenate caches of the same depth and offset along the batch axis (rows prefilled one by one)."""
         if not caches:
             raise ValueError("InferenceCache.cat: got an empty list")
-        out = cls(len(caches[0]))
+        dtypes = {c.state_dtype for c in caches}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"InferenceCache.cat: the caches keep states in different dtypes {sorted(map(str, dtypes))}"
+            )
+        out = cls(len(caches[0]), caches[0].state_dtype)
         for i, layer in enumerate(out.layers):
             parts = [c[i] for c in caches]
             if any(p.conv_state is None or p.ssm_state is None for p in parts):

@@ -15,9 +15,9 @@ owns every tensor the step touches, at fixed addresses:
 
 On CUDA the step is captured as a CUDA graph (``capture=True``); elsewhere the same object runs the step eagerly, so
 the buffer logic (bucket padding, routing buffers, in-place beam reorder) is tested on the CPU too. Captured graphs
-are kept on the model per (bucket, device, dtype), one per layout of the offset buffers, and reused while the
-model's parameters (addresses, shapes), the LoRA modules' ``active`` / ``merged`` flags and the backends stay the
-same; otherwise the next ``generate`` captures again. That is checked at every ``start`` against a snapshot
+are kept on the model per (bucket, device, dtype, state dtype), one per layout of the offset buffers, and reused
+while the model's parameters (addresses, shapes), the LoRA modules' ``active`` / ``merged`` flags and the backends
+stay the same; otherwise the next ``generate`` captures again. That is checked at every ``start`` against a snapshot
 (``_Watch``) without walking the model by name; the walk runs again only when the snapshot sees a change. A capture that fails warns and leaves the step eager.
 
 The transformers hybrids decode through ``hybrid_decode.HybridDecoder``, a subclass that keeps the offset buffers,
@@ -45,7 +45,7 @@ from .hooks import ADAPTER_ATTR, COLLECTOR_ATTR, MergedState, StateHook, collect
 # What ``cuda_graph=None`` means on CUDA: the graphed decoder where the model supports it (checked against the eager
 # step token for token by tests/models/test_graphed_decode.py, -m gpu); ``cuda_graph=False`` turns it off per call.
 GRAPHED_BY_DEFAULT = True
-DECODERS_ATTR = "_ssmtune_decoders"  # model attribute: {(bucket, device, dtype): GraphedDecoder}
+DECODERS_ATTR = "_ssmtune_decoders"  # model attribute: {(bucket, device, dtype, state dtype, ...): GraphedDecoder}
 
 
 def bucket_size(batch: int) -> int:
@@ -180,8 +180,17 @@ class _Step:
 class GraphedDecoder:
     """The decode step of ``lm`` for up to ``bucket`` rows on static buffers (see the module docstring)."""
 
-    def __init__(self, lm: nn.Module, bucket: int, device: torch.device, dtype: torch.dtype, capture: bool) -> None:
+    def __init__(
+        self,
+        lm: nn.Module,
+        bucket: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        capture: bool,
+        state_dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.lm, self.bucket, self.device, self.dtype, self.capture = lm, bucket, device, dtype, capture
+        self.state_dtype = state_dtype  # of the static cache's SSM states: the captured step reads and writes them
         self.mixers = self._mixers()
         self._fresh_buffers()
         self.ids = torch.zeros(bucket, dtype=torch.long, device=device)
@@ -216,6 +225,8 @@ class GraphedDecoder:
         batch = cache.batch_size
         if batch is None or batch > self.bucket:
             raise ValueError(f"cache batch {batch} does not fit the decoder's bucket of {self.bucket} rows")
+        if cache.state_dtype != self.state_dtype:
+            raise ValueError(f"cache states are {cache.state_dtype}, the decoder's are {self.state_dtype}")
         if self.load_offsets(batch, routing, rows):
             if self.capture:
                 try:
@@ -283,7 +294,9 @@ class GraphedDecoder:
 
     def _fresh_buffers(self) -> None:
         """The static cache, new (at the start and when the model changed)."""
-        self.cache = self.lm.allocate_cache(self.bucket, dtype=self.dtype, device=self.device)
+        self.cache = self.lm.allocate_cache(
+            self.bucket, dtype=self.dtype, device=self.device, state_dtype=self.state_dtype
+        )
 
     def _collect(self, batch: int, routing, rows: torch.Tensor | None) -> tuple[list[MergedState], list]:
         """The step's h' / y' of every mixer, for the B cache rows (batched [B, ...] under a routing), and a key per
@@ -420,11 +433,12 @@ def decoder_for(model, cache: InferenceCache, *, capture: bool, owner: object = 
     lm, _ = unwrap(model)
     batch = cache.batch_size
     ref = cache.layers[0].conv_state
-    # buffers made under inference_mode cannot be updated outside it (and the other way round)
-    key = (bucket_size(batch), ref.device, ref.dtype, capture, torch.is_inference_mode_enabled())
+    # buffers made under inference_mode cannot be updated outside it (and the other way round); the state dtype is
+    # part of the key: an fp32-state step and a bf16-state one are different graphs over different buffers
+    key = (bucket_size(batch), ref.device, ref.dtype, cache.state_dtype, capture, torch.is_inference_mode_enabled())
     decoders = (lm if owner is None else owner).__dict__.setdefault(DECODERS_ATTR, _Decoders())
     if key not in decoders:
-        decoders[key] = GraphedDecoder(lm, key[0], ref.device, ref.dtype, capture)
+        decoders[key] = GraphedDecoder(lm, key[0], ref.device, ref.dtype, capture, cache.state_dtype)
     return decoders[key]
 
 

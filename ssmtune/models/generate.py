@@ -10,6 +10,11 @@ With ``cuda_graph=True`` decoding steps run through ``decode.GraphedDecoder``: o
 once per batch-size bucket and replayed; prefill, sampling and beam bookkeeping stay eager. ``None`` (the default)
 follows ``decode.GRAPHED_BY_DEFAULT``. When the
 model cannot decode from a graph (``decode.unsupported_reason``) a one-line warning says why and decoding is eager.
+
+``state_dtype`` sets the dtype the cache keeps the SSM states in while decoding (``cache.state_dtype_of``): None, the
+default, is fp32, the exact continuation of the training scan's fp32 states; torch.bfloat16 / torch.float16 halve the
+states' memory traffic per step (what mamba_ssm and transformers keep), the step still computing in fp32. For
+ssmtune's own Mamba models only: a transformers hybrid keeps transformers' cache.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .cache import InferenceCache
+from .cache import InferenceCache, state_dtype_of
 from .decode import GRAPHED_BY_DEFAULT, decoder_for, unsupported_reason
 
 
@@ -30,15 +35,19 @@ def _eos_list(eos_token_id: int | list[int] | None) -> list[int]:
 
 
 def prefill(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    state_dtype: torch.dtype | None = None,
 ) -> tuple[InferenceCache, torch.Tensor]:
-    """Run the prompts through the model with a fresh cache. Returns the cache and the logits [B, V] at each row's
+    """Run the prompts through the model with a fresh cache (SSM states kept in ``state_dtype``, None: fp32; the
+    scans' fp32 final states are rounded into it). Returns the cache and the logits [B, V] at each row's
     last real token. Prompts of different lengths (a mask not all ones) are prefilled on their real tokens only: in
     one packed forward (``cu_seqlens``), per-row adapter routing included (each sequence with its row's adapter), or
     one by one where packing does not apply (an active input hook: Prompt Tuning)."""
     n_layer = len(model.backbone.layers)
     if attention_mask is None or bool(attention_mask.bool().all()):
-        cache = InferenceCache(n_layer)
+        cache = InferenceCache(n_layer, state_dtype)
         logits = model(input_ids, cache=cache).logits[:, -1]
         return cache, logits
     if attention_mask.shape != input_ids.shape:
@@ -50,7 +59,7 @@ def prefill(
             raise ValueError("attention_mask has a row with no real token")
         with torch.inference_mode(False):  # a tensor with a version counter: the ops read its boundaries once
             cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        cache = InferenceCache(n_layer)
+        cache = InferenceCache(n_layer, state_dtype)
         logits = model(input_ids[mask][None], cache=cache, cu_seqlens=cu).logits[0, cu[1:].long() - 1]
         return cache, logits
     caches, logits = [], []
@@ -58,7 +67,7 @@ def prefill(
         ids = row[mask]
         if ids.numel() == 0:
             raise ValueError("attention_mask has a row with no real token")
-        cache = InferenceCache(n_layer)
+        cache = InferenceCache(n_layer, state_dtype)
         logits.append(model(ids[None], cache=cache).logits[:, -1])
         caches.append(cache)
     return InferenceCache.cat(caches), torch.cat(logits, 0)
@@ -139,11 +148,13 @@ def generate(
     min_new_tokens: int = 0,
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
+    state_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after ``input_ids`` [B, L]. Returns [B, L + new] (the prompts as given,
     then the new tokens; rows that stopped early are filled with ``pad_token_id``, or the first EOS id).
     Generation stops early when every row has produced an EOS. ``cuda_graph``: see ``decode_step`` (None: the
-    library default, ``decode.GRAPHED_BY_DEFAULT``; True: graphed; False: eager)."""
+    library default, ``decode.GRAPHED_BY_DEFAULT``; True: graphed; False: eager). ``state_dtype``: the dtype of the
+    decode states (None: fp32; torch.bfloat16 or torch.float16; see the module docstring)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -158,11 +169,12 @@ def generate(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    state_dtype_of(state_dtype)
     eos = _eos_list(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if max_new_tokens == 0:
         return input_ids
-    cache, logits = prefill(model, input_ids, attention_mask)
+    cache, logits = prefill(model, input_ids, attention_mask, state_dtype)
     if num_beams > 1:
         new = beam_search(
             model, cache, logits, max_new_tokens, num_beams, length_penalty, eos, pad, min_new_tokens, cuda_graph

@@ -292,6 +292,14 @@ def generate(model: nn.Module, generate_fn, args: tuple, kwargs: dict):
         del model.forward
 
 
+def refuse_state_dtype(state_dtype: torch.dtype | None) -> None:
+    """A hybrid's states live in transformers' cache, in the model's dtype: ``state_dtype`` (ssmtune's Mamba models'
+    decode state dtype) is refused rather than ignored."""
+    if state_dtype is not None:
+        raise ValueError(f"state_dtype={state_dtype!r} is not supported on a transformers hybrid "
+                         "(transformers' cache keeps its states)")  # fmt: skip
+
+
 class GenerateWithGraph:
     """``generate`` of a swapped hybrid (``from_transformers`` sets it on the model): transformers' ``generate``, plus
     ``cuda_graph``: None (the default, for now) or False decode as transformers does; True decodes through a
@@ -300,9 +308,10 @@ class GenerateWithGraph:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def __call__(self, *args, cuda_graph: bool | None = None, **kwargs):
+    def __call__(self, *args, cuda_graph: bool | None = None, state_dtype: torch.dtype | None = None, **kwargs):
         if cuda_graph not in (None, True, False):
             raise ValueError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
+        refuse_state_dtype(state_dtype)
         plain = type(self.model).generate.__get__(self.model)
         if not cuda_graph:
             return plain(*args, **kwargs)

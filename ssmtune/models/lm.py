@@ -186,10 +186,15 @@ class SSMPreTrainedModel(nn.Module):
                 module.backend = value
 
     def allocate_cache(
-        self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        self,
+        batch_size: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> InferenceCache:
-        """Zero cache for ``batch_size`` rows, shaped from the mixers' current parameters."""
-        return InferenceCache.allocate((m for _, m in self.mixers()), batch_size, dtype, device)
+        """Zero cache for ``batch_size`` rows, shaped from the mixers' current parameters; SSM states in
+        ``state_dtype`` (None: fp32, ``cache.state_dtype_of``)."""
+        return InferenceCache.allocate((m for _, m in self.mixers()), batch_size, dtype, device, state_dtype)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -296,15 +301,18 @@ class SSMForCausalLM(SSMPreTrainedModel):
         min_new_tokens: int = 0,
         generator: torch.Generator | None = None,
         cuda_graph: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Greedy / sampling / beam search with the recurrent cache; returns [B, prompt + new] token ids.
-        See ``ssmtune.models.generate.generate`` (``cuda_graph``: graphed decoding, see there)."""
+        See ``ssmtune.models.generate.generate`` (``cuda_graph``: graphed decoding; ``state_dtype``: the decode
+        states' dtype, see there)."""
         from .generate import generate
 
         return generate(
             self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             num_beams=num_beams, length_penalty=length_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             attention_mask=attention_mask, min_new_tokens=min_new_tokens, generator=generator, cuda_graph=cuda_graph,
+            state_dtype=state_dtype,
         )  # fmt: skip
 
 

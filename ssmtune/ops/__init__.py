@@ -150,6 +150,15 @@ def _check_float(op: str, **tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
+# the dtypes a decode step's state may be kept in (loaded and updated in fp32 either way)
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_state_dtype(op: str, state: torch.Tensor) -> None:
+    if state.dtype not in STATE_DTYPES:
+        raise ValueError(f"{op}: state must be fp32, bf16 or fp16, got dtype {state.dtype}")
+
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -383,7 +392,8 @@ def selective_state_update(
     A_is_log: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One Mamba-1 decode step; ``state`` [B, D, N] (fp32) is updated in place, y [B, D] is returned.
+    """One Mamba-1 decode step; ``state`` [B, D, N] is updated in place, y [B, D] is returned. The state may be fp32,
+    bf16 or fp16: it is loaded and updated in fp32, stored back in its dtype; y reads the fp32 update (as mamba_ssm).
 
     x, dt, z [B, D]; A [D, N]; B, C [B, N]; D, dt_bias [D]; state_offset [D, N] or [B, D, N]; y_offset [D] or [B, D].
     ``offset_index`` (int32 [B]): per-row offsets are instead tables [n, D, N] / [n, D] and row b reads entry
@@ -398,6 +408,7 @@ def selective_state_update(
     _check("A", A, [(d, None)], op)
     n = A.shape[1]
     _check("state", state, [(b, d, n)], op)
+    _check_state_dtype(op, state)
     _check("dt", dt, [(b, d)], op)
     _check("B", B, [(b, n)], op)
     _check("C", C, [(b, n)], op)
@@ -509,7 +520,8 @@ def ssd_state_update(
     A_is_log: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One Mamba-2 decode step; ``state`` [B, H, P, N] (fp32) is updated in place, y [B, H, P] is returned.
+    """One Mamba-2 decode step; ``state`` [B, H, P, N] is updated in place, y [B, H, P] is returned. The state may be
+    fp32, bf16 or fp16 (as in ``selective_state_update``).
 
     x, z [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; D [H] or [H, P]; dt_bias [H]; state_offset [H, P, N] or
     [B, H, P, N]; y_offset [H, P] or [B, H, P]. ``offset_index`` (int32 [B]): per-row offsets are tables [n, H, P, N] /
@@ -523,6 +535,7 @@ def ssd_state_update(
     if g < 1 or h % g != 0:
         raise ValueError(f"{op}: nheads ({h}) must be divisible by ngroups ({g})")
     _check("state", state, [(b, h, p, n)], op)
+    _check_state_dtype(op, state)
     _check("dt", dt, [(b, h)], op)
     _check("A", A, [(h,)], op)
     _check("C", C, [(b, g, n)], op)

@@ -30,6 +30,10 @@ Later requests may join a call ahead of an earlier one that cannot; that one lea
 With ``cuda_graph`` on, decode steps run through a ``models.decode.GraphedDecoder``: the live rows' states
 move into its static buffers when the batch changes (rows joined or finished) and stay there while it does not, each
 step replaying the captured one-token forward. Rows that join or leave hand the states back to ``_cache`` first.
+
+``state_dtype`` (an engine setting; None, the default, is fp32) is the dtype the rows' SSM states are kept in, as in
+``models.generate`` (bf16 halves their memory traffic per step). It applies to ssmtune's own Mamba models: a
+transformers hybrid keeps transformers' cache and refuses it.
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ from torch import nn
 
 from ..core.peft_model import PeftModel
 from ..core.routing import RoutedLM
-from ..models.cache import InferenceCache
+from ..models.cache import InferenceCache, state_dtype_of
 from ..models.decode import GRAPHED_BY_DEFAULT, GraphedDecoder, decoder_for, unsupported_reason
 from ..models.generate import filter_logits, prefill
+from ..models.hybrid_decode import refuse_state_dtype
 
 MAX_BEAMS = 8
 """Largest ``num_beams`` a request may ask for: a beam request decodes its k beams alone, pausing the batch."""
@@ -164,7 +169,9 @@ class BatchEngine:
         batch_wait_s: float = 0.005,
         max_queue: int = 256,
         cuda_graph: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
+        state_dtype_of(state_dtype)
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
         if batch_wait_s < 0:
@@ -190,6 +197,9 @@ class BatchEngine:
         # run in groups through transformers' generate (_generate)
         self.solo = not hasattr(base, "backbone")
         self.n_layer = 0 if self.solo else len(base.backbone.layers)
+        if self.solo:
+            refuse_state_dtype(state_dtype)
+        self.state_dtype = state_dtype  # of the rows' SSM states (None: fp32)
         self.base = base
         # decode steps on a GraphedDecoder (captured on CUDA; True on the CPU runs it eagerly); None: the library default
         self.cuda_graph = (
@@ -385,7 +395,7 @@ class BatchEngine:
             ids, mask = self._left_pad([r.req.prompt_ids for r in rows])  # the prefill never reads the pads
             with self._route([r.req.adapter for r in rows]) as routing:
                 model = self.base if routing is None else RoutedLM(self.base, routing)
-                cache, logits = prefill(model, ids, mask)  # [b, V]
+                cache, logits = prefill(model, ids, mask, self.state_dtype)  # [b, V]
             logits = logits.float()
         except Exception as e:  # noqa: BLE001
             for row in rows:
@@ -475,6 +485,8 @@ class BatchEngine:
             kw = {"max_new_tokens": s.max_new_tokens, "num_beams": s.num_beams, "eos_token_id": self.eos_token_id}
             if self.solo:  # beam search is greedy (GenerationSettings); sampled requests go to _generate
                 kw.update(pad_token_id=self.eos_token_id, do_sample=False)
+            else:
+                kw["state_dtype"] = self.state_dtype
             if isinstance(self.model, PeftModel):
                 out = self.model.generate(ids, adapter_names=[req.adapter], **kw)
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ssmtune.bench.run import main
 
@@ -23,6 +24,24 @@ def test_decode_bench_small_writes_rows(tmp_path) -> None:
         ("eager", "2 adapters"),
     }
     assert all(r["status"] == "ok" and r["e2e_tok_s"] > 0 for r in rows)
+    assert json.loads(out.read_text())["results"]["state_dtype"] == "fp32"
+    assert {r["state_dtype"] for r in rows} == {"fp32"}
+
+
+def test_decode_bench_bf16_states_are_recorded(tmp_path, monkeypatch) -> None:
+    from ssmtune.bench import decode
+
+    real, seen = decode.generator_fn, []
+    monkeypatch.setattr(decode, "generator_fn", lambda *a: seen.append(a[-1]) or real(*a))
+    out = tmp_path / "decode.json"
+    argv = ["decode", "--device", "cpu", "--small", "--models", "mamba2", "--stacks", "graph", "eager",
+            "--batches", "2", "--prompt-len", "4", "--new-tokens", "3", "--adapters", "2", "--repeats", "1",
+            "--state-dtype", "bf16", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["state_dtype"] == "bf16"
+    assert all(r["status"] == "ok" and r["state_dtype"] == "bf16" for r in results["rows"])
+    assert seen and set(seen) == {torch.bfloat16}  # ssmtune's rows generate with bf16 states
 
 
 def test_decode_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch) -> None:

@@ -111,9 +111,11 @@ def _model(arch: str, n_layer: int, backend: str):
     return peft
 
 
-def _step(peft, monkeypatch, count: bool, names: list | None = None) -> tuple[torch.Tensor, collections.Counter]:
+def _step(
+    peft, monkeypatch, count: bool, names: list | None = None, state_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, collections.Counter]:
     """Prefill 2 rows (or one per adapter name, routed), then one step of the decoder (run eagerly: the step a CUDA
-    graph captures)."""
+    graph captures), its SSM states in ``state_dtype`` (None: fp32)."""
     lm = peft.base_model
     for name in ("empty", "empty_like"):  # tests/conftest.py's NaN poisoning adds a fill per allocation: not a kernel
         monkeypatch.setattr(torch, name, getattr(getattr(torch, name), "__wrapped__", getattr(torch, name)))
@@ -122,9 +124,9 @@ def _step(peft, monkeypatch, count: bool, names: list | None = None) -> tuple[to
     # not inference_mode: under it the dispatch mode sees composite ops undecomposed
     with torch.no_grad(), contextlib.ExitStack() as stack:
         routing = None if names is None else stack.enter_context(peft.route(names))
-        cache = InferenceCache(len(lm.backbone.layers))
+        cache = InferenceCache(len(lm.backbone.layers), state_dtype)
         peft(ids, cache=cache)
-        decoder = GraphedDecoder(lm, batch, torch.device("cpu"), torch.bfloat16, capture=False)
+        decoder = GraphedDecoder(lm, batch, torch.device("cpu"), torch.bfloat16, False, cache.state_dtype)
         decoder.start(cache, routing)
         decoder.ids.copy_(ids[:, -1])
         mode = KernelCount()
@@ -167,6 +169,18 @@ def test_triton_decode_step_matches_torch(arch, monkeypatch, interpreted) -> Non
     ref = _step(_model(arch, 2, "torch"), monkeypatch, count=False)[0]
     got = _step(_model(arch, 2, "triton"), monkeypatch, count=False)[0]
     # bf16: the Triton kernels accumulate in fp32 where the torch conv update rounds each product to bf16
+    torch.testing.assert_close(got, ref, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("arch", ["m1", "m2"])
+def test_bf16_state_step_matches_torch_with_the_same_kernels(arch, monkeypatch, interpreted) -> None:
+    """bf16 states: the Triton step loads and stores them in bf16 itself (no cast kernels), == the torch step."""
+    bf16 = {"state_dtype": torch.bfloat16}
+    ref = _step(_model(arch, 2, "torch"), monkeypatch, count=False, **bf16)[0]
+    got, two = _step(_model(arch, 2, "triton"), monkeypatch, count=True, **bf16)
+    one = _step(_model(arch, 1, "triton"), monkeypatch, count=True, **bf16)[1]
+    assert {k: two[k] - one[k] for k in two if two[k] != one[k]} == EXPECTED[arch]
+    assert not got.isnan().any()
     torch.testing.assert_close(got, ref, atol=0.05, rtol=0.05)
 
 

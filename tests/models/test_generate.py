@@ -161,3 +161,66 @@ def test_beam_search_with_more_eos_ids_than_beams_never_returns_padding():
     out = beam_search(Constant(), InferenceCache(0), lp.clone(), max_new_tokens=4, num_beams=2, eos=[0, 1, 2], pad=9)
     assert 9 not in out.tolist()[0]
     assert out[0, -1].item() in (0, 1, 2)
+
+
+# --- decode states in bf16 / fp16 (state_dtype) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16])
+def test_16bit_states_track_fp32_states(arch, state_dtype) -> None:
+    model = make_model(arch, hooks=True)
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(0))
+    steps = torch.randint(0, 64, (4, 3), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    with torch.no_grad():
+        for dt in (None, state_dtype):
+            cache, first = prefill(model, ids, state_dtype=dt)
+            out = [first]
+            for tok in steps:  # the same tokens for both: the logits compare step by step
+                out.append(model(tok[:, None], cache=cache).logits[:, -1])
+                # the kernels update the state in place, in the cache's dtype
+                want = torch.float32 if dt is None else dt
+                assert {layer.ssm_state.dtype for layer in cache.layers} == {want}
+                assert cache.state_dtype == want
+            logits[dt] = torch.stack(out)
+    ref, low = logits[None], logits[state_dtype]
+    torch.testing.assert_close(low[0], ref[0], atol=0, rtol=0)  # the prefill's logits read the fp32 scan
+    scale = ref.abs().max()
+    assert (low - ref).abs().max() <= 0.05 * scale
+    assert not torch.equal(low[1:], ref[1:])  # the states were rounded: a silent fp32 cache would match exactly
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_bf16_state_prefill_rounds_the_final_states(arch) -> None:
+    model = make_model(arch, hooks=True)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # packed prefill of rows of different lengths
+    with torch.no_grad():
+        wide, _ = prefill(model, ids, mask)
+        low, _ = prefill(model, ids, mask, state_dtype=torch.bfloat16)
+    for a, b in zip(wide.layers, low.layers):
+        assert b.ssm_state.dtype == torch.bfloat16 and b.ssm_state.is_contiguous()
+        torch.testing.assert_close(b.ssm_state, a.ssm_state.to(torch.bfloat16), atol=0, rtol=0)
+        torch.testing.assert_close(b.conv_state, a.conv_state, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [torch.float64, torch.int8, "bf16"])
+def test_invalid_state_dtype(bad) -> None:
+    model = make_model("mamba")
+    with pytest.raises(ValueError, match=r"^state_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                       rf"got {bad!r}$"):  # fmt: skip
+        model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=0, state_dtype=bad)
+
+
+def test_caches_of_different_state_dtypes_do_not_concatenate() -> None:
+    from ssmtune.models.cache import InferenceCache
+
+    model = make_model("mamba2")
+    ids = torch.randint(0, 64, (1, 4))
+    with torch.no_grad():
+        parts = [prefill(model, ids, state_dtype=dt)[0] for dt in (torch.bfloat16, torch.bfloat16, None)]
+    assert InferenceCache.cat(parts[:2]).layers[0].ssm_state.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"^InferenceCache.cat: the caches keep states in different dtypes"):
+        InferenceCache.cat(parts)

@@ -438,3 +438,56 @@ def test_model_changes_still_walk_and_invalidate(monkeypatch) -> None:
     # the decoder's snapshot does not keep a deleted adapter alive
     gc.collect()
     assert gone() is None
+
+
+# --- decode states in bf16 (generate(state_dtype=...)) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_bf16_states_static_decoder_equals_eager(arch, num_beams) -> None:
+    # a State-offset adapter, and mixed adapters per row (h, y, none, prefix, low-rank h; 6 rows in a bucket of 8)
+    peft = _peft(arch, ADAPTERS)
+    ids = _prompts(len(ROWS))
+    for names in (None, ROWS):
+        kw = {"max_new_tokens": 6, "num_beams": num_beams, "adapter_names": names, "state_dtype": torch.bfloat16}
+        eager, static = _both(peft, ids, **kw)
+        assert torch.equal(eager, static)
+    decoders = list(peft.base_model.__dict__[DECODERS_ATTR].values())
+    assert decoders and all(d.state_dtype == torch.bfloat16 for d in decoders)
+    for dec in decoders:
+        assert {layer.ssm_state.dtype for layer in dec.cache.layers} == {torch.bfloat16}
+
+
+def test_fp32_and_bf16_states_get_their_own_decoders() -> None:
+    peft = _peft("m2", {"h": ADAPTERS["h"]})
+    ids = _prompts(3)
+    fp32 = peft.generate(ids, max_new_tokens=5, cuda_graph=True)
+    bf16 = peft.generate(ids, max_new_tokens=5, cuda_graph=True, state_dtype=torch.bfloat16)
+    again = peft.generate(ids, max_new_tokens=5, cuda_graph=True, state_dtype=None)
+    assert torch.equal(fp32, again)
+    assert torch.equal(bf16, peft.generate(ids, max_new_tokens=5, cuda_graph=False, state_dtype=torch.bfloat16))
+    decoders = peft.base_model.__dict__[DECODERS_ATTR]
+    assert sorted(str(d.state_dtype) for d in decoders.values()) == ["torch.bfloat16", "torch.float32"]
+    for dec in decoders.values():
+        assert dec.cache.layers[0].ssm_state.dtype == dec.state_dtype
+
+
+def test_a_decoder_refuses_a_cache_of_another_state_dtype() -> None:
+    from ssmtune.models.generate import prefill
+
+    peft = _peft("m1", {"h": ADAPTERS["h"]})
+    cache, _ = prefill(peft.base_model, _prompts(2), state_dtype=torch.bfloat16)
+    dec = GraphedDecoder(peft.base_model, 2, torch.device("cpu"), torch.float32, capture=False)
+    with pytest.raises(ValueError, match=r"^cache states are torch.bfloat16, the decoder's are torch.float32$"):
+        dec.start(cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHES)
+def test_cuda_graphed_bf16_states_equal_eager(arch) -> None:
+    peft = _peft(arch, ADAPTERS, device="cuda", dtype=torch.bfloat16)
+    ids = _prompts(len(ROWS), device="cuda")
+    kw = {"max_new_tokens": 8, "adapter_names": ROWS, "state_dtype": torch.bfloat16}
+    eager, graphed = _both(peft, ids, graphed=None, **kw)
+    assert torch.equal(eager, graphed)

@@ -223,3 +223,18 @@ def test_captured_matches_eager_on_cuda(family):
     assert torch.equal(graphed, eager)
     graphed, eager, _ = _both(model, x, seed=3, do_sample=True, top_k=20, **kw)
     assert torch.equal(graphed, eager)
+
+
+def test_state_dtype_is_refused_on_a_hybrid() -> None:
+    # transformers' cache keeps the hybrids' states: the option is for ssmtune's own Mamba models
+    from ssmtune.serve import BatchEngine
+
+    model = _adapted(FAMILIES[0])
+    msg = r"^state_dtype=torch.bfloat16 is not supported on a transformers hybrid \(transformers' cache keeps its "
+    msg += r"states\)$"
+    with pytest.raises(ValueError, match=msg):
+        model.generate(ids(), max_new_tokens=2, state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=msg):
+        model.generate(ids(), max_new_tokens=2, state_dtype=torch.bfloat16, adapter_names=["h", "h"])
+    with pytest.raises(ValueError, match=msg):
+        BatchEngine(model, eos_token_id=0, state_dtype=torch.bfloat16)

@@ -199,3 +199,41 @@ def test_ssd_state_update_any_tile(tile, kind):
     )  # fmt: skip
     assert_close("state", state_ref, state, 1e-5)
     assert_close("y", y_ref, y, 1e-5)
+
+
+# --- 16-bit states: loaded and updated in fp32, stored back in their dtype (generate(state_dtype=...)) ----------------
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["m2", "m1"])
+def test_16bit_state_is_the_fp32_step_rounded(arch, state_dtype) -> None:
+    make, op, triton_step = ARCHES[arch]
+    args, h_shape, y_shape = make(torch.bfloat16)
+    index = _index()
+    h_off = torch.randn(max(INDEX) + 1, *h_shape, device=DEVICE)
+    y_off = torch.randn(*y_shape, device=DEVICE)  # offsets keep their own dtype (fp32) next to a 16-bit state
+    state = torch.randn(len(INDEX), *h_shape, device=DEVICE).to(state_dtype)
+    wide, ref, kernel = state.float(), state.clone(), state.clone()
+    kw = {"state_offset": h_off, "y_offset": y_off, "offset_index": index}
+    y_wide = getattr(ops, op)(wide, *args, **kw, backend="ref")  # the same step on an fp32 copy of the state
+    y_ref = getattr(ops, op)(ref, *args, **kw, backend="ref")
+    y_kernel = triton_step()(kernel, *args, **kw)
+    assert ref.dtype == kernel.dtype == state_dtype
+    # the reference stores the fp32 update rounded once, and reads y from the fp32 update (not the rounded state)
+    torch.testing.assert_close(ref, wide.to(state_dtype), atol=0, rtol=0)
+    torch.testing.assert_close(y_ref, y_wide, atol=0, rtol=0)
+    # the kernel's fp32 sums may differ in the last fp32 bit, which can move a 16-bit rounding by one unit
+    assert_close("state", ref.float(), kernel.float(), 1e-2)
+    assert_close("y", y_ref, y_kernel, RATIO[torch.bfloat16])
+    assert not kernel.isnan().any() and not y_kernel.isnan().any()
+    ulp = torch.finfo(state_dtype).eps
+    assert ((ref.float() - kernel.float()).abs() <= ulp * ref.float().abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("arch", ["m2", "m1"])
+def test_state_of_another_dtype_is_refused(arch) -> None:
+    make, op, _ = ARCHES[arch]
+    args, h_shape, _ = make(torch.float32)
+    state = torch.randn(len(INDEX), *h_shape, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"^{op}: state must be fp32, bf16 or fp16, got dtype torch.float64$"):
+        getattr(ops, op)(state, *args, backend="ref")

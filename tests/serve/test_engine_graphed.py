@@ -60,3 +60,37 @@ def test_cuda_graphed_engine_matches_eager_engine():
         got[cg] = [tokens for tokens, _ in _serve(engine, jobs)]
     assert got[None] == got[False]
     assert any(d and d.graph is not None for d in seen)  # the graphed engine replayed captured steps
+
+
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["decoder", "eager"])
+def test_bf16_state_engine_matches_generate_alone(cuda_graph):
+    import torch
+
+    peft = _peft()
+    jobs = [([1, 2, 3], "h", 7), ([4], "h0", 3), ([5, 6], None, 6), ([2, 4], "h", 5, 2), ([7, 8], "h", 4)]
+    want = []
+    for ids, adapter, n, *beams in jobs:
+        gen = peft.generate(torch.tensor([ids]), max_new_tokens=n, adapter_names=[adapter], eos_token_id=EOS,
+                            num_beams=beams[0] if beams else 1, state_dtype=torch.bfloat16)  # fmt: skip
+        want.append(gen[0, len(ids) :].tolist())
+    engine = BatchEngine(peft, eos_token_id=EOS, max_batch=3, batch_wait_s=0.05, cuda_graph=cuda_graph,
+                         state_dtype=torch.bfloat16)  # fmt: skip
+    dtypes = []
+    step = engine._step
+
+    def spy():
+        dec = engine._decoder
+        states = dec.cache if dec else engine._cache
+        dtypes.append(states.layers[0].ssm_state.dtype)
+        step()
+
+    engine._step = spy
+    assert [tokens for tokens, _ in _serve(engine, jobs)] == want
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+def test_engine_state_dtype_is_checked():
+    import torch
+
+    with pytest.raises(ValueError, match=r"^state_dtype must be None, .* got torch.float64$"):
+        BatchEngine(_peft(), eos_token_id=EOS, state_dtype=torch.float64)
