@@ -207,6 +207,9 @@ class BatchEngine:
         )
         # the decoder holding the live rows' states; None: they are in _cache; False: this batch decodes eagerly
         self._decoder: GraphedDecoder | bool | None = None
+        # a hybrid's groups decode through its graphed step only when asked for (cuda_graph=True): that path is opt-in
+        # until measured on a GPU (models/hybrid_decode.py)
+        self.hybrid_graph = self.solo and cuda_graph is True
 
     # --- public -----------------------------------------------------------------------------------------------------
 
@@ -447,6 +450,8 @@ class BatchEngine:
                 "do_sample": s.do_sample,
                 "stopping_criteria": [stops],
             }
+            if self.hybrid_graph:
+                kw["cuda_graph"] = True
             if s.do_sample:
                 # transformers samples from the global generator; top_k=0 and top_p=1 filter nothing
                 torch.manual_seed(s.seed if s.seed is not None else torch.seed())

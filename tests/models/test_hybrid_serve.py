@@ -95,6 +95,27 @@ def test_grouped_requests_match_each_alone(family):
     assert acts == [a is not None for _, a, _ in MIXED if a != "h0"]
 
 
+@pytest.mark.parametrize("family", ["bamba", "qwen3_5_text"])
+def test_graphed_groups_match_each_alone(family, monkeypatch):
+    """``cuda_graph=True`` on a hybrid's engine: its groups decode through the hybrid's static step (on the CPU
+    without capture), every row's tokens still those of its request alone."""
+    from ssmtune.models import hybrid_decode
+
+    peft = _adapted(family)
+    want = _alone(peft, MIXED)
+    steps = []
+    step_call = hybrid_decode.HybridDecoder.step_call
+    monkeypatch.setattr(
+        hybrid_decode.HybridDecoder, "step_call", lambda self, kw: steps.append(1) or step_call(self, kw)
+    )
+    engine = BatchEngine(peft, eos_token_id=EOS, max_batch=len(MIXED), batch_wait_s=5.0, cuda_graph=True)
+    assert engine.hybrid_graph
+    got = _serve(engine, MIXED)
+    assert [tokens for tokens, _ in got] == want
+    assert steps, "the group did not decode through the hybrid's static step"
+    assert not BatchEngine(peft, eos_token_id=EOS).hybrid_graph  # the default stays transformers' eager decoding
+
+
 def test_rows_stop_at_their_eos():
     """A row that reaches EOS ends there ("eos", the EOS not sent); the others go on to their own length."""
     peft = _adapted("falcon_h1")
