@@ -1,0 +1,115 @@
+"""The decode step's Triton kernels compile for Hopper (sm_90) on a machine without a GPU.
+
+The CPU tests run the kernels under Triton's interpreter, which accepts some code the compiler refuses (a
+dtype-valued constexpr, say). Here Triton's whole CUDA pipeline (TTIR, TTGIR, LLVM, PTX and ptxas to a cubin) runs on
+each kernel of a decode step with the launch settings CUDA uses, so such an error fails on the CPU too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:  # pragma: no cover - an older Triton
+    pytest.skip("this Triton has no ASTSource / GPUTarget", allow_module_level=True)
+
+from ssmtune.ops import conv_fused, launch, norm_fused
+from ssmtune.ops.selective_scan import fused as s6_fused
+from ssmtune.ops.ssd import fused as ssd_fused
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def _compiled_copy(module):
+    """A private copy of a kernel module whose ``@triton.jit`` functions are compilable: other test modules set
+    TRITON_INTERPRET=1 before the kernels are decorated, which makes them (and the helpers they call) interpreted."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        # a sibling name in the module's package, so that its relative imports resolve
+        name = f"{module.__package__}._sm90_{module.__name__.rsplit('.', 1)[-1]}"
+        spec = importlib.util.spec_from_file_location(name, module.__file__)
+        copy = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(copy)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    return copy
+
+
+conv_fused, norm_fused, s6_fused, ssd_fused = map(_compiled_copy, (conv_fused, norm_fused, s6_fused, ssd_fused))
+
+
+def _jit(kernel):
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        kernel = kernel.fn  # past @triton.heuristics (its flags are passed as constexprs here)
+    return kernel
+
+
+def _compile(kernel, pointers: dict[str, str], constexprs: dict, warps: int) -> None:
+    """Compile ``kernel`` for sm_90: ``pointers`` name -> element type; the other arguments not in ``constexprs``
+    are integers (strides, sizes) or, for ``eps``, a float."""
+    fn = _jit(kernel)
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: "constexpr" if n in constexprs else ("*" + pointers[n] if n in pointers else "fp32" if n == "eps" else "i64")
+           for n in names}  # fmt: skip
+    src = ASTSource(
+        fn=fn, signature=sig, constexprs={(i,): constexprs[n] for i, n in enumerate(names) if n in constexprs}
+    )
+    try:
+        compiled = triton.compile(src, target=HOPPER, options={"num_warps": warps})
+    except RuntimeError as e:
+        if "ptxas" in str(e) and ("not found" in str(e) or "No such file" in str(e)):
+            pytest.skip(f"no ptxas in this Triton: {e}")
+        raise
+    assert compiled.asm["cubin"], f"{fn.fn.__name__}: no cubin"
+
+
+def _flags(kernel, value=True) -> dict:
+    return {n: value for n in inspect.signature(_jit(kernel).fn).parameters if n.startswith(("HAS_", "USE_"))}
+
+
+@pytest.mark.parametrize("state", ["fp32", "bf16"])
+def test_mamba1_state_update_compiles(state):
+    kernel = s6_fused.selective_state_update_fwd_kernel
+    rows, warps = launch.decode_tile(1536, 16, torch.device("cuda"))
+    pointers = {n: "bf16" for n in ("x", "dt", "B", "C", "z", "y")}
+    pointers.update(state=state, A="fp32", D="fp32", dt_bias="fp32", h_off="fp32", y_off="fp32", off_idx="i32")
+    const = {**_flags(kernel), "DIM": 1536, "N": 16, "DT_SOFTPLUS": True, "BLOCK_D": rows, "BLOCK_N": 16,
+             "A_IS_LOG": True}  # fmt: skip
+    _compile(kernel, pointers, const, warps)
+
+
+@pytest.mark.parametrize("state", ["fp32", "bf16"])
+def test_mamba2_state_update_compiles(state):
+    kernel = ssd_fused.ssd_state_update_fwd_kernel
+    rows, warps = launch.decode_tile(64, 128, torch.device("cuda"))
+    pointers = {n: "bf16" for n in ("x", "dt", "Bm", "Cm", "z", "y")}
+    pointers.update(state=state, A="fp32", D="fp32", dt_bias="fp32", h_off="fp32", y_off="fp32", off_idx="i32")
+    const = {**_flags(kernel), "H": 24, "G": 1, "P": 64, "N": 128, "BP": rows, "BN": 128, "SOFTPLUS": True,
+             "D_HAS_HDIM": False, "A_IS_LOG": True}  # fmt: skip
+    _compile(kernel, pointers, const, warps)
+
+
+def test_conv_update_compiles():
+    pointers = {n: "bf16" for n in ("x", "state", "w", "bias", "y")}
+    const = {"K": 4, "BLOCK_K": 4, "SILU": True, "BLOCK_C": conv_fused.UPDATE_BLOCK_C, "HAS_BIAS": True}
+    _compile(conv_fused.causal_conv1d_update_kernel, pointers, const, 2)
+
+
+@pytest.mark.parametrize(("res", "in_kind"), [(True, 1), (False, 1), (False, 0)], ids=["fused-add", "cast", "plain"])
+def test_norm_compiles(res, in_kind):
+    # the block's pre-norm on the fp32 residual stream (cast to bf16 in the load), with and without the fused add
+    pointers = {"x": "fp32", "y": "bf16", "w": "fp32", "out": "bf16", "res": "fp32", "rstd": "fp32"}
+    const = {"z": None, "GS": 768, "NG": 1, "BLOCK_R": 4, "BLOCK_N": 1024, "HAS_Z": False, "HAS_RES": res,
+             "IN_KIND": in_kind}  # fmt: skip
+    if not res:
+        const.update(y=None, res=None)
+    _compile(norm_fused.rms_norm_fwd_kernel, pointers, const, 4)
