@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import layout
+from . import launch, layout
 from .conv import causal_conv1d_torch
 
 
@@ -235,11 +235,6 @@ def causal_conv1d_triton(
     return y, last
 
 
-UPDATE_BLOCK_C = 64
-"""Channels per program of the decode step's conv update on CUDA (2 warps): a batch-1 step of 1,536 channels runs 24
-programs rather than 6 (mamba_ssm's causal_conv1d update also gives 64 channels to a block). Under the interpreter, 256."""
-
-
 def causal_conv1d_update_triton(
     x: torch.Tensor,
     conv_state: torch.Tensor,
@@ -247,11 +242,11 @@ def causal_conv1d_update_triton(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     *,
-    block_c: int | None = None,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``causal_conv1d_update`` in one kernel (the torch path runs six: cat, mul, sum, bias add, state copy, SiLU);
-    accumulation in fp32 as in ``causal_conv1d_triton``. No autograd. ``block_c``: channels per program (a power of
-    two; default ``UPDATE_BLOCK_C`` on CUDA)."""
+    accumulation in fp32 as in ``causal_conv1d_triton``. No autograd. ``block``: (channels per program, a power of
+    two; warps), default ``launch.conv_update_block``."""
     batch, channels = x.shape
     width = weight.shape[1]
     if conv_state.stride(-1) != 1:
@@ -260,12 +255,10 @@ def causal_conv1d_update_triton(
     x = layout.unit_last(x)
     weight = layout.unit_last(weight)
     y = torch.empty(batch, channels, dtype=x.dtype, device=x.device)
-    if block_c is None:
-        block_c = UPDATE_BLOCK_C if x.is_cuda else 256
-    block_c = min(block_c, triton.next_power_of_2(channels))
+    block_c, warps = launch.conv_update_block(channels, x.device) if block is None else block
     causal_conv1d_update_kernel[(triton.cdiv(channels, block_c), batch)](
         x, conv_state, weight, bias, y, x.stride(0), conv_state.stride(0), conv_state.stride(1), weight.stride(0),
         channels, K=width, BLOCK_K=triton.next_power_of_2(width), SILU=activation == "silu", BLOCK_C=block_c,
-        num_warps=2 if block_c <= 64 else 4,
+        num_warps=warps,
     )  # fmt: skip
     return y

@@ -1,4 +1,5 @@
-"""Launch settings shared by the decode-step kernels (``selective_state_update`` and ``ssd_state_update``).
+"""Launch settings of the decode-step kernels: the state updates (``selective_state_update``, ``ssd_state_update``) and
+the conv update (``causal_conv1d_update``).
 
 A decode step updates a state of [rows, N] per (batch row, head) with nothing to reuse between its elements: the kernel
 is latency-bound at batch 1 and bandwidth-bound at large batches. Small tiles of about 512 elements (4 warps; 8 above
@@ -27,3 +28,14 @@ def decode_tile(rows: int, n: int, device: torch.device) -> tuple[int, int]:
     tile = TILE if device.type == "cuda" else INTERPRETER_TILE
     block_rows = min(triton.next_power_of_2(rows), max(MIN_ROWS if device.type == "cuda" else 1, tile // block_n))
     return block_rows, 4 if block_n <= 128 else 8
+
+
+CONV_UPDATE_CHANNELS = 64
+"""Channels per program of the conv update on CUDA (2 warps): a batch-1 step of 1,536 channels runs 24 programs
+rather than 6 (mamba_ssm's causal_conv1d update also gives 64 channels to a block). Under the interpreter, 256."""
+
+
+def conv_update_block(channels: int, device: torch.device) -> tuple[int, int]:
+    """(channels per program, warps) of the conv update over ``channels`` on ``device``."""
+    block_c = min(CONV_UPDATE_CHANNELS if device.type == "cuda" else 256, triton.next_power_of_2(channels))
+    return block_c, 2 if block_c <= 64 else 4

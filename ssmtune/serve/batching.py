@@ -184,7 +184,8 @@ class BatchEngine:
         self.stats = EngineStats()
         self._queue: queue.Queue[GenerationRequest] = queue.Queue()
         self._deferred: list[GenerationRequest] = []
-        self._beams: list[GenerationRequest] = []
+        # set apart from the batch: beam requests, and every request to a hybrid (run by _next_group's calls)
+        self._apart: list[GenerationRequest] = []
         self._rows: list[_Row] = []
         self._cache: InferenceCache | None = None
         self._stop = threading.Event()
@@ -193,7 +194,7 @@ class BatchEngine:
         self._submit_lock = threading.Lock()
         self.device = next(model.parameters()).device
         base = model.base_model if isinstance(model, PeftModel) else model
-        # a transformers hybrid keeps its cache in transformers' classes: its requests wait with the beam requests and
+        # a transformers hybrid keeps its cache in transformers' classes: its requests are set apart with the beam requests and
         # run in groups through transformers' generate (_generate)
         self.solo = not hasattr(base, "backbone")
         self.n_layer = 0 if self.solo else len(base.backbone.layers)
@@ -223,7 +224,7 @@ class BatchEngine:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() + len(self._deferred) + len(self._beams)
+        return self._queue.qsize() + len(self._deferred) + len(self._apart)
 
     @property
     def active_rows(self) -> int:
@@ -286,7 +287,7 @@ class BatchEngine:
                 while not self._stop.is_set():
                     try:
                         self._admit()
-                        if self._beams:
+                        if self._apart:
                             self._detach_decoder()
                             # one call at a time, so the batch only pauses for one beam search per step
                             group = self._next_group()
@@ -308,8 +309,8 @@ class BatchEngine:
     def _shut_down(self) -> None:
         """The worker's last act: every request it still holds or that waits gets the shutdown event (here, as the
         worker owns the rows: a ``stop`` that timed out leaves them alone)."""
-        reqs = [row.req for row in self._rows] + self._deferred + self._beams
-        self._rows, self._cache, self._decoder, self._deferred, self._beams = [], None, None, [], []
+        reqs = [row.req for row in self._rows] + self._deferred + self._apart
+        self._rows, self._cache, self._decoder, self._deferred, self._apart = [], None, None, [], []
         with self._submit_lock:
             while True:
                 try:
@@ -325,7 +326,7 @@ class BatchEngine:
         """Requests to consider now: the deferred ones first, then new ones from the queue."""
         new: list[GenerationRequest] = []
         room = self.max_batch - len(self._rows)
-        if not self._rows and not self._deferred and not self._beams:
+        if not self._rows and not self._deferred and not self._apart:
             # idle: wait for a first request, then a few ms for the ones that arrive with it
             try:
                 new.append(self._queue.get(timeout=0.05))
@@ -357,7 +358,7 @@ class BatchEngine:
                 continue
             if req.settings.num_beams > 1 or self.solo:
                 # runs outside the batch (alone, or in a hybrid's generate call): it takes no row, waits for nobody
-                self._beams.append(req)
+                self._apart.append(req)
                 continue
             joined = names | {req.adapter}
             fits = len(self._rows) + len(admitted) < self.max_batch
@@ -413,18 +414,18 @@ class BatchEngine:
 
     def _next_group(self) -> list[GenerationRequest]:
         """The first request set apart, with (on a hybrid) the later ones that can share its ``generate`` call."""
-        head = self._beams.pop(0)
+        head = self._apart.pop(0)
         key = _group_key(head.settings)
         if not self.solo or key is None:
             return [head]
         group, rest = [head], []
-        for req in self._beams:
+        for req in self._apart:
             mixes = req.adapter == head.adapter or (self.routable(req.adapter) and self.routable(head.adapter))
             if len(group) < self.max_batch and mixes and _group_key(req.settings) == key:
                 group.append(req)
             else:
                 rest.append(req)
-        self._beams = rest
+        self._apart = rest
         return group
 
     def _generate(self, reqs: list[GenerationRequest]) -> None:

@@ -76,32 +76,31 @@ def _flags(kernel, value=True) -> dict:
     return {n: value for n in inspect.signature(_jit(kernel).fn).parameters if n.startswith(("HAS_", "USE_"))}
 
 
-@pytest.mark.parametrize("state", ["fp32", "bf16"])
-def test_mamba1_state_update_compiles(state):
-    kernel = s6_fused.selective_state_update_fwd_kernel
-    rows, warps = launch.decode_tile(1536, 16, torch.device("cuda"))
-    pointers = {n: "bf16" for n in ("x", "dt", "B", "C", "z", "y")}
-    pointers.update(state=state, A="fp32", D="fp32", dt_bias="fp32", h_off="fp32", y_off="fp32", off_idx="i32")
-    const = {**_flags(kernel), "DIM": 1536, "N": 16, "DT_SOFTPLUS": True, "BLOCK_D": rows, "BLOCK_N": 16,
-             "A_IS_LOG": True}  # fmt: skip
-    _compile(kernel, pointers, const, warps)
+# (kernel, its activation pointers, rows and N of a 130m layer's step, its shape constexprs with the tile's name)
+STATE_UPDATES = {
+    "mamba1": (lambda: s6_fused.selective_state_update_fwd_kernel, ("x", "dt", "B", "C", "z", "y"), 1536, 16,
+               {"DIM": 1536, "N": 16, "DT_SOFTPLUS": True, "BLOCK_N": 16}, "BLOCK_D"),
+    "mamba2": (lambda: ssd_fused.ssd_state_update_fwd_kernel, ("x", "dt", "Bm", "Cm", "z", "y"), 64, 128,
+               {"H": 24, "G": 1, "P": 64, "N": 128, "BN": 128, "SOFTPLUS": True, "D_HAS_HDIM": False}, "BP"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("state", ["fp32", "bf16"])
-def test_mamba2_state_update_compiles(state):
-    kernel = ssd_fused.ssd_state_update_fwd_kernel
-    rows, warps = launch.decode_tile(64, 128, torch.device("cuda"))
-    pointers = {n: "bf16" for n in ("x", "dt", "Bm", "Cm", "z", "y")}
+@pytest.mark.parametrize("arch", list(STATE_UPDATES))
+def test_state_update_compiles(arch, state):
+    kernel, activations, rows, n, shape, tile_name = STATE_UPDATES[arch]
+    kernel = kernel()
+    tile, warps = launch.decode_tile(rows, n, torch.device("cuda"))
+    pointers = dict.fromkeys(activations, "bf16")
     pointers.update(state=state, A="fp32", D="fp32", dt_bias="fp32", h_off="fp32", y_off="fp32", off_idx="i32")
-    const = {**_flags(kernel), "H": 24, "G": 1, "P": 64, "N": 128, "BP": rows, "BN": 128, "SOFTPLUS": True,
-             "D_HAS_HDIM": False, "A_IS_LOG": True}  # fmt: skip
-    _compile(kernel, pointers, const, warps)
+    _compile(kernel, pointers, {**_flags(kernel), **shape, tile_name: tile, "A_IS_LOG": True}, warps)
 
 
 def test_conv_update_compiles():
     pointers = {n: "bf16" for n in ("x", "state", "w", "bias", "y")}
-    const = {"K": 4, "BLOCK_K": 4, "SILU": True, "BLOCK_C": conv_fused.UPDATE_BLOCK_C, "HAS_BIAS": True}
-    _compile(conv_fused.causal_conv1d_update_kernel, pointers, const, 2)
+    block_c, warps = launch.conv_update_block(1536, torch.device("cuda"))
+    const = {"K": 4, "BLOCK_K": 4, "SILU": True, "BLOCK_C": block_c, "HAS_BIAS": True}
+    _compile(conv_fused.causal_conv1d_update_kernel, pointers, const, warps)
 
 
 @pytest.mark.parametrize(("res", "in_kind"), [(True, 1), (False, 1), (False, 0)], ids=["fused-add", "cast", "plain"])

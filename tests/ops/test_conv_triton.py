@@ -138,8 +138,8 @@ def test_conv_update_triton_matches_torch(dtype, width, bias, silu):
         assert torch.equal(state.double(), ref_state), f"state after step {t}"
 
 
-@pytest.mark.parametrize("block_c", [16, 64, 256])
-def test_conv_update_any_channel_block(block_c):
+@pytest.mark.parametrize("block", [(16, 2), (64, 2), (256, 4)], ids=["16", "64", "256"])
+def test_conv_update_any_channel_block(block):
     """The channels per program (64 on CUDA, 256 under the interpreter) change no result: 150 channels split unevenly."""
     from ssmtune.ops.conv_fused import causal_conv1d_update_triton
 
@@ -147,7 +147,7 @@ def test_conv_update_any_channel_block(block_c):
     x, w, bs = torch.randn(b, c, device=DEVICE), torch.randn(c, width, device=DEVICE), torch.randn(c, device=DEVICE)
     state = torch.randn(b, c, width - 1, device=DEVICE)
     ref_state = state.double()
-    y = causal_conv1d_update_triton(x, state, w, bs, activation="silu", block_c=block_c)
+    y = causal_conv1d_update_triton(x, state, w, bs, activation="silu", block=block)
     ry = ops.causal_conv1d_update(x.double(), ref_state, w.double(), bs.double(), activation="silu", backend="torch")
     assert_close("y", ry, y.double(), RATIO[torch.float32])
     assert torch.equal(state.double(), ref_state)

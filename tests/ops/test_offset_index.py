@@ -21,9 +21,7 @@ pytest.importorskip("triton")
 from ssmtune import ops
 from ssmtune.ops import launch
 from ssmtune.ops.selective_scan import fused as s6_fused
-from ssmtune.ops.selective_scan.naive import selective_state_update_ref
 from ssmtune.ops.ssd import fused as ssd_fused
-from ssmtune.ops.ssd.naive import ssd_state_update_ref
 from ssmtune.ops.testing import assert_close
 
 if not torch.cuda.is_available():
@@ -139,64 +137,24 @@ def test_cuda_tiles_follow_the_512_element_table():
     assert launch.decode_tile(64, 128, torch.device("cpu"))[0] == 64  # interpreter: one big tile
 
 
-def _offsets(kind: str, batch: int, shape: tuple[int, ...]):
-    """(h' or y', offset_index) of the given kind: one shared, one per row, or a table of 3 read through an index."""
-    gen = torch.Generator().manual_seed(len(shape))
-    if kind == "shared":
-        return torch.randn(*shape, generator=gen).to(DEVICE), None
-    if kind == "rows":
-        return torch.randn(batch, *shape, generator=gen).to(DEVICE), None
-    index = torch.tensor([2, 0, 2][:batch], dtype=torch.int32, device=DEVICE)
-    return torch.randn(3, *shape, generator=gen).to(DEVICE), index
-
-
-def _gathered(t, index):
-    return t if index is None else t[index.long()]
-
-
-@pytest.mark.parametrize("tile", [None, (4, 4), (2, 4), (64, 4)], ids=["default", "4rows", "2rows", "64rows"])
-@pytest.mark.parametrize("kind", OFFSETS)
-def test_selective_state_update_any_tile(tile, kind):
-    b, d, n = 3, 37, 16
-    gen = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)
-    x, dt, z, B, C = r(b, d), r(b, d), r(b, d), r(b, n), r(b, n)
-    A, D, dt_bias = -torch.rand(d, n, generator=gen).to(DEVICE) - 0.5, r(d), r(d)
-    h_off, index = _offsets(kind, b, (d, n))
-    y_off, _ = _offsets(kind, b, (d,))
-    state = r(b, d, n)
+@pytest.mark.parametrize("tile", [None, (2, 4), (4, 4), (64, 4)], ids=["default", "2rows", "4rows", "64rows"])
+@pytest.mark.parametrize("kind", ["shared", "rows", "index"])
+@pytest.mark.parametrize("arch", ["m2", "m1"])
+def test_any_tile_gives_the_reference_step(arch, kind, tile) -> None:
+    """Tiles that split the odd-sized rows unevenly, or exceed them, with shared, per-row and indexed offsets."""
+    make, op, triton_step = ARCHES[arch]
+    args, h_shape, y_shape = make(torch.float32)
+    batch = len(INDEX)
+    lead = {"shared": (), "rows": (batch,), "index": (max(INDEX) + 1,)}[kind]
+    h_off, y_off = torch.randn(*lead, *h_shape, device=DEVICE), torch.randn(*lead, *y_shape, device=DEVICE)
+    index = _index() if kind == "index" else None
+    rows = {"state_offset": h_off, "y_offset": y_off} if index is None else {
+        "state_offset": h_off[index.long()], "y_offset": y_off[index.long()]
+    }  # fmt: skip
+    state = torch.randn(batch, *h_shape, device=DEVICE)
     state_ref = state.clone()
-    y = s6_fused.selective_state_update_triton(
-        state, x, dt, A, B, C, D, z, dt_bias, True, state_offset=h_off, y_offset=y_off, offset_index=index, tile=tile
-    )
-    y_ref = selective_state_update_ref(
-        state_ref, x, dt, A, B, C, D, z, dt_bias, True,
-        state_offset=_gathered(h_off, index), y_offset=_gathered(y_off, index),
-    )  # fmt: skip
-    assert_close("state", state_ref, state, 1e-5)
-    assert_close("y", y_ref, y, 1e-5)
-
-
-@pytest.mark.parametrize("tile", [None, (4, 4), (2, 4), (32, 4)], ids=["default", "4rows", "2rows", "32rows"])
-@pytest.mark.parametrize("kind", OFFSETS)
-def test_ssd_state_update_any_tile(tile, kind):
-    b, h, p, n, g = 3, 4, 24, 16, 2
-    gen = torch.Generator().manual_seed(1)
-    r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)
-    x, z, dt = r(b, h, p), r(b, h, p), r(b, h)
-    A, D, dt_bias = -torch.rand(h, generator=gen).to(DEVICE) - 0.5, r(h, p), r(h)
-    B, C = r(b, g, n), r(b, g, n)
-    h_off, index = _offsets(kind, b, (h, p, n))
-    y_off, _ = _offsets(kind, b, (h, p))
-    state = r(b, h, p, n)
-    state_ref = state.clone()
-    y = ssd_fused.ssd_state_update_triton(
-        state, x, dt, A, B, C, D, z, dt_bias, True, state_offset=h_off, y_offset=y_off, offset_index=index, tile=tile
-    )
-    y_ref = ssd_state_update_ref(
-        state_ref, x, dt, A, B, C, D, z, dt_bias, True,
-        state_offset=_gathered(h_off, index), y_offset=_gathered(y_off, index),
-    )  # fmt: skip
+    y = triton_step()(state, *args, state_offset=h_off, y_offset=y_off, offset_index=index, tile=tile)
+    y_ref = getattr(ops, op)(state_ref, *args, **rows, backend="ref")
     assert_close("state", state_ref, state, 1e-5)
     assert_close("y", y_ref, y, 1e-5)
 
