@@ -11,9 +11,9 @@ d_state 128). mamba_ssm is timed when it imports (its default fused path, CUDA g
 ``--num-beams k`` times beam search instead (what ``ssmtune eval`` runs on generation tasks, k = 5, batch 1): tok/s
 count the rows' tokens, not the beams'; mamba_ssm has no beam search (its rows are skipped).
 
-``--state-dtype bf16`` decodes ssmtune's rows with bf16 SSM states (``generate(state_dtype=torch.bfloat16)``; default
-fp32, ssmtune's default), which the peers keep in the model's dtype (bf16 on CUDA); each row records its stack's state
-dtype.
+``--state-dtype`` sets the dtype of ssmtune's decode states: ``auto`` (the default, ``generate``'s default: the model's
+dtype, bf16 on CUDA, as the peers keep theirs), ``fp32`` (the exact continuation of the training scan's states) or
+``bf16``; each row records its stack's state dtype.
 
 Stacks: ``graph`` = ``generate(cuda_graph=None)`` (captured on CUDA; on the CPU the static decoder runs eagerly),
 ``eager`` = ``generate(cuda_graph=False)``, ``mamba_ssm``, ``transformers``.
@@ -42,9 +42,11 @@ from ssmtune.bench.common import CheckFailed, error_text, fmt, markdown, sync
 from ssmtune.bench.peers import mamba_ssm_missing, transformers_peft
 from ssmtune.bench.registry import Benchmark, register
 from ssmtune.bench.train_step import MAMBA2_EXTRA, SHAPES, ssmtune_config
+from ssmtune.models.cache import decode_state_dtype
 
 MODELS = ("mamba", "mamba2")
-STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STATE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+STATE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 STACKS = ("graph", "eager", "mamba_ssm", "transformers")
 
 
@@ -168,8 +170,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--state-dtype",
         choices=tuple(STATE_DTYPES),
-        default="fp32",
-        help="dtype of ssmtune's decode states (default fp32; the peers keep the model's dtype)",
+        default="auto",
+        help="dtype of ssmtune's decode states (default auto: the model's dtype, bf16 on CUDA, as the peers keep)",
     )
     ap.add_argument("--repeats", type=int, default=3)
 
@@ -184,12 +186,13 @@ def run(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vocab = SHAPES[shape]["vocab_size"]
     beams = args.num_beams
-    state_name = getattr(args, "state_dtype", "fp32")
-    state_dtype = STATE_DTYPES[state_name]
+    state_dtype = STATE_DTYPES[getattr(args, "state_dtype", "auto")]
     missing = {stack: unavailable(stack, device, beams) for stack in args.stacks}
     rows = []
+    state_name = "fp32"
     for model in args.models:
         peft = build_ours(model, shape, n_adapters, device, dtype)
+        state_name = STATE_NAMES[decode_state_dtype(peft, state_dtype)]
         ids0 = torch.randint(1, vocab, (batches[0], prompt_len), generator=torch.Generator().manual_seed(0))
         mixed0 = [f"a{r % n_adapters}" for r in range(batches[0])] if batches[0] >= n_adapters else None
         check(peft, ids0.to(device), mixed0, beams, state_dtype)

@@ -218,9 +218,10 @@ class ServeArgs:
     cuda_graph: bool | None = None
     """Decode steps from captured CUDA graphs (docs/serving.md, Graphed decoding): default on CUDA where the model
     supports it; `true` insists, `false`: eager steps."""
-    state_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """dtype of the decode steps' SSM states (docs/serving.md, Graphed decoding): fp32 (the default) continues the
-    training scan exactly; bf16 halves their memory traffic. ssmtune's Mamba models only (not transformers hybrids)."""
+    state_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype of the decode steps' SSM states (docs/serving.md, Graphed decoding): auto (the default) keeps the model's
+    dtype where it is bf16 / fp16 (half the memory traffic), else fp32; fp32 continues the training scan exactly.
+    ssmtune's Mamba models only (not transformers hybrids)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.adapter, str):

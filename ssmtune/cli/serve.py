@@ -27,7 +27,7 @@ def build_app(args: ServeArgs) -> tuple[Any, Any]:
     engine = BatchEngine(
         model, eos_token_id=tokenizer.eos_token_id, max_batch=args.max_batch,
         batch_wait_s=args.batch_wait_ms / 1000, max_queue=args.max_queue, cuda_graph=args.cuda_graph,
-        state_dtype=None if args.state_dtype == "fp32" else DTYPES[args.state_dtype],
+        state_dtype=None if args.state_dtype == "auto" else DTYPES[args.state_dtype],
     )  # fmt: skip
     app = create_app(engine, tokenizer, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                      max_body_bytes=args.max_body_bytes)  # fmt: skip

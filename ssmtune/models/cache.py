@@ -3,9 +3,10 @@
     Mamba-1: conv_state [B, D, K-1]          ssm_state [B, D, N] (fp32 by default)
     Mamba-2: conv_state [B, D+2GN, K-1]      ssm_state [B, H, P, N] (fp32 by default)
 
-The SSM state is fp32 unless a cache is made with another ``state_dtype`` (bf16 or fp16, ``generate(...,
-state_dtype=...)``): fp32 continues the training scan's fp32 states exactly; a 16-bit state halves the state's memory
-traffic per decode step (what mamba_ssm and transformers keep: the model's dtype). The decode kernels load it, compute
+A cache made without a ``state_dtype`` keeps fp32 SSM states; ``generate`` and the serving engine make theirs in
+``decode_state_dtype(model, state_dtype)``: by default the model's dtype where it is 16-bit (a bf16 model decodes with
+bf16 states, as mamba_ssm, transformers and vLLM do: half the state's memory traffic per decode step), fp32 otherwise;
+``state_dtype=torch.float32`` continues the training scan's fp32 states exactly. The decode kernels load it, compute
 in fp32 and store it back in its dtype; a prefill's fp32 final states are rounded into it when stored.
 
 The cache always holds the un-offset state: state offsets (h', y') act on the read-out only (docs/methods.md §4.1).
@@ -31,6 +32,17 @@ def state_dtype_of(value: torch.dtype | None) -> torch.dtype:
     if value not in STATE_DTYPES:
         raise ValueError(f"state_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {value!r}")
     return value
+
+
+def decode_state_dtype(model, value: torch.dtype | None) -> torch.dtype:
+    """The SSM state dtype ``generate`` and the serving engine decode ``model`` with: ``value`` when given, else the
+    dtype of the model's embedding weights where it is bf16 / fp16 (the base's dtype: adapters may be fp32), else
+    fp32. Measured on an H100 (docs/serving.md): bf16 states decode Mamba-2 at 64 rows about 1.2x faster than fp32
+    ones, and no batch size slower."""
+    if value is not None:
+        return state_dtype_of(value)
+    weight = model.backbone.embeddings.weight
+    return weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 @dataclass

@@ -11,10 +11,10 @@ once per batch-size bucket and replayed; prefill, sampling and beam bookkeeping 
 follows ``decode.GRAPHED_BY_DEFAULT``. When the
 model cannot decode from a graph (``decode.unsupported_reason``) a one-line warning says why and decoding is eager.
 
-``state_dtype`` sets the dtype the cache keeps the SSM states in while decoding (``cache.state_dtype_of``): None, the
-default, is fp32, the exact continuation of the training scan's fp32 states; torch.bfloat16 / torch.float16 halve the
-states' memory traffic per step (what mamba_ssm and transformers keep), the step still computing in fp32. For
-ssmtune's own Mamba models only: a transformers hybrid keeps transformers' cache.
+``state_dtype`` sets the dtype the cache keeps the SSM states in while decoding (``cache.decode_state_dtype``): None,
+the default, is the model's dtype where it is bf16 / fp16 (what mamba_ssm and transformers keep: half the states'
+memory traffic per step, the step still computing in fp32), else fp32; torch.float32 is the exact continuation of the
+training scan's fp32 states. For ssmtune's own Mamba models only: a transformers hybrid keeps transformers' cache.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .cache import InferenceCache, state_dtype_of
+from .cache import InferenceCache, decode_state_dtype
 from .decode import GRAPHED_BY_DEFAULT, decoder_for, unsupported_reason
 
 
@@ -40,12 +40,14 @@ def prefill(
     attention_mask: torch.Tensor | None = None,
     state_dtype: torch.dtype | None = None,
 ) -> tuple[InferenceCache, torch.Tensor]:
-    """Run the prompts through the model with a fresh cache (SSM states kept in ``state_dtype``, None: fp32; the
-    scans' fp32 final states are rounded into it). Returns the cache and the logits [B, V] at each row's
-    last real token. Prompts of different lengths (a mask not all ones) are prefilled on their real tokens only: in
-    one packed forward (``cu_seqlens``), per-row adapter routing included (each sequence with its row's adapter), or
-    one by one where packing does not apply (an active input hook: Prompt Tuning)."""
+    """Run the prompts through the model with a fresh cache (SSM states kept in ``state_dtype``, None: the model's
+    dtype where 16-bit, else fp32, ``cache.decode_state_dtype``; the scans' fp32 final states are rounded into it).
+    Returns the cache and the logits [B, V] at each row's last real token. Prompts of different lengths (a mask not
+    all ones) are prefilled on their real tokens only: in one packed forward (``cu_seqlens``), per-row adapter routing
+    included (each sequence with its row's adapter), or one by one where packing does not apply (an active input
+    hook: Prompt Tuning)."""
     n_layer = len(model.backbone.layers)
+    state_dtype = decode_state_dtype(model, state_dtype)
     if attention_mask is None or bool(attention_mask.bool().all()):
         cache = InferenceCache(n_layer, state_dtype)
         logits = model(input_ids, cache=cache).logits[:, -1]
@@ -154,7 +156,7 @@ def generate(
     then the new tokens; rows that stopped early are filled with ``pad_token_id``, or the first EOS id).
     Generation stops early when every row has produced an EOS. ``cuda_graph``: see ``decode_step`` (None: the
     library default, ``decode.GRAPHED_BY_DEFAULT``; True: graphed; False: eager). ``state_dtype``: the dtype of the
-    decode states (None: fp32; torch.bfloat16 or torch.float16; see the module docstring)."""
+    decode states (None: the model's dtype where 16-bit, else fp32; see the module docstring)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -169,7 +171,7 @@ def generate(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    state_dtype_of(state_dtype)
+    state_dtype = decode_state_dtype(model, state_dtype)
     eos = _eos_list(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if max_new_tokens == 0:

@@ -31,8 +31,8 @@ With ``cuda_graph`` on, decode steps run through a ``models.decode.GraphedDecode
 move into its static buffers when the batch changes (rows joined or finished) and stay there while it does not, each
 step replaying the captured one-token forward. Rows that join or leave hand the states back to ``_cache`` first.
 
-``state_dtype`` (an engine setting; None, the default, is fp32) is the dtype the rows' SSM states are kept in, as in
-``models.generate`` (bf16 halves their memory traffic per step). It applies to ssmtune's own Mamba models: a
+``state_dtype`` (an engine setting; None, the default, is the model's dtype where 16-bit, else fp32) is the dtype the
+rows' SSM states are kept in, as in ``models.generate`` (bf16 halves their memory traffic per step). It applies to ssmtune's own Mamba models: a
 transformers hybrid keeps transformers' cache and refuses it.
 """
 
@@ -52,7 +52,7 @@ from torch import nn
 
 from ..core.peft_model import PeftModel
 from ..core.routing import RoutedLM
-from ..models.cache import InferenceCache, state_dtype_of
+from ..models.cache import InferenceCache, decode_state_dtype, state_dtype_of
 from ..models.decode import GRAPHED_BY_DEFAULT, GraphedDecoder, decoder_for, unsupported_reason
 from ..models.generate import filter_logits, prefill
 from ..models.hybrid_decode import refuse_state_dtype
@@ -200,7 +200,8 @@ class BatchEngine:
         self.n_layer = 0 if self.solo else len(base.backbone.layers)
         if self.solo:
             refuse_state_dtype(state_dtype)
-        self.state_dtype = state_dtype  # of the rows' SSM states (None: fp32)
+        # of the rows' SSM states: the model's dtype where 16-bit, else fp32, unless given (cache.decode_state_dtype)
+        self.state_dtype = state_dtype if self.solo else decode_state_dtype(base, state_dtype)
         self.base = base
         # decode steps on a GraphedDecoder (captured on CUDA; True on the CPU runs it eagerly); None: the library default
         self.cuda_graph = (

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ssmtune.models import Mamba2Config, MambaConfig, causal_lm_for
+from ssmtune.models.cache import decode_state_dtype
 from ssmtune.models.generate import beam_search, filter_logits, prefill
 from ssmtune.models.hooks import StateHook
 
@@ -204,6 +205,21 @@ def test_bf16_state_prefill_rounds_the_final_states(arch) -> None:
         assert b.ssm_state.dtype == torch.bfloat16 and b.ssm_state.is_contiguous()
         torch.testing.assert_close(b.ssm_state, a.ssm_state.to(torch.bfloat16), atol=0, rtol=0)
         torch.testing.assert_close(b.conv_state, a.conv_state, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("weights", "want"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_default_state_dtype_follows_the_model(weights, want) -> None:
+    """None decodes with the model's dtype where 16-bit (as mamba_ssm and transformers keep their states), fp32
+    adapters on a bf16 base included; an explicit fp32 keeps fp32 on any model."""
+    model = make_model("mamba2", hooks=True).to(weights)
+    for _, mixer in model.mixers():
+        mixer.state_hooks["h"].float()  # the training recipe: trainables in fp32 on a 16-bit base
+    ids = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for dt, expect in ((None, want), (torch.float32, torch.float32)):
+            cache, _ = prefill(model, ids, state_dtype=dt)
+            assert {layer.ssm_state.dtype for layer in cache.layers} == {expect}
+    assert decode_state_dtype(model, None) == want
 
 
 @pytest.mark.parametrize("bad", [torch.float64, torch.int8, "bf16"])

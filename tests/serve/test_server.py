@@ -381,11 +381,11 @@ def test_tokenizing_a_prompt_does_not_stall_the_event_loop(served):
 def test_serve_state_dtype_flag(tmp_path):
     from ssmtune.cli.args import parse
 
-    assert parse(ServeArgs, ["--model", "m"], prog="serve").state_dtype == "fp32"
+    assert parse(ServeArgs, ["--model", "m"], prog="serve").state_dtype == "auto"
     assert parse(ServeArgs, ["--model", "m", "--state_dtype", "bf16"], prog="serve").state_dtype == "bf16"
     cfg = MambaConfig(d_model=16, n_layer=1, vocab_size=264, d_state=4, dt_rank=2, pad_vocab_size_multiple=8)
     causal_lm_for(cfg).save_pretrained(tmp_path / "model")
     (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ByteTokenizer"}))
-    for flag, want in (("fp32", None), ("bf16", torch.bfloat16)):
+    for flag, want in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
         _, engine = build_app(ServeArgs(model=str(tmp_path / "model"), device="cpu", state_dtype=flag))
         assert engine.state_dtype == want
