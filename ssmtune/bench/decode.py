@@ -13,7 +13,9 @@ count the rows' tokens, not the beams'; mamba_ssm has no beam search (its rows a
 
 ``--state-dtype`` sets the dtype of ssmtune's decode states: ``auto`` (the default, ``generate``'s default: the model's
 dtype, bf16 on CUDA, as the peers keep theirs), ``fp32`` (the exact continuation of the training scan's states) or
-``bf16``; each row records its stack's state dtype.
+``bf16``; each row records its stack's state dtype. ``--adapter-dtype model`` casts the adapters to the model's dtype,
+as ``ssmtune serve --precision bf16`` serves them (default fp32, as training and evaluation hold them): the 16-adapter
+rows read each row's h' from a table of the adapters present, so its dtype sets that table's memory traffic.
 
 Stacks: ``graph`` = ``generate(cuda_graph=None)`` (captured on CUDA; on the CPU the static decoder runs eagerly),
 ``eager`` = ``generate(cuda_graph=False)``, ``mamba_ssm``, ``transformers``.
@@ -50,7 +52,12 @@ STATE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 STACKS = ("graph", "eager", "mamba_ssm", "transformers")
 
 
-def build_ours(model: str, shape: str, n_adapters: int, device: torch.device, dtype: torch.dtype):
+def build_ours(
+    model: str, shape: str, n_adapters: int, device: torch.device, dtype: torch.dtype, adapter_dtype: str = "fp32"
+):
+    """The base in ``dtype`` with ``n_adapters`` perturbed State-offset (h) adapters a0, a1, ...: in fp32 (as training
+    and ``ssmtune eval`` hold them) or, ``adapter_dtype="model"``, cast to ``dtype`` (as ``ssmtune serve --precision
+    bf16`` serves them)."""
     from ssmtune.core.peft_model import get_peft_model
     from ssmtune.methods import StateOffsetConfig
     from ssmtune.models import causal_lm_for
@@ -62,10 +69,12 @@ def build_ours(model: str, shape: str, n_adapters: int, device: torch.device, dt
         peft.add_adapter(f"a{i}", StateOffsetConfig())
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in peft.parameters():
-            if p.requires_grad:
+        for name, p in peft.named_parameters():
+            if "__state_offset" in name:  # every adapter's h', not only the trainable (active) one's
                 p.add_(torch.randn(p.shape, generator=g).to(p) * 0.05)
     peft.set_adapter("a0")
+    if adapter_dtype == "model":
+        peft.to(dtype)
     return peft.eval()
 
 
@@ -173,6 +182,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
         default="auto",
         help="dtype of ssmtune's decode states (default auto: the model's dtype, bf16 on CUDA, as the peers keep)",
     )
+    ap.add_argument(
+        "--adapter-dtype",
+        choices=("fp32", "model"),
+        default="fp32",
+        help="ssmtune's adapters in fp32 (default: as training and eval hold them) or the model's dtype (as served)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
 
 
@@ -191,7 +206,8 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     state_name = "fp32"
     for model in args.models:
-        peft = build_ours(model, shape, n_adapters, device, dtype)
+        adapter_dtype = getattr(args, "adapter_dtype", "fp32")
+        peft = build_ours(model, shape, n_adapters, device, dtype, adapter_dtype)
         state_name = STATE_NAMES[decode_state_dtype(peft, state_dtype)]
         ids0 = torch.randint(1, vocab, (batches[0], prompt_len), generator=torch.Generator().manual_seed(0))
         mixed0 = [f"a{r % n_adapters}" for r in range(batches[0])] if batches[0] >= n_adapters else None
@@ -210,6 +226,7 @@ def run(args: argparse.Namespace) -> dict:
                 for mix, names in mixes:
                     row = {"model": model, "stack": stack, "batch": batch, "adapters": mix, "prompt_len": prompt_len,
                            "new_tokens": new, "num_beams": beams, "dtype": str(dtype).removeprefix("torch."),
+                           "adapter_dtype": adapter_dtype if stack in ("graph", "eager") else None,
                            "state_dtype": state_name if stack in ("graph", "eager")
                            else str(dtype).removeprefix("torch.")}  # fmt: skip
                     rows.append(row)

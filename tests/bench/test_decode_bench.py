@@ -44,6 +44,16 @@ def test_decode_bench_bf16_states_are_recorded(tmp_path, monkeypatch) -> None:
     assert seen and set(seen) == {torch.bfloat16}  # ssmtune's rows generate with bf16 states
 
 
+@pytest.mark.parametrize(("choice", "want"), [("fp32", torch.float32), ("model", torch.bfloat16)])
+def test_decode_bench_adapter_dtype(choice, want) -> None:
+    from ssmtune.bench.decode import build_ours
+
+    peft = build_ours("mamba", "tiny", 2, torch.device("cpu"), torch.bfloat16, choice)
+    offsets = [p for n, p in peft.named_parameters() if "__state_offset" in n]
+    assert len(offsets) == 2 * peft.config.n_layer and {p.dtype for p in offsets} == {want}
+    assert all(p.abs().max() > 0 for p in offsets)  # perturbed before the cast
+
+
 def test_decode_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch) -> None:
     from ssmtune.bench import decode
 
