@@ -87,7 +87,8 @@ def _groups(lens: list[int], overhead: float) -> list[list[int]]:
     return groups[::-1]
 
 
-@functools.lru_cache(maxsize=64)  # the ops of every layer share a forward's plan
+# the ops of every layer share a forward's plan; 256 holds a benchmark's cycle of batches × stacks × bucket values
+@functools.lru_cache(maxsize=256)
 def _plan(bounds: tuple[int, ...], lead: int, slots: bool, device: torch.device, overhead: float):
     """``_build_plan``, cached; built outside inference mode, since later forwards that record autograd reuse it."""
     with torch.inference_mode(False):
