@@ -147,9 +147,10 @@ def _time_first(t: torch.Tensor, time_dim: int, fill: float = 0.0, lead: torch.T
     return torch.cat(parts)
 
 
-def _from_buckets(flat: list[torch.Tensor], gather: torch.Tensor) -> torch.Tensor:
-    """Bucket outputs, each time-first and flattened [m * width, ...] -> the packed [total, ...], in one gather."""
-    return (flat[0] if len(flat) == 1 else torch.cat(flat)).index_select(0, gather)
+def _from_buckets(parts: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """The buckets' parts concatenated along dim 0 (a lone bucket's without a copy), rows ``index`` of them: e.g.
+    outputs flattened time-first [m * width, ...] -> the packed [total, ...], final states -> [n_seq, ...]."""
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).index_select(0, index)
 
 
 def _packed_y(ys: list[torch.Tensor], time_dim: int, gather: torch.Tensor) -> torch.Tensor:
@@ -198,7 +199,7 @@ def scan_packed(
         ys.append(y)
         finals.append(final)
     y = _packed_y(ys, time_dim, gather)
-    return (y, torch.cat(finals)[seq_order]) if return_final_state else y
+    return (y, _from_buckets(finals, seq_order)) if return_final_state else y
 
 
 def conv_packed(
@@ -230,4 +231,4 @@ def conv_packed(
         y = _from_buckets([y.transpose(1, 2).reshape(-1, y.shape[1]) for y in ys], gather).t().unsqueeze(0)
     else:
         y = _packed_y(ys, 2, gather)
-    return (y, torch.cat(finals)[seq_order]) if return_final_state else y
+    return (y, _from_buckets(finals, seq_order)) if return_final_state else y
