@@ -69,20 +69,24 @@ BUCKET_OVERHEAD_TOKENS = 8192
 
 def _groups(lens: list[int], overhead: float) -> list[list[int]]:
     """Contiguous groups of the sequences sorted longest first that minimise Σ (overhead + rows × longest); on a tie,
-    fewer groups. O(n²) over the sorted lengths."""
+    fewer groups. O(k²) over the k distinct lengths: a cut inside a run of equal lengths never pays, since moving it to
+    the run's start moves rows to a group as wide as they are, or merges two groups."""
     if not overhead >= 0:  # also refuses NaN
         raise ValueError(f"BUCKET_OVERHEAD_TOKENS must be >= 0, got {overhead}")
     order = sorted(range(len(lens)), key=lambda i: -lens[i])
     srt = [lens[i] for i in order]
-    # best[j]: (cost, groups) of the first j sorted sequences; cut[j]: where their last group starts
+    starts = [k for k in range(len(srt)) if k == 0 or srt[k] != srt[k - 1]] + [len(srt)]
+    # best[j]: (cost, groups) of the sorted sequences before starts[j]; cut[j]: the run where their last group starts
     best, cut = [(0.0, 0)], [0]
-    for j in range(1, len(srt) + 1):
-        c, i = min(((best[i][0] + overhead + (j - i) * srt[i], best[i][1] + 1), i) for i in range(j))
+    for j in range(1, len(starts)):
+        c, i = min(
+            ((best[i][0] + overhead + (starts[j] - starts[i]) * srt[starts[i]], best[i][1] + 1), i) for i in range(j)
+        )
         best.append(c)
         cut.append(i)
-    groups, j = [], len(srt)
+    groups, j = [], len(starts) - 1
     while j:
-        groups.append(order[cut[j] : j])
+        groups.append(order[starts[cut[j]] : starts[j]])
         j = cut[j]
     return groups[::-1]
 

@@ -188,8 +188,9 @@ def test_groups_minimise_the_cost():
     """Against every contiguous grouping of the sorted lengths, on random small lists."""
     rng = random.Random(0)
     for _ in range(200):
-        lens = [rng.randint(1, 300) for _ in range(rng.randint(1, 7))]
-        overhead = rng.choice([0, 1, 40, 200, 1000])
+        top = rng.choice([4, 300])  # 4: many equal lengths
+        lens = [rng.randint(1, top) for _ in range(rng.randint(1, 8))]
+        overhead = rng.choice([0, 1, 3, 40, 200, 1000])
         srt = sorted(range(len(lens)), key=lambda i: -lens[i])
         best = min(
             _cost([srt[a:b] for a, b in itertools.pairwise((0, *cuts, len(lens)))], lens, overhead)
