@@ -60,10 +60,10 @@ PAD_LOGIT = -1.0e4  # a padding step's pre-softplus step size: softplus gives ex
 # The cost of one more bucket, in row-tokens of scan work (see the module docstring). Profiled on an H100 (130m-shaped
 # Mamba-2, torch 2.11, Triton 3.6), a packed training step was host-bound: each bucket cost about 1.4 ms of host time
 # per layer (SSD forward 0.4, backward 0.7, conv 0.3; ~80 µs per Triton launch) plus its gathers. A row-token of scan
-# work costs about 0.09 µs (SSD) to 0.13 µs (Mamba-1 scan) of GPU time per layer, forward + backward (B 8, L 2048 at
-# the 130m width, docs/benchmarks.md). 1-1.5 ms / 0.09-0.13 µs is about 8k-16k; the low end is kept, since wider
-# models pay more GPU time per token for the same host cost. On the benchmark's batches (8 sequences, log-uniform
-# 32..2048) it gives 1-2 buckets; a 2,048-token sequence is split from 5 or more 32-token ones.
+# work costs about 0.09 µs (SSD) to 0.13 µs (Mamba-1 scan) of GPU time per layer, forward + backward (B 8, L 2048 at the
+# 130m width; docs/benchmarks.md's scan tables, H200). 1-1.5 ms / 0.09-0.13 µs is about 8k-16k; the low end is kept,
+# since wider models pay more GPU time per token for the same host cost. On the benchmark's batches (8 sequences,
+# log-uniform 32..2048) it gives 1-2 buckets; a 2,048-token sequence is split from 5 or more 32-token ones.
 BUCKET_OVERHEAD_TOKENS = 8192
 
 
@@ -136,8 +136,8 @@ def _plan_now(bounds: list[int], lead: int, slots: bool, device: torch.device):
 
 def _to_rows(src: torch.Tensor, time_dim: int, idx: torch.Tensor) -> torch.Tensor:
     """Time-first source [total + slots, ...] -> rows [m, ..., width (at time_dim), ...]. ``index_select``, whose
-    backward is one ``index_add_`` (an advanced index's sorts its indices first); every real position and slot is
-    read once, so the gradient is the same."""
+    backward is one ``index_add_`` (an advanced index's sorts its indices first); every real position and conv-state
+    slot is read once (the pad slot, read many times, takes no gradient), so the gradient is the same."""
     rows = src.index_select(0, idx.view(-1)).view(*idx.shape, *src.shape[1:])
     return rows.movedim(1, time_dim).contiguous()
 
