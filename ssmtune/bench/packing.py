@@ -4,22 +4,29 @@ Data: ``--examples`` random token sequences whose lengths are log-uniform in [``
 ``--small``: 8..128), the last quarter of each a target. Both stacks train on the same batches of ``--batch-size``
 examples in the same order: ``padded`` right-pads each batch to its longest example (``Collator``, attention mask),
 ``packed`` lays the batch end to end (``PackingCollator``, ``cu_seqlens``, what ``--data.packing true`` does),
-``packed rows`` into rows of ``--max-len`` tokens whose padding is a sequence of its own (``pad_rows=True``).
+``packed rows`` into rows of ``--max-len`` tokens whose padding is a sequence of its own (``pad_rows=True``). The
+packed ops scan their sequences in buckets of similar lengths (``ssmtune/ops/varlen.py``), chosen at a cost of
+``BUCKET_OVERHEAD_TOKENS`` row-tokens of padding per bucket; ``--bucket-tokens N [N ...]`` times both packed stacks at
+each value (default: the library's), as ``packed (bucket N)`` and ``packed rows (bucket N)``, beside the one padded
+stack.
 
 One step = forward (bf16 autocast on CUDA) + summed target-token cross-entropy over the batch's targets + backward +
 AdamW step on a State-offset (h) adapter of a random Mamba-2 (``--arch mamba`` for Mamba-1): d_model 768, 24 layers
 (130m shape), or d_model 64, 2 layers with ``--small``. Reported: real (unpadded) tokens per second over ``--steps``
 timed steps after ``--warmup`` untimed ones (the stacks take turns per batch; each step's fastest of ``--repeats``
-passes counts), and packed / padded. Check first: the two stacks' fp32 losses on the first
-batch agree.
+passes counts), the real tokens over those computed (the projections' work) and over those scanned (Σ rows ×
+width of the scans' buckets), and each packed stack's rate over padded. Check first: the fp32 losses on the first
+batch, padded and packed at each ``--bucket-tokens`` value, agree.
 
 GPU:  ssmtune bench packing
+Bucket sweep:  ssmtune bench packing --bucket-tokens 0 2048 8192 32768
 CPU smoke test:  ssmtune bench packing --device cpu --small
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 
@@ -27,6 +34,7 @@ import torch
 
 from ssmtune.bench.common import check_close, markdown, sync
 from ssmtune.bench.registry import Benchmark, register
+from ssmtune.ops import varlen
 
 SHAPES = {"full": {"d_model": 768, "n_layer": 24, "vocab_size": 50280}, "small": {"d_model": 64, "n_layer": 2,
                                                                                   "vocab_size": 264}}  # fmt: skip
@@ -43,6 +51,10 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per stack (default 8, small 3)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="timed passes; each step's fastest is kept")
+    ap.add_argument("--bucket-tokens", type=int, nargs="+", default=None, metavar="N",
+                    help="ssmtune.ops.varlen.BUCKET_OVERHEAD_TOKENS values to time the packed stacks at, one pair of "
+                    f"rows each (default: the library's, {varlen.BUCKET_OVERHEAD_TOKENS}); 0: one bucket per length, "
+                    "huge: one bucket")  # fmt: skip
 
 
 def skewed_items(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -84,6 +96,26 @@ def loss_of(model, batch: dict, device, autocast: bool) -> torch.Tensor:
     return token_loss_sum(logits, labels) / count_targets(batch["labels"])
 
 
+def scanned_tokens(batch: dict, value: int | None) -> int:
+    """Row-tokens each scan runs on: the padded batch, or a packed batch's buckets at ``value``."""
+    if "cu_seqlens" not in batch:
+        return batch["input_ids"].numel()
+    lens = batch["cu_seqlens"].diff().tolist()
+    return sum(len(g) * max(lens[i] for i in g) for g in varlen._groups(lens, value))
+
+
+@contextlib.contextmanager
+def bucket_tokens(value: int | None):
+    """``varlen.BUCKET_OVERHEAD_TOKENS`` set to ``value`` (None: left as it is) inside the block; the ops read it at
+    call time."""
+    old = varlen.BUCKET_OVERHEAD_TOKENS
+    varlen.BUCKET_OVERHEAD_TOKENS = old if value is None else value
+    try:
+        yield
+    finally:
+        varlen.BUCKET_OVERHEAD_TOKENS = old
+
+
 def run(args: argparse.Namespace) -> dict:
     from ssmtune.data import Collator, PackingCollator
     from ssmtune.train.optim import build_optimizer
@@ -97,31 +129,42 @@ def run(args: argparse.Namespace) -> dict:
     steps = args.steps or (3 if small else 8)
     items = skewed_items(n, lo, hi, shape["vocab_size"])
     batches = [items[i : i + args.batch_size] for i in range(0, n - args.batch_size + 1, args.batch_size)]
-    collators = {"padded": Collator(0), "packed": PackingCollator(0, hi),
-                 "packed rows": PackingCollator(0, hi, pad_rows=True)}  # fmt: skip
+    values = args.bucket_tokens or [varlen.BUCKET_OVERHEAD_TOKENS]
+    if min(values) < 0:
+        raise ValueError(f"--bucket-tokens must be >= 0, got {min(values)}")
+    # stack name -> (collator, bucket overhead or None)
+    collators = {"padded": (Collator(0), None)}
+    for v in dict.fromkeys(values):
+        collators[f"packed (bucket {v})"] = (PackingCollator(0, hi), v)
+        collators[f"packed rows (bucket {v})"] = (PackingCollator(0, hi, pad_rows=True), v)
     model = build(args, shape)
 
-    with torch.no_grad():  # the check: the first batch's fp32 loss, padded and packed
-        ref = loss_of(model, collators["padded"](batches[0]), device, autocast=False)
-        out = loss_of(model, collators["packed"](batches[0]), device, autocast=False)
-    err = check_close("packed loss", [ref.reshape(1)], [out.reshape(1)], 1e-4)
+    errs = []
+    with torch.no_grad():  # the check: the first batch's fp32 loss, padded and packed at each bucket value
+        ref = loss_of(model, collators["padded"][0](batches[0]), device, autocast=False)
+        for name, (collate, v) in collators.items():
+            if v is not None and not name.startswith("packed rows"):
+                with bucket_tokens(v):
+                    out = loss_of(model, collate(batches[0]), device, autocast=False)
+                errs.append(check_close(f"{name} loss", [ref.reshape(1)], [out.reshape(1)], 1e-4))
 
     autocast = device.type == "cuda"
     stacks = {}
-    for name, collate in collators.items():
+    for name, (collate, v) in collators.items():
         model = build(args, shape)
         opt = build_optimizer(model, lr=1e-4, weight_decay=0.0)
-        stacks[name] = (model, opt, [collate(b) for b in batches])
+        stacks[name] = (model, opt, [collate(b) for b in batches], v)
 
     def step(name: str, i: int) -> float:
-        model, opt, collated = stacks[name]
-        sync(device)
-        t0 = time.perf_counter()
-        loss_of(model, collated[i % len(collated)], device, autocast).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        return time.perf_counter() - t0
+        model, opt, collated, v = stacks[name]
+        with bucket_tokens(v):
+            sync(device)
+            t0 = time.perf_counter()
+            loss_of(model, collated[i % len(collated)], device, autocast).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            return time.perf_counter() - t0
 
     for i in range(args.warmup):
         for name in stacks:
@@ -136,18 +179,22 @@ def run(args: argparse.Namespace) -> dict:
     idx = [i % len(batches) for i in range(args.warmup, args.warmup + steps)]
     real = sum(sum(len(it["input_ids"]) for it in batches[i]) for i in idx)
     rows, table, rate = [], [], {}
-    for name, (_, _, collated) in stacks.items():
+    for name, (_, _, collated, v) in stacks.items():
         seconds = sum(best[name])
         done = sum(collated[i]["input_ids"].numel() for i in idx)
+        scanned = sum(scanned_tokens(collated[i], v) for i in idx)
         rate[name] = real / seconds
-        rows.append({"stack": name, "tokens_per_s": rate[name], "ms_step": seconds / steps * 1e3,
-                     "real_tokens": real, "computed_tokens": done})  # fmt: skip
-        table.append([name, f"{rate[name]:.0f}", f"{seconds / steps * 1e3:.1f}", f"{real / done:.2f}"])
-    ratio = rate["packed"] / rate["padded"]
-    table.append(["packed / padded", f"{ratio:.2f}", "", ""])
-    table.append(["packed rows / padded", f"{rate['packed rows'] / rate['padded']:.2f}", "", ""])
-    header = ["stack", "real tokens/s", "ms/step", "real / computed tokens"]
-    return {"rows": rows, "packed_over_padded": ratio, "target": TARGET, "check_rel_err": err,
+        rows.append({"stack": name, "bucket_tokens": v, "tokens_per_s": rate[name], "ms_step": seconds / steps * 1e3,
+                     "real_tokens": real, "computed_tokens": done, "scanned_tokens": scanned})  # fmt: skip
+        table.append([name, f"{rate[name]:.0f}", f"{seconds / steps * 1e3:.1f}", f"{real / done:.2f}",
+                      f"{real / scanned:.2f}"])  # fmt: skip
+    ratios = {}
+    for name in stacks:
+        if name != "padded":
+            ratios[name] = rate[name] / rate["padded"]
+            table.append([f"{name} / padded", f"{ratios[name]:.2f}", "", "", ""])
+    header = ["stack", "real tokens/s", "ms/step", "real / computed tokens", "real / scanned tokens"]
+    return {"rows": rows, "over_padded": ratios, "target": TARGET, "check_rel_err": max(errs),
             "lengths": [lo, hi], "table": markdown(header, table)}  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """Packed sequences (``cu_seqlens``) on selective_scan, ssd_scan and causal_conv1d, every backend: the packed call
 equals separate reference runs of each sequence on outputs, final states and the gradients of every input (per-sequence
-initial states, state offsets and output offsets included). Outputs are NaN-poisoned by tests/conftest.py.
+initial states, state offsets and output offsets included), with one bucket per length and with one bucket; the
+buckets minimise their cost (``varlen._groups``). Outputs are NaN-poisoned by tests/conftest.py.
 
 On CPU the Triton kernels run under the interpreter (total length <= 128); ``-m gpu`` runs 8 sequences of up to 2048.
 """
@@ -8,7 +9,10 @@ On CPU the Triton kernels run under the interpreter (total length <= 128); ``-m 
 from __future__ import annotations
 
 import importlib
+import itertools
+import math
 import os
+import random
 
 import pytest
 import torch
@@ -18,7 +22,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from ssmtune import ops
-from ssmtune.ops import conv_fused
+from ssmtune.ops import conv_fused, varlen
 from ssmtune.ops.selective_scan import fused as scan_fused
 from ssmtune.ops.ssd import fused as ssd_fused
 from ssmtune.ops.testing import assert_close
@@ -155,8 +159,63 @@ def run_packed_vs_separate(op, backend, dtype, lens, per_seq=True, device=DEVICE
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["selective_scan", "ssd_scan", "conv", "conv_cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_equals_separate(op, backend, dtype):
+@pytest.mark.parametrize("overhead", [0, 10**9], ids=["bucket-per-length", "one-bucket"])
+def test_packed_equals_separate(op, backend, dtype, overhead, monkeypatch):
+    monkeypatch.setattr(varlen, "BUCKET_OVERHEAD_TOKENS", overhead)
+    buckets = varlen._plan_now(_cu(LENS, "cpu").tolist(), 0, False, torch.device("cpu"))[0]
+    assert len(buckets) == (len(LENS) if overhead == 0 else 1)
     run_packed_vs_separate(op, backend, dtype, LENS)
+
+
+def _cost(groups, lens, overhead):
+    return sum(overhead + len(g) * max(lens[i] for i in g) for g in groups)
+
+
+def test_groups_by_hand():
+    # sorted 100, 90, 10, 9 at overhead 50: {100, 90} {10, 9} costs 50 + 200 + 50 + 20 = 320; one group 450, four 409
+    assert varlen._groups([100, 90, 10, 9], 50) == [[0, 1], [2, 3]]
+    assert varlen._groups([9, 100, 10, 90], 50) == [[1, 3], [2, 0]]  # the same, from the sorted order
+    # no overhead: no padding (singletons here; equal lengths share a bucket at no cost)
+    assert varlen._groups([1, 8, 2, 4], 0) == [[1], [3], [2], [0]]
+    assert varlen._groups([5, 3, 5], 0) == [[0, 2], [1]]
+    for huge in (10**9, math.inf):
+        assert varlen._groups([2048, 32, 1, 700], huge) == [[0, 3, 1, 2]]
+    with pytest.raises(ValueError, match="BUCKET_OVERHEAD_TOKENS must be >= 0, got -1"):
+        varlen._groups([3, 1], -1)
+
+
+def test_groups_minimise_the_cost():
+    """Against every contiguous grouping of the sorted lengths, on random small lists."""
+    rng = random.Random(0)
+    for _ in range(200):
+        top = rng.choice([4, 300])  # 4: many equal lengths
+        lens = [rng.randint(1, top) for _ in range(rng.randint(1, 8))]
+        overhead = rng.choice([0, 1, 3, 40, 200, 1000])
+        srt = sorted(range(len(lens)), key=lambda i: -lens[i])
+        best = min(
+            _cost([srt[a:b] for a, b in itertools.pairwise((0, *cuts, len(lens)))], lens, overhead)
+            for k in range(len(lens))
+            for cuts in itertools.combinations(range(1, len(lens)), k)
+        )
+        groups = varlen._groups(lens, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(len(lens)))
+        assert _cost(groups, lens, overhead) == best, (lens, overhead, groups)
+
+
+def test_default_overhead_on_the_benchmark_batches(monkeypatch):
+    """What the default's comment promises: 1-2 buckets on ``bench packing``'s batches (8 sequences, log-uniform
+    32..2048), and a 2,048-token sequence split from 5 or more 32-token ones."""
+    from ssmtune.bench.packing import skewed_items
+
+    lens = [len(it["input_ids"]) for it in skewed_items(256, 32, 2048, 50280)]
+    counts = {len(varlen._groups(lens[i : i + 8], varlen.BUCKET_OVERHEAD_TOKENS)) for i in range(0, 256, 8)}
+    assert counts <= {1, 2} and 2 in counts
+    assert [len(varlen._groups([2048] + [32] * k, varlen.BUCKET_OVERHEAD_TOKENS)) for k in (4, 5, 40)] == [1, 2, 2]
+    # the plan follows the attribute at call time (its cache is keyed by the value)
+    bounds = _cu([2048] + [32] * 5, "cpu").tolist()
+    assert len(varlen._plan_now(bounds, 0, False, torch.device("cpu"))[0]) == 2
+    monkeypatch.setattr(varlen, "BUCKET_OVERHEAD_TOKENS", 10**6)
+    assert len(varlen._plan_now(bounds, 0, False, torch.device("cpu"))[0]) == 1
 
 
 @pytest.mark.parametrize("op", ["selective_scan", "ssd_scan", "conv"])
