@@ -1,6 +1,7 @@
 """Where a training step's GPU time goes: ssmtune against the authors' stack, kernel by kernel.
 
-Builds variants of the ``train_step`` benchmark (same shapes, precision and step), runs ``--warmup`` steps, then
+Builds variants of the ``train_step`` benchmark (same shapes, precision and step; or, for a model of ``hybrid_step``
+such as ``qwen3_5_0.8b``, that benchmark's model, LoRA targets and step), runs ``--warmup`` steps, then
 profiles ``--steps`` steps with ``torch.profiler`` (CUDA activity only) and sums the device time of every kernel per
 step. Kernels are grouped into categories by name (``CATEGORIES``: the first pattern that matches wins) so that two
 stacks can be compared line by line. The kernels' timeline also gives the GPU's idle time between kernels: per step,
@@ -39,6 +40,7 @@ from collections.abc import Callable
 import torch
 
 from ssmtune.bench import decode as dec
+from ssmtune.bench import hybrid_step as hs
 from ssmtune.bench import train_step as ts
 from ssmtune.bench.common import error_text, fmt, markdown, sync
 from ssmtune.bench.registry import Benchmark, register
@@ -151,18 +153,40 @@ def parse_variant(spec: str) -> ts.Variant:
     if len(sizes) != 2 or not all(x.isdigit() for x in sizes):
         raise ValueError(f"bad --variants entry {spec!r}: want stack:model:method:BxL, e.g. ssmtune:mamba:none:8x2048")
     stack, model, method = parts[:3]
+    if model in hs.SHAPES:  # a hybrid_step model: its stacks and methods
+        if stack not in ("ssmtune", "hf+peft") or method not in hs.METHODS or (stack == "hf+peft" and method != "lora"):
+            raise ValueError(f"bad --variants entry {spec!r}: a hybrid model takes ssmtune:MODEL:METHOD (METHOD in "
+                             f"{hs.METHODS}) or hf+peft:MODEL:lora")  # fmt: skip
+        return ts.Variant(stack, model, method, "hybrid", int(sizes[0]), int(sizes[1]))
     if stack not in ts.STACKS or model not in ts.MODELS or method not in ts.METHODS:
-        raise ValueError(f"bad --variants entry {spec!r}: stack in {ts.STACKS}, model in {ts.MODELS}, method in "
-                         f"{ts.METHODS}")  # fmt: skip
+        raise ValueError(f"bad --variants entry {spec!r}: stack in {ts.STACKS}, model in {ts.MODELS} or "
+                         f"{tuple(hs.SHAPES)}, method in {ts.METHODS}")  # fmt: skip
     backend = {"ssmtune": "auto", "hf+peft": "torch-path", "mamba_ssm": "unfused"}[stack]
     return ts.Variant(stack, model, method, backend, int(sizes[0]), int(sizes[1]))
 
 
+def _hybrid_step(v: ts.Variant, args: argparse.Namespace, device: torch.device):
+    """A ``hybrid_step`` configuration (its builders, LoRA targets, bf16 recipe and step): model, detail, step."""
+    targets = hs.lora_targets(v.stack, v.model) if v.method == "lora" else None
+    build = hs.build_ours if v.stack == "ssmtune" else hs.build_peer
+    model = build(v.model, v.method, args.small, device, targets)
+    vocab = (hs.SMALL_SHAPES if args.small else hs.SHAPES)[v.model][1]["vocab_size"]
+    ids = torch.randint(1, vocab, (v.batch, v.seqlen), generator=torch.Generator().manual_seed(1)).to(device)
+    step, _ = hs.make_step(model, v.method, ids)
+    detail = "targets " + "+".join(targets) if targets else ""
+    if v.stack == "ssmtune" and (backend := hs.gdn_backend(v.model, device, grad=True)):
+        detail = (detail + f" | gated_delta_rule backend {backend}").strip(" |")
+    return model, detail, step
+
+
 def profile(v: ts.Variant, args: argparse.Namespace, device: torch.device) -> dict:
-    build = {"ssmtune": ts.build_ssmtune, "hf+peft": ts.build_hf_peft, "mamba_ssm": ts.build_mamba_ssm}[v.stack]
-    model, detail = build(v, args.shape, device)
-    ids = ts.make_batch(v.batch, v.seqlen, ts.SHAPES[args.shape]["vocab_size"], device)
-    step, _ = ts.make_step(v, model, ids)
+    if v.backend == "hybrid":
+        model, detail, step = _hybrid_step(v, args, device)
+    else:
+        build = {"ssmtune": ts.build_ssmtune, "hf+peft": ts.build_hf_peft, "mamba_ssm": ts.build_mamba_ssm}[v.stack]
+        model, detail = build(v, args.shape, device)
+        ids = ts.make_batch(v.batch, v.seqlen, ts.SHAPES[args.shape]["vocab_size"], device)
+        step, _ = ts.make_step(v, model, ids)
     for _ in range(args.warmup):
         step()
     sync(device)
@@ -340,7 +364,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     what = "train: a training step per --variants entry; decode: decode steps per model, stack and batch"
     ap.add_argument("--workload", choices=("train", "decode"), default="train", help=what)
     ap.add_argument("--variants", nargs="+", default=None,
-                    help="train: stack:model:method:BxL entries (stacks ssmtune, hf+peft, mamba_ssm; default "
+                    help="train: stack:model:method:BxL entries (stacks ssmtune, hf+peft, mamba_ssm; models mamba, "
+                         "mamba2 or a hybrid_step model, e.g. ssmtune:qwen3_5_0.8b:state_offset_h:4x1024; default "
                          "ssmtune:mamba:state_offset_h:8x2048 mamba_ssm:mamba:none:8x2048)")  # fmt: skip
     ap.add_argument("--small", action="store_true", help="tiny shape (d_model 64, 2 layers): a CPU test")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps (decode: generate rounds) before profiling")

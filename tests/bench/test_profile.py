@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ssmtune.bench.profile_step import idle_gaps
 from ssmtune.bench.run import main
 
@@ -18,6 +20,24 @@ def test_profile_runs_on_cpu(tmp_path, capsys) -> None:
     assert r["variant"] == "ssmtune:mamba:state_offset_h:2x16"
     assert r["busy_ms"] > 0 and r["categories"] and r["top"]
     assert r["timeline"]["kernels"] > 0 and r["timeline"]["span_ms"] > 0
+
+
+@pytest.mark.slow
+def test_profile_hybrid_variant_on_cpu(tmp_path, capsys) -> None:
+    """A hybrid_step model profiles through that benchmark's builders; its peer takes LoRA only."""
+    pytest.importorskip("peft")
+    out = tmp_path / "p.json"
+    argv = ["profile", "--small", "--device", "cpu", "--warmup", "1", "--steps", "1", "--out", str(out), "--variants"]
+    assert main([*argv, "hf+peft:qwen3_5_0.8b:state_offset_h:1x16"]) == 2
+    assert "a hybrid model takes" in capsys.readouterr().err
+    assert main([*argv, "ssmtune:qwen3_5_0.8b:state_offset_h:1x16", "hf+peft:qwen3_5_0.8b:lora:1x16"]) == 0
+    rows = json.loads(out.read_text())["results"]["rows"]
+    assert [r["variant"] for r in rows] == [
+        "ssmtune:qwen3_5_0.8b:state_offset_h:1x16",
+        "hf+peft:qwen3_5_0.8b:lora:1x16",
+    ]
+    assert all(r["categories"] and r["wall_ms"] > 0 for r in rows), rows
+    assert "gated_delta_rule backend torch" in rows[0]["detail"] and "in_proj_qkv" in rows[1]["detail"]
 
 
 def test_idle_gaps_buckets_and_largest() -> None:
