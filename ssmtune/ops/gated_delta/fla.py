@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from .naive import prepare_qk, read_offsets
+from .naive import prepare_q, read_offsets
 
 INSTALL = "pip install 'ssmtune[fla]' (fla-core>=0.6)"
 
@@ -110,6 +110,6 @@ def gated_delta_rule_fla(
         output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm,
     )  # fmt: skip
     if state_offset is not None or output_offset is not None:
-        q_hat, _ = prepare_qk(q, k, nheads, scale=scale, use_qk_l2norm=use_qk_l2norm)
+        q_hat = prepare_q(q, nheads, scale=scale, use_qk_l2norm=use_qk_l2norm)  # k̂ is the kernel's business
         o = read_offsets(o.float(), q_hat, state_offset, output_offset).to(v.dtype)
     return (o, final.float()) if output_final_state else o

@@ -24,17 +24,25 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
 
 
+def _prepare(x: torch.Tensor, nheads: int, use_qk_l2norm: bool) -> torch.Tensor:
+    x = x.float()
+    if use_qk_l2norm:
+        x = l2norm(x)
+    rep = nheads // x.shape[2]
+    return x.repeat_interleave(rep, dim=2) if rep > 1 else x
+
+
+def prepare_q(q: torch.Tensor, nheads: int, *, scale: float | None, use_qk_l2norm: bool) -> torch.Tensor:
+    """fp32 q̂ [B, L, H, K], normalised and scaled as the kernels do, key heads repeated: all the read-out of the
+    offsets needs (a kernel that runs the recurrence itself takes k̂ from ``prepare_qk``)."""
+    return _prepare(q, nheads, use_qk_l2norm) * (q.shape[-1] ** -0.5 if scale is None else scale)
+
+
 def prepare_qk(
     q: torch.Tensor, k: torch.Tensor, nheads: int, *, scale: float | None, use_qk_l2norm: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 q̂ [B, L, H, K] (normalised and scaled as the kernels do) and k̂ [B, L, H, K], key heads repeated."""
-    q, k = q.float(), k.float()
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    rep = nheads // q.shape[2]
-    if rep > 1:
-        q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
-    return q * (q.shape[-1] ** -0.5 if scale is None else scale), k
+    """fp32 q̂ [B, L, H, K] (``prepare_q``) and k̂ [B, L, H, K] (normalised alike, not scaled), key heads repeated."""
+    return prepare_q(q, nheads, scale=scale, use_qk_l2norm=use_qk_l2norm), _prepare(k, nheads, use_qk_l2norm)
 
 
 def read_offsets(
