@@ -260,12 +260,38 @@ class FalconH1SSDMixer(HostedSSDMixer):
 
     def gate_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.norm is None:
-            return y * F.silu(z)
+            return SiluGate.apply(y, z, False)
         if not self.norm_before_gate:
             return self.norm(y, z)
         n = self.norm
         normed = ops.rms_norm(y, n.weight, eps=n.eps, group_size=n.group_size, backend=n.backend)
-        return (normed.float() * F.silu(z.float())).to(normed.dtype)
+        return SiluGate.apply(normed, z, True)
+
+
+class SiluGate(torch.autograd.Function):
+    """y · silu(z) (in fp32 and rounded to y's dtype when ``upcast``), keeping y and z for the backward, where autograd
+    would keep silu(z) (and fp32 copies of both when upcast): z is a view of the in_proj output, kept anyway. The
+    gradients are autograd's, bit for bit (silu(z) is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, y, z, upcast):
+        ctx.save_for_backward(y, z)
+        ctx.upcast = upcast
+        if upcast:
+            return (y.float() * F.silu(z.float())).to(y.dtype)
+        return y * F.silu(z)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, z = ctx.saved_tensors
+        yc, zc = y, z
+        if ctx.upcast:  # the cast back to y's dtype hands the product an fp32 gradient
+            g, yc, zc = g.float(), y.float(), z.float()
+        dy = (g * F.silu(zc)).to(y.dtype) if ctx.needs_input_grad[0] else None
+        dz = None
+        if ctx.needs_input_grad[1]:
+            dz = torch.ops.aten.silu_backward((g * yc).to(zc.dtype), zc).to(z.dtype)
+        return dy, dz, None
 
 
 MIXER_BUILDERS: dict[str, Callable[[nn.Module], HostedSSDMixer]] = {
