@@ -113,9 +113,9 @@ def run(fn, zxbcdt, prm, mask, dims, h, p, g, chunk, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("padded", "offsets"), [(False, False), (True, True)], ids=["plain", "mask-offsets"])
 def test_conv_ssd_scan_matches_unfused(dtype, padded, offsets):
-    """Odd sizes (P 6, N 10, G 2 groups of 3 heads, K 4, a ragged last chunk): the same output and gradients of
-    zxbcdt, the conv's weight, bias and initial state, A, D, dt_bias, h0, h' and y', bit for bit."""
-    h, p, g, n, k, chunk = 6, 6, 2, 10, 4, 16
+    """Odd sizes (P 6 on the CPU, N 10, G 2 groups of 3 heads, K 4, a ragged last chunk): the same output and
+    gradients of zxbcdt, the conv's weight, bias and initial state, A, D, dt_bias, h0, h' and y', bit for bit."""
+    h, p, g, n, k, chunk = 6, 6 if DEVICE == "cpu" else 16, 2, 10, 4, 16  # CUDA runs head dims from 16
     zxbcdt, prm, mask, dims = make_inputs(2, 37, h, p, g, n, k, dtype, padded=padded, offsets=offsets)
     y0, g0, kept0 = run(unfused, zxbcdt, prm, mask, dims, h, p, g, chunk, seed=1)
     y1, g1, kept1 = run(fused_op, zxbcdt, prm, mask, dims, h, p, g, chunk, seed=1)
@@ -150,15 +150,18 @@ def _hybrid_grads(family, monkeypatch, dtype, *, fused_path: bool, **overrides):
     calls = []
     monkeypatch.setattr(ops, "conv_ssd_fused", lambda *a: calls.append(1) or (found(*a) if fused_path else None))
     # chunk 16: the Triton scan's smallest
-    model = get_peft_model(tiny_hybrid(family, mamba_chunk_size=16, **overrides), StateOffsetConfig(variant="h"))
+    model = get_peft_model(tiny_hybrid(family, mamba_chunk_size=16, **overrides).to(DEVICE),
+                           StateOffsetConfig(variant="h"))  # fmt: skip
     set_backend(model.base_model, "triton")
-    for p in model.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # a non-zero offset
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     model.train()
-    x = ids(2, 37)
+    x = ids(2, 37).to(DEVICE)
     embeds = model.base_model.get_input_embeddings()(x).detach().requires_grad_()  # the gradient reaches every conv
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
         loss = model(inputs_embeds=embeds, labels=x, use_cache=False).loss
     loss.backward()
     assert len(calls) == len(hybrid_mixers(model.base_model))  # every mixer asked for the fused op
