@@ -270,27 +270,37 @@ class FalconH1SSDMixer(HostedSSDMixer):
 
 class SiluGate(torch.autograd.Function):
     """y · silu(z) (in fp32 and rounded to y's dtype when ``upcast``), keeping y and z for the backward, where autograd
-    would keep silu(z) (and fp32 copies of both when upcast): z is a view of the in_proj output, kept anyway. The
-    gradients are autograd's, bit for bit (silu(z) is recomputed)."""
+    would keep silu(z) (and fp32 copies of both when upcast): z is a view of the in_proj output, kept anyway when it
+    takes a gradient. Without one (the first mixer of a state adapter) it keeps what autograd keeps, silu(z). The
+    gradients are autograd's, bit for bit (silu(z) is recomputed from the same view)."""
 
     @staticmethod
     def forward(ctx, y, z, upcast):
-        ctx.save_for_backward(y, z)
-        ctx.upcast = upcast
-        if upcast:
-            return (y.float() * F.silu(z.float())).to(y.dtype)
-        return y * F.silu(z)
+        zc = z.float() if upcast else z
+        s = F.silu(zc)
+        out = (y.float() * s).to(y.dtype) if upcast else y * s
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(y, z)
+        else:  # only dy = g · silu(z): not the whole in_proj output behind the view
+            ctx.save_for_backward(None, s)
+        ctx.upcast, ctx.y_dtype = upcast, y.dtype
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        y, z = ctx.saved_tensors
-        yc, zc = y, z
+        y, t = ctx.saved_tensors
+        need_y, need_z = ctx.needs_input_grad[:2]
         if ctx.upcast:  # the cast back to y's dtype hands the product an fp32 gradient
-            g, yc, zc = g.float(), y.float(), z.float()
-        dy = (g * F.silu(zc)).to(y.dtype) if ctx.needs_input_grad[0] else None
+            g = g.float()
+        zc = s = t
+        if need_z:
+            zc = t.float() if ctx.upcast else t
+            s = F.silu(zc)
+        dy = (g * s).to(ctx.y_dtype) if need_y else None
         dz = None
-        if ctx.needs_input_grad[1]:
-            dz = torch.ops.aten.silu_backward((g * yc).to(zc.dtype), zc).to(z.dtype)
+        if need_z:
+            yc = y.float() if ctx.upcast else y
+            dz = torch.ops.aten.silu_backward((g * yc).to(zc.dtype), zc).to(t.dtype)
         return dy, dz, None
 
 

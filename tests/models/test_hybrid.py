@@ -108,3 +108,14 @@ def test_silu_gate_matches_autograd(dtype, upcast):
     assert torch.equal(outs[0], outs[1])
     assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
     assert kept[1] == 2 * y.untyped_storage().nbytes() < kept[0]
+    # z without a gradient (a view of a wider in_proj output): not the whole output behind the view
+    zxbcdt = torch.randn(3, 7, 25, generator=g).to(dtype)
+    z = zxbcdt[..., 5:15]
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: sizes.append(t.untyped_storage().nbytes()) or t, lambda t: t
+    ):
+        out = SiluGate.apply(y, z, upcast)
+    assert sum(sizes) == z.numel() * (4 if upcast else z.element_size())  # silu(z), as autograd keeps
+    assert torch.equal(out, plain(y, z))
+    assert torch.equal(torch.autograd.grad(out, y, w)[0], torch.autograd.grad(plain(y, z), y, w)[0])
