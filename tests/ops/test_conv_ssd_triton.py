@@ -29,7 +29,7 @@ if not torch.cuda.is_available() and "Interpreted" not in type(conv_fused.causal
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_inputs(b, seqlen, h, p, g, n, k, dtype, *, padded, offsets):
+def make_inputs(b, seqlen, h, p, g, n, k, dtype, *, padded, offsets, frozen=False):
     """An in_proj-like output [B, L, z | xBC | dt] whose xBC and dt slices feed the op, as in the mixers."""
     gen = torch.Generator().manual_seed(seqlen * 31 + h)
 
@@ -38,7 +38,7 @@ def make_inputs(b, seqlen, h, p, g, n, k, dtype, *, padded, offsets):
 
     d = h * p
     c = d + 2 * g * n
-    zxbcdt = rnd(b, seqlen, d + c + h).to(dtype).requires_grad_()
+    zxbcdt = rnd(b, seqlen, d + c + h).to(dtype).requires_grad_(not frozen)
     params = {
         "weight": rnd(c, k, scale=0.5),
         "bias": rnd(c, scale=0.1),
@@ -50,7 +50,10 @@ def make_inputs(b, seqlen, h, p, g, n, k, dtype, *, padded, offsets):
         "h_off": rnd(h, p, n, scale=0.3) if offsets else None,
         "y_off": rnd(h, p, scale=0.3) if offsets else None,
     }
-    params = {name: None if t is None else t.requires_grad_() for name, t in params.items()}
+    # frozen: a state adapter's first mixer, where only h' takes a gradient
+    params = {
+        name: None if t is None else t.requires_grad_(not frozen or name == "h_off") for name, t in params.items()
+    }
     mask = None
     if padded:  # row 1 left-padded by 5
         mask = torch.ones(b, seqlen, dtype=torch.long, device=DEVICE)
@@ -106,23 +109,26 @@ def run(fn, zxbcdt, prm, mask, dims, h, p, g, chunk, seed):
     y, kept = saved_bytes(lambda: fn(zxbcdt, prm, mask, dims, h, p, g, chunk))
     w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     (y.float() * w).sum().backward()
-    grads = {"zxbcdt": zxbcdt.grad} | {name: t.grad for name, t in prm.items() if t is not None}
+    grads = {name: t.grad for name, t in {"zxbcdt": zxbcdt, **prm}.items() if t is not None and t.requires_grad}
     return y.detach(), grads, kept
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(("padded", "offsets"), [(False, False), (True, True)], ids=["plain", "mask-offsets"])
-def test_conv_ssd_scan_matches_unfused(dtype, padded, offsets):
+@pytest.mark.parametrize(("padded", "offsets", "frozen"), [(False, False, False), (True, True, False),
+                                                       (True, True, True)], ids=["plain", "mask-offsets", "h'-only"])  # fmt: skip
+def test_conv_ssd_scan_matches_unfused(dtype, padded, offsets, frozen):
     """Odd sizes (P 6 on the CPU, N 10, G 2 groups of 3 heads, K 4, a ragged last chunk): the same output and
     gradients of zxbcdt, the conv's weight, bias and initial state, A, D, dt_bias, h0, h' and y', bit for bit."""
     h, p, g, n, k, chunk = 6, 6 if DEVICE == "cpu" else 16, 2, 10, 4, 16  # CUDA runs head dims from 16
-    zxbcdt, prm, mask, dims = make_inputs(2, 37, h, p, g, n, k, dtype, padded=padded, offsets=offsets)
+    zxbcdt, prm, mask, dims = make_inputs(2, 37, h, p, g, n, k, dtype, padded=padded, offsets=offsets, frozen=frozen)
     y0, g0, kept0 = run(unfused, zxbcdt, prm, mask, dims, h, p, g, chunk, seed=1)
     y1, g1, kept1 = run(fused_op, zxbcdt, prm, mask, dims, h, p, g, chunk, seed=1)
     assert torch.equal(y0, y1)
     assert g0.keys() == g1.keys()
     for name in g0:
         assert g1[name] is not None and torch.equal(g0[name], g1[name]), name
+    if frozen:  # the conv input is kept instead of its output and the states: a win at d_state 128, not at 10
+        return
     # neither the conv's output (x, B_t, C_t: D + 2GN values per token) nor the fp32 chunk states are kept
     b, seqlen = zxbcdt.shape[:2]
     states = b * (-(-seqlen // chunk) + 1) * h * p * n * 4

@@ -979,13 +979,15 @@ class ConvSSDScanFunction(torch.autograd.Function):
             do.contiguous(), None if dht is None else dht.contiguous(), x, dt, A, B, C, ctx.chunk_size, D, None,
             dt_bias, ctx.dt_softplus, h0, h_off, y_off, None, dt_p, a_cs, states,
         )  # fmt: skip
-        # the gradient autograd hands the conv on the unfused path: split's backward concatenates, the mask multiplies
-        dout = torch.cat([dx.view(batch, seqlen, d), dB.flatten(2), dC.flatten(2)], dim=-1)
-        if mask is not None:
-            dout = (dout * mask[:, :, None]).to(dout.dtype)
-        needs = ctx.needs_input_grad
-        dxbc, dw, dbias, dconv0 = conv_bwd(dout.transpose(1, 2), xbc, w, bias, conv0, True, ctx.weight_dtype,
-                                           (needs[0], needs[1], needs[2], needs[3]))  # fmt: skip
+        needs = tuple(ctx.needs_input_grad[:4])
+        dxbc = dw = dbias = dconv0 = None
+        if any(needs):
+            # the gradient autograd hands the conv on the unfused path: split's backward concatenates, the mask
+            # multiplies
+            dout = torch.cat([dx.view(batch, seqlen, d), dB.flatten(2), dC.flatten(2)], dim=-1)
+            if mask is not None:
+                dout = (dout * mask[:, :, None]).to(dout.dtype)
+            dxbc, dw, dbias, dconv0 = conv_bwd(dout.transpose(1, 2), xbc, w, bias, conv0, True, ctx.weight_dtype, needs)
         return dxbc, dw, dbias, dconv0, None, ddt, dA, dD, ddt_bias, dh0, dh_off, dy_off, None, None, None, None
 
 
