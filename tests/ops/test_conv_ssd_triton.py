@@ -135,6 +135,16 @@ def test_conv_ssd_scan_matches_unfused(dtype, padded, offsets, frozen):
     assert kept0 - kept1 >= b * seqlen * (h * p + 2 * g * n) * zxbcdt.element_size() + states
 
 
+def test_conv_ssd_scan_kept_states(monkeypatch):
+    """With the chunk states kept rather than recomputed: the same gradients."""
+    h, p, g, n, k, chunk = 6, 6 if DEVICE == "cpu" else 16, 2, 10, 4, 16
+    zxbcdt, prm, mask, dims = make_inputs(2, 37, h, p, g, n, k, torch.float32, padded=True, offsets=True)
+    _, g0, _ = run(fused_op, zxbcdt, prm, mask, dims, h, p, g, chunk, seed=2)
+    monkeypatch.setattr(fused.ConvSSDScanFunction, "recompute_states", False)
+    _, g1, _ = run(fused_op, zxbcdt, prm, mask, dims, h, p, g, chunk, seed=2)
+    assert all(torch.equal(g0[name], g1[name]) for name in g0)
+
+
 def test_conv_ssd_fused_dispatch():
     """The mixers take the fused op exactly when conv and scan both resolve to Triton."""
     assert ops.conv_ssd_fused("torch", torch.device("cpu"), 64) is None

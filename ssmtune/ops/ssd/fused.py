@@ -944,6 +944,9 @@ class ConvSSDScanFunction(torch.autograd.Function):
     states from them, bit for bit, as mamba_ssm's combined op does. The conv input is a view of the in_proj output
     that the gated norm keeps anyway."""
 
+    # False keeps the fp32 chunk states instead (the A/B switch of a timing: one chunk-state kernel less per backward)
+    recompute_states = True
+
     @staticmethod
     def forward(ctx, xbc, weight, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, chunk_size, dt_softplus,
                 headdim, groups):  # fmt: skip
@@ -957,7 +960,8 @@ class ConvSSDScanFunction(torch.autograd.Function):
         y, _, dt_p, a_cs, states = _ssd_fwd(x, dt, A, B, C, chunk_size, D, None, dt_bias, dt_softplus, h0, h_off, y_off)
         # the chunk states (fp32, H·P·N per chunk: more than the conv input at chunk sizes up to 256) are recomputed
         # too, by their own forward kernel; the chunk scan is not
-        ctx.save_for_backward(xbc, w, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, dt_p, a_cs)
+        kept = None if ConvSSDScanFunction.recompute_states else states
+        ctx.save_for_backward(xbc, w, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, dt_p, a_cs, kept)
         ctx.chunk_size, ctx.dt_softplus, ctx.headdim, ctx.groups = chunk_size, dt_softplus, headdim, groups
         ctx.weight_dtype = weight.dtype
         ctx.set_materialize_grads(False)
@@ -967,12 +971,13 @@ class ConvSSDScanFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         from ssmtune.ops.conv_fused import conv_bwd
 
-        xbc, w, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, dt_p, a_cs = ctx.saved_tensors
+        xbc, w, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, dt_p, a_cs, states = ctx.saved_tensors
         batch, _, seqlen = xbc.shape
         d = dt.shape[2] * ctx.headdim
         x, B, C = _conv_split(xbc, w, bias, conv0, mask, d, ctx.groups)
         x = x.view(batch, seqlen, -1, ctx.headdim)
-        states = _chunk_states(x, B, dt_p, a_cs, h0, ctx.chunk_size)
+        if states is None:
+            states = _chunk_states(x, B, dt_p, a_cs, h0, ctx.chunk_size)
         if do is None:
             do = torch.zeros_like(x)
         dx, ddt, dA, dB, dC, dD, _, ddt_bias, dh0, dh_off, dy_off = _ssd_bwd(
