@@ -260,12 +260,48 @@ class FalconH1SSDMixer(HostedSSDMixer):
 
     def gate_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.norm is None:
-            return y * F.silu(z)
+            return SiluGate.apply(y, z, False)
         if not self.norm_before_gate:
             return self.norm(y, z)
         n = self.norm
         normed = ops.rms_norm(y, n.weight, eps=n.eps, group_size=n.group_size, backend=n.backend)
-        return (normed.float() * F.silu(z.float())).to(normed.dtype)
+        return SiluGate.apply(normed, z, True)
+
+
+class SiluGate(torch.autograd.Function):
+    """y · silu(z) (in fp32 and rounded to y's dtype when ``upcast``), keeping y and z for the backward, where autograd
+    would keep silu(z) (and fp32 copies of both when upcast): z is a view of the in_proj output, kept anyway when it
+    takes a gradient. Without one (the first mixer of a state adapter) it keeps what autograd keeps, silu(z). The
+    gradients are autograd's, bit for bit (silu(z) is recomputed from the same view)."""
+
+    @staticmethod
+    def forward(ctx, y, z, upcast):
+        zc = z.float() if upcast else z
+        s = F.silu(zc)
+        out = (y.float() * s).to(y.dtype) if upcast else y * s
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(y, z)
+        else:  # only dy = g · silu(z): not the whole in_proj output behind the view
+            ctx.save_for_backward(None, s)
+        ctx.upcast, ctx.y_dtype = upcast, y.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, t = ctx.saved_tensors
+        need_y, need_z = ctx.needs_input_grad[:2]
+        if ctx.upcast:  # the cast back to y's dtype hands the product an fp32 gradient
+            g = g.float()
+        zc = s = t
+        if need_z:
+            zc = t.float() if ctx.upcast else t
+            s = F.silu(zc)
+        dy = (g * s).to(ctx.y_dtype) if need_y else None
+        dz = None
+        if need_z:
+            yc = y.float() if ctx.upcast else y
+            dz = torch.ops.aten.silu_backward((g * yc).to(zc.dtype), zc).to(t.dtype)
+        return dy, dz, None
 
 
 MIXER_BUILDERS: dict[str, Callable[[nn.Module], HostedSSDMixer]] = {

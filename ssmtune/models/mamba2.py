@@ -136,14 +136,26 @@ class Mamba2Mixer(nn.Module):
 
         # 2. causal conv + silu over the whole xBC
         xBC = xBC.transpose(1, 2)  # [B, D+2GN, L]
+        conv0 = None if step else (st.conv0 if fresh else cache.conv_state)
+        if fresh and conv0 is not None and attention_mask is not None:
+            xBC, conv0 = conv0_at_first_token(xBC, conv0, attention_mask)
+        fused = self._conv_scan((xBC, weight, bias, conv0, dt, st.h0, st.h_off, st.y_off), cache, cu_seqlens)
+        if fused is not None:
+            # training: conv and scan as one autograd node that recomputes the conv in its backward
+            dt, dt_bias, softplus = self.scan_dt(dt, attention_mask)
+            A, Dskip = -torch.exp(self.A_log.float()), self.D.float()
+            y = fused(
+                xBC, weight, bias, dt, A, headdim=p, ngroups=g, conv_initial_state=conv0, mask=attention_mask,
+                chunk_size=self.chunk_size, D=Dskip if Dskip.shape[0] == h else Dskip.view(h, p), dt_bias=dt_bias,
+                dt_softplus=softplus, initial_state=st.h0, state_offset=st.h_off, y_offset=st.y_off,
+            )  # fmt: skip
+            y = self.gate_norm(y.reshape(batch, seqlen, d), z)
+            return self.out_proj(y.to(hidden_states.dtype))
         if step:
             xBC = ops.causal_conv1d_update(
                 xBC[:, :, 0], cache.conv_state, weight, bias, activation="silu", backend=self.backend
             )[:, :, None]
         else:
-            conv0 = st.conv0 if fresh else cache.conv_state
-            if fresh and conv0 is not None and attention_mask is not None:
-                xBC, conv0 = conv0_at_first_token(xBC, conv0, attention_mask)
             xBC, conv_last = ops.causal_conv1d(
                 xBC,
                 weight,
@@ -195,6 +207,17 @@ class Mamba2Mixer(nn.Module):
         # 6-7. gated RMSNorm, out_proj
         y = self.gate_norm(y.reshape(batch, seqlen, d), z)
         return self.out_proj(y.to(hidden_states.dtype))
+
+    def _conv_scan(self, inputs: tuple, cache, cu_seqlens):
+        """The fused conv + scan op for a training forward (a gradient to take, no cache, not packed), else None.
+        Also when no gradient reaches the conv (a state adapter's first mixer): the conv input it keeps is smaller
+        than the conv output and chunk states the scan alone would keep (at d_state 128)."""
+        if cache is not None or cu_seqlens is not None or not torch.is_grad_enabled():
+            return None
+        params = (self.A_log, self.D, self.dt_bias)
+        if not any(t is not None and t.requires_grad for t in (*inputs, *params)):
+            return None
+        return ops.conv_ssd_fused(self.backend, inputs[0].device, self.headdim)
 
     # Steps a host model may change (models/hybrid.py): the input projection, the step size of the scan, the gate.
     def project(self, u: torch.Tensor) -> torch.Tensor:

@@ -502,6 +502,25 @@ def ssd_scan(
     )  # fmt: skip
 
 
+def conv_ssd_fused(backend: str, device: torch.device, headdim: int) -> Callable | None:
+    """``ssd.fused.conv_ssd_scan_triton`` when both the conv and the SSD scan resolve to Triton for ``backend`` on
+    ``device`` (the mixers' training path then keeps the conv's input, not its output); None otherwise."""
+    if backend == "auto" and device.type == "cuda" and headdim < SSD_MIN_HEADDIM_CUDA:
+        return None  # the scan takes the torch path there
+    triton_fns = (_load("causal_conv1d", "triton"), _load("ssd_scan", "triton"))
+    if None in triton_fns:
+        return None
+    try:
+        fns = (resolve("causal_conv1d", backend, device), resolve("ssd_scan", backend, device))
+    except ValueError:
+        return None
+    if fns != triton_fns:
+        return None
+    from .ssd.fused import conv_ssd_scan_triton
+
+    return conv_ssd_scan_triton
+
+
 def ssd_state_update(
     state: torch.Tensor,
     x: torch.Tensor,

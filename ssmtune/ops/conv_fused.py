@@ -159,50 +159,60 @@ def _empty_like_layout(batch: int, channels: int, seqlen: int, channels_last: bo
     return torch.empty(batch, channels, seqlen, **kw)
 
 
+def conv_fwd(x, w, bias, h0, silu: bool, channels_last: bool) -> torch.Tensor:
+    """Launch the forward kernel: y [B, C, L] (memory [B, L, C] when ``channels_last``); w, h0 contiguous."""
+    batch, channels, seqlen = x.shape
+    y = _empty_like_layout(batch, channels, seqlen, channels_last, dtype=x.dtype, device=x.device)
+    block_l, block_c = _blocks(x.stride(1) == 1)
+    grid = (triton.cdiv(seqlen, block_l), triton.cdiv(channels, block_c), batch)
+    causal_conv1d_fwd_kernel[grid](
+        x, w, bias, h0, y, *x.stride(), *y.stride(), 0 if h0 is None or h0.dim() == 2 else h0.stride(0),
+        seqlen, channels, K=w.shape[1], SILU=silu, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
+    )  # fmt: skip
+    return y
+
+
+def conv_bwd(dy, x, w, bias, h0, silu: bool, weight_dtype: torch.dtype, needs: tuple[bool, bool, bool, bool]):
+    """Launch the backward kernel: (dx, dweight, dbias, dh0), None where ``needs`` (x, weight, bias, h0) is False;
+    dh0 [B, C, K-1] for a batched h0, else summed to [C, K-1]."""
+    batch, channels, seqlen = x.shape
+    width = w.shape[1]
+    need_x, need_w, need_b, need_h0 = needs
+    dx = _empty_like_layout(batch, channels, seqlen, x.stride(1) == 1, dtype=x.dtype, device=x.device)
+    block_l, block_c = _blocks(x.stride(1) == 1)
+    n_l = triton.cdiv(seqlen + width - 1, block_l)
+    f32 = {"dtype": torch.float32, "device": x.device}
+    dh0 = torch.empty(batch, channels, width - 1, **f32) if need_h0 else None
+    dw = torch.empty(batch * n_l, channels, width, **f32) if (need_w or need_b) else None
+    dbias = torch.empty(batch * n_l, channels, **f32) if (dw is not None and bias is not None) else None
+    causal_conv1d_bwd_kernel[(n_l, triton.cdiv(channels, block_c), batch)](
+        x, w, bias, h0, dy, dx, dh0, dw, dbias, *x.stride(), *dy.stride(), *dx.stride(),
+        0 if h0 is None or h0.dim() == 2 else h0.stride(0), seqlen, channels,
+        K=width, SILU=silu, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
+    )  # fmt: skip
+    d_w = dw.sum(0).to(weight_dtype) if need_w else None
+    d_b = dbias.sum(0).to(bias.dtype) if need_b and dbias is not None else None
+    d_h0 = None
+    if need_h0:
+        d_h0 = (dh0 if h0.dim() == 3 else dh0.sum(0)).to(h0.dtype)
+    return (dx if need_x else None), d_w, d_b, d_h0
+
+
 class CausalConv1dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, initial_state, silu, channels_last):
-        batch, channels, seqlen = x.shape
-        width = weight.shape[1]
         w = weight.contiguous()
-        h0 = None
-        if initial_state is not None:
-            h0 = initial_state.contiguous()
-        y = _empty_like_layout(batch, channels, seqlen, channels_last, dtype=x.dtype, device=x.device)
-        block_l, block_c = _blocks(x.stride(1) == 1)
-        grid = (triton.cdiv(seqlen, block_l), triton.cdiv(channels, block_c), batch)
-        causal_conv1d_fwd_kernel[grid](
-            x, w, bias, h0, y, *x.stride(), *y.stride(), 0 if h0 is None or h0.dim() == 2 else h0.stride(0),
-            seqlen, channels, K=width, SILU=silu, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
-        )  # fmt: skip
+        h0 = None if initial_state is None else initial_state.contiguous()
+        y = conv_fwd(x, w, bias, h0, silu, channels_last)
         ctx.save_for_backward(x, w, bias, h0)
-        ctx.silu, ctx.weight_dtype, ctx.h0_batched = silu, weight.dtype, h0 is not None and h0.dim() == 3
+        ctx.silu, ctx.weight_dtype = silu, weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w, bias, h0 = ctx.saved_tensors
-        batch, channels, seqlen = x.shape
-        width = w.shape[1]
-        need_x, need_w, need_b, need_h0 = ctx.needs_input_grad[:4]
-        dx = _empty_like_layout(batch, channels, seqlen, x.stride(1) == 1, dtype=x.dtype, device=x.device)
-        block_l, block_c = _blocks(x.stride(1) == 1)
-        n_l = triton.cdiv(seqlen + width - 1, block_l)
-        f32 = {"dtype": torch.float32, "device": x.device}
-        dh0 = torch.empty(batch, channels, width - 1, **f32) if need_h0 else None
-        dw = torch.empty(batch * n_l, channels, width, **f32) if (need_w or need_b) else None
-        dbias = torch.empty(batch * n_l, channels, **f32) if (dw is not None and bias is not None) else None
-        causal_conv1d_bwd_kernel[(n_l, triton.cdiv(channels, block_c), batch)](
-            x, w, bias, h0, dy, dx, dh0, dw, dbias, *x.stride(), *dy.stride(), *dx.stride(),
-            0 if h0 is None or h0.dim() == 2 else h0.stride(0), seqlen, channels,
-            K=width, SILU=ctx.silu, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
-        )  # fmt: skip
-        d_w = dw.sum(0).to(ctx.weight_dtype) if need_w else None
-        d_b = dbias.sum(0).to(bias.dtype) if need_b and dbias is not None else None
-        d_h0 = None
-        if need_h0:
-            d_h0 = (dh0 if ctx.h0_batched else dh0.sum(0)).to(h0.dtype)
-        return (dx if need_x else None), d_w, d_b, d_h0, None, None
+        grads = conv_bwd(dy, x, w, bias, h0, ctx.silu, ctx.weight_dtype, ctx.needs_input_grad[:4])
+        return (*grads, None, None)
 
 
 def causal_conv1d_triton(

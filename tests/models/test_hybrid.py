@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _hybrid import FAMILIES, NUM_MIXERS, decode_logits, ids, tiny_hf
 
 from ssmtune import from_transformers
@@ -75,3 +76,46 @@ def test_padded_batch_matches_transformers(family):
         got = model(x, attention_mask=mask).logits
     assert_close("padded", want[0, 4:], got[0, 4:], 1e-5, atol=1e-5)
     assert_close("unpadded row", want[1], got[1], 1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("upcast", [False, True], ids=["own-dtype", "fp32"])
+def test_silu_gate_matches_autograd(dtype, upcast):
+    """Falcon-H1's gate keeps y and z rather than silu(z): the output and both gradients of the plain expression,
+    bit for bit, and fewer bytes kept for the backward."""
+    from ssmtune.models.hybrid import SiluGate
+
+    g = torch.Generator().manual_seed(0)
+    y, z = (torch.randn(3, 7, 10, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    w = torch.randn(3, 7, 10, generator=g).to(dtype)
+
+    def plain(y, z):
+        return (y.float() * F.silu(z.float())).to(y.dtype) if upcast else y * F.silu(z)
+
+    outs, grads, kept = [], [], []
+    for fn in (plain, lambda y, z: SiluGate.apply(y, z, upcast)):
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(y, z)
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad(out, (y, z), w))
+        kept.append(sum(sizes))
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
+    assert kept[1] == 2 * y.untyped_storage().nbytes() < kept[0]
+    # z without a gradient (a view of a wider in_proj output): not the whole output behind the view
+    zxbcdt = torch.randn(3, 7, 25, generator=g).to(dtype)
+    z = zxbcdt[..., 5:15]
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: sizes.append(t.untyped_storage().nbytes()) or t, lambda t: t
+    ):
+        out = SiluGate.apply(y, z, upcast)
+    assert sum(sizes) == z.numel() * (4 if upcast else z.element_size())  # silu(z), as autograd keeps
+    assert torch.equal(out, plain(y, z))
+    assert torch.equal(torch.autograd.grad(out, y, w)[0], torch.autograd.grad(plain(y, z), y, w)[0])

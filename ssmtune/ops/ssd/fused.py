@@ -725,6 +725,21 @@ def _h_off_for_dots(h_off: torch.Tensor | None, C: torch.Tensor) -> torch.Tensor
     return None if h_off is None else h_off.to(C.dtype)
 
 
+def _chunk_states(x, B, dt_p, a_cs, h0, chunk_size):
+    """The states entering each chunk, [B, NC + 1, H, P, N] fp32 (states[:, NC] is the final state)."""
+    batch, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    NC = triton.cdiv(T, chunk_size)
+    blk = _blocks(chunk_size, P, N)
+    states = torch.empty(batch, NC + 1, H, P, N, device=x.device, dtype=torch.float32)
+    BP, BN = blk["BP"], blk["BN"]
+    ssd_chunk_state_fwd_kernel[(triton.cdiv(N, BN), triton.cdiv(P, BP), batch * H)](
+        x, B, dt_p, a_cs, h0, states, _batch_stride(h0, 4), T,
+        H=H, G=G, P=P, N=N, TP=NC * chunk_size, NC=NC, CHUNK=chunk_size, BK=blk["BK"], BP=BP, BN=BN,
+    )  # fmt: skip
+    return states
+
+
 def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off):
     batch, T, H, P = x.shape
     h_off = _h_off_for_dots(h_off, C)
@@ -738,13 +753,7 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, 
     ssd_chunk_cumsum_fwd_kernel[(NC, batch, triton.cdiv(H, BH))](
         dt, A, dt_bias, dt_p, a_cs, T, H=H, TP=TP, CHUNK=chunk_size, BH=BH, SOFTPLUS=dt_softplus
     )
-    # states[:, c] enters chunk c; states[:, NC] is the final state
-    states = torch.empty(batch, NC + 1, H, P, N, device=x.device, dtype=torch.float32)
-    BP, BN = blk["BP"], blk["BN"]
-    ssd_chunk_state_fwd_kernel[(triton.cdiv(N, BN), triton.cdiv(P, BP), batch * H)](
-        x, B, dt_p, a_cs, h0, states, _batch_stride(h0, 4), T,
-        H=H, G=G, P=P, N=N, TP=TP, NC=NC, CHUNK=chunk_size, BK=blk["BK"], BP=BP, BN=BN,
-    )  # fmt: skip
+    states = _chunk_states(x, B, dt_p, a_cs, h0, chunk_size)
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if z is not None else None
     BM, BPs = blk["BK"], min(64, blk["BPF"])
@@ -899,6 +908,131 @@ class SSDScanFunction(torch.autograd.Function):
         return (*grads, None, None)
 
 
+def _chunk_size(op: str, chunk_size: int | None, seqlen: int, device: torch.device, headdim: int) -> int:
+    """The scan's chunk size (None: 256, or 64 for short sequences), checked with the sequence and the head dim."""
+    if chunk_size is None:
+        chunk_size = 256 if seqlen > 512 else 64
+    if chunk_size < _MIN_BLOCK or chunk_size & (chunk_size - 1):
+        raise ValueError(f"{op}: chunk_size must be a power of two >= {_MIN_BLOCK}, got {chunk_size}")
+    if seqlen == 0:
+        raise ValueError(f"{op}: sequence length must be positive, got 0")
+    if device.type == "cuda" and headdim < SSD_MIN_HEADDIM_CUDA:
+        raise ValueError(
+            f"{op}: headdim {headdim} < {SSD_MIN_HEADDIM_CUDA} is not supported on CUDA (the backward's kernels were "
+            "never run below it on the GPU); use backend='torch'"
+        )
+    return chunk_size
+
+
+def _conv_split(xbc, w, bias, conv0, mask, d: int, groups: int):
+    """silu(conv(xbc)) masked at padded positions, split into contiguous x [B, L, H*P] and B_t, C_t [B, L, G, N]
+    (what ``SSDScanFunction`` makes of the mixer's conv output)."""
+    from ssmtune.ops.conv_fused import conv_fwd
+
+    out = conv_fwd(xbc, w, bias, conv0, True, True).transpose(1, 2)  # [B, L, D+2GN], contiguous
+    if mask is not None:
+        out = (out * mask[:, :, None]).to(out.dtype)
+    batch, seqlen, _ = out.shape
+    n = (out.shape[2] - d) // 2
+    x, B, C = torch.split(out, [d, n, n], dim=-1)
+    return x.contiguous(), *(t.reshape(batch, seqlen, groups, -1).contiguous() for t in (B, C))
+
+
+class ConvSSDScanFunction(torch.autograd.Function):
+    """The mixer's causal conv + SiLU and the SSD scan, keeping the conv's input rather than its output for the
+    backward: x, B_t, C_t ((D+2GN) values per token) are recomputed by the conv's forward kernel there, and the chunk
+    states from them, bit for bit, as mamba_ssm's combined op does. The conv input is a view of the in_proj output
+    that the gated norm keeps anyway."""
+
+    # False keeps the fp32 chunk states instead (the A/B switch of a timing: one chunk-state kernel less per backward)
+    recompute_states = True
+
+    @staticmethod
+    def forward(ctx, xbc, weight, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, chunk_size, dt_softplus,
+                headdim, groups):  # fmt: skip
+        w, conv0, dt, A, D, dt_bias, h0, h_off, y_off = map(
+            _contig, (weight, conv0, dt, A, D, dt_bias, h0, h_off, y_off)
+        )
+        batch, _, seqlen = xbc.shape
+        d = dt.shape[2] * headdim
+        x, B, C = _conv_split(xbc, w, bias, conv0, mask, d, groups)
+        x = x.view(batch, seqlen, -1, headdim)
+        y, _, dt_p, a_cs, states = _ssd_fwd(x, dt, A, B, C, chunk_size, D, None, dt_bias, dt_softplus, h0, h_off, y_off)
+        # the chunk states (fp32, H·P·N per chunk: more than the conv input at chunk sizes up to 256) are recomputed
+        # too, by their own forward kernel; the chunk scan is not
+        kept = None if ConvSSDScanFunction.recompute_states else states
+        ctx.save_for_backward(xbc, w, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, dt_p, a_cs, kept)
+        ctx.chunk_size, ctx.dt_softplus, ctx.headdim, ctx.groups = chunk_size, dt_softplus, headdim, groups
+        ctx.weight_dtype = weight.dtype
+        ctx.set_materialize_grads(False)
+        return y, states[:, -1].clone()
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        from ssmtune.ops.conv_fused import conv_bwd
+
+        xbc, w, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, dt_p, a_cs, states = ctx.saved_tensors
+        batch, _, seqlen = xbc.shape
+        d = dt.shape[2] * ctx.headdim
+        x, B, C = _conv_split(xbc, w, bias, conv0, mask, d, ctx.groups)
+        x = x.view(batch, seqlen, -1, ctx.headdim)
+        if states is None:
+            states = _chunk_states(x, B, dt_p, a_cs, h0, ctx.chunk_size)
+        if do is None:
+            do = torch.zeros_like(x)
+        dx, ddt, dA, dB, dC, dD, _, ddt_bias, dh0, dh_off, dy_off = _ssd_bwd(
+            do.contiguous(), None if dht is None else dht.contiguous(), x, dt, A, B, C, ctx.chunk_size, D, None,
+            dt_bias, ctx.dt_softplus, h0, h_off, y_off, None, dt_p, a_cs, states,
+        )  # fmt: skip
+        needs = tuple(ctx.needs_input_grad[:4])
+        dxbc = dw = dbias = dconv0 = None
+        if any(needs):
+            # the gradient autograd hands the conv on the unfused path: split's backward concatenates, the mask
+            # multiplies
+            dout = torch.cat([dx.view(batch, seqlen, d), dB.flatten(2), dC.flatten(2)], dim=-1)
+            if mask is not None:
+                dout = (dout * mask[:, :, None]).to(dout.dtype)
+            dxbc, dw, dbias, dconv0 = conv_bwd(dout.transpose(1, 2), xbc, w, bias, conv0, True, ctx.weight_dtype, needs)
+        return dxbc, dw, dbias, dconv0, None, ddt, dA, dD, ddt_bias, dh0, dh_off, dy_off, None, None, None, None
+
+
+@torch.compiler.disable
+def conv_ssd_scan_triton(
+    xbc: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    *,
+    headdim: int,
+    ngroups: int,
+    conv_initial_state: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    state_offset: torch.Tensor | None = None,
+    y_offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``ssd_scan_triton`` of x, B_t, C_t split from ``causal_conv1d_triton(xbc, weight, bias, activation="silu")``
+    (zeroed where ``mask`` [B, L] is 0), with the conv recomputed in the backward instead of its output kept.
+
+    xbc [B, D+2GN, L] (any strides; the mixers pass the time-major view of in_proj's output), weight [D+2GN, K],
+    dt [B, L, H], D = H · headdim; the rest as ``ssd_scan_triton``. Returns y [B, L, H, headdim], with the values and
+    gradients of the unfused ops.
+    """
+    chunk_size = _chunk_size("conv_ssd_scan_triton", chunk_size, xbc.shape[2], xbc.device, headdim)
+    if mask is not None:
+        mask = mask[:, -xbc.shape[2] :]
+    y, _ = ConvSSDScanFunction.apply(
+        xbc, weight, bias, conv_initial_state, mask, dt, A, D, dt_bias, initial_state, state_offset, y_offset,
+        chunk_size, dt_softplus, headdim, ngroups,
+    )  # fmt: skip
+    return y
+
+
 @torch.compiler.disable
 def ssd_scan_triton(
     x: torch.Tensor,
@@ -935,19 +1069,9 @@ def ssd_scan_triton(
     Returns:
         y [B, L, H, P] in x's dtype, and h_L [B, H, P, N] in fp32 when ``return_final_state``.
     """
-    if chunk_size is None:
-        chunk_size = 256 if x.shape[1] > 512 else 64
-    if chunk_size < _MIN_BLOCK or chunk_size & (chunk_size - 1):
-        raise ValueError(f"ssd_scan_triton: chunk_size must be a power of two >= {_MIN_BLOCK}, got {chunk_size}")
-    if x.shape[1] == 0:
-        raise ValueError(f"ssd_scan_triton: sequence length must be positive, got x of shape {list(x.shape)}")
     if x.device.type != "cuda" and x.device.type != "cpu":
         raise ValueError(f"ssd_scan_triton: unsupported device {x.device}")
-    if x.is_cuda and x.shape[-1] < SSD_MIN_HEADDIM_CUDA:
-        raise ValueError(
-            f"ssd_scan_triton: headdim {x.shape[-1]} < {SSD_MIN_HEADDIM_CUDA} is not supported on CUDA (the backward's "
-            "kernels were never run below it on the GPU); use backend='torch'"
-        )
+    chunk_size = _chunk_size("ssd_scan_triton", chunk_size, x.shape[1], x.device, x.shape[-1])
     y, final = SSDScanFunction.apply(
         x, dt, A, B, C, D, z, dt_bias, initial_state, state_offset, y_offset, chunk_size, dt_softplus
     )
@@ -1003,4 +1127,4 @@ def ssd_state_update_triton(
     return y
 
 
-__all__ = ["ssd_scan_triton", "ssd_state_update_triton"]
+__all__ = ["conv_ssd_scan_triton", "ssd_scan_triton", "ssd_state_update_triton"]
