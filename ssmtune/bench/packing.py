@@ -101,7 +101,7 @@ def scanned_tokens(batch: dict, value: int | None) -> int:
     if "cu_seqlens" not in batch:
         return batch["input_ids"].numel()
     lens = batch["cu_seqlens"].diff().tolist()
-    return sum(len(g) * max(lens[i] for i in g) for g in varlen._groups(lens, value))
+    return sum(len(g) * lens[g[0]] for g in varlen._groups(lens, value))  # a group's longest comes first
 
 
 @contextlib.contextmanager
@@ -132,11 +132,12 @@ def run(args: argparse.Namespace) -> dict:
     values = args.bucket_tokens or [varlen.BUCKET_OVERHEAD_TOKENS]
     if min(values) < 0:
         raise ValueError(f"--bucket-tokens must be >= 0, got {min(values)}")
-    # stack name -> (collator, bucket overhead or None)
+    # stack name -> (collator, bucket overhead or None); the packed stacks of every bucket value share two collators
+    packed, rows = PackingCollator(0, hi), PackingCollator(0, hi, pad_rows=True)
     collators = {"padded": (Collator(0), None)}
     for v in dict.fromkeys(values):
-        collators[f"packed (bucket {v})"] = (PackingCollator(0, hi), v)
-        collators[f"packed rows (bucket {v})"] = (PackingCollator(0, hi, pad_rows=True), v)
+        collators[f"packed (bucket {v})"] = (packed, v)
+        collators[f"packed rows (bucket {v})"] = (rows, v)
     model = build(args, shape)
 
     errs = []
@@ -149,11 +150,13 @@ def run(args: argparse.Namespace) -> dict:
                 errs.append(check_close(f"{name} loss", [ref.reshape(1)], [out.reshape(1)], 1e-4))
 
     autocast = device.type == "cuda"
-    stacks = {}
+    stacks, collated = {}, {}  # each collator's batches, collated once
     for name, (collate, v) in collators.items():
         model = build(args, shape)
         opt = build_optimizer(model, lr=1e-4, weight_decay=0.0)
-        stacks[name] = (model, opt, [collate(b) for b in batches], v)
+        if id(collate) not in collated:
+            collated[id(collate)] = [collate(b) for b in batches]
+        stacks[name] = (model, opt, collated[id(collate)], v)
 
     def step(name: str, i: int) -> float:
         model, opt, collated, v = stacks[name]

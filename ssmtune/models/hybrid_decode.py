@@ -50,20 +50,14 @@ def _family(model: nn.Module) -> str:
 
 
 def _routing(model: nn.Module):
-    """The ``Routing`` attached to the model's adapters (``PeftModel.route``), or None."""
-    from .hybrid import hybrid_mixers
-
-    for _, _, mixer in hybrid_mixers(model):
-        for hook in mixer.state_hooks.values():
-            found = getattr(hook, COLLECTOR_ATTR, None)
-            if found is not None and hasattr(found, "names"):
-                return found
+    """The ``Routing`` attached to the model's adapters (``PeftModel.route``), or None: one walk, the state hooks
+    included (they are submodules of their mixers)."""
     return next((m for m in (getattr(x, COLLECTOR_ATTR, None) for x in model.modules()) if hasattr(m, "names")), None)
 
 
-def unsupported_reason(model: nn.Module, kwargs: dict, capture: bool) -> str | None:
+def unsupported_reason(model: nn.Module, kwargs: dict, capture: bool, routing=None) -> str | None:
     """Why ``generate(**kwargs)`` on the swapped hybrid ``model`` cannot decode from static buffers (``capture``: from
-    a captured graph); None when it can."""
+    a captured graph; ``routing``: the model's ``Routing``, ``_routing``); None when it can."""
     family = _family(model)
     if not getattr(model, "_can_compile_fullgraph", False):
         return (f"{family}: transformers does not mark {type(model).__name__} as graph-safe "
@@ -81,7 +75,7 @@ def unsupported_reason(model: nn.Module, kwargs: dict, capture: bool) -> str | N
     if kwargs.get("use_cache", config.use_cache) is False:
         return f"{family}: use_cache=False"
     if capture:
-        reason = routed_lora_reason(model, _routing(model))
+        reason = routed_lora_reason(model, routing)
         if reason is not None:
             return f"{family}: {reason}"
     return None
@@ -118,12 +112,14 @@ class HybridDecoder(GraphedDecoder):
         from transformers import StaticCache
 
         self.cache = StaticCache(config=self.lm.config, max_cache_len=self.length)
+        self._ready = False  # the cache holds this call's prefill (``_prefilled``)
         self.inputs: dict = {}  # input layout -> the static inputs of the step
         self.graphs: dict = {}  # (offset layout, input layout) -> (graph, output), or None: eager
 
     def begin(self, routing) -> None:
         """Per ``generate`` call, before the prefill: the cache emptied in place, the adapters' offsets loaded."""
         self.cache.reset()
+        self._ready = False
         self.load_offsets(self.bucket, routing)
 
     def start(self, *args, **kwargs) -> None:
@@ -147,8 +143,11 @@ class HybridDecoder(GraphedDecoder):
         )
 
     def _prefilled(self) -> bool:
-        layers = [layer for layer in self.cache.layers if hasattr(layer, "has_previous_state")]
-        return bool(layers) and all(layer.has_previous_state.get(0, False) for layer in layers)
+        """Whether the cache holds the prefill; once true, true until ``begin`` resets the cache (checked once)."""
+        if not self._ready:
+            layers = [layer for layer in self.cache.layers if hasattr(layer, "has_previous_state")]
+            self._ready = bool(layers) and all(layer.has_previous_state.get(0, False) for layer in layers)
+        return self._ready
 
     def step_call(self, kwargs: dict):
         """The step for a forward call's ``kwargs``: inputs copied into static buffers, the graph replayed (on CUDA)
@@ -266,13 +265,13 @@ def generate(model: nn.Module, generate_fn, args: tuple, kwargs: dict):
     buffers (see the module docstring); eagerly, with a one-line warning, where that cannot run."""
     input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     capture = _capturing(model)
-    reason = unsupported_reason(model, kwargs, capture)
+    routing = _routing(model)
+    reason = unsupported_reason(model, kwargs, capture, routing)
     if reason is None and not isinstance(input_ids, torch.Tensor):
         reason = f"{_family(model)}: no input_ids tensor"
     if reason is not None:
         warnings.warn(f"graphed decoding off, decoding eagerly: {reason}", stacklevel=3)
         return generate_fn(*args, **kwargs)
-    routing = _routing(model)
     if routing is not None and len(routing) != input_ids.shape[0]:
         routing = None  # not this call's rows (a route left open elsewhere): the forwards route as they find
     decoder = decoder_for(model, input_ids.shape[0], _length(model, input_ids, kwargs), capture)

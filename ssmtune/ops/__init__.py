@@ -72,6 +72,7 @@ _IMPLS: dict[str, dict[str, str]] = {
         "torch": "ssmtune.ops.ssd.chunk:ssd_scan_torch",
         "triton": "ssmtune.ops.ssd.fused:ssd_scan_triton",
     },
+    "conv_ssd_scan": {"triton": "ssmtune.ops.ssd.fused:conv_ssd_scan_triton"},  # the mixers' training node only
     "ssd_state_update": {
         "ref": "ssmtune.ops.ssd.naive:ssd_state_update_ref",
         "torch": "ssmtune.ops.ssd.naive:ssd_state_update_ref",
@@ -482,14 +483,12 @@ def ssd_scan(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be positive, got {chunk_size}")
     _check_float(op, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
-    if backend == "auto" and x.is_cuda and p < SSD_MIN_HEADDIM_CUDA:
-        # the Triton backward faults at this head dim on the GPU (ssd/fused.py): the torch path, said once
-        if (op, "headdim") not in _warned:
-            _warned.add((op, "headdim"))
-            warnings.warn(f"ssmtune.ops.ssd_scan: headdim {p} < {SSD_MIN_HEADDIM_CUDA} runs the torch backend on "
-                          "CUDA (the Triton backward does not support it)", stacklevel=2)  # fmt: skip
-        backend = "torch"
-    fn = resolve(op, backend, x.device)
+    picked = _ssd_backend(backend, x.device, p)
+    if picked != backend and (op, "headdim") not in _warned:
+        _warned.add((op, "headdim"))
+        warnings.warn(f"ssmtune.ops.ssd_scan: headdim {p} < {SSD_MIN_HEADDIM_CUDA} runs the torch backend on "
+                      "CUDA (the Triton backward does not support it)", stacklevel=2)  # fmt: skip
+    fn = resolve(op, picked, x.device)
     if bounds is not None:
         timed = {"x": x, "dt": dt, "B": B, "C": C, "z": z}
         rows = {"initial_state": (initial_state, 3), "state_offset": (state_offset, 3), "y_offset": (y_offset, 2)}
@@ -502,23 +501,26 @@ def ssd_scan(
     )  # fmt: skip
 
 
+def _ssd_backend(backend: str, device: torch.device, headdim: int) -> str:
+    """The backend ``ssd_scan`` runs for ``backend``: auto takes the torch path on CUDA below the head dim the Triton
+    backward supports (it faults there on the GPU: ssd/fused.py)."""
+    return "torch" if backend == "auto" and device.type == "cuda" and headdim < SSD_MIN_HEADDIM_CUDA else backend
+
+
 def conv_ssd_fused(backend: str, device: torch.device, headdim: int) -> Callable | None:
     """``ssd.fused.conv_ssd_scan_triton`` when both the conv and the SSD scan resolve to Triton for ``backend`` on
     ``device`` (the mixers' training path then keeps the conv's input, not its output); None otherwise."""
-    if backend == "auto" and device.type == "cuda" and headdim < SSD_MIN_HEADDIM_CUDA:
-        return None  # the scan takes the torch path there
     triton_fns = (_load("causal_conv1d", "triton"), _load("ssd_scan", "triton"))
     if None in triton_fns:
         return None
     try:
-        fns = (resolve("causal_conv1d", backend, device), resolve("ssd_scan", backend, device))
+        fns = (
+            resolve("causal_conv1d", backend, device),
+            resolve("ssd_scan", _ssd_backend(backend, device, headdim), device),
+        )
     except ValueError:
         return None
-    if fns != triton_fns:
-        return None
-    from .ssd.fused import conv_ssd_scan_triton
-
-    return conv_ssd_scan_triton
+    return _load("conv_ssd_scan", "triton") if fns == triton_fns else None
 
 
 def ssd_state_update(

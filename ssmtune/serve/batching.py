@@ -201,7 +201,7 @@ class BatchEngine:
         if self.solo:
             refuse_state_dtype(state_dtype)
         # of the rows' SSM states: the model's dtype where 16-bit, else fp32, unless given (cache.decode_state_dtype)
-        self.state_dtype = state_dtype if self.solo else decode_state_dtype(base, state_dtype)
+        self.state_dtype = None if self.solo else decode_state_dtype(base, state_dtype)
         self.base = base
         # decode steps on a GraphedDecoder (captured on CUDA; True on the CPU runs it eagerly); None: the library default
         self.cuda_graph = (
@@ -420,8 +420,9 @@ class BatchEngine:
         if not self.solo or key is None:
             return [head]
         group, rest = [head], []
+        head_routable = self.routable(head.adapter)
         for req in self._apart:
-            mixes = req.adapter == head.adapter or (self.routable(req.adapter) and self.routable(head.adapter))
+            mixes = req.adapter == head.adapter or (head_routable and self.routable(req.adapter))
             if len(group) < self.max_batch and mixes and _group_key(req.settings) == key:
                 group.append(req)
             else:

@@ -964,11 +964,10 @@ class ConvSSDScanFunction(torch.autograd.Function):
         ctx.save_for_backward(xbc, w, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, dt_p, a_cs, kept)
         ctx.chunk_size, ctx.dt_softplus, ctx.headdim, ctx.groups = chunk_size, dt_softplus, headdim, groups
         ctx.weight_dtype = weight.dtype
-        ctx.set_materialize_grads(False)
-        return y, states[:, -1].clone()
+        return y  # no final state: a training forward (the mixers' only caller) has no cache to fill
 
     @staticmethod
-    def backward(ctx, do, dht):
+    def backward(ctx, do):
         from ssmtune.ops.conv_fused import conv_bwd
 
         xbc, w, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, dt_p, a_cs, states = ctx.saved_tensors
@@ -978,10 +977,8 @@ class ConvSSDScanFunction(torch.autograd.Function):
         x = x.view(batch, seqlen, -1, ctx.headdim)
         if states is None:
             states = _chunk_states(x, B, dt_p, a_cs, h0, ctx.chunk_size)
-        if do is None:
-            do = torch.zeros_like(x)
         dx, ddt, dA, dB, dC, dD, _, ddt_bias, dh0, dh_off, dy_off = _ssd_bwd(
-            do.contiguous(), None if dht is None else dht.contiguous(), x, dt, A, B, C, ctx.chunk_size, D, None,
+            do.contiguous(), None, x, dt, A, B, C, ctx.chunk_size, D, None,
             dt_bias, ctx.dt_softplus, h0, h_off, y_off, None, dt_p, a_cs, states,
         )  # fmt: skip
         needs = tuple(ctx.needs_input_grad[:4])
@@ -1026,11 +1023,10 @@ def conv_ssd_scan_triton(
     chunk_size = _chunk_size("conv_ssd_scan_triton", chunk_size, xbc.shape[2], xbc.device, headdim)
     if mask is not None:
         mask = mask[:, -xbc.shape[2] :]
-    y, _ = ConvSSDScanFunction.apply(
+    return ConvSSDScanFunction.apply(
         xbc, weight, bias, conv_initial_state, mask, dt, A, D, dt_bias, initial_state, state_offset, y_offset,
         chunk_size, dt_softplus, headdim, ngroups,
     )  # fmt: skip
-    return y
 
 
 @torch.compiler.disable
