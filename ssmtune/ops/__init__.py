@@ -26,7 +26,7 @@ from .norm import check_add_rms_norm_args, check_rms_norm_args
 from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
 from .ssd import SSD_MIN_HEADDIM_CUDA
 from .ssd.naive import ssd_scan_ref, ssd_state_update_ref
-from .varlen import check_cu_seqlens, conv_packed, scan_packed
+from .varlen import RESET_ALIGN, check_cu_seqlens, check_resets, conv_packed, scan_packed
 
 BACKENDS = ("auto", "ref", "torch", "triton")
 
@@ -324,6 +324,7 @@ def selective_scan(
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba-1 selective scan with initial state and state offsets (see ``selective_scan/naive.py`` for the maths).
@@ -342,6 +343,8 @@ def selective_scan(
         y_offset (torch.Tensor | None): y', shape [D] or [B, D]
         cu_seqlens (torch.Tensor | None): int32 [n_seq + 1]: u etc. are a packed [1, D, total] batch of n_seq
             sequences (``varlen.py``), each scanned from its own state; h0, h', y' shared or [n_seq, ...]
+        resets (torch.Tensor | None): bool [B, ceil(L / RESET_ALIGN)], packed rows (``varlen.py``): where
+            resets[b, r], the step at position r · RESET_ALIGN reads row b's initial state (the start of a sequence)
     Returns:
         y [B, D, L] in u's dtype, and h_L [B, D, N] in fp32 when ``return_final_state`` ([n_seq, D, N] packed).
     """
@@ -362,6 +365,13 @@ def selective_scan(
     _check("state_offset", state_offset, [(d, n), (rows, d, n)], op)
     _check("y_offset", y_offset, [(d,), (rows, d)], op)
     _check_float(op, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
+    if resets is not None:
+        fn = _resets_fn(op, backend, u.device, resets, b, seqlen, bounds)
+        return fn(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+            initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
+            return_final_state=return_final_state, resets=resets,
+        )  # fmt: skip
     fn = resolve(op, backend, u.device)
     if bounds is not None:
         timed = {"u": u, "delta": delta, "B": B, "C": C, "z": z}
@@ -439,6 +449,7 @@ def ssd_scan(
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba-2 SSD scan with initial state and state offsets (see ``ssd/naive.py`` for the maths).
@@ -458,6 +469,8 @@ def ssd_scan(
         y_offset (torch.Tensor | None): y', shape [H, P] or [B, H, P]
         cu_seqlens (torch.Tensor | None): int32 [n_seq + 1]: x etc. are a packed [1, total, ...] batch of n_seq
             sequences (``varlen.py``), each scanned from its own state; h0, h', y' shared or [n_seq, ...]
+        resets (torch.Tensor | None): bool [B, ceil(L / RESET_ALIGN)], packed rows (``varlen.py``): where
+            resets[b, r], the step at position r · RESET_ALIGN reads row b's initial state (the start of a sequence)
     Returns:
         y [B, L, H, P] in x's dtype, and h_L [B, H, P, N] in fp32 when ``return_final_state`` ([n_seq, H, P, N]
         packed).
@@ -488,6 +501,13 @@ def ssd_scan(
         _warned.add((op, "headdim"))
         warnings.warn(f"ssmtune.ops.ssd_scan: headdim {p} < {SSD_MIN_HEADDIM_CUDA} runs the torch backend on "
                       "CUDA (the Triton backward does not support it)", stacklevel=2)  # fmt: skip
+    if resets is not None:
+        fn = _resets_fn(op, picked, x.device, resets, b, seqlen, bounds)
+        return fn(
+            x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+            initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
+            return_final_state=return_final_state, resets=resets,
+        )  # fmt: skip
     fn = resolve(op, picked, x.device)
     if bounds is not None:
         timed = {"x": x, "dt": dt, "B": B, "C": C, "z": z}
@@ -499,6 +519,27 @@ def ssd_scan(
         initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
         return_final_state=return_final_state,
     )  # fmt: skip
+
+
+# The backends whose scans take ``resets`` (packed rows); auto picks the first of its order that does.
+RESETS_BACKENDS = {"selective_scan": ("ref",), "ssd_scan": ("ref",)}
+
+
+def _resets_fn(op: str, backend: str, device: torch.device, resets, batch: int, seqlen: int, bounds) -> Callable:
+    """The implementation of ``op`` that takes ``resets``, after checking them (a ValueError naming the bad value)."""
+    if bounds is not None:
+        raise ValueError(f"{op}: resets (packed rows) and cu_seqlens (one packed sequence row) are two layouts; "
+                         "pass one of them")  # fmt: skip
+    check_resets(op, resets, batch, seqlen)
+    if resets.device != device:
+        raise ValueError(f"{op}: resets must be on {device}, got {resets.device}")
+    supported = RESETS_BACKENDS[op]
+    if backend == "auto":
+        order = ("triton", "torch", "ref") if device.type == "cuda" else ("torch", "ref")
+        backend = next(b for b in order if b in supported and (b != "triton" or _triton_usable(device)))
+    elif backend not in supported:
+        raise ValueError(f"{op}: backend {backend!r} does not take resets (packed rows); use one of {supported}")
+    return resolve(op, backend, device)
 
 
 def _ssd_backend(backend: str, device: torch.device, headdim: int) -> str:
@@ -571,6 +612,7 @@ def ssd_state_update(
 
 __all__ = [
     "BACKENDS",
+    "RESET_ALIGN",
     "add_rms_norm",
     "causal_conv1d",
     "causal_conv1d_update",

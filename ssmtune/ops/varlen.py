@@ -56,6 +56,29 @@ def check_cu_seqlens(op: str, cu_seqlens: object, batch: int, total: int) -> lis
     return bounds
 
 
+# Packed rows (``resets``): a row holds several sequences, each in a slot that starts at a multiple of RESET_ALIGN
+# positions; resets[b, r] True restarts row b's state from its initial state at position r * RESET_ALIGN (the chunked
+# kernels then reset between chunks, never inside one). The shapes are static, so such rows can be captured.
+RESET_ALIGN = 64
+
+
+def check_resets(op: str, resets: object, batch: int, seqlen: int) -> None:
+    """A ValueError naming the bad value unless ``resets`` is a bool tensor [batch, ceil(seqlen / RESET_ALIGN)]."""
+    want = [batch, -(-seqlen // RESET_ALIGN)]
+    if not isinstance(resets, torch.Tensor) or resets.dtype != torch.bool or list(resets.shape) != want:
+        got = (list(resets.shape), resets.dtype) if isinstance(resets, torch.Tensor) else type(resets).__name__
+        raise ValueError(f"{op}: resets must be a bool tensor of shape {want} (one flag per {RESET_ALIGN} positions), "
+                         f"got {got}")  # fmt: skip
+
+
+def reset_positions(resets: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """[B, ceil(L / RESET_ALIGN)] chunk flags -> [B, L] bool, True at each position whose step reads the initial
+    state (the references' form)."""
+    pos = torch.zeros(resets.shape[0], seqlen, dtype=torch.bool, device=resets.device)
+    pos[:, ::RESET_ALIGN] = resets
+    return pos
+
+
 PAD_LOGIT = -1.0e4  # a padding step's pre-softplus step size: softplus gives exactly 0 in fp32
 # The cost of one more bucket, in row-tokens of scan work (see the module docstring). Profiled on an H100 (130m-shaped
 # Mamba-2, torch 2.11, Triton 3.6), a packed training step was host-bound: each bucket cost about 1.4 ms of host time

@@ -8,7 +8,7 @@ Layout follows mamba_ssm's ``selective_scan_fn`` (channel-first):
 
 Recurrence (docs/methods.md §2, §4.1-4.3), with Δ = softplus(delta + delta_bias) when asked:
     h_0 = initial_state (0 when None)
-    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t       h_{t-1} := h_0 where ``resets`` restarts the row at t
     y_t = C_tᵀ (h_t + h') + D u_t + y'            h' never enters the recurrence
     y_t ← y_t · silu(z_t)                          when z is given
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..varlen import reset_positions
 
 
 def _batched(
@@ -54,8 +56,11 @@ def selective_scan_ref(
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
+    resets: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Sequential fp32 reference. Returns y [B, D, L] in u's dtype (and h_L [B, D, N] in fp32)."""
+    """Sequential fp32 reference. Returns y [B, D, L] in u's dtype (and h_L [B, D, N] in fp32). ``resets``
+    (bool [B, ceil(L / RESET_ALIGN)], ``varlen.py``): the step at position r · RESET_ALIGN of row b reads the initial
+    state where resets[b, r]."""
     out_dtype = u.dtype
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
@@ -66,10 +71,14 @@ def selective_scan_ref(
         delta = F.softplus(delta)
     h = _batched(initial_state, batch, 3)
     h = torch.zeros(batch, dim, dstate, device=u.device) if h is None else h.clone()
+    h_init = h
+    restart = None if resets is None else reset_positions(resets, seqlen)
     deltaA = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))  # [B, D, L, N]
     deltaBu = delta.unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1) * u.unsqueeze(-1)  # [B, D, L, N]
     ys = []
     for t in range(seqlen):
+        if restart is not None:
+            h = torch.where(restart[:, t, None, None], h_init, h)
         h = deltaA[:, :, t] * h + deltaBu[:, :, t]
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
     y = torch.stack(ys, dim=2) if seqlen > 0 else u.new_zeros(batch, dim, 0)  # [B, D, L]

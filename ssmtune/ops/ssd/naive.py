@@ -8,7 +8,7 @@ Layout follows mamba_ssm's ``mamba_chunk_scan_combined`` (time-first):
 
 Head i reads group g(i) = i // (H / G) of B and C (contiguous blocks, repeat_interleave semantics).
 Per head, with Δ = softplus(dt + dt_bias) when asked (docs/methods.md §3):
-    h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ          h ∈ R^{P×N}
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ          h ∈ R^{P×N}; h_{t-1} := h_0 where ``resets`` restarts at t
     y_t = (h_t + h') C_t + D x_t + y'                  then y_t · silu(z_t) when z is given
 """
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..selective_scan.naive import _batched, _rows_at
+from ..varlen import reset_positions
 
 
 def _expand_groups(t: torch.Tensor, nheads: int, dim: int) -> torch.Tensor:
@@ -48,9 +49,11 @@ def ssd_scan_ref(
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
+    resets: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequential fp32 reference (``chunk_size`` is accepted and ignored). Returns y [B, L, H, P] in x's dtype
-    (and h_L [B, H, P, N] in fp32)."""
+    (and h_L [B, H, P, N] in fp32). ``resets`` (bool [B, ceil(L / RESET_ALIGN)], ``varlen.py``): the step at position
+    r · RESET_ALIGN of row b reads the initial state where resets[b, r]."""
     del chunk_size
     out_dtype = x.dtype
     batch, seqlen, nheads, headdim = x.shape
@@ -65,8 +68,12 @@ def ssd_scan_ref(
     dA = torch.exp(dt * A)  # [B, L, H]
     h = _batched(initial_state, batch, 4)
     h = torch.zeros(batch, nheads, headdim, dstate, device=x.device) if h is None else h.clone()
+    h_init = h
+    restart = None if resets is None else reset_positions(resets, seqlen)
     ys = []
     for t in range(seqlen):
+        if restart is not None:
+            h = torch.where(restart[:, t, None, None, None], h_init, h)
         dBx = (dt[:, t, :, None] * xf[:, t]).unsqueeze(-1) * Bh[:, t].unsqueeze(2)  # [B, H, P, N]
         h = dA[:, t, :, None, None] * h + dBx
         ys.append(torch.einsum("bhpn,bhn->bhp", h, Ch[:, t]))
