@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
 from _peft_cases import perturb, tiny_model
+from test_packing import items
 
 from ssmtune import InitialStateConfig, StateOffsetConfig, get_peft_model
 from ssmtune.data import Collator, PackedRowsCollator
@@ -73,15 +74,8 @@ def test_plan_covers_the_stream_in_order():
 
 
 def _data(n: int = 14, seed: int = 0, max_len: int = 100) -> list[dict]:
-    """Examples of 2..max_len tokens (TokenizedDataset items), a prompt then targets."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(2, max_len + 1, (1,), generator=g))
-        ids = torch.randint(1, 37, (length,), generator=g).tolist()
-        p = length // 2
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * p + ids[p:], "prompt_length": p, "example_index": i})
-    return out
+    """Examples of 2..max_len tokens (TokenizedDataset items) whose last 1-3 tokens are targets."""
+    return items(n, seed, max_len)
 
 
 def test_rows_sampler_and_step_plan():
