@@ -133,7 +133,8 @@ def graphed_step(model, opt, rows: int, width: int):
     set_capturable(opt, True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed = GraphedTrainStep(model, opt, trainable, rows=rows, length=width, clip=math.inf,
-                               autocast_dtype=torch.bfloat16, loss_fn=token_loss_sum, ignore_index=IGNORE_INDEX)  # fmt: skip
+                               autocast_dtype=torch.bfloat16, loss_fn=token_loss_sum,
+                               ignore_index=IGNORE_INDEX)  # fmt: skip
 
     def step(batch: dict) -> None:
         tensors = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "resets")}

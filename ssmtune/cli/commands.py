@@ -83,8 +83,8 @@ def validate_train_args(args: TrainArgs) -> None:
     if args.data.packing and args.max_length is None:
         raise ValueError("--data.packing true needs --max_length (the length of a packed row)")
     if args.data.packing and args.data.packing_layout == "cu_seqlens" and args.train.cuda_graph:
-        raise ValueError("--data.packing_layout cu_seqlens does not run with --train.cuda_graph true (its shapes change "
-                         "with every batch); --data.packing_layout rows does")  # fmt: skip
+        raise ValueError("--data.packing_layout cu_seqlens does not run with --train.cuda_graph true (its shapes "
+                         "change with every batch); --data.packing_layout rows does")  # fmt: skip
     task = get_task(args.data.task)
     require_metric_packages(task.metrics, args.data.task)
 
@@ -246,8 +246,8 @@ def _packing_collator(model: nn.Module, pad_token_id: int, args: TrainArgs):
     base = getattr(model, "base_model", model)
     if not isinstance(base, SSMPreTrainedModel):  # a CLI setting that does not apply: the one error type of the CLI
         what = type(base).__name__
-        raise ValueError(f"--data.packing_layout rows runs on ssmtune's Mamba / Mamba-2 models, not {what}; use "  # noqa: TRY004
-                         "--data.packing_layout cu_seqlens")  # fmt: skip
+        msg = f"--data.packing_layout rows runs on ssmtune's Mamba / Mamba-2 models, not {what}; use cu_seqlens"
+        raise ValueError(msg)  # noqa: TRY004
     lead = max(1, *(m.conv1d.weight.shape[-1] - 1 for _, m in base.mixers()))
     return PackedRowsCollator(pad_token_id, args.max_length, rows=args.train.batch_size, lead=lead)
 

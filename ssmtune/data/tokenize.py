@@ -316,8 +316,9 @@ class PackedRowsCollator:
             n = len(it["input_ids"])
             r = self._fits(free, n)
             if r is None:
-                raise ValueError(f"packing: {len(items)} examples of {sum(len(i['input_ids']) for i in items)} "
-                                 f"tokens do not fit {rows} rows of {width} (plan() cuts a stream into batches)")  # fmt: skip
+                tokens = sum(len(i["input_ids"]) for i in items)
+                raise ValueError(f"packing: {len(items)} examples of {tokens} tokens do not fit {rows} rows of "
+                                 f"{width} (plan() cuts a stream into batches)")  # fmt: skip
             start = width - free[r]
             free[r] -= self.slot(n)
             first = start + self.lead

@@ -157,8 +157,8 @@ class Mamba2Mixer(nn.Module):
             A, Dskip = -torch.exp(self.A_log.float()), self.D.float()
             y = fused(
                 xBC, weight, bias, dt, A, headdim=p, ngroups=g, conv_initial_state=conv0, mask=attention_mask,
-                chunk_size=self.chunk_size, D=Dskip if Dskip.shape[0] == h else Dskip.view(h, p), dt_bias=dt_bias,
-                dt_softplus=softplus, initial_state=st.h0, state_offset=st.h_off, y_offset=st.y_off,
+                chunk_size=self.scan_chunk(resets), D=Dskip if Dskip.shape[0] == h else Dskip.view(h, p),
+                dt_bias=dt_bias, dt_softplus=softplus, initial_state=st.h0, state_offset=st.h_off, y_offset=st.y_off,
             )  # fmt: skip
             y = self.gate_norm(y.reshape(batch, seqlen, d), z)
             return self.out_proj(y.to(hidden_states.dtype))
@@ -203,7 +203,7 @@ class Mamba2Mixer(nn.Module):
         else:
             h0 = st.h0 if fresh else cache.ssm_state
             out = ops.ssd_scan(
-                x, dt, A, Bt, Ct, chunk_size=self.chunk_size, D=Dskip, dt_bias=dt_bias, dt_softplus=softplus,
+                x, dt, A, Bt, Ct, chunk_size=self.scan_chunk(resets), D=Dskip, dt_bias=dt_bias, dt_softplus=softplus,
                 initial_state=h0, state_offset=st.h_off, y_offset=st.y_off, return_final_state=cache is not None,
                 cu_seqlens=cu_seqlens, resets=resets, backend=self.backend,
             )  # fmt: skip
@@ -218,6 +218,13 @@ class Mamba2Mixer(nn.Module):
         # 6-7. gated RMSNorm, out_proj
         y = self.gate_norm(y.reshape(batch, seqlen, d), z)
         return self.out_proj(y.to(hidden_states.dtype))
+
+    def scan_chunk(self, resets: torch.Tensor | None) -> int:
+        """The SSD's chunk length: the config's, or under ``resets`` RESET_ALIGN unless the config's divides it (a
+        chunked scan restarts between chunks; the chunk length changes rounding only, not the maths)."""
+        if resets is None or ops.RESET_ALIGN % self.chunk_size == 0:
+            return self.chunk_size
+        return ops.RESET_ALIGN
 
     def _conv_scan(self, inputs: tuple, cache, cu_seqlens, resets):
         """The fused conv + scan op for a training forward (a gradient to take, no cache, not packed), else None.

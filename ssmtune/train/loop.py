@@ -776,7 +776,8 @@ def fit(
     if packed_rows:
         if collate_fn.rows != config.batch_size:
             raise ValueError(f"packed rows: the collator lays {collate_fn.rows} rows per batch but batch_size is "
-                             f"{config.batch_size}; a step trains batch_size rows (PackedRowsCollator(rows=...))")  # fmt: skip
+                             f"{config.batch_size}; a step trains batch_size rows "
+                             "(PackedRowsCollator(rows=...))")  # fmt: skip
         if config.batch_size % ctx.world_size:
             raise ValueError(f"batch_size must be a multiple of the world size {ctx.world_size}, got "
                              f"{config.batch_size!r}")  # fmt: skip

@@ -83,6 +83,15 @@ def test_in_proj_bias(arch):
     rows_vs_separate(model, LENS)
 
 
+def test_chunk_size_that_does_not_divide_64():
+    """A chunked scan restarts between chunks: a config chunk of 256 (Mamba-2's default) scans packed rows at 64."""
+    model = get_peft_model(tiny_model("m2", chunk_size=256), InitialStateConfig(conv_state=True))
+    perturb(model, 0.3)
+    mixer = model.base_model.backbone.layers[0].mixer
+    assert mixer.scan_chunk(None) == 256 and mixer.scan_chunk(torch.ones(1, 1, dtype=torch.bool)) == 64
+    rows_vs_separate(model, LENS, backend="auto")
+
+
 @pytest.mark.parametrize("arch", ["m1", "m2"])
 @pytest.mark.parametrize("method", ["state_offset_h", "initial_state"])
 def test_triton_interpreted(arch, method):

@@ -108,7 +108,8 @@ def test_graph_decision_captures_packed_rows():
     assert graph_decision(**_GRAPHABLE, lengths=[2] * 7 + [100], rows=True) is None
     assert "more tokens" in graph_decision(**_GRAPHABLE, lengths=[2] * 7 + [100])
     for change, reason in (({"device_type": "cpu"}, "not CUDA"), ({"accumulation_steps": 2}, "accumulation"),
-                           ({"world_size": 2}, "processes"), ({"methods": {"mine"}}, "not known to capture")):  # fmt: skip
+                           ({"world_size": 2}, "processes"),
+                           ({"methods": {"mine"}}, "not known to capture")):  # fmt: skip
         assert reason in graph_decision(**(_GRAPHABLE | change), lengths=_no_lengths, rows=True)
 
 
