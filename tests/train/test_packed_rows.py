@@ -217,3 +217,41 @@ def test_graphed_packed_rows_fit_matches_eager(tmp_path, arch):
     torch.testing.assert_close(torch.tensor(lg), torch.tensor(le), rtol=2e-3, atol=2e-3)
     for a, b in zip(wg, we, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-4)
+
+
+def _rows_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    from ssmtune.train.distributed import init_distributed, shutdown
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu")
+    model = get_peft_model(tiny_model("m2"), StateOffsetConfig())
+    perturb(model, 0.3)
+    _, weights, _ = _fit(model, _data(14), PackedRowsCollator(0, 100, rows=4), Path(out), batch_size=4,
+                         micro_batch_size=1)  # fmt: skip
+    if rank == 0:
+        torch.save(weights, Path(out) / "adapter.pt")
+    shutdown(ctx)
+
+
+def test_two_ranks_train_the_rows_of_one(tmp_path):
+    """DDP over 2 CPU processes: each rank trains half of every step's rows (one row per micro-batch); the run logs
+    the losses of one process training all rows and ends with its adapter."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rows_worker, args=(2, port, str(tmp_path / "two")), nprocs=2, join=True)
+    model = get_peft_model(tiny_model("m2"), StateOffsetConfig())
+    perturb(model, 0.3)
+    loss_1, w_1, _ = _fit(model, _data(14), PackedRowsCollator(0, 100, rows=4), tmp_path / "one", batch_size=4)
+    recs = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in recs if r["type"] == "train"] == pytest.approx(loss_1, rel=1e-5)
+    for a, b in zip(torch.load(tmp_path / "two" / "adapter.pt"), w_1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
