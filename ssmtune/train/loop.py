@@ -110,10 +110,10 @@ class TrainConfig:
     cuda_graph: bool | None = None
     """Replay every optimizer step (forward, backward, clipping, AdamW) from one CUDA graph, so that Python and kernel
     launches no longer bound small steps (docs/training.md, "CUDA graphs"); every batch is then padded to the longest
-    example of the training set (right padding, ignored labels: the loss is unchanged). `None` (`auto`): graphed
-    where it applies (`graph_decision`: one CUDA process, bf16 or fp32, no accumulation or packing, an ssmtune Mamba
-    model, little extra padding), else eager with a one-line note; `True`: graphed, or a ValueError saying why not;
-    `False`: eager. Default: `auto`."""
+    example of the training set (right padding, ignored labels: the loss is unchanged; packed rows keep their own
+    shape). `None` (`auto`): graphed where it applies (`graph_decision`: one CUDA process, bf16 or fp32, no
+    accumulation or `cu_seqlens` packing, an ssmtune Mamba model, little extra padding), else eager with a one-line
+    note; `True`: graphed, or a ValueError saying why not; `False`: eager. Default: `auto`."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 and not self.max_steps:
