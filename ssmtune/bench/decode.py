@@ -4,7 +4,10 @@ transformers' ``generate``, on randomly initialised 130M-shaped Mamba / Mamba-2 
 Workload: ``--batches`` rows (1, 16, 64) of ``--prompt-len`` random tokens (128), then ``--new-tokens`` greedy tokens
 (128; no EOS, every row runs to the end). ssmtune's models carry ``--adapters`` State-offset (h) adapters (16),
 perturbed away from their zero init; ``1 adapter`` rows decode with one active adapter, ``N adapters`` rows route the
-batch's rows to the N adapters in turn (``adapter_names=``, rows r -> adapter r mod N; batches of at least N rows).
+batch's rows to the N adapters in turn (``adapter_names=``, rows r -> adapter r mod N; batches of at least N rows);
+``--adapter-layout blocked`` gives each adapter a block of consecutive rows instead (rows r -> adapter r·N // batch),
+``both`` times the two (the decode kernels read a row's h' by its adapter: neighbouring rows of one adapter share
+cache lines).
 The peers have no adapter: they decode the bare model of the same shape (Mamba-1: d_state 16; Mamba-2: headdim 64,
 d_state 128). mamba_ssm is timed when it imports (its default fused path, CUDA graphs on).
 
@@ -188,6 +191,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
         default="fp32",
         help="ssmtune's adapters in fp32 (default: as training and eval hold them) or the model's dtype (as served)",
     )
+    ap.add_argument(
+        "--adapter-layout",
+        choices=("interleaved", "blocked", "both"),
+        default="interleaved",
+        help="rows of the N-adapter batches: r -> adapter r mod N (default), blocks of consecutive rows, or both",
+    )
     ap.add_argument("--repeats", type=int, default=3)
 
 
@@ -220,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
                 ids = ids.to(device)
                 mixes = [("1 adapter", None)]
                 if stack in ("graph", "eager") and batch >= n_adapters > 1:
-                    mixes.append((f"{n_adapters} adapters", [f"a{r % n_adapters}" for r in range(batch)]))
+                    mixes += adapter_mixes(n_adapters, batch, getattr(args, "adapter_layout", "interleaved"))
                 if stack in ("mamba_ssm", "transformers"):
                     mixes = [("bare", None)]
                 for mix, names in mixes:
@@ -252,6 +261,16 @@ def run(args: argparse.Namespace) -> dict:
                         args.report_partial({"rows": rows})
         del peers, peft
     return {"rows": rows, "state_dtype": state_name, "table": table(rows)}
+
+
+def adapter_mixes(n: int, batch: int, layout: str) -> list[tuple[str, list[str]]]:
+    """The N-adapter rows' (label, adapter_names) for ``--adapter-layout``."""
+    out = []
+    if layout in ("interleaved", "both"):
+        out.append((f"{n} adapters", [f"a{r % n}" for r in range(batch)]))
+    if layout in ("blocked", "both"):
+        out.append((f"{n} adapters blocked", [f"a{r * n // batch}" for r in range(batch)]))
+    return out
 
 
 def table(rows: list[dict]) -> str:
