@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ssmtune.ops import launch, layout
 from ssmtune.ops.ssd import SSD_MIN_HEADDIM_CUDA
-from ssmtune.ops.varlen import RESET_ALIGN, check_resets
+from ssmtune.ops.varlen import RESET_ALIGN, check_resets, reset_chunk_size
 
 _MIN_BLOCK = 16
 # The CPU interpreter's bf16 tl.dot returns garbage (numpy has no bf16), so interpreted dots run in fp32.
@@ -958,10 +958,9 @@ def _chunk_size(
     head dim and the resets (then checked too)."""
     if resets is not None:
         check_resets(op, resets, batch, seqlen)
-        if chunk_size is not None and RESET_ALIGN % chunk_size:
-            raise ValueError(f"{op}: with resets, chunk_size must divide RESET_ALIGN ({RESET_ALIGN}), got {chunk_size}")
+        chunk_size = reset_chunk_size(op, chunk_size)
     if chunk_size is None:
-        chunk_size = 256 if seqlen > 512 and resets is None else 64
+        chunk_size = 256 if seqlen > 512 else 64
     if chunk_size < _MIN_BLOCK or chunk_size & (chunk_size - 1):
         raise ValueError(f"{op}: chunk_size must be a power of two >= {_MIN_BLOCK}, got {chunk_size}")
     if seqlen == 0:
