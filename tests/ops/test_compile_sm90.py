@@ -58,25 +58,36 @@ def _jit(kernel):
     return kernel
 
 
+def _interpreted(value) -> object | None:
+    """What the interpreter put in place of a Triton language member: its compilable original, else None."""
+    if isinstance(value, getattr(triton.runtime.interpreter, "InterpretedFunction", ())):
+        return triton.runtime.jit.JITFunction(value.fn, **value.kwargs)  # a helper of Triton's own (tl.sum, ...)
+    defaults = getattr(value, "__kwdefaults__", None) or {}
+    if getattr(value, "__module__", None) == "triton.runtime.interpreter" and "member" in defaults:
+        return defaults["member"]  # a builtin the interpreter patched and, at times, left patched
+    return None
+
+
 @contextlib.contextmanager
 def _compiled_language():
-    """Triton's own ``@jit`` helpers (tl.sum, tl.max, their combine functions) compilable for the duration: with
-    TRITON_INTERPRET=1 set before Triton was imported they are interpreted, and the compiler then runs them under the
-    interpreter's builder and fails (before, only a warm Triton cache from an earlier compile hid this)."""
-    interpreted = getattr(triton.runtime.interpreter, "InterpretedFunction", ())
+    """Triton's language compilable for the duration. With TRITON_INTERPRET=1 set before Triton was imported, its own
+    ``@jit`` helpers (tl.sum, tl.max, their combine functions) are interpreted; and after other test files ran kernels
+    under the interpreter, some builtins (tl.program_id, tensor.to) stay patched. The compiler would run either under
+    the interpreter's builder and fail (before, only a warm Triton cache from an earlier compile hid this)."""
+    owners = [m for name, m in list(sys.modules.items()) if m is not None and name.startswith("triton.language")]
+    owners += [triton.language.core.tensor]
     saved = []
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("triton.language"):
-            continue
-        for attr, value in list(vars(module).items()):
-            if isinstance(value, interpreted):
-                saved.append((module, attr, value))
-                setattr(module, attr, triton.runtime.jit.JITFunction(value.fn, **value.kwargs))
+    for owner in owners:
+        for attr, value in list(vars(owner).items()):
+            original = _interpreted(value)
+            if original is not None:
+                saved.append((owner, attr, value))
+                setattr(owner, attr, original)
     try:
         yield
     finally:
-        for module, attr, value in saved:
-            setattr(module, attr, value)
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)
 
 
 def _compile(kernel, pointers: dict[str, str], constexprs: dict, warps: int) -> None:

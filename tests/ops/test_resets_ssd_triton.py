@@ -12,7 +12,8 @@ import torch
 
 # these set TRITON_INTERPRET on the CPU before the kernels are imported (and reload them, in place, if needed)
 from test_conv_ssd_triton import make_inputs as make_conv_inputs
-from test_ssd_triton import ALL, DEVICE, GPU_CASES, NAMES, RATIO_CPU, RATIO_GPU, make_inputs
+from test_ssd_triton import ALL, DEVICE, GPU_CASES, RATIO_CPU, RATIO_GPU, make_inputs
+from test_ssd_triton import check as check_ssd
 
 from ssmtune import ops
 from ssmtune.ops import RESET_ALIGN, conv_fused
@@ -34,30 +35,10 @@ def make_resets(batch: int, seqlen: int) -> torch.Tensor:
     return r.to(DEVICE)
 
 
-def run(fn, inputs, resets, chunk_size, dy, dh_last):
-    """Forward + backward with resets; returns (y, h_L, grads)."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    pos = [leaves[k] for k in NAMES[:5]]
-    kw = {k: v for k, v in leaves.items() if k not in NAMES[:5]}
-    y, h_last = fn(*pos, chunk_size=chunk_size, dt_softplus=True, return_final_state=True, resets=resets, **kw)
-    ((y.float() * dy).sum() + (h_last * dh_last).sum()).backward()
-    return y, h_last, {k: v.grad for k, v in leaves.items()}
-
-
 def check(fn, inputs, chunk_size, ratio, resets=None):
-    b, seqlen, h, p = inputs["x"].shape
-    n = inputs["B"].shape[-1]
-    resets = make_resets(b, seqlen) if resets is None else resets
-    dy = torch.randn(b, seqlen, h, p, device=DEVICE)
-    dh_last = torch.randn(b, h, p, n, device=DEVICE)
-    y_ref, h_ref, g_ref = run(ssd_scan_ref, inputs, resets, chunk_size, dy, dh_last)
-    y, h_last, g = run(fn, inputs, resets, chunk_size, dy, dh_last)
-    assert y.dtype == inputs["x"].dtype and h_last.dtype == torch.float32
-    assert_close("y", y_ref, y, ratio)
-    assert_close("h_last", h_ref, h_last, ratio)
-    for name in inputs:
-        assert g[name].dtype == inputs[name].dtype, name
-        assert_close(f"d{name}", g_ref[name], g[name], ratio)
+    """``fn`` against the reference with resets (``make_resets`` by default), softplus on."""
+    resets = make_resets(*inputs["x"].shape[:2]) if resets is None else resets
+    check_ssd(inputs, True, chunk_size, ratio, fn=fn, resets=resets)
 
 
 def _ratio(dtype: torch.dtype) -> float:
@@ -93,7 +74,7 @@ def test_ssd_scan_triton_resets_default_chunk():
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "rowwise"])
 def test_ssd_scan_torch_resets(chunk, per_row):
     inputs = make_inputs(3, 200, 6, 6, 10, 3, torch.float32, ALL, per_row, device="cpu")
-    check(ssd_scan_torch, {k: v.cpu() for k, v in inputs.items()}, chunk, 1e-5, make_resets(3, 200).cpu())
+    check(ssd_scan_torch, inputs, chunk, 1e-5, make_resets(3, 200).cpu())
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
