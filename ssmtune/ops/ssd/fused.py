@@ -7,6 +7,8 @@ With Q the chunk size, a_t = Σ_{s ≤ t in chunk} Δ_s A (chunk-local cumsum) a
     3. chunk scan:    y_q = Σ_{k ≤ q} (C_q·B_k) e^{a_q - a_k} Δ_k x_k + e^{a_q} s_c C_q + h' C_q + D x_q + y'
                       then y · silu(z)                                                     (ssd_chunk_scan_fwd_kernel)
 Steps 2 fuses the chunk states with the sequential state passing (one program per [P, N] tile loops over chunks).
+Packed rows (``resets``, chunk size dividing RESET_ALIGN): s_c = h0 at a flagged chunk, in step 2 and its reverse
+(ssd/README.md).
 The offset h' never decays, so it is one extra [Q, N] x [N, P] product next to the inter-chunk C·state product in the
 same kernel; y' and D join the epilogue. The backward mirrors these steps; the derivation is in docs/kernels.md.
 In the backward, dh' = Σ_t ĝ_tᵀ C_t accumulates in the reverse state-passing loop, and dC's h' term ĝ·h' is one GEMM
