@@ -97,7 +97,7 @@ class HybridDecoder(GraphedDecoder):
     """The one-token step of a swapped transformers hybrid on static buffers, for a batch of ``bucket`` rows (no
     padding rows: transformers' ``generate`` prefills the cache itself) and a ``StaticCache`` of ``length`` tokens.
 
-    It keeps ``GraphedDecoder``'s offset buffers and their layouts, the model's signature and watch, and its capture
+    It keeps ``GraphedDecoder``'s offset buffers and their layouts, the model's watch, and its capture
     (``decode.capture_graph``); the cache, the step's inputs and the loop are transformers'. One graph per layout of
     the offset buffers and of the step's inputs, captured at the first step that needs it."""
 
