@@ -88,7 +88,7 @@ def test_written_files_get_the_umask_mode_or_keep_the_old_one(tmp_path):
         os.umask(old)
 
 
-def test_the_next_write_removes_what_a_killed_writer_staged(tmp_path):
+def test_a_later_process_first_write_removes_what_a_killed_writer_staged(tmp_path, monkeypatch):
     path = tmp_path / "config.json"
     atomic_write_text(path, "old")
     stale = [_stale(tmp_path, "config.json"), _stale(tmp_path, "config.json", "0_zz91ab")]
@@ -98,6 +98,9 @@ def test_the_next_write_removes_what_a_killed_writer_staged(tmp_path):
         p.write_text("the user's")
     kept.append(_stale(tmp_path, "other.json"))
     assert all(STAGING.match(p.name) for p in stale) and not any(STAGING.match(p.name) for p in kept[:3])
+    atomic_write_text(path, "again")  # this process swept the name at its first write: no scan of the folder now
+    assert path.read_text() == "again" and all(p.exists() for p in stale)
+    monkeypatch.setattr(io, "_swept", set())  # as in a later process
     atomic_write_text(path, "new")
     assert path.read_text() == "new" and not any(p.exists() for p in stale)
     assert all(p.exists() for p in kept)

@@ -4,7 +4,10 @@ transformers' ``generate``, on randomly initialised 130M-shaped Mamba / Mamba-2 
 Workload: ``--batches`` rows (1, 16, 64) of ``--prompt-len`` random tokens (128), then ``--new-tokens`` greedy tokens
 (128; no EOS, every row runs to the end). ssmtune's models carry ``--adapters`` State-offset (h) adapters (16),
 perturbed away from their zero init; ``1 adapter`` rows decode with one active adapter, ``N adapters`` rows route the
-batch's rows to the N adapters in turn (``adapter_names=``, rows r -> adapter r mod N; batches of at least N rows).
+batch's rows to the N adapters in turn (``adapter_names=``, rows r -> adapter r mod N; batches of at least N rows);
+``--adapter-layout blocked`` gives each adapter a block of consecutive rows instead (rows r -> adapter r·N // batch),
+``both`` times the two (the decode kernels read a row's h' by its adapter: neighbouring rows of one adapter share
+cache lines).
 The peers have no adapter: they decode the bare model of the same shape (Mamba-1: d_state 16; Mamba-2: headdim 64,
 d_state 128). mamba_ssm is timed when it imports (its default fused path, CUDA graphs on).
 
@@ -32,18 +35,20 @@ included.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from ssmtune.bench.common import CheckFailed, error_text, fmt, markdown, sync
 from ssmtune.bench.peers import mamba_ssm_missing, transformers_peft
 from ssmtune.bench.registry import Benchmark, register
-from ssmtune.bench.train_step import MAMBA2_EXTRA, SHAPES, ssmtune_config
+from ssmtune.bench.train_step import MAMBA2_EXTRA, SHAPES, free_memory, ssmtune_config
 from ssmtune.models.cache import decode_state_dtype
 
 MODELS = ("mamba", "mamba2")
@@ -167,6 +172,69 @@ def unavailable(stack: str, device: torch.device, beams: int = 1) -> str | None:
     return None
 
 
+OURS = ("graph", "eager")  # ssmtune's stacks; the others are the peers, which decode the bare model
+
+
+@dataclass
+class Case:
+    """One (model, stack, batch, adapter mix) of a decode benchmark (``cases``)."""
+
+    model: str
+    stack: str
+    batch: int
+    mix: str  # the row's label: "1 adapter", "N adapters", ... ("bare" for the peers)
+    names: list[str] | None  # the rows' adapter_names
+    ids: torch.Tensor  # [batch, prompt_len] prompts, on the device
+    why: str | None  # why the stack cannot decode here; None: it can
+    lm: Callable[[], object]  # the stack's model: ssmtune's, or the peer's, built at the first call (which can fail)
+
+
+def cases(
+    models: list[str],
+    stacks: list[str],
+    batches: list[int],
+    mixes: Callable[[str, int], list[tuple[str, list[str] | None]]],
+    *,
+    shape: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    prompt_len: int,
+    n_adapters: int,
+    adapter_dtype: str = "fp32",
+    beams: int = 1,
+    on_model: Callable[[str, object], None] | None = None,
+) -> Iterator[Case]:
+    """The decode loop the ``decode`` and ``profile --workload decode`` benchmarks share: per model (ssmtune's built
+    with ``n_adapters`` adapters, ``on_model(model, peft)`` called before its rows), stack and batch (prompts seeded by
+    the batch size), one ``Case`` per ``mixes(stack, batch)`` entry of ssmtune's stacks and a "bare" one of a peer's.
+    A model and its peers are freed before the next model is built."""
+    vocab = SHAPES[shape]["vocab_size"]
+    missing = {stack: unavailable(stack, device, beams) for stack in stacks}
+    for model in models:
+        peft = build_ours(model, shape, n_adapters, device, dtype, adapter_dtype)
+        if on_model is not None:
+            on_model(model, peft)
+        peers: dict = {}
+
+        def lm(stack: str, model: str = model, peft=peft, peers: dict = peers):
+            if stack in OURS:
+                return peft
+            if stack not in peers:
+                peers[stack] = (build_mamba_ssm if stack == "mamba_ssm" else build_transformers)(
+                    model, shape, device, dtype
+                )
+            return peers[stack]
+
+        for stack in stacks:
+            for batch in batches:
+                ids = torch.randint(1, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
+                ids = ids.to(device)
+                for mix, names in mixes(stack, batch) if stack in OURS else [("bare", None)]:
+                    yield Case(model, stack, batch, mix, names, ids, missing[stack], functools.partial(lm, stack))
+        del peers, peft, lm
+        free_memory(device)
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--small", action="store_true", help="tiny shape (d_model 64, 2 layers, vocab 256): a CPU test")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -188,6 +256,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
         default="fp32",
         help="ssmtune's adapters in fp32 (default: as training and eval hold them) or the model's dtype (as served)",
     )
+    ap.add_argument(
+        "--adapter-layout",
+        choices=("interleaved", "blocked", "both"),
+        default="interleaved",
+        help="rows of the N-adapter batches: r -> adapter r mod N (default), blocks of consecutive rows, or both",
+    )
     ap.add_argument("--repeats", type=int, default=3)
 
 
@@ -202,56 +276,57 @@ def run(args: argparse.Namespace) -> dict:
     vocab = SHAPES[shape]["vocab_size"]
     beams = args.num_beams
     state_dtype = STATE_DTYPES[getattr(args, "state_dtype", "auto")]
-    missing = {stack: unavailable(stack, device, beams) for stack in args.stacks}
+    adapter_dtype = getattr(args, "adapter_dtype", "fp32")
+    layout = getattr(args, "adapter_layout", "interleaved")
     rows = []
     state_name = "fp32"
-    for model in args.models:
-        adapter_dtype = getattr(args, "adapter_dtype", "fp32")
-        peft = build_ours(model, shape, n_adapters, device, dtype, adapter_dtype)
+
+    def checked(model: str, peft) -> None:  # before a model's rows: its graphed and eager decoding agree
+        nonlocal state_name
         state_name = STATE_NAMES[decode_state_dtype(peft, state_dtype)]
         ids0 = torch.randint(1, vocab, (batches[0], prompt_len), generator=torch.Generator().manual_seed(0))
         mixed0 = [f"a{r % n_adapters}" for r in range(batches[0])] if batches[0] >= n_adapters else None
         check(peft, ids0.to(device), mixed0, beams, state_dtype)
-        peers = {}
-        for stack in args.stacks:
-            why = missing.get(stack)
-            for batch in batches:
-                ids = torch.randint(1, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
-                ids = ids.to(device)
-                mixes = [("1 adapter", None)]
-                if stack in ("graph", "eager") and batch >= n_adapters > 1:
-                    mixes.append((f"{n_adapters} adapters", [f"a{r % n_adapters}" for r in range(batch)]))
-                if stack in ("mamba_ssm", "transformers"):
-                    mixes = [("bare", None)]
-                for mix, names in mixes:
-                    row = {"model": model, "stack": stack, "batch": batch, "adapters": mix, "prompt_len": prompt_len,
-                           "new_tokens": new, "num_beams": beams, "dtype": str(dtype).removeprefix("torch."),
-                           "adapter_dtype": adapter_dtype if stack in ("graph", "eager") else None,
-                           "state_dtype": state_name if stack in ("graph", "eager")
-                           else str(dtype).removeprefix("torch.")}  # fmt: skip
-                    rows.append(row)
-                    if why is not None:
-                        row["status"] = f"unavailable: {why}"
-                        continue
-                    try:
-                        if stack in ("mamba_ssm", "transformers") and stack not in peers:
-                            build = build_mamba_ssm if stack == "mamba_ssm" else build_transformers
-                            peers[stack] = build(model, shape, device, dtype)
-                        m = peers.get(stack, peft)
-                        t_n, t_1 = time_generate(
-                            generator_fn(stack, m, ids, names, beams, state_dtype), new, args.repeats, device
-                        )
-                        row.update(status="ok", s_new=t_n, s_one=t_1, e2e_tok_s=batch * new / t_n)
-                        row["decode_tok_s"] = batch * (new - 1) / (t_n - t_1) if t_n > t_1 else None
-                    except Exception as e:  # noqa: BLE001 - a peer's failure is a row, not the end of the run
-                        row["status"] = f"error: {error_text(e)}"
-                        row["detail"] = traceback.format_exc()[-600:]
-                    print(f"decode: {model} {stack} batch {batch} {mix}: {row.get('decode_tok_s') or row['status']}",
-                          file=sys.stderr, flush=True)  # fmt: skip
-                    if getattr(args, "report_partial", None) is not None:
-                        args.report_partial({"rows": rows})
-        del peers, peft
+
+    def mixes(stack: str, batch: int) -> list[tuple[str, list[str] | None]]:
+        return [("1 adapter", None), *(adapter_mixes(n_adapters, batch, layout) if batch >= n_adapters > 1 else [])]
+
+    runs = cases(args.models, args.stacks, batches, mixes, shape=shape, device=device, dtype=dtype,
+                 prompt_len=prompt_len, n_adapters=n_adapters, adapter_dtype=adapter_dtype, beams=beams,
+                 on_model=checked)  # fmt: skip
+    for case in runs:
+        model, stack, batch, mix = case.model, case.stack, case.batch, case.mix
+        row = {"model": model, "stack": stack, "batch": batch, "adapters": mix, "prompt_len": prompt_len,
+               "new_tokens": new, "num_beams": beams, "dtype": str(dtype).removeprefix("torch."),
+               "adapter_dtype": adapter_dtype if stack in OURS else None,
+               "state_dtype": state_name if stack in OURS else str(dtype).removeprefix("torch.")}  # fmt: skip
+        rows.append(row)
+        if case.why is not None:
+            row["status"] = f"unavailable: {case.why}"
+            continue
+        try:
+            fn = generator_fn(stack, case.lm(), case.ids, case.names, beams, state_dtype)
+            t_n, t_1 = time_generate(fn, new, args.repeats, device)
+            row.update(status="ok", s_new=t_n, s_one=t_1, e2e_tok_s=batch * new / t_n)
+            row["decode_tok_s"] = batch * (new - 1) / (t_n - t_1) if t_n > t_1 else None
+        except Exception as e:  # noqa: BLE001 - a peer's failure is a row, not the end of the run
+            row["status"] = f"error: {error_text(e)}"
+            row["detail"] = traceback.format_exc()[-600:]
+        print(f"decode: {model} {stack} batch {batch} {mix}: {row.get('decode_tok_s') or row['status']}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        if getattr(args, "report_partial", None) is not None:
+            args.report_partial({"rows": rows})
     return {"rows": rows, "state_dtype": state_name, "table": table(rows)}
+
+
+def adapter_mixes(n: int, batch: int, layout: str) -> list[tuple[str, list[str]]]:
+    """The N-adapter rows' (label, adapter_names) for ``--adapter-layout``."""
+    out = []
+    if layout in ("interleaved", "both"):
+        out.append((f"{n} adapters", [f"a{r % n}" for r in range(batch)]))
+    if layout in ("blocked", "both"):
+        out.append((f"{n} adapters blocked", [f"a{r * n // batch}" for r in range(batch)]))
+    return out
 
 
 def table(rows: list[dict]) -> str:

@@ -275,44 +275,34 @@ def decode_step(args: argparse.Namespace, fn: Callable[[int], torch.Tensor], row
 
 
 def run_decode(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Every (model, stack, batch) of ``--workload decode``, built as the ``decode`` benchmark builds them."""
+    """Every (model, stack, batch) of ``--workload decode``, through the ``decode`` benchmark's loop (``dec.cases``)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    vocab = ts.SHAPES[args.shape]["vocab_size"]
     n_adapters = args.adapters or (4 if args.small else 16)
+
+    def mixes(stack: str, batch: int) -> list[tuple[str, list[str] | None]]:
+        # one row per batch: its rows routed to the adapters in turn (--mixed) or on one adapter
+        mixed = args.mixed and batch >= n_adapters > 1
+        return dec.adapter_mixes(n_adapters, batch, "interleaved") if mixed else [("1 adapter", None)]
+
     rows = []
-    for model in args.models:
-        peft = dec.build_ours(model, args.shape, n_adapters, device, dtype)
-        peers = {}
-        for stack in args.stacks:
-            why = dec.unavailable(stack, device)
-            for batch in args.batch:
-                names = None
-                if args.mixed and stack in ("graph", "eager") and batch >= n_adapters > 1:
-                    names = [f"a{r % n_adapters}" for r in range(batch)]
-                mix = f"{n_adapters} adapters" if names else "1 adapter"
-                if stack in ("mamba_ssm", "transformers"):
-                    mix = "bare"  # the peers decode the bare model
-                row = {"variant": f"{stack}:{model}:b{batch}" + (f":{n_adapters} adapters" if names else ""),
-                       "workload": "decode", "model": model, "stack": stack, "batch": batch, "adapters": mix,
-                       "prompt_len": args.prompt_len, "steps": args.steps,
-                       "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
-                rows.append(row)
-                if why is not None:
-                    row["skipped"] = why
-                    continue
-                ids = torch.randint(1, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
-                try:
-                    if stack in ("mamba_ssm", "transformers") and stack not in peers:
-                        build = dec.build_mamba_ssm if stack == "mamba_ssm" else dec.build_transformers
-                        peers[stack] = build(model, args.shape, device, dtype)
-                    fn = dec.generator_fn(stack, peers.get(stack, peft), ids.to(device), names)
-                    row.update(decode_step(args, fn, batch, device))
-                except Exception as e:  # noqa: BLE001 - one failing stack must not lose the others
-                    row["error"] = error_text(e)
-                if getattr(args, "report_partial", None) is not None:
-                    args.report_partial({"rows": rows})
-        del peers, peft
-        ts.free_memory(device)
+    runs = dec.cases(args.models, args.stacks, args.batch, mixes, shape=args.shape, device=device, dtype=dtype,
+                     prompt_len=args.prompt_len, n_adapters=n_adapters)  # fmt: skip
+    for case in runs:
+        names = case.names
+        row = {"variant": f"{case.stack}:{case.model}:b{case.batch}" + (f":{n_adapters} adapters" if names else ""),
+               "workload": "decode", "model": case.model, "stack": case.stack, "batch": case.batch,
+               "adapters": case.mix, "prompt_len": args.prompt_len, "steps": args.steps,
+               "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+        rows.append(row)
+        if case.why is not None:
+            row["skipped"] = case.why
+            continue
+        try:
+            row.update(decode_step(args, dec.generator_fn(case.stack, case.lm(), case.ids, names), case.batch, device))
+        except Exception as e:  # noqa: BLE001 - one failing stack must not lose the others
+            row["error"] = error_text(e)
+        if getattr(args, "report_partial", None) is not None:
+            args.report_partial({"rows": rows})
     return rows
 
 

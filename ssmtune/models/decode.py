@@ -16,12 +16,13 @@ owns every tensor the step touches, at fixed addresses:
 On CUDA the step is captured as a CUDA graph (``capture=True``); elsewhere the same object runs the step eagerly, so
 the buffer logic (bucket padding, routing buffers, in-place beam reorder) is tested on the CPU too. Captured graphs
 are kept on the model per (bucket, device, dtype, state dtype), one per layout of the offset buffers, and reused
-while the model's parameters (addresses, shapes), the LoRA modules' ``active`` / ``merged`` flags and the backends
-stay the same; otherwise the next ``generate`` captures again. That is checked at every ``start`` against a snapshot
-(``_Watch``) without walking the model by name; the walk runs again only when the snapshot sees a change. A capture that fails warns and leaves the step eager.
+while the model's modules, parameters (addresses, shapes), the LoRA modules' ``active`` / ``merged`` flags and the
+backends stay the same; otherwise the next ``generate`` captures again. That is checked at every ``start`` against a
+snapshot (``_Watch``) without walking the model; the walk runs again only when the snapshot sees a change. A capture
+that fails warns and leaves the step eager.
 
 The transformers hybrids decode through ``hybrid_decode.HybridDecoder``, a subclass that keeps the offset buffers,
-the signature / watch and the capture (``capture_graph``) of this one around transformers' ``StaticCache``.
+the watch and the capture (``capture_graph``) of this one around transformers' ``StaticCache``.
 
 Routed LoRA/DoRA (LoRA rows mixed with other rows) picks its rows on the host each step, so it cannot be replayed:
 ``unsupported_reason`` says why and ``generate`` then decodes eagerly. Sampling, beam bookkeeping and stopping stay outside
@@ -102,27 +103,6 @@ class _StaticCollector:
         return self.merged
 
 
-def _signature(lm: nn.Module) -> tuple:
-    """What a captured step depends on besides its buffers: parameter addresses and shapes (adapters added, deleted
-    or replaced), train / eval mode (dropout), the ``active`` / ``merged`` flags of modules that run in the step
-    (LoRA), the backends. State hooks' flags are left out: the step reads their offsets from the static buffers, so
-    another mix of adapters is a copy."""
-    params = tuple((n, p.data_ptr(), tuple(p.shape), p.dtype) for n, p in lm.named_parameters())
-    flags = tuple(
-        (
-            n,
-            type(m).__name__,
-            m.training,
-            getattr(m, "active", None),
-            getattr(m, "merged", None),
-            getattr(m, "backend", None),
-        )
-        for n, m in lm.named_modules()
-        if not isinstance(m, StateHook)
-    )
-    return params, flags
-
-
 _FLAGS = ("active", "merged", "backend")
 
 
@@ -134,17 +114,18 @@ def _flag_defaults(cls: type) -> tuple:
 
 
 class _Watch:
-    """What ``_signature`` read, checked again without walking the model by name: ``unchanged()`` is True only when
-    every module the walk found is still alive and has the same children (names and objects), the same parameters
-    (names, addresses, shapes, dtypes) and the same ``training`` / flags, so that the walk would give the same
-    signature. It sees edits made behind ssmtune's back too (``.to()`` and back, ``.train()``, ``p.data = ...``, a
-    module swapped or deleted). Modules are held weakly: a deleted adapter is not kept alive by a decoder."""
+    """A snapshot of what a captured step depends on besides its buffers, checked again without walking the model:
+    ``unchanged()`` is True only when every module found is still alive and has the same children (names and
+    objects), the same parameters (names, addresses, shapes, dtypes: adapters added, deleted or replaced), the same
+    ``training`` (dropout) and the same ``active`` / ``merged`` / ``backend`` flags (LoRA, the backends). State hooks'
+    flags are left out: the step reads their offsets from the static buffers, so another mix of adapters is a copy.
+    It sees edits made behind ssmtune's back too (``.to()`` and back, ``.train()``, ``p.data = ...``, a module swapped
+    or deleted). Modules are held weakly: a deleted adapter is not kept alive by a decoder."""
 
     def __init__(self, lm: nn.Module) -> None:
         mods = list(lm.modules())
         self.refs = [weakref.ref(m) for m in mods]
-        # per module, the class defaults of its flags, read from its __dict__ (fast); None: left out (state hooks, as
-        # _signature does)
+        # per module, the class defaults of its flags, read from its __dict__ (fast); None: left out (state hooks)
         self.reads = [None if isinstance(m, StateHook) else _flag_defaults(type(m)) for m in mods]
         self.state = self._probe(mods)
 
@@ -197,11 +178,10 @@ class GraphedDecoder:
         # row -> entry of the per-row offset tables (shared by every mixer that reads through it); pad rows read entry 0
         self.offset_index = torch.zeros(bucket, dtype=torch.int32, device=device)
         # one step per layout of the offset buffers (which fields are set, per row or shared, dtypes); all are dropped
-        # when the model's signature changes
+        # when the model changes
         self.steps: dict[tuple, _Step] = {}
         self.current = _Step([MergedState() for _ in self.mixers])
-        self.signature: tuple | None = None
-        self.watch: _Watch | None = None  # tells start() when the signature must be walked again
+        self.watch: _Watch | None = None  # tells start() when the model changed
         self.batch = 0
         self.routing = None
         self.rows: torch.Tensor | None = None
@@ -245,7 +225,7 @@ class GraphedDecoder:
 
     def load_offsets(self, batch: int, routing=None, rows: torch.Tensor | None = None) -> bool:
         """Copy the adapters' offsets for ``batch`` rows into the static buffers of their layout (``rows``: as in
-        ``start``); True when that layout has no step yet (it must be built). A model whose signature changed drops
+        ``start``); True when that layout has no step yet (it must be built). A model that changed (``_Watch``) drops
         its steps and gets fresh buffers (``_fresh_buffers``)."""
         self.batch, self.routing = batch, routing
         pad = self.bucket - batch
@@ -258,14 +238,12 @@ class GraphedDecoder:
             self.rows = torch.cat([base, base[:1].expand(pad)]) if pad else base
         offsets, keys = self._collect(batch, routing, rows)
         layout = tuple(self._layout(mixer, st) for mixer, st in zip(self.mixers, offsets))
-        # the walk by name costs milliseconds on a large model (the engine starts a decoder whenever its rows change):
-        # it runs again only when the watch sees something it reads change
+        # the check is cheap (the engine starts a decoder whenever its rows change); the model is walked again only
+        # after a change
         if self.watch is None or not self.watch.unchanged():
-            signature = _signature(self.lm)
-            if signature != self.signature:
-                # the state shapes may have changed too (Additional-scan extends N): fresh buffers
-                self.signature, self.steps = signature, {}
-                self._fresh_buffers()
+            # the state shapes may have changed too (Additional-scan extends N): fresh buffers
+            self.steps = {}
+            self._fresh_buffers()
             self.watch = _Watch(self.lm)
         self.layout = layout
         new = layout not in self.steps

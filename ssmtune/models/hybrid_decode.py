@@ -5,8 +5,8 @@ run on a GPU. transformers' ``generate`` still runs the loop (logits processors,
 left padding), with two changes:
 
 - the cache is a transformers ``StaticCache`` of the batch and a power-of-two length, owned by a ``HybridDecoder``
-  kept on the model (``decode.DECODERS_ATTR``) and ``reset()`` in place between calls, so its buffers keep their
-  addresses. The hosted mixers update its conv / recurrent states in place (models/hybrid.py ``HostLayerCache``);
+  kept on the model (``decode.DECODERS_ATTR``; the ``KEPT_DECODERS`` most recently used) and ``reset()`` in place
+  between calls, so its buffers keep their addresses. The hosted mixers update its conv / recurrent states in place (models/hybrid.py ``HostLayerCache``);
 - the model's forward is swapped for the call: the prefill runs it as is; each one-token step copies its inputs
   (``input_ids``, ``position_ids``, the masks ``generate`` builds for a static cache) into static buffers and, on
   CUDA, replays a graph of the forward captured at the first step (warm-up on a side stream, the cache restored
@@ -41,6 +41,10 @@ from .decode import (
 )
 from .hooks import COLLECTOR_ATTR
 
+# hybrid decoders kept per model. Each holds a StaticCache of its (batch, cache length) and, on CUDA, its graphs'
+# memory. The Mamba decoders are bounded by their power-of-two batch buckets; a hybrid's batch is exact (transformers'
+# generate prefills the cache with the caller's rows, no padding rows), so the least recently used are dropped instead
+KEPT_DECODERS = 4
 # generate arguments that keep a call on transformers' generate, eagerly, when set
 _EAGER_ARGS = ("assistant_model", "prompt_lookup_num_tokens", "cache", "past_key_values", "inputs_embeds")
 
@@ -93,7 +97,7 @@ class HybridDecoder(GraphedDecoder):
     """The one-token step of a swapped transformers hybrid on static buffers, for a batch of ``bucket`` rows (no
     padding rows: transformers' ``generate`` prefills the cache itself) and a ``StaticCache`` of ``length`` tokens.
 
-    It keeps ``GraphedDecoder``'s offset buffers and their layouts, the model's signature and watch, and its capture
+    It keeps ``GraphedDecoder``'s offset buffers and their layouts, the model's watch, and its capture
     (``decode.capture_graph``); the cache, the step's inputs and the loop are transformers'. One graph per layout of
     the offset buffers and of the step's inputs, captured at the first step that needs it."""
 
@@ -246,13 +250,19 @@ def _fill(static: dict, kwargs: dict) -> None:
 
 
 def decoder_for(model: nn.Module, batch: int, length: int, capture: bool) -> HybridDecoder:
-    """The model's hybrid decoder for ``batch`` rows and a cache of ``length`` tokens, built on first use and kept."""
+    """The model's hybrid decoder for ``batch`` rows and a cache of ``length`` tokens, built on first use and kept;
+    the least recently used beyond ``KEPT_DECODERS`` are dropped."""
     param = next(model.parameters())
     key = ("hybrid", batch, length, param.device, param.dtype, capture, torch.is_inference_mode_enabled())
     decoders = model.__dict__.setdefault(DECODERS_ATTR, _Decoders())
-    if key not in decoders:
-        decoders[key] = HybridDecoder(model, batch, length, param.device, param.dtype, capture)
-    return decoders[key]
+    decoder = decoders.pop(key, None)
+    if decoder is None:
+        kept = [k for k in decoders if k[0] == "hybrid"]  # oldest use first
+        for old in kept[: max(len(kept) - KEPT_DECODERS + 1, 0)]:
+            del decoders[old]  # before the new cache is allocated
+        decoder = HybridDecoder(model, batch, length, param.device, param.dtype, capture)
+    decoders[key] = decoder  # last: the most recently used
+    return decoder
 
 
 def _capturing(model: nn.Module) -> bool:

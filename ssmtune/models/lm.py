@@ -2,10 +2,10 @@
 
 The native state-dict layout is HF transformers' one: ``backbone.embeddings.weight``, ``backbone.layers.{i}.norm.weight``,
 ``backbone.layers.{i}.mixer.*``, ``backbone.norm_f.weight``, ``lm_head.weight`` (tied to the embedding by default).
-Block: out = U + mixer(RMSNorm(U)), with the residual stream in fp32 when ``residual_in_fp32``. With no gradient to
-take on the Triton backend the backbone chains the blocks as mamba_ssm's fused add + norm does: each block hands
-(U, mixer output) on unadded, and the next norm (finally ``norm_f``) adds them in its kernel (``ops.add_rms_norm``):
-one kernel less per layer, the same bits.
+Block: out = U + mixer(RMSNorm(U)), with the residual stream in fp32 when ``residual_in_fp32``. On the Triton backend
+the backbone chains the blocks as mamba_ssm's fused add + norm does: each block hands (U, mixer output) on unadded,
+and the next norm (finally ``norm_f``) adds them (``ops.add_rms_norm``), in its kernel when no gradient is taken: one
+kernel less per layer, the same bits.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ class Block(nn.Module):
         residual: torch.Tensor | None = None,
         defer_add: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """hidden_states → hidden_states + mixer(norm(hidden_states)). The fused chain of ``Backbone.forward`` (no
-        gradient): ``residual`` given, the block's input is ``residual + hidden_states`` (the previous block's pair),
+        """hidden_states → hidden_states + mixer(norm(hidden_states)). The fused chain of ``Backbone.forward``:
+        ``residual`` given, the block's input is ``residual + hidden_states`` (the previous block's pair),
         added in this block's norm; ``defer_add``: return (the residual stream, the mixer output) unadded."""
         if residual is None:
             residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
@@ -123,18 +123,13 @@ class Backbone(nn.Module):
 
     def fuses_add(self, inputs_embeds: torch.Tensor) -> bool:
         """Whether ``forward`` hands each block's residual add to the next norm (``ops.add_rms_norm``): when every norm
-        runs on the Triton kernels, no gradient is taken (the kernel has no backward), and no block or norm has
-        forward hooks (they would see the unadded pair rather than the block's usual input and output)."""
+        runs on the Triton kernels and no block or norm has forward hooks (they would see the unadded pair rather than
+        the block's usual input and output). With a gradient to take, the op itself keeps the add a torch op before
+        the norm (its kernel has no backward): the same ops as the unfused chain."""
         norms = [layer.norm for layer in self.layers] + [self.norm_f]
         if not all(n.backend == "triton" or (n.backend == "auto" and inputs_embeds.is_cuda) for n in norms):
             return False
-        hooked = [m for layer in self.layers for m in (layer, layer.norm)] + [self.norm_f]
-        if any(m._forward_hooks or m._forward_pre_hooks for m in hooked):
-            return False
-        grad = torch.is_grad_enabled() and (
-            inputs_embeds.requires_grad or any(p.requires_grad for p in self.parameters())
-        )
-        return not grad
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in [*self.layers, *norms])
 
 
 @dataclass

@@ -522,7 +522,7 @@ def ssd_scan(
 
 
 # The backends whose scans take ``resets`` (packed rows); auto picks the first of its order that does.
-RESETS_BACKENDS = {"selective_scan": ("ref",), "ssd_scan": ("ref",)}
+RESETS_BACKENDS = {"selective_scan": ("ref",), "ssd_scan": ("triton", "torch", "ref")}
 
 
 def _resets_fn(op: str, backend: str, device: torch.device, resets, batch: int, seqlen: int, bounds) -> Callable:
@@ -550,7 +550,8 @@ def _ssd_backend(backend: str, device: torch.device, headdim: int) -> str:
 
 def conv_ssd_fused(backend: str, device: torch.device, headdim: int) -> Callable | None:
     """``ssd.fused.conv_ssd_scan_triton`` when both the conv and the SSD scan resolve to Triton for ``backend`` on
-    ``device`` (the mixers' training path then keeps the conv's input, not its output); None otherwise."""
+    ``device`` (the mixers' training path then keeps the conv's input, not its output); None otherwise. It takes
+    ``resets=`` (packed rows) as ``ssd_scan`` does."""
     triton_fns = (_load("causal_conv1d", "triton"), _load("ssd_scan", "triton"))
     if None in triton_fns:
         return None

@@ -71,6 +71,16 @@ def check_resets(op: str, resets: object, batch: int, seqlen: int) -> None:
                          f"got {got}")  # fmt: skip
 
 
+def reset_chunk_size(op: str, chunk_size: int | None) -> int:
+    """A chunked scan's chunk size with resets: RESET_ALIGN by default, else a divisor of it (a ValueError naming the
+    value otherwise), so that every reset falls on a chunk start."""
+    if chunk_size is None:
+        return RESET_ALIGN
+    if chunk_size < 1 or RESET_ALIGN % chunk_size:
+        raise ValueError(f"{op}: with resets, chunk_size must divide RESET_ALIGN ({RESET_ALIGN}), got {chunk_size}")
+    return chunk_size
+
+
 def reset_positions(resets: torch.Tensor, seqlen: int) -> torch.Tensor:
     """[B, ceil(L / RESET_ALIGN)] chunk flags -> [B, L] bool, True at each position whose step reads the initial
     state (the references' form)."""

@@ -5,8 +5,9 @@ written next to their destination, flushed to disk, then renamed over it with ``
 Windows when both paths are on one file system).
 
 A file is staged as ``.<name>.<8 random characters>.tmp`` (``STAGING``). A process killed before its renames leaves
-those behind; the next write of the same name removes them (``remove_stale_staging``), and so does a training run
-starting in its run folder. A staged file is stale when no live writer holds it: the writer keeps an exclusive
+those behind; the first write of the same name in a later process removes them (``remove_stale_staging``: a scan of
+the folder, once per process and name rather than at every write), and so does a training run starting in its run
+folder. A staged file is stale when no live writer holds it: the writer keeps an exclusive
 ``flock`` on it until its renames are done, so a staged file whose lock can be taken belongs to a dead process
 (where locks cannot be taken, Windows or some network file systems, one older than ``STALE_AFTER_S`` counts as
 stale). Readers open fixed names and never see staged files.
@@ -40,6 +41,8 @@ for an hour)."""
 # staged files this process is writing now: never stale, even where a lock taken twice in one process does not conflict
 _live: set[str] = set()
 _live_lock = threading.Lock()
+# (folder, final name) pairs this process has swept for stale staged files: later writes of the name skip the scan
+_swept: set[tuple[str, str]] = set()
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -78,12 +81,17 @@ def atomic_write_files(writes: dict[str | os.PathLike, Callable[[str], object]])
     """``atomic_write`` for files that belong together: every ``write(tmp_path)`` runs first, then the renames that
     publish them follow back to back, in order. If any write fails (or is interrupted), none of the files changes;
     only a crash between two renames can publish some of them (readers that must notice record a digest). Files that
-    an interrupted write of the same names staged and left behind are removed first."""
+    an interrupted write of the same names staged and left behind are removed first, at this process's first write of
+    each name."""
     paths = [Path(p) for p in writes]
-    folders: dict[Path, set[str]] = {}
-    for path in paths:
-        folders.setdefault(path.parent, set()).add(path.name)
-    for folder, names in folders.items():
+    fresh: dict[Path, set[str]] = {}
+    with _live_lock:
+        for path in paths:
+            key = (os.path.abspath(path.parent), path.name)
+            if key not in _swept:
+                _swept.add(key)
+                fresh.setdefault(path.parent, set()).add(path.name)
+    for folder, names in fresh.items():
         remove_stale_staging(folder, names)
     staged: list[tuple[str, Path]] = []
     locks: list[int] = []

@@ -236,24 +236,33 @@ def test_fused_residual_add_gives_the_bits_of_the_unfused_chain(arch, monkeypatc
         assert torch.equal(got, want), name
 
 
-def test_fused_residual_add_only_without_gradient_or_hooks(interpreted) -> None:
-    """The chain fuses only where nothing needs the unadded block outputs: no gradient (the kernel has no backward),
-    the Triton backend, no forward hooks on a block or a norm (they see the block's usual input and output)."""
+def test_fused_residual_add_only_without_gradient_or_hooks(interpreted, monkeypatch) -> None:
+    """The chain hands the add on only where nothing needs the unadded block outputs: the Triton backend, no forward
+    hooks on a block or a norm (they see the block's usual input and output). With a gradient to take, the op keeps
+    the add a torch op (the kernel has no backward): the unfused chain's logits and gradients."""
     peft = _fast_scans(_model("m1", 2, "triton"))
     backbone = peft.base_model.backbone
     ids = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(2))
     h = backbone.embeddings(ids)
-    assert not backbone.fuses_add(h)  # the adapter's offsets are trainable
     with torch.no_grad():
         assert backbone.fuses_add(h)
         ref = peft(ids).logits
     trainable = [p for p in peft.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    assert backbone.fuses_add(h)  # nothing to differentiate
-    assert not backbone.fuses_add(h.detach().requires_grad_())
-    for p in trainable:
-        p.requires_grad_(True)
+    assert trainable and backbone.fuses_add(h)  # the adapter's offsets are trainable: the op takes the torch add
+
+    def grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        peft.zero_grad()
+        logits = peft(ids).logits
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in trainable]
+
+    handed_on = grads()
+    with monkeypatch.context() as m:
+        m.setattr(type(backbone), "fuses_add", lambda self, h: False)
+        unfused = grads()
+    assert torch.equal(handed_on[0], unfused[0])
+    assert all(g.abs().max() > 0 for g in handed_on[1])
+    assert all(torch.equal(a, b) for a, b in zip(handed_on[1], unfused[1]))
     seen = []
     for module in (backbone.layers[1], backbone.layers[0].norm, backbone.norm_f):
         handle = module.register_forward_hook(lambda m, args, out: seen.append(out))

@@ -377,14 +377,14 @@ def _count_walks(monkeypatch) -> list:
     from ssmtune.models import decode
 
     walks = []
-    walk = decode._signature
-    monkeypatch.setattr(decode, "_signature", lambda lm: walks.append(1) or walk(lm))
+    watch = decode._Watch  # a walk of the model, then a snapshot of what it found
+    monkeypatch.setattr(decode, "_Watch", lambda lm: walks.append(1) or watch(lm))
     return walks
 
 
 def test_repeated_generate_calls_do_not_walk_the_model(monkeypatch) -> None:
-    """The signature walk runs on a decoder's first start; later starts (new prompts, another mix of state adapters,
-    beams) check the model against a snapshot instead, and reuse the steps."""
+    """The walk runs on a decoder's first start; later starts (new prompts, another mix of state adapters, beams)
+    check the model against a snapshot instead, and reuse the steps."""
     walks = _count_walks(monkeypatch)
     peft = _peft("m1", ADAPTERS)
     ids = _prompts(4)
@@ -399,9 +399,9 @@ def test_repeated_generate_calls_do_not_walk_the_model(monkeypatch) -> None:
 
 
 def test_model_changes_still_walk_and_invalidate(monkeypatch) -> None:
-    """Every change the signature reads is seen by the cheap check: adapters added, switched, deleted, LoRA flags set
-    by hand, train / eval, a parameter's storage replaced (as ``.to()`` and back does). Each walks again, and the
-    step decodes as the eager one."""
+    """Every change a captured step depends on is seen by the cheap check: adapters added, switched, deleted, LoRA
+    flags set by hand, train / eval, a parameter's storage replaced (as ``.to()`` and back does). Each walks again, and
+    the step decodes as the eager one."""
     import gc
     import weakref
 

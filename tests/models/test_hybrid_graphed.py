@@ -148,6 +148,29 @@ def test_states_update_in_place(family):
     assert not _decoders(model)
 
 
+def test_decoders_kept_are_bounded(monkeypatch):
+    """Each batch size gets a decoder of its own (the batch is exact); beyond ``KEPT_DECODERS`` the least recently
+    used is dropped, and a decoder in use stays."""
+    from ssmtune.models import hybrid_decode
+
+    monkeypatch.setattr(hybrid_decode, "KEPT_DECODERS", 2)
+    model = _adapted("bamba")
+
+    def run(batch: int) -> None:
+        with torch.no_grad():
+            model.generate(ids(batch=batch, length=4), cuda_graph=True, do_sample=False, pad_token_id=0,
+                           max_new_tokens=2)  # fmt: skip
+
+    run(1)
+    (first,) = _decoders(model)
+    run(2)
+    run(1)  # the batch of 1 is now the most recently used
+    run(3)
+    assert [d.bucket for d in _decoders(model)] == [1, 3] and _decoders(model)[0] is first
+    run(4)
+    assert [d.bucket for d in _decoders(model)] == [3, 4]
+
+
 class _ReplayedForward:
     """A stand-in for a CUDA graph on the CPU: ``replay()`` reruns the captured forward on the same static inputs
     and writes the captured output's logits in place, as a replay does."""

@@ -7,9 +7,11 @@ each kernel of a decode step with the launch settings CUDA uses, so such an erro
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import os
+import sys
 
 import pytest
 import torch
@@ -56,6 +58,38 @@ def _jit(kernel):
     return kernel
 
 
+def _interpreted(value) -> object | None:
+    """What the interpreter put in place of a Triton language member: its compilable original, else None."""
+    if isinstance(value, getattr(triton.runtime.interpreter, "InterpretedFunction", ())):
+        return triton.runtime.jit.JITFunction(value.fn, **value.kwargs)  # a helper of Triton's own (tl.sum, ...)
+    defaults = getattr(value, "__kwdefaults__", None) or {}
+    if getattr(value, "__module__", None) == "triton.runtime.interpreter" and "member" in defaults:
+        return defaults["member"]  # a builtin the interpreter patched and, at times, left patched
+    return None
+
+
+@contextlib.contextmanager
+def _compiled_language():
+    """Triton's language compilable for the duration. With TRITON_INTERPRET=1 set before Triton was imported, its own
+    ``@jit`` helpers (tl.sum, tl.max, their combine functions) are interpreted; and after other test files ran kernels
+    under the interpreter, some builtins (tl.program_id, tensor.to) stay patched. The compiler would run either under
+    the interpreter's builder and fail (before, only a warm Triton cache from an earlier compile hid this)."""
+    owners = [m for name, m in list(sys.modules.items()) if m is not None and name.startswith("triton.language")]
+    owners += [triton.language.core.tensor]
+    saved = []
+    for owner in owners:
+        for attr, value in list(vars(owner).items()):
+            original = _interpreted(value)
+            if original is not None:
+                saved.append((owner, attr, value))
+                setattr(owner, attr, original)
+    try:
+        yield
+    finally:
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)
+
+
 def _compile(kernel, pointers: dict[str, str], constexprs: dict, warps: int) -> None:
     """Compile ``kernel`` for sm_90: ``pointers`` name -> element type; the other arguments not in ``constexprs``
     are integers (strides, sizes) or, for ``eps``, a float."""
@@ -67,7 +101,8 @@ def _compile(kernel, pointers: dict[str, str], constexprs: dict, warps: int) -> 
         fn=fn, signature=sig, constexprs={(i,): constexprs[n] for i, n in enumerate(names) if n in constexprs}
     )
     try:
-        compiled = triton.compile(src, target=HOPPER, options={"num_warps": warps})
+        with _compiled_language():
+            compiled = triton.compile(src, target=HOPPER, options={"num_warps": warps})
     except RuntimeError as e:
         if "ptxas" in str(e) and ("not found" in str(e) or "No such file" in str(e)):
             pytest.skip(f"no ptxas in this Triton: {e}")
@@ -115,3 +150,23 @@ def test_norm_compiles(res, in_kind):
     if not res:
         const.update(y=None, res=None)
     _compile(norm_fused.rms_norm_fwd_kernel, pointers, const, 4)
+
+
+@pytest.mark.parametrize("resets", [True, False], ids=["resets", "plain"])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_ssd_chunk_state_compiles(direction, resets):
+    # the SSD state-passing loops with packed-row resets (a scalar flag per chunk selecting h0) and without, at the
+    # 64-step chunks resets take
+    shape = {"H": 24, "G": 1, "P": 64, "N": 128, "TP": 2048, "NC": 32, "CHUNK": 64, "BK": 64, "BP": 64, "BN": 64}
+    if direction == "fwd":
+        kernel = ssd_fused.ssd_chunk_state_fwd_kernel
+        pointers = {"x": "bf16", "Bm": "bf16", "dt_p": "fp32", "a_cs": "fp32", "h0": "fp32", "states": "fp32"}
+    else:
+        kernel = ssd_fused.ssd_chunk_state_bwd_kernel
+        pointers = {n: "fp32" for n in ("a_cs", "states", "dht", "dstates", "dh0", "dh_off", "dlast")}
+        pointers.update(dy="bf16", Cm="bf16")
+    pointers["resets"] = "i8"
+    const = {**_flags(kernel), **shape, "HAS_RESETS": resets}
+    if not resets:
+        const["resets"] = None
+    _compile(kernel, pointers, const, 4)

@@ -29,9 +29,9 @@ def _masked_grad(t: torch.Tensor, time_dim: int) -> torch.Tensor:
     return m
 
 
-@pytest.mark.parametrize("op", ["selective_scan", "ssd_scan"])
+@pytest.mark.parametrize(("op", "backend"), [("selective_scan", "ref"), ("ssd_scan", "ref"), ("ssd_scan", "torch")])
 @pytest.mark.parametrize("shared", [True, False])
-def test_resets_equal_separate_runs_ref(op, shared):
+def test_resets_equal_separate_runs(op, backend, shared):
     torch.manual_seed(0)
     batch = len(SLOTS)
     if op == "selective_scan":
@@ -47,7 +47,7 @@ def test_resets_equal_separate_runs_ref(op, shared):
 
         def run(u, delta, B, C, z, h0, hoff, yoff, **kw):
             return ops.selective_scan(u, delta, fixed["A"], B, C, fixed["D"], z, None, True, initial_state=h0,
-                                      state_offset=hoff, y_offset=yoff, backend="ref", **kw)  # fmt: skip
+                                      state_offset=hoff, y_offset=yoff, backend=backend, **kw)  # fmt: skip
     else:
         h, p, g, n, time_dim = 4, 3, 2, 5, 1
         x, z = torch.randn(batch, L, h, p), torch.randn(batch, L, h, p)
@@ -60,7 +60,7 @@ def test_resets_equal_separate_runs_ref(op, shared):
 
         def run(x, dt, B, C, z, h0, hoff, yoff, **kw):
             return ops.ssd_scan(x, dt, fixed["A"], B, C, D=fixed["D"], z=z, dt_softplus=True, initial_state=h0,
-                                state_offset=hoff, y_offset=yoff, backend="ref", **kw)  # fmt: skip
+                                state_offset=hoff, y_offset=yoff, backend=backend, **kw)  # fmt: skip
 
     params = [t.requires_grad_() for t in (*timed, h0, hoff, yoff)]
     y, final = run(*params, resets=_resets(batch), return_final_state=True)

@@ -66,23 +66,25 @@ def make_inputs(
     return {k: v.requires_grad_() for k, v in t.items() if k in NAMES[:5] or k in flags}
 
 
-def run(fn, inputs: dict[str, torch.Tensor], softplus: bool, chunk_size: int, dy, dh_last):
-    """Forward + backward with a random output gradient and final-state gradient; returns (y, h_L, grads)."""
+def run(fn, inputs: dict[str, torch.Tensor], softplus: bool, chunk_size: int, dy, dh_last, **extra):
+    """Forward + backward with a random output gradient and final-state gradient; returns (y, h_L, grads).
+    ``extra``: more arguments of both scans (resets)."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
     pos = [leaves[k] for k in NAMES[:5]]
     kw = {k: v for k, v in leaves.items() if k not in NAMES[:5]}
-    y, h_last = fn(*pos, chunk_size=chunk_size, dt_softplus=softplus, return_final_state=True, **kw)
+    y, h_last = fn(*pos, chunk_size=chunk_size, dt_softplus=softplus, return_final_state=True, **kw, **extra)
     ((y.float() * dy).sum() + (h_last * dh_last).sum()).backward()
     return y, h_last, {k: v.grad for k, v in leaves.items()}
 
 
-def check(inputs, softplus: bool, chunk_size: int, ratio: float) -> None:
+def check(inputs, softplus: bool, chunk_size: int, ratio: float, fn=None, **extra) -> None:
+    """``fn`` (default the Triton scan) against the reference, both called with ``extra``."""
     b, seqlen, h, p = inputs["x"].shape
     n = inputs["B"].shape[-1]
     dy = torch.randn(b, seqlen, h, p, device=inputs["x"].device)
     dh_last = torch.randn(b, h, p, n, device=inputs["x"].device)
-    y_ref, h_ref, g_ref = run(ssd_scan_ref, inputs, softplus, chunk_size, dy, dh_last)
-    y, h_last, g = run(fused.ssd_scan_triton, inputs, softplus, chunk_size, dy, dh_last)
+    y_ref, h_ref, g_ref = run(ssd_scan_ref, inputs, softplus, chunk_size, dy, dh_last, **extra)
+    y, h_last, g = run(fn or fused.ssd_scan_triton, inputs, softplus, chunk_size, dy, dh_last, **extra)
     assert y.dtype == inputs["x"].dtype and h_last.dtype == torch.float32
     assert_close("y", y_ref, y, ratio)
     assert_close("h_last", h_ref, h_last, ratio)

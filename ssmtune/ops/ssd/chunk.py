@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..varlen import RESET_ALIGN, reset_chunk_size
+
 
 def segsum(x: torch.Tensor) -> torch.Tensor:
     """[..., T] → [..., T, T] with out[t, s] = Σ_{r=s+1..t} x_r for s ≤ t and -inf above the diagonal.
@@ -49,6 +51,7 @@ def ssd_scan_torch(
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
+    resets: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked twin of ``ssd_scan_ref`` (same arguments, same maths).
 
@@ -58,13 +61,16 @@ def ssd_scan_torch(
         A (torch.Tensor): shape [H]
         B (torch.Tensor): shape [B, L, G, N]
         C (torch.Tensor): shape [B, L, G, N]
-        chunk_size (int | None): chunk length T; default 64 on CPU, 128 elsewhere; any L (padded internally)
+        chunk_size (int | None): chunk length T; default 64 on CPU, 128 elsewhere; any L (padded internally); with
+            ``resets``, a divisor of RESET_ALIGN (default 64)
         D (torch.Tensor | None): shape [H] or [H, P]
         z (torch.Tensor | None): shape [B, L, H, P]
         dt_bias (torch.Tensor | None): shape [H]
         initial_state (torch.Tensor | None): h_0, shape [H, P, N] or [B, H, P, N]
         state_offset (torch.Tensor | None): h', shape [H, P, N] or [B, H, P, N]
         y_offset (torch.Tensor | None): y', shape [H, P] or [B, H, P]
+        resets (torch.Tensor | None): bool [B, ceil(L / RESET_ALIGN)], packed rows (``varlen.py``): the chunk starting
+            at a flagged position starts from h_0
     Returns:
         y [B, L, H, P] in x's dtype, and h_L [B, H, P, N] in fp32 (fp64 for fp64 inputs) when ``return_final_state``.
     """
@@ -78,6 +84,8 @@ def ssd_scan_torch(
         dt = dt + dt_bias.to(cdt)
     if dt_softplus:
         dt = F.softplus(dt)
+    if resets is not None:
+        chunk_size = reset_chunk_size("ssd_scan_torch", chunk_size)
     T = chunk_size or (64 if x.device.type == "cpu" else 128)
     T = max(1, min(T, seqlen))
     nchunks = -(-seqlen // T)
@@ -104,6 +112,16 @@ def ssd_scan_torch(
         h0 = xf.new_zeros(batch, nheads, headdim, dstate)
     states = torch.cat([h0.reshape(batch, 1, ngroups, hpg, headdim, dstate), states], dim=1)  # [B, c+1, G, K, P, N]
     decay_chunk = torch.exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))  # [B, G, K, c+1, c+1]
+    if resets is not None:
+        # packed rows: the state entering a flagged chunk j is h_0, so entry j holds h_0 instead of chunk j-1's input,
+        # and boundary z sums only from its last reset on (chunk 0 always counts as one)
+        start = torch.zeros(batch, nchunks + 1, dtype=torch.bool, device=x.device)
+        start[:, : nchunks : RESET_ALIGN // T] = resets  # T divides 64 or T = L < 64 (then one chunk)
+        start[:, 0] = True
+        states = torch.where(start[:, :, None, None, None, None], h0.reshape(batch, 1, *states.shape[2:]), states)
+        idx = torch.arange(nchunks + 1, device=x.device)
+        last = torch.where(start, idx, 0).cummax(dim=1).values  # [B, c+1]: the last reset at or before z
+        decay_chunk = decay_chunk * (idx[None, None, :] >= last[:, :, None])[:, None, None].to(cdt)
     new_states = torch.einsum("bgkzc,bcgkpn->bzgkpn", decay_chunk, states)  # [B, c+1, G, K, P, N]
     states, final_state = new_states[:, :-1], new_states[:, -1]
 

@@ -7,6 +7,8 @@ With Q the chunk size, a_t = Σ_{s ≤ t in chunk} Δ_s A (chunk-local cumsum) a
     3. chunk scan:    y_q = Σ_{k ≤ q} (C_q·B_k) e^{a_q - a_k} Δ_k x_k + e^{a_q} s_c C_q + h' C_q + D x_q + y'
                       then y · silu(z)                                                     (ssd_chunk_scan_fwd_kernel)
 Steps 2 fuses the chunk states with the sequential state passing (one program per [P, N] tile loops over chunks).
+Packed rows (``resets``, chunk size dividing RESET_ALIGN): s_c = h0 at a flagged chunk, in step 2 and its reverse
+(ssd/README.md).
 The offset h' never decays, so it is one extra [Q, N] x [N, P] product next to the inter-chunk C·state product in the
 same kernel; y' and D join the epilogue. The backward mirrors these steps; the derivation is in docs/kernels.md.
 In the backward, dh' = Σ_t ĝ_tᵀ C_t accumulates in the reverse state-passing loop, and dC's h' term ĝ·h' is one GEMM
@@ -26,6 +28,7 @@ import triton.language as tl
 
 from ssmtune.ops import launch, layout
 from ssmtune.ops.ssd import SSD_MIN_HEADDIM_CUDA
+from ssmtune.ops.varlen import RESET_ALIGN, check_resets, reset_chunk_size
 
 _MIN_BLOCK = 16
 # The CPU interpreter's bf16 tl.dot returns garbage (numpy has no bf16), so interpreted dots run in fp32.
@@ -99,7 +102,12 @@ def ssd_chunk_cumsum_fwd_kernel(
     tl.store(a_out + o_out, b_a, mask=m_h[None, :])
 
 
-@triton.heuristics({"USE_INITIAL_STATE": lambda args: args["h0"] is not None})
+@triton.heuristics(
+    {
+        "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
+        "HAS_RESETS": lambda args: args["resets"] is not None,
+    }
+)
 @triton.jit(do_not_specialize=["T"])
 def ssd_chunk_state_fwd_kernel(
     x,
@@ -107,6 +115,7 @@ def ssd_chunk_state_fwd_kernel(
     dt_p,
     a_cs,
     h0,
+    resets,
     states,
     s_h0b,
     T,
@@ -121,6 +130,7 @@ def ssd_chunk_state_fwd_kernel(
     BP: tl.constexpr,
     BN: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
 ):
     i_n, i_p, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -134,7 +144,12 @@ def ssd_chunk_state_fwd_kernel(
         b_s = tl.load(h0 + i_b * s_h0b + i_h * P * N + o_pn, mask=m_pn, other=0.0).to(tl.float32)
     else:
         b_s = tl.zeros([BP, BN], dtype=tl.float32)
+    if HAS_RESETS:
+        b_s0 = b_s
     for i_c in range(NC):
+        if HAS_RESETS:
+            # packed rows: a flagged chunk starts a sequence, from the row's initial state
+            b_s = tl.where(tl.load(resets + i_b * NC + i_c) != 0, b_s0, b_s)
         tl.store(states + ((i_b * (NC + 1) + i_c) * H + i_h) * P * N + o_pn, b_s, mask=m_pn)
         b_alast = tl.load(a_cs + i_bh * TP + i_c * CHUNK + CHUNK - 1)
         b_acc = tl.zeros([BP, BN], dtype=tl.float32)
@@ -273,6 +288,7 @@ def ssd_gate_bwd_kernel(do, z, y_pre, dy, dz, n_elem, BLOCK: tl.constexpr):
     {
         "USE_FINAL_STATE_GRAD": lambda args: args["dht"] is not None,
         "USE_STATE_OFFSET": lambda args: args["dh_off"] is not None,
+        "HAS_RESETS": lambda args: args["resets"] is not None,
     }
 )
 @triton.jit(do_not_specialize=["T"])
@@ -281,6 +297,7 @@ def ssd_chunk_state_bwd_kernel(
     Cm,
     a_cs,
     states,
+    resets,
     dht,
     dstates,
     dh0,
@@ -299,6 +316,7 @@ def ssd_chunk_state_bwd_kernel(
     BN: tl.constexpr,
     USE_FINAL_STATE_GRAD: tl.constexpr,
     USE_STATE_OFFSET: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
 ):
     i_n, i_p, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     NB = ((P + BP - 1) // BP) * ((N + BN - 1) // BN)
@@ -316,6 +334,8 @@ def ssd_chunk_state_bwd_kernel(
         b_ds = tl.zeros([BP, BN], dtype=tl.float32)
     if USE_STATE_OFFSET:
         b_dho = tl.zeros([BP, BN], dtype=tl.float32)
+    if HAS_RESETS:
+        b_dh0 = tl.zeros([BP, BN], dtype=tl.float32)
     for i in range(NC):
         i_c = NC - 1 - i
         tl.store(dstates + ((i_b * NC + i_c) * H + i_h) * P * N + o_pn, b_ds, mask=m_pn)
@@ -342,6 +362,14 @@ def ssd_chunk_state_bwd_kernel(
             if USE_STATE_OFFSET:
                 b_dho += _dot(b_dyt, b_C.to(b_dyt.dtype))
         b_ds = b_acc + tl.exp(b_alast) * b_ds
+        if HAS_RESETS:
+            # a flagged chunk read h0: its entering gradient goes to dh0, none to the previous chunk's end (that
+            # chunk's dstates and dlast are then 0)
+            b_r = tl.load(resets + i_b * NC + i_c) != 0
+            b_dh0 += tl.where(b_r, b_ds, 0.0)
+            b_ds = tl.where(b_r, 0.0, b_ds)
+    if HAS_RESETS:
+        b_ds += b_dh0
     tl.store(dh0 + i_bh * P * N + o_pn, b_ds, mask=m_pn)
     if USE_STATE_OFFSET:
         tl.store(dh_off + i_bh * P * N + o_pn, b_dho, mask=m_pn)
@@ -725,8 +753,19 @@ def _h_off_for_dots(h_off: torch.Tensor | None, C: torch.Tensor) -> torch.Tensor
     return None if h_off is None else h_off.to(C.dtype)
 
 
-def _chunk_states(x, B, dt_p, a_cs, h0, chunk_size):
-    """The states entering each chunk, [B, NC + 1, H, P, N] fp32 (states[:, NC] is the final state)."""
+def _chunk_resets(resets: torch.Tensor | None, seqlen: int, chunk_size: int) -> torch.Tensor | None:
+    """resets [B, ceil(L / RESET_ALIGN)] -> int8 [B, NC], 1 where a chunk starts at a flagged position (chunk_size
+    divides RESET_ALIGN, so every flag falls on a chunk start)."""
+    if resets is None:
+        return None
+    flags = torch.zeros(resets.shape[0], triton.cdiv(seqlen, chunk_size), dtype=torch.int8, device=resets.device)
+    flags[:, :: RESET_ALIGN // chunk_size] = resets
+    return flags
+
+
+def _chunk_states(x, B, dt_p, a_cs, h0, chunk_size, resets=None):
+    """The states entering each chunk, [B, NC + 1, H, P, N] fp32 (states[:, NC] is the final state); ``resets``: the
+    chunk flags of ``_chunk_resets``."""
     batch, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     NC = triton.cdiv(T, chunk_size)
@@ -734,13 +773,13 @@ def _chunk_states(x, B, dt_p, a_cs, h0, chunk_size):
     states = torch.empty(batch, NC + 1, H, P, N, device=x.device, dtype=torch.float32)
     BP, BN = blk["BP"], blk["BN"]
     ssd_chunk_state_fwd_kernel[(triton.cdiv(N, BN), triton.cdiv(P, BP), batch * H)](
-        x, B, dt_p, a_cs, h0, states, _batch_stride(h0, 4), T,
+        x, B, dt_p, a_cs, h0, resets, states, _batch_stride(h0, 4), T,
         H=H, G=G, P=P, N=N, TP=NC * chunk_size, NC=NC, CHUNK=chunk_size, BK=blk["BK"], BP=BP, BN=BN,
     )  # fmt: skip
     return states
 
 
-def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off):
+def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off, resets=None):
     batch, T, H, P = x.shape
     h_off = _h_off_for_dots(h_off, C)
     G, N = B.shape[2], B.shape[3]
@@ -753,7 +792,7 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, 
     ssd_chunk_cumsum_fwd_kernel[(NC, batch, triton.cdiv(H, BH))](
         dt, A, dt_bias, dt_p, a_cs, T, H=H, TP=TP, CHUNK=chunk_size, BH=BH, SOFTPLUS=dt_softplus
     )
-    states = _chunk_states(x, B, dt_p, a_cs, h0, chunk_size)
+    states = _chunk_states(x, B, dt_p, a_cs, h0, chunk_size, resets)
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if z is not None else None
     BM, BPs = blk["BK"], min(64, blk["BPF"])
@@ -784,9 +823,8 @@ def _add_dc_state_offset(dC: torch.Tensor, dy: torch.Tensor, h_off: torch.Tensor
         dC[i] += torch.bmm(dy[i].reshape(T, G, K).transpose(0, 1), h_off[i].reshape(G, K, N)).transpose(0, 1)
 
 
-def _ssd_bwd(
-    do, dht, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off, y_pre, dt_p, a_cs, states
-):
+def _ssd_bwd(do, dht, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off, y_pre, dt_p, a_cs,
+             states, resets=None):  # fmt: skip
     batch, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     NC = triton.cdiv(T, chunk_size)
@@ -809,7 +847,7 @@ def _ssd_bwd(
     dh_off = torch.empty_like(dh0) if h_off is not None else None
     dlast = torch.empty(batch, H, NC, NB, device=x.device, dtype=torch.float32)
     ssd_chunk_state_bwd_kernel[(triton.cdiv(N, BN), triton.cdiv(P, BP), batch * H)](
-        dy, C, a_cs, states, dht, dstates, dh0, dh_off, dlast, T,
+        dy, C, a_cs, states, resets, dht, dstates, dh0, dh_off, dlast, T,
         H=H, G=G, P=P, N=N, TP=TP, NC=NC, CHUNK=chunk_size, BK=blk["BK"], BP=BP, BN=BN,
     )  # fmt: skip
     # 2. key side (dx, dB) and query side (dC); programs loop over HPP heads of one group
@@ -883,14 +921,15 @@ def _ssd_bwd(
 
 class SSDScanFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, h0, h_off, y_off, chunk_size, dt_softplus):
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, h0, h_off, y_off, chunk_size, dt_softplus, resets=None):
         x, dt, A, B, C, D, z, dt_bias, h0, h_off, y_off = map(
             _contig, (x, dt, A, B, C, D, z, dt_bias, h0, h_off, y_off)
         )
+        resets = _chunk_resets(resets, x.shape[1], chunk_size)
         y, y_pre, dt_p, a_cs, states = _ssd_fwd(
-            x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off
+            x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, h_off, y_off, resets
         )
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, h_off, y_off, y_pre, dt_p, a_cs, states)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, h_off, y_off, y_pre, dt_p, a_cs, states, resets)
         ctx.chunk_size, ctx.dt_softplus = chunk_size, dt_softplus
         ctx.set_materialize_grads(False)
         final = states[:, -1].clone()  # [B, H, P, N]
@@ -898,18 +937,30 @@ class SSDScanFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        x, dt, A, B, C, D, z, dt_bias, h0, h_off, y_off, y_pre, dt_p, a_cs, states = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, h0, h_off, y_off, y_pre, dt_p, a_cs, states, resets = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(x)
         grads = _ssd_bwd(
             do.contiguous(), None if dht is None else dht.contiguous(), x, dt, A, B, C, ctx.chunk_size,
-            D, z, dt_bias, ctx.dt_softplus, h0, h_off, y_off, y_pre, dt_p, a_cs, states,
+            D, z, dt_bias, ctx.dt_softplus, h0, h_off, y_off, y_pre, dt_p, a_cs, states, resets,
         )  # fmt: skip
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
-def _chunk_size(op: str, chunk_size: int | None, seqlen: int, device: torch.device, headdim: int) -> int:
-    """The scan's chunk size (None: 256, or 64 for short sequences), checked with the sequence and the head dim."""
+def _chunk_size(
+    op: str,
+    chunk_size: int | None,
+    batch: int,
+    seqlen: int,
+    device: torch.device,
+    headdim: int,
+    resets: torch.Tensor | None = None,
+) -> int:
+    """The scan's chunk size (None: 256, or 64 for short sequences or with resets), checked with the sequence, the
+    head dim and the resets (then checked too)."""
+    if resets is not None:
+        check_resets(op, resets, batch, seqlen)
+        chunk_size = reset_chunk_size(op, chunk_size)
     if chunk_size is None:
         chunk_size = 256 if seqlen > 512 else 64
     if chunk_size < _MIN_BLOCK or chunk_size & (chunk_size - 1):
@@ -949,7 +1000,7 @@ class ConvSSDScanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xbc, weight, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, chunk_size, dt_softplus,
-                headdim, groups):  # fmt: skip
+                headdim, groups, resets=None):  # fmt: skip
         w, conv0, dt, A, D, dt_bias, h0, h_off, y_off = map(
             _contig, (weight, conv0, dt, A, D, dt_bias, h0, h_off, y_off)
         )
@@ -957,11 +1008,14 @@ class ConvSSDScanFunction(torch.autograd.Function):
         d = dt.shape[2] * headdim
         x, B, C = _conv_split(xbc, w, bias, conv0, mask, d, groups)
         x = x.view(batch, seqlen, -1, headdim)
-        y, _, dt_p, a_cs, states = _ssd_fwd(x, dt, A, B, C, chunk_size, D, None, dt_bias, dt_softplus, h0, h_off, y_off)
+        resets = _chunk_resets(resets, seqlen, chunk_size)
+        y, _, dt_p, a_cs, states = _ssd_fwd(
+            x, dt, A, B, C, chunk_size, D, None, dt_bias, dt_softplus, h0, h_off, y_off, resets
+        )
         # the chunk states (fp32, H·P·N per chunk: more than the conv input at chunk sizes up to 256) are recomputed
         # too, by their own forward kernel; the chunk scan is not
         kept = None if ConvSSDScanFunction.recompute_states else states
-        ctx.save_for_backward(xbc, w, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, dt_p, a_cs, kept)
+        ctx.save_for_backward(xbc, w, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, dt_p, a_cs, kept, resets)
         ctx.chunk_size, ctx.dt_softplus, ctx.headdim, ctx.groups = chunk_size, dt_softplus, headdim, groups
         ctx.weight_dtype = weight.dtype
         return y  # no final state: a training forward (the mixers' only caller) has no cache to fill
@@ -970,16 +1024,16 @@ class ConvSSDScanFunction(torch.autograd.Function):
     def backward(ctx, do):
         from ssmtune.ops.conv_fused import conv_bwd
 
-        xbc, w, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, dt_p, a_cs, states = ctx.saved_tensors
+        xbc, w, bias, conv0, mask, dt, A, D, dt_bias, h0, h_off, y_off, dt_p, a_cs, states, resets = ctx.saved_tensors
         batch, _, seqlen = xbc.shape
         d = dt.shape[2] * ctx.headdim
         x, B, C = _conv_split(xbc, w, bias, conv0, mask, d, ctx.groups)
         x = x.view(batch, seqlen, -1, ctx.headdim)
         if states is None:
-            states = _chunk_states(x, B, dt_p, a_cs, h0, ctx.chunk_size)
+            states = _chunk_states(x, B, dt_p, a_cs, h0, ctx.chunk_size, resets)
         dx, ddt, dA, dB, dC, dD, _, ddt_bias, dh0, dh_off, dy_off = _ssd_bwd(
             do.contiguous(), None, x, dt, A, B, C, ctx.chunk_size, D, None,
-            dt_bias, ctx.dt_softplus, h0, h_off, y_off, None, dt_p, a_cs, states,
+            dt_bias, ctx.dt_softplus, h0, h_off, y_off, None, dt_p, a_cs, states, resets,
         )  # fmt: skip
         needs = tuple(ctx.needs_input_grad[:4])
         dxbc = dw = dbias = dconv0 = None
@@ -990,7 +1044,7 @@ class ConvSSDScanFunction(torch.autograd.Function):
             if mask is not None:
                 dout = (dout * mask[:, :, None]).to(dout.dtype)
             dxbc, dw, dbias, dconv0 = conv_bwd(dout.transpose(1, 2), xbc, w, bias, conv0, True, ctx.weight_dtype, needs)
-        return dxbc, dw, dbias, dconv0, None, ddt, dA, dD, ddt_bias, dh0, dh_off, dy_off, None, None, None, None
+        return dxbc, dw, dbias, dconv0, None, ddt, dA, dD, ddt_bias, dh0, dh_off, dy_off, None, None, None, None, None
 
 
 @torch.compiler.disable
@@ -1012,20 +1066,21 @@ def conv_ssd_scan_triton(
     initial_state: torch.Tensor | None = None,
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``ssd_scan_triton`` of x, B_t, C_t split from ``causal_conv1d_triton(xbc, weight, bias, activation="silu")``
     (zeroed where ``mask`` [B, L] is 0), with the conv recomputed in the backward instead of its output kept.
 
     xbc [B, D+2GN, L] (any strides; the mixers pass the time-major view of in_proj's output), weight [D+2GN, K],
-    dt [B, L, H], D = H · headdim; the rest as ``ssd_scan_triton``. Returns y [B, L, H, headdim], with the values and
-    gradients of the unfused ops.
+    dt [B, L, H], D = H · headdim; the rest (``resets`` too) as ``ssd_scan_triton``. Returns y [B, L, H, headdim],
+    with the values and gradients of the unfused ops.
     """
-    chunk_size = _chunk_size("conv_ssd_scan_triton", chunk_size, xbc.shape[2], xbc.device, headdim)
+    chunk_size = _chunk_size("conv_ssd_scan_triton", chunk_size, *xbc.shape[::2], xbc.device, headdim, resets)
     if mask is not None:
         mask = mask[:, -xbc.shape[2] :]
     return ConvSSDScanFunction.apply(
         xbc, weight, bias, conv_initial_state, mask, dt, A, D, dt_bias, initial_state, state_offset, y_offset,
-        chunk_size, dt_softplus, headdim, ngroups,
+        chunk_size, dt_softplus, headdim, ngroups, resets,
     )  # fmt: skip
 
 
@@ -1046,6 +1101,7 @@ def ssd_scan_triton(
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
+    resets: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD scan (Triton), differentiable in every tensor input. Semantics of ``ssd_scan_ref``.
 
@@ -1055,21 +1111,23 @@ def ssd_scan_triton(
         A (torch.Tensor): shape [H]
         B (torch.Tensor): shape [B, L, G, N]; head i reads group i // (H / G)
         C (torch.Tensor): shape [B, L, G, N]
-        chunk_size (int | None): power of two >= 16; None picks 256 (64 for short sequences)
+        chunk_size (int | None): power of two >= 16; None picks 256 (64 for short sequences and with ``resets``)
         D (torch.Tensor | None): shape [H] or [H, P]
         z (torch.Tensor | None): shape [B, L, H, P], gate y · silu(z)
         dt_bias (torch.Tensor | None): shape [H]
         initial_state (torch.Tensor | None): h0, shape [H, P, N] or [B, H, P, N]
         state_offset (torch.Tensor | None): h', shape [H, P, N] or [B, H, P, N]
         y_offset (torch.Tensor | None): y', shape [H, P] or [B, H, P]
+        resets (torch.Tensor | None): bool [B, ceil(L / RESET_ALIGN)], packed rows (``varlen.py``); chunk_size must
+            then divide RESET_ALIGN, so that each reset restarts the state between two chunks
     Returns:
         y [B, L, H, P] in x's dtype, and h_L [B, H, P, N] in fp32 when ``return_final_state``.
     """
     if x.device.type != "cuda" and x.device.type != "cpu":
         raise ValueError(f"ssd_scan_triton: unsupported device {x.device}")
-    chunk_size = _chunk_size("ssd_scan_triton", chunk_size, x.shape[1], x.device, x.shape[-1])
+    chunk_size = _chunk_size("ssd_scan_triton", chunk_size, *x.shape[:2], x.device, x.shape[-1], resets)
     y, final = SSDScanFunction.apply(
-        x, dt, A, B, C, D, z, dt_bias, initial_state, state_offset, y_offset, chunk_size, dt_softplus
+        x, dt, A, B, C, D, z, dt_bias, initial_state, state_offset, y_offset, chunk_size, dt_softplus, resets
     )
     return (y, final) if return_final_state else y
 
