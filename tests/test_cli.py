@@ -362,3 +362,17 @@ def test_eval_json_parses_when_the_loss_is_nan(env, tmp_path, capsys):
     result = json.loads(out.read_text())  # strict JSON: no NaN token
     assert "NaN" not in out.read_text()
     assert result["loss"] is None and result["non_finite"]["loss"] == "nan"
+
+
+@pytest.mark.parametrize("layout", ["rows", "cu_seqlens"])
+def test_train_with_packing(env, capsys, layout):
+    """--data.packing true packs into rows by default (a step of batch_size rows, as many examples as fit), or into
+    one cu_seqlens row per batch; both train and evaluate."""
+    argv = train_argv(env, f"packed-{layout}", "--data.packing", "true", "--data.packing_layout", layout,
+                      "--max_length", "61", "--train.save_steps", "0")  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((env["runs"] / f"packed-{layout}" / "results.json").read_text())
+    # 16 examples cut to 61 tokens: each fills a row of 64 (3 lead pads), so a step's 4 rows take 4 examples, as a
+    # cu_seqlens batch does: 4 steps an epoch
+    assert results["steps"] == 8
+    capsys.readouterr()

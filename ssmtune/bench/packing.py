@@ -1,14 +1,20 @@
-"""Training on packed rows (``--data.packing true``) against padded batches of the same, length-skewed data.
+"""Training on packed batches (``--data.packing true``) against padded batches of the same, length-skewed data.
 
 Data: ``--examples`` random token sequences whose lengths are log-uniform in [``--min-len``, ``--max-len``] (32..2048;
-``--small``: 8..128), the last quarter of each a target. Both stacks train on the same batches of ``--batch-size``
-examples in the same order: ``padded`` right-pads each batch to its longest example (``Collator``, attention mask),
-``packed`` lays the batch end to end (``PackingCollator``, ``cu_seqlens``, what ``--data.packing true`` does),
-``packed rows`` into rows of ``--max-len`` tokens whose padding is a sequence of its own (``pad_rows=True``). The
-packed ops scan their sequences in buckets of similar lengths (``ssmtune/ops/varlen.py``), chosen at a cost of
-``BUCKET_OVERHEAD_TOKENS`` row-tokens of padding per bucket; ``--bucket-tokens N [N ...]`` times both packed stacks at
-each value (default: the library's), as ``packed (bucket N)`` and ``packed rows (bucket N)``, beside the one padded
-stack.
+``--small``: 8..128), the last quarter of each a target. The cu_seqlens stacks train on the same batches of
+``--batch-size`` examples in the same order: ``padded`` right-pads each batch to its longest example (``Collator``,
+attention mask), ``packed`` lays the batch end to end (``PackingCollator``, ``cu_seqlens``, what
+``--data.packing_layout cu_seqlens`` does), ``packed rows`` into rows of ``--max-len`` tokens whose padding is a
+sequence of its own (``pad_rows=True``). Their ops scan the sequences in buckets of similar lengths
+(``ssmtune/ops/varlen.py``), chosen at a cost of ``BUCKET_OVERHEAD_TOKENS`` row-tokens of padding per bucket;
+``--bucket-tokens N [N ...]`` times both at each value (default: the library's), as ``packed (bucket N)`` and
+``packed rows (bucket N)``, beside the one padded stack.
+
+``rows (resets)`` is what ``--data.packing true`` does now (``PackedRowsCollator``): each step is ``--batch-size``
+rows of ``--max-len`` + 3 tokens (rounded up to 64) filled first fit from the same example stream, each example in a
+slot that restarts the scan (``resets``), so a step holds as many examples as fit. ``rows (resets, graphed)`` replays
+the same step from a CUDA graph through the loop's ``GraphedTrainStep`` (CUDA only; skipped with a note on the CPU).
+The rows stacks run the scans' backends that take ``resets`` (``ops.RESETS_BACKENDS``).
 
 One step = forward (bf16 autocast on CUDA) + summed target-token cross-entropy over the batch's targets + backward +
 AdamW step on a State-offset (h) adapter of a random Mamba-2 (``--arch mamba`` for Mamba-1): d_model 768, 24 layers
@@ -16,7 +22,8 @@ AdamW step on a State-offset (h) adapter of a random Mamba-2 (``--arch mamba`` f
 timed steps after ``--warmup`` untimed ones (the stacks take turns per batch; each step's fastest of ``--repeats``
 passes counts), the real tokens over those computed (the projections' work) and over those scanned (Σ rows ×
 width of the scans' buckets), and each packed stack's rate over padded. Check first: the fp32 losses on the first
-batch, padded and packed at each ``--bucket-tokens`` value, agree.
+batch, padded and packed at each ``--bucket-tokens`` value, agree, and so do the first rows batch's and its examples'
+padded.
 
 GPU:  ssmtune bench packing
 Bucket sweep:  ssmtune bench packing --bucket-tokens 0 2048 8192 32768
@@ -84,7 +91,7 @@ def loss_of(model, batch: dict, device, autocast: bool) -> torch.Tensor:
     from ssmtune.models.lm import count_targets, token_loss_sum
 
     ids = batch["input_ids"].to(device)
-    kw = {"cu_seqlens": batch["cu_seqlens"].to(device)} if "cu_seqlens" in batch else {}
+    kw = {k: batch[k].to(device) for k in ("cu_seqlens", "resets") if k in batch}
     mask = batch.get("attention_mask")
     labels = batch["labels"].to(device)
     if "cu_seqlens" in batch:  # the model's own labels: each sequence's first label ignored, as unpacked
@@ -116,8 +123,28 @@ def bucket_tokens(value: int | None):
         varlen.BUCKET_OVERHEAD_TOKENS = old
 
 
+def graphed_step(model, opt, rows: int, width: int):
+    """The training loop's captured step (``GraphedTrainStep``, as ``fit`` builds it, without clipping):
+    ``step(batch)`` replays forward, loss, backward and AdamW on a batch of packed rows."""
+    from ssmtune.models.lm import IGNORE_INDEX, count_targets, token_loss_sum
+    from ssmtune.train.graphs import GraphedTrainStep
+    from ssmtune.train.optim import set_capturable
+
+    set_capturable(opt, True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    graphed = GraphedTrainStep(model, opt, trainable, rows=rows, length=width, clip=math.inf,
+                               autocast_dtype=torch.bfloat16, loss_fn=token_loss_sum,
+                               ignore_index=IGNORE_INDEX)  # fmt: skip
+
+    def step(batch: dict) -> None:
+        tensors = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "resets")}
+        graphed(tensors, count_targets(batch["labels"]))
+
+    return step
+
+
 def run(args: argparse.Namespace) -> dict:
-    from ssmtune.data import Collator, PackingCollator
+    from ssmtune.data import Collator, PackedRowsCollator, PackingCollator
     from ssmtune.train.optim import build_optimizer
 
     device = torch.device(args.device)
@@ -132,40 +159,59 @@ def run(args: argparse.Namespace) -> dict:
     values = args.bucket_tokens or [varlen.BUCKET_OVERHEAD_TOKENS]
     if min(values) < 0:
         raise ValueError(f"--bucket-tokens must be >= 0, got {min(values)}")
-    # stack name -> (collator, bucket overhead or None); the packed stacks of every bucket value share two collators
+    # packed rows: --batch-size rows a step, as many examples as fit (the training loop's batches)
+    by_rows = PackedRowsCollator(0, hi, rows=args.batch_size)
+    row_batches = [[items[i] for i in b] for b in by_rows.plan([len(it["input_ids"]) for it in items])]
+    # stack name -> (collator, bucket overhead or None, its batches of items); the packed stacks of every bucket value
+    # share two collators
     packed, rows = PackingCollator(0, hi), PackingCollator(0, hi, pad_rows=True)
-    collators = {"padded": (Collator(0), None)}
+    collators = {"padded": (Collator(0), None, batches)}
     for v in dict.fromkeys(values):
-        collators[f"packed (bucket {v})"] = (packed, v)
-        collators[f"packed rows (bucket {v})"] = (rows, v)
+        collators[f"packed (bucket {v})"] = (packed, v, batches)
+        collators[f"packed rows (bucket {v})"] = (rows, v, batches)
+    collators["rows (resets)"] = (by_rows, None, row_batches)
+    notes = []
+    if device.type == "cuda":
+        collators["rows (resets, graphed)"] = (by_rows, None, row_batches)
+    else:
+        notes.append("rows (resets, graphed): skipped, CUDA graphs need a CUDA device")
     model = build(args, shape)
 
     errs = []
     with torch.no_grad():  # the check: the first batch's fp32 loss, padded and packed at each bucket value
         ref = loss_of(model, collators["padded"][0](batches[0]), device, autocast=False)
-        for name, (collate, v) in collators.items():
+        for name, (collate, v, _) in collators.items():
             if v is not None and not name.startswith("packed rows"):
                 with bucket_tokens(v):
                     out = loss_of(model, collate(batches[0]), device, autocast=False)
                 errs.append(check_close(f"{name} loss", [ref.reshape(1)], [out.reshape(1)], 1e-4))
+        # packed rows: the first rows batch against its examples padded
+        ref = loss_of(model, Collator(0)(row_batches[0]), device, autocast=False)
+        out = loss_of(model, by_rows(row_batches[0]), device, autocast=False)
+        errs.append(check_close("rows (resets) loss", [ref.reshape(1)], [out.reshape(1)], 1e-4))
 
     autocast = device.type == "cuda"
     stacks, collated = {}, {}  # each collator's batches, collated once
-    for name, (collate, v) in collators.items():
+    for name, (collate, v, items_of) in collators.items():
         model = build(args, shape)
         opt = build_optimizer(model, lr=1e-4, weight_decay=0.0)
         if id(collate) not in collated:
-            collated[id(collate)] = [collate(b) for b in batches]
-        stacks[name] = (model, opt, collated[id(collate)], v)
+            collated[id(collate)] = [collate(b) for b in items_of]
+        graphed = graphed_step(model, opt, args.batch_size, by_rows.width) if name.endswith("graphed)") else None
+        stacks[name] = (model, opt, collated[id(collate)], v, graphed, items_of)
 
     def step(name: str, i: int) -> float:
-        model, opt, collated, v = stacks[name]
+        model, opt, collated, v, graphed, _ = stacks[name]
+        batch = collated[i % len(collated)]
         with bucket_tokens(v):
             sync(device)
             t0 = time.perf_counter()
-            loss_of(model, collated[i % len(collated)], device, autocast).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if graphed is not None:
+                graphed(batch)
+            else:
+                loss_of(model, batch, device, autocast).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             sync(device)
             return time.perf_counter() - t0
 
@@ -179,10 +225,10 @@ def run(args: argparse.Namespace) -> dict:
         for j in range(steps):
             for name in stacks:
                 best[name][j] = min(best[name][j], step(name, args.warmup + j))
-    idx = [i % len(batches) for i in range(args.warmup, args.warmup + steps)]
-    real = sum(sum(len(it["input_ids"]) for it in batches[i]) for i in idx)
     rows, table, rate = [], [], {}
-    for name, (_, _, collated, v) in stacks.items():
+    for name, (_, _, collated, v, _, items_of) in stacks.items():
+        idx = [i % len(items_of) for i in range(args.warmup, args.warmup + steps)]
+        real = sum(sum(len(it["input_ids"]) for it in items_of[i]) for i in idx)
         seconds = sum(best[name])
         done = sum(collated[i]["input_ids"].numel() for i in idx)
         scanned = sum(scanned_tokens(collated[i], v) for i in idx)
@@ -197,9 +243,10 @@ def run(args: argparse.Namespace) -> dict:
             ratios[name] = rate[name] / rate["padded"]
             table.append([f"{name} / padded", f"{ratios[name]:.2f}", "", "", ""])
     header = ["stack", "real tokens/s", "ms/step", "real / computed tokens", "real / scanned tokens"]
-    return {"rows": rows, "over_padded": ratios, "target": TARGET, "check_rel_err": max(errs),
-            "lengths": [lo, hi], "table": markdown(header, table)}  # fmt: skip
+    text = markdown(header, table) + "".join(f"\n{note}" for note in notes)
+    return {"rows": rows, "over_padded": ratios, "target": TARGET, "check_rel_err": max(errs), "notes": notes,
+            "lengths": [lo, hi], "table": text}  # fmt: skip
 
 
-register(Benchmark("packing", "training on packed rows (cu_seqlens) against padded batches, lengths 32..2048",
-                   add_args, run))  # fmt: skip
+register(Benchmark("packing", "training on packed batches (cu_seqlens, packed rows with resets) against padded "
+                   "batches, lengths 32..2048", add_args, run))  # fmt: skip

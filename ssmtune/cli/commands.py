@@ -82,8 +82,9 @@ def validate_train_args(args: TrainArgs) -> None:
     make_adapter_configs(args.method, args.method_args)
     if args.data.packing and args.max_length is None:
         raise ValueError("--data.packing true needs --max_length (the length of a packed row)")
-    if args.data.packing and args.train.cuda_graph:
-        raise ValueError("--data.packing true does not run with --train.cuda_graph true")
+    if args.data.packing and args.data.packing_layout == "cu_seqlens" and args.train.cuda_graph:
+        raise ValueError("--data.packing_layout cu_seqlens does not run with --train.cuda_graph true (its shapes "
+                         "change with every batch); --data.packing_layout rows does")  # fmt: skip
     task = get_task(args.data.task)
     require_metric_packages(task.metrics, args.data.task)
 
@@ -234,9 +235,26 @@ def check_output_file(path: Path, flag: str) -> None:
     check_output_folder(path.parent, flag)
 
 
+def _packing_collator(model: nn.Module, pad_token_id: int, args: TrainArgs):
+    """``--data.packing``'s collator: packed rows of ``batch_size`` rows with a lead of the model's d_conv - 1 pads,
+    or one ``cu_seqlens`` row per micro-batch."""
+    from ssmtune.data import PackedRowsCollator, PackingCollator
+    from ssmtune.models.lm import SSMPreTrainedModel
+
+    if args.data.packing_layout == "cu_seqlens":
+        return PackingCollator(pad_token_id, args.max_length)
+    base = getattr(model, "base_model", model)
+    if not isinstance(base, SSMPreTrainedModel):  # a CLI setting that does not apply: the one error type of the CLI
+        what = type(base).__name__
+        msg = f"--data.packing_layout rows runs on ssmtune's Mamba / Mamba-2 models, not {what}; use cu_seqlens"
+        raise ValueError(msg)  # noqa: TRY004
+    lead = max(1, *(m.conv1d.weight.shape[-1] - 1 for _, m in base.mixers()))
+    return PackedRowsCollator(pad_token_id, args.max_length, rows=args.train.batch_size, lead=lead)
+
+
 def _train_in(run_dir: Path, args: TrainArgs, ctx: DistContext, task, tokenizer, train_ds) -> dict[str, Any]:
     from ssmtune.core.peft_model import get_peft_model
-    from ssmtune.data import Collator, PackingCollator
+    from ssmtune.data import Collator
     from ssmtune.eval.evaluate import evaluate, load_eval_dataset
     from ssmtune.train import fit
     from ssmtune.train.plots import plot_run
@@ -260,8 +278,9 @@ def _train_in(run_dir: Path, args: TrainArgs, ctx: DistContext, task, tokenizer,
             return evaluate(m, tokenizer, args.data, args.eval, dataset=eval_ds)
 
     start = time.perf_counter()
-    collate = (PackingCollator(tokenizer.pad_token_id, args.max_length) if args.data.packing
-               else Collator(tokenizer.pad_token_id))  # fmt: skip
+    collate = Collator(tokenizer.pad_token_id)
+    if args.data.packing:
+        collate = _packing_collator(model, tokenizer.pad_token_id, args)
     result = fit(model, train_ds, collate, config=args.train, out_dir=run_dir, eval_fn=eval_fn, dist=ctx)
     if not ctx.is_main:
         return {"run": run_dir.name, "steps": result.step, "world_size": ctx.world_size}

@@ -16,6 +16,7 @@ from ssmtune.data.tasks import (
 from ssmtune.data.tokenize import (
     IGNORE_INDEX,
     Collator,
+    PackedRowsCollator,
     PackingCollator,
     ResumableBatchSampler,
     TokenizedDataset,
@@ -29,6 +30,7 @@ __all__ = [
     "IGNORE_INDEX",
     "SEP",
     "Collator",
+    "PackedRowsCollator",
     "PackingCollator",
     "ResumableBatchSampler",
     "Task",

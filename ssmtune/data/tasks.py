@@ -73,16 +73,22 @@ class TaskConfig:
     """Drop examples whose input (without its instruction prefix) + target exceed this many tokens, in training and
     evaluation alike (Spider's reference runs: 1536). Default: `None`, keep all."""
     packing: bool = False
-    """Training only: lay the examples of each micro-batch end to end in one packed row instead of padding them to the
-    longest (needs `--max_length`, which every example must fit); each example still runs from its own initial
-    states and its loss is unchanged (docs/training.md, "Packed sequences"). Trains eagerly (not with
-    `--train.cuda_graph true`)."""
+    """Training only: pack examples instead of padding each batch to its longest (needs `--max_length`, which every
+    example must fit); each example still runs from its own initial states and its loss is unchanged
+    (docs/training.md, "Packed sequences"). How: `packing_layout`."""
+    packing_layout: Literal["rows", "cu_seqlens"] = "rows"
+    """With `packing`: `rows` fills each step's `batch_size` rows of `max_length` (+ 3, rounded up to 64) tokens
+    with as many examples as fit, each in a slot that restarts the scan (`resets`): static shapes, so the step is
+    CUDA-graphed by default on ssmtune's Mamba models; `cu_seqlens` lays each micro-batch's examples end to end in one
+    row (a shape per batch, eager; the layout the transformers hybrids take)."""
 
     def __post_init__(self) -> None:
         if self.source not in ("auto", "local", "hub"):
             raise ValueError(f"source must be 'auto', 'local' or 'hub', got {self.source!r}")
         if self.split_scheme not in ("official", "train_val_split"):
             raise ValueError(f"split_scheme must be 'official' or 'train_val_split', got {self.split_scheme!r}")
+        if self.packing_layout not in ("rows", "cu_seqlens"):
+            raise ValueError(f"packing_layout must be 'rows' or 'cu_seqlens', got {self.packing_layout!r}")
         if self.prompt_style not in ("state_tuning", "peft"):
             raise ValueError(f"prompt_style must be 'state_tuning' or 'peft', got {self.prompt_style!r}")
         if not 0.0 < self.val_fraction < 1.0:

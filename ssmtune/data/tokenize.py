@@ -8,6 +8,7 @@ the loss shifts by one, as HF causal LMs do, so the logits at position t - 1 pre
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -236,6 +237,102 @@ class PackingCollator:
             "token_mask": token_mask,
             "prompt_lengths": torch.tensor([it["prompt_length"] for it in items], dtype=torch.long),  # [B]
             "example_index": torch.tensor([it["example_index"] for it in items], dtype=torch.long),  # [B]
+        }
+
+
+class PackedRowsCollator:
+    """Lays a batch's items into ``rows`` packed rows of ``width`` tokens, the static-shape layout of ``resets``
+    (``ssmtune.ops.RESET_ALIGN``, docs/training.md "Packed sequences").
+
+    Each item sits in a *slot* that starts at a multiple of ``RESET_ALIGN`` (64) positions in its row: ``lead`` pad
+    positions, the item's tokens, then pads up to the next slot start. Slots are placed first fit (each item into the
+    first row with room for its slot, in the items' order). ``width`` is ``max_length + lead`` rounded up to 64, so an
+    item of ``max_length`` tokens fills a row; a longer one is refused. ``lead`` (>= 1, default 3) must be at least
+    the model's ``d_conv - 1``: the zeroed lead pads keep every conv window inside its sequence, and an initial conv
+    state goes into the ``d_conv - 1`` of them right before the sequence.
+
+    Returns ``input_ids``, ``attention_mask`` (0 at pads), ``labels`` (-100 at pads and at each item's first token:
+    nothing before it may predict it, as in a separate run) [rows, width], ``resets`` (bool [rows, width / 64], True
+    at each slot start) and the per-item ``prompt_lengths`` and ``example_index`` in the items' order. Items that need
+    more than ``rows`` rows are refused: ``plan`` cuts a stream of items into batches that fit.
+    """
+
+    def __init__(self, pad_token_id: int, max_length: int, *, rows: int, lead: int = 3) -> None:
+        from ssmtune.ops.varlen import RESET_ALIGN
+
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 for packing, got {max_length!r}")
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows!r}")
+        if lead < 1:
+            raise ValueError(f"lead must be >= 1 (a pad before each sequence), got {lead!r}")
+        self.pad_token_id, self.max_length, self.rows, self.lead = pad_token_id, max_length, rows, lead
+        self.align = RESET_ALIGN
+        self.width = self.slot(max_length)
+
+    def slot(self, n: int) -> int:
+        """Positions a slot of an ``n``-token item takes: lead pads + the tokens, rounded up to ``RESET_ALIGN``."""
+        return -(-(self.lead + n) // self.align) * self.align
+
+    def _fits(self, free: list[int], n: int) -> int | None:
+        """The first row (an index into ``free``, a new one when there is room for it) that takes an ``n``-token
+        item, or None when none does."""
+        if n > self.max_length:
+            raise ValueError(f"packing: an example of {n} tokens does not fit a row of max_length={self.max_length}")
+        need = self.slot(n)
+        r = next((r for r, room in enumerate(free) if room >= need), None)
+        if r is None and len(free) < self.rows:
+            free.append(self.width)
+            r = len(free) - 1
+        return r
+
+    def plan(self, lengths: Sequence[int]) -> list[list[int]]:
+        """A stream of item lengths cut into batches, each a list of positions into ``lengths``: items are taken in
+        order, each into the first of the batch's ``rows`` rows with room for its slot; one that fits none closes
+        the batch and opens the next. Every item is in exactly one batch; the last batch may be less full."""
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        free: list[int] = []
+        for i, n in enumerate(lengths):
+            r = self._fits(free, n)
+            if r is None:
+                batches.append(cur)
+                cur, free = [], []
+                r = self._fits(free, n)
+            free[r] -= self.slot(n)
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        rows, width = self.rows, self.width
+        input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((rows, width), dtype=torch.long)
+        resets = torch.zeros((rows, width // self.align), dtype=torch.bool)
+        free: list[int] = []
+        for it in items:
+            n = len(it["input_ids"])
+            r = self._fits(free, n)
+            if r is None:
+                tokens = sum(len(i["input_ids"]) for i in items)
+                raise ValueError(f"packing: {len(items)} examples of {tokens} tokens do not fit {rows} rows of "
+                                 f"{width} (plan() cuts a stream into batches)")  # fmt: skip
+            start = width - free[r]
+            free[r] -= self.slot(n)
+            first = start + self.lead
+            input_ids[r, first : first + n] = torch.tensor(it["input_ids"], dtype=torch.long)
+            labels[r, first + 1 : first + n] = torch.tensor(it["labels"][1:], dtype=torch.long)
+            attention_mask[r, first : first + n] = 1
+            resets[r, start // self.align] = True
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "resets": resets,
+            "prompt_lengths": torch.tensor([it["prompt_length"] for it in items], dtype=torch.long),  # [n_items]
+            "example_index": torch.tensor([it["example_index"] for it in items], dtype=torch.long),  # [n_items]
         }
 
 

@@ -106,6 +106,40 @@ def check_packed(cu_seqlens: torch.Tensor, cache: object, attention_mask: torch.
         raise ValueError(f"cu_seqlens must be a 1-D tensor [n_seq + 1], got {what}")
 
 
+def check_rows(resets: torch.Tensor, cache: object, cu_seqlens: object, attention_mask: torch.Tensor | None) -> None:
+    """A mixer's packed-rows forward (``resets``) is a training forward over padded slots: no cache (its final state
+    would be the last slot's), not with ``cu_seqlens`` (the other packed layout), and with the attention mask that
+    marks the pads (they must be identity steps of the scan)."""
+    if cache is not None:
+        raise ValueError("resets: packed rows are a training layout; a forward with a cache (generation) takes none")
+    if cu_seqlens is not None:
+        raise ValueError("resets (packed rows) and cu_seqlens (one packed sequence row) are two layouts; pass one")
+    if attention_mask is None:
+        raise ValueError("resets: packed rows need the attention_mask that marks their pad positions, got None")
+
+
+def conv0_at_slots(x: torch.Tensor, conv0: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The conv input of packed rows with every sequence's start made as if it ran alone: pads zeroed, and an
+    initial conv window ``conv0`` written into the K-1 positions right before each sequence's first token (a real
+    position after a pad). x [B, C, L]; conv0 [C, K-1] or [B, C, K-1] or None; attention_mask [B, >=L]. Each sequence
+    needs K-1 pads before it (``PackedRowsCollator``'s ``lead``); one at a row's first position reads the conv's own
+    initial state instead. Shapes stay static (no host synchronisation): usable under CUDA-graph capture."""
+    batch, channels, seqlen = x.shape
+    mask = attention_mask[:, -seqlen:].to(x.device).bool()  # [B, L]
+    out = x * mask[:, None, :].to(x.dtype)
+    if conv0 is None:
+        return out
+    k1 = conv0.shape[-1]
+    c0 = conv0.to(x.dtype).expand(batch, channels, k1)
+    first = mask.clone()
+    first[:, 1:] &= ~mask[:, :-1]  # [B, L] a sequence's first token
+    for j in range(1, min(k1, seqlen - 1) + 1):  # position t = first - j holds conv0[..., K-1-j]
+        at = torch.zeros_like(first)
+        at[:, :-j] = first[:, j:] & ~mask[:, :-j]
+        out = out + at[:, None, :].to(x.dtype) * c0[:, :, k1 - j, None]
+    return out
+
+
 class InputHook(nn.Module):
     """Edits the input embeddings (and the attention mask and labels) before the first block: Prompt Tuning.
 

@@ -72,6 +72,7 @@ class Block(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         *,
+        resets: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
         defer_add: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +85,8 @@ class Block(nn.Module):
         else:
             residual, normed = self.norm(hidden_states, input_dtype=self.norm.weight.dtype, residual=residual)
         packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        if resets is not None:
+            packed["resets"] = resets
         out = self.mixer(normed, cache, attention_mask=attention_mask, **packed)
         return (residual, out) if defer_add else residual + out
 
@@ -101,9 +104,10 @@ class Backbone(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: InferenceCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        resets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """inputs_embeds [B, L, d_model] → final hidden states [B, L, d_model] (fp32 with residual_in_fp32);
-        ``cu_seqlens``: a packed [1, total, d_model] batch (see ``SSMForCausalLM.forward``)."""
+        ``cu_seqlens``: a packed [1, total, d_model] batch; ``resets``: packed rows (see ``SSMForCausalLM.forward``)."""
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model has {len(self.layers)}")
         h, residual = inputs_embeds, None
@@ -111,9 +115,10 @@ class Backbone(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             if fuse:  # (stream, mixer output): the add happens in the next norm's kernel
-                residual, h = layer(h, layer_cache, attention_mask, cu_seqlens, residual=residual, defer_add=True)
+                residual, h = layer(h, layer_cache, attention_mask, cu_seqlens, resets=resets, residual=residual,
+                                    defer_add=True)  # fmt: skip
             else:
-                h = layer(h, layer_cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+                h = layer(h, layer_cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens, resets=resets)
         return self.norm_f(h) if residual is None else self.norm_f(h, residual=residual)[1]
 
     def fuses_add(self, inputs_embeds: torch.Tensor) -> bool:
@@ -256,17 +261,24 @@ class SSMForCausalLM(SSMPreTrainedModel):
         labels: torch.Tensor | None = None,
         cache: InferenceCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        resets: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, L] (or inputs_embeds [B, L, d_model]) → logits [B, L, V]; loss when labels [B, L].
 
         ``cu_seqlens`` (int32 [n_seq + 1]): input_ids is a packed [1, total] batch of n_seq sequences, each run from
         its own initial states as if alone (``ssmtune.ops.varlen``); no position predicts the next sequence's first
         token, so the loss equals the token-weighted loss of the separate sequences.
+        ``resets`` (bool [B, ceil(L / 64)]): packed rows (``ssmtune.data.PackedRowsCollator``): each sequence in a slot
+        starting at a multiple of 64 after at least d_conv - 1 pads (``attention_mask`` 0), run from its own initial
+        states as if alone; a label right after a pad is ignored (no position predicts a sequence's first token).
         """
         if cu_seqlens is not None:
             labels = packed_labels(labels, cu_seqlens, self.input_hooks)
+        if resets is not None:
+            labels = row_labels(labels, attention_mask, cache, self.input_hooks)
         embeds, mask, hook_labels, added = self._embed(input_ids, inputs_embeds, attention_mask, labels, cache)
-        hidden = self.backbone(embeds, mask, cache, cu_seqlens=cu_seqlens)  # [B, L', d_model]
+        packed = {} if resets is None else {"resets": resets}
+        hidden = self.backbone(embeds, mask, cache, cu_seqlens=cu_seqlens, **packed)  # [B, L', d_model]
         # [B, L', V] in the head's dtype, as transformers' recent LMs: an fp32 copy of bf16 logits is 3.3 GB at 8 x 2048
         # with a 50k vocabulary, and the loss reads them in their own dtype and computes in fp32 anyway
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
@@ -350,6 +362,26 @@ def packed_labels(
     labels = labels.clone()
     labels[:, cu_seqlens[1:-1].long().to(labels.device)] = IGNORE_INDEX
     return labels
+
+
+def row_labels(
+    labels: torch.Tensor | None, attention_mask: torch.Tensor | None, cache: object, input_hooks: nn.ModuleDict
+) -> torch.Tensor | None:
+    """The labels of packed rows (``resets``) with every label right after a pad ignored: a sequence's first token,
+    which its separate run has no position to predict. Input hooks (Prompt Tuning) add positions per row, which a
+    row of several sequences cannot place; a cache (generation) has no packed rows."""
+    if any(getattr(h, "active", True) for h in input_hooks.values()):
+        raise ValueError("resets: input hooks (Prompt Tuning) cannot run on packed rows (their virtual tokens are "
+                         "added once per row, not per sequence)")  # fmt: skip
+    if cache is not None:
+        raise ValueError("resets: packed rows are a training layout; a forward with a cache (generation) takes none")
+    if attention_mask is None:
+        raise ValueError("resets: packed rows need the attention_mask that marks their pad positions, got None")
+    if labels is None:
+        return None
+    after_pad = torch.zeros_like(labels, dtype=torch.bool)
+    after_pad[:, 1:] = attention_mask[:, :-1].to(labels.device) == 0
+    return labels.masked_fill(after_pad, IGNORE_INDEX)
 
 
 def causal_lm_loss(

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.varlen import PAD_LOGIT
 from .cache import LayerCache
 from .config import MambaConfig
-from .hooks import MergedState, check_packed, collect_state
+from .hooks import MergedState, check_packed, check_rows, collect_state, conv0_at_slots
 
 
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -104,9 +105,14 @@ class MambaMixer(nn.Module):
         use_state_hooks: bool = True,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        resets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states [B, L, d_model]; with ``cu_seqlens`` (int32 [n_seq + 1]) a packed [1, total, d_model] batch
-        whose sequences start from their own states (the hooks' states are per sequence; ``ops.varlen``)."""
+        whose sequences start from their own states (the hooks' states are per sequence; ``ops.varlen``). With
+        ``resets`` (bool [B, ceil(L / 64)]) packed rows: each sequence sits in a slot of its row after masked pads, and
+        every slot start restarts the scan from the row's initial state (``ops.selective_scan``)."""
+        if resets is not None:
+            check_rows(resets, cache, cu_seqlens, attention_mask)
         batch, seqlen, _ = hidden_states.shape
         fresh = cache is None or cache.fresh
         if cache is not None and not fresh and cache.ssm_state is not None and cache.ssm_state.shape[0] != batch:
@@ -136,6 +142,9 @@ class MambaMixer(nn.Module):
             )[:, :, None]
         else:
             conv0 = st.conv0 if fresh else cache.conv_state
+            if resets is not None and (conv0 is not None or self.config.bias):
+                # every sequence of the rows starts from conv0 (in_proj's bias would leave pads nonzero)
+                x = conv0_at_slots(x, conv0, attention_mask)
             # Without gradients y is written as [B, D, L] rows, what the scan reads. With them, on CUDA, it is written
             # time-major: its two gradients (x_proj's, and the scan's, which the Triton scan returns time-major) then
             # add in one layout; torch's channel-major + time-major sum took 0.174 ms against 0.069 ms for a transpose
@@ -157,6 +166,10 @@ class MambaMixer(nn.Module):
         # GEMM (addmm) instead of a separate pass over the [B, L, D] output. A decode step passes the [B, R] slice
         # itself: a 2-D input with unit column stride goes to addmm as it is, without the copy
         delta = self.dt_proj(dt[:, 0])[:, None] if step else self.dt_proj(dt.contiguous())  # [B, L, D]
+        if resets is not None:
+            # a pad takes a zero step (softplus(PAD_LOGIT) == 0): the row's initial state, restored at a slot start,
+            # reaches the sequence's first token undecayed, as in a separate run
+            delta = delta.masked_fill(attention_mask[:, -seqlen:, None] == 0, PAD_LOGIT)
 
         # 5-8. scan (offsets before the gate), gate by silu(z)
         if step:
@@ -174,7 +187,7 @@ class MambaMixer(nn.Module):
             out = ops.selective_scan(
                 x.transpose(1, 2), delta.transpose(1, 2), A, Bt.transpose(1, 2), Ct.transpose(1, 2), Dskip,
                 z.transpose(1, 2), None, True, initial_state=h0, state_offset=st.h_off, y_offset=st.y_off,
-                return_final_state=cache is not None, cu_seqlens=cu_seqlens, backend=self.backend,
+                return_final_state=cache is not None, cu_seqlens=cu_seqlens, resets=resets, backend=self.backend,
             )  # fmt: skip
             if cache is not None:
                 y, h_last = out

@@ -9,13 +9,16 @@ The scan runs without z; state offsets are added to y before the gated norm, as 
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
 from .. import ops
 from .cache import LayerCache
 from .config import Mamba2Config
-from .hooks import MergedState, check_packed, collect_state
+from .hooks import MergedState, check_packed, check_rows, collect_state, conv0_at_slots
 from .mamba import _inverse_softplus, mask_padding, sample_dt
 
 
@@ -108,9 +111,14 @@ class Mamba2Mixer(nn.Module):
         use_state_hooks: bool = True,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        resets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states [B, L, d_model]; with ``cu_seqlens`` (int32 [n_seq + 1]) a packed [1, total, d_model] batch
-        whose sequences start from their own states (the hooks' states are per sequence; ``ops.varlen``)."""
+        whose sequences start from their own states (the hooks' states are per sequence; ``ops.varlen``). With
+        ``resets`` (bool [B, ceil(L / 64)]) packed rows: each sequence sits in a slot of its row after masked pads, and
+        every slot start restarts the scan from the row's initial state (``ops.ssd_scan``)."""
+        if resets is not None:
+            check_rows(resets, cache, cu_seqlens, attention_mask)
         batch, seqlen, _ = hidden_states.shape
         fresh = cache is None or cache.fresh
         if cache is not None and not fresh and cache.ssm_state is not None and cache.ssm_state.shape[0] != batch:
@@ -137,17 +145,20 @@ class Mamba2Mixer(nn.Module):
         # 2. causal conv + silu over the whole xBC
         xBC = xBC.transpose(1, 2)  # [B, D+2GN, L]
         conv0 = None if step else (st.conv0 if fresh else cache.conv_state)
-        if fresh and conv0 is not None and attention_mask is not None:
+        if resets is not None and (conv0 is not None or self.config.bias):
+            # every sequence of the rows starts from conv0 (in_proj's bias would leave pads nonzero)
+            xBC = conv0_at_slots(xBC, conv0, attention_mask)
+        elif fresh and conv0 is not None and attention_mask is not None:
             xBC, conv0 = conv0_at_first_token(xBC, conv0, attention_mask)
-        fused = self._conv_scan((xBC, weight, bias, conv0, dt, st.h0, st.h_off, st.y_off), cache, cu_seqlens)
+        fused = self._conv_scan((xBC, weight, bias, conv0, dt, st.h0, st.h_off, st.y_off), cache, cu_seqlens, resets)
         if fused is not None:
             # training: conv and scan as one autograd node that recomputes the conv in its backward
             dt, dt_bias, softplus = self.scan_dt(dt, attention_mask)
             A, Dskip = -torch.exp(self.A_log.float()), self.D.float()
             y = fused(
                 xBC, weight, bias, dt, A, headdim=p, ngroups=g, conv_initial_state=conv0, mask=attention_mask,
-                chunk_size=self.chunk_size, D=Dskip if Dskip.shape[0] == h else Dskip.view(h, p), dt_bias=dt_bias,
-                dt_softplus=softplus, initial_state=st.h0, state_offset=st.h_off, y_offset=st.y_off,
+                chunk_size=self.scan_chunk(resets), D=Dskip if Dskip.shape[0] == h else Dskip.view(h, p),
+                dt_bias=dt_bias, dt_softplus=softplus, initial_state=st.h0, state_offset=st.h_off, y_offset=st.y_off,
             )  # fmt: skip
             y = self.gate_norm(y.reshape(batch, seqlen, d), z)
             return self.out_proj(y.to(hidden_states.dtype))
@@ -192,9 +203,9 @@ class Mamba2Mixer(nn.Module):
         else:
             h0 = st.h0 if fresh else cache.ssm_state
             out = ops.ssd_scan(
-                x, dt, A, Bt, Ct, chunk_size=self.chunk_size, D=Dskip, dt_bias=dt_bias, dt_softplus=softplus,
+                x, dt, A, Bt, Ct, chunk_size=self.scan_chunk(resets), D=Dskip, dt_bias=dt_bias, dt_softplus=softplus,
                 initial_state=h0, state_offset=st.h_off, y_offset=st.y_off, return_final_state=cache is not None,
-                cu_seqlens=cu_seqlens, backend=self.backend,
+                cu_seqlens=cu_seqlens, resets=resets, backend=self.backend,
             )  # fmt: skip
             if cache is not None:
                 y, h_last = out
@@ -208,16 +219,27 @@ class Mamba2Mixer(nn.Module):
         y = self.gate_norm(y.reshape(batch, seqlen, d), z)
         return self.out_proj(y.to(hidden_states.dtype))
 
-    def _conv_scan(self, inputs: tuple, cache, cu_seqlens):
+    def scan_chunk(self, resets: torch.Tensor | None) -> int:
+        """The SSD's chunk length: the config's, or under ``resets`` RESET_ALIGN unless the config's divides it (a
+        chunked scan restarts between chunks; the chunk length changes rounding only, not the maths)."""
+        if resets is None or ops.RESET_ALIGN % self.chunk_size == 0:
+            return self.chunk_size
+        return ops.RESET_ALIGN
+
+    def _conv_scan(self, inputs: tuple, cache, cu_seqlens, resets):
         """The fused conv + scan op for a training forward (a gradient to take, no cache, not packed), else None.
         Also when no gradient reaches the conv (a state adapter's first mixer): the conv input it keeps is smaller
-        than the conv output and chunk states the scan alone would keep (at d_state 128)."""
+        than the conv output and chunk states the scan alone would keep (at d_state 128). Packed rows (``resets``)
+        take it where the fused op has a ``resets`` argument, else the unfused path."""
         if cache is not None or cu_seqlens is not None or not torch.is_grad_enabled():
             return None
         params = (self.A_log, self.D, self.dt_bias)
         if not any(t is not None and t.requires_grad for t in (*inputs, *params)):
             return None
-        return ops.conv_ssd_fused(self.backend, inputs[0].device, self.headdim)
+        fused = ops.conv_ssd_fused(self.backend, inputs[0].device, self.headdim)
+        if fused is None or resets is None:
+            return fused
+        return functools.partial(fused, resets=resets) if _takes_resets(fused) else None
 
     # Steps a host model may change (models/hybrid.py): the input projection, the step size of the scan, the gate.
     def project(self, u: torch.Tensor) -> torch.Tensor:
@@ -238,6 +260,12 @@ class Mamba2Mixer(nn.Module):
     def gate_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Gated RMSNorm of the scan output y [B, L, D] by z [B, L, D]."""
         return self.norm(y, z)
+
+
+@functools.cache
+def _takes_resets(fn) -> bool:
+    """Whether the fused conv + scan op takes packed rows' ``resets``."""
+    return "resets" in inspect.signature(fn).parameters
 
 
 def conv0_at_first_token(

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from ssmtune.ops.varlen import RESET_ALIGN
+
 __all__ = ["GraphedStep", "GraphedTrainStep", "pad_batch"]
 
 
@@ -141,7 +143,8 @@ def _restore(optimizers, saved) -> None:
 
 def pad_batch(batch: dict[str, torch.Tensor], rows: int, length: int, *, ignore_index: int) -> dict[str, torch.Tensor]:
     """``input_ids`` / ``attention_mask`` / ``labels`` [B, L] right-padded to [rows, length]: padded positions get
-    token 0, mask 0 and ``ignore_index`` labels, so a causal model's loss over the real tokens is unchanged."""
+    token 0, mask 0 and ``ignore_index`` labels, so a causal model's loss over the real tokens is unchanged. Packed
+    rows' ``resets`` [B, L / 64] come along, padded with False (a padded row holds no sequence)."""
     ids = batch["input_ids"]
     b, n = ids.shape
     if b > rows or n > length:
@@ -154,6 +157,11 @@ def pad_batch(batch: dict[str, torch.Tensor], rows: int, length: int, *, ignore_
         full = t.new_full((rows, length), fill)
         full[:b, :n] = t
         out[key] = full
+    if "resets" in batch:
+        resets = batch["resets"]
+        full = resets.new_zeros((rows, -(-length // RESET_ALIGN)))
+        full[:b, : resets.shape[1]] = resets
+        out["resets"] = full
     return out
 
 
@@ -181,7 +189,8 @@ class GraphedTrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         on = self.autocast_dtype != torch.float32
         with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=on, cache_enabled=False):
-            out = self.model(b["input_ids"], attention_mask=b["attention_mask"])
+            rows = {"resets": b["resets"]} if "resets" in b else {}  # packed rows: copied in like the other inputs
+            out = self.model(b["input_ids"], attention_mask=b["attention_mask"], **rows)
         loss = self.loss_fn(out.logits, b["labels"]) / b["n_targets"]
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.clip)

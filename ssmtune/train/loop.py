@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ssmtune.data.tokenize import PackedRowsCollator
 from ssmtune.models.lm import IGNORE_INDEX, count_targets, token_loss, token_loss_sum
 from ssmtune.train import distributed as D
 from ssmtune.train.checkpoint import (
@@ -109,10 +110,10 @@ class TrainConfig:
     cuda_graph: bool | None = None
     """Replay every optimizer step (forward, backward, clipping, AdamW) from one CUDA graph, so that Python and kernel
     launches no longer bound small steps (docs/training.md, "CUDA graphs"); every batch is then padded to the longest
-    example of the training set (right padding, ignored labels: the loss is unchanged). `None` (`auto`): graphed
-    where it applies (`graph_decision`: one CUDA process, bf16 or fp32, no accumulation or packing, an ssmtune Mamba
-    model, little extra padding), else eager with a one-line note; `True`: graphed, or a ValueError saying why not;
-    `False`: eager. Default: `auto`."""
+    example of the training set (right padding, ignored labels: the loss is unchanged; packed rows keep their own
+    shape). `None` (`auto`): graphed where it applies (`graph_decision`: one CUDA process, bf16 or fp32, no
+    accumulation or `cu_seqlens` packing, an ssmtune Mamba model, little extra padding), else eager with a one-line
+    note; `True`: graphed, or a ValueError saying why not; `False`: eager. Default: `auto`."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 and not self.max_steps:
@@ -180,15 +181,17 @@ def padding_overhead(lengths: Sequence[int], batch_size: int, *, seed: int = 0) 
 
 def graph_decision(*, device_type: str, world_size: int, precision: str, accumulation_steps: int, packed: bool,
                    methods: Collection[str], native_model: bool, lengths: Sequence[int] | Callable[[], Sequence[int]],
-                   batch_size: int, seed: int = 0, forced: bool = False) -> str | None:  # fmt: skip
+                   batch_size: int, seed: int = 0, forced: bool = False, rows: bool = False) -> str | None:  # fmt: skip
     """Why ``fit`` must run its optimizer step eagerly, or None to capture it in a CUDA graph.
 
     A graph needs a CUDA device, one process (no DDP/FSDP), precision bf16 or fp32, one micro-batch per step and
-    batches of one shape (no packing: a packed batch's shape changes with every batch). ``forced``
+    batches of one shape (``packed``, one ``cu_seqlens`` row: its shape changes with every batch). ``forced``
     (``cuda_graph=True``) asks only that; auto (``cuda_graph=None``) also wants an ssmtune Mamba / Mamba-2 model
     (``native_model``; transformers hybrids are not tested under capture), methods from ``GRAPH_METHODS`` and at most
     ``GRAPH_MAX_PADDING`` extra padding (``padding_overhead``). ``lengths``: every training example's length in
     tokens; a callable is only called when everything else allows a graph (collating each example takes time).
+    ``rows``: packed rows (``PackedRowsCollator``), every batch already of one shape: no padding is added, so the
+    lengths are not read.
     """
     if device_type != "cuda":
         return f"device {device_type!r} is not CUDA"
@@ -206,6 +209,8 @@ def graph_decision(*, device_type: str, world_size: int, precision: str, accumul
     unknown = sorted(set(methods) - GRAPH_METHODS)
     if unknown:
         return f"method(s) {unknown} are not known to capture (cuda_graph=True forces it)"
+    if rows:
+        return None
     lengths = lengths() if callable(lengths) else lengths
     extra = padding_overhead(lengths, batch_size, seed=seed)
     if extra > GRAPH_MAX_PADDING:
@@ -214,6 +219,9 @@ def graph_decision(*, device_type: str, world_size: int, precision: str, accumul
                 "longest examples, or cuda_graph=True forces it")  # fmt: skip
     return None
 
+
+# A packed-rows batch's tensors with one entry per row (split into micro-batches and over ranks)
+_ROW_KEYS = ("input_ids", "labels", "attention_mask", "resets")
 
 # Settings that define the optimisation trajectory: a resumed run must use the same ones (the others, e.g. eval_steps,
 # save_steps, strategy and the world size, may change between runs).
@@ -295,6 +303,71 @@ class EpochSampler:
                 self._cached = list(range(self.num_examples))
             self._cached_epoch = epoch
         return self._cached
+
+
+class RowsSampler:
+    """Batches of packed rows (``PackedRowsCollator``): epoch e's order (``EpochSampler``'s, seeded by ``seed + e``)
+    cut by the collator's ``plan`` into batches that fill its ``rows`` rows first fit. Every example is in one batch
+    of each epoch (the last batch may be less full) and the number of batches varies with the epoch; a position is
+    still ``(epoch, batch)``, deterministic from the seed and the examples' lengths."""
+
+    def __init__(self, lengths: Sequence[int], collator: Any, *, seed: int, shuffle: bool = True) -> None:
+        self.lengths, self.collator = list(lengths), collator
+        self.order = EpochSampler(len(self.lengths), 1, seed=seed, shuffle=shuffle)
+        self._plan: tuple[int, list[list[int]]] | None = None
+        self._counts: dict[int, int] = {}
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self._plan is None or self._plan[0] != epoch:
+            order = self.order._order(epoch)
+            plan = self.collator.plan([self.lengths[i] for i in order])
+            self._plan = (epoch, [[order[i] for i in b] for b in plan])
+            self._counts[epoch] = len(plan)
+        return self._plan[1]
+
+    def count(self, epoch: int) -> int:
+        """Batches in epoch ``epoch``."""
+        if epoch not in self._counts:
+            self.batches(epoch)
+        return self._counts[epoch]
+
+    def batch(self, epoch: int, index: int) -> list[int]:
+        return self.batches(epoch)[index]
+
+
+class StepPlan:
+    """Optimizer steps <-> (epoch, batch): ``per_epoch`` batches in every epoch, or a count per epoch (packed rows)."""
+
+    def __init__(self, per_epoch: int | Callable[[int], int]) -> None:
+        self.per_epoch = per_epoch
+        self._starts = [0]  # the first step of each epoch counted so far (variable counts only)
+
+    def count(self, epoch: int) -> int:
+        return self.per_epoch if isinstance(self.per_epoch, int) else self.per_epoch(epoch)
+
+    def start(self, epoch: int) -> int:
+        """The step at which epoch ``epoch`` begins."""
+        if isinstance(self.per_epoch, int):
+            return epoch * self.per_epoch
+        while len(self._starts) <= epoch:
+            self._starts.append(self._starts[-1] + self.count(len(self._starts) - 1))
+        return self._starts[epoch]
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch index) of the step after ``step`` steps."""
+        if isinstance(self.per_epoch, int):
+            return divmod(step, self.per_epoch)
+        epoch = 0
+        while self.start(epoch + 1) <= step:
+            epoch += 1
+        return epoch, step - self.start(epoch)
+
+    def epochs(self, step: int) -> float:
+        """Epochs completed after ``step`` steps (fractional mid-epoch)."""
+        if isinstance(self.per_epoch, int):
+            return step / self.per_epoch
+        epoch, index = self.position(step)
+        return epoch + index / self.count(epoch)
 
 
 def seed_everything(seed: int) -> None:
@@ -478,7 +551,7 @@ class EagerStep:
             chunk = {k: v.to(device) if torch.is_tensor(v) else v for k, v in chunk.items()}
             with D.grad_sync(self.model, self.strategy, sync=c == len(chunks) - 1):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    packed = {"cu_seqlens": chunk["cu_seqlens"]} if "cu_seqlens" in chunk else {}
+                    packed = {k: chunk[k] for k in ("cu_seqlens", "resets") if k in chunk}
                     out = self.model(chunk["input_ids"], attention_mask=chunk.get("attention_mask"), **packed)
                 loss_sum, _ = token_loss(out.logits, chunk["labels"])
                 loss = loss_sum / n_targets
@@ -619,8 +692,9 @@ def _graphed_step(train_model: nn.Module, optimizer, scheduler, trainable: list[
 
 def _choose_step(model: nn.Module, dataset: Sequence[Any], collate_fn: Callable, *, config: TrainConfig,
                  ctx: D.DistContext, device: torch.device) -> int | None:  # fmt: skip
-    """The length every batch is padded to for a graphed step, or None to train eagerly (``config.cuda_graph``: see
-    ``graph_decision``; auto notes why it stays eager in one logged line, except on the CPU)."""
+    """The length every batch is padded to for a graphed step (packed rows: their width), or None to train eagerly
+    (``config.cuda_graph``: see ``graph_decision``; auto notes why it stays eager in one logged line, except on the
+    CPU)."""
     if config.cuda_graph is False or (config.cuda_graph is None and device.type != "cuda"):
         return None
     from ssmtune.core.peft_model import PeftModel
@@ -641,9 +715,10 @@ def _choose_step(model: nn.Module, dataset: Sequence[Any], collate_fn: Callable,
         accumulation_steps=config.accumulation_steps, packed="cu_seqlens" in collate_fn([dataset[0]]),
         methods=methods, native_model=isinstance(base, SSMPreTrainedModel), lengths=example_lengths,
         batch_size=config.batch_size, seed=config.seed, forced=bool(config.cuda_graph),
+        rows=isinstance(collate_fn, PackedRowsCollator),
     )  # fmt: skip
     if reason is None:
-        return max(example_lengths())
+        return collate_fn.width if isinstance(collate_fn, PackedRowsCollator) else max(example_lengths())
     if config.cuda_graph:
         raise ValueError(f"cuda_graph=True cannot run: {reason}")
     if ctx.is_main:
@@ -673,7 +748,10 @@ def fit(
             attention_mask=..., labels=...)`` returns an object with ``.logits`` [B, L, V].
         dataset: indexable examples; ``collate_fn(list_of_examples)`` returns ``input_ids``, ``attention_mask`` and
             ``labels`` [B, L] (labels aligned with input_ids, IGNORE_INDEX outside the target), or a packed batch:
-            ``input_ids`` and ``labels`` [1, L] with ``cu_seqlens`` (``ssmtune.data.PackingCollator``).
+            ``input_ids`` and ``labels`` [1, L] with ``cu_seqlens`` (``ssmtune.data.PackingCollator``). A
+            ``PackedRowsCollator`` (with ``rows == config.batch_size``) forms the batches itself: each step is one
+            batch of that many packed rows holding as many examples as fit (``RowsSampler``), its rows split into
+            micro-batches and over the ranks; an epoch then has a varying number of steps.
         config: the optimisation settings.
         out_dir: run folder: ``metrics.jsonl``, ``checkpoints/``, ``best/`` (best by ``config.best_metric``) and
             ``final/`` (the adapter, or the whole model for full fine-tuning).
@@ -694,12 +772,25 @@ def fit(
     seed_everything(config.seed)
     strategy = _prepare_model(model, config, ctx, device)
 
-    global_sampler = EpochSampler(len(dataset), config.batch_size, seed=config.seed)
-    sampler = D.ShardedSampler(global_sampler, ctx.rank, ctx.world_size)
-    steps_per_epoch = len(global_sampler)
-    if steps_per_epoch == 0:
+    packed_rows = isinstance(collate_fn, PackedRowsCollator)
+    if packed_rows:
+        if collate_fn.rows != config.batch_size:
+            raise ValueError(f"packed rows: the collator lays {collate_fn.rows} rows per batch but batch_size is "
+                             f"{config.batch_size}; a step trains batch_size rows "
+                             "(PackedRowsCollator(rows=...))")  # fmt: skip
+        if config.batch_size % ctx.world_size:
+            raise ValueError(f"batch_size must be a multiple of the world size {ctx.world_size}, got "
+                             f"{config.batch_size!r}")  # fmt: skip
+        global_sampler = RowsSampler([len(dataset[i]["input_ids"]) for i in range(len(dataset))], collate_fn,
+                                     seed=config.seed)  # fmt: skip
+        plan = StepPlan(global_sampler.count)
+    else:
+        global_sampler = EpochSampler(len(dataset), config.batch_size, seed=config.seed)
+        sampler = D.ShardedSampler(global_sampler, ctx.rank, ctx.world_size)
+        plan = StepPlan(len(global_sampler))
+    if plan.count(0) == 0:
         raise ValueError(f"the training set has {len(dataset)} examples, fewer than batch_size={config.batch_size}")
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = plan.start(config.epochs) if config.epochs >= 1 else 0
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps) if config.epochs >= 1 else config.max_steps
 
@@ -765,12 +856,20 @@ def fit(
 
     logger.start(total_steps, progress.step)
     model.train()
-    micro = min(config.batch_size // config.accumulation_steps, sampler.local_batch_size)
+    local = config.batch_size // ctx.world_size
+    micro = min(config.batch_size // config.accumulation_steps, local)
     last_eval_step = progress.step if progress.resumed_from is not None else -1
     while progress.step < total_steps:
-        epoch, index = divmod(progress.step, steps_per_epoch)
-        examples = [dataset[i] for i in sampler.batch(epoch, index)]
-        chunks = [collate_fn(examples[j : j + micro]) for j in range(0, len(examples), micro)]
+        epoch, index = plan.position(progress.step)
+        if packed_rows:
+            # every rank lays the global batch out and trains its own rows, in micro-batches of rows
+            batch = collate_fn([dataset[i] for i in global_sampler.batch(epoch, index)])
+            mine = range(ctx.rank * local, (ctx.rank + 1) * local)
+            chunks = [{k: batch[k][mine.start + j : mine.start + j + micro] for k in _ROW_KEYS}
+                      for j in range(0, local, micro)]  # fmt: skip
+        else:
+            examples = [dataset[i] for i in sampler.batch(epoch, index)]
+            chunks = [collate_fn(examples[j : j + micro]) for j in range(0, len(examples), micro)]
         if length is not None and "cu_seqlens" in chunks[0]:
             raise ValueError("cuda_graph does not support packed batches (cu_seqlens); pass --data.packing false")
         n_targets = sum(count_targets(c["labels"]) for c in chunks)
@@ -787,11 +886,11 @@ def fit(
         scheduler.step()
         progress.step += 1
         step = progress.step
-        logger.step(step, step / steps_per_epoch, result)
+        logger.step(step, plan.epochs(step), result)
         if eval_fn is not None:
-            end_of_epoch = step % steps_per_epoch == 0
+            end_of_epoch = plan.position(step)[1] == 0
             if (config.eval_every_epoch and end_of_epoch) or (config.eval_steps and step % config.eval_steps == 0):
-                evaluate(step / steps_per_epoch)
+                evaluate(plan.epochs(step))
                 last_eval_step = step
         if checkpointer.due(step, total_steps):
             checkpointer.save(progress, epoch, index)
@@ -802,9 +901,9 @@ def fit(
     logger.close()
     step = progress.step
     if eval_fn is not None and last_eval_step != step:
-        evaluate(step / steps_per_epoch)
+        evaluate(plan.epochs(step))
     final_dir = save(out_dir / "final")
-    return TrainResult(step=step, epoch=step / steps_per_epoch, best_metric=config.best_metric,
+    return TrainResult(step=step, epoch=plan.epochs(step), best_metric=config.best_metric,
                        best_value=progress.best_value, best_step=progress.best_step,
                        final_dir=Path(final_dir) if final_dir else out_dir / "final", last_eval=progress.last_eval,
                        resumed_from=progress.resumed_from)  # fmt: skip

@@ -1,4 +1,5 @@
-"""The packing benchmark on the CPU: one padded stack and a pair of packed stacks per ``--bucket-tokens`` value."""
+"""The packing benchmark on the CPU: one padded stack, a pair of packed stacks per ``--bucket-tokens`` value and the
+packed rows (resets) stack; the graphed one is skipped with a note."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ def test_packing_bench_times_each_bucket_value(tmp_path) -> None:
     res = json.loads(out.read_text())["results"]
     rows = {r["stack"]: r for r in res["rows"]}
     assert list(rows) == ["padded", "packed (bucket 0)", "packed rows (bucket 0)", "packed (bucket 1000000)",
-                          "packed rows (bucket 1000000)"]  # fmt: skip
+                          "packed rows (bucket 1000000)", "rows (resets)"]  # fmt: skip
+    # packed rows (resets): --batch-size rows of 192 tokens (128 + 3 lead pads, rounded up to 64), eager on the CPU
+    assert rows["rows (resets)"]["computed_tokens"] == 4 * 192 and rows["rows (resets)"]["bucket_tokens"] is None
+    assert res["notes"] == ["rows (resets, graphed): skipped, CUDA graphs need a CUDA device"]
     assert set(res["over_padded"]) == set(rows) - {"padded"}
     assert res["check_rel_err"] < 1e-4
     # one bucket per length scans no padding; one bucket scans what the padded batch does
