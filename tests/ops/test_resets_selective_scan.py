@@ -106,7 +106,9 @@ TILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("b", "d", "seqlen", "n", "config"), [c[1:] for c in TILE_CASES], ids=[c[0] for c in TILE_CASES])
+@pytest.mark.parametrize(
+    ("b", "d", "seqlen", "n", "config"), [c[1:] for c in TILE_CASES], ids=[c[0] for c in TILE_CASES]
+)
 def test_triton_resets_across_tiles(b, d, seqlen, n, config):
     check(triton_with(config), b, d, seqlen, n, torch.float32)
 
