@@ -15,6 +15,10 @@ backward kernel: its gradient dh' = Σ_t ĝ_t C_tᵀ and C's term h'ᵀ ĝ_t are
 in ``state_offset_grad_kernel``, after it (the cross-lane reduction per state and tile that it replaces cost
 more).
 
+Packed rows (``resets``, a constexpr HAS_RESETS: without them the kernels compile as before): a step that restarts its
+row is the scan pair (0, Ā_t h_0 + B̄_t u_t) inside the tile (README.md); in the backward the adjoint's Ā one step before
+a restart is 0 and ∂L/∂h_0 gains Ā_t λ_t there.
+
 Time loops are ``while`` loops with a runtime bound, which the CPU interpreter (``TRITON_INTERPRET=1``) accepts, unlike
 ``range`` over a runtime bound (triton 3.6). L is specialised on divisibility by 16 (vectorised loads): two compiled
 kernels per configuration cover every length.
