@@ -522,7 +522,7 @@ def ssd_scan(
 
 
 # The backends whose scans take ``resets`` (packed rows); auto picks the first of its order that does.
-RESETS_BACKENDS = {"selective_scan": ("ref",), "ssd_scan": ("triton", "torch", "ref")}
+RESETS_BACKENDS = {"selective_scan": ("triton", "torch", "ref"), "ssd_scan": ("triton", "torch", "ref")}
 
 
 def _resets_fn(op: str, backend: str, device: torch.device, resets, batch: int, seqlen: int, bounds) -> Callable:

@@ -15,6 +15,10 @@ backward kernel: its gradient dh' = Σ_t ĝ_t C_tᵀ and C's term h'ᵀ ĝ_t are
 in ``state_offset_grad_kernel``, after it (the cross-lane reduction per state and tile that it replaces cost
 more).
 
+Packed rows (``resets``, a constexpr HAS_RESETS: without them the kernels compile as before): a step that restarts its
+row is the scan pair (0, Ā_t h_0 + B̄_t u_t) inside the tile (README.md); in the backward the adjoint's Ā one step before
+a restart is 0 and ∂L/∂h_0 gains Ā_t λ_t there.
+
 Time loops are ``while`` loops with a runtime bound, which the CPU interpreter (``TRITON_INTERPRET=1``) accepts, unlike
 ``range`` over a runtime bound (triton 3.6). L is specialised on divisibility by 16 (vectorised loads): two compiled
 kernels per configuration cover every length.
@@ -38,9 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmtune.ops import launch, layout
+from ssmtune.ops import launch, layout, varlen
 
 LOG2E = tl.constexpr(1.4426950408889634)
+RESET_ALIGN = tl.constexpr(varlen.RESET_ALIGN)  # packed rows: a sequence starts at a multiple of it (varlen.py)
 
 # Keys of the ``config`` override (another key raises ValueError). BLOCK_L and BLOCK_D_* must be powers of two.
 CONFIG_KEYS = ("BLOCK_L", "BLOCK_D_FWD", "BLOCK_D_BWD", "WARPS_FWD", "WARPS_BWD", "BLOCK_L_BWD")
@@ -59,16 +64,35 @@ def _softplus(x):
 
 
 @triton.jit
+def _reset_flags(resets, i_b, NR, o_t, L):
+    """[BLOCK_L] True at the positions o_t whose step reads the row's initial state (a flag at position 0 changes
+    nothing and is left out, so that the row start stays the one place the carried-in state enters)."""
+    m_r = (o_t % RESET_ALIGN == 0) & (o_t > 0) & (o_t < L)
+    return tl.load(resets + i_b * NR + o_t // RESET_ALIGN, mask=m_r, other=0) != 0
+
+
+@triton.jit
+def _reset_pairs(b_a, b_x, b_rst, h0, off_h0, i_n, o_d, m_d, N: tl.constexpr, USE_INITIAL_STATE: tl.constexpr):
+    """A flagged step h_t = Ā_t h_0 + B̄_t u_t as the scan pair (0, Ā_t h_0 + B̄_t u_t): it forgets the state before."""
+    if USE_INITIAL_STATE:
+        b_h0n = tl.load(h0 + off_h0 + o_d * N + i_n, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
+        b_x = tl.where(b_rst[None, :], b_x + b_a * b_h0n[:, None], b_x)
+    return tl.where(b_rst[None, :], 0.0, b_a), b_x
+
+
+@triton.jit
 def _fwd_nloop_state(
     i_n, b_y, b_dt, b_dtu, b_Bn, b_Cn, A, h_off, h_ckpt, p_cin, p_cout, p_ck, o_d, o_l, o_t, m_d, off_hoff, L,
-    N: tl.constexpr, BLOCK_L: tl.constexpr, CKPT_L: tl.constexpr, USE_STATE_OFFSET: tl.constexpr,
-    STORE_CHECKPOINTS: tl.constexpr,
+    b_rst, h0, off_h0, N: tl.constexpr, BLOCK_L: tl.constexpr, CKPT_L: tl.constexpr, USE_STATE_OFFSET: tl.constexpr,
+    STORE_CHECKPOINTS: tl.constexpr, HAS_RESETS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
 ):  # fmt: skip
     """State n of one forward tile: scan h_n from the carried state, add C_n (h_n + h'_n) to y, pass the last h_n on."""
     b_An = tl.load(A + o_d * N + i_n, mask=m_d, other=0.0).to(tl.float32) * LOG2E  # [BLOCK_D]
-    b_pA, b_hs = tl.associative_scan(
-        (tl.exp2(b_dt * b_An[:, None]), b_dtu * b_Bn.to(tl.float32)), axis=1, combine_fn=_scan_combine
-    )
+    b_a = tl.exp2(b_dt * b_An[:, None])
+    b_x = b_dtu * b_Bn.to(tl.float32)
+    if HAS_RESETS:
+        b_a, b_x = _reset_pairs(b_a, b_x, b_rst, h0, off_h0, i_n, o_d, m_d, N, USE_INITIAL_STATE)
+    b_pA, b_hs = tl.associative_scan((b_a, b_x), axis=1, combine_fn=_scan_combine)
     # The carried state goes through the [B, D, 2, N] scratch (double-buffered by tile parity): a broadcast load and a
     # one-lane store, where reading and writing a register tile took two cross-lane reductions per state.
     b_hs += b_pA * tl.load(p_cin + o_d * 2 * N + i_n, mask=m_d, other=0.0)[:, None]
@@ -87,8 +111,9 @@ def _fwd_nloop_state(
 
 @triton.jit
 def _bwd_nloop_state(
-    i_n, b_lB, b_lhA, b_dA_acc, b_dt, b_dtn, b_dtu, b_g, b_gr, b_Bn, b_Cn,
+    i_n, b_lB, b_lhA, b_dA_acc, b_dh0_acc, b_dt, b_dtn, b_dtu, b_g, b_gr, b_Bn, b_Cn, b_rst, b_rstn, h0, off_h0,
     A, h_start, dB, dC, p_bc, p_cin, p_cout, o_t, m_t, o_d, o_n, o_l, m_d, L, N: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_RESETS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
 ):  # fmt: skip
     """State n of one backward tile: recompute h_n, run the adjoint λ_n, accumulate the local gradients."""
     m_sel = (o_n == i_n)[None, :]
@@ -97,16 +122,30 @@ def _bwd_nloop_state(
     b_h = tl.load(h_start + i_n, mask=m_d, other=0.0)  # [BLOCK_D] state before the tile
     # 1. recompute h_n inside the tile
     b_dBu = b_dtu * b_Bn
-    b_pA, b_hs = tl.associative_scan((tl.exp2(b_dt * b_An2[:, None]), b_dBu), axis=1, combine_fn=_scan_combine)
+    b_a = tl.exp2(b_dt * b_An2[:, None])
+    if HAS_RESETS:
+        # packed rows: the forward's pairs; h_t - B̄_t u_t below is then Ā_t h_0 at a restart, as the local gradients
+        # of Ā_t there need
+        b_as, b_xs = _reset_pairs(b_a, b_dBu, b_rst, h0, off_h0, i_n, o_d, m_d, N, USE_INITIAL_STATE)
+    else:
+        b_as, b_xs = b_a, b_dBu
+    b_pA, b_hs = tl.associative_scan((b_as, b_xs), axis=1, combine_fn=_scan_combine)
     b_hs += b_pA * b_h[:, None]
     # 2. adjoint λ_t = Ā_{t+1} λ_{t+1} + ĝ_t C_t, carried in from the tile to the right. Its inputs (Δ_{t+1}, ĝ, C)
     # come in reversed time order, so it is a forward scan, and one gather puts λ back in time order: triton 3.6
     # lowers reverse=True as flips of both operands before and after the scan, 5 shuffles per element each.
     b_mu = b_gr * b_Cn  # reversed
-    b_pAr, b_lams = tl.associative_scan((tl.exp2(b_dtn * b_An2[:, None]), b_mu), axis=1, combine_fn=_scan_combine)
+    b_ar = tl.exp2(b_dtn * b_An2[:, None])
+    if HAS_RESETS:
+        b_ar = tl.where(b_rstn[None, :], 0.0, b_ar)  # a restart at t + 1 does not read h_t: λ_t gets nothing from it
+    b_pAr, b_lams = tl.associative_scan((b_ar, b_mu), axis=1, combine_fn=_scan_combine)
     # λ carried through a scratch, as h in the forward
     b_lams += b_pAr * tl.load(p_cin + o_d * 2 * N + i_n, mask=m_d, other=0.0)[:, None]
     b_lams = tl.gather(b_lams, tl.broadcast_to((BLOCK_L - 1 - o_l)[None, :], b_lams.shape), axis=1)
+    if HAS_RESETS and STORE_INITIAL_STATE_GRADIENT:
+        # a restart at t reads h_0: ∂L/∂h_0 += Ā_t λ_t
+        b_dh0_t = tl.sum(tl.where(b_rst[None, :], b_a * b_lams, 0.0), axis=1)
+        b_dh0_acc = tl.where(m_sel, b_dh0_acc + b_dh0_t[:, None], b_dh0_acc)
     m_first = m_d[:, None] & (o_l[None, :] == 0)
     tl.store(p_cout + (o_d * 2 * N + i_n)[:, None] + 0 * o_l[None, :], b_lams, mask=m_first)
     # 3. local gradients; λ_t ⊙ Ā_t h_{t-1} = λ_t ⊙ (h_t - B̄_t u_t)
@@ -117,7 +156,7 @@ def _bwd_nloop_state(
     p_dbc = p_bc + i_n * L + o_t
     tl.atomic_add(dB + p_dbc, tl.sum(b_lams * b_dtu, axis=0), mask=m_t, sem="relaxed")
     tl.atomic_add(dC + p_dbc, tl.sum(b_hs * b_g, axis=0), mask=m_t, sem="relaxed")
-    return b_lB, b_lhA, b_dA_acc
+    return b_lB, b_lhA, b_dA_acc, b_dh0_acc
 
 
 # L is specialised (divisible by 16 or not): with 16-aligned rows the loads vectorise, which took the H200 forward
@@ -133,9 +172,10 @@ def _bwd_nloop_state(
         "STORE_FINAL_STATE": lambda args: args["ht"] is not None,
         "STORE_CHECKPOINTS": lambda args: args["h_ckpt"] is not None,
         "STORE_Y_PRE": lambda args: args["y_pre"] is not None,
+        "HAS_RESETS": lambda args: args["resets"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["NT", "NTC"])
+@triton.jit(do_not_specialize=["NT", "NTC", "NR"])
 def selective_scan_fwd_nloop_kernel(
     u,
     delta,
@@ -153,12 +193,14 @@ def selective_scan_fwd_nloop_kernel(
     ht,
     h_ckpt,
     h_carry,
+    resets,
     stride_h0_b,
     stride_hoff_b,
     stride_yoff_b,
     L,
     NT,
     NTC,
+    NR,
     DIM,
     N: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr,
@@ -175,6 +217,7 @@ def selective_scan_fwd_nloop_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     STORE_CHECKPOINTS: tl.constexpr,
     STORE_Y_PRE: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
 ):
     # A [BLOCK_D, BLOCK_L] time tile and a loop over the N states, one scan along time per state (mamba_ssm's order).
     # The carried states live in the scratch h_carry [B, D, 2, N]; checkpoints (for the backward) every CKPT_L steps.
@@ -228,6 +271,9 @@ def selective_scan_fwd_nloop_kernel(
         b_dt = tl.where(m_x, b_dt, 0.0)
         b_dtu = b_dt * b_u
         b_y = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+        b_rst = None
+        if HAS_RESETS:
+            b_rst = _reset_flags(resets, i_b, NR, o_t, L)  # packed rows: the restarts inside this tile
         # B_n, C_n of the next state are loaded before the current one is used, so the loads overlap the scan
         b_Bn = tl.load(B + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
         b_Cn = tl.load(C + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
@@ -237,7 +283,8 @@ def selective_scan_fwd_nloop_kernel(
             b_Cx = tl.load(C + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_next, other=0.0)
             b_y = _fwd_nloop_state(
                 i_n, b_y, b_dt, b_dtu, b_Bn, b_Cn, A, h_off, h_ckpt, p_cin, p_cout, p_ck_t, o_d, o_l, o_t, m_d,
-                i_b * stride_hoff_b, L, N, BLOCK_L, CKPT_L, USE_STATE_OFFSET, STORE_CHECKPOINTS,
+                i_b * stride_hoff_b, L, b_rst, h0, i_b * stride_h0_b, N, BLOCK_L, CKPT_L, USE_STATE_OFFSET,
+                STORE_CHECKPOINTS, HAS_RESETS, USE_INITIAL_STATE,
             )  # fmt: skip
             b_Bn, b_Cn = b_Bx, b_Cx
         if HAS_D:
@@ -266,9 +313,11 @@ def selective_scan_fwd_nloop_kernel(
         "USE_Y_OFFSET": lambda args: args["y_off"] is not None,
         "USE_FINAL_STATE_GRADIENT": lambda args: args["dht"] is not None,
         "STORE_INITIAL_STATE_GRADIENT": lambda args: args["dh0"] is not None,
+        "HAS_RESETS": lambda args: args["resets"] is not None,
+        "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["NT"])
+@triton.jit(do_not_specialize=["NT", "NR"])
 def selective_scan_bwd_nloop_kernel(
     u,
     delta,
@@ -284,6 +333,8 @@ def selective_scan_bwd_nloop_kernel(
     dy,
     dht,
     lam_carry,
+    resets,
+    h0,
     du,
     ddelta,
     dA,
@@ -295,8 +346,10 @@ def selective_scan_bwd_nloop_kernel(
     dh0,
     dy_off,
     stride_yoff_b,
+    stride_h0_b,
     L,
     NT,
+    NR,
     DIM,
     N: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr,
@@ -309,6 +362,8 @@ def selective_scan_bwd_nloop_kernel(
     USE_Y_OFFSET: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr,
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
 ):
     # Backward of selective_scan_fwd_nloop_kernel: tiles in reverse, and per tile a loop over the N states that
     # recomputes h_n from the checkpoint and runs the adjoint λ_n as a reverse scan (formulas: docs/kernels.md).
@@ -332,6 +387,7 @@ def selective_scan_bwd_nloop_kernel(
     else:
         b_lam = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     b_dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    b_dh0_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)  # the restarts' terms of ∂L/∂h_0 (packed rows)
     b_dD_acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     b_dyoff_acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     b_ddb_acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
@@ -382,6 +438,11 @@ def selective_scan_bwd_nloop_kernel(
         b_dtu = b_dt * b_u
         b_lB = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # Σ_n λ_n B_n
         b_lhA = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)  # Σ_n A_n λ_n (h_n - B̄_n u)
+        b_rst, b_rstn = None, None
+        if HAS_RESETS:
+            # the restarts in the tile, in time order, and one step ahead in reversed order (for Ā_{t+1})
+            b_rst = _reset_flags(resets, i_b, NR, o_t, L)
+            b_rstn = _reset_flags(resets, i_b, NR, o_tr + 1, L)
         p_ck_t = p_ck + i_t * N
         b_Bx = tl.load(B + p_bc + o_t[None, :], mask=m_t[None, :], other=0.0)
         b_Cx = tl.load(C + p_bc + o_tr[None, :], mask=m_tr[None, :], other=0.0)
@@ -391,9 +452,10 @@ def selective_scan_bwd_nloop_kernel(
             m_next = i_n + 1 < N
             b_Bx = tl.load(B + p_bc + (i_n + 1) * L + o_t[None, :], mask=m_t[None, :] & m_next, other=0.0)
             b_Cx = tl.load(C + p_bc + (i_n + 1) * L + o_tr[None, :], mask=m_tr[None, :] & m_next, other=0.0)
-            b_lB, b_lhA, b_dA_acc = _bwd_nloop_state(
-                i_n, b_lB, b_lhA, b_dA_acc, b_dt, b_dtn, b_dtu, b_g, b_gr, b_Bn, b_Cn,
-                A, h_ckpt + p_ck_t, dB, dC, p_bc, p_cin, p_cout, o_t, m_t, o_d, o_n, o_l, m_d, L, N, BLOCK_L,
+            b_lB, b_lhA, b_dA_acc, b_dh0_acc = _bwd_nloop_state(
+                i_n, b_lB, b_lhA, b_dA_acc, b_dh0_acc, b_dt, b_dtn, b_dtu, b_g, b_gr, b_Bn, b_Cn, b_rst, b_rstn,
+                h0, i_b * stride_h0_b, A, h_ckpt + p_ck_t, dB, dC, p_bc, p_cin, p_cout, o_t, m_t, o_d, o_n, o_l, m_d,
+                L, N, BLOCK_L, HAS_RESETS, USE_INITIAL_STATE, STORE_INITIAL_STATE_GRADIENT,
             )  # fmt: skip
         b_ddt = b_u * b_lB + b_lhA
         b_du = b_dt * b_lB
@@ -424,7 +486,10 @@ def selective_scan_bwd_nloop_kernel(
         if DELTA_SOFTPLUS:
             b_dt0 = _softplus(b_dt0)
         b_dt0 = tl.where(m_d0, b_dt0, 0.0)
-        tl.store(dh0 + i_b * DIM * N + o_dn, tl.exp2(b_dt0 * b_A2) * b_lam, mask=m_dn)
+        b_dh0 = tl.exp2(b_dt0 * b_A2) * b_lam
+        if HAS_RESETS:
+            b_dh0 += b_dh0_acc
+        tl.store(dh0 + i_b * DIM * N + o_dn, b_dh0, mask=m_dn)
     if HAS_D:
         tl.store(dD + i_b * DIM + o_d, tl.sum(b_dD_acc, axis=1), mask=m_d)
     if USE_Y_OFFSET:
@@ -622,6 +687,16 @@ def _config(
     return cfg
 
 
+def _reset_bytes(resets: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels read the packed rows' bool flags [B, NR] as bytes (the same memory when contiguous)."""
+    return None if resets is None else resets.contiguous().view(torch.uint8)
+
+
+def _reset_stride(resets: torch.Tensor | None) -> int:
+    """Flags per row (the row stride of the contiguous flags; 0 without them)."""
+    return 0 if resets is None else resets.shape[1]
+
+
 def _batch_stride(t: torch.Tensor | None, ndim: int) -> int:
     """Batch stride of an optional tensor that is either shared (``ndim - 1`` dims, stride 0) or per batch row."""
     if t is None or t.dim() == ndim - 1:
@@ -645,9 +720,11 @@ def selective_scan_fwd(
     output_final_state: bool,
     store_checkpoints: bool,
     cfg: dict[str, int] | None = None,
+    resets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the forward kernel. Returns y [B, D, L], h_L [B, D, N] (fp32) or None, checkpoints [B, D, NT, N] or
-    None, and the pre-gate output [B, D, L] (with z and checkpoints only) or None."""
+    None, and the pre-gate output [B, D, L] (with z and checkpoints only) or None. ``resets``: the packed rows' flags
+    as a contiguous uint8 [B, ceil(L / RESET_ALIGN)] (``_reset_bytes``) or None."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     cfg = cfg or _config(dim, dstate, seqlen, training=store_checkpoints)
@@ -667,7 +744,7 @@ def selective_scan_fwd(
     h_carry = torch.empty(batch, dim, 2, dstate, **f32)  # the carried state, double-buffered by tile parity
     selective_scan_fwd_nloop_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, y, y_pre, ht, h_ckpt, h_carry,
-        *strides, seqlen, nt, ntc, CKPT_L=cfg["BLOCK_L_BWD"], **common,
+        resets, *strides, seqlen, nt, ntc, _reset_stride(resets), CKPT_L=cfg["BLOCK_L_BWD"], **common,
     )  # fmt: skip
     return y, ht, h_ckpt, y_pre
 
@@ -690,9 +767,11 @@ def selective_scan_bwd(
     h_ckpt: torch.Tensor,
     y_pre: torch.Tensor | None = None,
     cfg: dict[str, int] | None = None,
+    resets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Launch the backward kernel and reduce the per-row gradients of shared parameters over the batch.
-    ``cfg`` must be the forward's configuration (its checkpoints and saved tensors depend on it)."""
+    ``cfg`` must be the forward's configuration (its checkpoints and saved tensors depend on it); ``resets`` the
+    forward's (uint8, ``_reset_bytes``)."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     cfg = cfg or _config(dim, dstate, seqlen)
@@ -718,7 +797,9 @@ def selective_scan_bwd(
     lam_carry = torch.empty(batch, dim, 2, dstate, **f32)  # the carried adjoint, as h_carry in the forward
     selective_scan_bwd_nloop_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, y_offset, h_ckpt, y_pre, dy, dht, lam_carry,
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dy_off, _batch_stride(y_offset, 2), seqlen, nt, **common,
+        resets, initial_state if resets is not None else None,  # h_0 is read at the restarts only
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dy_off, _batch_stride(y_offset, 2),
+        _batch_stride(initial_state, 3), seqlen, nt, _reset_stride(resets), **common,
     )  # fmt: skip
 
     # h' stays out of the backward kernel: its two terms are GEMMs after it
@@ -793,16 +874,16 @@ class SelectiveScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
-        return_final_state, config,
+        return_final_state, config, resets=None,
     ):  # fmt: skip
         # the backward uses the forward's configuration (its checkpoints and saved tensors depend on it)
         ctx.cfg = _config(u.shape[1], A.shape[1], u.shape[2], override=config)
         y, ht, h_ckpt, y_pre = selective_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
-            output_final_state=return_final_state, store_checkpoints=True, cfg=ctx.cfg,
+            output_final_state=return_final_state, store_checkpoints=True, cfg=ctx.cfg, resets=resets,
         )  # fmt: skip
         ctx.save_for_backward(
-            u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, h_ckpt, y_pre
+            u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, h_ckpt, y_pre, resets
         )  # fmt: skip
         ctx.delta_softplus = delta_softplus
         ctx.set_materialize_grads(False)
@@ -810,15 +891,16 @@ class SelectiveScanFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dht=None):
-        u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, h_ckpt, y_pre = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset, h_ckpt, y_pre, resets = saved
         if dy is None:
             dy = torch.zeros_like(u)
         grads = selective_scan_bwd(
             layout.contiguous_rows(dy), _contig(dht), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
-            initial_state, state_offset, y_offset, h_ckpt, y_pre, cfg=ctx.cfg,
+            initial_state, state_offset, y_offset, h_ckpt, y_pre, cfg=ctx.cfg, resets=resets,
         )  # fmt: skip
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, dh_off, dy_off = grads
-        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dh0, dh_off, dy_off, None, None
+        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dh0, dh_off, dy_off, None, None, None
 
 
 @torch.compiler.disable
@@ -837,6 +919,7 @@ def selective_scan_triton(
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
+    resets: torch.Tensor | None = None,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused Mamba-1 selective scan (Triton), forward and backward.
@@ -855,6 +938,8 @@ def selective_scan_triton(
         state_offset (torch.Tensor | None): h', shape [D, N] or [B, D, N]
         y_offset (torch.Tensor | None): y', shape [D] or [B, D]
         return_final_state (bool): also return h_L
+        resets (torch.Tensor | None): bool [B, ceil(L / RESET_ALIGN)], packed rows (``varlen.py``): where
+            resets[b, r], the step at position r · RESET_ALIGN reads row b's initial state (zeros without one)
         config (dict | None): launch configuration overriding the defaults, keys ``CONFIG_KEYS``, e.g.
             ``{"BLOCK_L": 128, "WARPS_BWD": 2}`` (for tuning; results are the same up to rounding)
     Returns:
@@ -862,6 +947,11 @@ def selective_scan_triton(
     """
     if A.shape[1] > 256:
         raise ValueError(f"selective_scan_triton: state size N must be <= 256, got {A.shape[1]}")
+    if resets is not None:
+        varlen.check_resets("selective_scan_triton", resets, u.shape[0], u.shape[2])
+        if resets.device != u.device:
+            raise ValueError(f"selective_scan_triton: resets must be on {u.device}, got {resets.device}")
+        resets = _reset_bytes(resets)
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, state_offset, y_offset)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
     # [B, *, L] operands that are time-major views (the mixer's) go through the tiled transpose, as do their gradients
@@ -872,12 +962,12 @@ def selective_scan_triton(
     if needs_grad:
         return SelectiveScanFunction.apply(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
-            return_final_state, config,
+            return_final_state, config, resets,
         )  # fmt: skip
     cfg = _config(u.shape[1], A.shape[1], u.shape[2], training=False, override=config)
     y, ht, _, _ = selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, state_offset, y_offset,
-        output_final_state=return_final_state, store_checkpoints=False, cfg=cfg,
+        output_final_state=return_final_state, store_checkpoints=False, cfg=cfg, resets=resets,
     )  # fmt: skip
     return (y, ht) if return_final_state else y
 

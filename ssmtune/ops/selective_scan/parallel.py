@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .naive import _batched
-from .sequential import selective_scan_sequential
+from .sequential import _restarts, selective_scan_sequential
 
 
 def _level(t: torch.Tensor, stride: int, reverse: bool) -> torch.Tensor:
@@ -69,27 +69,35 @@ def _pscan_(a: torch.Tensor, x: torch.Tensor, reverse: bool = False) -> None:
 
 
 class _ScanFn(torch.autograd.Function):
-    """h = scan(exp(Δ A), X, h0) on [B, D, L, N]; saves Δ, A, h0 and the states, recomputes exp(Δ A) in backward."""
+    """h = scan(exp(Δ A), X, h0) on [B, D, L, N]; saves Δ, A, h0 and the states, recomputes exp(Δ A) in backward.
+    ``rst`` (bool [B, 1, L, 1] or None, packed rows): the steps that read h0 in place of h_{t-1}."""
 
     @staticmethod
-    def forward(ctx, delta: torch.Tensor, A: torch.Tensor, X: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, delta, A, X, h0, rst=None) -> torch.Tensor:
         dA = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))  # [B, D, L, N]
         h = X.contiguous().clone()  # [B, D, L, N]
         if h0 is not None and h.shape[2] > 0:
             h[:, :, 0].addcmul_(dA[:, :, 0], h0)
+        if rst is not None:
+            # a restart is the pair (0, Ā_t h0 + X_t), as the first step above
+            if h0 is not None:
+                h.add_(torch.where(rst, dA * h0.unsqueeze(2), 0.0))
+            dA.masked_fill_(rst, 0.0)
         _pscan_(dA, h)
-        ctx.save_for_backward(delta, A, h0, h)
+        ctx.save_for_backward(delta, A, h0, h, rst)
         return h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_h: torch.Tensor):
-        delta, A, h0, h = ctx.saved_tensors
+        delta, A, h0, h, rst = ctx.saved_tensors
         seqlen = h.shape[2]
         dA = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))  # [B, D, L, N]
         # adjoint λ_t = g_t + Ā_{t+1} ⊙ λ_{t+1}: the scan backwards in time with coefficients shifted by one
         a_next = torch.zeros_like(dA)
         a_next[:, :, : seqlen - 1] = dA[:, :, 1:]
+        if rst is not None:
+            a_next[:, :, : seqlen - 1].masked_fill_(rst[:, :, 1:], 0.0)  # a restart does not read h_{t-1}
         lam = grad_h.contiguous().clone()  # [B, D, L, N]
         _pscan_(a_next, lam, reverse=True)
         del a_next
@@ -101,13 +109,19 @@ class _ScanFn(torch.autograd.Function):
                 w[:, :, 0].zero_()
             else:
                 torch.mul(lam[:, :, 0], h0, out=w[:, :, 0])
+        if rst is not None:
+            w.masked_fill_(rst, 0.0)
+            if h0 is not None:
+                w.add_(torch.where(rst, lam * h0.unsqueeze(2), 0.0))
         w.mul_(dA)
         grad_delta = torch.einsum("bdln,dn->bdl", w, A) if ctx.needs_input_grad[0] else None
         grad_A = torch.einsum("bdln,bdl->dn", w, delta) if ctx.needs_input_grad[1] else None
         grad_h0 = None
         if h0 is not None and ctx.needs_input_grad[3]:
             grad_h0 = dA[:, :, 0] * lam[:, :, 0] if seqlen > 0 else grad_h.new_zeros(h0.shape)
-        return grad_delta, grad_A, lam, grad_h0
+            if rst is not None:
+                grad_h0 = grad_h0 + torch.where(rst, dA * lam, 0.0).sum(2)
+        return grad_delta, grad_A, lam, grad_h0, None
 
 
 def selective_scan_blelloch(
@@ -125,6 +139,7 @@ def selective_scan_blelloch(
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
+    resets: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Parallel-scan twin of ``selective_scan_ref`` (same arguments, same maths); ``backend="torch"`` on CUDA.
 
@@ -140,6 +155,7 @@ def selective_scan_blelloch(
         initial_state (torch.Tensor | None): h_0, shape [D, N] or [B, D, N]
         state_offset (torch.Tensor | None): h', shape [D, N] or [B, D, N]
         y_offset (torch.Tensor | None): y', shape [D] or [B, D]
+        resets (torch.Tensor | None): bool [B, ceil(L / RESET_ALIGN)], packed rows (``varlen.py``)
     Returns:
         y [B, D, L] in u's dtype, and h_L [B, D, N] in fp32 (fp64 for fp64 inputs) when ``return_final_state``.
     """
@@ -154,7 +170,9 @@ def selective_scan_blelloch(
         delta = F.softplus(delta)
     h0 = _batched(initial_state, batch, 3, cdt)
     X = (delta * uf).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # [B, D, L, N]
-    h = _ScanFn.apply(delta, A, X, h0)  # [B, D, L, N]
+    rst = _restarts(resets, seqlen)
+    rst = None if rst is None else rst.t()[:, None, :, None]  # [B, 1, L, 1]
+    h = _ScanFn.apply(delta, A, X, h0, rst)  # [B, D, L, N]
     y = torch.einsum("bdln,bnl->bdl", h, C)  # [B, D, L]
     if state_offset is not None:
         eq = "dn,bnl->bdl" if state_offset.dim() == 2 else "bdn,bnl->bdl"
@@ -192,6 +210,7 @@ def selective_scan_torch(
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
+    resets: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``backend="torch"``: the one place that picks the pure-PyTorch scan (same arguments as ``selective_scan_ref``).
 
@@ -203,5 +222,5 @@ def selective_scan_torch(
     return fn(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
-        return_final_state=return_final_state,
+        return_final_state=return_final_state, resets=resets,
     )  # fmt: skip

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..varlen import reset_positions
 from .naive import _batched
 
 # Steps per block (= checkpoint interval). None picks the power of two in [4, 64] whose [K, B, D, N] block is about
@@ -62,6 +63,24 @@ def _block_terms(dt: torch.Tensor, du: torch.Tensor, Bt: torch.Tensor, A: torch.
     return dA, X
 
 
+def _restarts(resets: torch.Tensor | None, seqlen: int) -> torch.Tensor | None:
+    """Packed rows: [L, B] True at the steps that read the initial state; a flag at position 0 is left out (the row
+    start reads it anyway, through the first block's checkpoint). Shared by the torch backends."""
+    if resets is None:
+        return None
+    pos = reset_positions(resets, seqlen)
+    pos[:, 0] = False
+    return pos.t()
+
+
+def _restart_block_(dA: torch.Tensor, X: torch.Tensor, r: torch.Tensor, h0: torch.Tensor | None) -> None:
+    """In place on a block's Ā, B̄u [K, B, D, N]: a restart step (r [K, B]) h_t = Ā_t h_0 + B̄_t u_t forgets h_{t-1}."""
+    m = r[:, :, None, None]
+    if h0 is not None:
+        X.add_(torch.where(m, dA * h0, 0.0))
+    dA.masked_fill_(m, 0.0)
+
+
 def _run_block(dA: torch.Tensor, X: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """In place: X[k] becomes h_k = Ā_k ⊙ h_{k-1} + X_k, starting from ``h``. One kernel per step on cached slices."""
     X[0].addcmul_(dA[0], h)
@@ -72,7 +91,7 @@ def _run_block(dA: torch.Tensor, X: torch.Tensor, h: torch.Tensor) -> torch.Tens
 
 class _SequentialScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, h_off, y_off, softplus, grad_mode=True):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, h_off, y_off, softplus, grad_mode=True, resets=None):
         ctx.set_materialize_grads(False)
         batch, dim, seqlen = u.shape
         cdt = torch.promote_types(u.dtype, torch.float32)
@@ -87,6 +106,8 @@ class _SequentialScanFn(torch.autograd.Function):
         h = torch.zeros(batch, dim, A.shape[1], dtype=cdt, device=u.device)
         if h0 is not None:
             h.copy_(_batched(h0, batch, 3, dtype=None))
+        h_init = h if h0 is not None else None  # never written in place (h is rebound per block)
+        ctx.restarts = rst = _restarts(resets, seqlen)
         ctx.block = K = _block_size(h.numel() * h.element_size())
         nblocks = -(-seqlen // K)
         # the state before each block, for the backward; none when there will be no backward (inference: grad mode,
@@ -99,6 +120,8 @@ class _SequentialScanFn(torch.autograd.Function):
             if ckpts is not None:
                 ckpts[j] = h
             dA, X = _block_terms(dt_t, du_t, Bt, Af, t0, t1)
+            if rst is not None and rst[t0:t1].any():
+                _restart_block_(dA, X, rst[t0:t1], h_init)
             H = _run_block(dA, X, h)
             torch.matmul(H, Ct[t0:t1, :, :, None], out=y_t[t0:t1, :, :, None])
             h = H[-1]
@@ -141,7 +164,7 @@ class _SequentialScanFn(torch.autograd.Function):
                 if need[6]:
                     gz = g * y_pre * (sig * (1 + zf * (1 - sig)))
                 g = g * zf * sig
-        grads: list[torch.Tensor | None] = [None] * 13  # (softplus and grad_mode get none)
+        grads: list[torch.Tensor | None] = [None] * 14  # (softplus, grad_mode and resets get none)
         # the reverse scan serves u, Δ, A, B, C, the Δ bias and h0 only: h', y', D and z need just ĝ (State-offset
         # tuning of a frozen base: the first layer's scan needs no adjoint at all)
         if any(need[i] for i in (0, 1, 2, 3, 4, 7, 8)):
@@ -176,9 +199,17 @@ def _scan_backward(ctx, u, delta, A, B, C, D, delta_bias, h0, h_off, ckpts, g, g
     dA_acc = Af.new_zeros(Af.shape)
     # carry = Ā_{t+1} ⊙ λ_{t+1} entering step t; at t = L it is ∂L/∂h_L
     carry = gh.to(cdt) if gh is not None else ckpts.new_zeros(batch, dim, A.shape[1])
+    rst = ctx.restarts
+    h_init = _batched(h0, batch, 3, cdt) if h0 is not None else None
+    dh0_rst = torch.zeros_like(carry)  # the restarts' terms of ∂L/∂h_0: Ā_t λ_t where step t read h_0
     for j in reversed(range(ckpts.shape[0])):
         t0, t1 = j * ctx.block, min((j + 1) * ctx.block, seqlen)
         dA, H = _block_terms(dt_t, du_t, Bt, Af, t0, t1)
+        r = rst[t0:t1] if rst is not None and rst[t0:t1].any() else None
+        full = None
+        if r is not None:
+            full = dA.clone()  # Ā unmasked, for the local gradients
+            _restart_block_(dA, H, r, h_init)
         _run_block(dA, H, ckpts[j])
         lam = g_t[t0:t1, :, :, None] * Ct[t0:t1, :, None, :]  # ĝ_t C_t, becomes λ in place
         lam[-1].add_(carry)
@@ -189,9 +220,17 @@ def _scan_backward(ctx, u, delta, A, B, C, D, delta_bias, h0, h_off, ckpts, g, g
         torch.matmul(du_t[t0:t1, :, None, :], lam, out=dB_t[t0:t1, :, None, :])
         torch.matmul(g_t[t0:t1, :, None, :], H, out=dC_t[t0:t1, :, None, :])
         # w_t = λ_t ⊙ Ā_t ⊙ h_{t-1}, the gradient through Ā_t (h_0 is the checkpoint)
-        w = dA.mul_(lam)
-        w[1:].mul_(H[:-1])
-        w[0].mul_(ckpts[j])
+        if r is None:
+            w = dA.mul_(lam)
+            w[1:].mul_(H[:-1])
+            w[0].mul_(ckpts[j])
+        else:
+            # a restart read h_0 (zeros without one) in place of h_{t-1}
+            w = full.mul_(lam)
+            m = r[:, :, None, None]
+            dh0_rst += torch.where(m, w, 0.0).sum(0)
+            prev = torch.cat([ckpts[j][None], H[:-1]])
+            w.mul_(torch.where(m, 0.0, prev) if h_init is None else torch.where(m, h_init, prev))
         torch.sum(w * Af, -1, out=sAw[t0:t1])
         dA_acc += w.mul_(dt_t[t0:t1, :, :, None]).sum((0, 1))  # a leading-dim reduction, no permuted copy
     sLB, sAw = sLB.permute(1, 2, 0), sAw.permute(1, 2, 0)  # [B, D, L]
@@ -210,7 +249,7 @@ def _scan_backward(ctx, u, delta, A, B, C, D, delta_bias, h0, h_off, ckpts, g, g
         (grad_u.to(u.dtype), grad_dt.to(delta.dtype), dA_acc.to(A.dtype), dB_t.permute(1, 2, 0).to(B.dtype),
          grad_C.to(C.dtype)),
         grad_bias,
-        _reduce(carry, h0),
+        _reduce(carry + dh0_rst, h0),
     )  # fmt: skip
 
 
@@ -229,8 +268,10 @@ def selective_scan_sequential(
     state_offset: torch.Tensor | None = None,
     y_offset: torch.Tensor | None = None,
     return_final_state: bool = False,
+    resets: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Sequential twin of ``selective_scan_ref`` with a block-checkpointed backward: the same arguments and shapes.
+    """Sequential twin of ``selective_scan_ref`` with a block-checkpointed backward: the same arguments and shapes
+    (``resets``: packed rows, as there).
 
     Returns:
         y [B, D, L] in u's dtype, and h_L [B, D, N] in fp32 (fp64 for fp64 inputs) when ``return_final_state``.
@@ -249,5 +290,6 @@ def selective_scan_sequential(
         y_offset,
         delta_softplus,
         torch.is_grad_enabled(),
+        resets,
     )
     return (y, h_last) if return_final_state else y
