@@ -175,6 +175,11 @@ def run(args: argparse.Namespace) -> dict:
         collators["rows (resets, graphed)"] = (by_rows, None, row_batches)
     else:
         notes.append("rows (resets, graphed): skipped, CUDA graphs need a CUDA device")
+    if device.type == "cuda" and args.repeats < 2:
+        # padded and bucketed batches change shape from batch to batch: a first pass over them compiles kernels (the
+        # SSD kernels once per chunk count), which only a later pass leaves out of the fastest time
+        notes.append(f"--repeats {args.repeats}: the padded and bucketed stacks' times include Triton compilations; "
+                     "use 2 or more")  # fmt: skip
     model = build(args, shape)
 
     errs = []

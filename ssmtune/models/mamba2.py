@@ -10,7 +10,6 @@ The scan runs without z; state offsets are added to y before the gated norm, as 
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 from torch import nn
@@ -230,16 +229,14 @@ class Mamba2Mixer(nn.Module):
         """The fused conv + scan op for a training forward (a gradient to take, no cache, not packed), else None.
         Also when no gradient reaches the conv (a state adapter's first mixer): the conv input it keeps is smaller
         than the conv output and chunk states the scan alone would keep (at d_state 128). Packed rows (``resets``)
-        take it where the fused op has a ``resets`` argument, else the unfused path."""
+        take it too."""
         if cache is not None or cu_seqlens is not None or not torch.is_grad_enabled():
             return None
         params = (self.A_log, self.D, self.dt_bias)
         if not any(t is not None and t.requires_grad for t in (*inputs, *params)):
             return None
         fused = ops.conv_ssd_fused(self.backend, inputs[0].device, self.headdim)
-        if fused is None or resets is None:
-            return fused
-        return functools.partial(fused, resets=resets) if _takes_resets(fused) else None
+        return fused if fused is None or resets is None else functools.partial(fused, resets=resets)
 
     # Steps a host model may change (models/hybrid.py): the input projection, the step size of the scan, the gate.
     def project(self, u: torch.Tensor) -> torch.Tensor:
@@ -260,12 +257,6 @@ class Mamba2Mixer(nn.Module):
     def gate_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Gated RMSNorm of the scan output y [B, L, D] by z [B, L, D]."""
         return self.norm(y, z)
-
-
-@functools.cache
-def _takes_resets(fn) -> bool:
-    """Whether the fused conv + scan op takes packed rows' ``resets``."""
-    return "resets" in inspect.signature(fn).parameters
 
 
 def conv0_at_first_token(
