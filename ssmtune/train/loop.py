@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ssmtune.data.tokenize import PackedRowsCollator
-from ssmtune.models.lm import IGNORE_INDEX, count_targets, token_loss, token_loss_sum
+from ssmtune.models.lm import IGNORE_INDEX, SSMPreTrainedModel, count_targets, token_loss, token_loss_sum
 from ssmtune.train import distributed as D
 from ssmtune.train.checkpoint import (
     clean_interrupted_writes,
@@ -797,6 +797,11 @@ def fit(
         if config.batch_size % ctx.world_size:
             raise ValueError(f"batch_size must be a multiple of the world size {ctx.world_size}, got "
                              f"{config.batch_size!r}")  # fmt: skip
+        base = getattr(model, "base_model", model)
+        if isinstance(base, SSMPreTrainedModel) and collate_fn.lead < (need := base.rows_lead()):
+            raise ValueError(f"packed rows: lead {collate_fn.lead} is shorter than the model's d_conv - 1 = {need} "
+                             "(an example's conv window would read the previous one); "
+                             f"PackedRowsCollator(lead={need})")  # fmt: skip
         global_sampler = RowsSampler([len(dataset[i]["input_ids"]) for i in range(len(dataset))], collate_fn,
                                      seed=config.seed)  # fmt: skip
         plan = StepPlan(global_sampler.count)

@@ -276,3 +276,9 @@ def test_resume_refuses_another_batch_plan(tmp_path):
         _fit(model(), data, rows, tmp_path / "padded", save_steps=2)
     _fit(model(), data, rows, tmp_path / "rows", save_steps=2)  # the same plan resumes
 
+
+def test_fit_refuses_a_lead_shorter_than_the_conv(tmp_path):
+    """Fewer than d_conv - 1 pads before an example let its first conv windows read the previous example's tokens."""
+    model = get_peft_model(tiny_model("m1"), StateOffsetConfig())
+    with pytest.raises(ValueError, match=r"lead 2 is shorter than the model's d_conv - 1 = 3 .*lead=3"):
+        _fit(model, _data(6), PackedRowsCollator(0, 100, rows=2, lead=2), tmp_path)
