@@ -248,8 +248,7 @@ def _packing_collator(model: nn.Module, pad_token_id: int, args: TrainArgs):
         what = type(base).__name__
         msg = f"--data.packing_layout rows runs on ssmtune's Mamba / Mamba-2 models, not {what}; use cu_seqlens"
         raise ValueError(msg)  # noqa: TRY004
-    lead = max(1, *(m.conv1d.weight.shape[-1] - 1 for _, m in base.mixers()))
-    return PackedRowsCollator(pad_token_id, args.max_length, rows=args.train.batch_size, lead=lead)
+    return PackedRowsCollator(pad_token_id, args.max_length, rows=args.train.batch_size, lead=base.rows_lead())
 
 
 def _train_in(run_dir: Path, args: TrainArgs, ctx: DistContext, task, tokenizer, train_ds) -> dict[str, Any]:

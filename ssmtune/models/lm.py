@@ -168,6 +168,11 @@ class SSMPreTrainedModel(nn.Module):
         for i, layer in enumerate(self.backbone.layers):
             yield i, layer.mixer
 
+    def rows_lead(self) -> int:
+        """The pads packed rows need before each sequence (``PackedRowsCollator``'s ``lead``): the mixers' longest conv
+        window minus one, at least 1."""
+        return max([1] + [m.conv1d.weight.shape[-1] - 1 for _, m in self.mixers() if hasattr(m, "conv1d")])
+
     @property
     def backend(self) -> str:
         backends = {m.backend for _, m in self.mixers()}

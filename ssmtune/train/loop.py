@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ssmtune.data.tokenize import PackedRowsCollator
-from ssmtune.models.lm import IGNORE_INDEX, count_targets, token_loss, token_loss_sum
+from ssmtune.models.lm import IGNORE_INDEX, SSMPreTrainedModel, count_targets, token_loss, token_loss_sum
 from ssmtune.train import distributed as D
 from ssmtune.train.checkpoint import (
     clean_interrupted_writes,
@@ -229,13 +229,18 @@ RESUME_FIXED = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warm
                 "precision", "best_metric", "greater_is_better")  # fmt: skip
 
 
-def check_resume_config(saved: dict[str, Any], config: TrainConfig, n_train: int, where: Path) -> None:
-    """Refuse to continue a checkpoint written with other optimisation settings or another training set size."""
+def check_resume_config(saved: dict[str, Any], config: TrainConfig, n_train: int, where: Path,
+                        batches: str | None = None) -> None:  # fmt: skip
+    """Refuse to continue a checkpoint written with other optimisation settings, another training set size or, when
+    ``batches`` (``batches_of``) is given, other batches (a step is a position in its run's batches)."""
     now = asdict(config)
     diffs = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in RESUME_FIXED if k in saved and saved[k] != now[k]]
     old_n = saved.get("_n_train")
     if old_n is not None and old_n != n_train:
         diffs.append(f"training examples: {old_n} -> {n_train}")
+    old_b = saved.get("_batches")
+    if batches is not None and old_b is not None and old_b != batches:
+        diffs.append(f"batches: {old_b!r} -> {batches!r}")
     if diffs:
         raise ValueError(
             f"cannot resume from {str(where)!r}: it was written with other settings ({'; '.join(diffs)}). "
@@ -244,11 +249,20 @@ def check_resume_config(saved: dict[str, Any], config: TrainConfig, n_train: int
         )
 
 
-def check_checkpoint_settings(checkpoint: str | Path, config: TrainConfig, n_train: int) -> None:
+def check_checkpoint_settings(checkpoint: str | Path, config: TrainConfig, n_train: int,
+                              batches: str | None = None) -> None:  # fmt: skip
     """``check_resume_config`` against a checkpoint folder (mmap: only the pickled settings are read, not the
     optimizer's tensors)."""
     saved = read_state(checkpoint, mmap=True)
-    check_resume_config(saved.get("config") or {}, config, n_train, Path(checkpoint))
+    check_resume_config(saved.get("config") or {}, config, n_train, Path(checkpoint), batches)
+
+
+def batches_of(collate_fn: Callable) -> str:
+    """What ``fit``'s steps are made of, for the resume check: ``batch_size`` examples, or packed rows, whose batches
+    (and so the steps per epoch) follow from their width and lead."""
+    if isinstance(collate_fn, PackedRowsCollator):
+        return f"packed rows of {collate_fn.width} tokens, lead {collate_fn.lead}"
+    return "batch_size examples"
 
 
 def check_resume(out_dir: str | Path, config: TrainConfig, n_train: int) -> None:
@@ -608,14 +622,15 @@ class GraphedStep:
         self.graphed.close()
 
 
-def load_latest(ckpt_root: Path, model: nn.Module, config: TrainConfig, n_train: int, ctx: D.DistContext):
+def load_latest(ckpt_root: Path, model: nn.Module, config: TrainConfig, n_train: int, ctx: D.DistContext,
+                batches: str | None = None):  # fmt: skip
     """The latest checkpoint's state (its weights loaded into ``model``), or None for a fresh run."""
     # Rank 0 picks the checkpoint so that every rank resumes from the same one.
     latest = ctx.broadcast(latest_readable_checkpoint(ckpt_root) if config.resume else None)
     if latest is None:
         return None
     # The settings are checked before any weight is loaded: a refused resume leaves the caller's model untouched.
-    check_checkpoint_settings(latest, config, n_train)
+    check_checkpoint_settings(latest, config, n_train, batches)
     # Full (unsharded) weights go into the plain model before it is wrapped: any world size can resume.
     return load_checkpoint(latest, model)
 
@@ -624,9 +639,10 @@ class Checkpointer:
     """Resumable checkpoints under ``<run>/checkpoints`` (weights, optimizer, scheduler, scaler, RNG, progress)."""
 
     def __init__(self, root: Path, *, config: TrainConfig, n_train: int, ctx: D.DistContext, strategy: str,
-                 model: nn.Module, train_model: nn.Module, optimizer, scheduler,
-                 scaler: torch.amp.GradScaler) -> None:  # fmt: skip
+                 model: nn.Module, train_model: nn.Module, optimizer, scheduler, scaler: torch.amp.GradScaler,
+                 batches: str | None = None) -> None:  # fmt: skip
         self.root, self.config, self.n_train, self.ctx, self.strategy = root, config, n_train, ctx, strategy
+        self.batches = batches
         self.model, self.train_model = model, train_model
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.use_scaler = config.precision == "fp16"
@@ -654,7 +670,7 @@ class Checkpointer:
                      "scaler": self.scaler.state_dict() if self.use_scaler else None,
                      "best_value": progress.best_value, "best_step": progress.best_step,
                      "last_eval": progress.last_eval, "sampler": {"epoch": epoch, "next_batch": index + 1},
-                     "config": {**asdict(self.config), "_n_train": self.n_train},
+                     "config": {**asdict(self.config), "_n_train": self.n_train, "_batches": self.batches},
                      "world_size": ctx.world_size}  # fmt: skip
             save_checkpoint(self.root, step=progress.step, model=D.unwrap(self.model), state=state,
                             keep_last=self.config.keep_last, tensors=tensors)  # fmt: skip
@@ -781,6 +797,11 @@ def fit(
         if config.batch_size % ctx.world_size:
             raise ValueError(f"batch_size must be a multiple of the world size {ctx.world_size}, got "
                              f"{config.batch_size!r}")  # fmt: skip
+        base = getattr(model, "base_model", model)
+        if isinstance(base, SSMPreTrainedModel) and collate_fn.lead < (need := base.rows_lead()):
+            raise ValueError(f"packed rows: lead {collate_fn.lead} is shorter than the model's d_conv - 1 = {need} "
+                             "(an example's conv window would read the previous one); "
+                             f"PackedRowsCollator(lead={need})")  # fmt: skip
         global_sampler = RowsSampler([len(dataset[i]["input_ids"]) for i in range(len(dataset))], collate_fn,
                                      seed=config.seed)  # fmt: skip
         plan = StepPlan(global_sampler.count)
@@ -798,7 +819,8 @@ def fit(
         clean_interrupted_writes(out_dir)
     logger = RunLogger(out_dir, config, ctx)
     ckpt_root = out_dir / "checkpoints"
-    state = load_latest(ckpt_root, model, config, len(dataset), ctx)
+    batches = batches_of(collate_fn)
+    state = load_latest(ckpt_root, model, config, len(dataset), ctx, batches)
     skeleton = D.meta_skeleton(model) if strategy == "fsdp" and ctx.is_main else None
     train_model = D.wrap_model(model, strategy, ctx, mixed_precision=DTYPES[config.precision]
                                if strategy == "fsdp" and config.precision != "fp32" else None)  # fmt: skip
@@ -808,7 +830,7 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     checkpointer = Checkpointer(ckpt_root, config=config, n_train=len(dataset), ctx=ctx, strategy=strategy,
                                 model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
-                                scaler=scaler)  # fmt: skip
+                                scaler=scaler, batches=batches)  # fmt: skip
     if state is not None:
         progress = checkpointer.restore(state)
         logger.log.truncate_after(progress.step)

@@ -255,3 +255,30 @@ def test_two_ranks_train_the_rows_of_one(tmp_path):
     assert [r["loss"] for r in recs if r["type"] == "train"] == pytest.approx(loss_1, rel=1e-5)
     for a, b in zip(torch.load(tmp_path / "two" / "adapter.pt"), w_1, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_refuses_another_batch_plan(tmp_path):
+    """A checkpoint's position is a step of its run's batches: resumed over other batches (packed rows of another
+    width or lead, or unpacked batches, and the other way round) it would go on at other examples with another
+    schedule length, so fit refuses."""
+    data = _data(14)
+
+    def model():
+        return get_peft_model(tiny_model("m2"), StateOffsetConfig())
+
+    rows = PackedRowsCollator(0, 100, rows=2)
+    _fit(model(), data, rows, tmp_path / "rows", save_steps=2)
+    for other in (PackedRowsCollator(0, 200, rows=2), PackedRowsCollator(0, 100, rows=2, lead=5), Collator(0)):
+        with pytest.raises(ValueError, match=r"cannot resume .*\(batches: 'packed rows of 128 tokens, lead 3' -> "):
+            _fit(model(), data, other, tmp_path / "rows", save_steps=2)
+    _fit(model(), data, Collator(0), tmp_path / "padded", save_steps=2)
+    with pytest.raises(ValueError, match="batches: 'batch_size examples' -> 'packed rows of 128 tokens, lead 3'"):
+        _fit(model(), data, rows, tmp_path / "padded", save_steps=2)
+    _fit(model(), data, rows, tmp_path / "rows", save_steps=2)  # the same plan resumes
+
+
+def test_fit_refuses_a_lead_shorter_than_the_conv(tmp_path):
+    """Fewer than d_conv - 1 pads before an example let its first conv windows read the previous example's tokens."""
+    model = get_peft_model(tiny_model("m1"), StateOffsetConfig())
+    with pytest.raises(ValueError, match=r"lead 2 is shorter than the model's d_conv - 1 = 3 .*lead=3"):
+        _fit(model, _data(6), PackedRowsCollator(0, 100, rows=2, lead=2), tmp_path)
