@@ -376,3 +376,20 @@ def test_train_with_packing(env, capsys, layout):
     # cu_seqlens batch does: 4 steps an epoch
     assert results["steps"] == 8
     capsys.readouterr()
+
+
+def test_packed_rows_take_fewer_examples_than_batch_size():
+    from types import SimpleNamespace as NS
+
+    from ssmtune.cli.commands import check_enough_examples
+
+    def args(packing, layout="rows"):
+        return NS(data=NS(packing=packing, packing_layout=layout), train=NS(batch_size=8))
+
+    check_enough_examples(3, args(True))  # batch_size counts rows: 3 long examples fill a step
+    with pytest.raises(ValueError, match="has 3 examples, fewer than batch_size=8"):
+        check_enough_examples(3, args(False))
+    with pytest.raises(ValueError, match="has 3 examples, fewer than batch_size=8"):
+        check_enough_examples(3, args(True, "cu_seqlens"))
+    with pytest.raises(ValueError, match="has no examples"):
+        check_enough_examples(0, args(True))

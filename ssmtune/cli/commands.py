@@ -172,10 +172,7 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     train_ds = tokenize_examples(
         examples, tokenizer, add_eos=task.add_eos, max_length=args.max_length, length_filter=args.data.length_filter
     )
-    if len(train_ds) < args.train.batch_size:
-        raise ValueError(
-            f"the training set has {len(train_ds)} examples, fewer than batch_size={args.train.batch_size}"
-        )
+    check_enough_examples(len(train_ds), args)
 
     created = not run_dir.exists()
     if ctx.is_main:
@@ -191,6 +188,17 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         if ctx.is_main and created and not (run_dir / "checkpoints").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def check_enough_examples(n: int, args) -> None:
+    """A batch needs batch_size examples, except packed rows: there batch_size counts rows, and a few long examples
+    fill a step (its empty rows are padding)."""
+    if args.data.packing and args.data.packing_layout == "rows":
+        if n == 0:
+            raise ValueError("the training set has no examples")
+        return
+    if n < args.train.batch_size:
+        raise ValueError(f"the training set has {n} examples, fewer than batch_size={args.train.batch_size}")
 
 
 def _check_same_run(run_dir: Path, args: TrainArgs) -> None:
