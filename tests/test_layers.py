@@ -34,6 +34,7 @@ LAYERS = {
 # (importer, imported) packages of one layer that may import each other in this direction only.
 SIBLING_IMPORTS = {
     ("eval", "data"),  # evaluation tokenizes a task's examples with the data pipeline
+    ("train", "data"),  # the loop plans packed rows' steps from their collator (PackedRowsCollator.plan)
     ("cli", "serve"),  # `ssmtune serve` starts the server
     ("cli", "bench"),  # `ssmtune bench` runs the harness
     ("bench", "serve"),  # the serving benchmark drives the engine
