@@ -22,6 +22,7 @@ from torch import nn
 from .. import ops
 from .cache import InferenceCache
 from .config import Mamba2Config, MambaConfig, SSMConfig
+from .hooks import check_rows
 from .mamba import MambaMixer
 from .mamba2 import Mamba2Mixer, RMSNormGated
 
@@ -280,7 +281,8 @@ class SSMForCausalLM(SSMPreTrainedModel):
         if cu_seqlens is not None:
             labels = packed_labels(labels, cu_seqlens, self.input_hooks)
         if resets is not None:
-            labels = row_labels(labels, attention_mask, cache, self.input_hooks)
+            check_rows(resets, cache, cu_seqlens, attention_mask)
+            labels = row_labels(labels, attention_mask, self.input_hooks)
         embeds, mask, hook_labels, added = self._embed(input_ids, inputs_embeds, attention_mask, labels, cache)
         packed = {} if resets is None else {"resets": resets}
         hidden = self.backbone(embeds, mask, cache, cu_seqlens=cu_seqlens, **packed)  # [B, L', d_model]
@@ -370,18 +372,14 @@ def packed_labels(
 
 
 def row_labels(
-    labels: torch.Tensor | None, attention_mask: torch.Tensor | None, cache: object, input_hooks: nn.ModuleDict
+    labels: torch.Tensor | None, attention_mask: torch.Tensor, input_hooks: nn.ModuleDict
 ) -> torch.Tensor | None:
     """The labels of packed rows (``resets``) with every label right after a pad ignored: a sequence's first token,
     which its separate run has no position to predict. Input hooks (Prompt Tuning) add positions per row, which a
-    row of several sequences cannot place; a cache (generation) has no packed rows."""
+    row of several sequences cannot place."""
     if any(getattr(h, "active", True) for h in input_hooks.values()):
         raise ValueError("resets: input hooks (Prompt Tuning) cannot run on packed rows (their virtual tokens are "
                          "added once per row, not per sequence)")  # fmt: skip
-    if cache is not None:
-        raise ValueError("resets: packed rows are a training layout; a forward with a cache (generation) takes none")
-    if attention_mask is None:
-        raise ValueError("resets: packed rows need the attention_mask that marks their pad positions, got None")
     if labels is None:
         return None
     after_pad = torch.zeros_like(labels, dtype=torch.bool)

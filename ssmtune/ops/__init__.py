@@ -365,13 +365,7 @@ def selective_scan(
     _check("state_offset", state_offset, [(d, n), (rows, d, n)], op)
     _check("y_offset", y_offset, [(d,), (rows, d)], op)
     _check_float(op, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
-    if resets is not None:
-        fn = _resets_fn(op, backend, u.device, resets, b, seqlen, bounds)
-        return fn(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-            initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
-            return_final_state=return_final_state, resets=resets,
-        )  # fmt: skip
+    _check_resets(op, backend, u.device, resets, b, seqlen, bounds)
     fn = resolve(op, backend, u.device)
     if bounds is not None:
         timed = {"u": u, "delta": delta, "B": B, "C": C, "z": z}
@@ -381,7 +375,7 @@ def selective_scan(
     return fn(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
-        return_final_state=return_final_state,
+        return_final_state=return_final_state, resets=resets,
     )  # fmt: skip
 
 
@@ -501,13 +495,7 @@ def ssd_scan(
         _warned.add((op, "headdim"))
         warnings.warn(f"ssmtune.ops.ssd_scan: headdim {p} < {SSD_MIN_HEADDIM_CUDA} runs the torch backend on "
                       "CUDA (the Triton backward does not support it)", stacklevel=2)  # fmt: skip
-    if resets is not None:
-        fn = _resets_fn(op, picked, x.device, resets, b, seqlen, bounds)
-        return fn(
-            x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-            initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
-            return_final_state=return_final_state, resets=resets,
-        )  # fmt: skip
+    _check_resets(op, picked, x.device, resets, b, seqlen, bounds)
     fn = resolve(op, picked, x.device)
     if bounds is not None:
         timed = {"x": x, "dt": dt, "B": B, "C": C, "z": z}
@@ -517,29 +505,27 @@ def ssd_scan(
     return fn(
         x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
         initial_state=initial_state, state_offset=state_offset, y_offset=y_offset,
-        return_final_state=return_final_state,
+        return_final_state=return_final_state, resets=resets,
     )  # fmt: skip
 
 
-# The backends whose scans take ``resets`` (packed rows); auto picks the first of its order that does.
+# The backends whose scans take ``resets`` (packed rows): every one.
 RESETS_BACKENDS = {"selective_scan": ("triton", "torch", "ref"), "ssd_scan": ("triton", "torch", "ref")}
 
 
-def _resets_fn(op: str, backend: str, device: torch.device, resets, batch: int, seqlen: int, bounds) -> Callable:
-    """The implementation of ``op`` that takes ``resets``, after checking them (a ValueError naming the bad value)."""
+def _check_resets(op: str, backend: str, device: torch.device, resets, batch: int, seqlen: int, bounds) -> None:
+    """A ValueError naming the bad value unless ``resets`` (None, or packed rows' flags) fits the call."""
+    if resets is None:
+        return
     if bounds is not None:
         raise ValueError(f"{op}: resets (packed rows) and cu_seqlens (one packed sequence row) are two layouts; "
                          "pass one of them")  # fmt: skip
     check_resets(op, resets, batch, seqlen)
     if resets.device != device:
         raise ValueError(f"{op}: resets must be on {device}, got {resets.device}")
-    supported = RESETS_BACKENDS[op]
-    if backend == "auto":
-        order = ("triton", "torch", "ref") if device.type == "cuda" else ("torch", "ref")
-        backend = next(b for b in order if b in supported and (b != "triton" or _triton_usable(device)))
-    elif backend not in supported:
-        raise ValueError(f"{op}: backend {backend!r} does not take resets (packed rows); use one of {supported}")
-    return resolve(op, backend, device)
+    if backend != "auto" and backend not in RESETS_BACKENDS[op]:
+        raise ValueError(f"{op}: backend {backend!r} does not take resets (packed rows); use one of "
+                         f"{RESETS_BACKENDS[op]}")  # fmt: skip
 
 
 def _ssd_backend(backend: str, device: torch.device, headdim: int) -> str:
