@@ -27,8 +27,9 @@ input-embedding output is made to require grad so that the backward runs through
 no optimizer step. "x bare" (ms/step over our bare ms/step, same model and size) carries its two small biases
 (no AdamW step; the gradient of block 0's input), in opposite directions.
 
-One step = forward under bf16 autocast + LM cross-entropy (``labels=input_ids``) + backward + AdamW step + zero_grad,
-with the base in bf16 and the trainable parameters in fp32. ``--warmup`` untimed steps, then ``--steps`` timed ones
+One step = forward under bf16 autocast + LM cross-entropy + backward + AdamW step + zero_grad, each stack's loss as
+its users get it: the peers' from transformers (``labels=input_ids``: fp32 logits), ours as ``ssmtune train`` computes
+it (``models.lm.causal_lm_loss`` on the bf16 logits: ``ops.cross_entropy``, the same mean), with the base in bf16 and the trainable parameters in fp32. ``--warmup`` untimed steps, then ``--steps`` timed ones
 (CUDA events on a GPU), median reported; peak = ``torch.cuda.max_memory_allocated`` over the timed steps (weights,
 optimizer state and activations of this configuration only). Out-of-memory is caught per configuration.
 
@@ -511,8 +512,11 @@ def correctness_gate(models: list[str], device: torch.device) -> dict:
 # ------------------------------------------------------------------------------------------------------------ step
 
 
-def make_step(model: torch.nn.Module, method: str, ids: torch.Tensor) -> tuple[Callable[..., None], int]:
-    """The step closure (``step(row)`` also records the loss and the dead parameters) and the trainable count."""
+def make_step(model: torch.nn.Module, method: str, ids: torch.Tensor, *, ours: bool) -> tuple[Callable[..., None], int]:
+    """The step closure (``step(row)`` also records the loss and the dead parameters) and the trainable count;
+    ``ours``: the loss of ``ssmtune train`` (``causal_lm_loss`` on the logits), else transformers' (``labels=``)."""
+    from ssmtune.models.lm import causal_lm_loss
+
     device = ids.device
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "bare":
@@ -525,7 +529,8 @@ def make_step(model: torch.nn.Module, method: str, ids: torch.Tensor) -> tuple[C
 
     def step(row: dict | None = None) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            out = model(input_ids=ids, labels=None if ours else ids, use_cache=False)
+        loss = causal_lm_loss(out.logits, ids) if ours else out.loss
         loss.backward()
         if row is not None:
             row["loss"] = loss.item()
@@ -586,7 +591,7 @@ def run_row(row: dict, args: argparse.Namespace, device: torch.device, deadline:
         elif row["stack"] != "ssmtune" and is_gdn(row["model"]):
             row["detail"] = (row["detail"] + f" | transformers' gated delta rule: {peer_gdn_impl()}").strip(" |")
         model = build(row["model"], row["method"], args.small, device, targets)
-        step, row["trainable_params"] = make_step(model, row["method"], ids)
+        step, row["trainable_params"] = make_step(model, row["method"], ids, ours=row["stack"] == "ssmtune")
         row["warmup_ms"] = []
         for i in range(max(1, warmup)):
             if i > 0 and time.perf_counter() > deadline:

@@ -172,7 +172,7 @@ def _hybrid_step(v: ts.Variant, args: argparse.Namespace, device: torch.device):
     model = build(v.model, v.method, args.small, device, targets)
     vocab = (hs.SMALL_SHAPES if args.small else hs.SHAPES)[v.model][1]["vocab_size"]
     ids = torch.randint(1, vocab, (v.batch, v.seqlen), generator=torch.Generator().manual_seed(1)).to(device)
-    step, _ = hs.make_step(model, v.method, ids)
+    step, _ = hs.make_step(model, v.method, ids, ours=v.stack == "ssmtune")
     detail = "targets " + "+".join(targets) if targets else ""
     if v.stack == "ssmtune" and (backend := hs.gdn_backend(v.model, device, grad=True)):
         detail = (detail + f" | gated_delta_rule backend {backend}").strip(" |")

@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - an older Triton
     pytest.skip("this Triton has no ASTSource / GPUTarget", allow_module_level=True)
 
 from ssmtune.ops import conv_fused, launch, norm_fused
+from ssmtune.ops.gated_delta import offsets_triton
 from ssmtune.ops.selective_scan import fused as s6_fused
 from ssmtune.ops.ssd import fused as ssd_fused
 
@@ -49,7 +50,9 @@ def _compiled_copy(module):
     return copy
 
 
-conv_fused, norm_fused, s6_fused, ssd_fused = map(_compiled_copy, (conv_fused, norm_fused, s6_fused, ssd_fused))
+conv_fused, norm_fused, s6_fused, ssd_fused, offsets_triton = map(
+    _compiled_copy, (conv_fused, norm_fused, s6_fused, ssd_fused, offsets_triton)
+)
 
 
 def _jit(kernel):
@@ -92,10 +95,10 @@ def _compiled_language():
 
 def _compile(kernel, pointers: dict[str, str], constexprs: dict, warps: int) -> None:
     """Compile ``kernel`` for sm_90: ``pointers`` name -> element type; the other arguments not in ``constexprs``
-    are integers (strides, sizes) or, for ``eps``, a float."""
+    are integers (strides, sizes) or, for ``eps`` and ``scale``, floats."""
     fn = _jit(kernel)
     names = list(inspect.signature(fn.fn).parameters)
-    sig = {n: "constexpr" if n in constexprs else ("*" + pointers[n] if n in pointers else "fp32" if n == "eps" else "i64")
+    sig = {n: "constexpr" if n in constexprs else ("*" + pointers[n] if n in pointers else "fp32" if n in ("eps", "scale") else "i64")
            for n in names}  # fmt: skip
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(i,): constexprs[n] for i, n in enumerate(names) if n in constexprs}
@@ -170,3 +173,23 @@ def test_ssd_chunk_state_compiles(direction, resets):
     if not resets:
         const["resets"] = None
     _compile(kernel, pointers, const, 4)
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dq", "ds"])
+def test_gated_delta_readout_compiles(kernel):
+    # Gated DeltaNet's read-out offsets at a Qwen3.5 layer's heads (16 x 128 / 128), bf16 activations, q l2-normalised
+    bk, bv = offsets_triton._blocks(128, 128)
+    const = {"REP": 1, "K": 128, "V": 128, "BL": offsets_triton.BL, "BK": bk, "BV": bv, "L2NORM": True}
+    if kernel == "fwd":
+        fn = offsets_triton._readout_fwd_kernel
+        pointers = {"o": "bf16", "q": "bf16", "s": "fp32", "y": "fp32", "out": "bf16"}
+        const.update(H=16, HAS_S=True, HAS_Y=True)
+    elif kernel == "dq":
+        fn = offsets_triton._readout_dq_kernel
+        pointers = {"do": "bf16", "q": "bf16", "s": "fp32", "dq": "bf16"}
+        const.update(HK=16)
+    else:
+        fn = offsets_triton._readout_ds_kernel
+        pointers = {"do": "bf16", "q": "bf16", "ws": "fp32"}
+        const.update(H=16, SUB=offsets_triton.SUB)
+    _compile(fn, pointers, const, 4)

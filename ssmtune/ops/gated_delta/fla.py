@@ -1,10 +1,10 @@
 """flash-linear-attention (``fla-core``, MIT) kernels for the gated delta rule, when installed (``ssmtune[fla]``).
 
 fla runs the recurrence (``chunk_gated_delta_rule``; ``chunk_kda`` for per-channel gates), with the initial state and
-its gradient; the offsets are read out beside it (``naive.read_offsets``), with q̂ recomputed in fp32 as the kernel
-normalises and scales it. fla refuses one kernel of its Gated DeltaNet backward (``chunk_bwd_dqkwg``, miscompiled on
-Hopper by Triton >= 3.4 and < 3.7.1); there ``fla_bwd.py`` registers our port of it with fla's backend registry,
-and the rest of the backward stays fla's. KDA's backward does not use that kernel but is not vetted there either, so
+its gradient; the offsets are read out beside it (``offsets_triton.py``: ``naive.read_offsets`` in one kernel each
+way, q̂ recomputed in fp32 as fla normalises and scales it). fla refuses one kernel of its Gated DeltaNet backward
+(``chunk_bwd_dqkwg``, miscompiled on Hopper by Triton >= 3.4 and < 3.7.1); there ``fla_bwd.py`` registers our port
+of it with fla's backend registry, and the rest of the backward stays fla's. KDA's backward does not use that kernel but is not vetted there either, so
 ``backend="auto"`` trains KDA there on the torch path.
 """
 
@@ -14,8 +14,6 @@ import importlib
 import re
 
 import torch
-
-from .naive import prepare_q, read_offsets
 
 INSTALL = "pip install 'ssmtune[fla]' (fla-core>=0.6)"
 
@@ -109,7 +107,8 @@ def gated_delta_rule_fla(
         qr, kr, v, g.float(), beta, scale=dk**-0.5 if scale is None else scale, initial_state=h0,
         output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm,
     )  # fmt: skip
-    if state_offset is not None or output_offset is not None:
-        q_hat = prepare_q(q, nheads, scale=scale, use_qk_l2norm=use_qk_l2norm)  # k̂ is the kernel's business
-        o = read_offsets(o.float(), q_hat, state_offset, output_offset).to(v.dtype)
+    from .offsets_triton import read_offsets_triton
+
+    # q̂ S' + y' in one kernel (q̂ recomputed from q as fla prepares it; k̂ is fla's business)
+    o = read_offsets_triton(o, q, state_offset, output_offset, scale=scale, use_qk_l2norm=use_qk_l2norm)
     return (o, final.float()) if output_final_state else o
