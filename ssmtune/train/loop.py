@@ -265,12 +265,13 @@ def batches_of(collate_fn: Callable) -> str:
     return "batch_size examples"
 
 
-def check_resume(out_dir: str | Path, config: TrainConfig, n_train: int) -> None:
-    """Raise now (before anything is written) if ``fit(..., out_dir=out_dir)`` would refuse to resume."""
+def check_resume(out_dir: str | Path, config: TrainConfig, n_train: int, batches: str | None = None) -> None:
+    """Raise now (before anything is written) if ``fit(..., out_dir=out_dir)`` would refuse to resume (``batches``:
+    ``batches_of`` its collator, else the batches go unchecked)."""
     # fit() itself warns about a damaged checkpoint it skips
     latest = latest_readable_checkpoint(Path(out_dir) / "checkpoints", warn=False) if config.resume else None
     if latest is not None:
-        check_checkpoint_settings(latest, config, n_train)
+        check_checkpoint_settings(latest, config, n_train, batches)
 
 
 class NonFiniteLossError(RuntimeError):
