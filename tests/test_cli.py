@@ -235,6 +235,23 @@ def test_refused_resume_keeps_config_yaml(env, capsys):
     assert (env["runs"] / "lrchange" / "config.yaml").read_text() == before
 
 
+def test_refused_resume_over_other_batches_keeps_config_yaml(env, capsys):
+    """Checkpoints of packed rows resumed over other batches (unpacked, or rows of another width) are refused with
+    fit's message before config.yaml is rewritten (the rows' lead comes from the model, so the check follows its
+    loading)."""
+    argv = train_argv(env, "rowschange", "--data.packing", "true", "--max_length", "61", "--train.max_steps", "3",
+                      "--eval.mode", "none")  # fmt: skip
+    assert main(argv) == 0
+    config_yaml = env["runs"] / "rowschange" / "config.yaml"
+    before = config_yaml.read_bytes()
+    for change, now in ((["--data.packing", "false"], "'batch_size examples'"),
+                        (["--max_length", "100"], "'packed rows of 128 tokens, lead 3'")):  # fmt: skip
+        code, err = _run_main([*argv, *change], capsys)
+        assert code == 2
+        assert "cannot resume" in err and f"batches: 'packed rows of 64 tokens, lead 3' -> {now}" in err, err
+        assert config_yaml.read_bytes() == before
+
+
 def _run_main(argv: list[str], capsys) -> tuple[int, str]:
     """main()'s exit code (argparse's SystemExit included) and its stderr; any other exception fails the test."""
     capsys.readouterr()

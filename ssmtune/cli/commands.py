@@ -161,7 +161,6 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
 def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     from ssmtune.data import get_task, load_examples, tokenize_examples
-    from ssmtune.train.loop import check_resume
 
     validate_train_args(args)
     run_dir = Path(args.out_dir) / _run_name(args)
@@ -175,12 +174,6 @@ def _train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     check_enough_examples(len(train_ds), args)
 
     created = not run_dir.exists()
-    if ctx.is_main:
-        # a refused resume must not leave config.yaml describing settings its checkpoints were not written with
-        _check_same_run(run_dir, args)
-        check_resume(run_dir, args.train, len(train_ds))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(args, run_dir / "config.yaml")
     try:
         return _train_in(run_dir, args, ctx, task, tokenizer, train_ds)
     except (ValueError, OSError, ImportError):
@@ -264,11 +257,22 @@ def _train_in(run_dir: Path, args: TrainArgs, ctx: DistContext, task, tokenizer,
     from ssmtune.data import Collator
     from ssmtune.eval.evaluate import evaluate, load_eval_dataset
     from ssmtune.train import fit
+    from ssmtune.train.loop import batches_of, check_resume
     from ssmtune.train.plots import plot_run
     from ssmtune.utils.io import finite_json
 
     torch.manual_seed(args.train.seed)
     model = load_base_model(args.model, backend=args.backend)
+    collate = Collator(tokenizer.pad_token_id)
+    if args.data.packing:
+        collate = _packing_collator(model, tokenizer.pad_token_id, args)
+    if ctx.is_main:
+        # a refused resume must not leave config.yaml describing settings its checkpoints were not written with; the
+        # batches (packed rows' lead) follow from the model, so this waits for it
+        _check_same_run(run_dir, args)
+        check_resume(run_dir, args.train, len(train_ds), batches_of(collate))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(args, run_dir / "config.yaml")
     configs = make_adapter_configs(args.method, args.method_args)
     if configs is None:
         model.requires_grad_(True)
@@ -285,9 +289,6 @@ def _train_in(run_dir: Path, args: TrainArgs, ctx: DistContext, task, tokenizer,
             return evaluate(m, tokenizer, args.data, args.eval, dataset=eval_ds)
 
     start = time.perf_counter()
-    collate = Collator(tokenizer.pad_token_id)
-    if args.data.packing:
-        collate = _packing_collator(model, tokenizer.pad_token_id, args)
     result = fit(model, train_ds, collate, config=args.train, out_dir=run_dir, eval_fn=eval_fn, dist=ctx)
     if not ctx.is_main:
         return {"run": run_dir.name, "steps": result.step, "world_size": ctx.world_size}

@@ -265,12 +265,13 @@ def batches_of(collate_fn: Callable) -> str:
     return "batch_size examples"
 
 
-def check_resume(out_dir: str | Path, config: TrainConfig, n_train: int) -> None:
-    """Raise now (before anything is written) if ``fit(..., out_dir=out_dir)`` would refuse to resume."""
+def check_resume(out_dir: str | Path, config: TrainConfig, n_train: int, batches: str | None = None) -> None:
+    """Raise now (before anything is written) if ``fit(..., out_dir=out_dir)`` would refuse to resume (``batches``:
+    ``batches_of`` its collator, else the batches go unchecked)."""
     # fit() itself warns about a damaged checkpoint it skips
     latest = latest_readable_checkpoint(Path(out_dir) / "checkpoints", warn=False) if config.resume else None
     if latest is not None:
-        check_checkpoint_settings(latest, config, n_train)
+        check_checkpoint_settings(latest, config, n_train, batches)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -328,25 +329,33 @@ class RowsSampler:
     def __init__(self, lengths: Sequence[int], collator: Any, *, seed: int, shuffle: bool = True) -> None:
         self.lengths, self.collator = list(lengths), collator
         self.order = EpochSampler(len(self.lengths), 1, seed=seed, shuffle=shuffle)
-        self._plan: tuple[int, list[list[int]]] | None = None
-        self._counts: dict[int, int] = {}
+        # epoch -> where each of its batches starts in its order, then the order's end: each epoch is planned once
+        # (O(examples)) and only when asked for, and keeps O(batches) integers rather than its batches' indices
+        self._cuts: dict[int, list[int]] = {}
+
+    def _epoch_cuts(self, epoch: int) -> list[int]:
+        if epoch not in self._cuts:
+            order = self.order._order(epoch)
+            cuts = [0]
+            # plan() takes items in order, so a batch is the next run of consecutive positions of the order
+            for b in self.collator.plan([self.lengths[i] for i in order]):
+                if not b or b != list(range(cuts[-1], cuts[-1] + len(b))):
+                    raise ValueError(f"packed rows: batch {len(cuts) - 1} of epoch {epoch}'s plan is {b!r}, not the "
+                                     f"next run of items from {cuts[-1]}")  # fmt: skip
+                cuts.append(cuts[-1] + len(b))
+            self._cuts[epoch] = cuts
+        return self._cuts[epoch]
 
     def batches(self, epoch: int) -> list[list[int]]:
-        if self._plan is None or self._plan[0] != epoch:
-            order = self.order._order(epoch)
-            plan = self.collator.plan([self.lengths[i] for i in order])
-            self._plan = (epoch, [[order[i] for i in b] for b in plan])
-            self._counts[epoch] = len(plan)
-        return self._plan[1]
+        return [self.batch(epoch, k) for k in range(self.count(epoch))]
 
     def count(self, epoch: int) -> int:
         """Batches in epoch ``epoch``."""
-        if epoch not in self._counts:
-            self.batches(epoch)
-        return self._counts[epoch]
+        return len(self._epoch_cuts(epoch)) - 1
 
     def batch(self, epoch: int, index: int) -> list[int]:
-        return self.batches(epoch)[index]
+        cuts = self._epoch_cuts(epoch)
+        return self.order._order(epoch)[cuts[index] : cuts[index + 1]]
 
 
 class StepPlan:
@@ -372,7 +381,8 @@ class StepPlan:
         if isinstance(self.per_epoch, int):
             return divmod(step, self.per_epoch)
         epoch = 0
-        while self.start(epoch + 1) <= step:
+        # every epoch has a batch, so a step at an epoch's start needs no count of that epoch (which may never run)
+        while self.start(epoch) < step and self.start(epoch + 1) <= step:
             epoch += 1
         return epoch, step - self.start(epoch)
 
@@ -381,7 +391,17 @@ class StepPlan:
         if isinstance(self.per_epoch, int):
             return step / self.per_epoch
         epoch, index = self.position(step)
-        return epoch + index / self.count(epoch)
+        return epoch + (index / self.count(epoch) if index else 0.0)
+
+    def total(self, epochs: int, max_steps: int) -> int:
+        """The steps of a run of ``epochs`` epochs stopped at ``max_steps`` (0: no limit; ``epochs`` 0: only
+        ``max_steps``); the epochs after the limit are not counted (packed rows: not planned)."""
+        if epochs < 1 or not max_steps:
+            return max_steps if epochs < 1 else self.start(epochs)
+        epoch = 0
+        while epoch < epochs and self.start(epoch) < max_steps:
+            epoch += 1
+        return min(self.start(epoch), max_steps)
 
 
 def seed_everything(seed: int) -> None:
@@ -811,9 +831,7 @@ def fit(
         plan = StepPlan(len(global_sampler))
     if plan.count(0) == 0:
         raise ValueError(f"the training set has {len(dataset)} examples, fewer than batch_size={config.batch_size}")
-    total_steps = plan.start(config.epochs) if config.epochs >= 1 else 0
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps) if config.epochs >= 1 else config.max_steps
+    total_steps = plan.total(config.epochs, config.max_steps)
 
     if ctx.is_main:
         clean_interrupted_writes(out_dir)

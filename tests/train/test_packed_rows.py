@@ -193,6 +193,29 @@ def test_fit_on_packed_rows_accumulates_and_resumes(tmp_path):
         assert torch.equal(a, c)
 
 
+def test_fit_plans_each_epoch_once_and_only_when_it_runs(tmp_path, monkeypatch):
+    """fit counts the steps it needs from the epochs' plans and trains from those same plans: each epoch that runs
+    is planned once, and none past max_steps (a run ending at an epoch's end does not plan the next)."""
+    data = _data(14)
+    per_epoch = [RowsSampler([len(d["input_ids"]) for d in data], PackedRowsCollator(0, 100, rows=2),
+                             seed=3).count(e) for e in range(3)]  # fmt: skip
+    assert per_epoch[0] > 1, per_epoch
+    plans: list[int] = []
+    original = PackedRowsCollator.plan
+
+    def counted(self, lengths):
+        plans.append(len(lengths))
+        return original(self, lengths)
+
+    monkeypatch.setattr(PackedRowsCollator, "plan", counted)
+    for max_steps, want_steps, want_plans in ((1, 1, 1), (per_epoch[0], per_epoch[0], 1), (0, sum(per_epoch), 3)):
+        plans.clear()
+        model = get_peft_model(tiny_model("m1"), StateOffsetConfig())
+        losses, _, _ = _fit(model, data, PackedRowsCollator(0, 100, rows=2), tmp_path / str(max_steps), epochs=3,
+                            max_steps=max_steps)  # fmt: skip
+        assert len(losses) == want_steps and plans == [len(data)] * want_plans, (max_steps, plans)
+
+
 def test_fit_refuses_rows_other_than_the_batch_size(tmp_path):
     model = get_peft_model(tiny_model("m1"), StateOffsetConfig())
     with pytest.raises(ValueError, match="collator lays 3 rows per batch but batch_size is 2"):
