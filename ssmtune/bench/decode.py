@@ -11,6 +11,13 @@ cache lines).
 The peers have no adapter: they decode the bare model of the same shape (Mamba-1: d_state 16; Mamba-2: headdim 64,
 d_state 128). mamba_ssm is timed when it imports (its default fused path, CUDA graphs on).
 
+``--eval-examples N`` also times ``ssmtune eval`` on a generation task end to end (``eval.evaluate``: the
+teacher-forced loss pass, then one prompt at a time through ``generate`` with ``--eval-beams`` beams (5, the
+default of ``ssmtune eval``), ``--new-tokens`` new tokens, at least 5): N records of a user JSONL task (random
+ASCII prompts of ``--prompt-len`` bytes, the byte tokenizer), the model with one State-offset adapter, graphed
+(``--eval.cuda_graph`` default) against eager (``false``); each after an untimed one-example warm-up, and the two
+must give the same predictions.
+
 ``--num-beams k`` times beam search instead (what ``ssmtune eval`` runs on generation tasks, k = 5, batch 1): tok/s
 count the rows' tokens, not the beams'; mamba_ssm has no beam search (its rows are skipped).
 
@@ -58,7 +65,13 @@ STACKS = ("graph", "eager", "mamba_ssm", "transformers")
 
 
 def build_ours(
-    model: str, shape: str, n_adapters: int, device: torch.device, dtype: torch.dtype, adapter_dtype: str = "fp32"
+    model: str,
+    shape: str,
+    n_adapters: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    adapter_dtype: str = "fp32",
+    min_vocab: int = 0,
 ):
     """The base in ``dtype`` with ``n_adapters`` perturbed State-offset (h) adapters a0, a1, ...: in fp32 (as training
     and ``ssmtune eval`` hold them) or, ``adapter_dtype="model"``, cast to ``dtype`` (as ``ssmtune serve --precision
@@ -68,7 +81,9 @@ def build_ours(
     from ssmtune.models import causal_lm_for
 
     torch.manual_seed(0)
-    base = causal_lm_for(ssmtune_config(model, shape)).to(device=device, dtype=dtype).eval()
+    config = ssmtune_config(model, shape)
+    config.vocab_size = max(config.vocab_size, min_vocab)  # the eval rows' byte tokenizer on the tiny shape
+    base = causal_lm_for(config).to(device=device, dtype=dtype).eval()
     peft = get_peft_model(base, StateOffsetConfig(), adapter_name="a0")
     for i in range(1, n_adapters):
         peft.add_adapter(f"a{i}", StateOffsetConfig())
@@ -263,6 +278,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
         help="rows of the N-adapter batches: r -> adapter r mod N (default), blocks of consecutive rows, or both",
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--eval-examples", type=int, default=0, help="also time `ssmtune eval` on N generation examples")
+    ap.add_argument("--eval-beams", type=int, default=5, help="beams of the eval rows (default 5, as ssmtune eval)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -316,7 +333,67 @@ def run(args: argparse.Namespace) -> dict:
               file=sys.stderr, flush=True)  # fmt: skip
         if getattr(args, "report_partial", None) is not None:
             args.report_partial({"rows": rows})
-    return {"rows": rows, "state_dtype": state_name, "table": table(rows)}
+    result = {"rows": rows, "state_dtype": state_name, "table": table(rows)}
+    if getattr(args, "eval_examples", 0):
+        result["eval"] = [eval_row(m, shape, device, dtype, args.eval_examples, args.eval_beams, new, prompt_len)
+                          for m in args.models]  # fmt: skip
+        result["table"] += "\n\n" + eval_table(result["eval"])
+    return result
+
+
+def eval_row(model: str, shape: str, device: torch.device, dtype: torch.dtype, n: int, beams: int, new: int,
+             prompt_len: int) -> dict:  # fmt: skip
+    """``ssmtune eval`` on ``n`` generation examples, graphed against eager: seconds and the ratio."""
+    import json
+    import random
+    import tempfile
+
+    from ssmtune.data import TaskConfig
+    from ssmtune.eval.evaluate import EvalConfig, evaluate
+    from ssmtune.tokenizer import ByteTokenizer
+
+    rng = random.Random(0)
+    word = lambda: "".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 8)))
+    row: dict = {"model": model, "examples": n, "num_beams": beams, "new_tokens": new}
+    tokenizer = ByteTokenizer()
+    peft = build_ours(model, shape, 1, device, dtype, min_vocab=tokenizer.vocab_size)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(f"{tmp}/validation.jsonl", "w") as f:
+                for _ in range(n + 1):
+                    text = " ".join(word() for _ in range(prompt_len))[:prompt_len]
+                    f.write(json.dumps({"input": text, "target": " ".join(word() for _ in range(8))}) + "\n")
+            task = TaskConfig(task="jsonl", data_dir=tmp)
+            preds = {}
+            for name, graph in (("eager", False), ("graph", None)):
+                cfg = {"num_beams": beams, "max_new_tokens": new, "cuda_graph": graph}
+                evaluate(peft, tokenizer, task, EvalConfig(max_examples=1, **cfg))  # compile, capture
+                sync(device)
+                t0 = time.perf_counter()
+                out = evaluate(peft, tokenizer, task, EvalConfig(max_examples=n, **cfg), num_samples=n)
+                sync(device)
+                row[f"s_{name}"] = time.perf_counter() - t0
+                preds[name] = [x["prediction"] for x in out["samples"]]
+        if preds["graph"] != preds["eager"]:
+            raise CheckFailed(f"eval: graphed and eager predictions differ: {preds['graph']} vs {preds['eager']}")
+        row.update(status="ok", speedup=row["s_eager"] / row["s_graph"])
+    except CheckFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - one model's failure is a row
+        row["status"] = f"error: {error_text(e)}"
+    finally:
+        del peft
+        free_memory(device)
+    print(f"decode: eval {model}: {row.get('speedup') or row['status']}", file=sys.stderr, flush=True)
+    return row
+
+
+def eval_table(rows: list[dict]) -> str:
+    out = [[r["model"], r["examples"], r["num_beams"], r["new_tokens"], fmt(r.get("s_eager"), ".2f"),
+            fmt(r.get("s_graph"), ".2f"), fmt(r.get("speedup"), ".1f"), "" if r["status"] == "ok" else r["status"][:80]]
+           for r in rows]  # fmt: skip
+    header = ["model", "eval examples", "beams", "new tokens", "eager s", "graphed s", "x eager", "status"]
+    return markdown(header, out)
 
 
 def adapter_mixes(n: int, batch: int, layout: str) -> list[tuple[str, list[str]]]:

@@ -75,3 +75,21 @@ def test_decode_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch
     report = json.loads(out.read_text())
     assert report["status"] == "running" and "report_partial" not in report["args"]
     assert [r["status"] for r in report["results"]["rows"]] == ["ok", "ok"]
+
+
+def test_decode_bench_eval_rows_time_eval_graphed_and_eager(tmp_path, monkeypatch) -> None:
+    from ssmtune.bench import decode
+    from ssmtune.eval import evaluate as ev
+
+    real, graphs = ev.complete, []
+    monkeypatch.setattr(ev, "complete", lambda *a, **k: graphs.append(k["cuda_graph"]) or real(*a, **k))
+    out = tmp_path / "decode.json"
+    argv = ["decode", "--device", "cpu", "--small", "--models", "mamba", "--stacks", "graph", "--batches", "1",
+            "--prompt-len", "6", "--new-tokens", "6", "--repeats", "1", "--eval-examples", "2", "--eval-beams", "2",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    (row,) = json.loads(out.read_text())["results"]["eval"]
+    assert row["status"] == "ok" and row["s_eager"] > 0 and row["s_graph"] > 0 and row["speedup"] > 0
+    # warm-up + timed example(s) of each mode: eager, then the library default (graphed on CUDA)
+    assert graphs == [False] * 3 + [None] * 3
+    assert "eval examples" in decode.eval_table([row])
