@@ -15,11 +15,10 @@ import sys
 
 import pytest
 import torch
+from _triton_interp import interpret_on_cpu
 
-if not torch.cuda.is_available():
-    # the modules themselves stay interpreted for the test files after this one (only the copies below compile)
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+# the modules themselves stay interpreted for the test files after this one (only the copies below compile)
+triton = interpret_on_cpu()
 try:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

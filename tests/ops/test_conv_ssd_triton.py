@@ -7,24 +7,17 @@ On CPU the kernels run under the Triton interpreter (small, odd shapes).
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from _triton_interp import interpret_on_cpu, reload_compiled
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
-pytest.importorskip("triton")
+interpret_on_cpu()
 
 from ssmtune import ops
 from ssmtune.ops import conv_fused
 from ssmtune.ops.ssd import fused
 
-if not torch.cuda.is_available() and "Interpreted" not in type(fused.ssd_chunk_scan_fwd_kernel.fn).__name__:
-    fused = importlib.reload(fused)  # imported before TRITON_INTERPRET was set
-if not torch.cuda.is_available() and "Interpreted" not in type(conv_fused.causal_conv1d_fwd_kernel.fn).__name__:
-    conv_fused = importlib.reload(conv_fused)
+reload_compiled(fused, conv_fused)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -6,23 +6,18 @@ On CPU the kernels run under the Triton interpreter (small shapes); ``-m gpu`` r
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from _triton_interp import interpret_on_cpu, reload_compiled
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
-pytest.importorskip("triton")
+interpret_on_cpu()
 
 from ssmtune import ops
 from ssmtune.ops import conv_fused
 from ssmtune.ops.conv import causal_conv1d_torch
 from ssmtune.ops.testing import assert_close
 
-if not torch.cuda.is_available() and "Interpreted" not in type(conv_fused.causal_conv1d_fwd_kernel.fn).__name__:
-    conv_fused = importlib.reload(conv_fused)  # imported before TRITON_INTERPRET was set
+reload_compiled(conv_fused)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RATIO = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}

@@ -7,26 +7,18 @@ On CPU the kernels run under the Triton interpreter (small vocabularies, several
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _triton_interp import interpret_on_cpu, reload_compiled
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
-pytest.importorskip("triton")
+interpret_on_cpu()
 
 from ssmtune import ops
 from ssmtune.ops import cross_entropy_fused
 from ssmtune.ops.testing import assert_close
 
-if (
-    not torch.cuda.is_available()
-    and "Interpreted" not in type(cross_entropy_fused.cross_entropy_fwd_kernel.fn).__name__
-):
-    cross_entropy_fused = importlib.reload(cross_entropy_fused)  # imported before TRITON_INTERPRET was set
+reload_compiled(cross_entropy_fused)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RATIO = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}

@@ -6,14 +6,11 @@ kernels run under the Triton interpreter on a tiny model; ``-m gpu`` runs a wide
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from _triton_interp import interpret_on_cpu, interpreted
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
-pytest.importorskip("triton")
+interpret_on_cpu()
 
 from ssmtune import StateOffsetConfig, get_peft_model
 from ssmtune.models import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
@@ -23,8 +20,7 @@ from ssmtune.ops.testing import assert_close, rel_err
 def _interpreted() -> bool:
     from ssmtune.ops import conv_fused, norm_fused
 
-    return all("Interpreted" in type(k.fn).__name__ for k in (conv_fused.causal_conv1d_fwd_kernel,
-                                                              norm_fused.rms_norm_fwd_kernel))  # fmt: skip
+    return interpreted(conv_fused.causal_conv1d_fwd_kernel) and interpreted(norm_fused.rms_norm_fwd_kernel)
 
 
 def build(kind: str, d_model: int, device: str, headdim: int = 16):

@@ -12,14 +12,12 @@ from __future__ import annotations
 import builtins
 import importlib
 import inspect
-import os
 
 import pytest
 import torch
+from _triton_interp import interpret_on_cpu, interpreted
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before fla's kernels are decorated
-pytest.importorskip("triton")
+interpret_on_cpu()  # before fla's kernels are decorated
 pytest.importorskip("fla")
 
 from ssmtune import ops
@@ -31,10 +29,7 @@ from ssmtune.ops.testing import assert_close
 def _interpreted() -> bool:
     from fla.ops.common import chunk_o
 
-    fn = chunk_o.chunk_bwd_kernel_dqkwg
-    while hasattr(fn, "fn") and "Interpreted" not in type(fn).__name__:
-        fn = fn.fn
-    return "Interpreted" in type(fn).__name__
+    return interpreted(chunk_o.chunk_bwd_kernel_dqkwg)
 
 
 if not torch.cuda.is_available() and not _interpreted():

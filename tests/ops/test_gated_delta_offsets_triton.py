@@ -6,22 +6,17 @@ ssmtune.ops). On CPU the kernels run under the Triton interpreter; ``-m gpu`` ru
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from _triton_interp import interpret_on_cpu, reload_compiled
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
-pytest.importorskip("triton")
+interpret_on_cpu()
 
 from ssmtune.ops.gated_delta import offsets_triton
 from ssmtune.ops.gated_delta.naive import prepare_q, read_offsets
 from ssmtune.ops.testing import assert_close
 
-if not torch.cuda.is_available() and "Interpreted" not in type(offsets_triton._readout_fwd_kernel.fn).__name__:
-    offsets_triton = importlib.reload(offsets_triton)  # imported before TRITON_INTERPRET was set
+reload_compiled(offsets_triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RATIO = {torch.float32: 1e-5, torch.bfloat16: 1e-2}

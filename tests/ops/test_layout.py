@@ -5,20 +5,15 @@ On CPU the kernel runs under the Triton interpreter.
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from _triton_interp import interpret_on_cpu, reload_compiled
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+interpret_on_cpu()
 
 from ssmtune.ops import layout
 
-if not torch.cuda.is_available() and "Interpreted" not in type(layout.transpose_copy_kernel.fn).__name__:
-    layout = importlib.reload(layout)
+reload_compiled(layout)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -7,23 +7,18 @@ On CPU the kernels run under the Triton interpreter (small shapes); ``-m gpu`` r
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from _triton_interp import interpret_on_cpu, reload_compiled
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
-pytest.importorskip("triton")
+interpret_on_cpu()
 
 from ssmtune import ops
 from ssmtune.ops import norm_fused
 from ssmtune.ops.norm import add_rms_norm_torch, rms_norm_torch
 from ssmtune.ops.testing import assert_close
 
-if not torch.cuda.is_available() and "Interpreted" not in type(norm_fused.rms_norm_fwd_kernel.fn).__name__:
-    norm_fused = importlib.reload(norm_fused)  # imported before TRITON_INTERPRET was set
+reload_compiled(norm_fused)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RATIO = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}

@@ -7,16 +7,11 @@ the gathered per-row offsets; shared offsets are unaffected; bad indices are one
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from _triton_interp import interpret_on_cpu, reload_compiled
 
-if not torch.cuda.is_available():
-    # must be set before the kernels are decorated, i.e. before fused.py is imported
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+interpret_on_cpu()
 
 from ssmtune import ops
 from ssmtune.ops import launch
@@ -24,12 +19,7 @@ from ssmtune.ops.selective_scan import fused as s6_fused
 from ssmtune.ops.ssd import fused as ssd_fused
 from ssmtune.ops.testing import assert_close
 
-if not torch.cuda.is_available():
-    # another module may have imported the kernels before TRITON_INTERPRET was set
-    if "Interpreted" not in type(ssd_fused.ssd_state_update_fwd_kernel.fn).__name__:
-        ssd_fused = importlib.reload(ssd_fused)
-    if "Interpreted" not in type(s6_fused.selective_state_update_fwd_kernel.fn).__name__:
-        s6_fused = importlib.reload(s6_fused)
+reload_compiled(ssd_fused, s6_fused)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RATIO = {torch.float32: 1e-4, torch.bfloat16: 2e-2}

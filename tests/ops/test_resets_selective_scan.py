@@ -7,16 +7,12 @@ On CPU the Triton kernels run under the interpreter (small shapes); ``-m gpu`` r
 from __future__ import annotations
 
 import functools
-import importlib
-import os
 
 import pytest
 import torch
+from _triton_interp import interpret_on_cpu, reload_compiled
 
-if not torch.cuda.is_available():
-    # must be set before the kernels are decorated, i.e. before fused.py is imported
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+interpret_on_cpu()
 
 from ssmtune import ops
 from ssmtune.ops import RESET_ALIGN
@@ -25,9 +21,7 @@ from ssmtune.ops.selective_scan.naive import selective_scan_ref
 from ssmtune.ops.selective_scan.parallel import selective_scan_blelloch
 from ssmtune.ops.testing import assert_close
 
-if not torch.cuda.is_available() and "Interpreted" not in type(fused.selective_scan_fwd_nloop_kernel.fn).__name__:
-    # another module imported the kernels before TRITON_INTERPRET was set
-    fused = importlib.reload(fused)
+reload_compiled(fused)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RATIO = {torch.float32: 5e-5, torch.bfloat16: 1e-2}

@@ -6,25 +6,18 @@ on CUDA. Allocations inside ``ssmtune.ops`` are NaN-poisoned by tests/conftest.p
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from _triton_interp import interpret_on_cpu, reload_compiled
 
-if not torch.cuda.is_available():
-    # must be set before the kernels are decorated, i.e. before fused.py is imported
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+interpret_on_cpu()
 
 from ssmtune.ops import ssd_scan, ssd_state_update
 from ssmtune.ops.ssd import fused
 from ssmtune.ops.ssd.naive import ssd_scan_ref, ssd_state_update_ref
 from ssmtune.ops.testing import assert_close
 
-if not torch.cuda.is_available() and "Interpreted" not in type(fused.ssd_chunk_scan_fwd_kernel.fn).__name__:
-    # another module imported the kernels before TRITON_INTERPRET was set
-    fused = importlib.reload(fused)
+reload_compiled(fused)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # RMS-relative error against the fp32 reference. CPU (interpreter): exact fp32 dots. GPU: fp32 dots run in TF32.

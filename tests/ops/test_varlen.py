@@ -8,18 +8,15 @@ On CPU the Triton kernels run under the interpreter (total length <= 128); ``-m 
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
-import os
 import random
 
 import pytest
 import torch
+from _triton_interp import interpret_on_cpu, reload_compiled
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
-pytest.importorskip("triton")
+interpret_on_cpu()
 
 from ssmtune import ops
 from ssmtune.ops import conv_fused, varlen
@@ -27,11 +24,8 @@ from ssmtune.ops.selective_scan import fused as scan_fused
 from ssmtune.ops.ssd import fused as ssd_fused
 from ssmtune.ops.testing import assert_close
 
+reload_compiled(conv_fused, scan_fused, ssd_fused)
 if not torch.cuda.is_available():
-    for mod, kernel in ((conv_fused, "causal_conv1d_fwd_kernel"), (scan_fused, "selective_scan_fwd_nloop_kernel"),
-                        (ssd_fused, "ssd_chunk_scan_fwd_kernel")):  # fmt: skip
-        if "Interpreted" not in type(getattr(mod, kernel).fn).__name__:
-            importlib.reload(mod)  # imported before TRITON_INTERPRET was set
     ops._cache.clear()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
