@@ -15,7 +15,12 @@ import re
 
 import torch
 
+from .naive import prepare_q, read_offsets
+
 INSTALL = "pip install 'ssmtune[fla]' (fla-core>=0.6)"
+# How the offsets are read out beside fla's kernels: "triton" (``offsets_triton.py``, one kernel each way) or "torch"
+# (``naive.read_offsets`` on an fp32 q̂, some ten kernels each way)
+READOUT = "triton"
 
 
 def fla_ops():
@@ -107,8 +112,12 @@ def gated_delta_rule_fla(
         qr, kr, v, g.float(), beta, scale=dk**-0.5 if scale is None else scale, initial_state=h0,
         output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm,
     )  # fmt: skip
-    from .offsets_triton import read_offsets_triton
+    # q̂ S' + y' (q̂ recomputed from q as fla prepares it; k̂ is fla's business)
+    if READOUT == "triton":
+        from .offsets_triton import read_offsets_triton
 
-    # q̂ S' + y' in one kernel (q̂ recomputed from q as fla prepares it; k̂ is fla's business)
-    o = read_offsets_triton(o, q, state_offset, output_offset, scale=scale, use_qk_l2norm=use_qk_l2norm)
+        o = read_offsets_triton(o, q, state_offset, output_offset, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    elif state_offset is not None or output_offset is not None:
+        q_hat = prepare_q(q, nheads, scale=scale, use_qk_l2norm=use_qk_l2norm)
+        o = read_offsets(o.float(), q_hat, state_offset, output_offset).to(v.dtype)
     return (o, final.float()) if output_final_state else o
