@@ -27,7 +27,7 @@ def run_case(b, seqlen, hk, h, dk, dv, dtype, *, batched, l2norm, has_s=True, ha
     r = lambda *s: torch.randn(*s, generator=gen).to(device)
     lead = (b,) if batched else ()
     leaves = {
-        "o": r(b, seqlen, h, dv).to(dtype),
+        "o": r(b, h, seqlen, dv).to(dtype).transpose(1, 2),  # not contiguous: the kernel must not read it as such
         # q as the mixers pass it: a strided view of the conv output
         "q": r(b, seqlen, 2 * hk * dk).to(dtype)[..., 1 : 1 + hk * dk].reshape(b, seqlen, hk, dk),
         "state_offset": r(*lead, h, dk, dv) * 0.5 if has_s else None,

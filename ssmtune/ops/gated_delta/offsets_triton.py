@@ -133,7 +133,7 @@ class ReadoutOffsets(torch.autograd.Function):
         batch, seqlen, nheads, dv = o.shape
         hk, dk = q.shape[2], q.shape[3]
         bk, bv = _blocks(dk, dv)
-        o = o if o.stride(-1) == 1 else o.contiguous()
+        o = o.contiguous()  # read with out's strides
         q = q if q.stride(-1) == 1 else q.contiguous()
         s = None if state_offset is None else state_offset.float().contiguous()
         y = None if output_offset is None else output_offset.float().contiguous()
