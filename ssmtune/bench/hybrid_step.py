@@ -29,9 +29,10 @@ no optimizer step. "x bare" (ms/step over our bare ms/step, same model and size)
 
 One step = forward under bf16 autocast + LM cross-entropy + backward + AdamW step + zero_grad, each stack's loss as
 its users get it: the peers' from transformers (``labels=input_ids``: fp32 logits), ours as ``ssmtune train`` computes
-it (``models.lm.causal_lm_loss`` on the bf16 logits: ``ops.cross_entropy``, the same mean), with the base in bf16 and the trainable parameters in fp32. ``--warmup`` untimed steps, then ``--steps`` timed ones
-(CUDA events on a GPU), median reported; peak = ``torch.cuda.max_memory_allocated`` over the timed steps (weights,
-optimizer state and activations of this configuration only). Out-of-memory is caught per configuration.
+it (``models.lm.causal_lm_loss`` on the bf16 logits: ``ops.cross_entropy``, the same mean), with the base in bf16 and
+the trainable parameters in fp32. ``--warmup`` untimed steps, then ``--steps`` timed ones (CUDA events on a GPU),
+median reported; peak = ``torch.cuda.max_memory_allocated`` over the timed steps (weights, optimizer state and
+activations of this configuration only). Out-of-memory is caught per configuration.
 
 Generation: batch 1 and 16, a 128-token prompt, 128 new tokens greedy through transformers' ``generate``, on our
 swapped model with a State-offset (h) adapter against the untouched transformers model; tokens/s and their ratio. A

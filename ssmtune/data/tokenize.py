@@ -289,7 +289,8 @@ class PackedRowsCollator:
     def plan(self, lengths: Sequence[int]) -> list[list[int]]:
         """A stream of item lengths cut into batches, each a list of positions into ``lengths``: items are taken in
         order, each into the first of the batch's ``rows`` rows with room for its slot; one that fits none closes
-        the batch and opens the next. Every item is in exactly one batch; the last batch may be less full."""
+        the batch and opens the next. So each batch is the next run of consecutive positions (``loop.RowsSampler``
+        keeps only where they start); the last batch may be less full."""
         batches: list[list[int]] = []
         cur: list[int] = []
         free: list[int] = []
