@@ -25,6 +25,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ssmtune tests
+	$(VENV)/bin/ruff format --check ssmtune tests
 
 # On the GPU machine (torch and triton come with its image): the full kernel sweeps.
 gpu-test:

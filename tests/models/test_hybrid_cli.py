@@ -32,7 +32,10 @@ def env(tmp_path_factory):
     return {"root": root, "rte": rte, "runs": root / "runs"}
 
 
-@pytest.mark.parametrize(("family", "method"), [("bamba", "state_offset_h"), ("falcon_h1", "initial_state"), ("qwen3_5_text", "state_offset_h")])
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [("bamba", "state_offset_h"), ("falcon_h1", "initial_state"), ("qwen3_5_text", "state_offset_h")],
+)
 def test_train_eval_generate(env, family, method, capsys):
     base = save_tiny_hybrid(env["root"] / family, family)
     argv = ["train", "--model", str(base), "--data.task", "rte", "--data.data_dir", str(env["rte"]),

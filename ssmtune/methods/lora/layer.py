@@ -175,7 +175,9 @@ def inject(model: nn.Module, config: LoraConfig, *, adapter_name: str) -> dict[s
     else:
         targets = iter_mixers(model, config.layers_to_transform)
     if not targets and len(hosted) < len(config.target_modules):
-        raise ValueError(f"LoraConfig.layers_to_transform={config.layers_to_transform} select no recurrent mixer for {config.target_modules}")
+        raise ValueError(
+            f"LoraConfig.layers_to_transform={config.layers_to_transform} select no recurrent mixer for {config.target_modules}"
+        )
     for t in targets:
         own = getattr(t.mixer, "lora_targets", None)  # a Gated DeltaNet names its own Linears
         valid = (own or (MAMBA2_TARGETS if is_mamba2(t.mixer) else MAMBA1_TARGETS)) + tuple(hosted)
@@ -204,4 +206,6 @@ def inject(model: nn.Module, config: LoraConfig, *, adapter_name: str) -> dict[s
 
 
 def _delta(base: nn.Linear, rows: tuple[int, int] | None, config: LoraConfig) -> LoraDelta:
-    return LoraDelta(base, rows, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout, use_dora=config.use_dora)
+    return LoraDelta(
+        base, rows, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout, use_dora=config.use_dora
+    )
