@@ -45,6 +45,9 @@ from .hooks import COLLECTOR_ATTR
 # memory. The Mamba decoders are bounded by their power-of-two batch buckets; a hybrid's batch is exact (transformers'
 # generate prefills the cache with the caller's rows, no padding rows), so the least recently used are dropped instead
 KEPT_DECODERS = 4
+# generate(cuda_graph=None) on CUDA: graphed where the call can be replayed. Off until the graphed step has been timed
+# against transformers' eager loop on a GPU (docs/serving.md)
+GRAPHED_BY_DEFAULT = False
 # generate arguments that keep a call on transformers' generate, eagerly, when set
 _EAGER_ARGS = ("assistant_model", "prompt_lookup_num_tokens", "cache", "past_key_values", "inputs_embeds")
 
@@ -301,6 +304,14 @@ def generate(model: nn.Module, generate_fn, args: tuple, kwargs: dict):
         del model.forward
 
 
+def graph_by_default(model: nn.Module, kwargs: dict) -> bool:
+    """``cuda_graph=None``: graphed when ``GRAPHED_BY_DEFAULT`` is on, the model is on CUDA and the call can be
+    replayed (``unsupported_reason``); otherwise transformers' eager loop, without a warning (nothing was asked)."""
+    if not (GRAPHED_BY_DEFAULT and _capturing(model)):
+        return False
+    return unsupported_reason(model, kwargs, True, _routing(model)) is None
+
+
 def refuse_state_dtype(state_dtype: torch.dtype | None) -> None:
     """A hybrid's states live in transformers' cache, in the model's dtype: ``state_dtype`` (ssmtune's Mamba models'
     decode state dtype) is refused rather than ignored."""
@@ -322,6 +333,8 @@ class GenerateWithGraph:
             raise ValueError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
         refuse_state_dtype(state_dtype)
         plain = type(self.model).generate.__get__(self.model)
+        if cuda_graph is None:
+            cuda_graph = graph_by_default(self.model, kwargs)
         if not cuda_graph:
             return plain(*args, **kwargs)
         return generate(self.model, plain, args, kwargs)

@@ -216,6 +216,41 @@ def test_capture_and_replay_logic(monkeypatch, fail):
         assert not warned and decoder.replays == 5  # every step a replay, the first right after its capture
 
 
+@pytest.mark.parametrize("default", [False, True])
+def test_default_follows_graphed_by_default(monkeypatch, default):
+    """``cuda_graph=None`` replays (stand-in graph, as if on CUDA) when ``GRAPHED_BY_DEFAULT`` is on and the call can
+    be replayed; what cannot (beam search here) decodes eagerly without a warning; off, None decodes eagerly."""
+    from ssmtune.models import hybrid_decode
+
+    monkeypatch.setattr(hybrid_decode, "GRAPHED_BY_DEFAULT", default)
+    monkeypatch.setattr(hybrid_decode, "_capturing", lambda model: True)
+    monkeypatch.setattr(hybrid_decode, "capture_graph", _fake_capture(False))
+    model = _adapted("qwen3_5_text")
+    x, mask = _padded()
+    kw = {"attention_mask": mask, "pad_token_id": 0, "max_new_tokens": 5}
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        auto = model.generate(x, do_sample=False, **kw)
+        beams = model.generate(x, num_beams=2, do_sample=False, **kw)
+    with torch.no_grad():
+        eager = model.generate(x, cuda_graph=False, do_sample=False, **kw)
+        eager_beams = model.generate(x, cuda_graph=False, num_beams=2, do_sample=False, **kw)
+    assert torch.equal(auto, eager) and torch.equal(beams, eager_beams)
+    assert not [w for w in caught if "graph" in str(w.message)]
+    replays = [d.replays for d in _decoders(model)]
+    assert replays == ([4] if default else [])
+
+
+def test_default_is_eager_off_cuda(monkeypatch):
+    from ssmtune.models import hybrid_decode
+
+    monkeypatch.setattr(hybrid_decode, "GRAPHED_BY_DEFAULT", True)
+    model = _adapted("bamba")
+    with torch.no_grad():
+        model.generate(ids(batch=1, length=3), do_sample=False, pad_token_id=0, max_new_tokens=3)
+    assert _decoders(model) == []
+
+
 def test_cuda_graph_argument_checked():
     model = _adapted("bamba")
     with pytest.raises(ValueError, match="cuda_graph must be None, True or False, got 'yes'"):
