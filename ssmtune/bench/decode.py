@@ -12,11 +12,13 @@ The peers have no adapter: they decode the bare model of the same shape (Mamba-1
 d_state 128). mamba_ssm is timed when it imports (its default fused path, CUDA graphs on).
 
 ``--eval-examples N`` also times ``ssmtune eval`` on a generation task end to end (``eval.evaluate``: the
-teacher-forced loss pass, then one prompt at a time through ``generate`` with ``--eval-beams`` beams (5, the
-default of ``ssmtune eval``), ``--new-tokens`` new tokens, at least 5): N records of a user JSONL task (random
-ASCII prompts of ``--prompt-len`` bytes, the byte tokenizer), the model with one State-offset adapter, graphed
-(``--eval.cuda_graph`` default) against eager (``false``); each after an untimed one-example warm-up, and the two
-must give the same predictions.
+teacher-forced loss pass, then ``generate`` with ``--eval-beams`` beams (5, the default of ``ssmtune eval``),
+``--new-tokens`` new tokens, at least 5): N records of a user JSONL task (random ASCII prompts of ``--prompt-len``
+bytes, the byte tokenizer), the model with one State-offset adapter, three ways: eager one prompt at a time (the
+eval of before graphed decoding and batched prompts), graphed one prompt at a time (these two must give the same
+predictions), and the default (graphed, ``eval.batch_size`` prompts per ``generate``; how many of its predictions
+equal the eager ones is reported, since batches of another size may round differently); each after an untimed
+one-example warm-up.
 
 ``--num-beams k`` times beam search instead (what ``ssmtune eval`` runs on generation tasks, k = 5, batch 1): tok/s
 count the rows' tokens, not the beams'; mamba_ssm has no beam search (its rows are skipped).
@@ -365,8 +367,12 @@ def eval_row(model: str, shape: str, device: torch.device, dtype: torch.dtype, n
                     f.write(json.dumps({"input": text, "target": " ".join(word() for _ in range(8))}) + "\n")
             task = TaskConfig(task="jsonl", data_dir=tmp)
             preds = {}
-            for name, graph in (("eager", False), ("graph", None)):
+            # today's eval (eager, one prompt at a time), graphed one at a time, and the default (graphed, prompts
+            # in batches of EvalConfig.batch_size)
+            for name, graph, batch in (("eager", False, 1), ("graph", None, 1), ("default", None, None)):
                 cfg = {"num_beams": beams, "max_new_tokens": new, "cuda_graph": graph}
+                if batch is not None:
+                    cfg["batch_size"] = batch
                 evaluate(peft, tokenizer, task, EvalConfig(max_examples=1, **cfg))  # compile, capture
                 sync(device)
                 t0 = time.perf_counter()
@@ -376,7 +382,12 @@ def eval_row(model: str, shape: str, device: torch.device, dtype: torch.dtype, n
                 preds[name] = [x["prediction"] for x in out["samples"]]
         if preds["graph"] != preds["eager"]:
             raise CheckFailed(f"eval: graphed and eager predictions differ: {preds['graph']} vs {preds['eager']}")
-        row.update(status="ok", speedup=row["s_eager"] / row["s_graph"])
+        # batches may round differently (GEMMs of another shape): counted, not required
+        row["same_batched"] = sum(a == b for a, b in zip(preds["default"], preds["eager"]))
+        row["batch_size"] = EvalConfig().batch_size
+        row.update(
+            status="ok", speedup=row["s_eager"] / row["s_graph"], speedup_default=row["s_eager"] / row["s_default"]
+        )
     except CheckFailed:
         raise
     except Exception as e:  # noqa: BLE001 - one model's failure is a row
@@ -390,9 +401,11 @@ def eval_row(model: str, shape: str, device: torch.device, dtype: torch.dtype, n
 
 def eval_table(rows: list[dict]) -> str:
     out = [[r["model"], r["examples"], r["num_beams"], r["new_tokens"], fmt(r.get("s_eager"), ".2f"),
-            fmt(r.get("s_graph"), ".2f"), fmt(r.get("speedup"), ".1f"), "" if r["status"] == "ok" else r["status"][:80]]
-           for r in rows]  # fmt: skip
-    header = ["model", "eval examples", "beams", "new tokens", "eager s", "graphed s", "x eager", "status"]
+            fmt(r.get("s_graph"), ".2f"), fmt(r.get("s_default"), ".2f"), fmt(r.get("speedup"), ".1f"),
+            fmt(r.get("speedup_default"), ".1f"), f"{r['same_batched']}/{r['examples']}" if "same_batched" in r else "",
+            "" if r["status"] == "ok" else r["status"][:80]] for r in rows]  # fmt: skip
+    header = ["model", "eval examples", "beams", "new tokens", "eager 1-by-1 s", "graphed 1-by-1 s",
+              "default s (graphed, batched)", "x eager (1-by-1)", "x eager (default)", "same as eager", "status"]  # fmt: skip
     return markdown(header, out)
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ssmtune.data import Collator, TaskConfig, TokenizedDataset, get_task, load_examples, tokenize_examples
-from ssmtune.eval.generation import complete
+from ssmtune.eval.generation import complete_batch
 from ssmtune.eval.metrics import GLUE_NUM_LABELS, generation_scores, glue_score
 from ssmtune.models.lm import token_loss
 
@@ -37,7 +37,8 @@ class EvalConfig:
     split: Literal["train", "validation", "test"] = "validation"
     """Split to evaluate on."""
     batch_size: int = 8
-    """Examples per forward pass of the teacher-forced evaluation (generation runs one prompt at a time)."""
+    """Examples per forward pass of the teacher-forced evaluation, and prompts per `generate` call of generation
+    (each with `num_beams` rows; every prompt gets what it would get alone)."""
     max_examples: int | None = None
     """Evaluate on the first N examples only. Default: `None`, all."""
     num_beams: int = 5
@@ -141,14 +142,13 @@ def evaluate(
                 result["score"] = result["accuracy"]
             samples = [{"prediction": p, "label": g} for p, g in zip(preds[:num_samples], labels)]
         elif mode == "generation":
-            preds, refs = [], []
+            prompts = [dataset[i]["input_ids"][: dataset[i]["prompt_length"]] for i in range(len(dataset))]
+            preds = [p.strip() for p in complete_batch(
+                model, tokenizer, prompts, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                num_beams=config.num_beams, min_new_tokens=config.min_new_tokens,
+                length_penalty=config.length_penalty, cuda_graph=config.cuda_graph)]  # fmt: skip
+            refs = []
             for i in range(len(dataset)):
-                item = dataset[i]
-                preds.append(complete(model, tokenizer, item["input_ids"][: item["prompt_length"]],
-                                      max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
-                                      min_new_tokens=config.min_new_tokens,
-                                      length_penalty=config.length_penalty,
-                                      cuda_graph=config.cuda_graph).strip())  # fmt: skip
                 ex = dataset.example(i)
                 refs.append(ex.get("references") or [ex["target"]])
             scores = generation_scores(task_name, preds, refs)

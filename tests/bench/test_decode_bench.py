@@ -81,8 +81,8 @@ def test_decode_bench_eval_rows_time_eval_graphed_and_eager(tmp_path, monkeypatc
     from ssmtune.bench import decode
     from ssmtune.eval import evaluate as ev
 
-    real, graphs = ev.complete, []
-    monkeypatch.setattr(ev, "complete", lambda *a, **k: graphs.append(k["cuda_graph"]) or real(*a, **k))
+    real, graphs = ev.complete_batch, []
+    monkeypatch.setattr(ev, "complete_batch", lambda *a, **k: graphs.append(k["cuda_graph"]) or real(*a, **k))
     out = tmp_path / "decode.json"
     argv = ["decode", "--device", "cpu", "--small", "--models", "mamba", "--stacks", "graph", "--batches", "1",
             "--prompt-len", "6", "--new-tokens", "6", "--repeats", "1", "--eval-examples", "2", "--eval-beams", "2",
@@ -90,6 +90,8 @@ def test_decode_bench_eval_rows_time_eval_graphed_and_eager(tmp_path, monkeypatc
     assert main(argv) == 0
     (row,) = json.loads(out.read_text())["results"]["eval"]
     assert row["status"] == "ok" and row["s_eager"] > 0 and row["s_graph"] > 0 and row["speedup"] > 0
-    # warm-up + timed example(s) of each mode: eager, then the library default (graphed on CUDA)
-    assert graphs == [False] * 3 + [None] * 3
+    # one generate batch per evaluate (warm-up, timed) of each mode: eager, the library default (graphed on CUDA) one
+    # by one, batched
+    assert graphs == [False] * 2 + [None] * 4
+    assert row["s_default"] > 0 and row["same_batched"] == 2 and row["batch_size"] == 8
     assert "eval examples" in decode.eval_table([row])

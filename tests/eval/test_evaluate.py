@@ -26,7 +26,7 @@ _spec.loader.exec_module(_tasks)
 )
 def test_spider_execution_accuracy(tmp_path, monkeypatch, prediction, expected):
     _tasks.make_spider(tmp_path)
-    monkeypatch.setattr(evaluate_mod, "complete", lambda *a, **k: prediction)
+    monkeypatch.setattr(evaluate_mod, "complete_batch", lambda model, tok, prompts, **k: [prediction] * len(prompts))
     model = MambaForCausalLM(MambaConfig(d_model=16, n_layer=1, vocab_size=264))
     result = evaluate(model, ByteTokenizer(), TaskConfig(task="spider", data_dir=str(tmp_path)),
                       EvalConfig(split="validation", mode="generation", num_beams=1, max_new_tokens=4))  # fmt: skip
