@@ -27,12 +27,19 @@ HYBRID_METHODS = ("state_offset_h", "initial_state", "lora")
 # Gated DeltaNet / KDA hybrids: folder name -> (a hub id of the checkpoint, its tasks, its methods). The state methods
 # scale the learned state by GDN_SCALE at inference (the published initial-state study's alpha for Gated DeltaNet).
 GDN_MODELS = {
-    "qwen3.5-0.8b": ("Qwen/Qwen3.5-0.8B", ("rte",), HYBRID_METHODS),
-    "qwen3.5-2b": ("Qwen/Qwen3.5-2B", ("rte",), HYBRID_METHODS),
-    "qwen3.5-4b": ("Qwen/Qwen3.5-4B", ("rte",), HYBRID_METHODS),
+    "qwen3.5-0.8b": ("Qwen/Qwen3.5-0.8B", ("rte", "code", "math"), HYBRID_METHODS),
+    "qwen3.5-2b": ("Qwen/Qwen3.5-2B", ("rte", "code", "math"), HYBRID_METHODS),
+    "qwen3.5-4b": ("Qwen/Qwen3.5-4B", ("rte", "code", "math"), HYBRID_METHODS),
     "kimi-linear-48b-a3b": ("moonshotai/Kimi-Linear-48B-A3B-Base", ("rte",), ("state_offset_h", "initial_state")),
 }
 GDN_SCALE = 0.07
+# Users' own data as the `jsonl` task (one {"input": prompt, "target": answer} object a line in train.jsonl and
+# validation.jsonl): recipe folder -> (longest new tokens of `ssmtune eval --eval.mode generation`, what to put there).
+# Their learning rates are the [SOT] DART ones (a generation task), an ssmtune choice.
+USER_TASKS = {
+    "code": (512, "coding problems -> solutions (e.g. an MBPP- or HumanEval-style training set)"),
+    "math": (384, "word problems -> worked solutions ending in the answer (e.g. a GSM8K-style training set)"),
+}
 # [SOT] table: state-offset (h), state-offset (y), init state, LoRA (S6), Additional-scan.
 SOT = {
     "dart": (4e-4, 4e-3, 2e-3, 4e-3, 4e-3),
@@ -84,7 +91,10 @@ def hyper(model: str, task: str, method: str) -> tuple[float, int, int, dict[str
     notes: dict[str, str] = {}
     short = task in ("qqp", "mnli")
     epochs, batch = (3 if short else 10), 4
-    if model in HYBRID_MODELS or model in GDN_MODELS:
+    if task in USER_TASKS:
+        lr, source, epochs = SOT["dart"][SOT_METHODS.index(method)], "", 3
+        notes["lr"] = NOT_PUBLISHED + " (the [SOT] DART value for Mamba)"
+    elif model in HYBRID_MODELS or model in GDN_MODELS:
         lr, source, epochs = SOT[task][SOT_METHODS.index(method)], "", 3
         notes["lr"] = NOT_PUBLISHED + " (the [SOT] value for Mamba)"
     elif method in SOT_METHODS:
@@ -136,7 +146,13 @@ def render(model: str, task: str, method: str) -> str:
             if k == "scale":
                 note = "  # alpha at inference only, the study's value for Gated DeltaNet"
             lines.append(f"  {k}: {value}{note}")
-    lines += ["data:", f"  task: {task}", f"  data_dir: data/{task}  # local files: train/validation[/test]"]
+    if task in USER_TASKS:
+        lines += ["data:", "  task: jsonl", f"  data_dir: data/{task}  # your train.jsonl / validation.jsonl: "
+                  f"{USER_TASKS[task][1]}"]  # fmt: skip
+    else:
+        lines += ["data:", f"  task: {task}", f"  data_dir: data/{task}  # local files: train/validation[/test]"]
+    if task in USER_TASKS:
+        lines += ["max_length: 2048  # prompt + target cut from the left to this many tokens"]
     if task == "spider":
         lines += ["  length_filter: 1536  # the reference drops longer examples from train and dev (docs/methods.md §10.3)"]
     lines += [
@@ -149,7 +165,7 @@ def render(model: str, task: str, method: str) -> str:
         "  max_grad_norm: 1.0",
         "  seed: 42",
         "  precision: bf16  # the papers' bf16 weights; ssmtune keeps the trainable tensors in fp32 (docs/methods.md §10.6)",
-        f"  best_metric: {'loss' if task == 'spider' else 'score'}",
+        f"  best_metric: {'loss' if task == 'spider' or task in USER_TASKS else 'score'}",
     ]
     if generation:
         max_new = 256 if task == "samsum" else 128
@@ -162,6 +178,13 @@ def render(model: str, task: str, method: str) -> str:
         ]
     elif task == "spider":
         lines += ["eval:", "  mode: loss  # as in the papers: execution accuracy comes from a separate generation pass"]
+    elif task in USER_TASKS:
+        lines += [
+            "eval:",
+            "  mode: loss  # code and maths are scored by running tests / matching answers, not ROUGE: generate with",
+            f"  # `ssmtune eval --eval.mode generation --eval.num_beams 1 --eval.max_new_tokens {USER_TASKS[task][0]}`",
+            "  # or `ssmtune generate` on the final adapter and score the outputs with your task's checker",
+        ]
     else:
         lines += ["eval:", "  mode: classification"]
     lines += ["out_dir: runs", f"name: {model}-{task}-{method}"]

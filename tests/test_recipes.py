@@ -36,8 +36,9 @@ def test_layout_is_complete():
     gen = _generator()
     expected = {ROOT / m / t / f"{meth}.yaml" for m, t, meth in gen.layout()}
     # 100 for the Mamba checkpoints of the papers, 15 for five hybrid checkpoints (state_offset_h, initial_state, lora),
-    # 11 for the Gated DeltaNet / KDA ones (three Qwen3.5 sizes with all three, Kimi-Linear without LoRA)
-    assert set(RECIPES) == expected and len(RECIPES) == 126
+    # 11 for the Gated DeltaNet / KDA ones on RTE (three Qwen3.5 sizes with all three, Kimi-Linear without LoRA), 18
+    # for the Qwen3.5 sizes on users' code and maths JSONL
+    assert set(RECIPES) == expected and len(RECIPES) == 144
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -48,7 +49,8 @@ def test_recipe_parses(path):
     assert path.read_text() == gen.render(model, task, method), "stale recipe: run python recipes/generate.py"
     lr, epochs, batch, _ = gen.hyper(model, task, method)
     assert (args.train.lr, args.train.epochs, args.train.batch_size) == (lr, epochs, batch)
-    assert isinstance(args.train.lr, float) and args.data.task == task and args.name == f"{model}-{task}-{method}"
+    data_task = "jsonl" if task in gen.USER_TASKS else task
+    assert isinstance(args.train.lr, float) and args.data.task == data_task and args.name == f"{model}-{task}-{method}"
     get_task(args.data.task)
     registry_name = METHOD_ALIASES.get(args.method, (args.method, {}))[0]
     if args.method != FULL and registry_name in PENDING and registry_name not in known_methods():
