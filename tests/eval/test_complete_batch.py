@@ -55,8 +55,9 @@ def test_batched_equals_one_by_one(arch, method, num_beams):
     assert len(set(alone)) >= 3  # the rows differ: a row read from another prompt would show
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
 @pytest.mark.parametrize("family", ["qwen3_5_text", "bamba"])
-def test_batched_equals_one_by_one_on_a_hybrid(family):
+def test_batched_equals_one_by_one_on_a_hybrid(family, num_beams):
     from _hybrid import VOCAB as HYBRID_VOCAB
     from _hybrid import tiny_hybrid
 
@@ -64,7 +65,7 @@ def test_batched_equals_one_by_one_on_a_hybrid(family):
     perturb(model)
     model.eval()
     prompts = _prompts(4, HYBRID_VOCAB)
-    kw = {"max_new_tokens": 5, "num_beams": 1}
+    kw = {"max_new_tokens": 5, "num_beams": num_beams}
     alone = [complete(model, Tok(), p, **kw) for p in prompts]
     assert complete_batch(model, Tok(), prompts, batch_size=4, **kw) == alone
     assert len(set(alone)) >= 2
