@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ssmtune.models.hybrid_decode import GenerateWithGraph
+
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
@@ -52,8 +54,9 @@ def complete_batch(
     if top_p is not None:
         kwargs["top_p"] = top_p
     device = _device(model)
-    if hasattr(getattr(model, "base_model", model), "backbone"):
-        # ssmtune's own models only: a transformers hybrid's generate has no such option
+    base = getattr(model, "base_model", model)
+    if hasattr(base, "backbone") or isinstance(base.__dict__.get("generate"), GenerateWithGraph):
+        # ssmtune's Mamba models and the swapped hybrids; another model's generate has no such option
         kwargs["cuda_graph"] = cuda_graph if device.type == "cuda" else False
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -71,6 +71,20 @@ def test_batched_equals_one_by_one_on_a_hybrid(family, num_beams):
     assert len(set(alone)) >= 2
 
 
+def test_cuda_graph_reaches_a_swapped_hybrid(monkeypatch):
+    """``--eval.cuda_graph`` reaches the swapped hybrid's generate as it does a Mamba model's (False off CUDA)."""
+    from _hybrid import tiny_hybrid
+
+    from ssmtune.models.hybrid_decode import GenerateWithGraph
+
+    model = get_peft_model(tiny_hybrid("bamba"), StateOffsetConfig())
+    seen, call = [], GenerateWithGraph.__call__
+    monkeypatch.setattr(GenerateWithGraph, "__call__", lambda self, *a, **kw: seen.append(kw.get("cuda_graph", "absent"))
+                        or call(self, *a, **kw))  # fmt: skip
+    complete(model, Tok(), [5, 6, 7], max_new_tokens=2, cuda_graph=True)
+    assert seen == [False]
+
+
 def test_bad_input_is_refused():
     model = tiny_model("m1")
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):

@@ -175,9 +175,8 @@ def inject(model: nn.Module, config: LoraConfig, *, adapter_name: str) -> dict[s
     else:
         targets = iter_mixers(model, config.layers_to_transform)
     if not targets and len(hosted) < len(config.target_modules):
-        raise ValueError(
-            f"LoraConfig.layers_to_transform={config.layers_to_transform} select no recurrent mixer for {config.target_modules}"
-        )
+        raise ValueError(f"LoraConfig.layers_to_transform={config.layers_to_transform} select no recurrent mixer "
+                         f"for {config.target_modules}")  # fmt: skip
     for t in targets:
         own = getattr(t.mixer, "lora_targets", None)  # a Gated DeltaNet names its own Linears
         valid = (own or (MAMBA2_TARGETS if is_mamba2(t.mixer) else MAMBA1_TARGETS)) + tuple(hosted)
