@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ssmtune.models.generate import left_pad
 from ssmtune.models.hybrid_decode import GenerateWithGraph
 
 
@@ -58,20 +59,15 @@ def complete_batch(
     if hasattr(base, "backbone") or isinstance(base.__dict__.get("generate"), GenerateWithGraph):
         # ssmtune's Mamba models and the swapped hybrids; another model's generate has no such option
         kwargs["cuda_graph"] = cuda_graph if device.type == "cuda" else False
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for r, i in enumerate(rows):  # left padding: every row's last prompt token at the same position
-            ids[r, width - len(prompts[i]) :] = torch.tensor(list(prompts[i]), dtype=torch.long)
-            mask[r, width - len(prompts[i]) :] = 1
-        masked = {"attention_mask": mask.to(device)} if len(rows) > 1 else {}
+        ids, mask = left_pad([prompts[i] for i in rows], device)
+        width = ids.shape[1]
+        masked = {"attention_mask": mask} if len(rows) > 1 else {}
         out = model.generate(
-            ids.to(device),
+            ids,
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             min_new_tokens=min_new_tokens,

@@ -34,6 +34,18 @@ def _eos_list(eos_token_id: int | list[int] | None) -> list[int]:
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
+def left_pad(prompts: list[list[int]], device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, longest] left-padded with 0, and their attention mask (1 on the real tokens): every row's last
+    prompt token in the last column. ``generate`` never reads the pads (the prefill skips them, attention masks them)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 def prefill(
     model,
     input_ids: torch.Tensor,

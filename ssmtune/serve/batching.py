@@ -54,7 +54,7 @@ from ..core.peft_model import PeftModel
 from ..core.routing import RoutedLM
 from ..models.cache import InferenceCache, decode_state_dtype, state_dtype_of
 from ..models.decode import GRAPHED_BY_DEFAULT, GraphedDecoder, decoder_for, unsupported_reason
-from ..models.generate import filter_logits, prefill
+from ..models.generate import filter_logits, left_pad, prefill
 from ..models.hybrid_decode import refuse_state_dtype
 
 MAX_BEAMS = 8
@@ -397,7 +397,7 @@ class BatchEngine:
         if not rows:
             return
         try:
-            ids, mask = self._left_pad([r.req.prompt_ids for r in rows])  # the prefill never reads the pads
+            ids, mask = left_pad([r.req.prompt_ids for r in rows], self.device)  # the prefill never reads the pads
             with self._route([r.req.adapter for r in rows]) as routing:
                 model = self.base if routing is None else RoutedLM(self.base, routing)
                 cache, logits = prefill(model, ids, mask, self.state_dtype)  # [b, V]
@@ -443,7 +443,7 @@ class BatchEngine:
         stops = _RowStops(self, [_Row(r, None) for r in reqs])
         s = reqs[0].settings  # the group decodes alike (_group_key)
         try:
-            ids, mask = self._left_pad([r.prompt_ids for r in reqs])  # the mixers and attention skip the pads
+            ids, mask = left_pad([r.prompt_ids for r in reqs], self.device)  # the mixers and attention skip the pads
             kw = {
                 "attention_mask": mask,
                 "max_new_tokens": max(r.settings.max_new_tokens for r in reqs),
@@ -471,16 +471,6 @@ class BatchEngine:
         for i, row in enumerate(stops.rows):
             if not stops.done[i]:  # generate stopped on a criterion of the model's own generation config
                 row.req.emit({"done": True, "finish_reason": "length"})
-
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [B, longest] left-padded with 0, and their attention mask (1 on the real tokens)."""
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        return ids, mask
 
     def _beam_search(self, req: GenerationRequest) -> None:
         """Run a beam-search request alone with the library's ``generate``, then send its tokens at once."""
