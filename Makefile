@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[hf,eval,triton,dev,serve]"
+	# the GPU machines' Triton beside the installed one: kernel tests compile their launches with it for sm_90
+	$(PY) -m pip install -q --no-deps --target $(VENV)/triton-3.6 triton==3.6.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -279,14 +279,14 @@ def check_backend(case, backend, dtype, device, monkeypatch):
 @pytest.mark.parametrize("device", ["cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
-@pytest.mark.parametrize("backend", ["torch", "fla", "fla-readout-triton"])
+@pytest.mark.parametrize("backend", ["torch", "fla", "fla-readout-torch"])
 def test_backend_matches_reference_cuda(backend, case, dtype, device, monkeypatch):
     if backend.startswith("fla"):
         pytest.importorskip("fla")
-    if backend == "fla-readout-triton":  # the offsets read out by offsets_triton's kernels rather than torch ops
+    if backend == "fla-readout-torch":  # the offsets read out by torch ops rather than offsets_triton's kernels
         from ssmtune.ops.gated_delta import fla
 
-        monkeypatch.setattr(fla, "READOUT", "triton")
+        monkeypatch.setattr(fla, "READOUT", "torch")
         backend = "fla"
     check_backend(case, backend, dtype, device, monkeypatch)
 

@@ -1,12 +1,12 @@
 """flash-linear-attention (``fla-core``, MIT) kernels for the gated delta rule, when installed (``ssmtune[fla]``).
 
 fla runs the recurrence (``chunk_gated_delta_rule``; ``chunk_kda`` for per-channel gates), with the initial state and
-its gradient; the offsets are read out beside it (``naive.read_offsets`` on q̂ recomputed in fp32 as fla normalises and
-scales it; ``READOUT = "triton"``: the same in one kernel each way, ``offsets_triton.py``). fla refuses one kernel of
-its Gated DeltaNet backward (``chunk_bwd_dqkwg``, miscompiled on Hopper by Triton >= 3.4 and < 3.7.1); there
-``fla_bwd.py`` registers our port of it with fla's backend registry, and the rest of the backward stays fla's. KDA's
-backward does not use that kernel but is not vetted there either, so ``backend="auto"`` trains KDA there on the torch
-path.
+its gradient; the offsets are read out beside it (``naive.read_offsets``'s maths on q̂ recomputed in fp32 as fla
+normalises and scales it: one Triton kernel each way, ``offsets_triton.py``, or torch ops with ``READOUT = "torch"``).
+fla refuses one kernel of its Gated DeltaNet backward (``chunk_bwd_dqkwg``, miscompiled on Hopper by Triton >= 3.4
+and < 3.7.1); there ``fla_bwd.py`` registers our port of it with fla's backend registry, and the rest of the backward
+stays fla's. KDA's backward does not use that kernel but is not vetted there either, so ``backend="auto"`` trains KDA
+there on the torch path.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import torch
 from .naive import prepare_q, read_offsets
 
 INSTALL = "pip install 'ssmtune[fla]' (fla-core>=0.6)"
-# How the offsets are read out beside fla's kernels: "torch" (``naive.read_offsets`` on an fp32 q̂, some ten kernels
-# each way) or "triton" (``offsets_triton.py``, one kernel each way; opt-in: its GPU tests failed on an H100 while
-# passing on the CPU interpreter at the same shapes, docs/kernels.md)
-READOUT = "torch"
+# How the offsets are read out beside fla's kernels: "triton" (``offsets_triton.py``, one kernel each way, less memory)
+# or "torch" (``naive.read_offsets`` on an fp32 q̂, some ten kernels each way; kept as the plain fallback)
+READOUT = "triton"
 
 
 def fla_ops():

@@ -77,8 +77,8 @@ def _readout_dq_kernel(
     dqh = tl.zeros([BL, BK], dtype=tl.float32)
     for j in tl.static_range(REP):
         i_h = i_hk * REP + j
-        for i_v in tl.static_range(tl.cdiv(V, BV)):
-            offs_v = i_v * BV + tl.arange(0, BV)
+        for v0 in tl.static_range(0, V, BV):  # constexpr bounds: the compiler (not the interpreter) requires them
+            offs_v = v0 + tl.arange(0, BV)
             m_v = offs_v < V
             p_do = do + i_b * sd_b + offs_l[:, None] * sd_l + i_h * sd_h + offs_v[None, :]
             dob = tl.load(p_do, mask=m_l[:, None] & m_v[None, :], other=0.0).to(tl.float32)
