@@ -2,7 +2,10 @@
 
 The CPU tests run the kernels under Triton's interpreter, which accepts some code the compiler refuses (a
 dtype-valued constexpr, say). Here Triton's whole CUDA pipeline (TTIR, TTGIR, LLVM, PTX and ptxas to a cubin) runs on
-each kernel of a decode step with the launch settings CUDA uses, so such an error fails on the CPU too.
+each kernel of a decode step with the launch settings CUDA uses, so such an error fails on the CPU too. Newer Tritons
+accept more than older ones (3.9 takes a ``tl.static_range`` bound computed with ``tl.cdiv``; 3.6 refuses it), so the
+module also runs again in a child process with the GPU machines' Triton, 3.6 (torch 2.11's), which ``make env``
+installs beside the other one.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import importlib.util
 import inspect
 import os
+import subprocess
 import sys
 
 import pytest
@@ -31,6 +35,9 @@ from ssmtune.ops.selective_scan import fused as s6_fused
 from ssmtune.ops.ssd import fused as ssd_fused
 
 HOPPER = GPUTarget("cuda", 90, 32)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GPU_TRITON = os.path.join(ROOT, ".venv", "triton-3.6")  # Makefile: pip install --target .venv/triton-3.6 triton==3.6.0
+CHILD = "SSMTUNE_SM90_CHILD"  # set in the child run
 
 
 def _compiled_copy(module):
@@ -192,3 +199,19 @@ def test_gated_delta_readout_compiles(kernel):
         pointers = {"do": "bf16", "q": "bf16", "ws": "fp32"}
         const.update(H=16, SUB=offsets_triton.SUB)
     _compile(fn, pointers, const, 4)
+
+
+@pytest.mark.skipif(os.environ.get(CHILD) == "1", reason="this is the child run")
+def test_compiles_with_the_gpu_machines_triton():
+    if not os.path.isdir(GPU_TRITON):
+        pytest.skip(f"{GPU_TRITON} is missing (`make env` installs Triton 3.6 there)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update({CHILD: "1", "PYTHONPATH": os.pathsep.join(p for p in (GPU_TRITON, env.get("PYTHONPATH")) if p)})
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__)]
+    child = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800, check=False)
+    assert child.returncode == 0, f"with Triton 3.6:\n{child.stdout[-6000:]}{child.stderr[-2000:]}"
+
+
+@pytest.mark.skipif(os.environ.get(CHILD) != "1", reason="only in the child run")
+def test_child_runs_the_gpu_machines_triton():
+    assert triton.__version__.startswith("3.6."), triton.__version__
