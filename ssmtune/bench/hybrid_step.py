@@ -194,6 +194,13 @@ def add_args(parser: argparse.ArgumentParser, *, standalone: bool = False) -> No
                         help="default: all three on a GPU, ssmtune and hf+peft on the CPU")  # fmt: skip
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median reported)")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time every configuration this many times, in turn (each time built and warmed again), and report the "
+        "median over all their steps: a machine whose speed drifts during the run then moves every row alike",
+    )
+    parser.add_argument(
         "--warmup",
         type=int,
         default=None,
@@ -570,7 +577,8 @@ def _error(row: dict, e: BaseException) -> None:
 
 
 def run_row(row: dict, args: argparse.Namespace, device: torch.device, deadline: float) -> None:
-    """Build, warm up and time one configuration in place of ``row``; frees everything it built."""
+    """Build, warm up and time one configuration in place of ``row``, adding its steps to those of earlier rounds
+    (``ms_all``; ``round_ms``: each round's median); frees everything it built."""
     torch_peer = args.no_kernels
     warmup = args.warmup if args.warmup is not None else 1 if args.small else 3
     warmup, steps = (args.torch_warmup, args.torch_steps) if torch_peer else (warmup, args.steps)
@@ -605,14 +613,19 @@ def run_row(row: dict, args: argparse.Namespace, device: torch.device, deadline:
             if ms and time.perf_counter() + ms[-1] / 1e3 > deadline:
                 break
             ms.append(timed_ms(step, device))
-        row["ms_all"] = ms
-        row["ms_step"] = statistics.median(ms)
+        row["ms_all"] = row.get("ms_all", []) + ms
+        row["round_ms"] = row.get("round_ms", []) + [statistics.median(ms)]
+        row["ms_step"] = statistics.median(row["ms_all"])
         row["tokens_per_s"] = row["batch"] * row["seqlen"] / (row["ms_step"] / 1e3)
         if device.type == "cuda":
-            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            row["peak_gib"] = max(peak, row["peak_gib"] or 0.0)
         row["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - one failing configuration must not lose the others
-        _error(row, e)
+        if row.get("round_ms"):  # a later round: keep what the earlier ones measured
+            row["detail"] = (row["detail"] + f" | round {len(row['round_ms']) + 1}: {type(e).__name__}").strip(" |")
+        else:
+            _error(row, e)
     finally:
         model = step = None
         free_memory(device)
@@ -759,6 +772,12 @@ def _f(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _status(r: dict) -> str:
+    """The row's status, with each round's median step when it was timed in more than one round."""
+    rounds = r.get("round_ms") or []
+    return r["status"] + (f" (rounds: {' / '.join(f'{m:.1f}' for m in rounds)} ms)" if len(rounds) > 1 else "")
+
+
 def table(result: dict) -> str:
     head = "| model | B x L | stack | method | ms/step | tok/s | peak GiB | x bare | x peer | mem/peer | x peer:torch |"
     lines = [head + " status |", "|" + "---|" * 12]
@@ -767,7 +786,7 @@ def table(result: dict) -> str:
             f"| {r['model']} | {r['batch']}x{r['seqlen']} | {r['stack']} | {r['method']} | {_f(r.get('ms_step'), '.1f')}"
             f" | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('peak_gib'), '.2f')} | {_f(r.get('vs_bare'), '.3f')}"
             f" | {_f(r.get('vs_peer'), '.2f')} | {_f(r.get('mem_vs_peer'), '.2f')} | {_f(r.get('vs_peer_torch'), '.1f')}"
-            f" | {r['status']} |"
+            f" | {_status(r)} |"
         )
     if result.get("generation"):
         lines += ["", "| model | batch | stack | tok/s | x hf | status |", "|" + "---|" * 6]
@@ -917,16 +936,20 @@ def run(args: argparse.Namespace) -> dict:
     why_not_ours = from_transformers_fn()[1]
     mem_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     save()
-    for row in [r for r in result["rows"] if r["stack"] != "hf+peft:torch"]:
-        if row["stack"] == "ssmtune" and why_not_ours:
-            row["status"] = f"skipped: {why_not_ours}"
-        elif time.perf_counter() > deadline:
-            row["status"] = "skipped (budget)"
-        elif reason := too_slow(row, result["rows"], args.max_step_s, mem_gib):
-            row["status"] = reason
-        else:
-            run_row(row, args, device, deadline)
-        save()
+    for i in range(max(1, args.rounds)):
+        for row in [r for r in result["rows"] if r["stack"] != "hf+peft:torch"]:
+            if i > 0:  # later rounds time again what the first one timed
+                if row["status"] == "ok" and time.perf_counter() < deadline:
+                    run_row(row, args, device, deadline)
+            elif row["stack"] == "ssmtune" and why_not_ours:
+                row["status"] = f"skipped: {why_not_ours}"
+            elif time.perf_counter() > deadline:
+                row["status"] = "skipped (budget)"
+            elif reason := too_slow(row, result["rows"], args.max_step_s, mem_gib):
+                row["status"] = reason
+            else:
+                run_row(row, args, device, deadline)
+            save()
     torch_rows = [r for r in result["rows"] if r["stack"] == "hf+peft:torch"]
     if torch_rows:
         run_torch_peer(torch_rows, args, deadline)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -92,6 +93,21 @@ def test_peer_rows_alone(tmp_path) -> None:
     falcon = next(r for r in peers if r["model"] == "falcon_h1_0.5b")
     assert "in_proj" in falcon["detail"] and "out_proj" not in falcon["detail"]
     assert not [r for r in d["rows"] if r["stack"] == "ssmtune"]
+
+
+def test_rounds_time_every_row_again(tmp_path) -> None:
+    """--rounds 3: each row is built, warmed and timed three times, in turn; its figure is the median of all steps."""
+    out = tmp_path / "hybrid.json"
+    argv = ["--small", "--device", "cpu", "--models", "granite_4.0_h_1b", "--sizes", "1x16", "--no-generate",
+            "--stacks", "ssmtune", "--methods", "bare", "state_offset_h", "--steps", "2", "--warmup", "1",
+            "--rounds", "3", "--skip-gate", "--out", str(out)]  # fmt: skip
+    assert hybrid_step.main(argv) == 0
+    rows = _check_json(out)["rows"]
+    assert [r["method"] for r in rows] == ["bare", "state_offset_h"]
+    for r in rows:
+        assert r["status"] == "ok" and len(r["round_ms"]) == 3 and len(r["ms_all"]) == 6, r
+        assert r["ms_step"] == statistics.median(r["ms_all"])
+    assert "rounds: " in hybrid_step.table({"rows": rows})
 
 
 def test_shapes_build_configs() -> None:
