@@ -198,7 +198,8 @@ def add_args(parser: argparse.ArgumentParser, *, standalone: bool = False) -> No
         type=int,
         default=1,
         help="time every configuration this many times, in turn (each time built and warmed again), and report the "
-        "median over all their steps: a machine whose speed drifts during the run then moves every row alike",
+        "median over all their steps: a machine whose speed drifts during the run then moves every row alike (the "
+        "hf+peft:torch rows run once)",
     )
     parser.add_argument(
         "--warmup",
@@ -589,15 +590,17 @@ def run_row(row: dict, args: argparse.Namespace, device: torch.device, deadline:
     model = step = None
     free_memory(device)
     try:
+        first = not row.get("round_ms")  # the details are written once, not per round
         targets = None
         if row["method"] == "lora":
             targets = lora_targets(row["stack"], row["model"])
-            row["detail"] = "targets " + "+".join(targets)
+            if first:
+                row["detail"] = "targets " + "+".join(targets)
             if not targets:
                 raise RuntimeError(f"no LoRA target of {MODEL_LORA_TARGETS.get(row['model'], LORA_TARGETS)} attaches")
-        if row["stack"] == "ssmtune" and (backend := gdn_backend(row["model"], device, grad=True)):
+        if first and row["stack"] == "ssmtune" and (backend := gdn_backend(row["model"], device, grad=True)):
             row["detail"] = (row["detail"] + f" | gated_delta_rule backend {backend} (auto)").strip(" |")
-        elif row["stack"] != "ssmtune" and is_gdn(row["model"]):
+        elif first and row["stack"] != "ssmtune" and is_gdn(row["model"]):
             row["detail"] = (row["detail"] + f" | transformers' gated delta rule: {peer_gdn_impl()}").strip(" |")
         model = build(row["model"], row["method"], args.small, device, targets)
         step, row["trainable_params"] = make_step(model, row["method"], ids, ours=row["stack"] == "ssmtune")

@@ -98,7 +98,7 @@ def test_peer_rows_alone(tmp_path) -> None:
 def test_rounds_time_every_row_again(tmp_path) -> None:
     """--rounds 3: each row is built, warmed and timed three times, in turn; its figure is the median of all steps."""
     out = tmp_path / "hybrid.json"
-    argv = ["--small", "--device", "cpu", "--models", "granite_4.0_h_1b", "--sizes", "1x16", "--no-generate",
+    argv = ["--small", "--device", "cpu", "--models", "qwen3_5_0.8b", "--sizes", "1x16", "--no-generate",
             "--stacks", "ssmtune", "--methods", "bare", "state_offset_h", "--steps", "2", "--warmup", "1",
             "--rounds", "3", "--skip-gate", "--out", str(out)]  # fmt: skip
     assert hybrid_step.main(argv) == 0
@@ -106,6 +106,7 @@ def test_rounds_time_every_row_again(tmp_path) -> None:
     assert [r["method"] for r in rows] == ["bare", "state_offset_h"]
     for r in rows:
         assert r["status"] == "ok" and len(r["round_ms"]) == 3 and len(r["ms_all"]) == 6, r
+        assert r["detail"].count("gated_delta_rule backend") == 1, r["detail"]  # written once, not per round
         assert r["ms_step"] == statistics.median(r["ms_all"])
     assert "rounds: " in hybrid_step.table({"rows": rows})
 
