@@ -4,7 +4,7 @@ The CPU tests run the kernels under Triton's interpreter, which accepts some cod
 dtype-valued constexpr, say). Here Triton's whole CUDA pipeline (TTIR, TTGIR, LLVM, PTX and ptxas to a cubin) runs on
 each kernel of a decode step with the launch settings CUDA uses, so such an error fails on the CPU too. Newer Tritons
 accept more than older ones (3.9 takes a ``tl.static_range`` bound computed with ``tl.cdiv``; 3.6 refuses it), so the
-module also runs again in a child process with the GPU machines' Triton, 3.6 (torch 2.11's), which ``make env``
+module also runs again in a child process with the GPU machines' Triton, 3.6 (torch 2.11's), which ``make test``
 installs beside the other one.
 """
 
@@ -204,7 +204,7 @@ def test_gated_delta_readout_compiles(kernel):
 @pytest.mark.skipif(os.environ.get(CHILD) == "1", reason="this is the child run")
 def test_compiles_with_the_gpu_machines_triton():
     if not os.path.isdir(GPU_TRITON):
-        pytest.skip(f"{GPU_TRITON} is missing (`make env` installs Triton 3.6 there)")
+        pytest.skip(f"{GPU_TRITON} is missing (`make test` installs Triton 3.6 there)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update({CHILD: "1", "PYTHONPATH": os.pathsep.join(p for p in (GPU_TRITON, env.get("PYTHONPATH")) if p)})
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__)]
